@@ -1,0 +1,465 @@
+"""Experiment configs: frozen dataclasses built from YAML files plus `a.b=value` overrides.
+
+An experiment file mirrors `ExperimentConfig`:
+
+```yaml
+name: gaussian_unbiased
+seed: 0
+model: {kind: gaussian, dim: 1, estimator: unbiased}   # `kind` picks the learner's config class
+generation: {num_generations: 100, samples_per_generation: 100, num_trials: 10000}
+mesh: {data: -1}                                       # optional
+```
+
+A *suite* file (`experiments: [...]`) runs several experiments one after the other (the quickstart).
+Unknown keys are errors naming the valid ones; overrides are parsed as YAML scalars and coerced to
+the field's type; a key overridden twice is an error. String values may use `${VAR}` or
+`${VAR:-default}` to read environment variables (e.g. the data folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import os
+import pathlib
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import yaml
+
+# kind -> (config class, learner class), as "module:attribute"; imported lazily so that a
+# theory-only run never imports Flax or transformers.
+MODEL_REGISTRY: dict[str, tuple[str, str]] = {
+    "discrete": (
+        "collapse_jax.theory.discrete:DiscreteConfig",
+        "collapse_jax.theory.discrete:DiscreteLearner",
+    ),
+    "gaussian": (
+        "collapse_jax.theory.gaussian:GaussianConfig",
+        "collapse_jax.theory.gaussian:GaussianLearner",
+    ),
+    "gmm": ("collapse_jax.gmm:GMMConfig", "collapse_jax.gmm:GMMLearner"),
+    "vae": ("collapse_jax.vae:VAEConfig", "collapse_jax.vae:VAELearner"),
+    "opt": ("collapse_jax.lm.experiment:OPTExperimentConfig", "collapse_jax.lm.experiment:OPTLearner"),
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the offending key."""
+
+
+def _import(path: str) -> Any:
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def model_config_class(kind: str) -> type:
+    if kind not in MODEL_REGISTRY:
+        raise ConfigError(f"unknown model kind {kind!r}; valid kinds: {sorted(MODEL_REGISTRY)}")
+    return _import(MODEL_REGISTRY[kind][0])
+
+
+def learner_class(kind: str) -> type:
+    if kind not in MODEL_REGISTRY:
+        raise ConfigError(f"unknown model kind {kind!r}; valid kinds: {sorted(MODEL_REGISTRY)}")
+    return _import(MODEL_REGISTRY[kind][1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The config dataclasses owned by the loop.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GenerationConfig:
+    """How generations are chained (DESIGN.md: fit -> evaluate -> sample -> mix).
+
+    Attributes:
+      num_generations: G, number of models fitted; generation 0 is fitted to real data.
+      samples_per_generation: M_0, size of each generation's training set; None = the size of
+        the real data set (the language model regenerates its whole training set).
+      sample_growth: M_n = round(M_0 * (n + 1) ** sample_growth); 0 keeps M constant, > 1 is the
+        super-linear growth the paper says is needed to bound the error.
+      sample_schedule: explicit M_n for every generation (overrides the two fields above).
+      policy: "replace" (alpha = 1: train only on the last model's samples), "mix" (the paper's
+        alpha/beta/gamma fractions), "accumulate" (keep all data of all generations, Gerstgrasser
+        et al. 2024).
+      alpha: share of new synthetic data ("mix").
+      beta: share of the previous generation's training data ("mix").
+      gamma: share of original real data ("mix"; the paper's LM runs keep 0.1).
+      num_trials: R independent chains (vmapped for jittable learners).
+      chunk_size: chains processed at once; bounds device memory for 10^6+ chains.
+      block_size: generations per jitted scan and per checkpoint of jittable learners.
+      init_from: where each generation's fit starts: "base" (the learner's init, e.g. the
+        pretrained model, as in the paper), "previous" (last generation's fit) or "scratch"
+        (a fresh init with a new key).
+      record_trials: per-chain metric values are kept for this many chains (arrays/*.npz).
+      keep_params: "all" keeps every generation's fitted parameters, "last" only the newest.
+    """
+
+    num_generations: int = 10
+    samples_per_generation: int | None = 100
+    sample_growth: float = 0.0
+    sample_schedule: tuple[int, ...] | None = None
+    policy: Literal["replace", "mix", "accumulate"] = "replace"
+    alpha: float = 1.0
+    beta: float = 0.0
+    gamma: float = 0.0
+    num_trials: int = 1
+    chunk_size: int = 65536
+    block_size: int = 50
+    init_from: Literal["base", "previous", "scratch"] = "base"
+    record_trials: int = 256
+    keep_params: Literal["all", "last"] = "last"
+
+    def __post_init__(self):
+        _check(self.num_generations >= 1, "generation.num_generations", "must be >= 1")
+        if self.samples_per_generation is not None:
+            _check(self.samples_per_generation >= 2, "generation.samples_per_generation",
+                   f"must be >= 2 (got {self.samples_per_generation})")
+        _check(math.isfinite(self.sample_growth) and self.sample_growth >= 0,
+               "generation.sample_growth", "must be a finite number >= 0")
+        if self.sample_schedule is not None:
+            _check(len(self.sample_schedule) >= self.num_generations,
+                   "generation.sample_schedule",
+                   f"has {len(self.sample_schedule)} entries, needs num_generations="
+                   f"{self.num_generations}")
+            _check(all(m >= 2 for m in self.sample_schedule), "generation.sample_schedule",
+                   "every sample size must be >= 2")
+        for name in ("alpha", "beta", "gamma"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"generation.{name}", f"must lie in [0, 1] (got {v})")
+        if self.policy == "mix":
+            total = self.alpha + self.beta + self.gamma
+            _check(abs(total - 1.0) < 1e-9, "generation.alpha/beta/gamma",
+                   f"must sum to 1 (got {self.alpha} + {self.beta} + {self.gamma} = {total})")
+            _check(self.alpha > 0, "generation.alpha",
+                   "must be > 0: a generation without synthetic data does not chain models")
+        _check(self.num_trials >= 1, "generation.num_trials", "must be >= 1")
+        _check(self.chunk_size >= 1, "generation.chunk_size", "must be >= 1")
+        _check(self.block_size >= 1, "generation.block_size", "must be >= 1")
+        _check(self.record_trials >= 0, "generation.record_trials", "must be >= 0")
+
+    def sample_size(self, generation: int, real_size: int) -> int:
+        """M_n: size of generation n's training set (n = 0 is the real data)."""
+        if self.sample_schedule is not None:
+            return int(self.sample_schedule[generation])
+        m0 = real_size if self.samples_per_generation is None else self.samples_per_generation
+        return max(2, int(round(m0 * (generation + 1) ** self.sample_growth)))
+
+    def shares(self, num: int) -> tuple[int, int, int]:
+        """Splits `num` points into (synthetic, previous, real) counts by largest remainder."""
+        if self.policy != "mix":
+            return num, 0, 0
+        fracs = (self.alpha, self.beta, self.gamma)
+        counts = [int(math.floor(f * num)) for f in fracs]
+        order = sorted(range(3), key=lambda i: (fracs[i] * num - counts[i]), reverse=True)
+        for i in order[: num - sum(counts)]:
+            counts[i] += 1
+        return counts[0], counts[1], counts[2]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MeshConfig:
+    """Device mesh axis sizes (one may be -1: inferred from the device count)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        _check(all(s == -1 or s >= 1 for s in sizes), "mesh", f"sizes must be >= 1 or -1: {sizes}")
+        _check(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis may be -1")
+
+    def shape(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ExperimentConfig:
+    """One experiment: a learner, how its generations are chained, and where it runs.
+
+    Attributes:
+      name: run name (folder name under the output directory).
+      seed: the one seed every random number of the run derives from.
+      model: the learner's config; its class is chosen by the YAML `kind:` key.
+      generation: the generational loop's settings.
+      mesh: device mesh for sharded learners (None: all devices on the data axis).
+    """
+
+    name: str
+    seed: int = 0
+    model: Any
+    generation: GenerationConfig = GenerationConfig()
+    mesh: MeshConfig | None = None
+
+    def __post_init__(self):
+        _check(bool(re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name)), "name",
+               f"must be a plain file name (letters, digits, _ . -), got {self.name!r}")
+        _check(dataclasses.is_dataclass(self.model), "model", "must be a model config")
+        _check(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SuiteConfig:
+    """Several experiments run one after the other (e.g. the quickstart)."""
+
+    name: str
+    experiments: tuple[ExperimentConfig, ...]
+
+    def __post_init__(self):
+        _check(len(self.experiments) >= 1, "experiments", "needs at least one experiment")
+        names = [e.name for e in self.experiments]
+        _check(len(set(names)) == len(names), "experiments", f"names must be unique: {names}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts.
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: str, where: str) -> str:
+    def sub(m: re.Match) -> str:
+        var, default = m.group(1), m.group(2)
+        if var in os.environ:
+            return os.environ[var]
+        if default is not None:
+            return default
+        raise ConfigError(f"{where}: environment variable {var} is not set")
+
+    return _ENV.sub(sub, value)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Converts a YAML value to the annotated field type `tp`, or raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: must not be null")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return _expand_env(value, where)
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def build(cls: type, raw: Mapping[str, Any] | None, where: str = "") -> Any:
+    """Builds the frozen dataclass `cls` from a plain mapping, rejecting unknown keys."""
+    raw = dict(raw or {})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{where}." if where else ""
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys of {where or 'the root'}: "
+            f"{sorted(fields)}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if name == "model" and cls is ExperimentConfig:
+            kwargs[name] = _build_model(value, f"{prefix}model")
+        elif name == "experiments" and cls is SuiteConfig:
+            if not isinstance(value, list):
+                raise ConfigError(f"{prefix}experiments: expected a list of experiments")
+            kwargs[name] = tuple(
+                build(ExperimentConfig, v, f"{prefix}experiments[{i}]") for i, v in enumerate(value)
+            )
+        else:
+            kwargs[name] = _coerce(tp, value, f"{prefix}{name}")
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where or 'config'}: missing required key(s) {missing}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def _build_model(raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict) or "kind" not in raw:
+        raise ConfigError(f"{where}: needs a `kind:` key, one of {sorted(MODEL_REGISTRY)}")
+    raw = dict(raw)
+    kind = raw.pop("kind")
+    try:
+        cls = model_config_class(kind)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.kind: {e}") from None
+    return build(cls, raw, where)
+
+
+def to_dict(cfg: Any) -> Any:
+    """The plain-YAML form of a config (inverse of `build`; includes every default)."""
+    if dataclasses.is_dataclass(cfg):
+        out = {}
+        kind = getattr(type(cfg), "kind", None)
+        if isinstance(kind, str):
+            out["kind"] = kind
+        for f in dataclasses.fields(cfg):
+            if f.init:
+                out[f.name] = to_dict(getattr(cfg, f.name))
+        return out
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def dump(cfg: Any) -> str:
+    """YAML text of a resolved config, loadable again with `load_config`."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading files and overrides.
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Parses `a.b=value` strings (values as YAML scalars/flow lists); duplicates are errors."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+            raise ConfigError(f"override key {key!r} is not a dotted name")
+        if key in out:
+            raise ConfigError(f"config key {key} is overridden twice")
+        try:
+            out[key] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: cannot parse value {text!r}: {e}") from None
+    return out
+
+
+def _apply(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = raw
+    for i, p in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not an index")
+            node = node[int(p)]
+            continue
+        if p not in node or node[p] is None:
+            node[p] = {}
+        if not isinstance(node[p], (dict, list)):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = node[p]
+    if isinstance(node, list):
+        raise ConfigError(f"override {key}: cannot replace a whole list item")
+    node[parts[-1]] = value
+
+
+def load_raw(path: str | os.PathLike) -> dict:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return raw
+
+
+def from_dict(raw: dict, overrides: Sequence[str] = ()) -> ExperimentConfig | SuiteConfig:
+    """Builds an experiment (or suite) config from a plain dict plus `a.b=value` overrides."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    parsed = parse_overrides(overrides)
+    if "experiments" in raw:
+        for key, value in parsed.items():
+            if key == "name" or key.startswith("experiments."):
+                _apply(raw, key, value)
+            else:  # an unqualified override applies to every experiment of the suite
+                for exp in raw["experiments"]:
+                    _apply(exp, key, value)
+        return build(SuiteConfig, raw)
+    for key, value in parsed.items():
+        _apply(raw, key, value)
+    return build(ExperimentConfig, raw)
+
+
+def load_config(
+    path: str | os.PathLike, overrides: Sequence[str] = ()
+) -> ExperimentConfig | SuiteConfig:
+    """Loads `configs/*.yaml` plus `a.b=value` overrides into frozen, validated dataclasses."""
+    try:
+        return from_dict(load_raw(path), overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

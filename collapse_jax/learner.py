@@ -1,0 +1,149 @@
+"""The learner interface: what the generational loop needs from a model family.
+
+A learner holds only its frozen config (it is hashable, so it can be a static argument of `jax.jit`)
+and exposes pure functions of `(key, data, params)`. It knows nothing of generations; the loop in
+`collapse_jax.generation` knows nothing of any model (Equinox's abstract/final pattern: concrete
+learners are final and implement every abstract method).
+
+Every method works on ONE chain. For `jittable` learners the loop vmaps the methods over
+independent chains (trials) and scans them over generations; non-jittable learners (SGD
+fine-tuning, beam search) run one chain in Python and receive a `workdir` where they may keep
+resumable intermediate state (checkpoints, partially regenerated data).
+
+`Data` is any pytree the learner understands; the mixing policies only use `sample`, `subset`,
+`draw_real` and `concat`, so a learner may represent data as raw points or as sufficient statistics.
+"""
+
+from __future__ import annotations
+
+import abc
+import pathlib
+from typing import Any, ClassVar, Generic, TypeVar
+
+import jax
+import numpy as np
+
+Params = TypeVar("Params")
+Data = TypeVar("Data")
+Metrics = dict[str, Any]
+
+
+class AbstractLearner(abc.ABC, Generic[Params, Data]):
+    """Anything that can be fit to data, evaluated and sampled from. Subclasses are final.
+
+    Attributes:
+      jittable: True if fit/evaluate/sample/subset/draw_real/concat are pure, jittable JAX
+        functions with shapes fixed by their (static int) sizes; the loop then vmaps them over
+        chains and scans them over generations.
+      static_sample_size: when False (only for jittable learners), sample sizes are passed as
+        traced int32 scalars instead of Python ints, so a growing sample-size schedule needs no
+        recompilation (e.g. the theory models' `exact` method, whose cost is independent of M).
+    """
+
+    jittable: ClassVar[bool] = False
+    static_sample_size: ClassVar[bool] = True
+
+    def __init__(self, config: Any, generation: Any = None):
+        """Args:
+        config: the learner's frozen model config (`model:` block of the experiment).
+        generation: the frozen `GenerationConfig` of the experiment (sample sizes etc.).
+        """
+        self.config = config
+        self.generation = generation
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            type(self) is type(other)
+            and self.config == other.config  # type: ignore[attr-defined]
+            and self.generation == other.generation  # type: ignore[attr-defined]
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.config, self.generation))
+
+    # --- data of generation 0 and of the real distribution -------------------------------
+    @abc.abstractmethod
+    def real_data(self, key: jax.Array) -> Data:
+        """The generation-0 training data of one chain (real data)."""
+
+    @abc.abstractmethod
+    def draw_real(self, key: jax.Array, num: int | jax.Array) -> Data:
+        """`num` fresh points of real data (new draws from the true distribution, or a random
+        subset of the original data set) for the `gamma` share of a mixed generation."""
+
+    def reference(self, key: jax.Array) -> Any:
+        """Held-out real data that `evaluate` compares against (shared by all chains); None when
+        the learner evaluates against a known distribution in closed form."""
+        return None
+
+    # --- the learner ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def init(self, key: jax.Array) -> Params:
+        """Starting parameters: the pretrained / base model, or a fresh initialisation."""
+
+    @abc.abstractmethod
+    def fit(self, key: jax.Array, data: Data, params: Params, **kwargs: Any) -> Params:
+        """Fits the model to `data`, starting from `params` (ignored by closed-form learners).
+
+        Non-jittable learners receive `workdir=pathlib.Path` in kwargs: a folder of their own for
+        this generation's resumable state."""
+
+    @abc.abstractmethod
+    def evaluate(self, key: jax.Array, params: Params, reference: Any) -> Metrics:
+        """Metrics of one chain's fitted model: a dict of scalars or fixed-shape arrays."""
+
+    @abc.abstractmethod
+    def sample(self, key: jax.Array, params: Params, num: int | jax.Array, **kwargs: Any) -> Data:
+        """`num` synthetic points drawn from the fitted model (non-jittable: `workdir` kwarg)."""
+
+    # --- data algebra used by the mixing policies -------------------------------------------
+    def subset(self, key: jax.Array, data: Data, num: int | jax.Array) -> Data:
+        """A uniformly random subset (without replacement) of `num` points of `data`.
+
+        The default treats every leaf of `data` as an array of points along axis 0."""
+        n = self.num_samples(data)
+        if isinstance(num, int) and num > n:
+            raise ValueError(f"cannot take {num} points from a data set of {n}")
+        idx = jax.random.permutation(key, n)[:num]
+        return jax.tree.map(lambda x: x[idx], data)
+
+    def concat(self, parts: list[Data]) -> Data:
+        """Pools data sets (default: concatenation of every leaf along axis 0)."""
+        if len(parts) == 1:
+            return parts[0]
+        leaves = [jax.tree.leaves(p) for p in parts]
+        treedef = jax.tree.structure(parts[0])
+        is_np = all(isinstance(x, np.ndarray) for ls in leaves for x in ls)
+        cat = np.concatenate if is_np else jax.numpy.concatenate
+        return jax.tree.unflatten(treedef, [cat(xs, axis=0) for xs in zip(*leaves)])
+
+    def num_samples(self, data: Data) -> int:
+        """Number of points in `data` (default: length of the first leaf's axis 0)."""
+        return int(jax.tree.leaves(data)[0].shape[0])
+
+    # --- persistence and reporting (optional) ------------------------------------------------
+    def save_params(self, path: pathlib.Path, params: Params) -> None:
+        """Writes `params` into the (new, empty) folder `path`. Default: one .npz of the leaves."""
+        from collapse_jax import records
+
+        records.save_tree(path / "params.npz", params)
+
+    def load_params(self, path: pathlib.Path, template: Params) -> Params:
+        """Reads what `save_params` wrote; `template` has the right tree structure."""
+        from collapse_jax import records
+
+        return records.load_tree(path / "params.npz", template)
+
+    def expected_curves(self, sample_sizes: np.ndarray) -> dict[str, np.ndarray]:
+        """Closed-form expectations of scalar metrics per generation (overlaid on the plots).
+
+        Args:
+          sample_sizes: [G] the training-set size of each generation (index 0 = real data).
+        Returns:
+          {metric name: [G] expected chain-mean of that metric}; empty when none is known.
+        """
+        return {}
+
+    def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
+        """Model-specific figures from a finished run (`records.Run`); returns the files."""
+        return []
