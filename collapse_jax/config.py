@@ -52,6 +52,11 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the offending key."""
 
 
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
 def _import(path: str) -> Any:
     module, attr = path.split(":")
     return getattr(importlib.import_module(module), attr)
@@ -194,7 +199,7 @@ class ExperimentConfig:
     name: str
     seed: int = 0
     model: Any
-    generation: GenerationConfig = GenerationConfig()
+    generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     mesh: MeshConfig | None = None
 
     def __post_init__(self):
@@ -219,11 +224,6 @@ class SuiteConfig:
         _check(len(self.experiments) >= 1, "experiments", "needs at least one experiment")
         names = [e.name for e in self.experiments]
         _check(len(set(names)) == len(names), "experiments", f"names must be unique: {names}")
-
-
-def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {message}")
 
 
 # ----------------------------------------------------------------------------------------------
