@@ -7,8 +7,10 @@ and activations with "batch"/"seq"; `DEFAULT_RULES` maps them onto the mesh axes
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,20 +31,52 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class MeshConfig:
+    """Mesh axis sizes as they appear in a config's `mesh:` block.
+
+    Attributes:
+      data: data-parallel replicas (batch split, parameters replicated).
+      fsdp: fully-sharded data parallelism (batch split, parameters and optimizer state split).
+      tensor: tensor (model) parallelism (heads / MLP / vocab split).
+    One of the three may be -1: it takes every device the others leave.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
 def make_mesh(
-    shape: Mapping[str, int] | None = None, devices: Sequence[jax.Device] | None = None
+    shape: Mapping[str, int] | MeshConfig | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
     """Builds a `("data", "fsdp", "tensor")` mesh.
 
+    With several processes (after `jax.distributed.initialize`) `jax.devices()` lists every
+    process's devices, so the mesh is global; process-major device order keeps each process's
+    devices contiguous along the leading (data) axis.
+
     Args:
-      shape: axis sizes, e.g. `{"data": 2, "fsdp": 2, "tensor": 2}`; missing axes have size 1 and
-        one axis may be -1 (inferred from the device count). None puts every device on "data".
+      shape: axis sizes, e.g. `{"data": 2, "fsdp": 2, "tensor": 2}` or a `MeshConfig`; missing
+        axes have size 1 and one axis may be -1 (inferred from the device count). None puts every
+        device on "data".
       devices: devices to use (default: all of `jax.devices()`).
 
     Returns:
       A mesh with `AxisType.Auto` axes (sharding propagated by the compiler).
     """
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    devices = list(devices)
+    if isinstance(shape, MeshConfig):
+        shape = shape.shape()
     shape = dict(shape or {"data": -1})
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
@@ -59,21 +93,39 @@ def make_mesh(
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
         if math.prod(sizes) > len(devices):
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
-                             f"devices, only {len(devices)} available")
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} "
+                f"devices, only {len(devices)} available"
+            )
         devices = devices[: math.prod(sizes)]
     grid = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def batch_spec() -> PartitionSpec:
-    """Partition spec of a batch-leading array: batch over the data-parallel axes."""
-    return PartitionSpec(("data", "fsdp"))
+def _mesh_axes(mesh: Mesh, axes: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """The mesh axes among `axes` that `mesh` has with size > 1 (size-1 axes may be left out)."""
+    if axes is None:
+        return ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+
+
+def batch_spec(mesh: Mesh | None = None) -> PartitionSpec:
+    """Partition spec of a batch-leading array: batch over the data-parallel axes.
+
+    Args:
+      mesh: if given, only the data-parallel axes this mesh has (with size > 1) are named, so the
+        spec is valid on meshes that leave out size-1 axes.
+    """
+    if mesh is None:
+        return PartitionSpec(("data", "fsdp"))
+    axes = _mesh_axes(mesh, ("data", "fsdp"))
+    return PartitionSpec(axes if axes else None)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """NamedSharding for arrays whose leading axis is the batch (or trial) axis."""
-    return NamedSharding(mesh, batch_spec())
+    return NamedSharding(mesh, batch_spec(mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -83,4 +135,116 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
     """Number of shards a batch is split into (product of the data-parallel axes)."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    return mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+
+
+def validate_mesh(mesh: Mesh) -> None:
+    """Raises ValueError unless every axis of `mesh` is one of `MESH_AXES`."""
+    unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
+    if unknown:
+        raise ValueError(f"mesh has unknown axes {unknown}; valid axes are {MESH_AXES}")
+
+
+def logical_to_spec(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> PartitionSpec:
+    """Maps one array's logical axis names onto `mesh` with `rules`.
+
+    Each logical name takes the mesh axes of the first rule naming it, minus axes the mesh lacks,
+    axes of size 1 and axes an earlier dimension of the same array already uses (a mesh axis may
+    shard only one dimension). A dimension whose size the mesh axes do not divide is replicated
+    (e.g. OPT's 2050 position rows), so any model runs on any mesh.
+
+    Args:
+      names: one logical name (or None = replicated) per dimension.
+      shape: the array's shape (same length as `names`).
+      mesh: the target mesh.
+      rules: (logical name, mesh axis | axes | None) pairs; the first match wins.
+
+    Returns:
+      The PartitionSpec, one entry per dimension.
+
+    Raises:
+      ValueError: a logical name no rule covers, or `names` and `shape` of different lengths.
+    """
+    if len(names) != len(shape):
+        raise ValueError(f"logical axes {tuple(names)} do not match array shape {tuple(shape)}")
+    table = {}
+    for logical, axes in rules:
+        table.setdefault(logical, axes)
+    used: set[str] = set()
+    spec: list[str | tuple[str, ...] | None] = []
+    for name, size in zip(names, shape, strict=True):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in table:
+            raise ValueError(
+                f"logical axis {name!r} has no sharding rule; rules cover {sorted(table)}"
+            )
+        axes = tuple(a for a in _mesh_axes(mesh, table[name]) if a not in used)
+        if not axes or size % math.prod(mesh.shape[a] for a in axes):
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def logical_names(variable: Any) -> tuple[str | None, ...] | None:
+    """The logical axis names an `nnx.Variable` was annotated with (`nnx.with_partitioning`).
+
+    Returns None for a variable without annotation.
+    """
+    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    names = meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
+    return tuple(names) if names else None
+
+
+def logical_to_sharding(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """NamedShardings for every array of an NNX state, from its logical-axis annotations.
+
+    Args:
+      state: an `nnx.State` (or any pytree) whose leaves are `nnx.Variable`s annotated with
+        `nnx.with_partitioning`, or plain arrays. Unannotated leaves are replicated.
+      mesh: the target mesh.
+      rules: logical-to-mesh rules (default `DEFAULT_RULES`).
+
+    Returns:
+      A pytree with a `NamedSharding` in place of every Variable / array (a prefix of `state`,
+      usable as `jax.jit` in/out shardings and as `jax.device_put` target).
+    """
+    from flax import nnx  # local: sharding.py is also imported by theory code without flax
+
+    def one(x: Any) -> NamedSharding:
+        if isinstance(x, nnx.Variable):
+            names = logical_names(x)
+            shape = np.shape(x.get_value())
+            if names is None:
+                return replicated(mesh)
+            return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+        return replicated(mesh)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def unmatched_logical_names(state: Any, rules: Rules = DEFAULT_RULES) -> dict[str, tuple]:
+    """Paths of variables whose annotation is missing or names an axis no rule covers.
+
+    An empty result means every parameter is placed by an explicit rule (no silent
+    catch-all as in path-regex schemes).
+    """
+    from flax import nnx
+
+    covered = {logical for logical, _ in rules}
+    bad: dict[str, tuple] = {}
+    leaves = jax.tree_util.tree_leaves_with_path(
+        state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+    for path, leaf in leaves:
+        if not isinstance(leaf, nnx.Variable):
+            continue
+        names = logical_names(leaf)
+        if names is None or any(n is not None and n not in covered for n in names):
+            bad[jax.tree_util.keystr(path)] = names
+    return bad
