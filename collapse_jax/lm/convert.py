@@ -1,0 +1,344 @@
+"""Hugging Face OPT checkpoints <-> the Flax port (`collapse_jax.lm.opt`).
+
+The Flax parameter paths mirror HF's module names, so the mapping is mechanical:
+
+  Flax path                                         HF tensor name
+  ('model', 'decoder', 'layers', 3, 'fc1', 'kernel') model.decoder.layers.3.fc1.weight
+  (..., 'bias')                                     ....bias
+  (..., 'embedding')                                ....weight   (nn.Embedding)
+  (..., 'scale')                                    ....weight   (nn.LayerNorm)
+
+and the values differ only in layout. torch's `nn.Linear.weight` is [out, in] while our kernels
+are [in..., out...] with the head axis split out ([D, N, H] for q/k/v, [N, H, D] for out_proj), so
+a kernel is `weight.T.reshape(kernel_shape)`. The reshape is valid because HF splits the N*H
+features row-major (`view(B, T, N, H)`), i.e. head-major, exactly as `reshape(N, H)` does.
+
+Checkpoints come as `model.safetensors`, sharded safetensors (`model.safetensors.index.json`), or
+`pytorch_model.bin` (+ `.index.json`), read through safetensors' NumPy API (no torch) or torch.
+The original facebook/opt-* files name tensors `decoder.*` (saved from `OPTModel`), newer ones
+`model.decoder.*`; both are accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+TORCH_NAME = "pytorch_model.bin"
+TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
+
+# Leaf names of our parameters and the HF suffix each becomes.
+_LEAF_TO_HF = {"kernel": "weight", "bias": "bias", "embedding": "weight", "scale": "weight"}
+
+Path = tuple[Any, ...]
+
+
+def hf_name(path: Path) -> str:
+    """The HF tensor name of a Flax parameter path, e.g. `model.decoder.layers.0.fc1.weight`."""
+    *modules, leaf = path
+    return ".".join([str(p) for p in modules] + [_LEAF_TO_HF[leaf]])
+
+
+def _num_in_axes(path: Path) -> int:
+    # out_proj contracts (N, H); every other kernel contracts one axis.
+    return 2 if "out_proj" in path else 1
+
+
+def hf_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape HF stores for a Flax parameter of `shape` at `path`."""
+    if path[-1] == "kernel":
+        n_in = _num_in_axes(path)
+        return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
+    if path[-1] == "bias":
+        return (math.prod(shape),)
+    return tuple(shape)
+
+
+def to_flax(path: Path, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """HF tensor -> Flax layout (transpose kernels, split heads)."""
+    if path[-1] == "kernel":
+        return np.ascontiguousarray(tensor.T).reshape(shape)
+    return tensor.reshape(shape)
+
+
+def to_hf(path: Path, value: np.ndarray) -> np.ndarray:
+    """Flax value -> HF layout (merge heads, transpose kernels)."""
+    if path[-1] == "kernel":
+        n_in = _num_in_axes(path)
+        in_size = math.prod(value.shape[:n_in])
+        return np.ascontiguousarray(value.reshape(in_size, -1).T)
+    if path[-1] == "bias":
+        return value.reshape(-1)
+    return value
+
+
+def _normalise_name(name: str) -> str:
+    # Checkpoints saved from OPTModel (the original facebook/opt-* files) lack the "model." prefix.
+    return "model." + name if name.startswith("decoder.") else name
+
+
+def hf_state_dict(model: OPTForCausalLM) -> dict[str, np.ndarray]:
+    """The model's parameters as an HF state dict of NumPy arrays (tied head omitted).
+
+    Args:
+      model: the Flax model.
+
+    Returns:
+      `{hf_name: array}` in HF layouts and the parameters' own dtype.
+    """
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        out[hf_name(path)] = to_hf(path, np.asarray(jax.device_get(var[...])))
+    return out
+
+
+class _TensorSource:
+    """Lazily reads named tensors from the checkpoint files of one HF directory."""
+
+    def __init__(self, directory: pathlib.Path):
+        self.directory = directory
+        self._open: dict[pathlib.Path, Any] = {}
+        self.files: dict[str, pathlib.Path] = {}  # normalised name -> file
+        self.raw_names: dict[str, str] = {}  # normalised name -> name in the file
+        if (directory / SAFETENSORS_NAME).is_file():
+            self.kind = "safetensors"
+            self._add_file(directory / SAFETENSORS_NAME)
+        elif (directory / SAFETENSORS_INDEX_NAME).is_file():
+            self.kind = "safetensors"
+            self._add_index(directory / SAFETENSORS_INDEX_NAME)
+        elif (directory / TORCH_NAME).is_file():
+            self.kind = "torch"
+            self._add_file(directory / TORCH_NAME)
+        elif (directory / TORCH_INDEX_NAME).is_file():
+            self.kind = "torch"
+            self._add_index(directory / TORCH_INDEX_NAME)
+        else:
+            raise FileNotFoundError(
+                f"{directory}: no OPT weights found (expected {SAFETENSORS_NAME}, "
+                f"{SAFETENSORS_INDEX_NAME}, {TORCH_NAME} or {TORCH_INDEX_NAME})"
+            )
+
+    def _add_index(self, index_file: pathlib.Path) -> None:
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index_file}: not a valid checkpoint index ({e!r})") from e
+        for name, filename in weight_map.items():
+            file = self.directory / filename
+            if not file.is_file():
+                raise FileNotFoundError(f"{index_file} names shard {file}, which does not exist")
+            self.files[_normalise_name(name)] = file
+            self.raw_names[_normalise_name(name)] = name
+
+    def _add_file(self, file: pathlib.Path) -> None:
+        for name in self._names_in(file):
+            self.files[_normalise_name(name)] = file
+            self.raw_names[_normalise_name(name)] = name
+
+    def _names_in(self, file: pathlib.Path) -> list[str]:
+        return list(self._handle(file).keys())
+
+    def _handle(self, file: pathlib.Path) -> Any:
+        if file in self._open:
+            return self._open[file]
+        if self.kind == "safetensors":
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(str(file), framework="np")
+            except Exception as e:  # safetensors raises its own error types for corrupt files
+                raise ValueError(f"{file}: cannot read safetensors file ({e})") from e
+        else:
+            handle = _load_torch_file(file)
+        self._open[file] = handle
+        return handle
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, name: str) -> np.ndarray:
+        file = self.files[name]
+        handle = self._handle(file)
+        try:
+            if self.kind == "safetensors":
+                return handle.get_tensor(self.raw_names[name])
+            return handle[self.raw_names[name]]
+        except Exception as e:
+            raise ValueError(f"{file}: cannot read tensor {self.raw_names[name]!r} ({e})") from e
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def _load_torch_file(file: pathlib.Path) -> dict[str, np.ndarray]:
+    """Reads a `pytorch_model.bin` into NumPy arrays (bfloat16 via ml_dtypes)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"{file} is a PyTorch checkpoint and reading it needs torch, which is not installed; "
+            "install torch or convert the checkpoint to model.safetensors"
+        ) from e
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{file}: cannot read PyTorch checkpoint ({e})") from e
+    out = {}
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if tensor.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            out[name] = tensor.float().numpy().astype(ml_dtypes.bfloat16)
+        else:
+            out[name] = tensor.numpy()
+    return out
+
+
+def read_config(path: os.PathLike | str) -> OPTConfig:
+    """Reads and validates `config.json` of an HF OPT directory."""
+    directory = pathlib.Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory")
+    config_file = directory / CONFIG_NAME
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: not a Hugging Face model directory")
+    try:
+        d = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: invalid JSON ({e})") from e
+    try:
+        return OPTConfig.from_hf_dict(d)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{config_file}: {e}") from e
+
+
+def _tensors_to_state(
+    abstract_state: nnx.State, source: _TensorSource, config: OPTConfig, param_dtype: Any
+) -> nnx.State:
+    expected = {}
+    for path, var in nnx.to_flat_state(abstract_state):
+        expected[hf_name(path)] = (path, var)
+    available = source.names()
+    missing = sorted(set(expected) - available)
+    if missing:
+        raise ValueError(
+            f"{source.directory}: checkpoint lacks tensors required by its config.json: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unexpected = sorted(available - set(expected) - ignorable)
+    if unexpected:
+        raise ValueError(
+            f"{source.directory}: checkpoint has tensors its config.json does not describe: "
+            f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    flat = []
+    for name, (path, var) in expected.items():
+        tensor = source.get(name)
+        want = hf_shape(path, tuple(var.shape))
+        if tuple(tensor.shape) != want:
+            raise ValueError(
+                f"{source.files[name]}: tensor {source.raw_names[name]!r} has shape "
+                f"{tuple(tensor.shape)}, but config.json implies {want}"
+            )
+        value = to_flax(path, np.asarray(tensor), tuple(var.shape))
+        flat.append((path, var.replace(jnp.asarray(value, dtype=param_dtype))))
+    return nnx.from_flat_state(flat)
+
+
+def load_pretrained(
+    path: os.PathLike | str, dtype: Any = jnp.float32, *, param_dtype: Any = None
+) -> OPTForCausalLM:
+    """Loads an HF OPT directory; see `collapse_jax.lm.opt.load_pretrained`."""
+    directory = pathlib.Path(path)
+    config = read_config(directory)
+    source = _TensorSource(directory)
+    param_dtype = dtype if param_dtype is None else param_dtype
+    abstract = nnx.eval_shape(
+        lambda: OPTForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
+    graphdef, abstract_state = nnx.split(abstract)
+    try:
+        state = _tensors_to_state(abstract_state, source, config, param_dtype)
+    finally:
+        source.close()
+    return nnx.merge(graphdef, state)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
+        jnp.dtype(dtype).name, "float32"
+    )
+
+
+def save_pretrained(model: OPTForCausalLM, path: os.PathLike | str) -> None:
+    """Writes `config.json` + `model.safetensors`; see `collapse_jax.lm.opt.save_pretrained`."""
+    from safetensors.numpy import save_file
+
+    directory = pathlib.Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = hf_state_dict(model)
+    config = model.config.to_hf_dict()
+    config["dtype"] = _dtype_name(model.param_dtype)
+    # Write to temporary names first so that a crash never leaves a half-written model behind.
+    tmp_weights = directory / (SAFETENSORS_NAME + ".tmp")
+    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    os.replace(tmp_weights, directory / SAFETENSORS_NAME)
+    tmp_config = directory / (CONFIG_NAME + ".tmp")
+    tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp_config, directory / CONFIG_NAME)
+
+
+def iter_hf_names(config: OPTConfig) -> Iterator[str]:
+    """The HF tensor names a model of `config` reads (tied head excluded), in a stable order."""
+    abstract = nnx.eval_shape(lambda: OPTForCausalLM(config, rngs=nnx.Rngs(0)))
+    for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        yield hf_name(path)
+
+
+def state_from_hf(
+    config: OPTConfig, tensors: Mapping[str, np.ndarray], *, param_dtype: Any = jnp.float32
+) -> nnx.State:
+    """Converts an in-memory HF state dict (NumPy arrays) to the nnx parameter state.
+
+    Args:
+      config: the model's config.
+      tensors: `{hf_name: array}`; names with or without the `model.` prefix.
+      param_dtype: dtype of the returned parameters.
+
+    Returns:
+      An `nnx.State` to `nnx.merge` with the graphdef of `OPTForCausalLM(config, ...)`.
+    """
+
+    class _Memory(_TensorSource):
+        def __init__(self, tensors):
+            self.directory = pathlib.Path("<memory>")
+            self.kind = "memory"
+            self._tensors = {_normalise_name(k): v for k, v in tensors.items()}
+            self.files = {k: self.directory for k in self._tensors}
+            self.raw_names = {k: k for k in self._tensors}
+            self._open = {}
+
+        def get(self, name):
+            return self._tensors[name]
+
+    abstract = nnx.eval_shape(
+        lambda: OPTForCausalLM(config, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
+    return _tensors_to_state(nnx.state(abstract), _Memory(tensors), config, param_dtype)

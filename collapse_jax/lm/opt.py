@@ -1,0 +1,716 @@
+"""OPT decoder (Zhang et al. 2022, arXiv:2205.01068) in Flax NNX, for every OPT size.
+
+Parameter names follow Hugging Face `transformers.models.opt.modeling_opt`, so that
+`collapse_jax.lm.convert` is renames and transposes only. Numerics follow HF too: queries are scaled
+before the dot product, softmax runs in float32, LayerNorm eps is 1e-5, positions are
+`cumsum(mask) * mask - 1` plus the learned-embedding offset of 2.
+
+Shape legend: B batch, T query length, S key/cache length, D hidden_size, E word_embed_proj_dim,
+N heads, H head_dim, F ffn_dim, V vocab, L layers, P max_position_embeddings + 2.
+
+Parameter layout and logical sharding axes (`nnx.with_partitioning`; `collapse_jax.sharding` maps
+them onto mesh axes; None = replicated):
+
+  model.decoder.embed_tokens.embedding         [V, E]     ("vocab", "embed")
+  model.decoder.embed_positions.embedding      [P, D]     (None, "embed")
+  model.decoder.project_in.kernel              [E, D]     (None, "embed")    if E != D
+  model.decoder.project_out.kernel             [D, E]     ("embed", None)    if E != D
+  model.decoder.layers[i].self_attn.{q,k,v}_proj.kernel [D, N, H] ("embed", "heads", "head_dim")
+  model.decoder.layers[i].self_attn.{q,k,v}_proj.bias   [N, H]    ("heads", "head_dim")
+  model.decoder.layers[i].self_attn.out_proj.kernel     [N, H, D] ("heads", "head_dim", "embed")
+  model.decoder.layers[i].self_attn.out_proj.bias       [D]       ("embed",)
+  model.decoder.layers[i].fc1.kernel [D, F] ("embed", "mlp"), fc1.bias [F] ("mlp",)
+  model.decoder.layers[i].fc2.kernel [F, D] ("mlp", "embed"), fc2.bias [D] ("embed",)
+  *layer_norm.scale / .bias                    [D]        ("embed",)
+  lm_head.kernel                               [E, V]     ("embed", "vocab")  only if untied
+
+q/k/v kernels are stored split into heads ([D, N, H]) so that tensor parallelism shards whole
+heads and the attention einsums need no reshapes; HF's [N*H, D] weights are transposed and
+reshaped on conversion. The tied LM head reuses `embed_tokens` (no `lm_head` parameter).
+
+The KV cache is one pytree `KVCache(key [L, B, S, N, H], value [L, B, S, N, H], index)`: batch
+is axis 1, so a beam search reorders every layer with one gather (`KVCache.reorder`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Offset of OPT's learned positions: HF `OPTLearnedPositionalEmbedding.offset` (fairseq legacy).
+POSITION_OFFSET = 2
+LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm default, used by every OPT LayerNorm
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class OPTConfig:
+    """Hyper-parameters of an OPT model; field names mirror HF `OPTConfig`.
+
+    Attributes:
+      vocab_size: V, number of token ids (50272 for every released OPT).
+      hidden_size: D, width of the residual stream.
+      num_hidden_layers: L, number of decoder layers.
+      ffn_dim: F, hidden width of the MLP.
+      num_attention_heads: N; D must be divisible by N.
+      max_position_embeddings: number of learned positions (the table has 2 more rows).
+      do_layer_norm_before: pre-LayerNorm (True, every OPT but 350m) or post-LayerNorm.
+      word_embed_proj_dim: E, token-embedding width; None means E = D. E != D adds
+        `project_in` / `project_out` (opt-350m).
+      enable_bias: whether linear layers have biases.
+      layer_norm_elementwise_affine: whether LayerNorms have scale and bias.
+      remove_final_layer_norm: HF `_remove_final_layer_norm` (pre-v4.20 fine-tuned checkpoints).
+      dropout: dropout rate after attention and after the MLP (training mode only).
+      attention_dropout: dropout rate on the attention probabilities (training mode only).
+      activation_function: MLP nonlinearity, an HF `ACT2FN` name ("relu" for OPT).
+      pad_token_id: padding token id.
+      bos_token_id: beginning-of-sequence id (`</s>` = 2 for OPT).
+      eos_token_id: end-of-sequence id (`</s>` = 2 for OPT).
+      tie_word_embeddings: whether the LM head reuses `embed_tokens`.
+      init_std: standard deviation of the random initialisation (HF `init_std`).
+    """
+
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    ffn_dim: int = 3072
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    word_embed_proj_dim: int | None = None
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    remove_final_layer_norm: bool = False
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_function: str = "relu"
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+    tie_word_embeddings: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "ffn_dim",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"OPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.word_embed_proj_dim is not None and self.word_embed_proj_dim <= 0:
+            raise ValueError(
+                f"OPTConfig.word_embed_proj_dim must be positive or None, "
+                f"got {self.word_embed_proj_dim!r}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"OPTConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        for name in ("dropout", "attention_dropout"):
+            rate = getattr(self, name)
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"OPTConfig.{name} must be in [0, 1), got {rate!r}")
+        if self.activation_function not in _ACTIVATIONS:
+            raise ValueError(
+                f"OPTConfig.activation_function {self.activation_function!r} is not supported; "
+                f"choose one of {sorted(_ACTIVATIONS)}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """H = D / N."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def embed_dim(self) -> int:
+        """E, the token-embedding width (word_embed_proj_dim, or hidden_size if None)."""
+        return self.hidden_size if self.word_embed_proj_dim is None else self.word_embed_proj_dim
+
+    @property
+    def has_final_layer_norm(self) -> bool:
+        """HF builds `decoder.final_layer_norm` only for pre-LN models not marked as removed."""
+        return self.do_layer_norm_before and not self.remove_final_layer_norm
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> OPTConfig:
+        """Builds a config from an HF `config.json` dictionary; unknown keys are ignored.
+
+        Raises:
+          ValueError: if the dictionary is not an OPT config.
+        """
+        model_type = d.get("model_type")
+        if model_type != "opt":
+            raise ValueError(f"config is not an OPT config: model_type={model_type!r}")
+        kwargs: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            hf_name = (
+                "_remove_final_layer_norm"
+                if field.name == "remove_final_layer_norm"
+                else (field.name)
+            )
+            if hf_name in d and d[hf_name] is not None:
+                kwargs[field.name] = d[hf_name]
+        eos = kwargs.get("eos_token_id")
+        if isinstance(eos, list):
+            kwargs["eos_token_id"] = int(eos[0])
+        for name in ("dropout", "attention_dropout", "init_std"):
+            if name in kwargs:
+                kwargs[name] = float(kwargs[name])
+        if d.get("layerdrop", 0.0):
+            raise ValueError(f"OPT layerdrop={d['layerdrop']} is not supported (must be 0)")
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict:
+        """The `config.json` dictionary that `transformers.OPTConfig` reads back."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["_remove_final_layer_norm"] = d.pop("remove_final_layer_norm")
+        d["word_embed_proj_dim"] = self.embed_dim
+        d["model_type"] = "opt"
+        d["architectures"] = ["OPTForCausalLM"]
+        d["layerdrop"] = 0.0
+        d["use_cache"] = True
+        return d
+
+    @classmethod
+    def opt_125m(cls) -> OPTConfig:
+        """The configuration of facebook/opt-125m (the paper's model)."""
+        return cls(word_embed_proj_dim=768)
+
+
+class KVCache(NamedTuple):
+    """Key/value cache of every layer for incremental decoding (a pytree).
+
+    Attributes:
+      key: [L, B, S, N, H] keys of all layers.
+      value: [L, B, S, N, H] values of all layers.
+      index: int32 scalar, number of slots already written.
+    """
+
+    key: jax.Array
+    value: jax.Array
+    index: jax.Array
+
+    def reorder(self, beam_idx: jax.Array) -> KVCache:
+        """Gathers the batch axis: row b of the result is row `beam_idx[b]` of this cache.
+
+        Args:
+          beam_idx: [B'] int indices into the batch axis.
+
+        Returns:
+          The reordered cache (same index).
+        """
+        return KVCache(
+            key=jnp.take(self.key, beam_idx, axis=1),
+            value=jnp.take(self.value, beam_idx, axis=1),
+            index=self.index,
+        )
+
+
+def _param(
+    rngs: nnx.Rngs | None,
+    init: Callable[..., jax.Array],
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    param_dtype: Any,
+) -> nnx.Param:
+    """A parameter annotated with logical axes; sharded eagerly only when a mesh is active."""
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    value = init(key, shape, param_dtype)
+    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+    return nnx.Param(value, out_sharding=axes, eager_sharding=eager)
+
+
+def _lead(x: jax.Array, ndim: int) -> jax.Array:
+    """Adds leading unit axes so that `x` broadcasts explicitly (rank promotion is strict)."""
+    return x.reshape((1,) * (ndim - x.ndim) + x.shape)
+
+
+def _dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """`y = x . kernel + bias` contracting the trailing `len(in_shape)` axes of x (HF nn.Linear)."""
+
+    def __init__(
+        self,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...],
+        axes: tuple[str | None, ...],
+        *,
+        use_bias: bool,
+        init_std: float,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        self.num_in = len(in_shape)
+        self.dtype = dtype
+        self.kernel = _param(
+            rngs, nnx.initializers.normal(init_std), in_shape + out_shape, axes, param_dtype
+        )
+        self.bias = (
+            _param(rngs, nnx.initializers.zeros, out_shape, axes[self.num_in :], param_dtype)
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.num_in)
+        if self.bias is not None:
+            y = y + _lead(self.bias[...].astype(self.dtype), y.ndim)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis with statistics in float32 (HF `nn.LayerNorm`, eps 1e-5)."""
+
+    def __init__(self, dim: int, *, affine: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.scale = (
+            _param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+            if (affine)
+            else None
+        )
+        self.bias = (
+            _param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
+            if (affine)
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)
+        if self.scale is not None:
+            scale = _lead(self.scale[...].astype(jnp.float32), y.ndim)
+            y = y * scale + _lead(self.bias[...].astype(jnp.float32), y.ndim)
+        return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Lookup table `embedding[ids]` (HF nn.Embedding)."""
+
+    def __init__(
+        self,
+        num: int,
+        dim: int,
+        axes: tuple[str | None, ...],
+        *,
+        init_std: float,
+        dtype: Any,
+        param_dtype: Any,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        self.embedding = _param(
+            rngs, nnx.initializers.normal(init_std), (num, dim), axes, param_dtype
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class OPTAttention(nnx.Module):
+    """Multi-head causal self-attention with an optional stacked KV cache."""
+
+    def __init__(self, config: OPTConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        d, n, h = config.hidden_size, config.num_attention_heads, config.head_dim
+        kw = dict(
+            use_bias=config.enable_bias,
+            init_std=config.init_std,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        qkv_axes = ("embed", "heads", "head_dim")
+        self.k_proj = Linear((d,), (n, h), qkv_axes, **kw)
+        self.v_proj = Linear((d,), (n, h), qkv_axes, **kw)
+        self.q_proj = Linear((d,), (n, h), qkv_axes, **kw)
+        self.out_proj = Linear((n, h), (d,), ("heads", "head_dim", "embed"), **kw)
+        self.scaling = h**-0.5
+        self.attention_dropout = config.attention_dropout
+
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array,
+        cache: tuple[jax.Array, jax.Array, jax.Array, int] | None,
+        dropout_key: jax.Array | None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, T, D], mask bool [B, 1, T, S]; cache = (key [L,B,S,N,H], value, index, layer).
+
+        Returns the output [B, T, D] and, with a cache, the updated (key, value) stacks.
+        """
+        q = self.q_proj(x) * jnp.asarray(self.scaling, x.dtype)  # [B, T, N, H]; HF scales q first
+        k = self.k_proj(x)  # [B, T, N, H]
+        v = self.v_proj(x)  # [B, T, N, H]
+        new_stacks = None
+        if cache is not None:
+            k_all, v_all, index, layer = cache
+            start = (layer, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            new_stacks = (k_all, v_all)
+            k = k_all[layer].astype(q.dtype)  # [B, S, N, H]
+            v = v_all[layer].astype(q.dtype)  # [B, S, N, H]
+        if dropout_key is not None and self.attention_dropout > 0.0:
+            # jax.nn.dot_product_attention has no dropout: spell attention out in training mode.
+            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S] float32
+            probs = _dropout(dropout_key, probs, self.attention_dropout).astype(v.dtype)
+            out = jnp.einsum("bnts,bsnh->btnh", probs, v)  # [B, T, N, H]
+        else:
+            # XLA path on CPU (softmax in float32, masked logits set to a large finite negative, so
+            # fully masked rows of left padding give uniform weights, never NaN).
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)  # [B, T, N, H]
+        return self.out_proj(out), new_stacks
+
+
+class OPTDecoderLayer(nnx.Module):
+    """One transformer block, pre- or post-LayerNorm (HF `OPTDecoderLayer`)."""
+
+    def __init__(self, config: OPTConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.ffn_dim
+        kw = dict(
+            use_bias=config.enable_bias,
+            init_std=config.init_std,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        ln = dict(
+            affine=config.layer_norm_elementwise_affine,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.self_attn = OPTAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn_layer_norm = LayerNorm(d, **ln)
+        self.fc1 = Linear((d,), (f,), ("embed", "mlp"), **kw)
+        self.fc2 = Linear((f,), (d,), ("mlp", "embed"), **kw)
+        self.final_layer_norm = LayerNorm(d, **ln)
+        self.pre_ln = config.do_layer_norm_before
+        self.activation = config.activation_function
+        self.dropout = config.dropout
+
+    def __call__(self, x, mask, cache, dropout_key):
+        """x [B, T, D] -> ([B, T, D], updated cache stacks or None)."""
+        keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
+        residual = x
+        if self.pre_ln:
+            x = self.self_attn_layer_norm(x)
+        x, new_stacks = self.self_attn(x, mask, cache, keys[0])
+        if keys[1] is not None and self.dropout > 0.0:
+            x = _dropout(keys[1], x, self.dropout)
+        x = residual + x
+        if not self.pre_ln:
+            x = self.self_attn_layer_norm(x)
+        residual = x
+        if self.pre_ln:
+            x = self.final_layer_norm(x)
+        x = self.fc2(_ACTIVATIONS[self.activation](self.fc1(x)))  # [B, T, F] -> [B, T, D]
+        if keys[2] is not None and self.dropout > 0.0:
+            x = _dropout(keys[2], x, self.dropout)
+        x = residual + x
+        if not self.pre_ln:
+            x = self.final_layer_norm(x)
+        return x, new_stacks
+
+
+class OPTDecoder(nnx.Module):
+    """Embeddings, the decoder layers and the final norm/projection (HF `OPTDecoder`)."""
+
+    def __init__(self, config: OPTConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        d, e = config.hidden_size, config.embed_dim
+        emb = dict(init_std=config.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed_tokens = Embed(config.vocab_size, e, ("vocab", "embed"), **emb)
+        self.embed_positions = Embed(
+            config.max_position_embeddings + POSITION_OFFSET, d, (None, "embed"), **emb
+        )
+        proj = dict(
+            use_bias=False,
+            init_std=config.init_std,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.project_in = Linear((e,), (d,), (None, "embed"), **proj) if e != d else None
+        self.project_out = Linear((d,), (e,), ("embed", None), **proj) if e != d else None
+        self.final_layer_norm = (
+            LayerNorm(
+                d,
+                affine=config.layer_norm_elementwise_affine,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+            if config.has_final_layer_norm
+            else None
+        )
+        self.layers = nnx.List(
+            [
+                OPTDecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(config.num_hidden_layers)
+            ]
+        )
+        self.dropout = config.dropout
+
+
+class OPTModel(nnx.Module):
+    """Holds the decoder under HF's `model.decoder` prefix."""
+
+    def __init__(self, config: OPTConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+        self.decoder = OPTDecoder(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class OPTForCausalLM(nnx.Module):
+    """OPT language model: `model.decoder` plus the (tied) LM head.
+
+    Args:
+      config: the hyper-parameters.
+      dtype: compute dtype (activations, matmul inputs); logits are always float32.
+      param_dtype: storage dtype of the parameters.
+      rngs: random streams; parameters draw from `rngs.params()`.
+    """
+
+    def __init__(
+        self,
+        config: OPTConfig,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.model = OPTModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(
+                (config.embed_dim,),
+                (config.vocab_size,),
+                ("embed", "vocab"),
+                use_bias=False,
+                init_std=config.init_std,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        )
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+        """An empty cache with `max_length` slots per sequence.
+
+        Args:
+          batch_size: B (number of sequences, beams included).
+          max_length: S (prompt plus every token to be generated).
+          dtype: storage dtype of keys/values (default: the compute dtype).
+
+        Returns:
+          A zero `KVCache` with index 0.
+        """
+        cfg = self.config
+        if batch_size <= 0 or max_length <= 0:
+            raise ValueError(
+                f"init_cache needs positive batch_size and max_length, got {batch_size}, "
+                f"{max_length}"
+            )
+        shape = (
+            cfg.num_hidden_layers,
+            batch_size,
+            max_length,
+            cfg.num_attention_heads,
+            cfg.head_dim,
+        )
+        dtype = self.dtype if dtype is None else dtype
+        return KVCache(
+            key=jnp.zeros(shape, dtype),
+            value=jnp.zeros(shape, dtype),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        position_ids: jax.Array | None = None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Runs the model on a batch of token ids.
+
+        Args:
+          input_ids: [B, T] int token ids.
+          attention_mask: without cache, [B, T] (1 = token, 0 = padding; default all ones). With a
+            cache, [B, S] over all cache slots (prompt and generated tokens 1, padding and not yet
+            written slots 0). Left padding gives HF's positions and masking.
+          position_ids: [B, T] positions (before the offset of 2); default HF's
+            `cumsum(mask) * mask - 1` at the new tokens' slots.
+          cache: a `KVCache`; the T new tokens are written at slots
+            `[cache.index, cache.index + T)` and query slot i attends to slots j <= i with mask 1.
+          deterministic: False enables dropout (config.dropout, config.attention_dropout).
+          dropout_key: a jax key, required when `deterministic` is False and a rate is positive.
+
+        Returns:
+          Logits [B, T, V] float32, and with a cache the pair (logits, cache with index += T).
+        """
+        cfg = self.config
+        decoder = self.model.decoder
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        b, t = input_ids.shape
+        if cache is None:
+            s = t
+            if t > cfg.max_position_embeddings:
+                raise ValueError(
+                    f"sequence length {t} exceeds max_position_embeddings "
+                    f"{cfg.max_position_embeddings}"
+                )
+            index = jnp.zeros((), jnp.int32)
+        else:
+            s = cache.key.shape[2]
+            if cache.key.shape[:2] != (cfg.num_hidden_layers, b) or t > s:
+                raise ValueError(
+                    f"cache of shape {cache.key.shape} does not fit input_ids of shape "
+                    f"{input_ids.shape} and {cfg.num_hidden_layers} layers"
+                )
+            index = cache.index.astype(jnp.int32)
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, s), jnp.int32)
+        if attention_mask.shape != (b, s):
+            what = "cache slots" if cache is not None else "input_ids"
+            raise ValueError(
+                f"attention_mask has shape {attention_mask.shape}, expected {(b, s)} "
+                f"([batch, {what}])"
+            )
+        attention_mask = attention_mask.astype(jnp.int32)
+
+        if position_ids is None:
+            positions = jnp.cumsum(attention_mask, axis=1) * attention_mask - 1  # [B, S]
+            position_ids = jax.lax.dynamic_slice_in_dim(positions, index, t, axis=1)  # [B, T]
+        elif position_ids.shape != (b, t):
+            raise ValueError(f"position_ids has shape {position_ids.shape}, expected {(b, t)}")
+
+        q_slots = index + jnp.arange(t, dtype=jnp.int32)  # [T]
+        causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slots[:, None]  # [T, S]
+        mask = jnp.logical_and(causal[None, None], attention_mask.astype(bool)[:, None, None, :])
+
+        use_dropout = not deterministic and (cfg.dropout > 0.0 or cfg.attention_dropout > 0.0)
+        if use_dropout and dropout_key is None:
+            raise ValueError("deterministic=False with positive dropout needs a dropout_key")
+
+        x = decoder.embed_tokens(input_ids)  # [B, T, E]
+        if decoder.project_in is not None:
+            x = decoder.project_in(x)  # [B, T, D]
+        x = x + decoder.embed_positions(position_ids + POSITION_OFFSET)  # [B, T, D]
+
+        k_all = v_all = None
+        if cache is not None:
+            k_all, v_all = cache.key, cache.value
+        for i, layer in enumerate(decoder.layers):
+            layer_key = jax.random.fold_in(dropout_key, i) if use_dropout else None
+            layer_cache = None if cache is None else (k_all, v_all, index, i)
+            x, stacks = layer(x, mask, layer_cache, layer_key)
+            if stacks is not None:
+                k_all, v_all = stacks
+
+        if decoder.final_layer_norm is not None:
+            x = decoder.final_layer_norm(x)
+        if decoder.project_out is not None:
+            x = decoder.project_out(x)  # [B, T, E]
+        if self.lm_head is None:
+            table = decoder.embed_tokens.embedding[...].astype(self.dtype)  # [V, E]
+            logits = jnp.einsum("bte,ve->btv", x, table, preferred_element_type=jnp.float32)
+        else:
+            kernel = self.lm_head.kernel[...].astype(self.dtype)  # [E, V]
+            logits = jnp.einsum("bte,ev->btv", x, kernel, preferred_element_type=jnp.float32)
+        logits = logits.astype(jnp.float32)  # [B, T, V]
+        if cache is None:
+            return logits
+        return logits, KVCache(key=k_all, value=v_all, index=index + t)
+
+
+def init_random(
+    config: OPTConfig, key: jax.Array, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+) -> OPTForCausalLM:
+    """A randomly initialised model (weights ~ N(0, init_std^2), biases 0, LayerNorm 1/0).
+
+    Args:
+      config: the hyper-parameters.
+      key: a jax key.
+      dtype: compute dtype.
+      param_dtype: parameter dtype.
+    """
+    return OPTForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(params=key))
+
+
+def load_pretrained(
+    path: Any, dtype: Any = jnp.float32, *, param_dtype: Any = None
+) -> OPTForCausalLM:
+    """Loads a Hugging Face OPT directory into the Flax port.
+
+    Reads `config.json` and `model.safetensors` (or a sharded `model.safetensors.index.json`, or
+    `pytorch_model.bin`, which needs torch).
+
+    Args:
+      path: the directory.
+      dtype: compute dtype.
+      param_dtype: parameter dtype (default: `dtype`).
+
+    Returns:
+      The model, with logits matching `transformers.OPTForCausalLM`.
+
+    Raises:
+      FileNotFoundError: if the directory, its config or its weights are missing.
+      ValueError: if it is not an OPT directory, or a weight is missing, truncated or misshapen.
+    """
+    from collapse_jax.lm import convert
+
+    return convert.load_pretrained(path, dtype=dtype, param_dtype=param_dtype)
+
+
+def save_pretrained(model: OPTForCausalLM, path: Any) -> None:
+    """Writes `config.json` and `model.safetensors` (HF names) that transformers loads back.
+
+    Args:
+      model: the model to save; parameters are written in their own dtype.
+      path: the directory (created if needed).
+    """
+    from collapse_jax.lm import convert
+
+    convert.save_pretrained(model, path)
+
+
+def num_params(model: OPTForCausalLM) -> int:
+    """Number of parameters (the tied head counted once)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
