@@ -1,0 +1,72 @@
+"""Test-only learners for the generational loop (never imported by the package)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from collapse_jax.learner import AbstractLearner
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ToyConfig:
+    kind: ClassVar[str] = "toy"
+    mean: float = 0.0
+    std: float = 1.0
+
+
+class ToyGaussianLearner(AbstractLearner):
+    """1-D Gaussian fitted by MLE to raw points; jittable."""
+
+    jittable = True
+
+    def real_data(self, key):
+        return self.draw_real(key, self.generation.sample_size(0, 0))
+
+    def draw_real(self, key, num):
+        return self.config.mean + self.config.std * jax.random.normal(key, (num,))
+
+    def init(self, key):
+        return {"mu": jnp.zeros(()), "var": jnp.ones(())}
+
+    def fit(self, key, data, params, **kw):
+        return {"mu": data.mean(), "var": data.var()}
+
+    def evaluate(self, key, params, reference):
+        return {"var": params["var"], "mu": params["mu"],
+                "pair": jnp.stack([params["mu"], params["var"]])}
+
+    def sample(self, key, params, num, **kw):
+        return params["mu"] + jnp.sqrt(params["var"]) * jax.random.normal(key, (num,))
+
+
+class ToyNumpyLearner(AbstractLearner):
+    """The same model on NumPy arrays, run in Python (the non-jittable path)."""
+
+    jittable = False
+    calls: ClassVar[list] = []
+
+    def real_data(self, key):
+        return self.draw_real(key, self.generation.sample_size(0, 0))
+
+    def draw_real(self, key, num):
+        return np.asarray(self.config.mean + self.config.std * jax.random.normal(key, (num,)))
+
+    def init(self, key):
+        return {"mu": np.zeros(()), "var": np.ones(())}
+
+    def fit(self, key, data, params, *, workdir=None):
+        ToyNumpyLearner.calls.append(("fit", workdir))
+        return {"mu": np.asarray(data.mean()), "var": np.asarray(data.var())}
+
+    def evaluate(self, key, params, reference):
+        return {"var": params["var"], "mu": params["mu"]}
+
+    def sample(self, key, params, num, *, workdir=None):
+        ToyNumpyLearner.calls.append(("sample", workdir))
+        z = np.asarray(jax.random.normal(key, (num,)))
+        return params["mu"] + np.sqrt(params["var"]) * z
