@@ -206,23 +206,24 @@ def logical_to_sharding(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) ->
 
     Args:
       state: an `nnx.State` (or any pytree) whose leaves are `nnx.Variable`s annotated with
-        `nnx.with_partitioning`, or plain arrays. Unannotated leaves are replicated.
+        `nnx.with_partitioning`, or plain arrays / ShapeDtypeStructs. Unannotated leaves are
+        replicated.
       mesh: the target mesh.
       rules: logical-to-mesh rules (default `DEFAULT_RULES`).
 
     Returns:
-      A pytree with a `NamedSharding` in place of every Variable / array (a prefix of `state`,
-      usable as `jax.jit` in/out shardings and as `jax.device_put` target).
+      A pytree of the same structure as `state` (Variables keep their metadata and hold a
+      `NamedSharding` as value), usable as `jax.jit` in/out shardings and `jax.device_put` target.
     """
     from flax import nnx  # local: sharding.py is also imported by theory code without flax
 
-    def one(x: Any) -> NamedSharding:
+    def one(x: Any) -> Any:
         if isinstance(x, nnx.Variable):
             names = logical_names(x)
             shape = np.shape(x.get_value())
             if names is None:
-                return replicated(mesh)
-            return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+                return x.replace(replicated(mesh))
+            return x.replace(NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules)))
         return replicated(mesh)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
