@@ -1,0 +1,190 @@
+"""Regenerating a whole data set of prompt blocks: the hot path of the paper's LM experiment.
+
+Each generation of Shumailov et al. (2024) continues every 64-token training block with
+`generate(num_beams=5, max_new_tokens=64, min_new_tokens=64, repetition_penalty=3.0)` and keeps
+the new tokens as the next generation's data. `regenerate` does this in fixed-size batches (the
+last one padded with copies and cropped), data-parallel over a mesh (each shard runs its own
+compiled decoding loop on its slice of the batch, no communication), and writes each finished
+batch to disk so that an interrupted run resumes after the last finished batch.
+
+On disk (`out_path` is a directory):
+  tokens.npy     [N, L] int32, a memory-mapped array filled batch by batch;
+  progress.json  what is being generated (N, prompt length, settings, a fingerprint of the blocks)
+                 and `rows_done`, replaced atomically after each batch is flushed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from collapse_jax import sharding
+from collapse_jax.lm import decode
+
+_TOKENS = "tokens.npy"
+_PROGRESS = "progress.json"
+
+
+def regenerate(
+    model: Any,
+    blocks: np.ndarray,
+    out_path: os.PathLike | str,
+    *,
+    batch_size: int,
+    mesh: Mesh | None = None,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    num_beams: int = 1,
+    do_sample: bool = False,
+    repetition_penalty: float = 1.0,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """Continues every block with `decode.generate`'s semantics and returns the new tokens.
+
+    Args:
+      model: the NNX causal LM (e.g. `collapse_jax.lm.opt.load_pretrained(path)`).
+      blocks: [N, T] int prompt blocks, all T tokens valid (no padding).
+      out_path: directory for the incremental results; created if missing. Calling again with the
+        same directory and arguments resumes after the last finished batch (or just loads).
+      batch_size: prompts per compiled call; rounded up to a multiple of the mesh's data-parallel
+        size. Results do not depend on it (up to float rounding of batched matmuls).
+      mesh: a `collapse_jax.sharding.make_mesh` mesh; the batch is split over its data-parallel
+        axes and parameters are replicated. None: all local devices on "data".
+      max_new_tokens, min_new_tokens, num_beams, do_sample, repetition_penalty, length_penalty,
+      early_stopping, eos_token_id, pad_token_id, temperature, top_k, top_p: as
+        `collapse_jax.lm.decode.generate`.
+      seed: sampling seed; block i samples with `fold_in(key(seed), i)` whatever the batching.
+      progress: show a tqdm progress bar.
+
+    Returns:
+      [N, max_new_tokens] int32 new tokens; after an EOS (if one is reached before
+      `max_new_tokens`), the pad id.
+
+    Raises:
+      ValueError: bad arguments, or `out_path` holds a regeneration of other blocks or settings.
+    """
+    blocks = np.asarray(blocks)
+    if blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] == 0:
+        raise ValueError(f"blocks must be a non-empty [N, T] array, got shape {blocks.shape}")
+    if not np.issubdtype(blocks.dtype, np.integer):
+        raise ValueError(f"blocks must be integer token ids, got {blocks.dtype}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and (blocks.min() < 0 or blocks.max() >= vocab):
+        raise ValueError(
+            f"block token ids must lie in [0, {vocab}), got [{blocks.min()}, {blocks.max()}]"
+        )
+    settings = decode.resolve_settings(
+        model,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        num_beams=num_beams,
+        do_sample=do_sample,
+        repetition_penalty=repetition_penalty,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    )
+    n, t = blocks.shape
+    big_l = settings.max_new_tokens
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    dp = sharding.data_parallel_size(mesh)
+    batch_size = -(-batch_size // dp) * dp
+
+    out_dir = pathlib.Path(out_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "num_blocks": n,
+        "block_length": t,
+        "blocks_sha256": hashlib.sha256(
+            np.ascontiguousarray(blocks, np.int64).tobytes()
+        ).hexdigest(),
+        "settings": dataclasses.asdict(settings),
+        "seed": int(seed) if settings.do_sample else None,
+    }
+    tokens, rows_done = _open_store(out_dir, meta, (n, big_l))
+
+    if rows_done < n:
+        graphdef, state = nnx.split(model)
+        state = jax.device_put(state, sharding.replicated(mesh))
+        fn = decode.compiled_search(graphdef, settings, mesh)
+        in_sharding = sharding.batch_sharding(mesh)
+        mask = jnp.ones((batch_size, t), jnp.int32)
+        mask = jax.device_put(mask, in_sharding)
+        bar = tqdm(total=n, initial=rows_done, disable=not progress, desc="regenerate", unit="blk")
+        try:
+            while rows_done < n:
+                stop = min(rows_done + batch_size, n)
+                # The last batch is padded with copies of its last block, then cropped.
+                rows = np.minimum(np.arange(rows_done, rows_done + batch_size), n - 1)
+                ids = jax.device_put(jnp.asarray(blocks[rows], jnp.int32), in_sharding)
+                keys = jax.device_put(decode.prompt_keys(seed, rows), in_sharding)
+                out = fn(state, ids, mask, keys)
+                new = np.asarray(out.tokens)[: stop - rows_done]
+                tokens[rows_done:stop] = new
+                tokens.flush()
+                rows_done = stop
+                _write_json(out_dir / _PROGRESS, {**meta, "rows_done": rows_done})
+                bar.update(len(new))
+        finally:
+            bar.close()
+    return np.array(tokens)
+
+
+def _open_store(out_dir: pathlib.Path, meta: dict, shape: tuple[int, int]) -> tuple[np.memmap, int]:
+    """Opens (or creates) the token store; returns it and the number of finished rows."""
+    progress_file = out_dir / _PROGRESS
+    tokens_file = out_dir / _TOKENS
+    if progress_file.exists():
+        saved = json.loads(progress_file.read_text())
+        rows_done = int(saved.pop("rows_done", 0))
+        # JSON turns tuples into lists: compare through a JSON round trip.
+        expected = json.loads(json.dumps(meta))
+        if saved != expected:
+            diff = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
+            raise ValueError(
+                f"{out_dir} holds a regeneration with different {diff}; use another out_path "
+                "or delete it"
+            )
+        if not tokens_file.exists():
+            raise FileNotFoundError(f"{tokens_file} is missing although {progress_file} exists")
+        tokens = np.load(tokens_file, mmap_mode="r+")
+        if tokens.shape != shape:
+            raise ValueError(f"{tokens_file} has shape {tokens.shape}, expected {shape}")
+        return tokens, rows_done
+    tokens = np.lib.format.open_memmap(tokens_file, mode="w+", dtype=np.int32, shape=shape)
+    tokens.flush()
+    _write_json(progress_file, {**meta, "rows_done": 0})
+    return tokens, 0
+
+
+def _write_json(path: pathlib.Path, obj: dict) -> None:
+    """Atomic replace: a reader (or a resumed run) sees the old or the new file, never half."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
