@@ -44,7 +44,10 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     ),
     "gmm": ("collapse_jax.gmm:GMMConfig", "collapse_jax.gmm:GMMLearner"),
     "vae": ("collapse_jax.vae:VAEConfig", "collapse_jax.vae:VAELearner"),
-    "opt": ("collapse_jax.lm.experiment:OPTExperimentConfig", "collapse_jax.lm.experiment:OPTLearner"),
+    "opt": (
+        "collapse_jax.lm.experiment:OPTExperimentConfig",
+        "collapse_jax.lm.experiment:OPTLearner",
+    ),
 }
 
 
@@ -123,26 +126,43 @@ class GenerationConfig:
     def __post_init__(self):
         _check(self.num_generations >= 1, "generation.num_generations", "must be >= 1")
         if self.samples_per_generation is not None:
-            _check(self.samples_per_generation >= 2, "generation.samples_per_generation",
-                   f"must be >= 2 (got {self.samples_per_generation})")
-        _check(math.isfinite(self.sample_growth) and self.sample_growth >= 0,
-               "generation.sample_growth", "must be a finite number >= 0")
+            _check(
+                self.samples_per_generation >= 2,
+                "generation.samples_per_generation",
+                f"must be >= 2 (got {self.samples_per_generation})",
+            )
+        _check(
+            math.isfinite(self.sample_growth) and self.sample_growth >= 0,
+            "generation.sample_growth",
+            "must be a finite number >= 0",
+        )
         if self.sample_schedule is not None:
-            _check(len(self.sample_schedule) >= self.num_generations,
-                   "generation.sample_schedule",
-                   f"has {len(self.sample_schedule)} entries, needs num_generations="
-                   f"{self.num_generations}")
-            _check(all(m >= 2 for m in self.sample_schedule), "generation.sample_schedule",
-                   "every sample size must be >= 2")
+            _check(
+                len(self.sample_schedule) >= self.num_generations,
+                "generation.sample_schedule",
+                f"has {len(self.sample_schedule)} entries, needs num_generations="
+                f"{self.num_generations}",
+            )
+            _check(
+                all(m >= 2 for m in self.sample_schedule),
+                "generation.sample_schedule",
+                "every sample size must be >= 2",
+            )
         for name in ("alpha", "beta", "gamma"):
             v = getattr(self, name)
             _check(0.0 <= v <= 1.0, f"generation.{name}", f"must lie in [0, 1] (got {v})")
         if self.policy == "mix":
             total = self.alpha + self.beta + self.gamma
-            _check(abs(total - 1.0) < 1e-9, "generation.alpha/beta/gamma",
-                   f"must sum to 1 (got {self.alpha} + {self.beta} + {self.gamma} = {total})")
-            _check(self.alpha > 0, "generation.alpha",
-                   "must be > 0: a generation without synthetic data does not chain models")
+            _check(
+                abs(total - 1.0) < 1e-9,
+                "generation.alpha/beta/gamma",
+                f"must sum to 1 (got {self.alpha} + {self.beta} + {self.gamma} = {total})",
+            )
+            _check(
+                self.alpha > 0,
+                "generation.alpha",
+                "must be > 0: a generation without synthetic data does not chain models",
+            )
         _check(self.num_trials >= 1, "generation.num_trials", "must be >= 1")
         _check(self.chunk_size >= 1, "generation.chunk_size", "must be >= 1")
         _check(self.block_size >= 1, "generation.block_size", "must be >= 1")
@@ -161,7 +181,7 @@ class GenerationConfig:
             return num, 0, 0
         fracs = (self.alpha, self.beta, self.gamma)
         counts = [int(math.floor(f * num)) for f in fracs]
-        order = sorted(range(3), key=lambda i: (fracs[i] * num - counts[i]), reverse=True)
+        order = sorted(range(3), key=lambda i: fracs[i] * num - counts[i], reverse=True)
         for i in order[: num - sum(counts)]:
             counts[i] += 1
         return counts[0], counts[1], counts[2]
@@ -203,8 +223,11 @@ class ExperimentConfig:
     mesh: MeshConfig | None = None
 
     def __post_init__(self):
-        _check(bool(re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name)), "name",
-               f"must be a plain file name (letters, digits, _ . -), got {self.name!r}")
+        _check(
+            bool(re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name)),
+            "name",
+            f"must be a plain file name (letters, digits, _ . -), got {self.name!r}",
+        )
         _check(dataclasses.is_dataclass(self.model), "model", "must be a model config")
         _check(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
 
@@ -334,8 +357,10 @@ def build(cls: type, raw: Mapping[str, Any] | None, where: str = "") -> Any:
         else:
             kwargs[name] = _coerce(tp, value, f"{prefix}{name}")
     missing = [
-        n for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
     ]
     if missing:

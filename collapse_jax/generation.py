@@ -151,10 +151,16 @@ def _env_info() -> dict[str, Any]:
         except md.PackageNotFoundError:
             pass
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=pathlib.Path(__file__).parent,
-        ).stdout.strip() or None
+        sha = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=pathlib.Path(__file__).parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         sha = None
     return {
@@ -394,8 +400,16 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
             d_c = jax.tree.map(lambda x, sl=sl: put(_pad_rows(x[sl], chunk)), data)
             p_c = jax.tree.map(lambda x, sl=sl: put(_pad_rows(x[sl], chunk)), params)
             d, p, m = _block(
-                learner, seed, put(chunk_chains(c)), jnp.asarray(gens), d_c, p_c, reference,
-                jnp.asarray(counts_arr), counts=counts, scan=scan,
+                learner,
+                seed,
+                put(chunk_chains(c)),
+                jnp.asarray(gens),
+                d_c,
+                p_c,
+                reference,
+                jnp.asarray(counts_arr),
+                counts=counts,
+                scan=scan,
             )
             n = sl.stop - sl.start
             out_d.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:n], d))
@@ -443,11 +457,16 @@ def _shape_invariant(learner, seed, data, params, reference, counts, counts_arr,
     """Whether one generation maps the (data, params) carry to arrays of the same shapes."""
     out = jax.eval_shape(
         functools.partial(_block, learner, seed, counts=counts, scan=False),
-        jnp.zeros(jax.tree.leaves(data)[0].shape[:1], jnp.uint32), jnp.asarray(gens[:1]),
-        data, params, reference, jnp.asarray(counts_arr[:1]),
+        jnp.zeros(jax.tree.leaves(data)[0].shape[:1], jnp.uint32),
+        jnp.asarray(gens[:1]),
+        data,
+        params,
+        reference,
+        jnp.asarray(counts_arr[:1]),
     )
-    same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype,
-                        (out[0], out[1]), (data, params))
+    same = jax.tree.map(
+        lambda a, b: a.shape == b.shape and a.dtype == b.dtype, (out[0], out[1]), (data, params)
+    )
     return all(jax.tree.leaves(same))
 
 
@@ -482,7 +501,8 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
             params_template = learner.init(k_base)
             params_prev = learner.load_params(run_dir / "state" / "params", params_template)
     real_size = (
-        learner.num_samples(data) if start == 0
+        learner.num_samples(data)
+        if start == 0
         else json.loads((run_dir / "generations" / "gen_00000.json").read_text())["sample_size"]
     )
     done = 0
@@ -513,8 +533,7 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
         row, means = summarize(per_chain)
         row = {"generation": g, "sample_size": learner.num_samples(data), **row}
         counts = gcfg.shares(gcfg.sample_size(g + 1, real_size))
-        new_data = next_data(learner, gcfg, keys, data, params, counts,
-                             workdir=work / "sample")
+        new_data = next_data(learner, gcfg, keys, data, params, counts, workdir=work / "sample")
         # Commit: the data this generation trained on, its params, its metrics, then the state.
         records.save_npz(run_dir / "data" / f"gen_{g:05d}.npz", _data_arrays(data))
         if gcfg.keep_params == "all":

@@ -37,8 +37,11 @@ class ToyGaussianLearner(AbstractLearner):
         return {"mu": data.mean(), "var": data.var()}
 
     def evaluate(self, key, params, reference):
-        return {"var": params["var"], "mu": params["mu"],
-                "pair": jnp.stack([params["mu"], params["var"]])}
+        return {
+            "var": params["var"],
+            "mu": params["mu"],
+            "pair": jnp.stack([params["mu"], params["var"]]),
+        }
 
     def sample(self, key, params, num, **kw):
         return params["mu"] + jnp.sqrt(params["var"]) * jax.random.normal(key, (num,))

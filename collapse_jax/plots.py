@@ -1,0 +1,102 @@
+"""Figures from a run directory: every metric against generations, plus the learner's own figures.
+
+The generic figure of a scalar metric shows the chain mean with a +-2 SE band and the 5-95 %
+chain quantiles, with the learner's closed-form expectation overlaid where it has one (e.g. the
+variance of the MLE Gaussian chain, ((M-1)/M)^n sigma_0^2).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from collapse_jax import records  # noqa: E402
+
+_SUFFIXES = ("_se", "_std", "_q05", "_q50", "_q95")
+
+
+def scalar_metrics(rows: list[dict]) -> list[str]:
+    """Names of the chain-mean columns of the summary rows."""
+    names: list[str] = []
+    for r in rows:
+        for k, v in r.items():
+            if k in ("generation", "sample_size") or k.endswith(_SUFFIXES):
+                continue
+            if isinstance(v, (int, float)) and k not in names:
+                names.append(k)
+    return names
+
+
+def metric_figure(run: records.Run, name: str, expected: np.ndarray | None, path: pathlib.Path):
+    g = run.series("generation")
+    mean = run.series(name)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    q05, q95 = run.series(f"{name}_q05"), run.series(f"{name}_q95")
+    if np.isfinite(q05).any():
+        ax.fill_between(g, q05, q95, color="C0", alpha=0.15, lw=0, label="5-95% of chains")
+    se = run.series(f"{name}_se")
+    if np.isfinite(se).any():
+        ax.fill_between(
+            g, mean - 2 * se, mean + 2 * se, color="C0", alpha=0.35, lw=0, label="mean +- 2 SE"
+        )
+    ax.plot(g, mean, color="C0", lw=1.5, label="chain mean")
+    q50 = run.series(f"{name}_q50")
+    if np.isfinite(q50).any():
+        ax.plot(g, q50, color="C0", lw=1, ls=":", label="median")
+    if expected is not None:
+        ax.plot(g, expected[: len(g)], color="C3", lw=1.2, ls="--", label="closed form")
+    ax.set_xlabel("generation")
+    ax.set_ylabel(name)
+    ax.set_title(f"{run.path.name}: {name}")
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def make_figures(run: records.Run, learner=None) -> list[pathlib.Path]:
+    """Writes `figures/*.png` for a run; returns the files written."""
+    out = run.path / "figures"
+    out.mkdir(exist_ok=True)
+    rows = run.rows()
+    if not rows:
+        return []
+    expected = {}
+    if learner is not None:
+        sizes = np.array([r["sample_size"] for r in rows])
+        expected = learner.expected_curves(sizes)
+    files = []
+    for name in scalar_metrics(rows):
+        path = out / f"{name}.png"
+        metric_figure(run, name, expected.get(name), path)
+        files.append(path)
+    if learner is not None:
+        files += learner.figures(run, out)
+    return files
+
+
+def summary_table(rows: list[dict], max_rows: int = 12, max_cols: int = 6) -> str:
+    """A fixed-width table of chain means (with SE) at a few generations, first and last kept."""
+    if not rows:
+        return "(no generations)"
+    names = scalar_metrics(rows)[:max_cols]
+    idx = np.unique(np.linspace(0, len(rows) - 1, min(max_rows, len(rows))).round().astype(int))
+    header = ["gen", "M"] + names
+    lines = []
+    for i in idx:
+        r = rows[i]
+        cells = [str(r["generation"]), str(r.get("sample_size", ""))]
+        for n in names:
+            v = r.get(n)
+            se = r.get(f"{n}_se")
+            cells.append("" if v is None else f"{v:.4g}" + (f"±{se:.2g}" if se else ""))
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[j]) for c in lines)) for j, h in enumerate(header)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header)] + [fmt.format(*c) for c in lines])
