@@ -1,0 +1,293 @@
+"""Recursive re-estimation of a K-state discrete distribution (Shumailov et al., Nature 2024,
+Sec. 3.1, the discrete-distributions-with-exact-approximation case).
+
+Each generation draws M samples from the current empirical distribution and re-estimates it
+(frequencies). It is a Wright-Fisher process: a martingale, E[p_n] = p_0, that is absorbed in a
+delta at state i with probability p_0(i); low-probability states are lost first (the tails vanish).
+
+- `method="sample"` draws the M categorical samples (inverse CDF + bincount; data = labels [M]);
+- `method="exact"` draws the multinomial counts directly by conditional binomials at a cost
+  independent of M (data = counts [K]).
+
+`simulate` runs many independent chains (vmap) over generations (lax.scan), chunked over chains;
+`DiscreteLearner` is the same model for the model-agnostic loop in `collapse_jax.generation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from collapse_jax import metrics
+from collapse_jax.config import ConfigError, GenerationConfig
+from collapse_jax.learner import AbstractLearner
+from collapse_jax.theory import analytic, samplers
+from collapse_jax.theory import chains as chain_runner
+from collapse_jax.theory.gaussian import RngImpl, _with_impl, sample_size_schedule
+
+_F = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DiscreteConfig:
+    """The original K-state distribution and how each generation re-estimates it.
+
+    Attributes:
+      family: "zipf" (p_i proportional to i^-exponent, i = 1..K: a long tail), "uniform", or
+        "explicit" (the `probs` field).
+      num_states: K for the named families.
+      exponent: the Zipf exponent (> 0).
+      probs: the explicit distribution (K >= 2 non-negative values summing to 1).
+      method: "exact" (multinomial counts by conditional binomials, cost independent of M) or
+        "sample" (the M categorical draws).
+      rng_impl: PRNG of the draws: "philox4x32", "threefry2x32", or "default" (the key's own).
+    """
+
+    kind: ClassVar[str] = "discrete"
+
+    family: Literal["zipf", "uniform", "explicit"] = "zipf"
+    num_states: int = 10
+    exponent: float = 1.0
+    probs: tuple[float, ...] | None = None
+    method: Literal["exact", "sample"] = "exact"
+    rng_impl: RngImpl = "philox4x32"
+
+    def __post_init__(self):
+        if self.family not in ("zipf", "uniform", "explicit"):
+            raise ConfigError(f"model.family: {self.family!r} is not zipf, uniform or explicit")
+        if self.family == "explicit":
+            if self.probs is None:
+                raise ConfigError("model.probs: required when family is 'explicit'")
+            p = np.asarray(self.probs, np.float64)
+            if p.ndim != 1 or p.size < 2:
+                raise ConfigError("model.probs: needs at least 2 states")
+            if not np.all(np.isfinite(p)) or np.any(p < 0):
+                raise ConfigError("model.probs: probabilities must be finite and >= 0")
+            if abs(p.sum() - 1.0) > 1e-6:
+                raise ConfigError(f"model.probs: must sum to 1 (sum is {p.sum():.8g})")
+        else:
+            if self.probs is not None:
+                raise ConfigError(
+                    f"model.probs: only used with family 'explicit' (family is {self.family!r})"
+                )
+            if self.num_states < 2:
+                raise ConfigError(f"model.num_states: must be >= 2 (got {self.num_states})")
+            if not (np.isfinite(self.exponent) and self.exponent > 0):
+                raise ConfigError(f"model.exponent: must be > 0 (got {self.exponent})")
+        if self.method not in ("exact", "sample"):
+            raise ConfigError(f"model.method: {self.method!r} is not 'exact' or 'sample'")
+        if self.rng_impl not in ("default", "threefry2x32", "philox4x32"):
+            raise ConfigError(f"model.rng_impl: {self.rng_impl!r} is not a supported PRNG")
+
+    def probs_array(self) -> np.ndarray:
+        """The original distribution, float64 `[K]`."""
+        if self.family == "explicit":
+            p = np.asarray(self.probs, np.float64)
+        elif self.family == "uniform":
+            p = np.ones(self.num_states)
+        else:
+            p = np.arange(1, self.num_states + 1, dtype=np.float64) ** -self.exponent
+        return p / p.sum()
+
+
+def sample_labels(key: Array, probs: Array, num: int) -> Array:
+    """`num` categorical draws `[num]` int32 from `probs [K]` (inverse CDF, branch-free)."""
+    cdf = jnp.cumsum(probs)
+    u = jax.random.uniform(key, (num,), _F) * cdf[-1]
+    idx = jnp.searchsorted(cdf, u, side="right").astype(jnp.int32)
+    # Round-off may push u past the last positive state: clip to it (never to a zero state).
+    last = jnp.max(jnp.where(probs > 0, jnp.arange(probs.shape[0], dtype=jnp.int32), 0))
+    return jnp.minimum(idx, last)
+
+
+class DiscreteLearner(AbstractLearner[Array, Array]):
+    """The discrete model for the generational loop (one chain per call; final class).
+
+    Params: probabilities `[K]` (float32). Data: labels `[n]` (method "sample") or counts `[K]`
+    (method "exact", whose sample sizes may be traced: `static_sample_size` is False).
+    """
+
+    jittable: ClassVar[bool] = True
+
+    def __init__(self, config: DiscreteConfig, generation: GenerationConfig | None = None):
+        generation = GenerationConfig() if generation is None else generation
+        super().__init__(config, generation)
+        self.static_sample_size = config.method == "sample"
+        if generation.samples_per_generation is None and generation.sample_schedule is None:
+            raise ValueError("discrete: generation.samples_per_generation must be set")
+        if config.method == "exact" and generation.policy == "mix" and generation.beta > 0:
+            raise ValueError(
+                "discrete: method='exact' keeps only counts; a random subset of the previous "
+                "data (policy='mix' with beta > 0) would need a multivariate hypergeometric "
+                "draw, which is not implemented; use method='sample', or beta=0"
+            )
+        self._p0 = config.probs_array()
+
+    @property
+    def num_states(self) -> int:
+        return int(self._p0.shape[0])
+
+    @property
+    def truth(self) -> Array:
+        return jnp.asarray(self._p0, _F)
+
+    def _draw(self, key: Array, probs: Array, num: Any) -> Array:
+        key = _with_impl(key, self.config.rng_impl)
+        if self.config.method == "sample":
+            return sample_labels(key, probs, num)
+        return samplers.multinomial(key, num, probs)
+
+    def real_data(self, key: Array) -> Array:
+        m0 = self.generation.sample_size(0, 0)
+        return self.draw_real(key, m0 if self.static_sample_size else jnp.int32(m0))
+
+    def draw_real(self, key: Array, num: int | Array) -> Array:
+        return self._draw(key, self.truth, num)
+
+    def init(self, key: Array) -> Array:
+        return self.truth
+
+    def fit(self, key: Array, data: Array, params: Array, **kwargs: Any) -> Array:
+        if self.config.method == "sample":
+            counts = jnp.bincount(data, length=self.num_states)
+        else:
+            counts = data
+        return counts.astype(_F) / jnp.sum(counts).astype(_F)
+
+    def sample(self, key: Array, params: Array, num: int | Array, **kwargs: Any) -> Array:
+        return self._draw(key, params, num)
+
+    def evaluate(self, key: Array, params: Array, reference: Any) -> dict[str, Array]:
+        """Support size, lost tail mass, TV and KL(p_n || p_0), Gini-Simpson diversity, entropy,
+        whether the chain is absorbed in a delta and where (one-hot [K])."""
+        p0 = self.truth
+        at = metrics.absorbed_state(params)
+        return {
+            "support_size": metrics.support_size(params).astype(_F),
+            "lost_tail_mass": metrics.lost_tail_mass(p0, params),
+            "total_variation": metrics.total_variation(params, p0),
+            "kl_to_original": metrics.kl_divergence(params, p0),
+            "gini_simpson": metrics.gini_simpson(params),
+            "entropy": metrics.entropy(params),
+            "absorbed": jnp.sum(at),
+            "absorbed_at": at,
+        }
+
+    def concat(self, parts: list[Array]) -> Array:
+        if self.config.method == "exact":
+            out = parts[0]
+            for p in parts[1:]:
+                out = out + p
+            return out
+        return super().concat(parts)
+
+    def subset(self, key: Array, data: Array, num: int | Array) -> Array:
+        if self.config.method == "exact":
+            raise ValueError("discrete: method='exact' cannot take subsets; use method='sample'")
+        return super().subset(key, data, num)
+
+    def num_samples(self, data: Array) -> Any:
+        if self.config.method == "exact":
+            n = jnp.sum(data)
+            return n if isinstance(n, jax.core.Tracer) else int(n)
+        return super().num_samples(data)
+
+    def expected_curves(self, sample_sizes: np.ndarray) -> dict[str, np.ndarray]:
+        """Closed-form / exactly propagated chain means per generation ("replace" policy)."""
+        if self.generation.policy != "replace":
+            return {}
+        out = analytic.discrete_expectations(self._p0, np.asarray(sample_sizes))
+        out.pop("absorbed_at", None)
+        return out
+
+    def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
+        from collapse_jax.theory import figures
+
+        return figures.discrete_figures(self, run, out_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteSimulation:
+    """Result of `simulate`.
+
+    Attributes:
+      probs: [G + 1, R, K] empirical distributions; index 0 is the original distribution.
+      sample_sizes: [G] the training-set size of indices 1..G.
+    """
+
+    probs: np.ndarray
+    sample_sizes: np.ndarray
+
+
+def _record(params: Array) -> Array:
+    return params
+
+
+def simulate(
+    key: Array,
+    *,
+    probs: Sequence[float],
+    chains: int,
+    generations: int,
+    sample_size: int | Sequence[int],
+    method: Literal["exact", "sample"] = "exact",
+    policy: Literal["replace", "mix", "accumulate"] = "replace",
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    gamma: float = 0.0,
+    chunk_size: int = 65536,
+    rng_impl: RngImpl = "philox4x32",
+) -> DiscreteSimulation:
+    """Simulates `chains` independent chains of recursive discrete re-estimation.
+
+    Args:
+      key: PRNG key (chain i uses `split(key, chains)[i]`: results do not depend on chunking).
+      probs: [K] the original distribution (non-negative, summing to 1).
+      chains: R; generations: G; sample_size: M, an int or a sequence of G ints.
+      method: "exact" (multinomial counts directly) or "sample" (M categorical draws).
+      policy, alpha, beta, gamma: mixing policy as in `gaussian.simulate`.
+      chunk_size: chains per batch; rng_impl: PRNG of the draws.
+    Returns:
+      DiscreteSimulation with `.probs [G + 1, R, K]`.
+    """
+    sizes = sample_size_schedule(sample_size, generations)
+    try:
+        cfg = DiscreteConfig(
+            family="explicit",
+            probs=tuple(float(p) for p in np.asarray(probs, np.float64).reshape(-1)),
+            method=method,
+            rng_impl=rng_impl,
+        )
+        gen = GenerationConfig(
+            num_generations=generations,
+            samples_per_generation=sizes[0],
+            sample_schedule=tuple(sizes),
+            policy=policy,
+            alpha=alpha,
+            beta=beta,
+            gamma=gamma,
+            num_trials=chains,
+        )
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    learner = DiscreteLearner(cfg, gen)
+    p = chain_runner.run(
+        learner,
+        key,
+        chains=chains,
+        sizes=sizes,
+        record=_record,
+        initial=learner.truth,
+        chunk_size=chunk_size,
+    )
+    return DiscreteSimulation(probs=p, sample_sizes=np.asarray(sizes))
+
+
+__all__ = ["DiscreteConfig", "DiscreteLearner", "DiscreteSimulation", "simulate"]

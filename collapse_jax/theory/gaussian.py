@@ -1,0 +1,420 @@
+"""Recursive fitting of a d-dimensional Gaussian (Shumailov et al., Nature 2024, Sec. 3.2 and
+Supplementary Theorem 3.1; the paper's notebook fitted with np.std, the MLE).
+
+Each generation draws M_n points from the current fit N(mu_n, Sigma_n) and refits the mean and
+covariance. Two ways to draw a generation, equal in distribution:
+
+- `method="sample"` draws the M points (data = raw points `[M, d]`);
+- `method="exact"` draws the sufficient statistics directly, at a cost independent of M:
+  mean ~ N(mu, Sigma / M) and scatter (M - 1) S ~ Wishart(M - 1, Sigma) (Bartlett
+  decomposition), independent (Cochran). Data = `GaussianStats(n, mean, scatter)`.
+
+`simulate` runs many independent chains (vmap) over generations (lax.scan), chunked over chains;
+`GaussianLearner` is the same model for the model-agnostic loop in `collapse_jax.generation`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+from collapse_jax import metrics
+from collapse_jax.config import ConfigError, GenerationConfig
+from collapse_jax.learner import AbstractLearner
+from collapse_jax.theory import analytic, samplers
+from collapse_jax.theory import chains as chain_runner
+
+_F = jnp.float32
+RngImpl = Literal["default", "threefry2x32", "philox4x32"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GaussianConfig:
+    """The original distribution N(mean, cov) and how each generation refits it.
+
+    Attributes:
+      dim: dimension d of the Gaussian.
+      mean: the original mean (d values); None = zeros.
+      cov: the original covariance: a scalar variance (times the identity) or d rows of d values
+        (symmetric positive definite).
+      estimator: covariance estimator of each fit: "unbiased" (divide the scatter by M - 1, the
+        paper's theorem) or "mle" (divide by M, the paper's notebook: np.std).
+      method: "exact" (draw mean and Wishart scatter directly, cost independent of M) or
+        "sample" (draw the M points).
+      rng_impl: PRNG used for the draws: "philox4x32" (about 3x faster than threefry on CPU),
+        "threefry2x32", or "default" (the impl of the key passed in).
+    """
+
+    kind: ClassVar[str] = "gaussian"
+
+    dim: int = 1
+    mean: tuple[float, ...] | None = None
+    cov: float | tuple[tuple[float, ...], ...] = 1.0
+    estimator: Literal["unbiased", "mle"] = "unbiased"
+    method: Literal["exact", "sample"] = "exact"
+    rng_impl: RngImpl = "philox4x32"
+
+    def __post_init__(self):
+        if self.dim < 1:
+            raise ConfigError(f"model.dim: must be >= 1 (got {self.dim})")
+        if self.mean is not None and len(self.mean) != self.dim:
+            raise ConfigError(f"model.mean: has {len(self.mean)} values, dim is {self.dim}")
+        if self.mean is not None and not np.all(np.isfinite(self.mean)):
+            raise ConfigError("model.mean: must be finite")
+        if isinstance(self.cov, (int, float)):
+            if not (np.isfinite(self.cov) and self.cov > 0):
+                raise ConfigError(f"model.cov: a scalar variance must be > 0 (got {self.cov})")
+        else:
+            c = np.asarray(self.cov, np.float64)
+            if c.shape != (self.dim, self.dim):
+                raise ConfigError(
+                    f"model.cov: must be a scalar or {self.dim}x{self.dim}, got shape {c.shape}"
+                )
+            if not np.allclose(c, c.T, rtol=1e-6, atol=1e-12):
+                raise ConfigError("model.cov: must be symmetric")
+            try:
+                np.linalg.cholesky(c)
+            except np.linalg.LinAlgError:
+                raise ConfigError("model.cov: must be positive definite") from None
+        if self.estimator not in ("unbiased", "mle"):
+            raise ConfigError(f"model.estimator: {self.estimator!r} is not 'unbiased' or 'mle'")
+        if self.method not in ("exact", "sample"):
+            raise ConfigError(f"model.method: {self.method!r} is not 'exact' or 'sample'")
+        if self.rng_impl not in ("default", "threefry2x32", "philox4x32"):
+            raise ConfigError(f"model.rng_impl: {self.rng_impl!r} is not a supported PRNG")
+
+    def mean_array(self) -> np.ndarray:
+        """The original mean as float64 `[d]`."""
+        return np.zeros(self.dim) if self.mean is None else np.asarray(self.mean, np.float64)
+
+    def cov_array(self) -> np.ndarray:
+        """The original covariance as float64 `[d, d]`."""
+        if isinstance(self.cov, (int, float)):
+            return float(self.cov) * np.eye(self.dim)
+        return np.asarray(self.cov, np.float64)
+
+
+class GaussianParams(NamedTuple):
+    """A fitted Gaussian: mean `[d]`, covariance `[d, d]` (batched: leading chain axes)."""
+
+    mean: Array
+    cov: Array
+
+
+class GaussianStats(NamedTuple):
+    """Sufficient statistics of a data set (the `exact` method's data).
+
+    n: int32 scalar, number of points; mean: [d] sample mean; scatter: [d, d] sum of the
+    outer products of the centred points.
+    """
+
+    n: Array
+    mean: Array
+    scatter: Array
+
+
+def _with_impl(key: Array, impl: str) -> Array:
+    """Re-reads a key's bits as a key of `impl` (deterministic; no-op for "default")."""
+    if impl == "default" or str(jax.random.key_impl(key)) == impl:
+        return key
+    return jax.random.wrap_key_data(jax.random.key_data(key), impl=impl)
+
+
+def _chol(cov: Array) -> Array:
+    """Cholesky factor [d, d]; a 1x1 covariance takes the (cheaper) square root."""
+    if cov.shape[-1] == 1:
+        return jnp.sqrt(jnp.maximum(cov, 0.0))
+    return jnp.linalg.cholesky(cov)
+
+
+def sample_points(key: Array, params: GaussianParams, num: int) -> Array:
+    """`num` points `[num, d]` from N(params.mean, params.cov) (one chain)."""
+    d = params.mean.shape[-1]
+    z = jax.random.normal(key, (num, d), _F)
+    if d == 1:
+        return params.mean + z * jnp.sqrt(jnp.maximum(params.cov[0, 0], 0.0))
+    return params.mean + z @ _chol(params.cov).T
+
+
+def sample_stats(key: Array, params: GaussianParams, num: int | Array) -> GaussianStats:
+    """Sufficient statistics of `num` points from N(mean, cov), drawn without the points.
+
+    mean ~ N(mu, Sigma / num); scatter = L A A^T L^T with A the Bartlett factor of
+    Wishart(num - 1, I) and Sigma = L L^T; the two are independent (Cochran's theorem).
+
+    Args:
+      key: PRNG key; params: mean [d], cov [d, d]; num: int or traced int32 scalar (>= 0).
+    """
+    d = params.mean.shape[-1]
+    k_m, k_w = jax.random.split(key)
+    num = jnp.asarray(num, jnp.int32)
+    nf = num.astype(_F)
+    chol = _chol(params.cov)
+    z = jax.random.normal(k_m, (d,), _F)
+    mean = params.mean + (chol @ z) / jnp.sqrt(jnp.maximum(nf, 1.0))
+    mean = jnp.where(num > 0, mean, jnp.zeros_like(mean))
+    a = samplers.wishart_bartlett_factor(k_w, jnp.maximum(nf - 1.0, 0.0), d)
+    la = chol @ a
+    scatter = la @ la.T
+    return GaussianStats(num, mean, scatter)
+
+
+def stats_of_points(x: Array) -> GaussianStats:
+    """Sufficient statistics of points `[n, d]`."""
+    mean = jnp.mean(x, axis=0)
+    xc = x - mean
+    return GaussianStats(jnp.int32(x.shape[0]), mean, xc.T @ xc)
+
+
+def pool(parts: Sequence[GaussianStats]) -> GaussianStats:
+    """Statistics of the union of data sets (Chan et al.'s parallel update; empty parts ok)."""
+    out = parts[0]
+    for s in parts[1:]:
+        n1, n2 = out.n.astype(_F), s.n.astype(_F)
+        n = n1 + n2
+        safe = jnp.maximum(n, 1.0)
+        delta = s.mean - out.mean
+        mean = out.mean + delta * (n2 / safe)
+        scatter = out.scatter + s.scatter + jnp.outer(delta, delta) * (n1 * n2 / safe)
+        out = GaussianStats(out.n + s.n, mean, scatter)
+    return out
+
+
+def fit_stats(stats: GaussianStats, estimator: str) -> GaussianParams:
+    """Mean and covariance estimate from sufficient statistics."""
+    nf = stats.n.astype(_F)
+    denom = nf - 1.0 if estimator == "unbiased" else nf
+    return GaussianParams(stats.mean, stats.scatter / denom)
+
+
+class GaussianLearner(AbstractLearner[GaussianParams, Any]):
+    """The Gaussian model for the generational loop (one chain per call; final class).
+
+    Data: raw points `[n, d]` for `method="sample"`, `GaussianStats` for `method="exact"`
+    (whose sample sizes may be traced: `static_sample_size` is False).
+    """
+
+    jittable: ClassVar[bool] = True
+
+    def __init__(self, config: GaussianConfig, generation: GenerationConfig | None = None):
+        generation = GenerationConfig() if generation is None else generation
+        super().__init__(config, generation)
+        self.static_sample_size = config.method == "sample"
+        if generation.samples_per_generation is None and generation.sample_schedule is None:
+            raise ValueError(
+                "gaussian: generation.samples_per_generation must be set (there is no real data "
+                "set whose size could be used)"
+            )
+        if config.method == "exact" and generation.policy == "mix" and generation.beta > 0:
+            raise ValueError(
+                "gaussian: method='exact' keeps only sufficient statistics, from which a random "
+                "subset of the previous data (policy='mix' with beta > 0) cannot be drawn "
+                "exactly; use method='sample', or beta=0"
+            )
+        self._mean0 = config.mean_array()
+        self._cov0 = config.cov_array()
+
+    @property
+    def truth(self) -> GaussianParams:
+        """The original distribution (float32)."""
+        return GaussianParams(jnp.asarray(self._mean0, _F), jnp.asarray(self._cov0, _F))
+
+    def _draw(self, key: Array, params: GaussianParams, num: Any) -> Any:
+        key = _with_impl(key, self.config.rng_impl)
+        if self.config.method == "sample":
+            return sample_points(key, params, num)
+        return sample_stats(key, params, num)
+
+    def real_data(self, key: Array) -> Any:
+        return self.draw_real(key, self._m0())
+
+    def _m0(self) -> Any:
+        m0 = self.generation.sample_size(0, 0)
+        return m0 if self.static_sample_size else jnp.int32(m0)
+
+    def draw_real(self, key: Array, num: int | Array) -> Any:
+        return self._draw(key, self.truth, num)
+
+    def init(self, key: Array) -> GaussianParams:
+        return self.truth
+
+    def fit(self, key: Array, data: Any, params: GaussianParams, **kwargs: Any) -> GaussianParams:
+        stats = stats_of_points(data) if self.config.method == "sample" else data
+        return fit_stats(stats, self.config.estimator)
+
+    def sample(self, key: Array, params: GaussianParams, num: int | Array, **kwargs: Any) -> Any:
+        return self._draw(key, params, num)
+
+    def evaluate(self, key: Array, params: GaussianParams, reference: Any) -> dict[str, Array]:
+        """W2 distance to the original, trace and log-determinant of the covariance, |mu-mu0|^2."""
+        t = self.truth
+        w2sq = metrics.gaussian_w2_squared(params.mean, params.cov, t.mean, t.cov)
+        return {
+            "w2": jnp.sqrt(w2sq),
+            "w2_squared": w2sq,
+            "trace_cov": jnp.trace(params.cov),
+            "logdet_cov": metrics.log_det(params.cov),
+            "mean_dist2": jnp.sum(jnp.square(params.mean - t.mean)),
+        }
+
+    # --- data algebra: sufficient statistics for the exact method --------------------------
+    def subset(self, key: Array, data: Any, num: int | Array) -> Any:
+        if self.config.method == "exact":
+            raise ValueError("gaussian: method='exact' cannot take subsets; use method='sample'")
+        return super().subset(key, data, num)
+
+    def concat(self, parts: list[Any]) -> Any:
+        if self.config.method == "exact":
+            return pool(parts)
+        return super().concat(parts)
+
+    def num_samples(self, data: Any) -> Any:
+        if self.config.method == "exact":
+            n = data.n
+            return n if isinstance(n, jax.core.Tracer) else int(n)
+        return super().num_samples(data)
+
+    def expected_curves(self, sample_sizes: np.ndarray) -> dict[str, np.ndarray]:
+        """Closed-form chain means of `trace_cov`, `logdet_cov`, `mean_dist2` (and `w2_squared`
+        for d = 1) per generation, for the "replace" policy (else empty)."""
+        if self.generation.policy != "replace":
+            return {}
+        return analytic.gaussian_expectations(
+            np.asarray(sample_sizes), self._mean0, self._cov0, self.config.estimator
+        )
+
+    def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
+        from collapse_jax.theory import figures
+
+        return figures.gaussian_figures(self, run, out_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class GaussianSimulation:
+    """Result of `simulate`.
+
+    Attributes:
+      mean: [G + 1, R, d] fitted means; index 0 is the original distribution.
+      cov: [G + 1, R, d, d] fitted covariances.
+      sample_sizes: [G] the training-set size of indices 1..G.
+    """
+
+    mean: np.ndarray
+    cov: np.ndarray
+    sample_sizes: np.ndarray
+
+
+def _record(params: GaussianParams) -> tuple[Array, Array]:
+    return params.mean, params.cov
+
+
+def sample_size_schedule(sample_size: int | Sequence[int], generations: int) -> list[int]:
+    """Per-generation sizes from an int (constant) or a sequence of `generations` ints (>= 2)."""
+    if isinstance(sample_size, (int, np.integer)):
+        sizes = [int(sample_size)] * generations
+    else:
+        sizes = [int(m) for m in sample_size]
+        if len(sizes) != generations:
+            raise ValueError(f"sample_size has {len(sizes)} entries but generations={generations}")
+    if any(m < 2 for m in sizes):
+        raise ValueError(f"every sample size must be >= 2, got min {min(sizes)}")
+    if max(sizes) >= 2**24:
+        raise ValueError("sample sizes must be < 2^24 (float32 counts)")
+    return sizes
+
+
+def simulate(
+    key: Array,
+    *,
+    chains: int,
+    generations: int,
+    sample_size: int | Sequence[int],
+    mean: float | Sequence[float] = 0.0,
+    cov: float | Sequence[Sequence[float]] = 1.0,
+    method: Literal["exact", "sample"] = "exact",
+    estimator: Literal["unbiased", "mle"] = "unbiased",
+    policy: Literal["replace", "mix", "accumulate"] = "replace",
+    alpha: float = 1.0,
+    beta: float = 0.0,
+    gamma: float = 0.0,
+    chunk_size: int = 65536,
+    rng_impl: RngImpl = "philox4x32",
+) -> GaussianSimulation:
+    """Simulates `chains` independent chains of recursive Gaussian fitting.
+
+    Args:
+      key: PRNG key (chain i uses `split(key, chains)[i]`: results do not depend on chunking).
+      chains: R, number of independent chains.
+      generations: G, number of refits.
+      sample_size: M, an int or a sequence of G ints: the size of the training set of fit g.
+      mean: original mean: a scalar (d = 1, or broadcast to the dimension of `cov`) or [d].
+      cov: original covariance: a scalar variance (d = 1 unless `mean` has d values) or [d, d].
+      method: "exact" (sufficient statistics drawn directly) or "sample" (the M points).
+      estimator: "unbiased" (scatter / (M - 1)) or "mle" (scatter / M).
+      policy: "replace" (train on the last model's samples only), "mix" (alpha synthetic, beta
+        previous training data, gamma fresh real data) or "accumulate" (keep all data).
+      alpha, beta, gamma: the "mix" shares (summing to 1).
+      chunk_size: chains per batch (bounds memory for 10^6+ chains).
+      rng_impl: PRNG of the draws ("philox4x32", "threefry2x32", or "default": the key's own).
+    Returns:
+      GaussianSimulation with `.mean [G + 1, R, d]` and `.cov [G + 1, R, d, d]`.
+    """
+    mean_a = np.atleast_1d(np.asarray(mean, np.float64))
+    cov_a = np.asarray(cov, np.float64)
+    if cov_a.ndim == 0:
+        cov_a = float(cov_a) * np.eye(mean_a.shape[0])
+    if mean_a.shape[0] == 1 and cov_a.shape[0] > 1:
+        mean_a = np.full(cov_a.shape[0], mean_a[0])
+    if cov_a.shape != (mean_a.shape[0], mean_a.shape[0]):
+        raise ValueError(f"mean has shape {mean_a.shape} but cov has shape {cov_a.shape}")
+    sizes = sample_size_schedule(sample_size, generations)
+    try:
+        cfg = GaussianConfig(
+            dim=int(mean_a.shape[0]),
+            mean=tuple(float(v) for v in mean_a),
+            cov=tuple(tuple(float(v) for v in row) for row in cov_a),
+            estimator=estimator,
+            method=method,
+            rng_impl=rng_impl,
+        )
+        gen = GenerationConfig(
+            num_generations=generations,
+            samples_per_generation=sizes[0],
+            sample_schedule=tuple(sizes),
+            policy=policy,
+            alpha=alpha,
+            beta=beta,
+            gamma=gamma,
+            num_trials=chains,
+        )
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+    learner = GaussianLearner(cfg, gen)
+    t = learner.truth
+    m, c = chain_runner.run(
+        learner,
+        key,
+        chains=chains,
+        sizes=sizes,
+        record=_record,
+        initial=(t.mean, t.cov),
+        chunk_size=chunk_size,
+    )
+    return GaussianSimulation(mean=m, cov=c, sample_sizes=np.asarray(sizes))
+
+
+__all__ = [
+    "GaussianConfig",
+    "GaussianLearner",
+    "GaussianParams",
+    "GaussianSimulation",
+    "GaussianStats",
+    "simulate",
+]
