@@ -99,18 +99,30 @@ def load_hf_model(path: os.PathLike | str):
 def hf_forward(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = None):
     """Runs the torch model; returns (logits [B, T, V] float32 NumPy, loss with labels=ids or None).
 
-    The loss uses transformers' own `labels=` path with padding labelled -100.
+    The loss uses transformers' own `labels=` path. Labels are -100 at padding and at each row's
+    first token (whose predictor would be a padding position, where logits are unspecified), so
+    the loss is the mean over next-token predictions made from real tokens to real tokens.
     """
     import torch
 
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
-    labels = ids.clone()
-    if mask is not None:
-        labels[mask == 0] = -100
+    labels = torch.as_tensor(hf_labels(input_ids, attention_mask), dtype=torch.long)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
     return out.logits.float().numpy(), float(out.loss)
+
+
+def hf_labels(input_ids: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
+    """`labels=` for transformers: ids, with -100 at padding and at each left-padded row's first
+    token (predicted from a padding position)."""
+    labels = np.array(input_ids, dtype=np.int64)
+    if attention_mask is not None:
+        mask = np.asarray(attention_mask) != 0
+        first = np.zeros_like(mask)
+        first[:, 1:] = mask[:, 1:] & ~mask[:, :-1]
+        labels[~mask | first] = -100
+    return labels
 
 
 def random_batch(
