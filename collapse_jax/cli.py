@@ -123,10 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `collapse-jax`; returns the process exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    level = getattr(logging, str(args.log_level).upper(), None)
+    if not isinstance(level, int):
+        print(f"collapse-jax: error: unknown --log-level {args.log_level}", file=sys.stderr)
+        return 2
+    log.setLevel(level)  # our own messages; absl/orbax stay at WARNING
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
     try:
         return args.fn(args)
