@@ -81,7 +81,11 @@ def make_hf_opt_dir(
     model.eval()
     transformers.utils.logging.disable_progress_bar()
     path = pathlib.Path(tmp_path) / name
-    model.save_pretrained(path, safe_serialization=safe_serialization)
+    model.save_pretrained(path)
+    if not safe_serialization:
+        # transformers 5 always writes safetensors; write the legacy torch pickle ourselves.
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
     return path
 
 
