@@ -90,7 +90,7 @@ class TrainCheckpointer:
     @staticmethod
     def _args(state: Any, meta: dict[str, Any]) -> ocp.args.Composite:
         return ocp.args.Composite(
-            state=ocp.args.StandardSave(_flat(state)),
+            state=ocp.args.PyTreeSave(_flat(state)),
             meta=ocp.args.JsonSave(meta),
         )
 
@@ -131,42 +131,95 @@ class TrainCheckpointer:
         """
         manager = self._best if best else self._steps
         where = self.directory / ("best" if best else "steps") / str(step)
-        try:
-            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-                "meta"
-            ]
-        except Exception as e:  # noqa: BLE001 -- orbax raises many kinds; report one clearly
-            raise ValueError(f"checkpoint {where} is corrupt or unreadable: {e}") from e
-        if not isinstance(meta, dict) or "model" not in meta:
-            raise ValueError(f"checkpoint {where} has no model signature in its metadata")
+        meta = self._meta(manager, step, where)
         if expect is not None:
-            if meta["model"].get("digest") != expect["model"]["digest"]:
-                raise ValueError(
-                    f"checkpoint {where} was written for another model: "
-                    f"{_describe_mismatch(expect['model'], meta['model'])}"
-                )
+            self._check_model(meta, expect, where)
             for k in ("train_blocks", "config", "seed"):
                 if k in expect and meta.get(k) != expect[k]:
                     raise ValueError(
                         f"checkpoint {where} belongs to another run: {k} is {meta.get(k)} there "
                         f"but {expect[k]} now; use a fresh checkpoint_dir"
                     )
+        return self._restore_tree(manager, step, where, template, shardings, prefix=""), meta
+
+    def restore_params(
+        self,
+        step: int,
+        template: Any,
+        shardings: Any,
+        *,
+        expect: dict[str, Any] | None = None,
+        best: bool = False,
+    ) -> Any:
+        """Restores only the parameters (`TrainState.params`) of a checkpoint.
+
+        Args:
+          template / shardings: pytrees of the parameters alone (e.g. the model's nnx.Param
+            state and its shardings).
+          expect: if given, `expect["model"]` must match the checkpoint's model signature.
+        """
+        manager = self._best if best else self._steps
+        where = self.directory / ("best" if best else "steps") / str(step)
+        meta = self._meta(manager, step, where)
+        if expect is not None:
+            self._check_model(meta, expect, where)
+        return self._restore_tree(manager, step, where, template, shardings, prefix=".params")
+
+    @staticmethod
+    def _meta(manager: ocp.CheckpointManager, step: int, where: pathlib.Path) -> dict[str, Any]:
+        try:
+            args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+            meta = manager.restore(step, args=args)["meta"]
+        except Exception as e:  # noqa: BLE001 -- orbax raises many kinds; report one clearly
+            raise ValueError(f"checkpoint {where} is corrupt or unreadable: {e}") from e
+        if not isinstance(meta, dict) or "model" not in meta:
+            raise ValueError(f"checkpoint {where} has no model signature in its metadata")
+        return meta
+
+    @staticmethod
+    def _check_model(meta: dict[str, Any], expect: dict[str, Any], where: pathlib.Path) -> None:
+        if meta["model"].get("digest") != expect["model"]["digest"]:
+            raise ValueError(
+                f"checkpoint {where} was written for another model: "
+                f"{_describe_mismatch(expect['model'], meta['model'])}"
+            )
+
+    @staticmethod
+    def _restore_tree(
+        manager: ocp.CheckpointManager,
+        step: int,
+        where: pathlib.Path,
+        template: Any,
+        shardings: Any,
+        *,
+        prefix: str,
+    ) -> Any:
         flat_t = _flat(template)
         flat_s = _flat(shardings)
         abstract = {
-            k: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=flat_s[k])
+            prefix + k: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=flat_s[k])
             for k, x in flat_t.items()
         }
         try:
             restored = manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        abstract,
+                        restore_args=jax.tree.map(
+                            lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract
+                        ),
+                        partial_restore=True,
+                    )
+                ),
             )["state"]
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"checkpoint {where} is corrupt or unreadable: {e}") from e
-        if set(restored) != set(flat_t):
-            raise ValueError(f"checkpoint {where} does not hold this state's arrays")
-        leaves = [restored[k] for k in flat_t]
-        return jax.tree.unflatten(jax.tree.structure(template), leaves), meta
+        missing = [k for k in abstract if k not in restored]
+        if missing:
+            raise ValueError(f"checkpoint {where} lacks arrays {missing[:3]}")
+        leaves = [restored[prefix + k] for k in flat_t]
+        return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are written."""

@@ -22,6 +22,7 @@ process count gives the same loss curve, and a resumed run continues exactly.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -204,6 +205,14 @@ def token_nll(
     return nll, weights
 
 
+class _Compiled(NamedTuple):
+    init: Callable[..., Any]
+    step: Callable[..., Any]
+    state_shardings: Any
+    rest_shardings: Any
+    batch: NamedSharding
+
+
 class TrainState(NamedTuple):
     """Everything a train step updates (a pytree; checkpointed as is)."""
 
@@ -260,7 +269,8 @@ def train_step(
     The loss is the mean NLL over every counted target of the whole batch; with gradient
     accumulation the micro-batches' summed NLLs and gradients are added before dividing by the
     batch's token count, so the step equals the unaccumulated one (up to float rounding).
-    A non-finite loss or gradient leaves the state unchanged and sets `metrics["finite"]` False.
+    A non-finite loss, gradient or updated parameter leaves the state unchanged and sets
+    `metrics["finite"]` False.
 
     Args:
       state: current TrainState.
@@ -269,7 +279,7 @@ def train_step(
       key: base dropout key; step and micro-batch are folded in.
 
     Returns:
-      (new state, metrics: loss, grad_norm, lr, finite, tokens).
+      (new state, metrics: loss, grad_norm, param_norm, lr, finite, tokens).
     """
     step_key = jax.random.fold_in(key, state.step)
     grad_fn = jax.value_and_grad(
@@ -307,12 +317,16 @@ def train_step(
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    param_norm = optax.global_norm(params)
+    # An update can overflow even when loss and gradient are finite (a huge learning rate).
+    finite = finite & jnp.isfinite(param_norm)
     new = TrainState(state.step + 1, params, opt_state)
     # Keep the last good state on NaN/inf: the host raises after seeing `finite`.
     kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
+        "param_norm": param_norm,
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
         "finite": finite,
         "tokens": count,
@@ -405,6 +419,30 @@ def _scalar(x: jax.Array) -> float:
 
 def _local_value(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0))
+
+
+# Compiled steps are reused across calls with the same model structure, mesh and settings (e.g.
+# every generation of the paper's loop), so only the first call pays for XLA compilation.
+_COMPILED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+_COMPILED_MAX = 8
+
+
+def _cached(key: Any, build: Callable[[], Any]) -> Any:
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key]
+    value = build()
+    _COMPILED[key] = value
+    while len(_COMPILED) > _COMPILED_MAX:
+        _COMPILED.popitem(last=False)
+    return value
+
+
+def _signature(tree: Any) -> tuple:
+    return tuple(
+        (jax.tree_util.keystr(p), tuple(np.shape(x)), str(x.dtype))
+        for p, x in jax.tree_util.tree_leaves_with_path(tree)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,14 +563,18 @@ def perplexity(
     graphdef, params, rest = _split(model)
     p_shard = sharding.logical_to_sharding(params, mesh)
     r_shard = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
-    ev = Evaluator(
-        graphdef,
-        mesh,
-        p_shard,
-        r_shard,
-        batch_size=batch_size,
-        compute_dtype=compute_dtype,
-        pad_token_id=pad_token_id,
+    dtype = jnp.dtype(compute_dtype) if compute_dtype else None
+    ev = _cached(
+        ("eval", graphdef, _signature(params), mesh, batch_size, dtype, pad_token_id),
+        lambda: Evaluator(
+            graphdef,
+            mesh,
+            p_shard,
+            r_shard,
+            batch_size=batch_size,
+            compute_dtype=dtype,
+            pad_token_id=pad_token_id,
+        ),
     )
     params = _to_global(params, p_shard)
     rest = _to_global(rest, r_shard)
@@ -621,43 +663,53 @@ def finetune(
     compute_dtype = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
 
     graphdef, params, rest = _split(model)
-    p_shard = sharding.logical_to_sharding(params, mesh)
-    rest_shard = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
-    opt_shape = jax.eval_shape(tx.init, params)
-    o_shard = opt_state_shardings(opt_shape, params, p_shard, mesh)
+    sig = _signature(params)
+
+    def build() -> _Compiled:
+        p_shard = sharding.logical_to_sharding(params, mesh)
+        rest_shard = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
+        o_shard = opt_state_shardings(jax.eval_shape(tx.init, params), params, p_shard, mesh)
+        rep = sharding.replicated(mesh)
+        state_shard = TrainState(rep, p_shard, o_shard)
+        batch_shard = sharding.batch_sharding(mesh)
+        init = jax.jit(tx.init, in_shardings=(p_shard,), out_shardings=o_shard)
+        step = jax.jit(
+            functools.partial(
+                train_step,
+                graphdef=graphdef,
+                tx=tx,
+                schedule=lr_schedule,
+                grad_accum_steps=config.grad_accum_steps,
+                deterministic=not config.dropout,
+                compute_dtype=compute_dtype,
+            ),
+            in_shardings=(state_shard, rest_shard, batch_shard, rep),
+            out_shardings=(state_shard, rep),
+            donate_argnums=(0,),
+        )
+        return _Compiled(init, step, state_shard, rest_shard, batch_shard)
+
+    fns = _cached(("train", graphdef, sig, mesh, config, spe), build)
+    state_shard, rest_shard, batch_shard = fns.state_shardings, fns.rest_shardings, fns.batch
     rep = sharding.replicated(mesh)
-    state_shard = TrainState(rep, p_shard, o_shard)
-    batch_shard = sharding.batch_sharding(mesh)
-
-    params_g = _to_global(params, p_shard)
+    params_g = _to_global(params, state_shard.params)
     rest_g = _to_global(rest, rest_shard)
-    init_opt = jax.jit(tx.init, in_shardings=(p_shard,), out_shardings=o_shard)
-    state = TrainState(_to_global(np.zeros((), np.int32), rep), params_g, init_opt(params_g))
-
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            graphdef=graphdef,
-            tx=tx,
-            schedule=lr_schedule,
-            grad_accum_steps=config.grad_accum_steps,
-            deterministic=not config.dropout,
-            compute_dtype=compute_dtype,
-        ),
-        in_shardings=(state_shard, rest_shard, batch_shard, rep),
-        out_shardings=(state_shard, rep),
-        donate_argnums=(0,),
-    )
+    state = TrainState(_to_global(np.zeros((), np.int32), rep), params_g, fns.init(params_g))
+    step_fn = fns.step
     evaluator = None
     if valid_blocks is not None:
-        evaluator = Evaluator(
-            graphdef,
-            mesh,
-            p_shard,
-            rest_shard,
-            batch_size=config.eval_batch_size or config.batch_size,
-            compute_dtype=compute_dtype,
-            pad_token_id=config.pad_token_id,
+        eval_bs = config.eval_batch_size or config.batch_size
+        evaluator = _cached(
+            ("eval", graphdef, sig, mesh, eval_bs, compute_dtype, config.pad_token_id),
+            lambda: Evaluator(
+                graphdef,
+                mesh,
+                state_shard.params,
+                rest_shard,
+                batch_size=eval_bs,
+                compute_dtype=compute_dtype,
+                pad_token_id=config.pad_token_id,
+            ),
         )
 
     history: dict[str, list[float]] = {
@@ -727,8 +779,9 @@ def finetune(
                 ckpt.wait()
             where = f" (last good checkpoint: step {ckpt.latest_step()})" if ckpt else ""
             raise NonFiniteLossError(
-                f"non-finite loss {m['loss']} / gradient norm {m['grad_norm']} at optimizer "
-                f"step {step + 1} (epoch {step // spe + 1}); training stopped{where}"
+                f"non-finite loss {m['loss']} / gradient norm {m['grad_norm']} / parameter norm "
+                f"{m['param_norm']} at optimizer step {step + 1} (epoch {step // spe + 1}); "
+                f"training stopped, the state before this step is kept{where}"
             )
         history["train_loss"].append(m["loss"])
         history["lr"].append(m["lr"])
@@ -779,3 +832,55 @@ def finetune(
 
     new_model = nnx.merge(graphdef, state.params, rest_g)
     return new_model, history
+
+
+def load_checkpoint(
+    model: nnx.Module,
+    checkpoint_dir: str | pathlib.Path,
+    *,
+    best: bool = True,
+    step: int | None = None,
+    mesh: Mesh | None = None,
+) -> nnx.Module:
+    """A copy of `model` with the parameters of a `finetune` checkpoint.
+
+    Args:
+      model: a model of the same structure as the one trained (its values are not used).
+      checkpoint_dir: the `checkpoint_dir` given to `finetune`.
+      best: take the best checkpoint by validation loss (else the latest, or `step`).
+      step: a specific step of the periodic checkpoints (implies best=False).
+      mesh: mesh to place the parameters on (default: all devices on "data").
+
+    Raises:
+      FileNotFoundError: no checkpoint in the directory.
+      ValueError: a corrupt checkpoint, or one of another model.
+    """
+    from collapse_jax.lm import checkpoint as ckpt_lib
+
+    mesh = default_mesh() if mesh is None else mesh
+    graphdef, params, rest = _split(model)
+    p_shard = sharding.logical_to_sharding(params, mesh)
+    path = pathlib.Path(checkpoint_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    ck = ckpt_lib.TrainCheckpointer(path)
+    try:
+        use_best = best and step is None
+        which = ck.best_step() if use_best else (ck.latest_step() if step is None else step)
+        if which is None:
+            raise FileNotFoundError(f"no {'best' if use_best else 'periodic'} checkpoint in {path}")
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+        restored = ck.restore_params(
+            which,
+            abstract,
+            p_shard,
+            expect={"model": ckpt_lib.tree_signature(params)},
+            best=use_best,
+        )
+    finally:
+        ck.close()
+    return nnx.merge(
+        graphdef,
+        restored,
+        _to_global(rest, jax.tree.map(lambda _: sharding.replicated(mesh), rest)),
+    )
