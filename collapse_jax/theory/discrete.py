@@ -30,9 +30,11 @@ from collapse_jax.config import ConfigError, GenerationConfig
 from collapse_jax.learner import AbstractLearner
 from collapse_jax.theory import analytic, samplers
 from collapse_jax.theory import chains as chain_runner
-from collapse_jax.theory.gaussian import RngImpl, _with_impl, sample_size_schedule
+from collapse_jax.theory.gaussian import RngImpl, _count, _with_impl, sample_size_schedule
 
 _F = jnp.float32
+# Per-chain distributions are reported as a metric (kept for `record_trials` chains) up to this K.
+_MAX_RECORDED_STATES = 100
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -116,9 +118,11 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
 
     jittable: ClassVar[bool] = True
 
-    def __init__(self, config: DiscreteConfig, generation: GenerationConfig | None = None):
+    def __init__(
+        self, config: DiscreteConfig, generation: GenerationConfig | None = None, mesh: Any = None
+    ):
         generation = GenerationConfig() if generation is None else generation
-        super().__init__(config, generation)
+        super().__init__(config, generation, mesh)
         self.static_sample_size = config.method == "sample"
         if generation.samples_per_generation is None and generation.sample_schedule is None:
             raise ValueError("discrete: generation.samples_per_generation must be set")
@@ -166,10 +170,13 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
 
     def evaluate(self, key: Array, params: Array, reference: Any) -> dict[str, Array]:
         """Support size, lost tail mass, TV and KL(p_n || p_0), Gini-Simpson diversity, entropy,
-        whether the chain is absorbed in a delta and where (one-hot [K])."""
+        whether the chain is absorbed in a delta and where (one-hot [K]), and the distribution
+        itself `[K]` when K <= 100 (its chain mean is the martingale E[p_n] = p_0)."""
         p0 = self.truth
         at = metrics.absorbed_state(params)
+        extra = {"probs": params} if self.num_states <= _MAX_RECORDED_STATES else {}
         return {
+            **extra,
             "support_size": metrics.support_size(params).astype(_F),
             "lost_tail_mass": metrics.lost_tail_mass(p0, params),
             "total_variation": metrics.total_variation(params, p0),
@@ -195,8 +202,9 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
 
     def num_samples(self, data: Array) -> Any:
         if self.config.method == "exact":
-            n = jnp.sum(data)
-            return n if isinstance(n, jax.core.Tracer) else int(n)
+            if isinstance(data, jax.ShapeDtypeStruct):
+                return _count(data, self.generation)
+            return _count(jnp.sum(data), self.generation)
         return super().num_samples(data)
 
     def expected_curves(self, sample_sizes: np.ndarray) -> dict[str, np.ndarray]:

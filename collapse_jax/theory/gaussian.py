@@ -194,6 +194,15 @@ def fit_stats(stats: GaussianStats, estimator: str) -> GaussianParams:
     return GaussianParams(stats.mean, stats.scatter / denom)
 
 
+def _count(n: Any, generation: GenerationConfig) -> Any:
+    """A data set's size from its (possibly traced or abstract) count."""
+    if isinstance(n, jax.core.Tracer):
+        return n
+    if isinstance(n, jax.ShapeDtypeStruct):  # an abstract data set: the real data's size
+        return generation.sample_size(0, 0)
+    return int(n)
+
+
 class GaussianLearner(AbstractLearner[GaussianParams, Any]):
     """The Gaussian model for the generational loop (one chain per call; final class).
 
@@ -203,9 +212,11 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
 
     jittable: ClassVar[bool] = True
 
-    def __init__(self, config: GaussianConfig, generation: GenerationConfig | None = None):
+    def __init__(
+        self, config: GaussianConfig, generation: GenerationConfig | None = None, mesh: Any = None
+    ):
         generation = GenerationConfig() if generation is None else generation
-        super().__init__(config, generation)
+        super().__init__(config, generation, mesh)
         self.static_sample_size = config.method == "sample"
         if generation.samples_per_generation is None and generation.sample_schedule is None:
             raise ValueError(
@@ -253,7 +264,8 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
         return self._draw(key, params, num)
 
     def evaluate(self, key: Array, params: GaussianParams, reference: Any) -> dict[str, Array]:
-        """W2 distance to the original, trace and log-determinant of the covariance, |mu-mu0|^2."""
+        """W2 distance to the original, trace and log-determinant of the covariance, |mu-mu0|^2,
+        and the fitted mean and standard deviations `[d]` (for the drift figures)."""
         t = self.truth
         w2sq = metrics.gaussian_w2_squared(params.mean, params.cov, t.mean, t.cov)
         return {
@@ -262,6 +274,8 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
             "trace_cov": jnp.trace(params.cov),
             "logdet_cov": metrics.log_det(params.cov),
             "mean_dist2": jnp.sum(jnp.square(params.mean - t.mean)),
+            "fitted_mean": params.mean,
+            "fitted_std": jnp.sqrt(jnp.maximum(jnp.diagonal(params.cov), 0.0)),
         }
 
     # --- data algebra: sufficient statistics for the exact method --------------------------
@@ -277,8 +291,7 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
 
     def num_samples(self, data: Any) -> Any:
         if self.config.method == "exact":
-            n = data.n
-            return n if isinstance(n, jax.core.Tracer) else int(n)
+            return _count(data.n, self.generation)
         return super().num_samples(data)
 
     def expected_curves(self, sample_sizes: np.ndarray) -> dict[str, np.ndarray]:

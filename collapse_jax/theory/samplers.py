@@ -60,9 +60,10 @@ def standard_gamma(key: Array, alpha: Array) -> Array:
     c = 1.0 / jnp.sqrt(9.0 * d)
 
     def propose(k):
-        kx, ku = jax.random.split(k)
-        x = jax.random.normal(kx, shape, _F)
-        u = _uniform_open(ku, shape)
+        # One RNG call per round (compile time): a normal by inversion and a uniform.
+        uu = _uniform_open(k, (2, *shape))
+        x = jax.scipy.special.ndtri(uu[0])
+        u = uu[1]
         v = 1.0 + c * x
         v3 = v * v * v
         pos = v > 0
@@ -157,7 +158,7 @@ def binomial(key: Array, n: Array, p: Array) -> Array:
         return x, f, cdf + f
 
     x_inv, _, _ = jax.lax.fori_loop(
-        0, _INVERSION_TERMS, term, (jnp.zeros(shape, jnp.int32), f, cdf), unroll=4
+        0, _INVERSION_TERMS, term, (jnp.zeros(shape, jnp.int32), f, cdf)
     )
     x_inv = jnp.minimum(x_inv, n)
 
@@ -176,9 +177,9 @@ def binomial(key: Array, n: Array, p: Array) -> Array:
     fc_m = _fc(m) + _fc(nb - m)
 
     def propose(kk):
-        k1, k2 = jax.random.split(kk)
-        uu = _uniform_open(k1, shape) - 0.5  # open: us = 0.5 - |uu| > 0
-        vv = _uniform_open(k2, shape)
+        both = _uniform_open(kk, (2, *shape))
+        uu = both[0] - 0.5  # open: us = 0.5 - |uu| > 0
+        vv = both[1]
         us = 0.5 - jnp.abs(uu)
         kx = jnp.floor((2.0 * a / jnp.maximum(us, 1e-6) + b) * uu + c)
         inside = (kx >= 0) & (kx <= nb)
