@@ -202,7 +202,7 @@ def prepare_run_dir(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path) -> 
 
 
 def make_learner(cfg: config_lib.ExperimentConfig) -> AbstractLearner:
-    return config_lib.learner_class(cfg.kind)(cfg.model, cfg.generation)
+    return config_lib.learner_class(cfg.kind)(cfg.model, cfg.generation, cfg.mesh)
 
 
 def run_generations(

@@ -43,23 +43,25 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     jittable: ClassVar[bool] = False
     static_sample_size: ClassVar[bool] = True
 
-    def __init__(self, config: Any, generation: Any = None):
+    def __init__(self, config: Any, generation: Any = None, mesh: Any = None):
         """Args:
         config: the learner's frozen model config (`model:` block of the experiment).
         generation: the frozen `GenerationConfig` of the experiment (sample sizes etc.).
+        mesh: the experiment's frozen `MeshConfig` (None: all devices on the data axis), for
+          learners that shard their work.
         """
         self.config = config
         self.generation = generation
+        self.mesh_config = mesh
+
+    def _key(self) -> tuple:
+        return (type(self), self.config, self.generation, self.mesh_config)
 
     def __eq__(self, other: object) -> bool:
-        return (
-            type(self) is type(other)
-            and self.config == other.config  # type: ignore[attr-defined]
-            and self.generation == other.generation  # type: ignore[attr-defined]
-        )
+        return isinstance(other, AbstractLearner) and self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((type(self), self.config, self.generation))
+        return hash(self._key())
 
     # --- data of generation 0 and of the real distribution -------------------------------
     @abc.abstractmethod

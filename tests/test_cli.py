@@ -12,16 +12,26 @@ from collapse_jax import config as config_lib
 @pytest.fixture
 def toy_config(monkeypatch, tmp_path):
     monkeypatch.setitem(
-        config_lib.MODEL_REGISTRY, "toy", ("tests.helpers:ToyConfig", "tests.helpers:ToyGaussianLearner")
+        config_lib.MODEL_REGISTRY,
+        "toy",
+        ("tests.helpers:ToyConfig", "tests.helpers:ToyGaussianLearner"),
     )
     path = tmp_path / "toy.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "toy",
-        "seed": 1,
-        "model": {"kind": "toy"},
-        "generation": {"num_generations": 5, "samples_per_generation": 10, "num_trials": 64,
-                       "block_size": 2},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "toy",
+                "seed": 1,
+                "model": {"kind": "toy"},
+                "generation": {
+                    "num_generations": 5,
+                    "samples_per_generation": 10,
+                    "num_trials": 64,
+                    "block_size": 2,
+                },
+            }
+        )
+    )
     return path
 
 
@@ -37,8 +47,19 @@ def test_run_writes_metrics_figures_and_resumes(toy_config, tmp_path, capsys):
     # Running again is a no-op resume with the same result; more generations extend the run.
     assert cli.main(["run", str(toy_config), "--out", str(out), "--no-progress"]) == 0
     assert (out / "metrics.json").read_bytes() == first
-    assert cli.main(["run", str(toy_config), "generation.num_generations=6", "--out", str(out),
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                str(toy_config),
+                "generation.num_generations=6",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert len(json.loads((out / "metrics.json").read_text())) == 6
     assert "== toy" in capsys.readouterr().out
 

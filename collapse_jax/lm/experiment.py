@@ -170,9 +170,19 @@ class OPTLearner(AbstractLearner):
 
     jittable = False
 
-    def __init__(self, config: OPTExperimentConfig, generation: Any = None):
-        super().__init__(config, generation)
+    def __init__(self, config: OPTExperimentConfig, generation: Any = None, mesh: Any = None):
+        super().__init__(config, generation, mesh)
         self._cache: dict[str, Any] = {}
+
+    def _mesh(self):
+        """The experiment's device mesh (None: the trainer's default, all devices on data)."""
+        if self.mesh_config is None:
+            return None
+        if "mesh" not in self._cache:
+            from collapse_jax import sharding
+
+            self._cache["mesh"] = sharding.make_mesh(self.mesh_config.shape())
+        return self._cache["mesh"]
 
     # --- data ------------------------------------------------------------------------------
     def _tokenizer(self):
@@ -241,8 +251,9 @@ class OPTLearner(AbstractLearner):
             params,
             np.asarray(data, np.int32),
             epochs=cfg.epochs,
-            batch_size=min(cfg.batch_size, len(data)),
+            batch_size=cfg.batch_size,
             learning_rate=cfg.learning_rate,
+            mesh=self._mesh(),
             schedule=cfg.schedule,
             seed=_seed(key),
             weight_decay=cfg.weight_decay,
@@ -259,8 +270,9 @@ class OPTLearner(AbstractLearner):
         per_seq = train.perplexity(
             params,
             reference,
-            batch_size=min(self.config.eval_batch_size, len(reference)),
+            batch_size=self.config.eval_batch_size,
             per_sequence=True,
+            mesh=self._mesh(),
             compute_dtype=self.config.compute_dtype,
             pad_token_id=params.config.pad_token_id,
         )
@@ -294,6 +306,7 @@ class OPTLearner(AbstractLearner):
             prompts,
             out,
             batch_size=cfg.generate_batch_size,
+            mesh=self._mesh(),
             max_new_tokens=cfg.max_new_tokens,
             min_new_tokens=cfg.min_new_tokens,
             num_beams=cfg.num_beams,
