@@ -111,20 +111,24 @@ def summarize(metrics: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[st
     """
     row: dict[str, float] = {}
     means: dict[str, np.ndarray] = {}
-    for name, v in metrics.items():
-        v = np.asarray(v, dtype=np.float64)
-        if v.ndim > 1:
-            means[name] = v.mean(axis=0)
-            continue
-        r = v.shape[0]
-        row[name] = float(v.mean())
-        if r > 1:
-            std = float(v.std(ddof=1))
-            row[f"{name}_se"] = std / math.sqrt(r)
-            row[f"{name}_std"] = std
-            q = np.quantile(v, [0.05, 0.5, 0.95])
-            row[f"{name}_q05"], row[f"{name}_q50"], row[f"{name}_q95"] = map(float, q)
+    with np.errstate(invalid="ignore", over="ignore"):  # -inf log-dets of collapsed chains
+        for name, v in metrics.items():
+            _summarize_one(name, np.asarray(v, dtype=np.float64), row, means)
     return row, means
+
+
+def _summarize_one(name: str, v: np.ndarray, row: dict, means: dict) -> None:
+    if v.ndim > 1:
+        means[name] = v.mean(axis=0)
+        return
+    r = v.shape[0]
+    row[name] = float(v.mean())
+    if r > 1:
+        std = float(v.std(ddof=1))
+        row[f"{name}_se"] = std / math.sqrt(r)
+        row[f"{name}_std"] = std
+        q = np.quantile(v, [0.05, 0.5, 0.95])
+        row[f"{name}_q05"], row[f"{name}_q50"], row[f"{name}_q95"] = map(float, q)
 
 
 # ----------------------------------------------------------------------------------------------
