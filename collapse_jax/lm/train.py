@@ -313,13 +313,15 @@ def train_step(
     denom = jnp.maximum(count, 1.0)
     loss = nll_sum / denom
     grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    param_norm = optax.global_norm(params)
+    param_norm = optax.tree.norm(params)
     # An update can overflow even when loss and gradient are finite (a huge learning rate).
-    finite = finite & jnp.isfinite(param_norm)
+    # (Checked leaf by leaf: the norm itself overflows for finite weights above ~1e19.)
+    for leaf in jax.tree.leaves(params):
+        finite = finite & jnp.isfinite(leaf).all()
     new = TrainState(state.step + 1, params, opt_state)
     # Keep the last good state on NaN/inf: the host raises after seeing `finite`.
     kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
@@ -689,7 +691,18 @@ def finetune(
         )
         return _Compiled(init, step, state_shard, rest_shard, batch_shard)
 
-    fns = _cached(("train", graphdef, sig, mesh, config, spe), build)
+    # Only the fields that change the compiled step belong in the cache key.
+    step_config = dataclasses.replace(
+        config,
+        eval_batch_size=None,
+        save_every_steps=None,
+        keep_checkpoints=2,
+        prefetch=2,
+        shuffle=True,
+        drop_last=False,
+        pad_token_id=None,
+    )
+    fns = _cached(("train", graphdef, sig, mesh, step_config, spe), build)
     state_shard, rest_shard, batch_shard = fns.state_shardings, fns.rest_shardings, fns.batch
     rep = sharding.replicated(mesh)
     params_g = _to_global(params, state_shard.params)
