@@ -142,3 +142,30 @@ def random_batch(
         ids[b, total - n] = 2  # BOS, as the OPT tokenizer prepends </s>
         mask[b, total - n :] = 1
     return ids, mask
+
+
+_JIT_FORWARD = None
+
+
+def jit_forward(model, input_ids, attention_mask=None, *, position_ids=None, cache=None):
+    """`model(...)` under plain `jax.jit` through `nnx.split`/`nnx.merge`.
+
+    The compiled function is keyed on the graphdef (config, dtypes) and shapes, so tests that
+    share a config share one compilation. Returns what `model(...)` returns.
+    """
+    global _JIT_FORWARD
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    if _JIT_FORWARD is None:
+
+        def fwd(graphdef, state, ids, mask, pos, cache):
+            return nnx.merge(graphdef, state)(ids, mask, position_ids=pos, cache=cache)
+
+        _JIT_FORWARD = jax.jit(fwd, static_argnums=0)
+    graphdef, state = nnx.split(model)
+    as_jnp = lambda x: None if x is None else jnp.asarray(x)
+    return _JIT_FORWARD(
+        graphdef, state, as_jnp(input_ids), as_jnp(attention_mask), as_jnp(position_ids), cache
+    )

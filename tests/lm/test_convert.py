@@ -20,6 +20,7 @@ from collapse_jax.lm.opt import OPTConfig, init_random, load_pretrained, save_pr
 from tests.helpers_opt import (  # noqa: E402
     TINY_OPT,
     hf_forward,
+    jit_forward,
     load_hf_model,
     make_hf_opt_dir,
     random_batch,
@@ -82,7 +83,7 @@ def test_save_then_transformers_loads_same_logits(tmp_path, tied):
     )
     model = init_random(cfg, jax.random.key(1))
     ids, mask = random_batch(0, cfg.vocab_size, [8, 3, 6])
-    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(jit_forward(model, ids, mask))
     save_pretrained(model, tmp_path / "saved")
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == [
         "config.json",

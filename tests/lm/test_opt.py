@@ -34,6 +34,7 @@ from tests.helpers_opt import (  # noqa: E402
     make_hf_opt_dir,
     random_batch,
 )
+from tests.helpers_opt import jit_forward as forward  # noqa: E402
 
 ATOL = 1e-4
 STD = 0.3
@@ -50,18 +51,6 @@ SWITCHES = {
     "untied_head": dict(tie_word_embeddings=False),
     "gelu": dict(activation_function="gelu"),
 }
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _jit_forward(graphdef, state, ids, mask, position_ids, cache):
-    return nnx.merge(graphdef, state)(ids, mask, position_ids=position_ids, cache=cache)
-
-
-def forward(model, ids, mask=None, *, position_ids=None, cache=None):
-    """`model(...)` under plain jax.jit through split/merge (one compile per config and shape)."""
-    graphdef, state = nnx.split(model)
-    as_jnp = lambda x: None if x is None else jnp.asarray(x)
-    return _jit_forward(graphdef, state, as_jnp(ids), as_jnp(mask), as_jnp(position_ids), cache)
 
 
 def causal_lm_loss(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> float:
@@ -225,8 +214,8 @@ def test_cache_reorder(key):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
-def test_jit_split_merge_and_grad(key):
-    """The model runs under plain jax.jit through split/merge and is differentiable."""
+def test_dropout_training_mode(key):
+    """deterministic=False: jitted through split/merge, differentiable, reproducible per key."""
     cfg = OPTConfig(
         vocab_size=53,
         hidden_size=24,
@@ -243,24 +232,40 @@ def test_jit_split_merge_and_grad(key):
     ids, mask = random_batch(6, cfg.vocab_size, [8, 5])
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
 
-    def loss_fn(state, dropout_key, deterministic):
-        logits = nnx.merge(graphdef, state)(
-            ids, mask, deterministic=deterministic, dropout_key=dropout_key
-        )
+    def loss_fn(state, dropout_key):
+        logits = nnx.merge(graphdef, state)(ids, mask, deterministic=False, dropout_key=dropout_key)
         logp = jax.nn.log_softmax(logits[:, :-1])
         picked = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
         return -(picked * mask[:, 1:]).sum() / mask[:, 1:].sum()
 
-    grad_fn = jax.jit(jax.value_and_grad(loss_fn), static_argnames="deterministic")
-    loss, grads = grad_fn(state, jax.random.key(3), True)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+    train1, grads = grad_fn(state, jax.random.key(3))
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert np.isfinite(g).all() and np.abs(g).max() > 0, jax.tree_util.keystr(path)
-    train1, _ = grad_fn(state, jax.random.key(3), False)
-    train2, _ = grad_fn(state, jax.random.key(3), False)
-    train3, _ = grad_fn(state, jax.random.key(4), False)
-    assert train1 == train2 and train1 != train3 and train1 != loss
+    train2, _ = grad_fn(state, jax.random.key(3))
+    train3, _ = grad_fn(state, jax.random.key(4))
+    assert train1 == train2 and train1 != train3
+    eval_logits = np.asarray(forward(model, ids, mask))
+    assert np.isfinite(eval_logits).all()
     with pytest.raises(ValueError, match="dropout_key"):
         model(ids, mask, deterministic=False)
+
+
+def test_dropout_statistics(key):
+    """Dropout zeroes a `rate` fraction and rescales the rest by 1/(1-rate) (unbiased).
+
+    With N = 200_000 draws the zero fraction has SE sqrt(p(1-p)/N); we allow 5 SE (two-sided
+    false-failure probability 6e-7), and the scaled mean likewise.
+    """
+    from collapse_jax.lm.opt import _dropout
+
+    n, rate = 200_000, 0.3
+    out = np.asarray(_dropout(key, jnp.ones((n,), jnp.float32), rate))
+    zero = (out == 0).mean()
+    assert abs(zero - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
+    assert set(np.unique(out)) <= {0.0, np.float32(1 / (1 - rate))}
+    se_mean = np.sqrt(rate / (1 - rate) / n)  # Var of the rescaled Bernoulli is p / (1 - p)
+    assert abs(out.mean() - 1.0) < 5 * se_mean
 
 
 @pytest.mark.torch
@@ -317,6 +322,8 @@ def test_mixed_precision(hf_dirs, param_dtype):
     # bound that a wrong cast (e.g. float16 overflow, int truncation) would still break.
     assert err.max() < 0.1 * np.abs(ref[valid]).max()
     assert err.mean() < 0.02 * np.abs(ref[valid]).max()
+    if param_dtype != jnp.bfloat16:
+        return
     # A bfloat16 cache works and matches the full bfloat16 forward to bfloat16 precision.
     inc, cache = _decode_incrementally(model, ids, mask, [5, 1, 1, 1, 1], max_len=9)
     assert cache.key.dtype == jnp.bfloat16
