@@ -245,8 +245,7 @@ def _em_step_unrolled(
 ) -> tuple[jax.Array, GMMParams]:
     """`_em_step` for small d, written as elementwise ops on [N] columns (one per component and
     coordinate) so that XLA fuses each E-step into a few passes over the points, instead of tiny
-    batched matmuls and Cholesky calls (4-6x faster on CPU at d = 2). Sufficient statistics are
-    raw moments; `_em_one` centres each chain's data so that they do not cancel badly."""
+    batched matmuls and Cholesky calls (4-6x faster on CPU at d = 2)."""
     n, d = x.shape
     c = params.weights.shape[0]
     cols = [x[:, i] for i in range(d)]  # d x [N]
@@ -255,10 +254,12 @@ def _em_step_unrolled(
     log_det = sum(jnp.log(chol[i][i]) for i in range(d))
     const = jnp.log(params.weights) - log_det - 0.5 * d * math.log(2 * math.pi)  # [C]
     wlp = []  # C x [N]: log w_k + log N(x_n; mu_k, Sigma_k)
+    resid = []  # C x d x [N]: x - mu_k, reused by the M-step
     for k in range(c):
         z: list[jax.Array] = []  # forward substitution L z = x - mu
+        resid.append([cols[i] - params.means[k, i] for i in range(d)])
         for i in range(d):
-            s = cols[i] - params.means[k, i]
+            s = resid[k][i]
             for j in range(i):
                 s = s - chol[i][j][k] * z[j]
             z.append(s * inv_diag[i][k])
@@ -271,15 +272,21 @@ def _em_step_unrolled(
     resp = [ek * inv_total for ek in e]  # C x [N]
     eps = 10 * jnp.finfo(x.dtype).eps  # scikit-learn's guard against empty components
     nk = jnp.stack([jnp.sum(r) for r in resp]) + eps  # [C]
-    sx = jnp.stack([jnp.stack([jnp.sum(r * cols[i]) for i in range(d)]) for r in resp])
-    means = sx / nk[:, None]  # [C, d]
+    # Moments about the previous means: delta = mu_new - mu_old is small, so
+    # cov = E_r[(x - mu_old)(x - mu_old)^T] - delta delta^T cancels far less than raw moments
+    # (float32 EM on a near-singular component is otherwise visibly non-monotone).
+    sx = jnp.stack([jnp.stack([jnp.sum(r * e) for e in res]) for r, res in zip(resp, resid)])
+    delta = sx / nk[:, None]  # [C, d]
     sxx = [[None] * d for _ in range(d)]
     for i in range(d):
         for j in range(i + 1):
-            sxx[i][j] = sxx[j][i] = jnp.stack([jnp.sum(r * cols[i] * cols[j]) for r in resp])
+            sxx[i][j] = sxx[j][i] = jnp.stack(
+                [jnp.sum(r * res[i] * res[j]) for r, res in zip(resp, resid)]
+            )
     second = jnp.stack([jnp.stack(row, axis=-1) for row in sxx], axis=-2)  # [C, d, d]
-    covs = second / nk[:, None, None] - means[:, :, None] * means[:, None, :]
+    covs = second / nk[:, None, None] - delta[:, :, None] * delta[:, None, :]
     covs = covs + reg_covar * jnp.eye(d, dtype=x.dtype)[None]
+    means = params.means + delta
     return jnp.mean(lpn), GMMParams(nk / jnp.sum(nk), means, covs)
 
 
@@ -501,8 +508,10 @@ def _run_compacted(
     Under `vmap` one `while_loop` runs until the slowest chain finishes, computing (and
     discarding) iterations for every converged chain; EM's iteration counts are long-tailed
     (from the paper's setting: mean ~50, maximum ~300 over 1000 chains), so compaction saves
-    most of that work. Results are identical to a single loop: a chain's iterations do not
-    depend on the batch it runs in.
+    most of that work. A chain's iterations do not depend on the batch it runs in, so the
+    result equals a single loop's up to float rounding (which differs between batch sizes; in
+    float32 a chain whose last change lies within rounding of `tol` may stop one iteration
+    apart).
     """
     nb = xs.shape[0]
     active = np.arange(nb)
@@ -910,9 +919,46 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
         return scatter_figures(self, run, out_dir)
 
 
+def replay_chain(learner: GMMLearner, seed: int, generations: list[int]) -> dict[int, np.ndarray]:
+    """Training data of chain 0 at the given generations, recomputed with the loop's keys.
+
+    A GMM chain is cheap to recompute, so the run does not need to store every generation's
+    data: the replay uses the same keys as `collapse_jax.generation` (it matches the run's
+    chain 0 up to float rounding of batched versus single-chain arithmetic).
+
+    Args:
+      learner: the run's learner (its generation config gives the mixing policy and sizes).
+      seed: the run's seed.
+      generations: generation indices (0 = the real data).
+    Returns:
+      {generation: [M_g, d] points}.
+    """
+    from collapse_jax import generation as gen_lib
+
+    gcfg = learner.generation
+    wanted = sorted(set(generations))
+    k_real, k_base, k_gens = gen_lib.chain_keys(seed, 0)
+    data = learner.real_data(k_real)
+    real_size = int(data.shape[0])
+    params = learner.init(k_base)
+    step = jax.jit(
+        lambda g, data, params, counts: gen_lib._one_generation(
+            learner, gcfg, None, k_base, k_gens, g, data, params, counts
+        )[:2],
+        static_argnums=3,
+    )
+    out = {}
+    for g in range(max(wanted, default=-1) + 1):
+        if g in wanted:
+            out[g] = np.asarray(data)
+        counts = gcfg.shares(gcfg.sample_size(g + 1, real_size))
+        data, params = step(jnp.asarray(g, jnp.int32), data, params, counts)
+    return out
+
+
 def scatter_figures(learner: GMMLearner, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
-    """The paper's GMM panel: samples of the first chain's fit at chosen generations, and
-    the mean L2 distance / covariance trace over generations."""
+    """The paper's GMM panels: chain 0's training data at `scatter_generations`, and the chain
+    mean of the L2 distance and of the fitted covariance's trace over generations."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -922,22 +968,26 @@ def scatter_figures(learner: GMMLearner, run: Any, out_dir: pathlib.Path) -> lis
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
-    finished = set(run.finished_generations())
-    gens = [
-        g
-        for g in cfg.scatter_generations
-        if g in finished and (pathlib.Path(run.params_dir(g)) / "params.npz").is_file()
-    ]
-    if gens:
-        template = jax.eval_shape(learner.init, jax.random.key(0))
-        fig, axes = plt.subplots(1, len(gens), figsize=(3 * len(gens), 3), squeeze=False)
-        key = jax.random.key(0)
+    finished = run.finished_generations()
+    gens = [g for g in cfg.scatter_generations if finished and g <= finished[-1]]
+    policy = getattr(learner.generation, "policy", "replace")
+    if gens and policy != "accumulate":  # accumulate changes shapes every generation
+        seed = run.config.seed
+        points = replay_chain(learner, seed, gens)
+        fig, axes = plt.subplots(1, len(gens), figsize=(2.6 * len(gens), 2.8), squeeze=False)
+        lim = None
         for ax, g in zip(axes[0], gens):
-            params = _load_chain0(learner, run.params_dir(g), template)
-            pts = np.asarray(sample(jax.random.fold_in(key, g), params.params, cfg.scatter_points))
-            ax.scatter(pts[:, 0], pts[:, 1 if cfg.dim > 1 else 0], s=2, alpha=0.5)
-            ax.set_title(f"generation {g}")
-            ax.set_aspect("equal", adjustable="datalim")
+            pts = points[g][: cfg.scatter_points]
+            y = pts[:, 1] if cfg.dim > 1 else np.zeros(len(pts))
+            ax.scatter(pts[:, 0], y, s=2, alpha=0.5)
+            if lim is None:  # every panel on generation 0's scale, as in the paper
+                lo, hi = pts.min(axis=0), pts.max(axis=0)
+                pad = 0.1 * (hi - lo + 1e-9)
+                lim = (lo - pad, hi + pad)
+            ax.set_xlim(lim[0][0], lim[1][0])
+            if cfg.dim > 1:
+                ax.set_ylim(lim[0][1], lim[1][1])
+            ax.set_title(f"generation {g}", fontsize=9)
         fig.tight_layout()
         path = out_dir / "gmm_scatter.png"
         fig.savefig(path, dpi=120)
@@ -951,26 +1001,16 @@ def scatter_figures(learner: GMMLearner, run: Any, out_dir: pathlib.Path) -> lis
         axes[0].set_xlabel("generation")
         axes[0].set_ylabel("squared L2 to the real distribution")
         axes[1].plot(run.series("cov_trace"), label="chain mean")
+        sizes = np.array([r["sample_size"] for r in run.rows()])
+        expected = learner.expected_curves(sizes).get("cov_trace")
+        if expected is not None:
+            axes[1].plot(expected, "--", label="expected (Gaussian MLE chain)")
         axes[1].set_xlabel("generation")
         axes[1].set_ylabel("trace of the fitted covariance")
+        axes[1].legend(fontsize=7, frameon=False)
         fig.tight_layout()
         path = out_dir / "gmm_l2.png"
         fig.savefig(path, dpi=120)
         plt.close(fig)
         files.append(path)
     return files
-
-
-def _load_chain0(learner: GMMLearner, folder: pathlib.Path, template: EMResult) -> EMResult:
-    """Chain 0 of the saved parameters of one generation (saved per chain or stacked)."""
-    from collapse_jax import records
-
-    arrays = records.load_npz(pathlib.Path(folder) / "params.npz")
-    leaves = [arrays[f"leaf_{i:05d}"] for i in range(len(arrays))]
-    t_leaves, treedef = jax.tree.flatten(template)
-    if len(leaves) != len(t_leaves):
-        raise ValueError(f"{folder}: saved parameters do not match the GMM learner's")
-    out = [
-        x if x.ndim == t.ndim else x.reshape((-1,) + t.shape)[0] for x, t in zip(leaves, t_leaves)
-    ]
-    return jax.tree.unflatten(treedef, out)
