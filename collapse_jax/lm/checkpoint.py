@@ -96,10 +96,14 @@ class TrainCheckpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         """Saves `state` and `meta` (JSON-serialisable) as step `step` (asynchronously)."""
+        if step in self._steps.all_steps():  # a rerun after a kill between two saves
+            self._steps.delete(step)
         self._steps.save(step, args=self._args(state, meta), force=True)
 
     def save_best(self, step: int, state: Any, meta: dict[str, Any], valid_loss: float) -> None:
         """Saves under `best/`; orbax keeps only the lowest `valid_loss`."""
+        if step in self._best.all_steps():
+            self._best.delete(step)
         self._best.save(
             step, args=self._args(state, meta), metrics={"valid_loss": valid_loss}, force=True
         )
