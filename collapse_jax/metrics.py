@@ -13,6 +13,37 @@ import jax.numpy as jnp
 from jax import Array
 
 
+def _broadcast_gaussians(mean1, cov1, mean2, cov2):
+    """Broadcasts the leading (batch) axes of two Gaussians explicitly (rank promotion safe)."""
+    mean1, mean2 = jnp.asarray(mean1), jnp.asarray(mean2)
+    cov1, cov2 = jnp.asarray(cov1), jnp.asarray(cov2)
+    if mean1.shape[-1] != cov1.shape[-1] or mean2.shape[-1] != cov2.shape[-1]:
+        raise ValueError(
+            f"gaussian metrics: mean/cov dims differ: {mean1.shape} vs {cov1.shape}, "
+            f"{mean2.shape} vs {cov2.shape}"
+        )
+    if mean1.shape[-1] != mean2.shape[-1]:
+        raise ValueError(f"gaussian metrics: dims differ: {mean1.shape} vs {mean2.shape}")
+    d = mean1.shape[-1]
+    batch = jnp.broadcast_shapes(
+        mean1.shape[:-1], cov1.shape[:-2], mean2.shape[:-1], cov2.shape[:-2]
+    )
+    return (
+        jnp.broadcast_to(mean1, (*batch, d)),
+        jnp.broadcast_to(cov1, (*batch, d, d)),
+        jnp.broadcast_to(mean2, (*batch, d)),
+        jnp.broadcast_to(cov2, (*batch, d, d)),
+    )
+
+
+def _broadcast_probs(p, q, name: str):
+    p, q = jnp.asarray(p), jnp.asarray(q)
+    if p.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{name}: distributions have {p.shape[-1]} and {q.shape[-1]} states")
+    shape = jnp.broadcast_shapes(p.shape, q.shape)
+    return jnp.broadcast_to(p, shape), jnp.broadcast_to(q, shape)
+
+
 def _sym_sqrtm(a: Array) -> Array:
     """Square root of symmetric positive semi-definite matrices `[..., d, d]` via `eigh`."""
     w, v = jnp.linalg.eigh(a)
@@ -31,13 +62,7 @@ def gaussian_w2_squared(mean1: Array, cov1: Array, mean2: Array, cov2: Array) ->
     Returns:
       [...] the squared distance (>= 0).
     """
-    mean1, mean2 = jnp.asarray(mean1), jnp.asarray(mean2)
-    cov1, cov2 = jnp.asarray(cov1), jnp.asarray(cov2)
-    if mean1.shape[-1] != cov1.shape[-1] or mean2.shape[-1] != cov2.shape[-1]:
-        raise ValueError(
-            f"gaussian_w2: mean/cov dims differ: {mean1.shape} vs {cov1.shape}, "
-            f"{mean2.shape} vs {cov2.shape}"
-        )
+    mean1, cov1, mean2, cov2 = _broadcast_gaussians(mean1, cov1, mean2, cov2)
     d = mean1.shape[-1]
     dm = jnp.sum(jnp.square(mean1 - mean2), axis=-1)
     if d == 1:
@@ -68,6 +93,7 @@ def gaussian_kl(mean1: Array, cov1: Array, mean2: Array, cov2: Array) -> Array:
     Returns:
       [...] the divergence in nats.
     """
+    mean1, cov1, mean2, cov2 = _broadcast_gaussians(mean1, cov1, mean2, cov2)
     d = mean1.shape[-1]
     l2 = jnp.linalg.cholesky(cov2)
     a = jax.scipy.linalg.solve_triangular(l2, cov1, lower=True)
@@ -91,15 +117,9 @@ def log_det(cov: Array) -> Array:
     return jnp.where(sign > 0, logdet, -jnp.inf)
 
 
-def _check_probs(p: Array, q: Array, name: str) -> None:
-    if p.shape[-1] != q.shape[-1]:
-        raise ValueError(f"{name}: distributions have {p.shape[-1]} and {q.shape[-1]} states")
-
-
 def total_variation(p: Array, q: Array) -> Array:
     """Total-variation distance 0.5 * sum |p - q| of distributions `[..., K]` -> `[...]`."""
-    p, q = jnp.asarray(p), jnp.asarray(q)
-    _check_probs(p, q, "total_variation")
+    p, q = _broadcast_probs(p, q, "total_variation")
     return 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
 
 
@@ -109,8 +129,7 @@ def kl_divergence(p: Array, q: Array) -> Array:
     Terms with p = 0 are 0; a state with p > 0 and q = 0 gives +inf. For model collapse use
     KL(p_n || p_0), finite because a resampled distribution never gains support.
     """
-    p, q = jnp.asarray(p), jnp.asarray(q)
-    _check_probs(p, q, "kl_divergence")
+    p, q = _broadcast_probs(p, q, "kl_divergence")
     pos = p > 0
     safe_p = jnp.where(pos, p, 1.0)
     safe_q = jnp.where(pos, q, 1.0)
@@ -129,8 +148,7 @@ def lost_tail_mass(p0: Array, p: Array) -> Array:
     Args:
       p0: [..., K] the original distribution; p: [..., K] the current one.
     """
-    p0, p = jnp.asarray(p0), jnp.asarray(p)
-    _check_probs(p0, p, "lost_tail_mass")
+    p0, p = _broadcast_probs(p0, p, "lost_tail_mass")
     return jnp.sum(jnp.where(p > 0, 0.0, p0), axis=-1)
 
 

@@ -64,12 +64,16 @@ def standard_gamma(key: Array, alpha: Array) -> Array:
         uu = _uniform_open(k, (2, *shape))
         x = jax.scipy.special.ndtri(uu[0])
         u = uu[1]
-        v = 1.0 + c * x
-        v3 = v * v * v
-        pos = v > 0
-        safe = jnp.where(pos, v3, 1.0)
-        ok = pos & (jnp.log(u) < 0.5 * x * x + d - d * safe + d * jnp.log(safe))
-        return d * safe, ok
+        # V = (1 + y)^3, y = c x; d (1 - V + log V) = d (3 (log1p(y) - y) - 3 y^2 - y^3)
+        # avoids the cancellation of d - d V + d log V at large d.
+        y = c * x
+        pos = y > -1.0
+        ys = jnp.where(pos, y, 0.0)
+        ok = pos & (
+            jnp.log(u) < 0.5 * x * x + d * (3.0 * (jnp.log1p(ys) - ys) - ys * ys * (3.0 + ys))
+        )
+        v = 1.0 + ys
+        return d * (v * v * v), ok
 
     g = _masked_rejection(k_rej, shape, propose)
     log_u = jnp.log(_uniform_open(k_boost, shape))
@@ -153,7 +157,7 @@ def binomial(key: Array, n: Array, p: Array) -> Array:
     def term(k, c):
         x, f, cdf = c
         x = x + (u > cdf).astype(jnp.int32)
-        kf = k.astype(_F)
+        kf = jnp.asarray(k, _F)
         f = f * (jnp.maximum(ni - kf, 0.0) / (kf + 1.0)) * r
         return x, f, cdf + f
 
