@@ -591,6 +591,90 @@ def perplexity(
 # ----------------------------------------------------------------------------------------------
 
 
+class PreparedTraining(NamedTuple):
+    """What `prepare_training` returns: a placed initial state and the compiled step."""
+
+    graphdef: Any
+    params: Any  # the model's (host) nnx.Param state, for signatures
+    state: TrainState  # fresh state on the mesh (step 0, AdamW moments 0)
+    rest: Any  # non-parameter model state on the mesh
+    step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]  # (state, rest, batch, key)
+    state_shardings: TrainState
+    rest_shardings: Any
+    batch: NamedSharding  # sharding of [B, T] batch arrays
+    schedule: Schedule
+    compute_dtype: Any
+
+
+def prepare_training(
+    model: nnx.Module, config: TrainConfig, *, mesh: Mesh, steps_per_epoch: int
+) -> PreparedTraining:
+    """Splits the model, places parameters and AdamW state on `mesh` and jits the train step.
+
+    The jitted step (explicit in/out shardings, state donated) is cached per model structure,
+    mesh and step-relevant settings, so later calls (e.g. the next generation) skip compilation.
+    `finetune` is built on this; benchmarks call it to time the bare step.
+    """
+    lr_schedule = make_schedule(config, steps_per_epoch)
+    tx = make_optimizer(config, lr_schedule)
+    compute_dtype = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
+    graphdef, params, rest = _split(model)
+
+    def build() -> _Compiled:
+        p_shard = sharding.logical_to_sharding(params, mesh)
+        rest_shard = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
+        o_shard = opt_state_shardings(jax.eval_shape(tx.init, params), params, p_shard, mesh)
+        rep = sharding.replicated(mesh)
+        state_shard = TrainState(rep, p_shard, o_shard)
+        batch_shard = sharding.batch_sharding(mesh)
+        init = jax.jit(tx.init, in_shardings=(p_shard,), out_shardings=o_shard)
+        step = jax.jit(
+            functools.partial(
+                train_step,
+                graphdef=graphdef,
+                tx=tx,
+                schedule=lr_schedule,
+                grad_accum_steps=config.grad_accum_steps,
+                deterministic=not config.dropout,
+                compute_dtype=compute_dtype,
+            ),
+            in_shardings=(state_shard, rest_shard, batch_shard, rep),
+            out_shardings=(state_shard, rep),
+            donate_argnums=(0,),
+        )
+        return _Compiled(init, step, state_shard, rest_shard, batch_shard)
+
+    # Only the fields that change the compiled step belong in the cache key.
+    step_config = dataclasses.replace(
+        config,
+        eval_batch_size=None,
+        save_every_steps=None,
+        keep_checkpoints=2,
+        prefetch=2,
+        shuffle=True,
+        drop_last=False,
+        pad_token_id=None,
+    )
+    key = ("train", graphdef, _signature(params), mesh, step_config, steps_per_epoch)
+    fns = _cached(key, build)
+    rep = sharding.replicated(mesh)
+    params_g = _to_global(params, fns.state_shardings.params)
+    rest_g = _to_global(rest, fns.rest_shardings)
+    state = TrainState(_to_global(np.zeros((), np.int32), rep), params_g, fns.init(params_g))
+    return PreparedTraining(
+        graphdef,
+        params,
+        state,
+        rest_g,
+        fns.step,
+        fns.state_shardings,
+        fns.rest_shardings,
+        fns.batch,
+        lr_schedule,
+        compute_dtype,
+    )
+
+
 def finetune(
     model: nnx.Module,
     train_blocks: np.ndarray,
@@ -660,55 +744,16 @@ def finetune(
         raise ValueError(f"{n_blocks} blocks give no full batch of {config.batch_size}")
     total_steps = config.epochs * spe
 
-    lr_schedule = make_schedule(config, spe)
-    tx = make_optimizer(config, lr_schedule)
-    compute_dtype = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
-
-    graphdef, params, rest = _split(model)
-    sig = _signature(params)
-
-    def build() -> _Compiled:
-        p_shard = sharding.logical_to_sharding(params, mesh)
-        rest_shard = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
-        o_shard = opt_state_shardings(jax.eval_shape(tx.init, params), params, p_shard, mesh)
-        rep = sharding.replicated(mesh)
-        state_shard = TrainState(rep, p_shard, o_shard)
-        batch_shard = sharding.batch_sharding(mesh)
-        init = jax.jit(tx.init, in_shardings=(p_shard,), out_shardings=o_shard)
-        step = jax.jit(
-            functools.partial(
-                train_step,
-                graphdef=graphdef,
-                tx=tx,
-                schedule=lr_schedule,
-                grad_accum_steps=config.grad_accum_steps,
-                deterministic=not config.dropout,
-                compute_dtype=compute_dtype,
-            ),
-            in_shardings=(state_shard, rest_shard, batch_shard, rep),
-            out_shardings=(state_shard, rep),
-            donate_argnums=(0,),
-        )
-        return _Compiled(init, step, state_shard, rest_shard, batch_shard)
-
-    # Only the fields that change the compiled step belong in the cache key.
-    step_config = dataclasses.replace(
-        config,
-        eval_batch_size=None,
-        save_every_steps=None,
-        keep_checkpoints=2,
-        prefetch=2,
-        shuffle=True,
-        drop_last=False,
-        pad_token_id=None,
+    prep = prepare_training(model, config, mesh=mesh, steps_per_epoch=spe)
+    graphdef, params, state, rest_g, step_fn = (
+        prep.graphdef,
+        prep.params,
+        prep.state,
+        prep.rest,
+        prep.step,
     )
-    fns = _cached(("train", graphdef, sig, mesh, step_config, spe), build)
-    state_shard, rest_shard, batch_shard = fns.state_shardings, fns.rest_shardings, fns.batch
-    rep = sharding.replicated(mesh)
-    params_g = _to_global(params, state_shard.params)
-    rest_g = _to_global(rest, rest_shard)
-    state = TrainState(_to_global(np.zeros((), np.int32), rep), params_g, fns.init(params_g))
-    step_fn = fns.step
+    state_shard, rest_shard, batch_shard = prep.state_shardings, prep.rest_shardings, prep.batch
+    compute_dtype, sig = prep.compute_dtype, _signature(params)
     evaluator = None
     if valid_blocks is not None:
         eval_bs = config.eval_batch_size or config.batch_size
@@ -769,6 +814,7 @@ def finetune(
             best = meta.get("best_valid_loss", math.inf)
             start = latest
 
+    rep = sharding.replicated(mesh)
     key = _to_global(np.asarray(jax.random.key_data(jax.random.key(seed))), rep)
     key = jax.random.wrap_key_data(key)
 

@@ -62,7 +62,8 @@ def tiny_blocks(n: int = 24, seed: int = 0, vocab: int = TINY["vocab_size"]) -> 
     return ((start + np.cumsum(steps, axis=1)) % vocab).astype(np.int32)
 
 
-MULTIHOST_RUN = dict(epochs=2, batch_size=8, learning_rate=1e-2, seed=3)
+# The settings of test_train.py's reference run, so the single-process side reuses its compile.
+MULTIHOST_RUN = dict(epochs=2, batch_size=8, learning_rate=1e-2, seed=1)
 
 
 def main(argv: list[str]) -> int:

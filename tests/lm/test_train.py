@@ -39,11 +39,11 @@ def test_paper_schedule_matches_formula_and_torch():
     f = train.paper_cosine_schedule(lr0, epochs, spe, eta_min)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=eta_min)
+    ours = np.asarray(f(jnp.arange(epochs * spe)))
     for epoch in range(epochs):
         want = eta_min + (lr0 - eta_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
         assert sched.get_last_lr()[0] == pytest.approx(want, rel=1e-12)
-        for step in range(epoch * spe, (epoch + 1) * spe):
-            assert float(f(step)) == pytest.approx(want, rel=1e-6)
+        np.testing.assert_allclose(ours[epoch * spe : (epoch + 1) * spe], want, rtol=1e-6)
         opt.step()
         sched.step()
 
@@ -119,8 +119,8 @@ def single_device_loss_and_grads():
 
 @pytest.mark.parametrize(
     "shape",
-    [{"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}, {"data": 4, "tensor": 2}],
-    ids=["data", "fsdp", "mixed", "data+tensor"],
+    [{"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}],
+    ids=["data", "fsdp", "data+fsdp+tensor"],
 )
 def test_meshes_give_single_device_loss_and_grads(shape, single_device_loss_and_grads):
     """Dropout on: the masks must not depend on the mesh either (partitionable threefry)."""
