@@ -263,7 +263,11 @@ def _tensors_to_state(
 
 
 def load_pretrained(
-    path: os.PathLike | str, dtype: Any = jnp.float32, *, param_dtype: Any = None
+    path: os.PathLike | str,
+    dtype: Any = jnp.float32,
+    *,
+    param_dtype: Any = None,
+    attention_implementation: str | None = None,
 ) -> OPTForCausalLM:
     """Loads an HF OPT directory; see `collapse_jax.lm.opt.load_pretrained`."""
     directory = pathlib.Path(path)
@@ -271,7 +275,13 @@ def load_pretrained(
     source = _TensorSource(directory)
     param_dtype = dtype if param_dtype is None else param_dtype
     abstract = nnx.eval_shape(
-        lambda: OPTForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        lambda: OPTForCausalLM(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=nnx.Rngs(0),
+            attention_implementation=attention_implementation,
+        )
     )
     graphdef, abstract_state = nnx.split(abstract)
     try:

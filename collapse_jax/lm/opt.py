@@ -229,15 +229,14 @@ class KVCache(NamedTuple):
 
 
 def _param(
-    rngs: nnx.Rngs | None,
+    rngs: nnx.Rngs,
     init: Callable[..., jax.Array],
     shape: tuple[int, ...],
     axes: tuple[str | None, ...],
     param_dtype: Any,
 ) -> nnx.Param:
     """A parameter annotated with logical axes; sharded eagerly only when a mesh is active."""
-    key = rngs.params() if rngs is not None else jax.random.key(0)
-    value = init(key, shape, param_dtype)
+    value = init(rngs.params(), shape, param_dtype)
     eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
     return nnx.Param(value, out_sharding=axes, eager_sharding=eager)
 
@@ -338,7 +337,15 @@ class Embed(nnx.Module):
 class OPTAttention(nnx.Module):
     """Multi-head causal self-attention with an optional stacked KV cache."""
 
-    def __init__(self, config: OPTConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: OPTConfig,
+        *,
+        dtype: Any,
+        param_dtype: Any,
+        attention_implementation: str | None,
+        rngs: nnx.Rngs,
+    ):
         d, n, h = config.hidden_size, config.num_attention_heads, config.head_dim
         kw = dict(
             use_bias=config.enable_bias,
@@ -354,15 +361,17 @@ class OPTAttention(nnx.Module):
         self.out_proj = Linear((n, h), (d,), ("heads", "head_dim", "embed"), **kw)
         self.scaling = h**-0.5
         self.attention_dropout = config.attention_dropout
+        self.implementation = attention_implementation
 
     def __call__(
         self,
         x: jax.Array,
-        mask: jax.Array,
+        mask: jax.Array | None,
         cache: tuple[jax.Array, jax.Array, jax.Array, int] | None,
         dropout_key: jax.Array | None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, D], mask bool [B, 1, T, S]; cache = (key [L,B,S,N,H], value, index, layer).
+        """x [B, T, D]; mask bool [B, 1, T, S], or None for plain causal attention (T == S, no
+        padding, no cache); cache = (key [L, B, S, N, H], value, index, layer).
 
         Returns the output [B, T, D] and, with a cache, the updated (key, value) stacks.
         """
@@ -381,21 +390,42 @@ class OPTAttention(nnx.Module):
         if dropout_key is not None and self.attention_dropout > 0.0:
             # jax.nn.dot_product_attention has no dropout: spell attention out in training mode.
             logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+            if mask is None:
+                t = q.shape[1]
+                mask = jnp.tril(jnp.ones((t, t), bool))[None, None]  # [1, 1, T, S]
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S] float32
             probs = _dropout(dropout_key, probs, self.attention_dropout).astype(v.dtype)
             out = jnp.einsum("bnts,bsnh->btnh", probs, v)  # [B, T, N, H]
         else:
-            # XLA path on CPU (softmax in float32, masked logits set to a large finite negative, so
-            # fully masked rows of left padding give uniform weights, never NaN).
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)  # [B, T, N, H]
+            # XLA (default) or cuDNN flash attention. Softmax runs in float32; masked logits get
+            # a large finite negative, so the fully masked rows of left padding give uniform
+            # weights, never NaN. Without padding the mask is implicit (is_causal), the case
+            # cuDNN's fused kernels handle best.
+            out = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                mask=mask,
+                is_causal=mask is None,
+                scale=1.0,
+                implementation=self.implementation,
+            )  # [B, T, N, H]
         return self.out_proj(out), new_stacks
 
 
 class OPTDecoderLayer(nnx.Module):
     """One transformer block, pre- or post-LayerNorm (HF `OPTDecoderLayer`)."""
 
-    def __init__(self, config: OPTConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: OPTConfig,
+        *,
+        dtype: Any,
+        param_dtype: Any,
+        attention_implementation: str | None,
+        rngs: nnx.Rngs,
+    ):
         d, f = config.hidden_size, config.ffn_dim
         kw = dict(
             use_bias=config.enable_bias,
@@ -410,7 +440,13 @@ class OPTDecoderLayer(nnx.Module):
             param_dtype=param_dtype,
             rngs=rngs,
         )
-        self.self_attn = OPTAttention(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = OPTAttention(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            attention_implementation=attention_implementation,
+            rngs=rngs,
+        )
         self.self_attn_layer_norm = LayerNorm(d, **ln)
         self.fc1 = Linear((d,), (f,), ("embed", "mlp"), **kw)
         self.fc2 = Linear((f,), (d,), ("mlp", "embed"), **kw)
@@ -446,7 +482,15 @@ class OPTDecoderLayer(nnx.Module):
 class OPTDecoder(nnx.Module):
     """Embeddings, the decoder layers and the final norm/projection (HF `OPTDecoder`)."""
 
-    def __init__(self, config: OPTConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: OPTConfig,
+        *,
+        dtype: Any,
+        param_dtype: Any,
+        attention_implementation: str | None,
+        rngs: nnx.Rngs,
+    ):
         d, e = config.hidden_size, config.embed_dim
         emb = dict(init_std=config.init_std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = Embed(config.vocab_size, e, ("vocab", "embed"), **emb)
@@ -475,7 +519,13 @@ class OPTDecoder(nnx.Module):
         )
         self.layers = nnx.List(
             [
-                OPTDecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                OPTDecoderLayer(
+                    config,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    attention_implementation=attention_implementation,
+                    rngs=rngs,
+                )
                 for _ in range(config.num_hidden_layers)
             ]
         )
@@ -485,8 +535,8 @@ class OPTDecoder(nnx.Module):
 class OPTModel(nnx.Module):
     """Holds the decoder under HF's `model.decoder` prefix."""
 
-    def __init__(self, config: OPTConfig, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        self.decoder = OPTDecoder(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, config: OPTConfig, *, rngs: nnx.Rngs, **kwargs: Any):
+        self.decoder = OPTDecoder(config, rngs=rngs, **kwargs)
 
 
 class OPTForCausalLM(nnx.Module):
@@ -497,6 +547,9 @@ class OPTForCausalLM(nnx.Module):
       dtype: compute dtype (activations, matmul inputs); logits are always float32.
       param_dtype: storage dtype of the parameters.
       rngs: random streams; parameters draw from `rngs.params()`.
+      attention_implementation: `implementation` of `jax.nn.dot_product_attention`: None or
+        "xla" (XLA, any device), or "cudnn" (cuDNN flash attention: GPU, bfloat16/float16 compute
+        only; it raises where it does not apply).
     """
 
     def __init__(
@@ -506,11 +559,23 @@ class OPTForCausalLM(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
+        attention_implementation: str | None = None,
     ):
+        if attention_implementation not in (None, "xla", "cudnn"):
+            raise ValueError(
+                f"attention_implementation must be None, 'xla' or 'cudnn', "
+                f"got {attention_implementation!r}"
+            )
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
-        self.model = OPTModel(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.model = OPTModel(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            attention_implementation=attention_implementation,
+            rngs=rngs,
+        )
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -605,6 +670,7 @@ class OPTForCausalLM(nnx.Module):
                     f"{input_ids.shape} and {cfg.num_hidden_layers} layers"
                 )
             index = cache.index.astype(jnp.int32)
+        plain_causal = attention_mask is None and cache is None
         if attention_mask is None:
             attention_mask = jnp.ones((b, s), jnp.int32)
         if attention_mask.shape != (b, s):
@@ -621,9 +687,13 @@ class OPTForCausalLM(nnx.Module):
         elif position_ids.shape != (b, t):
             raise ValueError(f"position_ids has shape {position_ids.shape}, expected {(b, t)}")
 
-        q_slots = index + jnp.arange(t, dtype=jnp.int32)  # [T]
-        causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slots[:, None]  # [T, S]
-        mask = jnp.logical_and(causal[None, None], attention_mask.astype(bool)[:, None, None, :])
+        if plain_causal:
+            mask = None  # implicit causal mask: lets cuDNN pick its fused causal kernel
+        else:
+            q_slots = index + jnp.arange(t, dtype=jnp.int32)  # [T]
+            causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slots[:, None]  # [T, S]
+            key_ok = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S]
+            mask = jnp.logical_and(causal[None, None], key_ok)  # [B, 1, T, S]
 
         use_dropout = not deterministic and (cfg.dropout > 0.0 or cfg.attention_dropout > 0.0)
         if use_dropout and dropout_key is None:
@@ -661,7 +731,12 @@ class OPTForCausalLM(nnx.Module):
 
 
 def init_random(
-    config: OPTConfig, key: jax.Array, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32
+    config: OPTConfig,
+    key: jax.Array,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    attention_implementation: str | None = None,
 ) -> OPTForCausalLM:
     """A randomly initialised model (weights ~ N(0, init_std^2), biases 0, LayerNorm 1/0).
 
@@ -670,12 +745,23 @@ def init_random(
       key: a jax key.
       dtype: compute dtype.
       param_dtype: parameter dtype.
+      attention_implementation: see `OPTForCausalLM`.
     """
-    return OPTForCausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(params=key))
+    return OPTForCausalLM(
+        config,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=nnx.Rngs(params=key),
+        attention_implementation=attention_implementation,
+    )
 
 
 def load_pretrained(
-    path: Any, dtype: Any = jnp.float32, *, param_dtype: Any = None
+    path: Any,
+    dtype: Any = jnp.float32,
+    *,
+    param_dtype: Any = None,
+    attention_implementation: str | None = None,
 ) -> OPTForCausalLM:
     """Loads a Hugging Face OPT directory into the Flax port.
 
@@ -686,6 +772,7 @@ def load_pretrained(
       path: the directory.
       dtype: compute dtype.
       param_dtype: parameter dtype (default: `dtype`).
+      attention_implementation: see `OPTForCausalLM`.
 
     Returns:
       The model, with logits matching `transformers.OPTForCausalLM`.
@@ -696,7 +783,12 @@ def load_pretrained(
     """
     from collapse_jax.lm import convert
 
-    return convert.load_pretrained(path, dtype=dtype, param_dtype=param_dtype)
+    return convert.load_pretrained(
+        path,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        attention_implementation=attention_implementation,
+    )
 
 
 def save_pretrained(model: OPTForCausalLM, path: Any) -> None:

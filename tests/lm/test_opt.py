@@ -105,6 +105,9 @@ def test_no_mask_and_explicit_positions(hf_dirs):
     )
     shifted = np.asarray(forward(model, ids, position_ids=pos + 3))
     assert np.abs(shifted - ref).max() > 1e-2
+    # The explicit XLA implementation is the default one.
+    xla = load_pretrained(hf_dirs["pre_ln"], attention_implementation="xla")
+    np.testing.assert_allclose(np.asarray(forward(xla, ids)), ref, atol=ATOL, rtol=0)
 
 
 @pytest.mark.torch
@@ -441,3 +444,5 @@ def test_input_validation(key):
         model(ids, jnp.ones((2, 4), jnp.int32), cache=model.init_cache(2, 8))
     with pytest.raises(ValueError, match="input_ids"):
         model(jnp.ones((4,), jnp.int32))
+    with pytest.raises(ValueError, match="attention_implementation"):
+        init_random(cfg, key, attention_implementation="flash")
