@@ -372,11 +372,9 @@ def _greedy_or_sample(step_fn, init_cache, reorder_fn, input_ids, attention_mask
         if has_eos:
             alive = alive & ~_is_eos(tok, s.eos_token_ids)
         go = (i + 1 < big_l) & jnp.any(alive)
-        logits, mask, cache = jax.lax.cond(
-            go,
-            lambda: _feed(step_fn, tok, mask, cache, p + i),
-            lambda: (logits, mask, cache),
-        )
+        # Feeding unconditionally (even after the last token, into the spare slot P + L - 1)
+        # beats a lax.cond: a conditional forces copies of the whole cache every step.
+        logits, mask, cache = _feed(step_fn, tok, mask, cache, p + i)
         return i + 1, logits, cache, mask, seen, tokens, alive, lengths, go
 
     state = (
@@ -482,10 +480,8 @@ def _beam_search(step_fn, init_cache, reorder_fn, input_ids, attention_mask, s, 
         # f. Reorder per-row state and the cache to the new running beams, feed their tokens.
         rows = (offsets + run_parent).reshape(r)
         seen = _mark_seen(seen[rows], run_tok.reshape(r))
-        logits, mask, cache = jax.lax.cond(
-            go,
-            lambda: _feed(step_fn, run_tok.reshape(r), mask, reorder_fn(cache, rows), p + i),
-            lambda: (logits, mask, cache),
+        logits, mask, cache = _feed(
+            step_fn, run_tok.reshape(r), mask, reorder_fn(cache, rows), p + i
         )
         return (
             i + 1,
