@@ -889,7 +889,7 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
             "weights": -jnp.sort(-p.weights),
             "true_component_weight": jnp.einsum("c,ck->k", p.weights, owned),
             "n_iter": params.n_iter,
-            "converged": params.converged.astype(jnp.float32),
+            "converged": jnp.asarray(params.converged, jnp.float32),
             "lower_bound": params.lower_bound,
         }
         if reference is not None:

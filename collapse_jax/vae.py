@@ -1,0 +1,498 @@
+"""The paper's convolutional VAE on MNIST (Shumailov et al., Nature 2024, Fig. "VAE"), in Flax NNX.
+
+Architecture (the paper's notebook): encoder Conv(1->64, 4x4, stride 2, pad 1) - ReLU -
+Conv(64->128, 4x4, stride 2, pad 1) - ReLU - flatten - two linear heads (mean, log-variance) of a
+20-dimensional latent; decoder Linear(20 -> 128*7*7) - ReLU - ConvTranspose(128->64) - ReLU -
+ConvTranspose(64->1) with a sigmoid output (Bernoulli means). Loss: binary cross-entropy of the
+pixels (summed) plus the KL divergence to N(0, I), summed over the batch; Adam lr 1e-3 with
+PyTorch-style weight decay 1e-5 (added to the gradient), batch 256, 30 epochs.
+
+In the generational loop every generation trains a fresh VAE (`init_from: scratch`) on images
+decoded from prior samples z ~ N(0, I) of the previous generation's VAE. Samples are the
+decoder's Bernoulli means (`sample_mode: mean`, what the paper's figures show), stored like
+MNIST itself as uint8 (p * 255 rounded); `sample_mode: bernoulli` draws binary images instead.
+
+Shape letters: `B` batch, `Z` latent dimension; images are `[B, 28, 28]` uint8 (or float in
+[0, 1]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+from typing import Any, ClassVar, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from collapse_jax import mnist, records
+from collapse_jax.config import ConfigError
+from collapse_jax.learner import AbstractLearner
+
+Params = dict[str, Any]  # a pure dict of arrays (`nnx.split` state as plain dicts)
+
+
+class VAE(nnx.Module):
+    """The convolutional VAE; images NHWC inside, `[B, 28, 28]` outside."""
+
+    def __init__(
+        self, latent_dim: int = 20, channels: tuple[int, int] = (64, 128), *, rngs: nnx.Rngs
+    ):
+        c1, c2 = channels
+        pad = ((1, 1), (1, 1))  # PyTorch Conv2d(padding=1)
+        # PyTorch ConvTranspose2d(k=4, s=2, padding=1) == lax.conv_transpose padding k - 1 - 1.
+        tpad = ((2, 2), (2, 2))
+        self.channels = channels
+        self.conv1 = nnx.Conv(1, c1, (4, 4), strides=(2, 2), padding=pad, rngs=rngs)
+        self.conv2 = nnx.Conv(c1, c2, (4, 4), strides=(2, 2), padding=pad, rngs=rngs)
+        self.fc_mu = nnx.Linear(c2 * 7 * 7, latent_dim, rngs=rngs)
+        self.fc_logvar = nnx.Linear(c2 * 7 * 7, latent_dim, rngs=rngs)
+        self.fc_dec = nnx.Linear(latent_dim, c2 * 7 * 7, rngs=rngs)
+        self.deconv1 = nnx.ConvTranspose(c2, c1, (4, 4), strides=(2, 2), padding=tpad, rngs=rngs)
+        self.deconv2 = nnx.ConvTranspose(c1, 1, (4, 4), strides=(2, 2), padding=tpad, rngs=rngs)
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, 28, 28] in [0, 1] -> (mean [B, Z], log-variance [B, Z])."""
+        h = nnx.relu(self.conv1(x[..., None]))  # [B, 14, 14, c1]
+        h = nnx.relu(self.conv2(h))  # [B, 7, 7, c2]
+        h = h.reshape(h.shape[0], -1)  # [B, 7 * 7 * c2]
+        return self.fc_mu(h), self.fc_logvar(h)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """z [B, Z] -> pixel logits [B, 28, 28] (sigmoid of them: the Bernoulli means)."""
+        h = nnx.relu(self.fc_dec(z)).reshape(z.shape[0], 7, 7, self.channels[1])
+        h = nnx.relu(self.deconv1(h))  # [B, 14, 14, c1]
+        return self.deconv2(h)[..., 0]  # [B, 28, 28]
+
+
+def to_unit(images: jax.Array) -> jax.Array:
+    """uint8 images -> float32 in [0, 1]; float images are passed through."""
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
+def loss_terms(model: VAE, x: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-image BCE (summed over pixels) and KL of one reparameterised draw.
+
+    Args:
+      model: the VAE.
+      x: [B, 28, 28] images in [0, 1].
+      key: PRNG key of the reparameterisation noise.
+    Returns:
+      (bce [B], kl [B]); bce + kl is the negative ELBO estimate.
+    """
+    mu, logvar = model.encode(x)
+    z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape, mu.dtype)
+    logits = model.decode(z)
+    bce = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x), axis=(1, 2))
+    kl = -0.5 * jnp.sum(1.0 + logvar - mu * mu - jnp.exp(logvar), axis=1)
+    return bce, kl
+
+
+# ----------------------------------------------------------------------------------------------
+# Config.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class VAEConfig:
+    """The VAE learner (`model: {kind: vae, ...}`); defaults follow the paper's notebook.
+
+    Attributes:
+      data_dir: MNIST source for `collapse_jax.mnist.load_mnist` (idx folder, mnist.npz, "tfds").
+      train_size: real training images of generation 0 (a fixed random subset; None: all 60000).
+      test_size: test images the ELBO is measured on (None: all 10000).
+      latent_dim: Z, the latent dimension (paper: 20).
+      channels: encoder convolution channels (paper: 64, 128); the decoder mirrors them.
+      epochs: training epochs per generation (paper: 30).
+      batch_size: images per optimizer step (paper: 256).
+      learning_rate: Adam learning rate (paper: 1e-3).
+      weight_decay: L2 penalty added to the gradient, as PyTorch's Adam (paper: 1e-5).
+      sample_mode: "mean" (decoder's Bernoulli means, the paper's figures) or "bernoulli"
+        (binary images drawn from them).
+      eval_batch_size: images per batch when evaluating, sampling and encoding.
+      probe_size: images of every generation encoded by generation 0's encoder (figures).
+      grid_size: the sample grid of each generation is grid_size x grid_size images.
+    """
+
+    kind: ClassVar[str] = "vae"
+    data_dir: str = "${COLLAPSE_JAX_DATA:-data}/mnist"
+    train_size: int | None = None
+    test_size: int | None = None
+    latent_dim: int = 20
+    channels: tuple[int, int] = (64, 128)
+    epochs: int = 30
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    sample_mode: Literal["mean", "bernoulli"] = "mean"
+    eval_batch_size: int = 1000
+    probe_size: int = 2000
+    grid_size: int = 8
+
+    def __post_init__(self):
+        def check(ok: bool, field: str, problem: str) -> None:
+            if not ok:
+                raise ConfigError(f"model.{field}: {problem}")
+
+        check(bool(self.data_dir), "data_dir", "must name an MNIST source")
+        check(
+            self.train_size is None or 2 <= self.train_size <= 60000,
+            "train_size",
+            f"must lie in [2, 60000] (got {self.train_size})",
+        )
+        check(
+            self.test_size is None or 1 <= self.test_size <= 10000,
+            "test_size",
+            f"must lie in [1, 10000] (got {self.test_size})",
+        )
+        check(self.latent_dim >= 1, "latent_dim", "must be >= 1")
+        check(all(c >= 1 for c in self.channels), "channels", "must be >= 1")
+        check(self.epochs >= 1, "epochs", "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(
+            self.learning_rate > 0 and math.isfinite(self.learning_rate),
+            "learning_rate",
+            "must be a finite number > 0",
+        )
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1")
+        check(self.probe_size >= 1, "probe_size", "must be >= 1")
+        check(self.grid_size >= 1, "grid_size", "must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional training (nnx.split once, plain jax.jit over nnx.merge).
+
+
+@functools.cache
+def _graphdef(latent_dim: int, channels: tuple[int, int]):
+    model = nnx.eval_shape(lambda: VAE(latent_dim, channels, rngs=nnx.Rngs(0)))
+    return nnx.split(model)[0]
+
+
+def init_params(
+    key: jax.Array, latent_dim: int = 20, channels: tuple[int, int] = (64, 128)
+) -> Params:
+    """Fresh VAE parameters (Flax's default initialisers) as a pure dict."""
+    model = VAE(latent_dim, tuple(channels), rngs=nnx.Rngs(params=key))
+    return nnx.to_pure_dict(nnx.split(model)[1])
+
+
+def merge(cfg: VAEConfig, params: Params) -> VAE:
+    return nnx.merge(_graphdef(cfg.latent_dim, tuple(cfg.channels)), params)
+
+
+def _optimizer(cfg: VAEConfig) -> optax.GradientTransformation:
+    # PyTorch Adam(weight_decay=wd) adds wd * param to the gradient before the moments.
+    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.learning_rate))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(0, 1))
+def _train_epoch(params, opt_state, images, key, *, cfg: VAEConfig):
+    """One epoch: shuffle, then a scan over batches; the last batch is padded and masked, so
+    every image counts once and the step compiles once. Returns (params, opt_state, loss sum)."""
+    n, b = images.shape[0], cfg.batch_size
+    steps = -(-n // b)
+    k_perm, k_steps = jax.random.split(key)
+    perm = jax.random.permutation(k_perm, n)
+    perm = jnp.concatenate([perm, jnp.zeros((steps * b - n,), perm.dtype)]).reshape(steps, b)
+    mask = (jnp.arange(steps * b) < n).astype(jnp.float32).reshape(steps, b)
+    tx = _optimizer(cfg)
+
+    def loss_fn(p, x, m, k):
+        bce, kl = loss_terms(merge(cfg, p), x, k)
+        return jnp.sum((bce + kl) * m)  # summed over the batch, as the paper's code
+
+    def step(carry, xs):
+        p, s = carry
+        idx, m, i = xs
+        x = to_unit(images[idx])
+        loss, grads = jax.value_and_grad(loss_fn)(p, x, m, jax.random.fold_in(k_steps, i))
+        updates, s = tx.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s), loss
+
+    (params, opt_state), losses = jax.lax.scan(
+        step, (params, opt_state), (perm, mask, jnp.arange(steps))
+    )
+    return params, opt_state, jnp.sum(losses)
+
+
+def train(
+    key: jax.Array,
+    images: jax.Array | np.ndarray,
+    params: Params,
+    cfg: VAEConfig,
+    *,
+    workdir: pathlib.Path | None = None,
+) -> tuple[Params, list[float]]:
+    """Trains the VAE for `cfg.epochs` epochs.
+
+    Args:
+      key: PRNG key (epoch e uses fold_in(key, e): a resumed run gives the same result).
+      images: [N, 28, 28] uint8 or float in [0, 1].
+      params: starting parameters.
+      cfg: the VAE config (epochs, batch size, optimizer).
+      workdir: if given, the state is saved there after every epoch and training resumes
+        from the last saved epoch.
+    Returns:
+      (params, history): history[e] is epoch e's mean per-image loss (negative ELBO estimate).
+    """
+    images = jnp.asarray(images)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise ValueError(f"VAE images must have shape [N, 28, 28], got {images.shape}")
+    n = images.shape[0]
+    opt_state = _optimizer(cfg).init(params)
+    history: list[float] = []
+    start = 0
+    ckpt = None if workdir is None else pathlib.Path(workdir) / "train_state.npz"
+    if ckpt is not None and ckpt.is_file():
+        meta = json.loads((ckpt.parent / "train_state.json").read_text())
+        params, opt_state = records.load_tree(ckpt, (params, opt_state))
+        params, opt_state = jax.tree.map(jnp.asarray, (params, opt_state))
+        start, history = meta["epoch"] + 1, meta["history"]
+    for epoch in range(start, cfg.epochs):
+        params, opt_state, total = _train_epoch(
+            params, opt_state, images, jax.random.fold_in(key, epoch), cfg=cfg
+        )
+        history.append(float(total) / n)
+        if ckpt is not None:
+            records.save_tree(ckpt, (params, opt_state))
+            records.atomic_write_json(
+                ckpt.parent / "train_state.json", {"epoch": epoch, "history": history}
+            )
+    return params, history
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mode"))
+def _decode_batch(params, z, key, *, cfg: VAEConfig, mode: str):
+    p = jax.nn.sigmoid(merge(cfg, params).decode(z))  # [B, 28, 28] Bernoulli means
+    if mode == "bernoulli":
+        return jnp.where(jax.random.uniform(key, p.shape) < p, 255, 0).astype(jnp.uint8)
+    return jnp.round(p * 255.0).astype(jnp.uint8)
+
+
+def generate(key: jax.Array, params: Params, num: int, cfg: VAEConfig) -> np.ndarray:
+    """`num` images decoded from prior samples z ~ N(0, I).
+
+    Returns:
+      [num, 28, 28] uint8 (Bernoulli means * 255, or binary draws for sample_mode bernoulli).
+    """
+    b = cfg.eval_batch_size
+    out = []
+    for i, lo in enumerate(range(0, num, b)):
+        k_z, k_pix = jax.random.split(jax.random.fold_in(key, i))
+        z = jax.random.normal(k_z, (b, cfg.latent_dim))
+        imgs = _decode_batch(params, z, k_pix, cfg=cfg, mode=cfg.sample_mode)
+        out.append(np.asarray(imgs)[: num - lo])
+    return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _eval_batch(params, x, mask, key, *, cfg: VAEConfig):
+    model = merge(cfg, params)
+    x = to_unit(x)
+    bce, kl = loss_terms(model, x, key)
+    mu, _ = model.encode(x)
+    logits = model.decode(mu)
+    recon = jnp.sum(optax.sigmoid_binary_cross_entropy(logits, x), axis=(1, 2))
+    return jnp.sum(bce * mask), jnp.sum(kl * mask), jnp.sum(recon * mask)
+
+
+def _batches(images: np.ndarray, b: int):
+    """Fixed-size batches (the last one padded) with their masks."""
+    n = images.shape[0]
+    for lo in range(0, n, b):
+        x = images[lo : lo + b]
+        m = np.ones(b, np.float32)
+        if x.shape[0] < b:
+            m[x.shape[0] :] = 0
+            x = np.concatenate([x, np.zeros((b - x.shape[0],) + x.shape[1:], x.dtype)])
+        yield x, m
+
+
+def evaluate_elbo(
+    key: jax.Array, params: Params, images: np.ndarray, cfg: VAEConfig
+) -> dict[str, float]:
+    """Mean per-image test metrics: BCE and KL of one reparameterised draw, their sum (the
+    negative ELBO) and the reconstruction BCE at the posterior mean."""
+    sums = np.zeros(3)
+    for i, (x, m) in enumerate(_batches(np.asarray(images), cfg.eval_batch_size)):
+        out = _eval_batch(
+            params, jnp.asarray(x), jnp.asarray(m), jax.random.fold_in(key, i), cfg=cfg
+        )
+        sums += np.asarray(jax.device_get(out), np.float64)
+    bce, kl, recon = sums / len(images)
+    return {"test_bce": bce, "test_kl": kl, "test_loss": bce + kl, "test_recon_bce": recon}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _encode_batch(params, x, *, cfg: VAEConfig):
+    return merge(cfg, params).encode(to_unit(x))[0]
+
+
+def encode_means(params: Params, images: np.ndarray, cfg: VAEConfig) -> np.ndarray:
+    """[N, Z] posterior means of `images` under the encoder of `params`."""
+    n = len(images)
+    out = [
+        np.asarray(_encode_batch(params, jnp.asarray(x), cfg=cfg))
+        for x, _ in _batches(np.asarray(images), cfg.eval_batch_size)
+    ]
+    return np.concatenate(out)[:n]
+
+
+def latent_spread(z: np.ndarray) -> float:
+    """Spread of latent codes [N, Z]: the root mean over dimensions of their variance."""
+    return float(np.sqrt(np.mean(np.var(np.asarray(z, np.float64), axis=0))))
+
+
+# ----------------------------------------------------------------------------------------------
+# The generational-loop learner.
+
+
+class VAELearner(AbstractLearner[Params, np.ndarray]):
+    """The paper's VAE in the generational loop (one chain; data = uint8 images [N, 28, 28]).
+
+    `fit` trains (resumable at epoch ends inside its `workdir`), `sample` decodes prior samples,
+    `evaluate` reports test-set ELBO terms. The latent spread of every generation's samples in
+    generation 0's latent space needs generation 0's parameters, so `figures` computes it from
+    the run directory (set `generation.keep_params: all`).
+    """
+
+    jittable: ClassVar[bool] = False
+    config: VAEConfig
+
+    @functools.cached_property
+    def _train_images(self) -> np.ndarray:
+        return mnist.load_mnist(self.config.data_dir, "train")[0]
+
+    def real_data(self, key: jax.Array) -> np.ndarray:
+        images = self._train_images
+        n = self.config.train_size
+        if n is None or n >= len(images):
+            return images
+        idx = np.asarray(jax.random.choice(key, len(images), (n,), replace=False))
+        return images[np.sort(idx)]
+
+    def draw_real(self, key: jax.Array, num: int | jax.Array) -> np.ndarray:
+        images = self._train_images
+        num = int(num)
+        if num > len(images):
+            raise ValueError(f"cannot draw {num} real images from {len(images)}")
+        return images[np.asarray(jax.random.choice(key, len(images), (num,), replace=False))]
+
+    def reference(self, key: jax.Array) -> np.ndarray:
+        images = mnist.load_mnist(self.config.data_dir, "test")[0]
+        n = self.config.test_size
+        if n is None or n >= len(images):
+            return images
+        return images[:n]
+
+    def init(self, key: jax.Array) -> Params:
+        return init_params(key, self.config.latent_dim, tuple(self.config.channels))
+
+    def fit(self, key: jax.Array, data: np.ndarray, params: Params, **kwargs: Any) -> Params:
+        workdir = kwargs.get("workdir")
+        if workdir is not None:
+            pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+        params, _ = train(key, data, params, self.config, workdir=workdir)
+        return params
+
+    def sample(
+        self, key: jax.Array, params: Params, num: int | jax.Array, **kwargs: Any
+    ) -> np.ndarray:
+        return generate(key, params, int(num), self.config)
+
+    def evaluate(self, key: jax.Array, params: Params, reference: Any) -> dict[str, Any]:
+        """Test-set metrics: test_loss (negative ELBO per image), test_bce, test_kl,
+        test_recon_bce (reconstruction BCE at the posterior mean)."""
+        return evaluate_elbo(key, params, reference, self.config)
+
+    def save_params(self, path: pathlib.Path, params: Params) -> None:
+        records.save_tree(path / "params.npz", params)
+
+    def load_params(self, path: pathlib.Path, template: Params) -> Params:
+        return jax.tree.map(jnp.asarray, records.load_tree(path / "params.npz", template))
+
+    def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
+        return vae_figures(self, run, out_dir)
+
+
+def _generation_samples(run: Any, g: int, last: int) -> pathlib.Path | None:
+    """File holding generation g's samples: the next generation's training data."""
+    path = run.data_path(g + 1) if g < last else run.path / "state" / "data.npz"
+    return path if path.is_file() else None
+
+
+def vae_figures(learner: VAELearner, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """A grid of samples per generation (the same prior draws z decoded by every generation)
+    and the density of every generation's training images in generation 0's latent space,
+    with their spread (written to latent_spread.json too)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = learner.config
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gens = run.finished_generations()
+    files: list[pathlib.Path] = []
+    if not gens:
+        return files
+    template = learner.init(jax.random.key(0))
+    have = [g for g in gens if (pathlib.Path(run.params_dir(g)) / "params.npz").is_file()]
+    # Sample grids: identical z for every generation, so the drift is visible image by image.
+    k = cfg.grid_size
+    z = jax.random.normal(jax.random.key(1), (k * k, cfg.latent_dim))
+    rows = []
+    for g in have:
+        params = learner.load_params(run.params_dir(g), template)
+        p = jax.nn.sigmoid(merge(cfg, params).decode(z))
+        grid = np.asarray(p).reshape(k, k, 28, 28).transpose(0, 2, 1, 3).reshape(k * 28, k * 28)
+        rows.append((g, grid))
+    if rows:
+        fig, axes = plt.subplots(1, len(rows), figsize=(2.4 * len(rows), 2.6), squeeze=False)
+        for ax, (g, grid) in zip(axes[0], rows):
+            ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+            ax.set_title(f"generation {g}", fontsize=9)
+            ax.axis("off")
+        fig.tight_layout()
+        path = out_dir / "vae_samples.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        files.append(path)
+    # Latent density under generation 0's encoder.
+    if 0 in have:
+        enc = learner.load_params(run.params_dir(0), template)
+        spreads: dict[str, float] = {}
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        sets = [("real (gen 0 data)", run.data_path(0))]
+        sets += [(f"samples of gen {g}", _generation_samples(run, g, gens[-1])) for g in gens]
+        for label, path in sets:
+            if path is None or not pathlib.Path(path).is_file():
+                continue
+            images = records.load_npz(path)["data"][: cfg.probe_size]
+            mu = encode_means(enc, images, cfg)
+            spreads[label] = latent_spread(mu)
+            hist, edges = np.histogram(mu.ravel(), bins=80, range=(-4, 4), density=True)
+            ax.plot(
+                0.5 * (edges[1:] + edges[:-1]), hist, label=f"{label}: spread {spreads[label]:.3f}"
+            )
+        ax.set_xlabel("latent mean (all dimensions), generation-0 encoder")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=6, frameon=False)
+        fig.tight_layout()
+        path = out_dir / "vae_latent_density.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        files.append(path)
+        records.atomic_write_json(out_dir / "latent_spread.json", spreads)
+        files.append(out_dir / "latent_spread.json")
+    return files
