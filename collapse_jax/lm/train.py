@@ -127,6 +127,46 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------
 
 
+def learning_rate_at(
+    step: jax.Array | int,
+    hparams: dict[str, jax.Array | float],
+    *,
+    kind: str,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_steps: int = 0,
+) -> jax.Array:
+    """The learning rate of optimizer step `step` (0-based) under schedule `kind`.
+
+    Args:
+      step: optimizer steps done before this one.
+      hparams: {"learning_rate": peak lr_0, "eta_min": final lr}; runtime values, so changing
+        them does not recompile the train step.
+      kind: "paper_cosine": torch `CosineAnnealingLR(T_max=epochs, eta_min)` stepped once per
+        epoch, lr = eta_min + (lr_0 - eta_min) * (1 + cos(pi * epoch / epochs)) / 2 with
+        epoch = step // steps_per_epoch; "warmup_cosine": lr_0 * step / warmup_steps during
+        warmup, then a per-step cosine from lr_0 down to eta_min at the last step (optax's
+        `warmup_cosine_decay_schedule`); "constant": lr_0.
+      epochs, steps_per_epoch, warmup_steps: static lengths.
+    """
+    lr0 = jnp.asarray(hparams["learning_rate"], jnp.float32)
+    eta_min = jnp.asarray(hparams["eta_min"], jnp.float32)
+    step = jnp.asarray(step)
+    if kind == "paper_cosine":
+        epoch = (step // steps_per_epoch).astype(jnp.float32)
+        return eta_min + (lr0 - eta_min) * (1.0 + jnp.cos(jnp.pi * epoch / epochs)) / 2.0
+    if kind == "warmup_cosine":
+        total = max(epochs * steps_per_epoch, warmup_steps + 1)
+        t = step.astype(jnp.float32)
+        warm = lr0 * t / max(warmup_steps, 1)
+        frac = jnp.clip((t - warmup_steps) / (total - warmup_steps), 0.0, 1.0)
+        cos = eta_min + (lr0 - eta_min) * (1.0 + jnp.cos(jnp.pi * frac)) / 2.0
+        return jnp.where(t < warmup_steps, warm, cos)
+    if kind == "constant":
+        return lr0 + 0.0 * eta_min
+    raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
+
+
 def paper_cosine_schedule(
     learning_rate: float, epochs: int, steps_per_epoch: int, eta_min: float = 1e-6
 ) -> Schedule:
@@ -135,37 +175,39 @@ def paper_cosine_schedule(
     Returns:
       step -> eta_min + (lr - eta_min) * (1 + cos(pi * (step // steps_per_epoch) / epochs)) / 2.
     """
+    hp = {"learning_rate": learning_rate, "eta_min": eta_min}
+    return lambda step: learning_rate_at(
+        step, hp, kind="paper_cosine", epochs=epochs, steps_per_epoch=steps_per_epoch
+    )
 
-    def schedule(step: jax.Array | int) -> jax.Array:
-        epoch = jnp.asarray(step) // steps_per_epoch
-        cos = jnp.cos(jnp.pi * epoch.astype(jnp.float32) / epochs)
-        return eta_min + (learning_rate - eta_min) * (1.0 + cos) / 2.0
 
-    return schedule
+def _schedule_fn(config: TrainConfig, steps_per_epoch: int) -> Callable[..., jax.Array]:
+    """(step, hparams) -> lr with the static parts of `config` bound."""
+    return functools.partial(
+        learning_rate_at,
+        kind=config.schedule,
+        epochs=config.epochs,
+        steps_per_epoch=steps_per_epoch,
+        warmup_steps=config.warmup_steps,
+    )
+
+
+def _hparams(config: TrainConfig) -> dict[str, float]:
+    return {"learning_rate": config.learning_rate, "eta_min": config.eta_min}
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> Schedule:
     """The learning-rate schedule named by `config.schedule`, as a function of the opt. step."""
-    total = config.epochs * steps_per_epoch
-    if config.schedule == "paper_cosine":
-        return paper_cosine_schedule(
-            config.learning_rate, config.epochs, steps_per_epoch, config.eta_min
-        )
-    if config.schedule == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0,
-            peak_value=config.learning_rate,
-            warmup_steps=config.warmup_steps,
-            decay_steps=max(total, config.warmup_steps + 1),
-            end_value=config.eta_min,
-        )
-    return optax.constant_schedule(config.learning_rate)
+    fn, hp = _schedule_fn(config, steps_per_epoch), _hparams(config)
+    return lambda step: fn(step, hp)
 
 
-def make_optimizer(config: TrainConfig, schedule: Schedule) -> optax.GradientTransformation:
-    """AdamW (torch semantics: decoupled decay scaled by the lr) with optional clipping."""
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW at unit learning rate (torch semantics: decoupled decay, scaled by the lr with the
+    Adam step), optionally after gradient clipping; `train_step` multiplies its updates by the
+    scheduled learning rate, which is therefore a runtime value (no recompile per lr)."""
     adamw = optax.adamw(
-        schedule,
+        1.0,
         b1=config.b1,
         b2=config.b2,
         eps=config.eps,
@@ -256,10 +298,11 @@ def train_step(
     rest: Any,
     batch: dict[str, jax.Array],
     key: jax.Array,
+    hparams: dict[str, jax.Array],
     *,
     graphdef: Any,
     tx: optax.GradientTransformation,
-    schedule: Schedule,
+    schedule: Callable[..., jax.Array],
     grad_accum_steps: int,
     deterministic: bool,
     compute_dtype: Any,
@@ -277,6 +320,9 @@ def train_step(
       rest: non-parameter model state (passed through unchanged).
       batch: `input_ids`, `attention_mask`, `loss_mask`, each [B, T].
       key: base dropout key; step and micro-batch are folded in.
+      hparams: runtime schedule values ({"learning_rate", "eta_min"}) for `schedule`.
+      tx: a gradient transformation at unit learning rate (`make_optimizer`).
+      schedule: (step, hparams) -> learning rate; the updates of `tx` are scaled by it.
 
     Returns:
       (new state, metrics: loss, grad_norm, param_norm, lr, finite, tokens).
@@ -315,7 +361,9 @@ def train_step(
     grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    lr = jnp.asarray(schedule(state.step, hparams), jnp.float32)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
     params = optax.apply_updates(state.params, updates)
     param_norm = optax.tree.norm(params)
     # An update can overflow even when loss and gradient are finite (a huge learning rate).
@@ -329,7 +377,7 @@ def train_step(
         "loss": loss,
         "grad_norm": grad_norm,
         "param_norm": param_norm,
-        "lr": jnp.asarray(schedule(state.step), jnp.float32),
+        "lr": lr,
         "finite": finite,
         "tokens": count,
     }
@@ -598,11 +646,13 @@ class PreparedTraining(NamedTuple):
     params: Any  # the model's (host) nnx.Param state, for signatures
     state: TrainState  # fresh state on the mesh (step 0, AdamW moments 0)
     rest: Any  # non-parameter model state on the mesh
-    step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]  # (state, rest, batch, key)
+    # (state, rest, batch, key, hparams) -> (state, metrics)
+    step: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
     state_shardings: TrainState
     rest_shardings: Any
     batch: NamedSharding  # sharding of [B, T] batch arrays
-    schedule: Schedule
+    schedule: Callable[..., jax.Array]  # (step, hparams) -> lr
+    hparams: dict[str, jax.Array]  # the runtime schedule values, placed on the mesh
     compute_dtype: Any
 
 
@@ -615,8 +665,8 @@ def prepare_training(
     mesh and step-relevant settings, so later calls (e.g. the next generation) skip compilation.
     `finetune` is built on this; benchmarks call it to time the bare step.
     """
-    lr_schedule = make_schedule(config, steps_per_epoch)
-    tx = make_optimizer(config, lr_schedule)
+    lr_schedule = _schedule_fn(config, steps_per_epoch)
+    tx = make_optimizer(config)
     compute_dtype = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
     graphdef, params, rest = _split(model)
 
@@ -638,7 +688,7 @@ def prepare_training(
                 deterministic=not config.dropout,
                 compute_dtype=compute_dtype,
             ),
-            in_shardings=(state_shard, rest_shard, batch_shard, rep),
+            in_shardings=(state_shard, rest_shard, batch_shard, rep, rep),
             out_shardings=(state_shard, rep),
             donate_argnums=(0,),
         )
@@ -647,6 +697,8 @@ def prepare_training(
     # Only the fields that change the compiled step belong in the cache key.
     step_config = dataclasses.replace(
         config,
+        learning_rate=1.0,
+        eta_min=0.0,
         eval_batch_size=None,
         save_every_steps=None,
         keep_checkpoints=2,
@@ -671,6 +723,10 @@ def prepare_training(
         fns.rest_shardings,
         fns.batch,
         lr_schedule,
+        _to_global(
+            {k: np.float32(v) for k, v in _hparams(config).items()},
+            {"learning_rate": rep, "eta_min": rep},
+        ),
         compute_dtype,
     )
 
@@ -809,7 +865,11 @@ def finetune(
         )
         latest = ckpt.latest_step()
         if latest is not None:
-            state, meta = ckpt.restore(latest, state, state_shard, expect=run_meta)
+            try:
+                state, meta = ckpt.restore(latest, state, state_shard, expect=run_meta)
+            except BaseException:
+                ckpt.close()
+                raise
             history = {k: list(v) for k, v in meta["history"].items()}
             best = meta.get("best_valid_loss", math.inf)
             start = latest
@@ -855,7 +915,7 @@ def finetune(
         with data_lib.Prefetcher(batches(start), depth=config.prefetch) as it:
             pending: tuple[int, dict[str, jax.Array]] | None = None
             for step, batch in it:
-                state, metrics = step_fn(state, rest_g, batch, key)
+                state, metrics = step_fn(state, rest_g, batch, key, prep.hparams)
                 # Read the previous step's metrics while this one runs (no per-step stall).
                 if pending is not None:
                     record(*pending)

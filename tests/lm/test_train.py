@@ -60,6 +60,9 @@ def test_warmup_cosine_and_constant():
         train.TrainConfig(epochs=1, batch_size=1, learning_rate=0.3, schedule="constant"), 5
     )
     assert float(const(4)) == pytest.approx(0.3)
+    ref = optax.warmup_cosine_decay_schedule(0.0, 1.0, 4, 20, cfg.eta_min)
+    steps = jnp.arange(21)
+    np.testing.assert_allclose(np.asarray(f(steps)), np.asarray(ref(steps)), rtol=1e-5, atol=1e-7)
 
 
 def test_token_nll_is_hf_causal_loss_with_masks():
@@ -148,13 +151,13 @@ def test_grad_accumulation_equals_full_batch():
                 train.train_step,
                 graphdef=graphdef,
                 tx=tx,
-                schedule=optax.constant_schedule(1.0),
+                schedule=lambda step, hp: hp["learning_rate"],
                 grad_accum_steps=k,
                 deterministic=True,
                 compute_dtype=None,
             )
         )
-        outs.append(step(state, rest, batch, jax.random.key(0)))
+        outs.append(step(state, rest, batch, jax.random.key(0), {"learning_rate": 1.0}))
     (s1, m1), (s2, m2) = outs
     assert float(m1["tokens"]) == float(m2["tokens"]) == 8 * 7
     assert float(m2["loss"]) == pytest.approx(float(m1["loss"]), rel=1e-6)
