@@ -140,19 +140,31 @@ def run(
         raise ValueError("generations must be >= 1")
     shares = [learner.generation.shares(int(m)) for m in sizes]
     all_keys = jax.random.split(key, chains)
+    size = min(chunk_size, chains)
     out: Any = None
-    for start in range(0, chains, chunk_size):
-        keys = all_keys[start : start + chunk_size]
+    for start in range(0, chains, size):
+        keys = all_keys[start : start + size]
         r = keys.shape[0]
-        carry, rec1 = _first(learner, record, keys, int(sizes[0]))
-        recs = [jax.tree.map(lambda x: x[None], rec1)]
-        if gens > 1 and not learner.static_sample_size:
+        if r < size:  # pad the last chunk (computed, then dropped): one compile for all chunks
+            keys = jnp.concatenate([keys, all_keys[: size - r]])
+        if not learner.static_sample_size:
+            # Traced sizes: one scan over every generation. Index 1 is fitted to M_0 draws from
+            # the original distribution, i.e. a "sample" of the initial model (all synthetic =
+            # all real), starting from an empty data set.
+            params0 = jax.vmap(learner.init)(keys)
+            empty = jax.eval_shape(learner.sample, keys[0], learner.init(keys[0]), 0)
+            data0 = jax.tree.map(lambda x: jnp.zeros((size, *x.shape), x.dtype), empty)
+            counts = [(int(sizes[0]), 0, 0)] + shares[1:]
             xs = tuple(
                 jnp.asarray(np.array(col, np.int32))
-                for col in zip(*[(g, *shares[g - 1]) for g in range(2, gens + 1)])
+                for col in zip(*[(g, *counts[g - 1]) for g in range(1, gens + 1)])
             )
-            carry, rec = _segment_traced(learner, record, keys, carry, xs)
-            recs.append(rec)
+            data0 = data0 if _needs_data(learner) else None
+            _, rec = _segment_traced(learner, record, keys, (params0, data0), xs)
+            recs = [rec]
+        else:
+            carry, rec1 = _first(learner, record, keys, int(sizes[0]))
+            recs = [jax.tree.map(lambda x: x[None], rec1)]
         g = 2
         while learner.static_sample_size and g <= gens:
             # One scan over a run of generations with equal sizes and a stable data shape;
@@ -164,7 +176,9 @@ def run(
             carry, rec = _segment_static(learner, record, keys, carry, gs, shares[g - 1])
             recs.append(rec)
             g = end + 1
-        chunk = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *recs)
+        chunk = jax.tree.map(
+            lambda *xs, r=r: np.concatenate([np.asarray(x) for x in xs])[:, :r], *recs
+        )
         if out is None:
             out = jax.tree.map(
                 lambda x, x0: np.empty((gens + 1, chains, *x.shape[2:]), x.dtype), chunk, initial

@@ -273,15 +273,15 @@ def simulate(
             method=method,
             rng_impl=rng_impl,
         )
+        # Only the mixing policy enters the learner (sizes go to the scan): simulations that
+        # differ in chains, generations or sizes share compiled code.
         gen = GenerationConfig(
-            num_generations=generations,
-            samples_per_generation=sizes[0],
-            sample_schedule=tuple(sizes),
+            num_generations=1,
+            samples_per_generation=2,
             policy=policy,
             alpha=alpha,
             beta=beta,
             gamma=gamma,
-            num_trials=chains,
         )
     except ConfigError as e:
         raise ValueError(str(e)) from None

@@ -139,8 +139,8 @@ def sample_points(key: Array, params: GaussianParams, num: int) -> Array:
     d = params.mean.shape[-1]
     z = jax.random.normal(key, (num, d), _F)
     if d == 1:
-        return params.mean + z * jnp.sqrt(jnp.maximum(params.cov[0, 0], 0.0))
-    return params.mean + z @ _chol(params.cov).T
+        return params.mean[None, :] + z * jnp.sqrt(jnp.maximum(params.cov[0, 0], 0.0))
+    return params.mean[None, :] + z @ _chol(params.cov).T
 
 
 def sample_stats(key: Array, params: GaussianParams, num: int | Array) -> GaussianStats:
@@ -169,7 +169,7 @@ def sample_stats(key: Array, params: GaussianParams, num: int | Array) -> Gaussi
 def stats_of_points(x: Array) -> GaussianStats:
     """Sufficient statistics of points `[n, d]`."""
     mean = jnp.mean(x, axis=0)
-    xc = x - mean
+    xc = x - mean[None, :]
     return GaussianStats(jnp.int32(x.shape[0]), mean, xc.T @ xc)
 
 
@@ -397,15 +397,15 @@ def simulate(
             method=method,
             rng_impl=rng_impl,
         )
+        # Only the mixing policy enters the learner (sizes go to the scan): simulations that
+        # differ in chains, generations or sizes share compiled code.
         gen = GenerationConfig(
-            num_generations=generations,
-            samples_per_generation=sizes[0],
-            sample_schedule=tuple(sizes),
+            num_generations=1,
+            samples_per_generation=2,
             policy=policy,
             alpha=alpha,
             beta=beta,
             gamma=gamma,
-            num_trials=chains,
         )
     except ConfigError as e:
         raise ValueError(str(e)) from None
