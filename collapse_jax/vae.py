@@ -185,29 +185,38 @@ def init_params(
     return nnx.to_pure_dict(nnx.split(model)[1])
 
 
-def merge(cfg: VAEConfig, params: Params) -> VAE:
-    return nnx.merge(_graphdef(cfg.latent_dim, tuple(cfg.channels)), params)
+def merge(cfg: VAEConfig | tuple, params: Params) -> VAE:
+    """The VAE module of `params` (`cfg` may be a config or its `_arch` tuple)."""
+    latent_dim, channels = _arch(cfg) if isinstance(cfg, VAEConfig) else cfg
+    return nnx.merge(_graphdef(latent_dim, channels), params)
 
 
-def _optimizer(cfg: VAEConfig) -> optax.GradientTransformation:
+def _arch(cfg: VAEConfig) -> tuple[int, tuple[int, ...]]:
+    """What the jitted functions depend on: compiles are shared by configs that agree on it."""
+    return cfg.latent_dim, tuple(cfg.channels)
+
+
+def _optimizer(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
     # PyTorch Adam(weight_decay=wd) adds wd * param to the gradient before the moments.
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.adam(cfg.learning_rate))
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=(0, 1))
-def _train_epoch(params, opt_state, images, key, *, cfg: VAEConfig):
+@functools.partial(
+    jax.jit, static_argnames=("arch", "batch_size", "lr", "wd"), donate_argnums=(0, 1)
+)
+def _train_epoch(params, opt_state, images, key, *, arch, batch_size, lr, wd):
     """One epoch: shuffle, then a scan over batches; the last batch is padded and masked, so
     every image counts once and the step compiles once. Returns (params, opt_state, loss sum)."""
-    n, b = images.shape[0], cfg.batch_size
+    n, b = images.shape[0], batch_size
     steps = -(-n // b)
     k_perm, k_steps = jax.random.split(key)
     perm = jax.random.permutation(k_perm, n)
     perm = jnp.concatenate([perm, jnp.zeros((steps * b - n,), perm.dtype)]).reshape(steps, b)
     mask = (jnp.arange(steps * b) < n).astype(jnp.float32).reshape(steps, b)
-    tx = _optimizer(cfg)
+    tx = _optimizer(lr, wd)
 
     def loss_fn(p, x, m, k):
-        bce, kl = loss_terms(merge(cfg, p), x, k)
+        bce, kl = loss_terms(merge(arch, p), x, k)
         return jnp.sum((bce + kl) * m)  # summed over the batch, as the paper's code
 
     def step(carry, xs):
@@ -248,7 +257,7 @@ def train(
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise ValueError(f"VAE images must have shape [N, 28, 28], got {images.shape}")
     n = images.shape[0]
-    opt_state = _optimizer(cfg).init(params)
+    opt_state = _optimizer(cfg.learning_rate, cfg.weight_decay).init(params)
     history: list[float] = []
     start = 0
     ckpt = None if workdir is None else pathlib.Path(workdir) / "train_state.npz"
@@ -259,7 +268,14 @@ def train(
         start, history = meta["epoch"] + 1, meta["history"]
     for epoch in range(start, cfg.epochs):
         params, opt_state, total = _train_epoch(
-            params, opt_state, images, jax.random.fold_in(key, epoch), cfg=cfg
+            params,
+            opt_state,
+            images,
+            jax.random.fold_in(key, epoch),
+            arch=_arch(cfg),
+            batch_size=cfg.batch_size,
+            lr=cfg.learning_rate,
+            wd=cfg.weight_decay,
         )
         history.append(float(total) / n)
         if ckpt is not None:
@@ -270,9 +286,9 @@ def train(
     return params, history
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mode"))
-def _decode_batch(params, z, key, *, cfg: VAEConfig, mode: str):
-    p = jax.nn.sigmoid(merge(cfg, params).decode(z))  # [B, 28, 28] Bernoulli means
+@functools.partial(jax.jit, static_argnames=("arch", "mode"))
+def _decode_batch(params, z, key, *, arch, mode: str):
+    p = jax.nn.sigmoid(merge(arch, params).decode(z))  # [B, 28, 28] Bernoulli means
     if mode == "bernoulli":
         return jnp.where(jax.random.uniform(key, p.shape) < p, 255, 0).astype(jnp.uint8)
     return jnp.round(p * 255.0).astype(jnp.uint8)
@@ -289,14 +305,14 @@ def generate(key: jax.Array, params: Params, num: int, cfg: VAEConfig) -> np.nda
     for i, lo in enumerate(range(0, num, b)):
         k_z, k_pix = jax.random.split(jax.random.fold_in(key, i))
         z = jax.random.normal(k_z, (b, cfg.latent_dim))
-        imgs = _decode_batch(params, z, k_pix, cfg=cfg, mode=cfg.sample_mode)
+        imgs = _decode_batch(params, z, k_pix, arch=_arch(cfg), mode=cfg.sample_mode)
         out.append(np.asarray(imgs)[: num - lo])
     return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _eval_batch(params, x, mask, key, *, cfg: VAEConfig):
-    model = merge(cfg, params)
+@functools.partial(jax.jit, static_argnames=("arch",))
+def _eval_batch(params, x, mask, key, *, arch):
+    model = merge(arch, params)
     x = to_unit(x)
     bce, kl = loss_terms(model, x, key)
     mu, _ = model.encode(x)
@@ -325,23 +341,23 @@ def evaluate_elbo(
     sums = np.zeros(3)
     for i, (x, m) in enumerate(_batches(np.asarray(images), cfg.eval_batch_size)):
         out = _eval_batch(
-            params, jnp.asarray(x), jnp.asarray(m), jax.random.fold_in(key, i), cfg=cfg
+            params, jnp.asarray(x), jnp.asarray(m), jax.random.fold_in(key, i), arch=_arch(cfg)
         )
         sums += np.asarray(jax.device_get(out), np.float64)
     bce, kl, recon = sums / len(images)
     return {"test_bce": bce, "test_kl": kl, "test_loss": bce + kl, "test_recon_bce": recon}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _encode_batch(params, x, *, cfg: VAEConfig):
-    return merge(cfg, params).encode(to_unit(x))[0]
+@functools.partial(jax.jit, static_argnames=("arch",))
+def _encode_batch(params, x, *, arch):
+    return merge(arch, params).encode(to_unit(x))[0]
 
 
 def encode_means(params: Params, images: np.ndarray, cfg: VAEConfig) -> np.ndarray:
     """[N, Z] posterior means of `images` under the encoder of `params`."""
     n = len(images)
     out = [
-        np.asarray(_encode_batch(params, jnp.asarray(x), cfg=cfg))
+        np.asarray(_encode_batch(params, jnp.asarray(x), arch=_arch(cfg)))
         for x, _ in _batches(np.asarray(images), cfg.eval_batch_size)
     ]
     return np.concatenate(out)[:n]
