@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+# Generations per compiled scan of the traced-size (exact) path.
+SCAN_BLOCK = 16
+
 
 def step(learner: Any, key: Array, g: Array, params: Any, data: Any, n_a, n_b, n_c) -> tuple:
     """One generation of one chain: builds the training set by the policy, then fits.
@@ -155,13 +158,18 @@ def run(
             empty = jax.eval_shape(learner.sample, keys[0], learner.init(keys[0]), 0)
             data0 = jax.tree.map(lambda x: jnp.zeros((size, *x.shape), x.dtype), empty)
             counts = [(int(sizes[0]), 0, 0)] + shares[1:]
-            xs = tuple(
-                jnp.asarray(np.array(col, np.int32))
-                for col in zip(*[(g, *counts[g - 1]) for g in range(1, gens + 1)])
-            )
-            data0 = data0 if _needs_data(learner) else None
-            _, rec = _segment_traced(learner, record, keys, (params0, data0), xs)
-            recs = [rec]
+            # Scans of a fixed length (the last block padded by repeating its last generation,
+            # then dropped), so runs with any number of generations share one compilation.
+            rows = np.array([(g, *counts[g - 1]) for g in range(1, gens + 1)], np.int32)
+            pad = -gens % SCAN_BLOCK
+            rows = np.concatenate([rows, np.repeat(rows[-1:], pad, axis=0)])
+            carry = (params0, data0 if _needs_data(learner) else None)
+            recs = []
+            for b in range(0, rows.shape[0], SCAN_BLOCK):
+                xs = tuple(jnp.asarray(col) for col in rows[b : b + SCAN_BLOCK].T)
+                carry, rec = _segment_traced(learner, record, keys, carry, xs)
+                recs.append(rec)
+            recs[-1] = jax.tree.map(lambda x, k=SCAN_BLOCK - pad: x[:k], recs[-1])
         else:
             carry, rec1 = _first(learner, record, keys, int(sizes[0]))
             recs = [jax.tree.map(lambda x: x[None], rec1)]
