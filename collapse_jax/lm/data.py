@@ -19,7 +19,6 @@ current step runs.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import queue
@@ -344,8 +343,3 @@ class Prefetcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def blocks_fingerprint(blocks: np.ndarray) -> str:
-    """A short description of a block array, stored in checkpoints to catch a changed data set."""
-    return json.dumps({"shape": list(blocks.shape), "dtype": str(blocks.dtype)})

@@ -416,14 +416,22 @@ def default_mesh() -> Mesh:
     return sharding.make_mesh({"data": -1})
 
 
-def _check_mesh(mesh: Mesh, batch_size: int, what: str = "batch_size") -> None:
+def _padded_batch(mesh: Mesh, batch_size: int, multiple: int = 1) -> int:
+    """The batch size actually run: `batch_size` rounded up to a multiple of the mesh's
+    data-parallel size (times `multiple`, the accumulation steps).
+
+    The extra rows are filler with zero loss weight, so the step equals one on exactly
+    `batch_size` blocks; any batch size runs on any number of devices.
+    """
     sharding.validate_mesh(mesh)
-    dp = sharding.data_parallel_size(mesh)
-    if batch_size % dp:
-        raise ValueError(
-            f"{what}={batch_size} is not divisible by the mesh's data-parallel size {dp} "
-            f"(data x fsdp of {dict(mesh.shape)})"
-        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    m = sharding.data_parallel_size(mesh) * multiple
+    return -(-batch_size // m) * m
+
+
+def _pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([rows, np.full(size - len(rows), -1, dtype=rows.dtype)])
 
 
 def _to_global(tree: Any, shardings: Any) -> Any:
@@ -514,9 +522,9 @@ class Evaluator:
         compute_dtype: Any = None,
         pad_token_id: int | None = None,
     ):
-        _check_mesh(mesh, batch_size, "eval batch_size")
         self.mesh = mesh
         self.batch_size = batch_size
+        self.padded_batch_size = _padded_batch(mesh, batch_size)
         self.pad_token_id = pad_token_id
         self.batch_sharding = sharding.batch_sharding(mesh)
         rep = sharding.replicated(mesh)
@@ -535,6 +543,7 @@ class Evaluator:
         def batches() -> Iterator[tuple[int, dict[str, jax.Array]]]:
             for i in range(steps):
                 rows = data_lib.batch_rows(0, 0, i, n, self.batch_size, shuffle=False)
+                rows = _pad_rows(rows, self.padded_batch_size)
                 yield (
                     int((rows >= 0).sum()),
                     data_lib.global_batch(
@@ -594,7 +603,8 @@ def perplexity(
       model: an OPT model (`collapse_jax.lm.opt`), called as
         `model(input_ids, attention_mask, deterministic=True, dropout_key=None)`.
       blocks: int array [N, T] of token ids (may be memory-mapped).
-      batch_size: blocks per forward pass (global; divisible by the mesh's data x fsdp size).
+      batch_size: blocks per forward pass (global; rounded up internally with filler rows to a
+        multiple of the mesh's data x fsdp size).
       per_sequence: return one perplexity per block instead of one for the split.
       mesh: device mesh (default: all devices on "data").
       pad_token_id: token id treated as padding (excluded); None = all tokens count.
@@ -754,7 +764,8 @@ def finetune(
         process.
       valid_blocks: optional [M, T] blocks evaluated after every epoch.
       epochs: passes over `train_blocks` (the paper: 5).
-      batch_size: global blocks per optimizer step (the paper: 128).
+      batch_size: global blocks per optimizer step (the paper: 128); any size runs on any mesh
+        (filler rows with zero loss weight round it up to a multiple of data x fsdp size).
       learning_rate: peak learning rate (the paper: 2e-5).
       schedule: "paper_cosine", "warmup_cosine" or "constant" (see `TrainConfig`).
       mesh: a mesh with axes from ("data", "fsdp", "tensor"); None = all devices on "data".
@@ -791,9 +802,7 @@ def finetune(
         valid_blocks = _check_blocks(valid_blocks, "valid_blocks")
         _check_vocab(valid_blocks, model, "valid_blocks")
     mesh = default_mesh() if mesh is None else mesh
-    _check_mesh(mesh, config.batch_size)
-    if config.grad_accum_steps > 1:
-        _check_mesh(mesh, config.batch_size // config.grad_accum_steps, "micro-batch size")
+    padded = _padded_batch(mesh, config.batch_size, config.grad_accum_steps)
     n_blocks = train_blocks.shape[0]
     spe = data_lib.steps_per_epoch(n_blocks, config.batch_size, config.drop_last)
     if spe < 1:
@@ -884,6 +893,7 @@ def finetune(
             rows = data_lib.batch_rows(
                 seed, epoch, i, n_blocks, config.batch_size, shuffle=config.shuffle
             )
+            rows = _pad_rows(rows, padded)
             yield (
                 step,
                 data_lib.global_batch(
