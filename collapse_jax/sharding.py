@@ -145,6 +145,19 @@ def validate_mesh(mesh: Mesh) -> None:
         raise ValueError(f"mesh has unknown axes {unknown}; valid axes are {MESH_AXES}")
 
 
+def with_auto_axes(mesh: Mesh) -> Mesh:
+    """The same mesh with every axis `AxisType.Auto` (sharding propagated by the compiler).
+
+    `jax.make_mesh` defaults to Explicit axes (sharding in types), under which our jitted steps,
+    written with explicit in/out shardings, would need per-op annotations; this normalises a
+    user's mesh so either kind works.
+    """
+    types = getattr(mesh, "axis_types", None)
+    if types is not None and all(t == AxisType.Auto for t in types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def logical_to_spec(
     names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES
 ) -> PartitionSpec:

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from collapse_jax import sharding
@@ -128,3 +129,12 @@ def test_unannotated_variable_is_reported():
 
     bad = sharding.unmatched_logical_names(nnx.state(M(), nnx.Param))
     assert set(bad) == {"['v']", "['w']"}
+
+
+def test_explicit_axes_are_normalised_to_auto():
+    explicit = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Explicit,) * 2)
+    auto = sharding.with_auto_axes(explicit)
+    assert auto.axis_types == (AxisType.Auto, AxisType.Auto)
+    assert auto.axis_names == explicit.axis_names and auto.devices.shape == (2, 4)
+    full = sharding.make_mesh()
+    assert sharding.with_auto_axes(full) is full

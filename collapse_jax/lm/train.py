@@ -619,7 +619,7 @@ def perplexity(
     """
     blocks = _check_blocks(blocks, "blocks")
     _check_vocab(blocks, model, "blocks")
-    mesh = default_mesh() if mesh is None else mesh
+    mesh = default_mesh() if mesh is None else sharding.with_auto_axes(mesh)
     graphdef, params, rest = _split(model)
     p_shard = sharding.logical_to_sharding(params, mesh)
     r_shard = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
@@ -801,7 +801,7 @@ def finetune(
     if valid_blocks is not None:
         valid_blocks = _check_blocks(valid_blocks, "valid_blocks")
         _check_vocab(valid_blocks, model, "valid_blocks")
-    mesh = default_mesh() if mesh is None else mesh
+    mesh = default_mesh() if mesh is None else sharding.with_auto_axes(mesh)
     padded = _padded_batch(mesh, config.batch_size, config.grad_accum_steps)
     n_blocks = train_blocks.shape[0]
     spe = data_lib.steps_per_epoch(n_blocks, config.batch_size, config.drop_last)
@@ -986,7 +986,7 @@ def load_checkpoint(
     """
     from collapse_jax.lm import checkpoint as ckpt_lib
 
-    mesh = default_mesh() if mesh is None else mesh
+    mesh = default_mesh() if mesh is None else sharding.with_auto_axes(mesh)
     graphdef, params, rest = _split(model)
     p_shard = sharding.logical_to_sharding(params, mesh)
     path = pathlib.Path(checkpoint_dir)
