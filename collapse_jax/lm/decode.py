@@ -267,6 +267,62 @@ def _row_noise(row_keys: Array, step: Array, shape: tuple[int, ...]) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
+class SlotCacheDecoder:
+    """The generic model interface of the search loops: a cache with one slot per position.
+
+    Wraps `step_fn(tokens [R, T], mask [R, S], cache) -> (logits [R, V], cache)` (writes the T
+    tokens at the cache's next T slots; `mask` covers all S slots, 1 = valid token, 0 = padding or
+    not yet written), `init_cache(rows, S)` and `reorder_fn(cache, rows [R']) -> cache`. The
+    loop state is `(cache, mask [R, S], P)`.
+    """
+
+    def __init__(
+        self, step_fn: StepFn, init_cache: InitCacheFn, reorder_fn: ReorderFn | None = None
+    ):
+        self.step_fn = step_fn
+        self.init_cache = init_cache
+        self.reorder_fn = reorder_fn or (lambda cache, rows: cache.reorder(rows))
+
+    def prefill(self, input_ids: Array, attention_mask: Array, n: int, max_new_tokens: int):
+        """Runs the prompts once, expands to n rows per prompt (rows b*n+j <- prompt b).
+
+        Returns (logits [B*n, V] fp32 of the next token, state).
+        """
+        b, p = input_ids.shape
+        self._prompt_len = p  # static: new token i goes to slot P + i
+        length = p + max_new_tokens
+        mask = jnp.zeros((b, length), jnp.int32).at[:, :p].set(attention_mask.astype(jnp.int32))
+        cache = self.init_cache(b, length)
+        if p > 1:
+            # Only the last prompt position's logits are used: feeding it separately leaves the
+            # other positions' logits (the LM head, [B, P-1, V]) dead, and XLA removes them.
+            _, cache = self.step_fn(input_ids[:, : p - 1], mask, cache)
+        logits, cache = self.step_fn(input_ids[:, p - 1 :], mask, cache)
+        if n > 1:
+            rows = jnp.repeat(jnp.arange(b), n)
+            cache = self.reorder_fn(cache, rows)
+            logits, mask = logits[rows], mask[rows]
+        return logits.astype(jnp.float32), (cache, mask)
+
+    def step(self, state, tokens: Array, i: Array):
+        """Feeds new token i of every row (tokens [R]) into slot P + i.
+
+        Returns (logits [R, V] fp32, state).
+        """
+        cache, mask = state
+        slot = self._prompt_len + i
+        mask = jax.lax.dynamic_update_slice_in_dim(
+            mask, jnp.ones((mask.shape[0], 1), mask.dtype), slot, axis=1
+        )
+        logits, cache = self.step_fn(tokens[:, None], mask, cache)
+        return logits.astype(jnp.float32), (cache, mask)
+
+    def reorder(self, state, rows: Array):
+        """Row r of the result continues row rows[r] (a beam of the same prompt)."""
+        cache, mask = state
+        return self.reorder_fn(cache, rows), mask
+
+
 def search(
     step_fn: StepFn,
     init_cache: InitCacheFn,
@@ -295,8 +351,20 @@ def search(
     Returns:
       A `SearchOutput` with rows ordered prompt-major (prompt b's sequences are rows b*n..b*n+n-1).
     """
-    if reorder_fn is None:
-        reorder_fn = lambda cache, rows: cache.reorder(rows)
+    decoder = SlotCacheDecoder(step_fn, init_cache, reorder_fn)
+    return search_with(decoder, input_ids, attention_mask, settings, row_keys=row_keys)
+
+
+def search_with(
+    decoder: Any,
+    input_ids: Array,
+    attention_mask: Array,
+    settings: DecodeSettings,
+    *,
+    row_keys: Array | None = None,
+) -> SearchOutput:
+    """`search` with any decoder object offering `prefill`, `step` and `reorder` as
+    `SlotCacheDecoder` (e.g. `OPTBeamDecoder`)."""
     if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"input_ids must be [B, P] and attention_mask the same shape, got "
@@ -305,47 +373,15 @@ def search(
     if settings.do_sample and row_keys is None:
         raise ValueError("sampling needs row_keys")
     if settings.num_beams > 1:
-        return _beam_search(
-            step_fn, init_cache, reorder_fn, input_ids, attention_mask, settings, row_keys
-        )
-    return _greedy_or_sample(
-        step_fn, init_cache, reorder_fn, input_ids, attention_mask, settings, row_keys
-    )
+        return _beam_search(decoder, input_ids, attention_mask, settings, row_keys)
+    return _greedy_or_sample(decoder, input_ids, attention_mask, settings, row_keys)
 
 
-def _prefill(step_fn, init_cache, reorder_fn, input_ids, attention_mask, length, n):
-    """Runs the prompts once and expands the cache to n rows per prompt: rows b*n+j <- prompt b."""
-    b, p = input_ids.shape
-    mask = jnp.zeros((b, length), jnp.int32).at[:, :p].set(attention_mask.astype(jnp.int32))
-    cache = init_cache(b, length)
-    if p > 1:
-        # Only the last prompt position's logits are used: feeding it separately leaves the other
-        # positions' logits (the LM head, [B, P-1, V]) dead, and XLA removes them.
-        _, cache = step_fn(input_ids[:, : p - 1], mask, cache)
-    logits, cache = step_fn(input_ids[:, p - 1 :], mask, cache)
-    if n > 1:
-        rows = jnp.repeat(jnp.arange(b), n)
-        cache = reorder_fn(cache, rows)
-        logits, mask = logits[rows], mask[rows]
-    return logits.astype(jnp.float32), cache, mask
-
-
-def _feed(step_fn, tokens, mask, cache, slot):
-    """Marks `slot` valid and runs one decoding step on tokens [R]."""
-    mask = jax.lax.dynamic_update_slice_in_dim(
-        mask, jnp.ones((mask.shape[0], 1), mask.dtype), slot, axis=1
-    )
-    logits, cache = step_fn(tokens[:, None], mask, cache)
-    return logits.astype(jnp.float32), mask, cache
-
-
-def _greedy_or_sample(step_fn, init_cache, reorder_fn, input_ids, attention_mask, s, row_keys):
+def _greedy_or_sample(decoder, input_ids, attention_mask, s, row_keys):
     b, p = input_ids.shape
     n, big_l = s.rows_per_prompt, s.max_new_tokens
     r = b * n
-    logits, cache, mask = _prefill(
-        step_fn, init_cache, reorder_fn, input_ids, attention_mask, p + big_l, n
-    )
+    logits, dstate = decoder.prefill(input_ids, attention_mask, n, big_l)
     v = logits.shape[-1]
     prompt_rows = jnp.repeat(jnp.arange(b), n)
     seen = prompt_seen(input_ids, attention_mask, v)[prompt_rows]  # [R, V]
@@ -357,7 +393,7 @@ def _greedy_or_sample(step_fn, init_cache, reorder_fn, input_ids, attention_mask
     has_eos = bool(s.eos_token_ids)
 
     def body(state):
-        i, logits, cache, mask, seen, tokens, alive, lengths, _ = state
+        i, logits, dstate, seen, tokens, alive, lengths, _ = state
         scores = process_scores(logits, seen, i, s)
         if s.do_sample:
             # Gumbel-max = a draw from softmax(scores); -inf scores are never drawn.
@@ -374,14 +410,13 @@ def _greedy_or_sample(step_fn, init_cache, reorder_fn, input_ids, attention_mask
         go = (i + 1 < big_l) & jnp.any(alive)
         # Feeding unconditionally (even after the last token, into the spare slot P + L - 1)
         # beats a lax.cond: a conditional forces copies of the whole cache every step.
-        logits, mask, cache = _feed(step_fn, tok, mask, cache, p + i)
-        return i + 1, logits, cache, mask, seen, tokens, alive, lengths, go
+        logits, dstate = decoder.step(dstate, tok, i)
+        return i + 1, logits, dstate, seen, tokens, alive, lengths, go
 
     state = (
         jnp.int32(0),
         logits,
-        cache,
-        mask,
+        dstate,
         seen,
         jnp.full((r, big_l), fill, jnp.int32),
         jnp.ones((r,), bool),
@@ -389,18 +424,16 @@ def _greedy_or_sample(step_fn, init_cache, reorder_fn, input_ids, attention_mask
         jnp.bool_(True),
     )
     state = jax.lax.while_loop(lambda st: st[-1], body, state)
-    tokens, lengths = state[5], state[7]
+    tokens, lengths = state[4], state[6]
     return SearchOutput(tokens, lengths, jnp.zeros((r,), jnp.float32))
 
 
-def _beam_search(step_fn, init_cache, reorder_fn, input_ids, attention_mask, s, row_keys):
+def _beam_search(decoder, input_ids, attention_mask, s, row_keys):
     b, p = input_ids.shape
     k, big_l = s.num_beams, s.max_new_tokens
     r = b * k
     c = max(2, 1 + len(s.eos_token_ids)) * k  # candidates kept per prompt (HF beams_to_keep)
-    logits, cache, mask = _prefill(
-        step_fn, init_cache, reorder_fn, input_ids, attention_mask, p + big_l, k
-    )
+    logits, dstate = decoder.prefill(input_ids, attention_mask, k, big_l)
     v = logits.shape[-1]
     seen = prompt_seen(input_ids, attention_mask, v)[jnp.repeat(jnp.arange(b), k)]  # [R, V]
     fill = s.fill_token_id
@@ -416,8 +449,7 @@ def _beam_search(step_fn, init_cache, reorder_fn, input_ids, attention_mask, s, 
         (
             i,
             logits,
-            cache,
-            mask,
+            dstate,
             seen,
             run_seq,
             run_score,
@@ -480,14 +512,11 @@ def _beam_search(step_fn, init_cache, reorder_fn, input_ids, attention_mask, s, 
         # f. Reorder per-row state and the cache to the new running beams, feed their tokens.
         rows = (offsets + run_parent).reshape(r)
         seen = _mark_seen(seen[rows], run_tok.reshape(r))
-        logits, mask, cache = _feed(
-            step_fn, run_tok.reshape(r), mask, reorder_fn(cache, rows), p + i
-        )
+        logits, dstate = decoder.step(decoder.reorder(dstate, rows), run_tok.reshape(r), i)
         return (
             i + 1,
             logits,
-            cache,
-            mask,
+            dstate,
             seen,
             run_seq,
             run_score,
@@ -506,8 +535,7 @@ def _beam_search(step_fn, init_cache, reorder_fn, input_ids, attention_mask, s, 
     state = (
         jnp.int32(0),
         logits,
-        cache,
-        mask,
+        dstate,
         seen,
         seqs,
         run_score,
@@ -519,7 +547,7 @@ def _beam_search(step_fn, init_cache, reorder_fn, input_ids, attention_mask, s, 
         jnp.bool_(True),
     )
     state = jax.lax.while_loop(lambda st: st[-1], body, state)
-    fin_seq, fin_score, fin_len = state[7], state[8], state[9]
+    fin_seq, fin_score, fin_len = state[6], state[7], state[8]
     n = s.num_return_sequences
     return SearchOutput(
         fin_seq[:, :n].reshape(b * n, big_l),
@@ -533,11 +561,169 @@ def _beam_search(step_fn, init_cache, reorder_fn, input_ids, attention_mask, s, 
 # --------------------------------------------------------------------------------------------
 
 
+class OPTBeamDecoder:
+    """Decoding steps of the Flax OPT with a beam-aware KV cache (no cache reordering).
+
+    The generic `SlotCacheDecoder` keeps one cache row per beam holding prompt + generated
+    tokens and gathers the whole cache every step when beams are reordered, then attends over
+    all of it: three passes over [L, B*K, P+L, D] per step. Here, since the K rows of a prompt
+    share its prompt, the prompt's keys/values are stored once per prompt ([L, B, P, N, H], from
+    the model's own cached forward), and generated keys/values go to a separate
+    [L, B*K, L_new, N, H] buffer where row r's token i is written at (r, i) and never moved.
+    A small ancestry table `src [R, L_new]` says which buffer row holds token j of beam r;
+    reordering beams gathers only that table, and attention reads each generated key through it.
+    Per step the cache traffic drops from 3 (B*K)(P+L) to B*P + B*K*L rows of keys and values.
+
+    The layer arithmetic is the model's own modules (`q_proj`, LayerNorms, `fc1`, ... and the
+    pre/post-LayerNorm switch of `OPTDecoderLayer`); only the attention over the split cache is
+    spelled out (HF numerics: q scaled before the dot product, fp32 softmax, masked logits at the
+    dtype's minimum). Parity with transformers is tested through `generate`.
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def prefill(self, input_ids: Array, attention_mask: Array, n: int, max_new_tokens: int):
+        model = self.model
+        b, p = input_ids.shape
+        mask = attention_mask.astype(jnp.int32)
+        cache = model.init_cache(b, p)
+        if p > 1:  # see SlotCacheDecoder.prefill: the unused logits are dead code
+            _, cache = model(input_ids[:, : p - 1], attention_mask=mask, cache=cache)
+        logits, cache = model(input_ids[:, p - 1 :], attention_mask=mask, cache=cache)
+        r = b * n
+        layers, _, _, heads, head_dim = cache.key.shape
+        gen_shape = (layers, r, max_new_tokens, heads, head_dim)
+        state = dict(
+            prompt_k=cache.key,  # [L, B, P, N, H]
+            prompt_v=cache.value,
+            prompt_mask=attention_mask != 0,  # [B, P]
+            # HF positions: cumsum(mask) * mask - 1, so new token i sits at n_valid + i.
+            n_valid=jnp.sum(mask, axis=1).astype(jnp.int32),  # [B]
+            gen_k=jnp.zeros(gen_shape, cache.key.dtype),  # [L, R, L_new, N, H]
+            gen_v=jnp.zeros(gen_shape, cache.value.dtype),
+            src=jnp.zeros((r, max_new_tokens), jnp.int32),  # [R, L_new]
+        )
+        rows = jnp.repeat(jnp.arange(b), n)
+        return logits[:, -1, :].astype(jnp.float32)[rows], state
+
+    def reorder(self, state, rows: Array):
+        return {**state, "src": state["src"][rows]}
+
+    def step(self, state, tokens: Array, i: Array):
+        model = self.model
+        decoder = model.model.decoder
+        b, p = state["prompt_mask"].shape
+        r, big_l = state["src"].shape
+        n = r // b
+        src = jax.lax.dynamic_update_slice_in_dim(
+            state["src"], jnp.arange(r, dtype=jnp.int32)[:, None], i, axis=1
+        )
+        prompt_mask = jnp.repeat(state["prompt_mask"], n, axis=0)  # [R, P]
+        gen_mask = jnp.broadcast_to(jnp.arange(big_l)[None, :] <= i, (r, big_l))  # [R, L_new]
+        positions = jnp.repeat(state["n_valid"], n)[:, None] + i  # [R, 1]
+
+        x = decoder.embed_tokens(tokens[:, None])  # [R, 1, E]
+        if decoder.project_in is not None:
+            x = decoder.project_in(x)  # [R, 1, D]
+        x = x + decoder.embed_positions(positions + opt_module().POSITION_OFFSET)
+        gen_k, gen_v = state["gen_k"], state["gen_v"]
+        slots = jnp.arange(big_l)[None, :]
+        for layer_idx, layer in enumerate(decoder.layers):
+            residual = x
+            if layer.pre_ln:
+                x = layer.self_attn_layer_norm(x)
+            attn = layer.self_attn
+            q = attn.q_proj(x) * jnp.asarray(attn.scaling, x.dtype)  # [R, 1, N, H]
+            k, v = attn.k_proj(x), attn.v_proj(x)  # [R, 1, N, H]
+            start = (layer_idx, 0, i, 0, 0)
+            gen_k = jax.lax.dynamic_update_slice(gen_k, k[None].astype(gen_k.dtype), start)
+            gen_v = jax.lax.dynamic_update_slice(gen_v, v[None].astype(gen_v.dtype), start)
+            x = attn.out_proj(
+                self._attend(
+                    q[:, 0],
+                    state["prompt_k"][layer_idx],
+                    state["prompt_v"][layer_idx],
+                    gen_k[layer_idx][src, slots],  # [R, L_new, N, H] through the ancestry
+                    gen_v[layer_idx][src, slots],
+                    prompt_mask,
+                    gen_mask,
+                )[:, None]
+            )  # [R, 1, D]
+            x = residual + x
+            if not layer.pre_ln:
+                x = layer.self_attn_layer_norm(x)
+            residual = x
+            if layer.pre_ln:
+                x = layer.final_layer_norm(x)
+            x = layer.fc2(opt_module()._ACTIVATIONS[layer.activation](layer.fc1(x)))
+            x = residual + x
+            if not layer.pre_ln:
+                x = layer.final_layer_norm(x)
+        if decoder.final_layer_norm is not None:
+            x = decoder.final_layer_norm(x)
+        if decoder.project_out is not None:
+            x = decoder.project_out(x)  # [R, 1, E]
+        if model.lm_head is None:
+            table = decoder.embed_tokens.embedding[...].astype(model.dtype)  # [V, E]
+            logits = jnp.einsum("bte,ve->btv", x, table, preferred_element_type=jnp.float32)
+        else:
+            kernel = model.lm_head.kernel[...].astype(model.dtype)  # [E, V]
+            logits = jnp.einsum("bte,ev->btv", x, kernel, preferred_element_type=jnp.float32)
+        state = {**state, "gen_k": gen_k, "gen_v": gen_v, "src": src}
+        return logits[:, -1, :].astype(jnp.float32), state
+
+    @staticmethod
+    def _attend(q, prompt_k, prompt_v, gen_k, gen_v, prompt_mask, gen_mask):
+        """One query per row over its prompt (shared by the prompt's rows) and its own history.
+
+        q [R, N, H]; prompt_k/v [B, P, N, H]; gen_k/v [R, L_new, N, H]; masks [R, P], [R, L_new].
+        Returns [R, N, H].
+        """
+        b, p = prompt_k.shape[:2]
+        r, heads, head_dim = q.shape
+        qb = q.reshape(b, r // b, heads, head_dim)  # [B, n, N, H]
+        s_prompt = jnp.einsum(
+            "bknh,bpnh->bknp", qb, prompt_k, preferred_element_type=jnp.float32
+        ).reshape(r, heads, p)  # [R, N, P]
+        s_gen = jnp.einsum("rnh,rjnh->rnj", q, gen_k, preferred_element_type=jnp.float32)
+        low = jnp.finfo(jnp.float32).min
+        scores = jnp.concatenate(
+            [
+                jnp.where(prompt_mask[:, None, :], s_prompt, low),
+                jnp.where(gen_mask[:, None, :], s_gen, low),
+            ],
+            axis=-1,
+        )  # [R, N, P + L_new]
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        probs_prompt = probs[..., :p].reshape(b, r // b, heads, p)
+        out_prompt = jnp.einsum("bknp,bpnh->bknh", probs_prompt, prompt_v).reshape(r, heads, -1)
+        out_gen = jnp.einsum("rnj,rjnh->rnh", probs[..., p:], gen_v)
+        return out_prompt + out_gen  # [R, N, H]
+
+
+def opt_module():
+    """`collapse_jax.lm.opt`, imported lazily (decode itself is model-agnostic)."""
+    from collapse_jax.lm import opt
+
+    return opt
+
+
+def _is_opt(model: Any) -> bool:
+    return isinstance(model, opt_module().OPTForCausalLM)
+
+
 @functools.lru_cache(maxsize=64)
 def compiled_search(
-    graphdef: nnx.GraphDef, settings: DecodeSettings, mesh: Mesh | None = None
+    graphdef: nnx.GraphDef,
+    settings: DecodeSettings,
+    mesh: Mesh | None = None,
+    fast: bool = True,
 ) -> Callable[[Any, Array, Array, Array], SearchOutput]:
     """One jitted `search` program for an NNX causal LM structure and settings.
+
+    With `fast` (default) a Flax OPT decodes through `OPTBeamDecoder`; any other model, or
+    `fast=False`, through the model's own slot cache (`SlotCacheDecoder`).
 
     The returned function takes `(state, input_ids [B, P], attention_mask [B, P], row_keys [B])`
     where `state` comes from `nnx.split(model)`; `jax.jit` caches one executable per shape. With a
@@ -547,19 +733,17 @@ def compiled_search(
 
     def run(state, input_ids, attention_mask, row_keys):
         model = nnx.merge(graphdef, state)
+        keys = row_keys if settings.do_sample else None
+        if fast and _is_opt(model):
+            decoder = OPTBeamDecoder(model)
+        else:
 
-        def step_fn(tokens, mask, cache):
-            logits, cache = model(tokens, attention_mask=mask, cache=cache)
-            return logits[:, -1, :], cache
+            def step_fn(tokens, mask, cache):
+                logits, cache = model(tokens, attention_mask=mask, cache=cache)
+                return logits[:, -1, :], cache
 
-        return search(
-            step_fn,
-            model.init_cache,
-            input_ids,
-            attention_mask,
-            settings,
-            row_keys=row_keys if settings.do_sample else None,
-        )
+            decoder = SlotCacheDecoder(step_fn, model.init_cache)
+        return search_with(decoder, input_ids, attention_mask, settings, row_keys=keys)
 
     if mesh is None:
         return jax.jit(run)
