@@ -402,15 +402,18 @@ class OPTAttention(nnx.Module):
             # a large finite negative, so the fully masked rows of left padding give uniform
             # weights, never NaN. Without padding the mask is implicit (is_causal), the case
             # cuDNN's fused kernels handle best.
-            out = jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                mask=mask,
-                is_causal=mask is None,
-                scale=1.0,
-                implementation=self.implementation,
-            )  # [B, T, N, H]
+            # jax's XLA attention promotes bf16 with float32 internally, which strict dtype
+            # promotion (our tests' setting for model code) rejects: allow it for this call only.
+            with jax.numpy_dtype_promotion("standard"):
+                out = jax.nn.dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    mask=mask,
+                    is_causal=mask is None,
+                    scale=1.0,
+                    implementation=self.implementation,
+                )  # [B, T, N, H]
         return self.out_proj(out), new_stacks
 
 

@@ -316,7 +316,8 @@ def test_mixed_precision(hf_dirs, param_dtype):
     model = load_pretrained(path, dtype=jnp.bfloat16, param_dtype=param_dtype)
     for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
         assert leaf.dtype == param_dtype
-    logits = forward(model, ids, mask)
+    with jax.numpy_dtype_promotion("strict"):  # no silent float32 promotion in model code
+        logits = forward(model, ids, mask)
     assert logits.dtype == jnp.float32
     valid = mask.astype(bool)
     err = np.abs(np.asarray(logits) - ref)[valid]
