@@ -128,40 +128,38 @@ class TrainConfig:
 
 
 def learning_rate_at(
-    step: jax.Array | int,
-    hparams: dict[str, jax.Array | float],
-    *,
-    kind: str,
-    epochs: int,
-    steps_per_epoch: int,
-    warmup_steps: int = 0,
+    step: jax.Array | int, hparams: dict[str, jax.Array | float], *, kind: str
 ) -> jax.Array:
     """The learning rate of optimizer step `step` (0-based) under schedule `kind`.
 
     Args:
       step: optimizer steps done before this one.
-      hparams: {"learning_rate": peak lr_0, "eta_min": final lr}; runtime values, so changing
-        them does not recompile the train step.
+      hparams: "learning_rate" (peak lr_0), "eta_min" (final lr), "epochs", "steps_per_epoch",
+        "warmup_steps": runtime values, so changing them (another lr, a data set of another
+        size) does not recompile the train step.
       kind: "paper_cosine": torch `CosineAnnealingLR(T_max=epochs, eta_min)` stepped once per
         epoch, lr = eta_min + (lr_0 - eta_min) * (1 + cos(pi * epoch / epochs)) / 2 with
         epoch = step // steps_per_epoch; "warmup_cosine": lr_0 * step / warmup_steps during
         warmup, then a per-step cosine from lr_0 down to eta_min at the last step (optax's
         `warmup_cosine_decay_schedule`); "constant": lr_0.
-      epochs, steps_per_epoch, warmup_steps: static lengths.
     """
-    lr0 = jnp.asarray(hparams["learning_rate"], jnp.float32)
-    eta_min = jnp.asarray(hparams["eta_min"], jnp.float32)
-    step = jnp.asarray(step)
+    f32 = jnp.float32
+    lr0 = jnp.asarray(hparams["learning_rate"], f32)
+    eta_min = jnp.asarray(hparams["eta_min"], f32)
+    epochs = jnp.asarray(hparams["epochs"], f32)
+    spe = jnp.asarray(hparams["steps_per_epoch"], jnp.int32)
+    warmup = jnp.asarray(hparams["warmup_steps"], f32)
+    step = jnp.asarray(step, jnp.int32)
     if kind == "paper_cosine":
-        epoch = (step // steps_per_epoch).astype(jnp.float32)
+        epoch = (step // spe).astype(f32)
         return eta_min + (lr0 - eta_min) * (1.0 + jnp.cos(jnp.pi * epoch / epochs)) / 2.0
     if kind == "warmup_cosine":
-        total = max(epochs * steps_per_epoch, warmup_steps + 1)
-        t = step.astype(jnp.float32)
-        warm = lr0 * t / max(warmup_steps, 1)
-        frac = jnp.clip((t - warmup_steps) / (total - warmup_steps), 0.0, 1.0)
+        total = jnp.maximum(epochs * spe.astype(f32), warmup + 1.0)
+        t = step.astype(f32)
+        warm = lr0 * t / jnp.maximum(warmup, 1.0)
+        frac = jnp.clip((t - warmup) / (total - warmup), 0.0, 1.0)
         cos = eta_min + (lr0 - eta_min) * (1.0 + jnp.cos(jnp.pi * frac)) / 2.0
-        return jnp.where(t < warmup_steps, warm, cos)
+        return jnp.where(t < warmup, warm, cos)
     if kind == "constant":
         return lr0 + 0.0 * eta_min
     raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
@@ -175,31 +173,30 @@ def paper_cosine_schedule(
     Returns:
       step -> eta_min + (lr - eta_min) * (1 + cos(pi * (step // steps_per_epoch) / epochs)) / 2.
     """
-    hp = {"learning_rate": learning_rate, "eta_min": eta_min}
-    return lambda step: learning_rate_at(
-        step, hp, kind="paper_cosine", epochs=epochs, steps_per_epoch=steps_per_epoch
-    )
+    hp = {
+        "learning_rate": learning_rate,
+        "eta_min": eta_min,
+        "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "warmup_steps": 0,
+    }
+    return lambda step: learning_rate_at(step, hp, kind="paper_cosine")
 
 
-def _schedule_fn(config: TrainConfig, steps_per_epoch: int) -> Callable[..., jax.Array]:
-    """(step, hparams) -> lr with the static parts of `config` bound."""
-    return functools.partial(
-        learning_rate_at,
-        kind=config.schedule,
-        epochs=config.epochs,
-        steps_per_epoch=steps_per_epoch,
-        warmup_steps=config.warmup_steps,
-    )
-
-
-def _hparams(config: TrainConfig) -> dict[str, float]:
-    return {"learning_rate": config.learning_rate, "eta_min": config.eta_min}
+def _hparams(config: TrainConfig, steps_per_epoch: int) -> dict[str, float | int]:
+    return {
+        "learning_rate": config.learning_rate,
+        "eta_min": config.eta_min,
+        "epochs": config.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "warmup_steps": config.warmup_steps,
+    }
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> Schedule:
     """The learning-rate schedule named by `config.schedule`, as a function of the opt. step."""
-    fn, hp = _schedule_fn(config, steps_per_epoch), _hparams(config)
-    return lambda step: fn(step, hp)
+    hp = _hparams(config, steps_per_epoch)
+    return lambda step: learning_rate_at(step, hp, kind=config.schedule)
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
@@ -675,7 +672,7 @@ def prepare_training(
     mesh and step-relevant settings, so later calls (e.g. the next generation) skip compilation.
     `finetune` is built on this; benchmarks call it to time the bare step.
     """
-    lr_schedule = _schedule_fn(config, steps_per_epoch)
+    lr_schedule = functools.partial(learning_rate_at, kind=config.schedule)
     tx = make_optimizer(config)
     compute_dtype = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
     graphdef, params, rest = _split(model)
@@ -709,6 +706,8 @@ def prepare_training(
         config,
         learning_rate=1.0,
         eta_min=0.0,
+        epochs=1,
+        warmup_steps=0,
         eval_batch_size=None,
         save_every_steps=None,
         keep_checkpoints=2,
@@ -717,9 +716,13 @@ def prepare_training(
         drop_last=False,
         pad_token_id=None,
     )
-    key = ("train", graphdef, _signature(params), mesh, step_config, steps_per_epoch)
+    key = ("train", graphdef, _signature(params), mesh, step_config)
     fns = _cached(key, build)
     rep = sharding.replicated(mesh)
+    hparams = {
+        k: np.asarray(v, np.int32 if k in ("steps_per_epoch", "warmup_steps") else np.float32)
+        for k, v in _hparams(config, steps_per_epoch).items()
+    }
     params_g = _to_global(params, fns.state_shardings.params)
     rest_g = _to_global(rest, fns.rest_shardings)
     state = TrainState(_to_global(np.zeros((), np.int32), rep), params_g, fns.init(params_g))
@@ -733,10 +736,7 @@ def prepare_training(
         fns.rest_shardings,
         fns.batch,
         lr_schedule,
-        _to_global(
-            {k: np.float32(v) for k, v in _hparams(config).items()},
-            {"learning_rate": rep, "eta_min": rep},
-        ),
+        _to_global(hparams, {k: rep for k in hparams}),
         compute_dtype,
     )
 
