@@ -1,6 +1,9 @@
 """WikiText-2 token blocks and the training input pipeline.
 
-Blocks are built as in the paper's code, which follows Hugging Face's `run_clm.py`:
+Blocks are built the way Hugging Face's `run_clm.py` builds them, which is what the paper's code
+(`curse_recurse/main.py`: `prepare_data()` + `preprocess_datasets(raw_dataset, tokenizer)` on the
+HF `wikitext-2-raw-v1` dataset, 64-token blocks) does; its `dataset.py` is not in the public
+repository, so the steps below follow `run_clm.py`'s `tokenize_function` + `group_texts`:
 
 1. Every line of `wiki.<split>.raw` is one dataset row, in the layout of the HF `wikitext` dataset
    (`wikitext-2-raw-v1`): a line with text keeps its leading space and trailing newline; a blank
