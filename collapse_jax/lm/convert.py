@@ -25,7 +25,7 @@ import json
 import math
 import os
 import pathlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -313,13 +313,6 @@ def save_pretrained(model: OPTForCausalLM, path: os.PathLike | str) -> None:
     tmp_config = directory / (CONFIG_NAME + ".tmp")
     tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     os.replace(tmp_config, directory / CONFIG_NAME)
-
-
-def iter_hf_names(config: OPTConfig) -> Iterator[str]:
-    """The HF tensor names a model of `config` reads (tied head excluded), in a stable order."""
-    abstract = nnx.eval_shape(lambda: OPTForCausalLM(config, rngs=nnx.Rngs(0)))
-    for path, _ in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        yield hf_name(path)
 
 
 def state_from_hf(

@@ -29,7 +29,15 @@ heads and the attention einsums need no reshapes; HF's [N*H, D] weights are tran
 reshaped on conversion. The tied LM head reuses `embed_tokens` (no `lm_head` parameter).
 
 The KV cache is one pytree `KVCache(key [L, B, S, N, H], value [L, B, S, N, H], index)`: batch
-is axis 1, so a beam search reorders every layer with one gather (`KVCache.reorder`).
+is axis 1, so a beam search reorders every layer with one gather (`KVCache.reorder`). Each layer
+writes its new keys/values with one `dynamic_update_slice` into the stacked arrays, which XLA does
+in place when the cache is donated to the jitted step.
+
+Attention goes through `jax.nn.dot_product_attention` (XLA by default; `attention_implementation=
+"cudnn"` selects cuDNN flash attention on GPU) except in training mode with attention dropout,
+which that function lacks. Mixed precision: `param_dtype` is the storage dtype, `dtype` the compute
+dtype; LayerNorm statistics, softmax and the logits are float32. Token ids or positions outside
+the tables give NaN logits (`jnp.take` fills out-of-range rows), never a silent wrong row.
 """
 
 from __future__ import annotations

@@ -124,7 +124,21 @@ def test_pytorch_model_bin(hf_dir, tmp_path):
     )
     assert (bin_dir / "pytorch_model.bin").is_file()
     assert not (bin_dir / "model.safetensors").exists()
-    _assert_same_params(load_pretrained(bin_dir), load_pretrained(hf_dir))
+    reference = load_pretrained(hf_dir)
+    _assert_same_params(load_pretrained(bin_dir), reference)
+    # Sharded torch checkpoints (pytorch_model.bin.index.json), as older big OPTs ship.
+    state = torch.load(bin_dir / "pytorch_model.bin", weights_only=True)
+    names = sorted(state)
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[::2],
+        "pytorch_model-00002-of-00002.bin": names[1::2],
+    }
+    for file, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, bin_dir / file)
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (bin_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (bin_dir / "pytorch_model.bin").unlink()
+    _assert_same_params(load_pretrained(bin_dir), reference)
 
 
 @pytest.mark.torch
