@@ -158,13 +158,18 @@ def load_wikitext_blocks(
       source: see `load_wikitext_lines` (directory with wiki.*.raw, HF save_to_disk dir, "tfds").
       split: "train", "valid" / "validation" or "test".
       tokenizer: a Hugging Face tokenizer (e.g. `collapse_jax.lm.tokenizer.load_tokenizer(path)`)
-        called on a list of strings, returning `{"input_ids": [[int, ...], ...]}`.
+        called on a list of strings, returning `{"input_ids": [[int, ...], ...]}`, or the path
+        of a tokenizer directory (loaded with `load_tokenizer`).
       block_size: tokens per block (T), 64 in the paper.
 
     Returns:
       int32 array [N, T] of token ids.
     """
     rows = load_wikitext_lines(source, split)
+    if isinstance(tokenizer, str | os.PathLike):
+        from collapse_jax.lm.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
     ids = tokenizer(rows)["input_ids"]
     return group_blocks(ids, block_size)
 

@@ -63,6 +63,8 @@ def test_real_wikitext_valid_blocks(data_dir, opt_tokenizer):
     head = opt_tokenizer(rows[1])["input_ids"]
     np.testing.assert_array_equal(blocks[0, : 1 + len(head)], [2] + head)
     assert blocks.max() < 50272 and blocks.min() >= 0
+    by_path = data.load_wikitext_blocks(src, "valid", data_dir / "opt-125m-tokenizer")
+    np.testing.assert_array_equal(by_path, blocks)
 
 
 def test_bad_sources(tmp_path):
