@@ -36,7 +36,7 @@ in place when the cache is donated to the jitted step.
 Attention goes through `jax.nn.dot_product_attention` (XLA by default; `attention_implementation=
 "cudnn"` selects cuDNN flash attention on GPU) except in training mode with attention dropout,
 which that function lacks. Mixed precision: `param_dtype` is the storage dtype, `dtype` the compute
-dtype; LayerNorm statistics, softmax and the logits are float32. Token ids or positions outside
+dtype; LayerNorm statistics, softmax and the logits are float32. Token ids or positions beyond
 the tables give NaN logits (`jnp.take` fills out-of-range rows), never a silent wrong row.
 """
 
