@@ -619,8 +619,6 @@ class OPTBeamDecoder:
         src = jax.lax.dynamic_update_slice_in_dim(
             state["src"], jnp.arange(r, dtype=jnp.int32)[:, None], i, axis=1
         )
-        prompt_mask = jnp.repeat(state["prompt_mask"], n, axis=0)  # [R, P]
-        gen_mask = jnp.broadcast_to(jnp.arange(big_l)[None, :] <= i, (r, big_l))  # [R, L_new]
         positions = jnp.repeat(state["n_valid"], n)[:, None] + i  # [R, 1]
 
         x = decoder.embed_tokens(tokens[:, None])  # [R, 1, E]
@@ -628,7 +626,6 @@ class OPTBeamDecoder:
             x = decoder.project_in(x)  # [R, 1, D]
         x = x + decoder.embed_positions(positions + opt_module().POSITION_OFFSET)
         gen_k, gen_v = state["gen_k"], state["gen_v"]
-        slots = jnp.arange(big_l)[None, :]
         for layer_idx, layer in enumerate(decoder.layers):
             residual = x
             if layer.pre_ln:
@@ -644,10 +641,11 @@ class OPTBeamDecoder:
                     q[:, 0],
                     state["prompt_k"][layer_idx],
                     state["prompt_v"][layer_idx],
-                    gen_k[layer_idx][src, slots],  # [R, L_new, N, H] through the ancestry
-                    gen_v[layer_idx][src, slots],
-                    prompt_mask,
-                    gen_mask,
+                    gen_k[layer_idx],
+                    gen_v[layer_idx],
+                    state["prompt_mask"],
+                    src,
+                    i,
                 )[:, None]
             )  # [R, 1, D]
             x = residual + x
@@ -674,32 +672,49 @@ class OPTBeamDecoder:
         return logits[:, -1, :].astype(jnp.float32), state
 
     @staticmethod
-    def _attend(q, prompt_k, prompt_v, gen_k, gen_v, prompt_mask, gen_mask):
+    def _attend(q, prompt_k, prompt_v, gen_k, gen_v, prompt_mask, src, i):
         """One query per row over its prompt (shared by the prompt's rows) and its own history.
 
-        q [R, N, H]; prompt_k/v [B, P, N, H]; gen_k/v [R, L_new, N, H]; masks [R, P], [R, L_new].
-        Returns [R, N, H].
+        Args:
+          q: [R, N, H] queries, R = B * n rows (n per prompt).
+          prompt_k, prompt_v: [B, P, N, H].
+          gen_k, gen_v: [R, L_new, N, H] generated keys/values by buffer row.
+          prompt_mask: [B, P] bool.
+          src: [R, L_new] buffer row holding each row's token j (rows of the same prompt).
+          i: the current step (slots j <= i are valid).
+
+        Returns:
+          [R, N, H].
         """
         b, p = prompt_k.shape[:2]
         r, heads, head_dim = q.shape
-        qb = q.reshape(b, r // b, heads, head_dim)  # [B, n, N, H]
-        s_prompt = jnp.einsum(
-            "bknh,bpnh->bknp", qb, prompt_k, preferred_element_type=jnp.float32
-        ).reshape(r, heads, p)  # [R, N, P]
-        s_gen = jnp.einsum("rnh,rjnh->rnj", q, gen_k, preferred_element_type=jnp.float32)
+        n, big_l = r // b, gen_k.shape[1]
+        qb = q.reshape(b, n, heads, head_dim)  # [B, n, N, H]
+        s_prompt = jnp.einsum("bknh,bpnh->bknp", qb, prompt_k, preferred_element_type=jnp.float32)
+        # Row k's token j lives in buffer row src[k, j] of its prompt's n rows: score against all
+        # n candidates (n times the few FLOPs) and keep the right one with a one-hot, instead of
+        # gathering a [R, L_new, N, H] copy of the keys every layer and step.
+        gk = gen_k.reshape(b, n, big_l, heads, head_dim)  # [B, m, L_new, N, H]
+        s_all = jnp.einsum("bknh,bmjnh->bknmj", qb, gk, preferred_element_type=jnp.float32)
+        local = (src - (jnp.arange(r) // n * n)[:, None]).reshape(b, n, big_l)  # [B, n, L_new]
+        onehot = local[:, :, None, :] == jnp.arange(n)[None, None, :, None]  # [B, n, m, L_new]
+        s_gen = jnp.sum(jnp.where(onehot[:, :, None], s_all, 0.0), axis=3)  # [B, n, N, L_new]
         low = jnp.finfo(jnp.float32).min
+        valid = (jnp.arange(big_l) <= i)[None, None, None, :]
         scores = jnp.concatenate(
             [
-                jnp.where(prompt_mask[:, None, :], s_prompt, low),
-                jnp.where(gen_mask[:, None, :], s_gen, low),
+                jnp.where(prompt_mask[:, None, None, :], s_prompt, low),
+                jnp.where(valid, s_gen, low),
             ],
             axis=-1,
-        )  # [R, N, P + L_new]
+        )  # [B, n, N, P + L_new]
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        probs_prompt = probs[..., :p].reshape(b, r // b, heads, p)
-        out_prompt = jnp.einsum("bknp,bpnh->bknh", probs_prompt, prompt_v).reshape(r, heads, -1)
-        out_gen = jnp.einsum("rnj,rjnh->rnh", probs[..., p:], gen_v)
-        return out_prompt + out_gen  # [R, N, H]
+        out_prompt = jnp.einsum("bknp,bpnh->bknh", probs[..., :p], prompt_v)
+        weights = jnp.where(onehot[:, :, None], probs[..., None, p:], 0.0)  # [B, n, N, m, L_new]
+        out_gen = jnp.einsum(
+            "bknmj,bmjnh->bknh", weights, gen_v.reshape(b, n, big_l, heads, head_dim)
+        )
+        return (out_prompt + out_gen).reshape(r, heads, head_dim)
 
 
 def opt_module():
