@@ -170,7 +170,11 @@ def stats_of_points(x: Array) -> GaussianStats:
     """Sufficient statistics of points `[n, d]`."""
     mean = jnp.mean(x, axis=0)
     xc = x - mean[None, :]
-    return GaussianStats(jnp.int32(x.shape[0]), mean, xc.T @ xc)
+    if x.shape[1] == 1:  # a 1 x M by M x 1 matmul per chain is slow on CPU: plain reduction
+        scatter = jnp.sum(jnp.square(xc)).reshape(1, 1)
+    else:
+        scatter = xc.T @ xc
+    return GaussianStats(jnp.int32(x.shape[0]), mean, scatter)
 
 
 def pool(parts: Sequence[GaussianStats]) -> GaussianStats:

@@ -1,0 +1,220 @@
+"""Throughput of the theory models against a straightforward vectorised NumPy implementation of
+the same process, in one process on one machine (issue 2, item 4).
+
+Measurements (one JSON object each, written to benchmarks/results/theory-<platform>.json):
+- gaussian_sample: samples/s of `gaussian.simulate(method="sample")` (10^4 chains x 200
+  generations x M = 100, d = 1) vs NumPy drawing and refitting the same points; and as a
+  fraction of raw `jax.random.normal` throughput (philox4x32), the sampler's limit.
+- gaussian_exact: chain-generations/s of `method="exact"` at M = 1000 vs NumPy drawing the M
+  points (the process as written) and vs NumPy drawing the statistics (chi-square + normal).
+- discrete_sample / discrete_exact: K = 10 states, M = 100 / 1000, vs NumPy inverse-CDF draws
+  and NumPy's `Generator.multinomial` (C-level conditional binomials).
+
+Usage: python benchmarks/bench_theory.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from collapse_jax.theory import discrete, gaussian
+
+
+def _time(fn, repeats: int) -> tuple[float, float]:
+    """(first call seconds, i.e. compile + run; median seconds of `repeats` further calls)."""
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    return max(first - med, 0.0), med
+
+
+def numpy_gaussian_sample(rng, chains, generations, m):
+    mu, var = np.zeros(chains), np.ones(chains)
+    for _ in range(generations):
+        x = mu[:, None] + np.sqrt(var)[:, None] * rng.standard_normal((chains, m))
+        mu, var = x.mean(1), x.var(1, ddof=1)
+    return mu, var
+
+
+def numpy_gaussian_exact(rng, chains, generations, m):
+    mu, var = np.zeros(chains), np.ones(chains)
+    for _ in range(generations):
+        mu = mu + np.sqrt(var / m) * rng.standard_normal(chains)
+        var = var * rng.chisquare(m - 1, chains) / (m - 1)
+    return mu, var
+
+
+def numpy_discrete_sample(rng, probs, chains, generations, m):
+    k = probs.size
+    p = np.broadcast_to(probs, (chains, k)).copy()
+    offs = (np.arange(chains) * k)[:, None]
+    for _ in range(generations):
+        cdf = np.cumsum(p, axis=1)
+        u = rng.random((chains, m)) * cdf[:, -1:]
+        idx = (u[:, :, None] >= cdf[:, None, :]).sum(-1)
+        counts = np.bincount((idx + offs).ravel(), minlength=chains * k).reshape(chains, k)
+        p = counts / m
+    return p
+
+
+def numpy_discrete_exact(rng, probs, chains, generations, m):
+    p = np.broadcast_to(probs, (chains, probs.size)).copy()
+    for _ in range(generations):
+        p = rng.multinomial(m, p) / m
+    return p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer generations and repeats")
+    ap.add_argument("--out", default=None, help="output JSON (default benchmarks/results/)")
+    args = ap.parse_args()
+    dev = jax.devices()[0]
+    device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
+    repeats = 1 if args.quick else 3
+    chains, gens = 10_000, (50 if args.quick else 200)
+    key = jax.random.key(0)
+    rng = np.random.default_rng(0)
+    results = []
+
+    def record(name, config, compile_s, median_s, throughput, ratio, **extra):
+        row = dict(
+            name=name,
+            device=device,
+            config=config,
+            compile_s=round(compile_s, 3),
+            median_ms=round(1e3 * median_s, 3),
+            throughput=throughput,
+            ratio=ratio,
+            **extra,
+        )
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    # --- Gaussian, sample method: samples per second ----------------------------------------
+    m = 100
+    n_samples = chains * gens * m
+    c, t = _time(
+        lambda: gaussian.simulate(
+            key, chains=chains, generations=gens, sample_size=m, method="sample"
+        ),
+        repeats,
+    )
+    _, t_np = _time(lambda: numpy_gaussian_sample(rng, chains, gens, m), max(1, repeats - 1))
+    pkey = jax.random.key(0, impl="philox4x32")
+    raw = jax.jit(lambda k: jax.random.normal(k, (chains, m)).sum())
+    _, t_raw = _time(lambda: raw(pkey).block_until_ready(), 5)
+    raw_rate = chains * m / t_raw
+    record(
+        "gaussian_sample",
+        dict(chains=chains, generations=gens, M=m, d=1),
+        c,
+        t,
+        n_samples / t,
+        (n_samples / t) / (n_samples / t_np),
+        baseline="numpy",
+        baseline_throughput=n_samples / t_np,
+        raw_normal_throughput=raw_rate,
+        fraction_of_rng_limit=(n_samples / t) / raw_rate,
+        unit="samples/s",
+    )
+
+    # --- Gaussian, exact method at M = 1000: chain-generations per second -------------------
+    m = 1000
+    cg = chains * gens
+    c, t = _time(
+        lambda: gaussian.simulate(
+            key, chains=chains, generations=gens, sample_size=m, method="exact"
+        ),
+        repeats,
+    )
+    np_gens = 5 if args.quick else 10  # NumPy drawing 10^7 points per generation is slow
+    _, t_np = _time(lambda: numpy_gaussian_sample(rng, chains, np_gens, m), 1)
+    _, t_npx = _time(lambda: numpy_gaussian_exact(rng, chains, gens, m), repeats)
+    record(
+        "gaussian_exact",
+        dict(chains=chains, generations=gens, M=m, d=1),
+        c,
+        t,
+        cg / t,
+        (cg / t) / (chains * np_gens / t_np),
+        baseline="numpy drawing the M points",
+        baseline_throughput=chains * np_gens / t_np,
+        ratio_vs_numpy_exact=(cg / t) / (cg / t_npx),
+        numpy_exact_throughput=cg / t_npx,
+        unit="chain-generations/s",
+    )
+
+    # --- Discrete (K = 10 Zipf) --------------------------------------------------------------
+    probs = 1.0 / np.arange(1, 11)
+    probs = probs / probs.sum()
+    m = 100
+    n_samples = chains * gens * m
+    c, t = _time(
+        lambda: discrete.simulate(
+            key, probs=probs, chains=chains, generations=gens, sample_size=m, method="sample"
+        ),
+        repeats,
+    )
+    np_gens = gens // 4
+    _, t_np = _time(lambda: numpy_discrete_sample(rng, probs, chains, np_gens, m), 1)
+    np_rate = chains * np_gens * m / t_np
+    record(
+        "discrete_sample",
+        dict(chains=chains, generations=gens, M=m, K=10),
+        c,
+        t,
+        n_samples / t,
+        (n_samples / t) / np_rate,
+        baseline="numpy inverse CDF",
+        baseline_throughput=np_rate,
+        unit="samples/s",
+    )
+    m = 1000
+    c, t = _time(
+        lambda: discrete.simulate(
+            key, probs=probs, chains=chains, generations=gens, sample_size=m, method="exact"
+        ),
+        repeats,
+    )
+    _, t_np = _time(lambda: numpy_discrete_sample(rng, probs, chains, 2, m), 1)
+    _, t_npx = _time(lambda: numpy_discrete_exact(rng, probs, chains, gens, m), 1)
+    record(
+        "discrete_exact",
+        dict(chains=chains, generations=gens, M=m, K=10),
+        c,
+        t,
+        cg / t,
+        (cg / t) / (chains * 2 / t_np),
+        baseline="numpy inverse CDF (M draws)",
+        baseline_throughput=chains * 2 / t_np,
+        ratio_vs_numpy_multinomial=(cg / t) / (cg / t_npx),
+        numpy_multinomial_throughput=cg / t_npx,
+        unit="chain-generations/s",
+    )
+
+    out = (
+        pathlib.Path(args.out)
+        if args.out
+        else (pathlib.Path(__file__).parent / "results" / f"theory-{dev.platform}.json")
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
