@@ -495,7 +495,7 @@ def fit_em(
     return jax.tree.map(lambda a: a.reshape(batch + a.shape[1:]), res)
 
 
-_MIN_BUCKET = 8  # smallest batch of unfinished chains `_run_compacted` runs
+_MIN_BUCKET = 16  # smallest batch of unfinished chains `_run_compacted` runs
 _ROUND_ITERS = 32  # EM iterations between two compactions
 
 
@@ -503,7 +503,7 @@ def _run_compacted(
     run, xs: jax.Array, state: _EMState, tol: jax.Array, reg: jax.Array, max_iter: int
 ) -> _EMState:
     """Runs the batched EM loop in rounds of `_ROUND_ITERS` iterations, each round only on the
-    chains still running, gathered into a batch padded to a power of two.
+    chains still running, gathered into a batch padded to a power of four.
 
     Under `vmap` one `while_loop` runs until the slowest chain finishes, computing (and
     discarding) iterations for every converged chain; EM's iteration counts are long-tailed
@@ -517,27 +517,37 @@ def _run_compacted(
     active = np.arange(nb)
     budget = jnp.array(_ROUND_ITERS, jnp.int32)
     while active.size:
-        bucket = (
-            nb
-            if active.size > nb // 2
-            else max(_MIN_BUCKET, 1 << int(math.ceil(math.log2(active.size))))
-        )
+        bucket = _bucket(active.size, nb)
         if bucket == nb and active.size == nb:
             state = run(xs, state, tol, reg, budget)
             sub = state
         else:
-            idx = np.concatenate([active, np.full(bucket - active.size, active[0])])
-            state, sub = _gather_run_scatter(run, xs, state, idx, active, tol, reg, budget)
+            pad = bucket - active.size
+            idx = np.concatenate([active, np.full(pad, active[0])])
+            dest = np.concatenate([active, np.full(pad, nb)])
+            state, sub = _gather_run_scatter(run, xs, state, idx, dest, tol, reg, budget)
         conv, n_iter = jax.device_get((sub.converged, sub.n_iter))
         done = conv[: active.size] | (n_iter[: active.size] >= max_iter)
         active = active[~done]
     return state
 
 
-def _gather_run_scatter(run, xs, state, idx, active, tol, reg, budget):
-    """Runs the chains `idx` (active ones first, then padding) and writes the active back."""
+def _bucket(active: int, nb: int) -> int:
+    """Batch size for `active` unfinished chains of `nb`: a power of 4 (>= _MIN_BUCKET), so that
+    few batch sizes, hence few compiles, ever occur."""
+    size = _MIN_BUCKET
+    while size < active:
+        size *= 4
+    return min(size, nb)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _gather_run_scatter(run, xs, state, idx, dest, tol, reg, budget):
+    """Runs the chains `idx` (bucket-sized: active chains, then padding) and writes them back
+    to `dest` (padding points past the end and is dropped). Fixed shapes per bucket size, so
+    varying numbers of active chains do not recompile."""
     sub = run(xs[idx], jax.tree.map(lambda a: a[idx], state), tol, reg, budget)
-    state = jax.tree.map(lambda a, b: a.at[active].set(b[: active.size]), state, sub)
+    state = jax.tree.map(lambda a, b: a.at[dest].set(b, mode="drop"), state, sub)
     return state, sub
 
 

@@ -155,21 +155,21 @@ def test_recovers_known_parameters(key):
 
 
 def test_batched_chains_are_independent_and_compaction_is_exact():
-    """24 chains of different difficulty, with leading axes [2, 12]: each equals its own fit
+    """36 chains of different difficulty, with leading axes [2, 18]: each equals its own fit
     alone, and the compacted host loop equals one jitted while_loop over all chains (float64,
     so that no change of the lower bound lands within rounding of tol)."""
     rng = np.random.default_rng(4)
-    sep = np.linspace(0.5, 6.0, 24)
+    sep = np.linspace(0.5, 6.0, 36)
     xs = np.stack(
         [
             np.concatenate([rng.normal(size=(90, 2)), rng.normal(size=(60, 2)) * 0.7 + s])
             for s in sep
         ]
-    ).reshape(2, 12, 150, 2)
-    keys = jax.random.split(jax.random.key(2), 24).reshape(2, 12)
+    ).reshape(2, 18, 150, 2)
+    keys = jax.random.split(jax.random.key(2), 36).reshape(2, 18)
     with jax.enable_x64(True):
         res = gmm.fit_em(xs, n_components=2, key=keys, max_iter=300)
-        assert res.params.covs.shape == (2, 12, 2, 2, 2) and res.n_iter.shape == (2, 12)
+        assert res.params.covs.shape == (2, 18, 2, 2, 2) and res.n_iter.shape == (2, 18)
         assert len(set(np.asarray(res.n_iter).ravel().tolist())) > 5  # compaction had work
         single = jax.jit(lambda x, k: gmm.fit_em(x, n_components=2, key=k, max_iter=300))
         whole = single(jnp.asarray(xs), keys)  # traced: one while_loop, no compaction
