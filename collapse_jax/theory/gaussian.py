@@ -167,14 +167,23 @@ def sample_stats(key: Array, params: GaussianParams, num: int | Array) -> Gaussi
 
 
 def stats_of_points(x: Array) -> GaussianStats:
-    """Sufficient statistics of points `[n, d]`."""
-    mean = jnp.mean(x, axis=0)
-    xc = x - mean[None, :]
+    """Sufficient statistics of points `[n, d]`, in one pass over the points.
+
+    Sums are taken around the first point (a shift within a few standard deviations of the
+    mean), so sum(y y^T) - n ybar ybar^T does not cancel catastrophically even when the spread
+    is tiny compared with the mean (a collapsed chain); one pass lets XLA fuse the draws of the
+    sample method with the reduction instead of materialising them twice.
+    """
+    n = x.shape[0]
+    y = x - x[:1]
+    s1 = jnp.sum(y, axis=0)  # [d]
+    ybar = s1 / n
     if x.shape[1] == 1:  # a 1 x M by M x 1 matmul per chain is slow on CPU: plain reduction
-        scatter = jnp.sum(jnp.square(xc)).reshape(1, 1)
+        s2 = jnp.sum(jnp.square(y)).reshape(1, 1)
     else:
-        scatter = xc.T @ xc
-    return GaussianStats(jnp.int32(x.shape[0]), mean, scatter)
+        s2 = y.T @ y
+    scatter = s2 - n * jnp.outer(ybar, ybar)
+    return GaussianStats(jnp.int32(n), x[0] + ybar, scatter)
 
 
 def pool(parts: Sequence[GaussianStats]) -> GaussianStats:
