@@ -77,34 +77,7 @@ def numpy_discrete_exact(rng, probs, chains, generations, m):
     return p
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer generations and repeats")
-    ap.add_argument("--out", default=None, help="output JSON (default benchmarks/results/)")
-    args = ap.parse_args()
-    dev = jax.devices()[0]
-    device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
-    repeats = 1 if args.quick else 3
-    chains, gens = 10_000, (50 if args.quick else 200)
-    key = jax.random.key(0)
-    rng = np.random.default_rng(0)
-    results = []
-
-    def record(name, config, compile_s, median_s, throughput, ratio, **extra):
-        row = dict(
-            name=name,
-            device=device,
-            config=config,
-            compile_s=round(compile_s, 3),
-            median_ms=round(1e3 * median_s, 3),
-            throughput=throughput,
-            ratio=ratio,
-            **extra,
-        )
-        results.append(row)
-        print(json.dumps(row), flush=True)
-
-    # --- Gaussian, sample method: samples per second ----------------------------------------
+def bench_gaussian_sample(key, rng, chains, gens, repeats, quick, record):
     m = 100
     n_samples = chains * gens * m
     c, t = _time(
@@ -132,7 +105,8 @@ def main() -> None:
         unit="samples/s",
     )
 
-    # --- Gaussian, exact method at M = 1000: chain-generations per second -------------------
+
+def bench_gaussian_exact(key, rng, chains, gens, repeats, quick, record):
     m = 1000
     cg = chains * gens
     c, t = _time(
@@ -141,7 +115,7 @@ def main() -> None:
         ),
         repeats,
     )
-    np_gens = 5 if args.quick else 10  # NumPy drawing 10^7 points per generation is slow
+    np_gens = 5 if quick else 10  # NumPy drawing 10^7 points per generation is slow
     _, t_np = _time(lambda: numpy_gaussian_sample(rng, chains, np_gens, m), 1)
     _, t_npx = _time(lambda: numpy_gaussian_exact(rng, chains, gens, m), repeats)
     record(
@@ -158,10 +132,14 @@ def main() -> None:
         unit="chain-generations/s",
     )
 
-    # --- Discrete (K = 10 Zipf) --------------------------------------------------------------
+
+def _zipf10():
     probs = 1.0 / np.arange(1, 11)
-    probs = probs / probs.sum()
-    m = 100
+    return probs / probs.sum()
+
+
+def bench_discrete_sample(key, rng, chains, gens, repeats, quick, record):
+    probs, m = _zipf10(), 100
     n_samples = chains * gens * m
     c, t = _time(
         lambda: discrete.simulate(
@@ -169,7 +147,7 @@ def main() -> None:
         ),
         repeats,
     )
-    np_gens = gens // 4
+    np_gens = max(1, gens // 4)
     _, t_np = _time(lambda: numpy_discrete_sample(rng, probs, chains, np_gens, m), 1)
     np_rate = chains * np_gens * m / t_np
     record(
@@ -183,7 +161,11 @@ def main() -> None:
         baseline_throughput=np_rate,
         unit="samples/s",
     )
-    m = 1000
+
+
+def bench_discrete_exact(key, rng, chains, gens, repeats, quick, record):
+    probs, m = _zipf10(), 1000
+    cg = chains * gens
     c, t = _time(
         lambda: discrete.simulate(
             key, probs=probs, chains=chains, generations=gens, sample_size=m, method="exact"
@@ -205,6 +187,49 @@ def main() -> None:
         numpy_multinomial_throughput=cg / t_npx,
         unit="chain-generations/s",
     )
+
+
+BENCHES = {
+    "gaussian_sample": bench_gaussian_sample,
+    "gaussian_exact": bench_gaussian_exact,
+    "discrete_sample": bench_discrete_sample,
+    "discrete_exact": bench_discrete_exact,
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer generations and repeats")
+    ap.add_argument("--only", default="", help="comma-separated measurements (default: all)")
+    ap.add_argument("--out", default=None, help="output JSON (default benchmarks/results/)")
+    args = ap.parse_args()
+    dev = jax.devices()[0]
+    device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}"
+    repeats = 1 if args.quick else 3
+    chains, gens = 10_000, (50 if args.quick else 200)
+    key = jax.random.key(0)
+    rng = np.random.default_rng(0)
+    results = []
+
+    def record(name, config, compile_s, median_s, throughput, ratio, **extra):
+        row = dict(
+            name=name,
+            device=device,
+            config=config,
+            compile_s=round(compile_s, 3),
+            median_ms=round(1e3 * median_s, 3),
+            throughput=throughput,
+            ratio=ratio,
+            **extra,
+        )
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    names = [n for n in args.only.split(",") if n] or list(BENCHES)
+    for name in names:
+        if name not in BENCHES:
+            raise SystemExit(f"unknown measurement {name!r}; choose from {sorted(BENCHES)}")
+        BENCHES[name](key, rng, chains, gens, repeats, args.quick, record)
 
     out = (
         pathlib.Path(args.out)

@@ -137,9 +137,11 @@ def _chol(cov: Array) -> Array:
 def sample_points(key: Array, params: GaussianParams, num: int) -> Array:
     """`num` points `[num, d]` from N(params.mean, params.cov) (one chain)."""
     d = params.mean.shape[-1]
-    z = jax.random.normal(key, (num, d), _F)
     if d == 1:
-        return params.mean[None, :] + z * jnp.sqrt(jnp.maximum(params.cov[0, 0], 0.0))
+        z = jax.random.normal(key, (num,), _F)
+        sd = jnp.sqrt(jnp.maximum(params.cov[0, 0], 0.0))
+        return (params.mean[0] + z * sd)[:, None]
+    z = jax.random.normal(key, (num, d), _F)
     return params.mean[None, :] + z @ _chol(params.cov).T
 
 
@@ -175,14 +177,15 @@ def stats_of_points(x: Array) -> GaussianStats:
     sample method with the reduction instead of materialising them twice.
     """
     n = x.shape[0]
+    if x.shape[1] == 1:  # 1-D: reduce a flat [n] vector (a trailing axis of 1 halves the speed)
+        v = x[:, 0]
+        y1 = v - v[0]
+        ybar1 = jnp.sum(y1) / n
+        scatter1 = jnp.sum(jnp.square(y1)) - n * jnp.square(ybar1)
+        return GaussianStats(jnp.int32(n), (v[0] + ybar1).reshape(1), scatter1.reshape(1, 1))
     y = x - x[:1]
-    s1 = jnp.sum(y, axis=0)  # [d]
-    ybar = s1 / n
-    if x.shape[1] == 1:  # a 1 x M by M x 1 matmul per chain is slow on CPU: plain reduction
-        s2 = jnp.sum(jnp.square(y)).reshape(1, 1)
-    else:
-        s2 = y.T @ y
-    scatter = s2 - n * jnp.outer(ybar, ybar)
+    ybar = jnp.sum(y, axis=0) / n  # [d]
+    scatter = y.T @ y - n * jnp.outer(ybar, ybar)
     return GaussianStats(jnp.int32(n), x[0] + ybar, scatter)
 
 
