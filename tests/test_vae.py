@@ -36,6 +36,17 @@ def test_paper_architecture_shapes():
     assert shapes["deconv1/kernel"] == (4, 4, 128, 64) and shapes["deconv2/kernel"] == (4, 4, 64, 1)
 
 
+def test_strided_conv_rewrites_equal_flax_layers():
+    """The stride-1 rewrites of the 4x4 stride-2 (transposed) convolutions are exact."""
+    rngs = nnx.Rngs(0)
+    x = jax.random.normal(jax.random.key(1), (2, 10, 6, 3))
+    down = nnx.Conv(3, 5, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), rngs=rngs)
+    np.testing.assert_allclose(vae._conv_down(down, x), down(x), atol=1e-5)
+    up = nnx.ConvTranspose(3, 5, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), rngs=rngs)
+    assert up(x).shape == (2, 20, 12, 5)
+    np.testing.assert_allclose(vae._conv_up(up, x), up(x), atol=1e-5)
+
+
 def test_loss_falls_and_samples_are_images(images):
     cfg = vae.VAEConfig(epochs=2, **SMALL)
     params = vae.init_params(jax.random.key(0), cfg.latent_dim, cfg.channels)
