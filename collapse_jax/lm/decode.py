@@ -580,8 +580,11 @@ class OPTBeamDecoder:
     dtype's minimum). Parity with transformers is tested through `generate`.
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, *, reorders: bool = True):
+        """`reorders=False` (greedy/sampling: rows never change places) attends row-locally;
+        with beams the ancestry one-hot costs n^2 per prompt, fine for beam counts."""
         self.model = model
+        self.reorders = reorders
 
     def prefill(self, input_ids: Array, attention_mask: Array, n: int, max_new_tokens: int):
         model = self.model
@@ -644,7 +647,7 @@ class OPTBeamDecoder:
                     gen_k[layer_idx],
                     gen_v[layer_idx],
                     state["prompt_mask"],
-                    src,
+                    src if self.reorders else None,
                     i,
                 )[:, None]
             )  # [R, 1, D]
@@ -680,7 +683,8 @@ class OPTBeamDecoder:
           prompt_k, prompt_v: [B, P, N, H].
           gen_k, gen_v: [R, L_new, N, H] generated keys/values by buffer row.
           prompt_mask: [B, P] bool.
-          src: [R, L_new] buffer row holding each row's token j (rows of the same prompt).
+          src: [R, L_new] buffer row holding each row's token j (rows of the same prompt), or
+            None when every row's history is its own buffer row (no beam reordering).
           i: the current step (slots j <= i are valid).
 
         Returns:
@@ -695,10 +699,14 @@ class OPTBeamDecoder:
         # n candidates (n times the few FLOPs) and keep the right one with a one-hot, instead of
         # gathering a [R, L_new, N, H] copy of the keys every layer and step.
         gk = gen_k.reshape(b, n, big_l, heads, head_dim)  # [B, m, L_new, N, H]
-        s_all = jnp.einsum("bknh,bmjnh->bknmj", qb, gk, preferred_element_type=jnp.float32)
-        local = (src - (jnp.arange(r) // n * n)[:, None]).reshape(b, n, big_l)  # [B, n, L_new]
-        onehot = local[:, :, None, :] == jnp.arange(n)[None, None, :, None]  # [B, n, m, L_new]
-        s_gen = jnp.sum(jnp.where(onehot[:, :, None], s_all, 0.0), axis=3)  # [B, n, N, L_new]
+        gv = gen_v.reshape(b, n, big_l, heads, head_dim)
+        if src is None:
+            s_gen = jnp.einsum("bknh,bkjnh->bknj", qb, gk, preferred_element_type=jnp.float32)
+        else:
+            s_all = jnp.einsum("bknh,bmjnh->bknmj", qb, gk, preferred_element_type=jnp.float32)
+            local = (src - (jnp.arange(r) // n * n)[:, None]).reshape(b, n, big_l)  # [B, n, L]
+            onehot = local[:, :, None, :] == jnp.arange(n)[None, None, :, None]  # [B, n, m, L]
+            s_gen = jnp.sum(jnp.where(onehot[:, :, None], s_all, 0.0), axis=3)  # [B, n, N, L]
         low = jnp.finfo(jnp.float32).min
         valid = (jnp.arange(big_l) <= i)[None, None, None, :]
         scores = jnp.concatenate(
@@ -710,10 +718,11 @@ class OPTBeamDecoder:
         )  # [B, n, N, P + L_new]
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out_prompt = jnp.einsum("bknp,bpnh->bknh", probs[..., :p], prompt_v)
-        weights = jnp.where(onehot[:, :, None], probs[..., None, p:], 0.0)  # [B, n, N, m, L_new]
-        out_gen = jnp.einsum(
-            "bknmj,bmjnh->bknh", weights, gen_v.reshape(b, n, big_l, heads, head_dim)
-        )
+        if src is None:
+            out_gen = jnp.einsum("bknj,bkjnh->bknh", probs[..., p:], gv)
+        else:
+            weights = jnp.where(onehot[:, :, None], probs[..., None, p:], 0.0)  # [B,n,N,m,L]
+            out_gen = jnp.einsum("bknmj,bmjnh->bknh", weights, gv)
         return (out_prompt + out_gen).reshape(r, heads, head_dim)
 
 
@@ -750,7 +759,7 @@ def compiled_search(
         model = nnx.merge(graphdef, state)
         keys = row_keys if settings.do_sample else None
         if fast and _is_opt(model):
-            decoder = OPTBeamDecoder(model)
+            decoder = OPTBeamDecoder(model, reorders=settings.num_beams > 1)
         else:
 
             def step_fn(tokens, mask, cache):
