@@ -9,11 +9,13 @@ Design (issue 4):
 - The algorithms (`search`) are written against a model-agnostic step function
   `step_fn(tokens [R, T], mask [R, S], cache) -> (logits [R, V], cache)` and a cache reorder
   `reorder_fn(cache, rows [R']) -> cache`, so that tests can inject toy models (STYLE 8).
-- The whole loop is one `lax.while_loop`: the KV cache is preallocated for prompt + new tokens,
-  beams are flattened into the batch (row = b * K + k) and reordered by a gather on the cache,
-  and nothing returns to the host before the end.
-- The prompt is run once per prompt, not once per beam as transformers does, and the cache is
-  then expanded to the K beams with the same gather (beams of one prompt share their prompt).
+- The whole loop is one `lax.while_loop`: caches are preallocated for prompt + new tokens,
+  beams are flattened into the batch (row = b * K + k), and nothing returns to the host before
+  the end. The prompt is run once per prompt, not once per beam as transformers does.
+- Generic models (`SlotCacheDecoder`, e.g. toy step functions) keep one cache row per beam and
+  reorder beams by a gather on the cache. The Flax OPT uses `OPTBeamDecoder`: prompt keys and
+  values stored once per prompt, generated ones written once and never moved, beams reordered by
+  gathering a small ancestry table (about 1.75x faster than the gather on the CPU here).
 - Repetition penalty keeps a per-row "seen" bitmap [R, V] instead of rescanning the sequence.
 - `generate(model, ...)` adapts the Flax OPT model; compiled programs are cached per (model
   structure, settings) and per shape by `jax.jit`; parameters are arguments, not constants.
