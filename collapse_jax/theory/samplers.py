@@ -84,7 +84,7 @@ def standard_gamma(key: Array, alpha: Array) -> Array:
         v = 1.0 + ys
         return d * (v * v * v), ok
 
-    g = _masked_rejection(k_rej, shape, propose, rounds=2)
+    g = _masked_rejection(k_rej, shape, propose, rounds=4)
     log_u = jnp.log(_uniform_open(k_boost, shape))
     return jnp.where(boost, jnp.exp(jnp.log(g) + log_u / jnp.where(boost, alpha, 1.0)), g)
 
