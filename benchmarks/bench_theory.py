@@ -237,6 +237,9 @@ def main() -> None:
         else (pathlib.Path(__file__).parent / "results" / f"theory-{dev.platform}.json")
     )
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and out.exists():  # keep the other measurements of an earlier full run
+        done = {r["name"] for r in results}
+        results = [r for r in json.loads(out.read_text()) if r["name"] not in done] + results
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {out}")
 
