@@ -254,7 +254,7 @@ def run_generations(
         if bar is not None:
             bar.update(1)
             shown = {k: v for k, v in row.items() if "_" not in k and isinstance(v, float)}
-            bar.set_postfix({k: f"{v:.4g}" for k, v in list(shown.items())[:3]})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in list(shown.items())[:3]}, refresh=False)
         if on_generation is not None:
             on_generation(g, row)
 
