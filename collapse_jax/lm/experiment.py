@@ -336,39 +336,89 @@ class OPTLearner(AbstractLearner):
 
     # --- figures ---------------------------------------------------------------------------
     def figures(self, run, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        """Histograms of per-sequence perplexity of the real test blocks under every generation's
-        model (the paper's Fig. 1b style, log-x axis)."""
-        import matplotlib.pyplot as plt
+        """Histograms of per-sequence perplexity (log-x axis):
 
-        gens = run.finished_generations()
-        series = [(g, run.arrays(g).get("trials/per_sequence_ppl")) for g in gens]
-        series = [(g, v.reshape(-1)) for g, v in series if v is not None]
-        if not series:
-            return []
-        allv = np.concatenate([v for _, v in series])
-        lo, hi = np.log10(max(allv.min(), 1.0)), np.log10(allv.max())
-        bins = np.logspace(lo, hi + 1e-9, self.config.histogram_bins)
-        fig, ax = plt.subplots(figsize=(6, 3.8), dpi=110)
-        cmap = plt.get_cmap("viridis")
-        for i, (g, v) in enumerate(series):
-            ax.hist(
-                v,
-                bins=bins,
-                histtype="step",
-                density=True,
-                color=cmap(i / max(1, len(series) - 1)),
-                label=f"gen {g}",
+        - `perplexity_histograms.png`: the real test blocks under every generation's model;
+        - `train_perplexity_under_gen0.png`: every generation's *training* blocks under the
+          generation-0 model (the paper's Fig. 1 histograms: later generations produce sequences
+          the first model finds ever more likely, plus a long tail of improbable ones). Needs
+          `keep_params: all`; the values are cached in `analysis/`.
+        """
+        files = []
+        test = [
+            (g, run.arrays(g).get("trials/per_sequence_ppl")) for g in run.finished_generations()
+        ]
+        test = [(g, v.reshape(-1)) for g, v in test if v is not None]
+        if test:
+            path = out_dir / "perplexity_histograms.png"
+            _histograms(test, "perplexity of a real test block", path, self.config.histogram_bins)
+            files.append(path)
+        train = self._train_perplexity_under_gen0(run)
+        if train:
+            path = out_dir / "train_perplexity_under_gen0.png"
+            _histograms(
+                train,
+                "perplexity of a training block under the generation-0 model",
+                path,
+                self.config.histogram_bins,
             )
-        ax.set_xscale("log")
-        ax.set_xlabel("perplexity of a real test block")
-        ax.set_ylabel("density")
-        ax.set_title("Per-sequence perplexity by generation")
-        ax.legend(fontsize=7, frameon=False, ncol=2)
-        fig.tight_layout()
-        path = out_dir / "perplexity_histograms.png"
-        fig.savefig(path)
-        plt.close(fig)
-        return [path]
+            files.append(path)
+        return files
+
+    def _train_perplexity_under_gen0(self, run) -> list[tuple[int, np.ndarray]]:
+        from collapse_jax import records
+        from collapse_jax.lm import train
+
+        p0 = run.params_dir(0)
+        if not (p0 / "config.json").is_file():
+            return []
+        model0, out = None, []
+        for g in run.finished_generations():
+            cache = run.path / "analysis" / f"train_ppl_under_gen0_{g:05d}.npz"
+            if cache.is_file():
+                out.append((g, records.load_npz(cache)["ppl"]))
+                continue
+            if not run.data_path(g).is_file():
+                continue
+            if model0 is None:
+                model0 = self.load_params(p0, None)
+            ppl = train.perplexity(
+                model0,
+                records.load_npz(run.data_path(g))["data"],
+                batch_size=self.config.eval_batch_size,
+                per_sequence=True,
+                mesh=self._mesh(),
+                compute_dtype=self.config.compute_dtype,
+                pad_token_id=model0.config.pad_token_id,
+            )
+            records.save_npz(cache, {"ppl": ppl})
+            out.append((g, ppl))
+        return out
+
+
+def _histograms(series: list[tuple[int, np.ndarray]], xlabel: str, path, num_bins: int) -> None:
+    """One step histogram per generation on shared logarithmic bins."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    allv = np.concatenate([v[np.isfinite(v)] for _, v in series])
+    lo, hi = np.log10(max(allv.min(), 1.0)), np.log10(max(allv.max(), 1.0))
+    bins = np.logspace(lo, hi + 1e-9, num_bins)
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=110)
+    cmap = plt.get_cmap("viridis")
+    for i, (g, v) in enumerate(series):
+        color = cmap(i / max(1, len(series) - 1))
+        ax.hist(v, bins=bins, histtype="step", density=True, color=color, label=f"gen {g}")
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title("Per-sequence perplexity by generation")
+    ax.legend(fontsize=7, frameon=False, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _seed(key: jax.Array) -> int:

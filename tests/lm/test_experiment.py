@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation, records
+from collapse_jax import generation, plots, records
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +72,18 @@ def test_two_generations_resume_identically(data_dir, tmp_path):
     assert (run.params_dir(1) / "config.json").is_file()
     seq_ppl = run.arrays(1)["trials/per_sequence_ppl"]
     assert seq_ppl.shape == (1, 8)
+    # The paper's histograms: every generation's training blocks under the generation-0 model.
+    files = plots.make_figures(run, generation.make_learner(cfg))
+    assert {f.name for f in files} >= {
+        "perplexity_histograms.png",
+        "train_perplexity_under_gen0.png",
+    }
+    under0 = [
+        records.load_npz(full.run_dir / "analysis" / f"train_ppl_under_gen0_{g:05d}.npz")["ppl"]
+        for g in (0, 1)
+    ]
+    assert under0[0].shape == under0[1].shape == (12,)
+    assert np.all(np.isfinite(under0[1])) and np.all(under0[1] > 1)
 
     # Killed after generation 0, then resumed: the same metrics, byte for byte.
     generation.run_generations(cfg, tmp_path / "part", stop_after=1)
