@@ -55,7 +55,8 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the offending key."""
 
 
-def _check(ok: bool, key: str, message: str) -> None:
+def require(ok: bool, key: str, message: str) -> None:
+    """Raises `ConfigError("<key>: <message>")` unless `ok` (the validation of every config)."""
     if not ok:
         raise ConfigError(f"{key}: {message}")
 
@@ -124,49 +125,49 @@ class GenerationConfig:
     keep_params: Literal["all", "last"] = "last"
 
     def __post_init__(self):
-        _check(self.num_generations >= 1, "generation.num_generations", "must be >= 1")
+        require(self.num_generations >= 1, "generation.num_generations", "must be >= 1")
         if self.samples_per_generation is not None:
-            _check(
+            require(
                 self.samples_per_generation >= 2,
                 "generation.samples_per_generation",
                 f"must be >= 2 (got {self.samples_per_generation})",
             )
-        _check(
+        require(
             math.isfinite(self.sample_growth) and self.sample_growth >= 0,
             "generation.sample_growth",
             "must be a finite number >= 0",
         )
         if self.sample_schedule is not None:
-            _check(
+            require(
                 len(self.sample_schedule) >= self.num_generations,
                 "generation.sample_schedule",
                 f"has {len(self.sample_schedule)} entries, needs num_generations="
                 f"{self.num_generations}",
             )
-            _check(
+            require(
                 all(m >= 2 for m in self.sample_schedule),
                 "generation.sample_schedule",
                 "every sample size must be >= 2",
             )
         for name in ("alpha", "beta", "gamma"):
             v = getattr(self, name)
-            _check(0.0 <= v <= 1.0, f"generation.{name}", f"must lie in [0, 1] (got {v})")
+            require(0.0 <= v <= 1.0, f"generation.{name}", f"must lie in [0, 1] (got {v})")
         if self.policy == "mix":
             total = self.alpha + self.beta + self.gamma
-            _check(
+            require(
                 abs(total - 1.0) < 1e-9,
                 "generation.alpha/beta/gamma",
                 f"must sum to 1 (got {self.alpha} + {self.beta} + {self.gamma} = {total})",
             )
-            _check(
+            require(
                 self.alpha > 0,
                 "generation.alpha",
                 "must be > 0: a generation without synthetic data does not chain models",
             )
-        _check(self.num_trials >= 1, "generation.num_trials", "must be >= 1")
-        _check(self.chunk_size >= 1, "generation.chunk_size", "must be >= 1")
-        _check(self.block_size >= 1, "generation.block_size", "must be >= 1")
-        _check(self.record_trials >= 0, "generation.record_trials", "must be >= 0")
+        require(self.num_trials >= 1, "generation.num_trials", "must be >= 1")
+        require(self.chunk_size >= 1, "generation.chunk_size", "must be >= 1")
+        require(self.block_size >= 1, "generation.block_size", "must be >= 1")
+        require(self.record_trials >= 0, "generation.record_trials", "must be >= 0")
 
     def sample_size(self, generation: int, real_size: int) -> int:
         """M_n: size of generation n's training set (n = 0 is the real data)."""
@@ -197,8 +198,8 @@ class MeshConfig:
 
     def __post_init__(self):
         sizes = (self.data, self.fsdp, self.tensor)
-        _check(all(s == -1 or s >= 1 for s in sizes), "mesh", f"sizes must be >= 1 or -1: {sizes}")
-        _check(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis may be -1")
+        require(all(s == -1 or s >= 1 for s in sizes), "mesh", f"sizes must be >= 1 or -1: {sizes}")
+        require(sum(s == -1 for s in sizes) <= 1, "mesh", "at most one axis may be -1")
 
     def shape(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -223,13 +224,13 @@ class ExperimentConfig:
     mesh: MeshConfig | None = None
 
     def __post_init__(self):
-        _check(
+        require(
             bool(re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name)),
             "name",
             f"must be a plain file name (letters, digits, _ . -), got {self.name!r}",
         )
-        _check(dataclasses.is_dataclass(self.model), "model", "must be a model config")
-        _check(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
+        require(dataclasses.is_dataclass(self.model), "model", "must be a model config")
+        require(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
 
     @property
     def kind(self) -> str:
@@ -244,9 +245,9 @@ class SuiteConfig:
     experiments: tuple[ExperimentConfig, ...]
 
     def __post_init__(self):
-        _check(len(self.experiments) >= 1, "experiments", "needs at least one experiment")
+        require(len(self.experiments) >= 1, "experiments", "needs at least one experiment")
         names = [e.name for e in self.experiments]
-        _check(len(set(names)) == len(names), "experiments", f"names must be unique: {names}")
+        require(len(set(names)) == len(names), "experiments", f"names must be unique: {names}")
 
 
 # ----------------------------------------------------------------------------------------------

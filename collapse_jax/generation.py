@@ -434,9 +434,7 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
                 if i == b - a - 1:  # only the block's last params exist on the host
                     tmp = records.fresh_dir(pdir.parent, pdir.name)
                     records.save_tree(tmp / "params.npz", params)
-                    if pdir.exists():
-                        shutil.rmtree(pdir)
-                    tmp.rename(pdir)
+                    records.replace_dir(tmp, pdir)
 
         def write(tmp, data=data, params=params):
             records.save_tree(tmp / "data.npz", data)
@@ -524,9 +522,7 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
             tmp = records.fresh_dir(work, "fitted")
             learner.save_params(tmp, params)
             (tmp / "DONE").write_text("ok\n")
-            if fitted_dir.exists():
-                shutil.rmtree(fitted_dir)
-            tmp.rename(fitted_dir)
+            records.replace_dir(tmp, fitted_dir)
         metrics_path = work / "metrics.npz"
         if metrics_path.exists():
             per_chain = records.load_npz(metrics_path)
@@ -542,9 +538,9 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
         records.save_npz(run_dir / "data" / f"gen_{g:05d}.npz", _data_arrays(data))
         if gcfg.keep_params == "all":
             pdir = run_dir / "params" / f"gen_{g:05d}"
-            if pdir.exists():
-                shutil.rmtree(pdir)
-            shutil.copytree(fitted_dir, pdir)
+            tmp = records.fresh_dir(pdir.parent, pdir.name)
+            shutil.copytree(fitted_dir, tmp, dirs_exist_ok=True)
+            records.replace_dir(tmp, pdir)
         arrays = {f"trials/{k}": v for k, v in per_chain.items()}
         arrays.update({f"mean/{k}": v for k, v in means.items()})
         _commit_generation(run_dir, g, row, arrays)

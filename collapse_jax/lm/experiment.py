@@ -23,13 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax.config import ConfigError
+from collapse_jax import config as config_lib
 from collapse_jax.learner import AbstractLearner
 
 
 def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"model.{key}: {message}")
+    config_lib.require(ok, f"model.{key}", message)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
