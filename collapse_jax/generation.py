@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import config as config_lib
-from collapse_jax import records
+from collapse_jax import records, rundir
 from collapse_jax.learner import AbstractLearner
 
 log = logging.getLogger(__name__)
@@ -176,33 +176,10 @@ def _env_info() -> dict[str, Any]:
 
 
 def prepare_run_dir(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path) -> int:
-    """Creates or checks `run_dir`; returns the first generation still to run.
-
-    A run directory may be resumed with the same resolved config, or with more generations.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / "config.yaml"
-    text = config_lib.dump(cfg)
-    if cfg_path.exists():
-        import yaml
-
-        stored = yaml.safe_load(cfg_path.read_text())
-        wanted = config_lib.to_dict(cfg)
-        # Only the number of generations may change: a finished run can be extended.
-        for d in (stored, wanted):
-            d.get("generation", {}).pop("num_generations", None)
-        if stored != wanted:
-            raise ValueError(
-                f"{run_dir} holds a run of a different config; use another --out, or the same "
-                f"config (only generation.num_generations may change when resuming). Stored:\n"
-                f"{cfg_path.read_text()}"
-            )
-    records.atomic_write_text(cfg_path, text)
-    if not (run_dir / "env.json").exists():
-        records.atomic_write_json(run_dir / "env.json", _env_info())
-    records.recover_state_dir(run_dir)
-    meta = run_dir / "state" / "meta.json"
-    return json.loads(meta.read_text())["next_generation"] if meta.exists() else 0
+    """Creates or checks `run_dir` (with its lock held); returns the first generation still to
+    run. A run directory may be resumed with the same config, or with more generations; see
+    `collapse_jax.rundir.prepare`."""
+    return rundir.prepare(cfg, run_dir, _env_info)
 
 
 def make_learner(cfg: config_lib.ExperimentConfig) -> AbstractLearner:
@@ -233,6 +210,11 @@ def run_generations(
     """
     run_dir = pathlib.Path(run_dir)
     learner = make_learner(cfg) if learner is None else learner
+    with rundir.RunLock(run_dir):  # one process per run directory, for the whole run
+        return _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after)
+
+
+def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> Result:
     gcfg = cfg.generation
     start = prepare_run_dir(cfg, run_dir)
     if learner.jittable:
@@ -276,10 +258,7 @@ def _commit_generation(run_dir, g, row, arrays) -> None:
 
 
 def _commit_state(run_dir: pathlib.Path, next_generation: int, write: Callable) -> None:
-    tmp = records.fresh_dir(run_dir, "state")
-    write(tmp)
-    records.atomic_write_json(tmp / "meta.json", {"next_generation": next_generation})
-    records.replace_dir(tmp, run_dir / "state")
+    rundir.commit_state(run_dir, next_generation, write)  # with the manifest of committed files
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,6 +340,7 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
 
     k_ref = jax.random.fold_in(jax.random.key(seed), 2**31 - 1)
     reference = learner.reference(k_ref)
+    _check_memory(learner, seed, reference, R, gcfg.block_size)
     # The real data size, for M_n when samples_per_generation is None.
     real_shape = jax.eval_shape(lambda: learner.real_data(jax.random.key(0)))
     real_size = learner.num_samples(real_shape)
@@ -424,6 +404,7 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
         metrics = {k: np.concatenate([m[k] for m in out_m], axis=1) for k in out_m[0]}
         for i, g in enumerate(range(a, b)):
             per_chain = {k: v[i] for k, v in metrics.items()}
+            rundir.check_finite(g, per_chain, learner.infinite_metrics)
             row, means = summarize(per_chain)
             row = {"generation": g, "sample_size": _size_of(gcfg, g, real_size), **row}
             arrays = {f"trials/{k}": v[: gcfg.record_trials] for k, v in per_chain.items()}
@@ -446,6 +427,16 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
         done += b - a
         if stop_after is not None and done >= stop_after:
             return
+
+
+def _check_memory(learner, seed, reference, chains: int, block: int) -> None:
+    """Refuses up front (before any allocation) chain counts whose host state cannot fit."""
+    data, params = jax.eval_shape(lambda: _initial(learner, seed, jnp.zeros((1,), jnp.uint32)))
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
+    metrics = jax.eval_shape(lambda p: learner.evaluate(jax.random.key(0), p, reference), one)
+    # state: carried, chunk outputs, concatenation, padding; metrics: a block of them, twice.
+    per_chain = 4 * rundir.tree_bytes((data, params)) + 2 * block * rundir.tree_bytes(metrics)
+    rundir.check_memory(per_chain, chains, "generation.num_trials")
 
 
 def _size_of(gcfg, g: int, real_size: int) -> int:
@@ -530,6 +521,7 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
             m = learner.evaluate(keys["eval"], params, reference)
             per_chain = {k: np.asarray(v)[None] for k, v in m.items()}
             records.save_npz(metrics_path, per_chain)
+        rundir.check_finite(g, per_chain, learner.infinite_metrics)
         row, means = summarize(per_chain)
         row = {"generation": g, "sample_size": learner.num_samples(data), **row}
         counts = gcfg.shares(gcfg.sample_size(g + 1, real_size))

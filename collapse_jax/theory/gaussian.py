@@ -227,6 +227,7 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
     """
 
     jittable: ClassVar[bool] = True
+    infinite_metrics: ClassVar[frozenset[str]] = frozenset({"logdet_cov"})  # collapsed: -inf
 
     def __init__(
         self, config: GaussianConfig, generation: GenerationConfig | None = None, mesh: Any = None
