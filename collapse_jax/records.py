@@ -80,9 +80,11 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[pa
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a full disk is reported with the file being written
         raise
 
 

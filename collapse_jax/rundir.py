@@ -126,7 +126,7 @@ class RunLock:
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
@@ -305,7 +305,9 @@ def verify(run_dir: pathlib.Path, manifest: Mapping[str, Any] | None = None) -> 
         if not p.is_file():
             problems.append(f"{rel} is missing")
         elif p.stat().st_size != want["size"]:
-            problems.append(f"{rel} has changed (size {p.stat().st_size}, committed {want['size']})")
+            problems.append(
+                f"{rel} has changed (size {p.stat().st_size}, committed {want['size']})"
+            )
         elif file_digest(p)["sha256"] != want["sha256"]:
             problems.append(f"{rel} has changed (checksum differs from the committed one)")
     cfg_path = run_dir / CONFIG_NAME
@@ -332,7 +334,9 @@ def verify(run_dir: pathlib.Path, manifest: Mapping[str, Any] | None = None) -> 
 
 
 def damage_message(run_dir: pathlib.Path, problems: list[str], hint: str) -> str:
-    shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+    shown = "; ".join(problems[:4]) + (
+        f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+    )
     return f"run directory {run_dir} is damaged: {shown}. {hint}"
 
 
@@ -350,7 +354,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(stored: Mapping, wanted: Mapping, *, ignore=("generation.num_generations",)) -> str:
-    """"key: stored -> wanted" for every key that differs (empty when none)."""
+    """ "key: stored -> wanted" for every key that differs (empty when none)."""
     a, b = _flatten(stored), _flatten(wanted)
     keys = [k for k in dict.fromkeys([*a, *b]) if k not in ignore and a.get(k) != b.get(k)]
     parts = [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in keys[:6]]
@@ -476,7 +480,7 @@ def repair(run_dir: pathlib.Path) -> int | None:
         )
         log.warning("%s: restored %s from the manifest", run_dir, CONFIG_NAME)
         return manifest["next_generation"]
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
     aside = run_dir / f"{DAMAGED_PREFIX}{stamp}"
     aside.mkdir()
     for top in sorted(run_dir.iterdir()):
@@ -498,20 +502,28 @@ def repair(run_dir: pathlib.Path) -> int | None:
 
 def check_finite(generation: int, per_chain: Mapping[str, Any], allowed=frozenset()) -> None:
     """Stops the run when a metric is NaN or infinite in any chain (metrics in `allowed` may be
-    +-inf, e.g. the log-determinant of a collapsed covariance, but never NaN)."""
+    +-inf, e.g. the log-determinant of a collapsed covariance, but never NaN). Called before the
+    generation is committed, so the run stays resumable at that generation."""
+    bad_names, first = [], None
     for name, v in per_chain.items():
         v = np.asarray(v)
         if not np.issubdtype(v.dtype, np.floating):
             continue
         bad = np.isnan(v) if name in allowed else ~np.isfinite(v)
         if bad.any():
-            n, total = int(bad.reshape(bad.shape[0], -1).any(axis=1).sum()), v.shape[0]
-            kind = "NaN" if np.isnan(v).any() else "infinite"
-            raise NonFiniteMetric(
-                f"generation {generation}: metric {name} is {kind} in {n} of {total} chain(s); "
-                "a value overflowed or the fit is ill-conditioned in the compute dtype (earlier "
-                "generations are committed)"
-            )
+            bad_names.append(name)
+            if first is None:
+                chains = int(bad.reshape(bad.shape[0], -1).any(axis=1).sum())
+                kind = "NaN" if np.isnan(v).any() else "infinite"
+                first = (name, kind, chains, v.shape[0])
+    if first is not None:
+        name, kind, chains, total = first
+        also = f" (also: {', '.join(bad_names[1:])})" if len(bad_names) > 1 else ""
+        raise NonFiniteMetric(
+            f"generation {generation}: metric {name} is {kind} in {chains} of {total} chain(s)"
+            f"{also}; a value overflowed or the fit is ill-conditioned in the compute dtype "
+            "(the generations before it are committed)"
+        )
 
 
 def tree_bytes(tree: Any) -> int:
