@@ -87,6 +87,8 @@ class SlowToyConfig:
     std: float = 1.0
     delay: float = 0.0
     mean_file: str | None = None
+    gate: str | None = None  # fits of generations >= gate_generation wait for this file
+    gate_generation: int = 0
 
 
 class SlowToyLearner(ToyNumpyLearner):
@@ -98,4 +100,8 @@ class SlowToyLearner(ToyNumpyLearner):
 
     def fit(self, key, data, params, *, workdir=None):
         time.sleep(self.config.delay)
+        generation = int(pathlib.Path(workdir).parent.name.split("_")[1])
+        if self.config.gate is not None and generation >= self.config.gate_generation:
+            while not pathlib.Path(self.config.gate).exists():
+                time.sleep(0.02)
         return super().fit(key, data, params, workdir=workdir)

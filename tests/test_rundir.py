@@ -101,15 +101,17 @@ def _wait_for(predicate, timeout=120.0, proc=None):
 
 
 def test_two_processes_racing_on_one_out(tmp_path):
-    cfg, out = _slow(tmp_path, delay=0.4), tmp_path / "run"
+    gate = tmp_path / "gate"  # the first run waits in generation 1 until the second has tried
+    cfg, out = _slow(tmp_path, gate=str(gate), gate_generation=1), tmp_path / "run"
     first = _worker("run", cfg, "--out", out)
     try:
-        _wait_for(lambda: (out / ".lock").exists() and (out / ".lock").read_text(), proc=first)
+        _wait_for(lambda: (out / "generations" / "gen_00000.json").exists(), proc=first)
         second = _worker("run", cfg, "--out", out)
         _, err = second.communicate(timeout=120)
         assert second.returncode == 1
         assert f"in use by PID {first.pid} " in _one_error_line(err) and "started" in err
     finally:
+        gate.touch()
         _, err1 = first.communicate(timeout=300)
     assert first.returncode == 0, err1
     # The winner's results are those of a run that had the directory to itself.
@@ -138,14 +140,17 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path, caplog):
 
 
 def test_ctrl_c_stops_cleanly_and_the_run_resumes_to_identical_results(tmp_path, capsys):
-    cfg, out = _slow(tmp_path, delay=0.4, generations=6), tmp_path / "run"
+    gate = tmp_path / "gate"  # the run waits in generation 2's fit: interrupted there
+    cfg, out = _slow(tmp_path, gate=str(gate), gate_generation=2), tmp_path / "run"
     proc = _worker("run", cfg, "--out", out)
-    _wait_for(lambda: (out / "generations" / "gen_00001.json").exists(), proc=proc)
+    _wait_for(lambda: (out / "work" / "gen_00002").exists(), proc=proc)
+    time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
+    gate.touch()
     assert proc.returncode == 1
     assert "interrupted" in _one_error_line(err) and "resume" in err
-    assert 2 <= len(records.Run(out).finished_generations()) < 6
+    assert records.Run(out).finished_generations() == [0, 1]
     assert cli.main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 0
     ref = tmp_path / "ref"
     assert cli.main(["run", str(cfg), "--out", str(ref), "--no-progress"]) == 0
@@ -355,23 +360,28 @@ def test_disk_full_and_permission_errors_name_the_file(tmp_path, capsys, monkeyp
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(records.os, "fsync", full)  # every result file is synced before rename
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", full)  # every result file is synced before its rename
     code, err = _cli(capsys, "run", cfg, "--out", out)
     line = _one_error_line(err)
     assert code == 1 and "no space left on the device" in line and str(out) in line
-    monkeypatch.undo()
+    monkeypatch.setattr(os, "fsync", real_fsync)
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
     if os.geteuid() == 0:  # root writes anyway: give it the error a read-only folder gives
 
-        def denied(path, *a, **kw):
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real_open = os.open
 
-        monkeypatch.setattr(rundir.os, "open", denied)
+        def denied(path, *a, **kw):
+            if str(path).startswith(str(ro)):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real_open(path, *a, **kw)
+
+        monkeypatch.setattr(os, "open", denied)
     try:
         code, err = _cli(capsys, "run", cfg, "--out", ro)
-        assert code == 1 and "permission denied" in _one_error_line(err) and str(ro) in err
+        assert code == 1 and "permission denied" in _one_error_line(err) and str(ro) in err, err
     finally:
         ro.chmod(stat.S_IRWXU)
 
