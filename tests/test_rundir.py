@@ -370,7 +370,6 @@ def test_disk_full_and_permission_errors_name_the_file(tmp_path, capsys, monkeyp
     ro.mkdir()
     ro.chmod(stat.S_IRUSR | stat.S_IXUSR)
     if os.geteuid() == 0:  # root writes anyway: give it the error a read-only folder gives
-
         real_open = os.open
 
         def denied(path, *a, **kw):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from collapse_jax import records
 from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM
 
 CONFIG_NAME = "config.json"
@@ -307,12 +308,11 @@ def save_pretrained(model: OPTForCausalLM, path: os.PathLike | str) -> None:
     config = model.config.to_hf_dict()
     config["dtype"] = _dtype_name(model.param_dtype)
     # Write to temporary names first so that a crash never leaves a half-written model behind.
-    tmp_weights = directory / (SAFETENSORS_NAME + ".tmp")
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-    os.replace(tmp_weights, directory / SAFETENSORS_NAME)
-    tmp_config = directory / (CONFIG_NAME + ".tmp")
-    tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_config, directory / CONFIG_NAME)
+    with records.atomic_path(directory / SAFETENSORS_NAME) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    records.atomic_write_text(
+        directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n"
+    )
 
 
 def state_from_hf(
