@@ -76,7 +76,7 @@ def make_figures(run: records.Run, learner=None) -> list[pathlib.Path]:
     expected = {}
     if learner is not None:
         sizes = np.array([r["sample_size"] for r in rows])
-        expected = learner.expected_curves(sizes)
+        expected = learner.expected_curves(sizes, run.config.generation)
     tmp = records.fresh_dir(run.path, "figures")
     try:
         drawn = []

@@ -26,9 +26,6 @@ class ToyGaussianLearner(AbstractLearner):
 
     jittable = True
 
-    def real_data(self, key):
-        return self.draw_real(key, self.generation.sample_size(0, 0))
-
     def draw_real(self, key, num):
         return self.config.mean + self.config.std * jax.random.normal(key, (num,))
 
@@ -54,9 +51,6 @@ class ToyNumpyLearner(AbstractLearner):
 
     jittable = False
     calls: ClassVar[list] = []
-
-    def real_data(self, key):
-        return self.draw_real(key, self.generation.sample_size(0, 0))
 
     def draw_real(self, key, num):
         return np.asarray(self.config.mean + self.config.std * jax.random.normal(key, (num,)))
@@ -92,11 +86,11 @@ class SlowToyConfig:
 
 
 class SlowToyLearner(ToyNumpyLearner):
-    def __init__(self, config, generation=None, mesh=None):
+    def __init__(self, config, mesh=None):
         if config.mean_file is not None:  # inputs are validated when the learner is built
             text = pathlib.Path(config.mean_file).read_text()
             config = dataclasses.replace(config, mean=float(text))
-        super().__init__(config, generation, mesh)
+        super().__init__(config, mesh)
 
     def fit(self, key, data, params, *, workdir=None):
         time.sleep(self.config.delay)
