@@ -416,7 +416,7 @@ def test_result_files_have_normal_modes_and_figures_are_atomic(tmp_path, capsys)
         pass
 
     class DiesWhilePlotting:
-        def expected_curves(self, sizes):
+        def expected_curves(self, sizes, generation):
             return {}
 
         def figures(self, run, out_dir):
