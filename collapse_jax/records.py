@@ -13,6 +13,8 @@ params/gen_00007/           fitted parameters of every generation (keep_params: 
 data/gen_00007.npz          training data of non-jittable learners' generations
 work/gen_00007/             a non-jittable learner's resumable scratch (checkpoints, ...)
 metrics.json, metrics.csv   all summary rows; summary.txt; figures/*.png
+.lock                       held (flock) by the process working in the directory
+state/manifest.json         size and SHA-256 of every committed file (see `collapse_jax.rundir`)
 ```
 
 Every file is written to a temporary name and renamed, so a killed run leaves either the old or
