@@ -369,8 +369,9 @@ def _has_work(run_dir: pathlib.Path) -> bool:
         return True
     if any(True for _ in _committed_files(run_dir, None)):
         return True
-    work = run_dir / "work"
-    return work.is_dir() and any(work.iterdir())
+    # Resumable scratch counts only once a file is in it (a start that failed while reading
+    # its inputs may have created empty folders).
+    return any(files for _, _, files in os.walk(run_dir / "work"))
 
 
 def prepare(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path, env_info) -> int:
@@ -398,8 +399,9 @@ def prepare(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path, env_info) -
                 damage_message(
                     run_dir,
                     problems,
-                    "Run again with --repair to recompute from the last intact generation, "
-                    "or use another --out.",
+                    "Run again with --repair to move the damaged generations aside and "
+                    "recompute them (from generation 0: the loop keeps only the newest state; "
+                    "results are identical), or use another --out.",
                 )
             )
         if manifest is not None:

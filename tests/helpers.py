@@ -86,11 +86,13 @@ class SlowToyConfig:
 
 
 class SlowToyLearner(ToyNumpyLearner):
-    def __init__(self, config, mesh=None):
-        if config.mean_file is not None:  # inputs are validated when the learner is built
-            text = pathlib.Path(config.mean_file).read_text()
-            config = dataclasses.replace(config, mean=float(text))
-        super().__init__(config, mesh)
+    def draw_real(self, key, num):
+        # The input file is read when the data are first needed, inside the loop, as the
+        # language model reads its tokenizer and corpus.
+        mean = self.config.mean
+        if self.config.mean_file is not None:
+            mean = float(pathlib.Path(self.config.mean_file).read_text())
+        return np.asarray(mean + self.config.std * jax.random.normal(key, (num,)))
 
     def fit(self, key, data, params, *, workdir=None):
         time.sleep(self.config.delay)
