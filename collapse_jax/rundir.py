@@ -324,7 +324,8 @@ def verify(run_dir: pathlib.Path, manifest: Mapping[str, Any] | None = None) -> 
             diff = config_diff(manifest["config"], stored)
             if diff:
                 problems.append(f"{CONFIG_NAME} was edited after the last commit ({diff})")
-            n = stored.get("generation", {}).get("num_generations")
+            gen = stored.get("generation")
+            n = gen.get("num_generations") if isinstance(gen, dict) else None
             if isinstance(n, int) and n < manifest["next_generation"]:
                 problems.append(
                     f"{CONFIG_NAME} asks for num_generations={n} but "
