@@ -30,8 +30,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from collapse_jax import sharding
+from collapse_jax import records, sharding
 from collapse_jax.lm import decode
+from collapse_jax.lm.tokenizer import check_token_ids
 
 _TOKENS = "tokens.npy"
 _PROGRESS = "progress.json"
@@ -90,11 +91,7 @@ def regenerate(
         raise ValueError(f"blocks must be integer token ids, got {blocks.dtype}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None and (blocks.min() < 0 or blocks.max() >= vocab):
-        raise ValueError(
-            f"block token ids must lie in [0, {vocab}), got [{blocks.min()}, {blocks.max()}]"
-        )
+    check_token_ids(blocks, model, "blocks")
     settings = decode.resolve_settings(
         model,
         max_new_tokens=max_new_tokens,
@@ -149,7 +146,7 @@ def regenerate(
                 tokens[rows_done:stop] = new
                 tokens.flush()
                 rows_done = stop
-                _write_json(out_dir / _PROGRESS, {**meta, "rows_done": rows_done})
+                records.atomic_write_json(out_dir / _PROGRESS, {**meta, "rows_done": rows_done})
                 bar.update(len(new))
         finally:
             bar.close()
@@ -179,12 +176,5 @@ def _open_store(out_dir: pathlib.Path, meta: dict, shape: tuple[int, int]) -> tu
         return tokens, rows_done
     tokens = np.lib.format.open_memmap(tokens_file, mode="w+", dtype=np.int32, shape=shape)
     tokens.flush()
-    _write_json(progress_file, {**meta, "rows_done": 0})
+    records.atomic_write_json(progress_file, {**meta, "rows_done": 0})
     return tokens, 0
-
-
-def _write_json(path: pathlib.Path, obj: dict) -> None:
-    """Atomic replace: a reader (or a resumed run) sees the old or the new file, never half."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)

@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from collapse_jax import sharding
 from collapse_jax.lm import data as data_lib
+from collapse_jax.lm.tokenizer import check_token_ids
 
 Schedule = Callable[[jax.Array | int], jax.Array]
 
@@ -568,17 +569,6 @@ def _check_blocks(blocks: Any, name: str) -> np.ndarray:
     return blocks
 
 
-def _check_vocab(blocks: np.ndarray, model: Any, name: str) -> None:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is None or isinstance(blocks, np.memmap):
-        return
-    lo, hi = int(np.min(blocks)), int(np.max(blocks))
-    if lo < 0 or hi >= vocab:
-        raise ValueError(
-            f"{name} has token ids in [{lo}, {hi}], outside the vocabulary [0, {vocab})"
-        )
-
-
 def _split(model: nnx.Module) -> tuple[Any, Any, Any]:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return graphdef, params, rest
@@ -615,7 +605,7 @@ def perplexity(
         tokens (the quantity of the paper's perplexity histograms).
     """
     blocks = _check_blocks(blocks, "blocks")
-    _check_vocab(blocks, model, "blocks")
+    check_token_ids(blocks, model, "blocks")
     mesh = default_mesh() if mesh is None else sharding.with_auto_axes(mesh)
     graphdef, params, rest = _split(model)
     p_shard = sharding.logical_to_sharding(params, mesh)
@@ -797,10 +787,10 @@ def finetune(
         **options,
     )
     train_blocks = _check_blocks(train_blocks, "train_blocks")
-    _check_vocab(train_blocks, model, "train_blocks")
+    check_token_ids(train_blocks, model, "train_blocks")
     if valid_blocks is not None:
         valid_blocks = _check_blocks(valid_blocks, "valid_blocks")
-        _check_vocab(valid_blocks, model, "valid_blocks")
+        check_token_ids(valid_blocks, model, "valid_blocks")
     mesh = default_mesh() if mesh is None else sharding.with_auto_axes(mesh)
     padded = _padded_batch(mesh, config.batch_size, config.grad_accum_steps)
     n_blocks = train_blocks.shape[0]
