@@ -41,6 +41,7 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
       jittable: True if fit/evaluate/sample/subset/draw_real/concat are pure, jittable JAX
         functions with shapes fixed by their (static int) sizes; the loop then vmaps them over
         chains and scans them over generations.
+      infinite_metrics: metrics allowed to be +-inf (never NaN); others must stay finite.
       static_sample_size: when False (only for jittable learners), sample sizes are passed as
         traced int32 scalars instead of Python ints, so a growing sample-size schedule needs no
         recompilation (e.g. the theory models' `exact` method, whose cost is independent of M).
@@ -48,6 +49,9 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
 
     jittable: ClassVar[bool] = False
     static_sample_size: ClassVar[bool] = True
+    # Metrics that may legitimately be +-inf (a collapsed chain's log-determinant); any other
+    # non-finite metric stops the run (`rundir.check_finite`).
+    infinite_metrics: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: Any, mesh: Any = None):
         """Args:

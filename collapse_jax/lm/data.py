@@ -33,6 +33,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from collapse_jax import records
+
 SPLITS: dict[str, str] = {
     "train": "train",
     "valid": "valid",
@@ -176,10 +178,8 @@ def load_wikitext_blocks(
 
 def save_blocks(path: str | os.PathLike, blocks: np.ndarray) -> None:
     """Writes blocks as `.npy` (atomically), so `np.load(path, mmap_mode="r")` can map them."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, np.asarray(blocks, dtype=np.int32))
-    os.replace(tmp, path)
+    with records.atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, np.asarray(blocks, dtype=np.int32))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def _open_store(out_dir: pathlib.Path, meta: dict, shape: tuple[int, int]) -> tu
     progress_file = out_dir / _PROGRESS
     tokens_file = out_dir / _TOKENS
     if progress_file.exists():
-        saved = json.loads(progress_file.read_text())
+        saved = records.load_json(progress_file)  # a corrupt file is named
         rows_done = int(saved.pop("rows_done", 0))
         # JSON turns tuples into lists: compare through a JSON round trip.
         expected = json.loads(json.dumps(meta))
@@ -170,7 +170,10 @@ def _open_store(out_dir: pathlib.Path, meta: dict, shape: tuple[int, int]) -> tu
             )
         if not tokens_file.exists():
             raise FileNotFoundError(f"{tokens_file} is missing although {progress_file} exists")
-        tokens = np.load(tokens_file, mmap_mode="r+")
+        try:
+            tokens = np.load(tokens_file, mmap_mode="r+")
+        except (OSError, ValueError, EOFError) as e:
+            raise records.CorruptFileError(f"corrupt token file {tokens_file}: {e}") from None
         if tokens.shape != shape:
             raise ValueError(f"{tokens_file} has shape {tokens.shape}, expected {shape}")
         return tokens, rows_done
