@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 from collapse_jax import sharding
+from collapse_jax.lm.cache import KVCache
 from collapse_jax.lm.processors import (
     process_scores,
     prompt_seen,
@@ -63,6 +64,7 @@ def compiled_search(
     The model's own forward does every step: with `fast` (default) through a
     `PromptSharingCache` (`PromptSharingDecoder`), with `fast=False` through its slot `KVCache`
     with a reordering gather (`SlotCacheDecoder`; the reference the fast path is tested against).
+    A model whose `init_cache` returns another cache type always takes the slot path.
 
     The returned function takes `(state, input_ids [B, P], attention_mask [B, P], row_keys [B])`
     where `state` comes from `nnx.split(model)`; `jax.jit` caches one executable per shape. With a
@@ -78,7 +80,10 @@ def compiled_search(
             logits, cache = model(tokens, attention_mask=mask, cache=cache)
             return logits[:, -1, :], cache
 
-        if fast:
+        # Models whose init_cache gives the package's KVCache follow the cache protocol; any
+        # other cache (a user's own) decodes through its slot interface and `reorder`.
+        protocol = isinstance(jax.eval_shape(lambda: model.init_cache(1, 1)), KVCache)
+        if fast and protocol:
             decoder = PromptSharingDecoder(
                 step_fn, model.init_cache, reorders=settings.num_beams > 1
             )
