@@ -319,11 +319,10 @@ class MarkovSource(GroundTruthSource):
         return jnp.where(defined[..., None], rows, jnp.nan)
 
     def log_prob(self, tokens: jax.Array) -> jax.Array:
-        tokens = jnp.asarray(tokens, jnp.int32)
-        rows, defined = _markov_dense(
-            self._support, self._weights, *self._heads_args(), tokens, order=self.config.order
-        )
-        return _gather_log(rows, tokens, defined, self.vocab_size)
+        return _markov_log_prob(
+            self._support, self._weights, *self._heads_args(), jnp.asarray(tokens, jnp.int32),
+            order=self.config.order,
+        )  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("n", "length", "vocab_size", "order"))
@@ -371,6 +370,12 @@ def _markov_dense(support, weights, head0, head1, tokens, *, order):
     if order == 2:
         rows = jnp.where(pos == 1, head1[safe[:, 0]][:, None, :], rows)
     return rows, defined
+
+
+@functools.partial(jax.jit, static_argnames=("order",))
+def _markov_log_prob(support, weights, head0, head1, tokens, *, order):
+    rows, defined = _markov_dense(support, weights, head0, head1, tokens, order=order)
+    return _gather_log(rows, tokens, defined, head0.shape[0])
 
 
 def _gather_log(rows, tokens, defined, vocab_size):
@@ -456,30 +461,31 @@ class HMMSource(GroundTruthSource):
 
     def log_prob(self, tokens: jax.Array) -> jax.Array:
         tokens = jnp.asarray(tokens, jnp.int32)
-        rows = self._forward(tokens)
-        return _gather_log(rows, tokens, jnp.ones(tokens.shape, bool), self.vocab_size)
+        log_f0 = jnp.broadcast_to(self._log_pi, (tokens.shape[0], self._log_pi.shape[0]))
+        return _hmm_log_prob(self._log_a, self._log_e, log_f0, tokens)
 
     def _estimate_entropy_rate(self) -> tuple[float, float, float]:
         cfg = self.config
-        n, length = cfg.entropy_sequences, cfg.entropy_length
-        key = jax.random.key(cfg.seed)
-        tokens, hidden0 = _hmm_sample(
-            key, self._pi_cdf, self._a_cdf, self._e_cdf, n, length, return_h0=True
-        )
-        upper = _entropy(np.asarray(self._forward(tokens), np.float64))  # [n, L]
-        # Conditioning on h_0 as well gives the lower bound (at the last position only).
-        log_f0 = jnp.where(
-            jax.nn.one_hot(hidden0, self._log_pi.shape[0], dtype=bool), 0.0, -jnp.inf
-        )
-        lower = _entropy(np.asarray(self._forward(tokens, log_f0), np.float64))
-        per_seq = upper[:, length // 2 :].mean(1)
+        upper, lower = _hmm_entropy_profile(
+            jax.random.key(cfg.seed), self._pi_cdf, self._a_cdf, self._e_cdf, self._log_a,
+            self._log_e, self._log_pi, n=cfg.entropy_sequences, length=cfg.entropy_length,
+        )  # fmt: skip
+        upper, lower = np.asarray(upper, np.float64), np.asarray(lower, np.float64)  # [n, L]
+        per_seq = upper[:, cfg.entropy_length // 2 :].mean(1)
         gap = float(np.mean(upper[:, -1] - lower[:, -1]))
+        n = cfg.entropy_sequences
         return float(per_seq.mean()), float(per_seq.std(ddof=1) / np.sqrt(n)), gap
 
     def summary(self) -> dict[str, Any]:
         out = super().summary()
         out["entropy_rate_gap"] = self.entropy_rate_gap
         return out
+
+
+@jax.jit
+def _hmm_log_prob(log_a, log_e, log_f0, tokens):
+    rows = _hmm_next_probs(log_a, log_e, log_f0, tokens)
+    return _gather_log(rows, tokens, jnp.ones(tokens.shape, bool), log_e.shape[1])
 
 
 def _safe_log(p: np.ndarray) -> np.ndarray:
@@ -501,6 +507,21 @@ def _hmm_sample(key, pi_cdf, a_cdf, e_cdf, n, length, return_h0=False):
     _, xs = jax.lax.scan(step, h0, u)
     tokens = xs.T.astype(jnp.int32)  # [n, L]
     return (tokens, h0) if return_h0 else tokens
+
+
+@functools.partial(jax.jit, static_argnames=("n", "length"))
+def _hmm_entropy_profile(key, pi_cdf, a_cdf, e_cdf, log_a, log_e, log_pi, *, n, length):
+    """Predictive entropies H(p(. | x_<t)) of n stationary sequences ([n, L]), without and with
+    the initial hidden state known (the two bounds on the entropy rate)."""
+    tokens, h0 = _hmm_sample(key, pi_cdf, a_cdf, e_cdf, n, length, return_h0=True)
+
+    def entropies(log_f0):
+        p = _hmm_next_probs(log_a, log_e, log_f0, tokens)  # [n, L, V]
+        return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+
+    hidden = log_pi.shape[0]
+    known = jnp.where(jax.nn.one_hot(h0, hidden, dtype=bool), 0.0, -jnp.inf)  # log one-hot
+    return entropies(jnp.broadcast_to(log_pi, (n, hidden))), entropies(known)
 
 
 @jax.jit

@@ -77,11 +77,11 @@ def test_enumerated_probabilities_are_exact(name):
                                rtol=1e-5, atol=1e-5)  # fmt: skip
     # Conditionals equal ratios of enumerated prefix probabilities: p(x_t | x_<t) =
     # p(x_<=t) / p(x_<t), the brute-force marginalisation (over hidden paths for the HMM).
+    # Position t of a full sequence only looks at its prefix, so `rows` serves every prefix.
     for t in range(T):
-        prefix = _all_sequences(4, t + 1)
-        num = _reference_probs(src, prefix).reshape(-1, 4)  # [V^t, V]
+        num = _reference_probs(src, _all_sequences(4, t + 1)).reshape(-1, 4)  # [V^t, V]
         want = num / np.maximum(num.sum(1, keepdims=True), 1e-300)
-        got = np.asarray(src.next_token_probs(prefix), np.float64)[::4, t]  # one row per x_<t
+        got = rows[:: 4 ** (T - t), t]  # sequences are in lexicographic order: one per prefix
         live = num.sum(1) > 0
         np.testing.assert_allclose(got[live], want[live], atol=2e-6)
 
@@ -92,7 +92,9 @@ def test_sampled_frequencies_pass_chi_square(name):
     src = S.build_source(TINY[name])
     seqs = _all_sequences(4, T)
     ref = _reference_probs(src, seqs)
-    for n, disable in ((40_000, False), (4_000, True)):  # compiled and uncompiled paths
+    # The compiled path, and (for one source: it is slow) the uncompiled one.
+    runs = ((40_000, False), (2_000, True)) if name == "markov1" else ((40_000, False),)
+    for n, disable in runs:
         with jax.disable_jit(disable):
             x = np.asarray(src.sample(jax.random.key(7), n, T))
         assert x.shape == (n, T) and x.dtype == np.int32
@@ -129,12 +131,12 @@ def test_hmm_entropy_rate_estimate():
     """The MC rate agrees with -mean log p of an independent sample's late positions within 5
     combined SE, and the bound gap is small (false-failure probability < 1e-5)."""
     cfg = S.SourceConfig(kind="hmm", vocab_size=16, support=6, hidden_states=6, hidden_support=3,
-                         seed=5, entropy_sequences=128, entropy_length=128)  # fmt: skip
+                         seed=5, entropy_sequences=128, entropy_length=96)  # fmt: skip
     src = S.build_source(cfg)
     h, se = src.entropy_rate
     assert 0 < se < 0.05 and 0 <= src.entropy_rate_gap < 0.01
-    x = src.sample(jax.random.key(11), 256, 128)
-    nll = -np.asarray(src.log_prob(x), np.float64)[:, 64:].mean(1)
+    x = src.sample(jax.random.key(11), 128, 96)  # the estimate's shapes: no new compilation
+    nll = -np.asarray(src.log_prob(x), np.float64)[:, 48:].mean(1)
     se2 = nll.std(ddof=1) / np.sqrt(len(nll))
     assert abs(nll.mean() - h) < 5 * np.hypot(se, se2)
 
