@@ -235,6 +235,7 @@ def run_generations(
     learner = make_learner(cfg) if learner is None else learner
     gcfg = cfg.generation
     start = prepare_run_dir(cfg, run_dir)
+    learner.prepare(run_dir)
     if learner.jittable:
         driver = _run_jittable
     else:
@@ -527,7 +528,7 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
         if metrics_path.exists():
             per_chain = records.load_npz(metrics_path)
         else:
-            m = learner.evaluate(keys["eval"], params, reference)
+            m = {**learner.evaluate(keys["eval"], params, reference), **learner.data_metrics(data)}
             per_chain = {k: np.asarray(v)[None] for k, v in m.items()}
             records.save_npz(metrics_path, per_chain)
         row, means = summarize(per_chain)

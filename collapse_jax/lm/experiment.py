@@ -25,6 +25,7 @@ import numpy as np
 
 from collapse_jax import config as config_lib
 from collapse_jax.learner import AbstractLearner
+from collapse_jax.lm.source import SourceDataConfig
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -99,6 +100,10 @@ class OPTExperimentConfig:
       temperature, top_k, top_p: sampling settings (do_sample only).
       generate_batch_size: prompt blocks per compiled beam-search call.
       histogram_bins: bins of the per-sequence perplexity histograms.
+      data: a ground-truth source as the real data (`collapse_jax.lm.source`) instead of
+        WikiText-2: blocks drawn from a known language, evaluated exactly against it (the
+        tokenizer and WikiText fields are then unused; a random OPT gets the source's vocabulary
+        plus pad/bos/eos).
     """
 
     kind: ClassVar[str] = "opt"
@@ -129,6 +134,7 @@ class OPTExperimentConfig:
     top_p: float | None = None
     generate_batch_size: int = 64
     histogram_bins: int = 60
+    data: SourceDataConfig | None = None
 
     def __post_init__(self):
         for name in (
@@ -193,6 +199,11 @@ class OPTLearner(AbstractLearner):
 
     def _blocks(self, split: str, limit: int | None) -> np.ndarray:
         name = f"blocks/{split}"
+        if name not in self._cache and self.config.data is not None:
+            from collapse_jax.lm import source
+
+            kind = "train" if split == self.config.train_split else "eval"
+            self._cache[name] = source.data_blocks(self.config.data, kind, self.config.block_size)
         if name not in self._cache:
             from collapse_jax.lm.data import load_wikitext_blocks
 
@@ -229,7 +240,7 @@ class OPTLearner(AbstractLearner):
             return opt.load_pretrained(cfg.model_path, dtype=param_dtype, param_dtype=param_dtype)
         r = cfg.random_init
         arch = opt.OPTConfig(
-            vocab_size=r.vocab_size,
+            vocab_size=r.vocab_size if cfg.data is None else cfg.data.model_vocab_size,
             hidden_size=r.hidden_size,
             num_hidden_layers=r.num_hidden_layers,
             num_attention_heads=r.num_attention_heads,
@@ -276,13 +287,44 @@ class OPTLearner(AbstractLearner):
             pad_token_id=params.config.pad_token_id,
         )
         nll = np.log(per_seq)
-        return {
+        out = {
             "ppl": float(np.exp(nll.mean())),  # exp of the mean token loss (full blocks)
             "seq_ppl_median": float(np.median(per_seq)),
             "seq_ppl_p95": float(np.quantile(per_seq, 0.95)),
             "seq_ppl_p05": float(np.quantile(per_seq, 0.05)),
             "per_sequence_ppl": per_seq.astype(np.float32),
         }
+        if self.config.data is not None:  # exact metrics against the ground truth
+            from collapse_jax.lm import source, truth
+
+            d = self.config.data
+            out.update(truth.evaluate_model(
+                params, source.build_source(d.source), reference,
+                batch_size=self.config.eval_batch_size, q=d.tail_mass,
+            ))  # fmt: skip
+        return out
+
+    def data_metrics(self, data: np.ndarray) -> dict[str, Any]:
+        """Exact metrics of a generation's training data under the ground truth (if any)."""
+        if self.config.data is None:
+            return {}
+        from collapse_jax.lm import source, truth
+
+        src = source.build_source(self.config.data.source)
+        return truth.data_metrics(src, source.to_source_ids(data, src.vocab_size))
+
+    def prepare(self, run_dir: pathlib.Path) -> None:
+        """Saves the ground-truth source in the run directory (checks it when resuming)."""
+        if self.config.data is None:
+            return
+        from collapse_jax.lm import source
+
+        src = source.build_source(self.config.data.source)
+        folder = pathlib.Path(run_dir) / "source"
+        if (folder / "source.json").is_file():
+            source.load_source(folder)  # raises if the saved source differs
+        else:
+            source.save_source(src, folder)
 
     def sample(self, key: jax.Array, params, num: int, *, workdir=None, **kw) -> np.ndarray:
         from collapse_jax.lm.regenerate import regenerate
@@ -352,6 +394,18 @@ class OPTLearner(AbstractLearner):
             path = out_dir / "perplexity_histograms.png"
             _histograms(test, "perplexity of a real test block", path, self.config.histogram_bins)
             files.append(path)
+        if self.config.data is not None:
+            from collapse_jax.lm import source, truth
+
+            def load_model(g):
+                p = run.params_dir(g)
+                return self.load_params(p, None) if (p / "config.json").is_file() else None
+
+            d = self.config.data
+            files += truth.figures(
+                run, out_dir, source.build_source(d.source), load_model,
+                self.reference(None), d.ranked_contexts,
+            )  # fmt: skip
         train = self._train_perplexity_under_gen0(run)
         if train:
             path = out_dir / "train_perplexity_under_gen0.png"

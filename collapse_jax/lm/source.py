@@ -592,3 +592,68 @@ def load_source(folder: pathlib.Path) -> GroundTruthSource:
             "saved ones (the source code changed since this run was made)"
         )
     return source
+
+
+# ----------------------------------------------------------------------------------------------
+# The source as the language-model experiment's data.
+
+# Model ids 0..2 are OPT's <s>, <pad>, </s> (pad = 1, bos = eos = 2): source token x is model id
+# x + TOKEN_OFFSET, so the model's vocabulary is V + 3.
+TOKEN_OFFSET = 3
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SourceDataConfig:
+    """Real data drawn from a ground-truth source (`data: {kind: source, ...}`).
+
+    Attributes:
+      source: the ground-truth language.
+      num_train_blocks: N, real training blocks (generation 0's data and the prompts).
+      num_eval_blocks: held-out real blocks every generation is evaluated on.
+      seed: seed of the drawn blocks (training and held-out streams are independent).
+      tail_mass: q of `tail_retention` (the least probable q of each true conditional).
+      ranked_contexts: held-out contexts shown in the ranked-conditionals figure.
+    """
+
+    kind: Literal["source"] = "source"
+    source: SourceConfig = dataclasses.field(default_factory=SourceConfig)
+    num_train_blocks: int = 256
+    num_eval_blocks: int = 128
+    seed: int = 0
+    tail_mass: float = 0.1
+    ranked_contexts: int = 4
+
+    def __post_init__(self):
+        def check(ok, key, message):
+            config_lib.require(ok, f"data.{key}", message)
+
+        check(self.num_train_blocks >= 2, "num_train_blocks", "must be >= 2")
+        check(self.num_eval_blocks >= 1, "num_eval_blocks", "must be >= 1")
+        check(0 < self.tail_mass <= 1, "tail_mass", f"must lie in (0, 1] (got {self.tail_mass})")
+        check(self.ranked_contexts >= 1, "ranked_contexts", "must be >= 1")
+
+    @property
+    def model_vocab_size(self) -> int:
+        return self.source.vocab_size + TOKEN_OFFSET
+
+
+def to_model_ids(tokens: np.ndarray) -> np.ndarray:
+    """Source tokens -> model ids. [N, T] int32."""
+    return (np.asarray(tokens, np.int64) + TOKEN_OFFSET).astype(np.int32)
+
+
+def to_source_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Model ids -> source tokens; special and out-of-range ids become -1 (impossible)."""
+    x = np.asarray(ids, np.int64) - TOKEN_OFFSET
+    return np.where((x >= 0) & (x < vocab_size), x, -1).astype(np.int32)
+
+
+def data_blocks(
+    config: SourceDataConfig, split: Literal["train", "eval"], block_size: int
+) -> np.ndarray:
+    """The experiment's real blocks in model ids, a deterministic function of the config.
+
+    Returns [N, block_size] int32 (N = num_train_blocks or num_eval_blocks)."""
+    key = jax.random.fold_in(jax.random.key(config.seed), 0 if split == "train" else 1)
+    n = config.num_train_blocks if split == "train" else config.num_eval_blocks
+    return to_model_ids(build_source(config.source).sample(key, n, block_size))
