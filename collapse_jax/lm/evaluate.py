@@ -141,3 +141,29 @@ def perplexity(
     if per_sequence:
         return np.exp(sums / np.maximum(counts, 1.0))
     return float(np.exp(sums.sum() / max(counts.sum(), 1.0)))
+
+
+def unigram_perplexity(train_blocks: np.ndarray, eval_blocks: np.ndarray, vocab_size: int) -> float:
+    """Perplexity of an add-one (Laplace) unigram model of `train_blocks` on `eval_blocks`.
+
+    The baseline a language model must beat: p(v) = (count(v) + 1) / (N + V) over every token of
+    the training blocks, scored on the same targets as `perplexity` (every token of a block but
+    its first, which a causal LM is never asked to predict).
+
+    Args:
+      train_blocks: [N, T] int token ids the unigram is counted on.
+      eval_blocks: [M, T] int token ids it is scored on.
+      vocab_size: V, the number of ids the model may emit (ids lie in [0, V)).
+
+    Returns:
+      exp of the mean negative log-likelihood per target token.
+    """
+    train = np.asarray(train_blocks).reshape(-1)
+    targets = np.asarray(eval_blocks)[:, 1:].reshape(-1)
+    if train.size == 0 or targets.size == 0:
+        raise ValueError("unigram_perplexity needs non-empty train and eval blocks")
+    if max(train.max(), targets.max()) >= vocab_size or min(train.min(), targets.min()) < 0:
+        raise ValueError(f"token ids must lie in [0, {vocab_size})")
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts) - np.log(counts.sum())
+    return float(np.exp(-logp[targets].mean()))

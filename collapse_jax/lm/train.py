@@ -76,11 +76,13 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class TrainConfig:
-    """Hyper-parameters of `finetune` (defaults: the paper's code where it sets them).
+    """Hyper-parameters of `fit` / `finetune` (defaults: the paper's code where it sets them).
+
+    This is also the `train:` block of the language-model experiment config, handed down whole.
 
     Attributes:
-      epochs: passes over the training blocks.
-      batch_size: blocks per optimizer step (global, over all devices and processes).
+      epochs: passes over the training blocks (the paper: 5).
+      batch_size: blocks per optimizer step (global, over all devices and processes; paper 128).
       learning_rate: peak learning rate (the paper: 2e-5).
       schedule: "paper_cosine" (cosine annealing per epoch, T_max = epochs), "warmup_cosine"
         (linear warmup over `warmup_steps`, then cosine per step down to `eta_min`) or "constant".
@@ -101,11 +103,14 @@ class TrainConfig:
         end); None = only at epoch ends.
       keep_checkpoints: how many recent step checkpoints to keep.
       prefetch: batches prepared ahead of the running step.
+      keep_best: return the parameters of the epoch with the lowest validation loss instead of
+        the last epoch's (the paper's `ModelCheckpoint(monitor="val_loss")`); needs validation
+        blocks (without them the last epoch is returned).
     """
 
-    epochs: int
-    batch_size: int
-    learning_rate: float
+    epochs: int = 5
+    batch_size: int = 128
+    learning_rate: float = 2e-5
     schedule: str = "paper_cosine"
     eta_min: float = 1e-6
     warmup_steps: int = 0
@@ -124,6 +129,7 @@ class TrainConfig:
     save_every_steps: int | None = None
     keep_checkpoints: int = 2
     prefetch: int = 2
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -226,6 +232,7 @@ def prepare_training(
         save_every_steps=None,
         keep_checkpoints=2,
         prefetch=2,
+        keep_best=False,
         shuffle=True,
         drop_last=False,
         pad_token_id=None,
@@ -270,31 +277,67 @@ def finetune(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     **options: Any,
 ) -> tuple[nnx.Module, dict[str, list[float]]]:
+    """Fine-tunes an OPT model on token blocks (keyword form of `fit`).
+
+    Args:
+      epochs, batch_size, learning_rate, schedule: see `TrainConfig`.
+      **options: any other `TrainConfig` field (eta_min, warmup_steps, weight_decay,
+        max_grad_norm, grad_accum_steps, compute_dtype, dropout, pad_token_id, keep_best, ...).
+      Everything else: see `fit`.
+    """
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        schedule=schedule,
+        **options,
+    )
+    return fit(
+        model,
+        train_blocks,
+        config,
+        valid_blocks=valid_blocks,
+        mesh=mesh,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        on_step=on_step,
+    )
+
+
+def fit(
+    model: nnx.Module,
+    train_blocks: np.ndarray,
+    config: TrainConfig,
+    *,
+    valid_blocks: np.ndarray | None = None,
+    mesh: Mesh | None = None,
+    seed: int = 0,
+    checkpoint_dir: str | pathlib.Path | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[nnx.Module, dict[str, list[float]]]:
     """Fine-tunes an OPT model on token blocks (the paper's per-generation training).
 
     Args:
       model: an OPT model (`collapse_jax.lm.opt`); it is not modified.
       train_blocks: int array [N, T] of token ids (may be memory-mapped), the same on every
         process.
-      valid_blocks: optional [M, T] blocks evaluated after every epoch.
-      epochs: passes over `train_blocks` (the paper: 5).
-      batch_size: global blocks per optimizer step (the paper: 128); any size runs on any mesh
-        (filler rows with zero loss weight round it up to a multiple of data x fsdp size).
-      learning_rate: peak learning rate (the paper: 2e-5).
-      schedule: "paper_cosine", "warmup_cosine" or "constant" (see `TrainConfig`).
+      config: the training settings (`TrainConfig`, e.g. the experiment's `train:` block).
+      valid_blocks: optional [M, T] blocks evaluated after every epoch (with
+        `config.keep_best`, the epoch with the lowest loss on them is returned).
       mesh: a mesh with axes from ("data", "fsdp", "tensor"); None = all devices on "data".
+        Any batch size runs on any mesh (filler rows with zero loss weight round it up to a
+        multiple of data x fsdp size).
       seed: seeds the data order and dropout; the loss curve depends on nothing else.
       checkpoint_dir: if set, checkpoints go there (every `save_every_steps` steps, at every
         epoch end, and the best epoch by validation loss under `best/`); a run finding a
         checkpoint there resumes from it exactly (same data order, RNG and history).
       on_step: called on the host after every optimizer step with (step, metrics).
-      **options: any other `TrainConfig` field (eta_min, warmup_steps, weight_decay,
-        max_grad_norm, grad_accum_steps, compute_dtype, dropout, pad_token_id, ...).
 
     Returns:
       (new model, history): history has "train_loss", "lr" and "grad_norm" (one entry per
-      optimizer step), "valid_loss" and "valid_ppl" (one per epoch, if `valid_blocks`) and
-      "epoch_end_step".
+      optimizer step), "valid_loss" and "valid_ppl" (one per epoch, if `valid_blocks`),
+      "epoch_end_step", and "selected_epoch" (one entry: the 1-based epoch whose parameters
+      were returned).
 
     Raises:
       NonFiniteLossError: a step produced a NaN/inf loss or gradient (names the step; the
@@ -303,13 +346,6 @@ def finetune(
     """
     from collapse_jax.lm import checkpoint as ckpt_lib
 
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        schedule=schedule,
-        **options,
-    )
     train_blocks = _check_blocks(train_blocks, "train_blocks")
     _check_vocab(train_blocks, model, "train_blocks")
     if valid_blocks is not None:
@@ -397,6 +433,7 @@ def finetune(
             best = meta.get("best_valid_loss", math.inf)
             start = latest
 
+    best_params = None
     rep = sharding.replicated(mesh)
     key = _to_global(np.asarray(jax.random.key_data(jax.random.key(seed))), rep)
     key = jax.random.wrap_key_data(key)
@@ -462,9 +499,13 @@ def finetune(
                         vloss = float(sums.sum() / max(counts.sum(), 1.0))
                         history["valid_loss"].append(vloss)
                         history["valid_ppl"].append(math.exp(min(vloss, 700.0)))
-                        if ckpt is not None and vloss < best:
+                        if vloss < best:
                             best = vloss
-                            ckpt.save_best(done, state, meta(), vloss)
+                            if config.keep_best:
+                                # A copy: the next step donates (invalidates) `state`'s buffers.
+                                best_params = jax.tree.map(jnp.copy, state.params)
+                            if ckpt is not None:
+                                ckpt.save_best(done, state, meta(), vloss)
                 if save_now:
                     ckpt.save(done, state, meta())
             if pending is not None:
@@ -473,8 +514,34 @@ def finetune(
         if ckpt is not None:
             ckpt.close()
 
-    new_model = nnx.merge(graphdef, state.params, rest_g)
+    final = state.params
+    history["selected_epoch"] = [config.epochs]
+    if config.keep_best and history["valid_loss"]:
+        vl = np.asarray(history["valid_loss"], np.float64)
+        if np.isfinite(vl).any():
+            epoch = int(np.nanargmin(np.where(np.isfinite(vl), vl, np.nan))) + 1
+            if best_params is None and epoch != config.epochs:
+                # Resumed after the best epoch: its parameters are in the `best/` checkpoint.
+                best_params = _restore_best(checkpoint_dir, params, state_shard.params)
+            if best_params is not None or epoch == config.epochs:
+                final = state.params if best_params is None else best_params
+                history["selected_epoch"] = [epoch]
+    new_model = nnx.merge(graphdef, final, rest_g)
     return new_model, history
+
+
+def _restore_best(checkpoint_dir: Any, params: Any, shardings: Any) -> Any:
+    """The parameters of the `best/` checkpoint that `fit` wrote into `checkpoint_dir`."""
+    from collapse_jax.lm import checkpoint as ckpt_lib
+
+    ck = ckpt_lib.TrainCheckpointer(checkpoint_dir)
+    try:
+        step = ck.best_step()
+        if step is None:
+            raise FileNotFoundError(f"no best checkpoint in {checkpoint_dir}")
+        return ck.restore_params(step, params, shardings, best=True)
+    finally:
+        ck.close()
 
 
 def load_checkpoint(
