@@ -262,6 +262,12 @@ class WikiTextConfig:
     block_size: int = 64
 
     def __post_init__(self) -> None:
+        from collapse_jax.config import _expand_env
+
+        # `config.build` expands ${VAR} in YAML strings; the defaults and configs made in code
+        # are expanded here, so a config equals its YAML round trip.
+        for name in ("source", "tokenizer_path"):
+            object.__setattr__(self, name, _expand_env(getattr(self, name), f"data.{name}"))
         for name in ("train_split", "eval_split", "valid_split"):
             v = getattr(self, name)
             if v is not None and v not in SPLITS:
@@ -284,12 +290,8 @@ class WikiTextConfig:
         from collapse_jax.lm import hub
         from collapse_jax.lm.tokenizer import load_tokenizer
 
-        from collapse_jax.config import _expand_env
-
-        # Fields built by `config.build` are expanded already; a config made in code is not.
-        source = _expand_env(self.source, "data.source")
-        tok_path = _expand_env(self.tokenizer_path, "data.tokenizer_path")
-        tokenizer = load_tokenizer(hub.resolve(tok_path, what="tokenizer"))
+        source = self.source
+        tokenizer = load_tokenizer(hub.resolve(self.tokenizer_path, what="tokenizer"))
         cache: dict[str, np.ndarray] = {}
 
         def blocks(split: str) -> np.ndarray:

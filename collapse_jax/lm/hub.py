@@ -45,6 +45,15 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def cache_dir() -> pathlib.Path:
+    """The hub cache, read from the environment at call time (`HF_HUB_CACHE`, else
+    `$HF_HOME/hub`, else `~/.cache/huggingface/hub`): huggingface_hub fixes it at import time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return pathlib.Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join("~", ".cache", "huggingface")
+    return pathlib.Path(home).expanduser() / "hub"
+
+
 def resolve(path: str | os.PathLike, *, what: str = "model") -> pathlib.Path:
     """A local folder for `path`: itself if it exists, else the hub snapshot of that id.
 
@@ -75,6 +84,7 @@ def resolve(path: str | os.PathLike, *, what: str = "model") -> pathlib.Path:
             repo_id,
             revision=revision or None,
             allow_patterns=patterns,
+            cache_dir=cache_dir(),
             local_files_only=offline(),
         )
     except Exception as e:  # noqa: BLE001 -- offline/network/missing-repo errors vary by version
