@@ -780,7 +780,7 @@ def load_pretrained(
     `pytorch_model.bin`, which needs torch).
 
     Args:
-      path: the directory.
+      path: the directory, or a Hugging Face hub id (`facebook/opt-125m`; see `lm.hub`).
       dtype: compute dtype.
       param_dtype: parameter dtype (default: `dtype`).
       attention_implementation: see `OPTForCausalLM`.
@@ -792,10 +792,10 @@ def load_pretrained(
       FileNotFoundError: if the directory, its config or its weights are missing.
       ValueError: if it is not an OPT directory, or a weight is missing, truncated or misshapen.
     """
-    from collapse_jax.lm import convert
+    from collapse_jax.lm import convert, hub
 
     return convert.load_pretrained(
-        path,
+        hub.resolve(path),  # a local folder, or a hub id through the hub's cache
         dtype=dtype,
         param_dtype=param_dtype,
         attention_implementation=attention_implementation,

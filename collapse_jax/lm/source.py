@@ -604,21 +604,29 @@ TOKEN_OFFSET = 3
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class SourceDataConfig:
-    """Real data drawn from a ground-truth source (`data: {kind: source, ...}`).
+    """Real data drawn from a ground-truth source: the LM experiment's `data: {kind: source}`.
+
+    A data source of `collapse_jax.lm.experiment` (`load() -> lm.data.LMCorpus`): the blocks are
+    a deterministic function of this config, in model ids (source token x is id x + 3; 0..2 are
+    OPT's <s>, <pad>, </s>), and a randomly initialised OPT gets V + 3 ids.
 
     Attributes:
       source: the ground-truth language.
       num_train_blocks: N, real training blocks (generation 0's data and the prompts).
-      num_eval_blocks: held-out real blocks every generation is evaluated on.
-      seed: seed of the drawn blocks (training and held-out streams are independent).
+      num_valid_blocks: real validation blocks (the trainer's best-epoch selection); 0 = none.
+      num_eval_blocks: held-out real blocks every generation is evaluated on, exactly.
+      block_size: T, tokens per block.
+      seed: seed of the drawn blocks (the three splits are independent streams).
       tail_mass: q of `tail_retention` (the least probable q of each true conditional).
       ranked_contexts: held-out contexts shown in the ranked-conditionals figure.
     """
 
-    kind: Literal["source"] = "source"
+    kind: ClassVar[str] = "source"
     source: SourceConfig = dataclasses.field(default_factory=SourceConfig)
     num_train_blocks: int = 256
+    num_valid_blocks: int = 0
     num_eval_blocks: int = 128
+    block_size: int = 64
     seed: int = 0
     tail_mass: float = 0.1
     ranked_contexts: int = 4
@@ -628,13 +636,40 @@ class SourceDataConfig:
             config_lib.require(ok, f"data.{key}", message)
 
         check(self.num_train_blocks >= 2, "num_train_blocks", "must be >= 2")
+        check(self.num_valid_blocks >= 0, "num_valid_blocks", "must be >= 0")
         check(self.num_eval_blocks >= 1, "num_eval_blocks", "must be >= 1")
+        check(self.block_size >= 2, "block_size", "must be >= 2")
         check(0 < self.tail_mass <= 1, "tail_mass", f"must lie in (0, 1] (got {self.tail_mass})")
         check(self.ranked_contexts >= 1, "ranked_contexts", "must be >= 1")
 
     @property
     def model_vocab_size(self) -> int:
         return self.source.vocab_size + TOKEN_OFFSET
+
+    def blocks(self, split: Literal["train", "valid", "eval"]) -> np.ndarray:
+        """The real blocks of a split in model ids. [N, block_size] int32."""
+        n = {"train": self.num_train_blocks, "valid": self.num_valid_blocks,
+             "eval": self.num_eval_blocks}[split]  # fmt: skip
+        key = jax.random.fold_in(jax.random.key(self.seed), ("train", "eval", "valid").index(split))
+        return to_model_ids(build_source(self.source).sample(key, n, self.block_size))
+
+    def load(self):
+        """The experiment's corpus (`lm.data.LMCorpus`)."""
+        from collapse_jax.lm.data import LMCorpus
+
+        v = self.source.vocab_size
+        return LMCorpus(
+            train=self.blocks("train"),
+            valid=self.blocks("valid") if self.num_valid_blocks else None,
+            eval=self.blocks("eval"),
+            vocab_size=self.model_vocab_size,
+            special_ids=tuple(range(TOKEN_OFFSET)),
+            decode=lambda ids: " ".join(
+                str(int(i) - TOKEN_OFFSET) if TOKEN_OFFSET <= i < v + TOKEN_OFFSET
+                else ("<pad>" if i == 1 else "</s>" if i == 2 else f"<{int(i)}>")
+                for i in ids
+            ),
+        )  # fmt: skip
 
 
 def to_model_ids(tokens: np.ndarray) -> np.ndarray:
@@ -646,14 +681,3 @@ def to_source_ids(ids: np.ndarray, vocab_size: int) -> np.ndarray:
     """Model ids -> source tokens; special and out-of-range ids become -1 (impossible)."""
     x = np.asarray(ids, np.int64) - TOKEN_OFFSET
     return np.where((x >= 0) & (x < vocab_size), x, -1).astype(np.int32)
-
-
-def data_blocks(
-    config: SourceDataConfig, split: Literal["train", "eval"], block_size: int
-) -> np.ndarray:
-    """The experiment's real blocks in model ids, a deterministic function of the config.
-
-    Returns [N, block_size] int32 (N = num_train_blocks or num_eval_blocks)."""
-    key = jax.random.fold_in(jax.random.key(config.seed), 0 if split == "train" else 1)
-    n = config.num_train_blocks if split == "train" else config.num_eval_blocks
-    return to_model_ids(build_source(config.source).sample(key, n, block_size))

@@ -309,8 +309,6 @@ def evaluate_model(
 # ----------------------------------------------------------------------------------------------
 # Figures of a run on a ground-truth source.
 
-HISTOGRAM_GENERATIONS = (0, 1, 2, 3, 5, 9)  # as the paper's Fig. 1
-
 
 def figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model: Any,
             eval_ids: np.ndarray, num_contexts: int = 4) -> list[Any]:  # fmt: skip
@@ -400,6 +398,8 @@ def figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model: Any,
     fig.savefig(path)
     plt.close(fig)
     files.append(path)
+
+    from collapse_jax.lm.figures import HISTOGRAM_GENERATIONS  # as the paper's Fig. 1
 
     shown = [x for x in HISTOGRAM_GENERATIONS if x in per_block and len(per_block[x])]
     if shown:
