@@ -169,7 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"collapse-jax: error: unknown --log-level {args.log_level}", file=sys.stderr)
         return 2
     log.setLevel(level)  # our own messages; absl/orbax stay at WARNING
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    # Hub ids download when online unless HF_HUB_OFFLINE=1 (lm/hub.py); transformers' advisory
+    # "PyTorch was not found" line is noise in a JAX run.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         return args.fn(args)
     except BaseException as e:  # noqa: BLE001 (sorted below; the unexpected re-raised)

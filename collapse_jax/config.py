@@ -479,6 +479,7 @@ def build(cls: type, raw: Mapping[str, Any] | None, where: str = "") -> Any:
                 build(ExperimentConfig, v, f"{prefix}experiments[{i}]") for i, v in enumerate(value)
             )
         else:
+            value = _over_default(fields[name], value)
             kwargs[name] = _coerce(tp, value, f"{prefix}{name}")
     missing = [
         n
@@ -495,6 +496,33 @@ def build(cls: type, raw: Mapping[str, Any] | None, where: str = "") -> Any:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def _over_default(field: dataclasses.Field, value: Any) -> Any:
+    """A partial nested block laid over the field's default block, not over the class defaults.
+
+    E.g. the LM experiment's `decode:` defaults to the paper's beam search; `model.decode.
+    num_beams=2` must change only the beams, not reset the repetition penalty to the class
+    default. Blocks of another `kind` than the default's are taken as given.
+    """
+    if not isinstance(value, dict) or field.default_factory is dataclasses.MISSING:
+        return value
+    default = field.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    base = to_dict(default)
+    if "kind" in value and value["kind"] != base.get("kind", value["kind"]):
+        return value
+    return _deep_merge(base, value)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
 
 
 def _build_model(raw: Any, where: str) -> Any:

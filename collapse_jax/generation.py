@@ -740,6 +740,7 @@ def run_generations(
 def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> Result:
     gcfg = cfg.generation
     start = prepare_run_dir(cfg, run_dir)
+    learner.prepare(run_dir)
     driver = _run_jittable if learner.jittable else _run_python
     bar = None
     if progress:
@@ -1000,9 +1001,10 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
                 m = records.load_npz(metrics_path)
             else:
                 m = {
-                    k: np.asarray(v)
-                    for k, v in learner.evaluate(keys["eval"], params, reference).items()
+                    **learner.evaluate(keys["eval"], params, reference),
+                    **learner.data_metrics(data),
                 }
+                m = {k: np.asarray(v) for k, v in m.items()}
                 records.save_npz(metrics_path, m)
             per_chain.append(m)
             if not (wdir / "next.npz").exists():
