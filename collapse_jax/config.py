@@ -43,6 +43,11 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
         "collapse_jax.theory.gaussian:GaussianLearner",
     ),
     "gmm": ("collapse_jax.gmm:GMMConfig", "collapse_jax.gmm:GMMLearner"),
+    "linear_regression": (
+        "collapse_jax.linreg:LinearRegressionConfig",
+        "collapse_jax.linreg:LinearRegressionLearner",
+    ),
+    "kde": ("collapse_jax.kde:KDEConfig", "collapse_jax.kde:KDELearner"),
     "vae": ("collapse_jax.vae:VAEConfig", "collapse_jax.vae:VAELearner"),
     "opt": (
         "collapse_jax.lm.experiment:OPTExperimentConfig",
