@@ -157,12 +157,12 @@ def kernel_cov(x: Array, bandwidth: float | str) -> Array:
     """Kernel covariance H [D, D] of the KDE of points x [N, D] (SciPy's conventions)."""
     n, d = x.shape
     if not isinstance(bandwidth, str):
-        return jnp.full((d,), bandwidth**2, _F) * jnp.eye(d, dtype=_F)
+        return bandwidth**2 * jnp.eye(d, dtype=_F)
     if bandwidth == "scott":
         factor = n ** (-1.0 / (d + 4))
     else:
         factor = (n * (d + 2) / 4.0) ** (-1.0 / (d + 4))
-    xc = x - jnp.mean(x, 0)
+    xc = x - jnp.mean(x, 0, keepdims=True)
     cov = xc.T @ xc / (n - 1)  # [D, D]
     return factor**2 * cov
 
@@ -190,7 +190,7 @@ def kde_log_prob(params: KDEParams, x: Array) -> Array:
 def kde_variance(params: KDEParams) -> Array:
     """Covariance [D, D] of the KDE density: biased sample covariance of the centres + H."""
     c = params.centers
-    cc = c - jnp.mean(c, 0)
+    cc = c - jnp.mean(c, 0, keepdims=True)
     return cc.T @ cc / c.shape[0] + params.chol @ params.chol.T
 
 

@@ -82,12 +82,13 @@ def test_world_survives_mixing_with_fresh_real_data(key):
 
 def test_mixed_policy_runs_and_stays_bounded(tmp_path):
     """alpha = gamma = 1/2 (half the rows refreshed with real labels each generation) keeps the
-    error bounded well below replace's linear growth (a qualitative check over 10^4 chains)."""
+    error bounded well below replace's linear growth (the mean over 2000 chains is within a
+    few % of its limit, far below half of replace's)."""
     raw = {
         "name": "lr",
         "model": {"kind": "linear_regression", "dim": 3, "num_points": 20, "test_points": 4},
         "generation": {"num_generations": 6, "samples_per_generation": None, "policy": "mix",
-                       "alpha": 0.5, "gamma": 0.5, "num_trials": 10_000},
+                       "alpha": 0.5, "gamma": 0.5, "num_trials": 2000},
     }
     rows = generation.run_generations(config_lib.from_dict(raw), tmp_path).rows
     replace = expected_param_error("replace", 6, dim=3, num_points=20, noise_std=1.0)
