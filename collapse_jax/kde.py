@@ -331,8 +331,13 @@ class KDELearner(AbstractLearner[KDEParams, Array]):
             grid = jnp.linspace(-4, 4, 400)[:, None]
             ax.plot(grid[:, 0], jnp.exp(self.truth_log_prob(grid)), "k--", lw=1.2, label="truth")
             for i, (gen, p) in enumerate(fits):
-                ax.plot(grid[:, 0], jnp.exp(kde_log_prob(p, grid)), color=f"C{i}", lw=1.2,
-                        label=f"gen {gen} (chain 0)")
+                ax.plot(
+                    grid[:, 0],
+                    jnp.exp(kde_log_prob(p, grid)),
+                    color=f"C{i}",
+                    lw=1.2,
+                    label=f"gen {gen} (chain 0)",
+                )
             ax.set_xlabel("x")
             ax.set_ylabel("density")
             ax.legend(fontsize=7, frameon=False)
@@ -345,8 +350,12 @@ class KDELearner(AbstractLearner[KDEParams, Array]):
             ]
             fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8), dpi=110)
             for ax, (title, lp) in zip(axes, panels):
-                ax.imshow(np.exp(np.asarray(lp)).reshape(120, 120), origin="lower",
-                          extent=(lo, hi, lo, hi), cmap="viridis")
+                ax.imshow(
+                    np.exp(np.asarray(lp)).reshape(120, 120),
+                    origin="lower",
+                    extent=(lo, hi, lo, hi),
+                    cmap="viridis",
+                )
                 ax.set_title(title, fontsize=8)
                 ax.set_xticks([])
                 ax.set_yticks([])

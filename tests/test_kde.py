@@ -55,8 +55,10 @@ def test_variance_closed_form_and_sampler(key, bandwidth):
     params = learner.fit(key, x, learner.init(key))
     v = float(kde_variance(params)[0, 0])
     xn = np.asarray(x, np.float64)
-    ref = stats.gaussian_kde(xn.T, bw_method=bandwidth if isinstance(bandwidth, str) else
-                             bandwidth / xn[:, 0].std(ddof=1))
+    ref = stats.gaussian_kde(
+        xn.T,
+        bw_method=bandwidth if isinstance(bandwidth, str) else bandwidth / xn[:, 0].std(ddof=1),
+    )
     np.testing.assert_allclose(v, xn.var() + ref.covariance[0, 0], rtol=1e-4)
     s = np.asarray(learner.sample(jax.random.key(5), params, 200_000), np.float64)[:, 0]
     m4 = np.mean((s - s.mean()) ** 4)
@@ -72,10 +74,14 @@ def test_variance_recursion_through_the_loop(tmp_path, bandwidth):
     raw = {
         "name": "kde",
         "seed": 2,
-        "model": {"kind": "kde", "dataset": "gaussian", "bandwidth": bandwidth,
-                  "num_points": 16, "heldout_points": 4},
-        "generation": {"num_generations": 4, "samples_per_generation": None,
-                       "num_trials": 10_000},
+        "model": {
+            "kind": "kde",
+            "dataset": "gaussian",
+            "bandwidth": bandwidth,
+            "num_points": 16,
+            "heldout_points": 4,
+        },
+        "generation": {"num_generations": 4, "samples_per_generation": None, "num_trials": 10_000},
     }
     cfg = config_lib.from_dict(raw)
     rows = generation.run_generations(cfg, tmp_path).rows

@@ -21,10 +21,19 @@ def _run(tmp_path, policy, gens, **model):
     raw = {
         "name": "lr",
         "seed": 3,
-        "model": {"kind": "linear_regression", "dim": 3, "num_points": 20, "test_points": 8,
-                  **model},
-        "generation": {"num_generations": gens, "samples_per_generation": None,
-                       "policy": policy, "num_trials": 10_000},
+        "model": {
+            "kind": "linear_regression",
+            "dim": 3,
+            "num_points": 20,
+            "test_points": 8,
+            **model,
+        },
+        "generation": {
+            "num_generations": gens,
+            "samples_per_generation": None,
+            "policy": policy,
+            "num_trials": 10_000,
+        },
     }
     cfg = config_lib.from_dict(raw)
     return cfg, generation.run_generations(cfg, tmp_path / policy).rows
@@ -87,14 +96,19 @@ def test_mixed_policy_runs_and_stays_bounded(tmp_path):
     raw = {
         "name": "lr",
         "model": {"kind": "linear_regression", "dim": 3, "num_points": 20, "test_points": 4},
-        "generation": {"num_generations": 6, "samples_per_generation": None, "policy": "mix",
-                       "alpha": 0.5, "gamma": 0.5, "num_trials": 2000},
+        "generation": {
+            "num_generations": 6,
+            "samples_per_generation": None,
+            "policy": "mix",
+            "alpha": 0.5,
+            "gamma": 0.5,
+            "num_trials": 2000,
+        },
     }
     rows = generation.run_generations(config_lib.from_dict(raw), tmp_path).rows
     replace = expected_param_error("replace", 6, dim=3, num_points=20, noise_std=1.0)
     assert rows[-1]["param_error"] < 0.5 * replace[-1]
-    assert generation.make_learner(config_lib.from_dict(raw)).expected_curves(
-        np.full(6, 20)) == {}
+    assert generation.make_learner(config_lib.from_dict(raw)).expected_curves(np.full(6, 20)) == {}
 
 
 def test_config_errors_name_the_key():
