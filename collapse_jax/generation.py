@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import config as config_lib
-from collapse_jax import records
+from collapse_jax import records, selection
 from collapse_jax.learner import AbstractLearner
 
 log = logging.getLogger(__name__)
@@ -76,11 +76,12 @@ def next_data(learner: AbstractLearner, gcfg, keys, data, params, counts, **kw) 
         learners with `static_sample_size = False`.
     """
     n_syn, n_prev, n_real = counts
+    synthetic = selection.sample(learner, gcfg.selection, keys["sample"], params, n_syn, **kw)
     if gcfg.policy == "replace":
-        return learner.sample(keys["sample"], params, n_syn, **kw)
+        return synthetic
     if gcfg.policy == "accumulate":
-        return learner.concat([data, learner.sample(keys["sample"], params, n_syn, **kw)])
-    parts = [learner.sample(keys["sample"], params, n_syn, **kw)]
+        return learner.concat([data, synthetic])
+    parts = [synthetic]
     if gcfg.beta > 0:
         parts.append(learner.subset(keys["previous"], data, n_prev))
     if gcfg.gamma > 0:

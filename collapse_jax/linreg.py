@@ -217,15 +217,20 @@ class LinearRegressionLearner(AbstractLearner[LinRegParams, LinRegData]):
             rows, y, jnp.zeros((num,), bool), params.w_star, params.design_key, jnp.bool_(True)
         )
 
-    def score(self, data: LinRegData, params: LinRegParams) -> Array:
-        """[N] log-likelihood of each labelled point under the model y ~ N(x w, sigma^2) with the
-        weights `params.w` (params of the truth: w = w*), up to a constant (for selection)."""
+    def log_prob(self, data: LinRegData, params: LinRegParams) -> Array:
+        """[N] log-likelihood of each labelled point under y ~ N(x w, sigma^2), w = params.w."""
         x, y = self.labelled(data)
-        return -0.5 * jnp.square((y - x @ params.w) / self.config.noise_std)
+        return self._gauss(y - x @ params.w)
 
-    def truth(self, params: LinRegParams) -> LinRegParams:
-        """The true model of the chain whose fit is `params` (w = w*)."""
-        return params._replace(w=params.w_star)
+    def truth_log_prob(self, data: LinRegData) -> Array:
+        """[N] log-likelihood of each labelled point under the true model y ~ N(x w*, sigma^2)
+        (the selection scorer "truth")."""
+        x, y = self.labelled(data)
+        return self._gauss(y - x @ data.w_star)
+
+    def _gauss(self, resid: Array) -> Array:
+        s = self.config.noise_std
+        return -0.5 * jnp.square(resid / s) - jnp.log(s) - 0.5 * np.log(2 * np.pi)
 
     # --- data algebra: only the point axes are pooled; the world is shared ------------------
     _POINTS = ("row", "y", "real")

@@ -182,9 +182,10 @@ def run_sweep(
       out: the sweep directory.
       progress: a progress bar per point.
       on_point: called as `on_point(i, rows)` after point i finished.
-      figures: draw the combined figures (and each point's own) at the end.
+      figures: draw the combined figures at the end (a point's own figures: `collapse-jax plot
+        OUT/points/<point>`; drawing them for every point of a large grid would dominate).
     """
-    from collapse_jax import generation, plots
+    from collapse_jax import generation
 
     sweep = Sweep(config_path, parse_axes(axis_args), out)
     sweep.prepare()
@@ -194,8 +195,6 @@ def run_sweep(
         res = generation.run_generations(
             cfg, sweep.point_dir(i), learner=learner, progress=progress
         )
-        if figures:
-            plots.make_figures(records.Run(res.run_dir), learner)
         if on_point is not None:
             on_point(i, res.rows)
     write_table(sweep)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 from collapse_jax import config as config_lib
 from collapse_jax import generation
@@ -119,11 +120,14 @@ def test_config_errors_name_the_key():
     LinearRegressionConfig(dim=10, num_points=5, ridge=1.0)  # ridge handles d > T
 
 
-def test_score_prefers_the_truth(key):
-    learner = LinearRegressionLearner(LinearRegressionConfig(dim=2, num_points=10))
+def test_truth_log_prob_is_the_gaussian_likelihood(key):
+    learner = LinearRegressionLearner(LinearRegressionConfig(dim=2, num_points=10, noise_std=0.5))
     data = learner.real_data(key)
     params = learner.fit(key, data, learner.init(key))
+    x, y = map(np.asarray, learner.labelled(data))
+    want = stats.norm.logpdf(y, x @ np.asarray(data.w_star), 0.5)
+    np.testing.assert_allclose(learner.truth_log_prob(data), want, rtol=1e-5, atol=1e-5)
     far = params._replace(w=params.w + 3.0)
-    s_true = learner.score(data, learner.truth(params))
-    assert s_true.shape == (10,)
-    assert float(jnp.mean(s_true)) > float(jnp.mean(learner.score(data, far)))
+    assert float(jnp.mean(learner.truth_log_prob(data))) > float(
+        jnp.mean(learner.log_prob(data, far))
+    )
