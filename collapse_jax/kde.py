@@ -328,7 +328,8 @@ class KDELearner(AbstractLearner[KDEParams, Array]):
         path = out_dir / "kde_density.png"
         if c.data_dim == 1:
             fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
-            grid = jnp.linspace(-4, 4, 400)[:, None]
+            half = max(4.0, *(4.0 * float(jnp.sqrt(kde_variance(p)[0, 0])) for _, p in fits))
+            grid = jnp.linspace(-half, half, 400)[:, None]
             ax.plot(grid[:, 0], jnp.exp(self.truth_log_prob(grid)), "k--", lw=1.2, label="truth")
             for i, (gen, p) in enumerate(fits):
                 ax.plot(
