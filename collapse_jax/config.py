@@ -207,19 +207,31 @@ class GenerationConfig:
 
     def shares(self, num: int) -> tuple[int, int, int]:
         """Splits `num` points into (synthetic, previous, real) counts by largest remainder."""
-        if self.policy != "mix":
-            return num, 0, 0
-        fracs = (self.alpha, self.beta, self.gamma)
-        counts = [int(math.floor(f * num)) for f in fracs]
-        order = sorted(range(3), key=lambda i: fracs[i] * num - counts[i], reverse=True)
-        for i in order[: num - sum(counts)]:
-            counts[i] += 1
-        return counts[0], counts[1], counts[2]
+        return split_shares(num, self.policy, (self.alpha, self.beta, self.gamma))
+
+
+def split_shares(num: int, policy: str, fracs: tuple[float, float, float]) -> tuple[int, int, int]:
+    """(synthetic, previous, real) counts of `num` points: all synthetic unless `policy` is "mix",
+    whose `fracs` (alpha, beta, gamma) are rounded by largest remainder."""
+    if policy != "mix":
+        return num, 0, 0
+    counts = [int(math.floor(f * num)) for f in fracs]
+    order = sorted(range(3), key=lambda i: fracs[i] * num - counts[i], reverse=True)
+    for i in order[: num - sum(counts)]:
+        counts[i] += 1
+    return counts[0], counts[1], counts[2]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class MeshConfig:
-    """Device mesh axis sizes (one may be -1: inferred from the device count)."""
+    """Mesh axis sizes as they appear in a config's `mesh:` block (`sharding.make_mesh` takes it).
+
+    Attributes:
+      data: data-parallel replicas (batch split, parameters replicated).
+      fsdp: fully-sharded data parallelism (batch split, parameters and optimizer state split).
+      tensor: tensor (model) parallelism (heads / MLP / vocab split).
+    One of the three may be -1: it takes every device the others leave.
+    """
 
     data: int = -1
     fsdp: int = 1

@@ -230,8 +230,10 @@ class KDELearner(AbstractLearner[KDEParams, Array]):
         c = self.config
         return draw_truth(key, c.dataset, num, c.data_dim, c.noise)
 
-    def real_data(self, key: Array, num: int | None = None) -> Array:
-        return self._truth(key, self.config.num_points if num is None else num)
+    def real_size(self, requested: int | None) -> int:
+        """Generation 0 fits the `num_points` real points (`samples_per_generation` sets later
+        generations' sizes; null = the same)."""
+        return self.config.num_points
 
     def draw_real(self, key: Array, num: int | Array) -> Array:
         return self._truth(key, num)
@@ -286,11 +288,15 @@ class KDELearner(AbstractLearner[KDEParams, Array]):
         """-mean log p_true of the held-out points: the floor of `heldout_nll`."""
         return float(-jnp.mean(self.truth_log_prob(self.reference(key))))
 
-    def expected_curves(self, sample_sizes: np.ndarray) -> dict[str, np.ndarray]:
+    def expected_curves(
+        self, sample_sizes: np.ndarray, generation: Any = None
+    ) -> dict[str, np.ndarray]:
         """E `variance` for 1-D Gaussian data, a fixed bandwidth and replace (constant sizes)."""
         c = self.config
         sizes = np.asarray(sample_sizes)
-        policy = getattr(self.generation, "policy", "replace")
+        policy = "replace" if generation is None else generation.policy
+        if generation is not None and generation.selection is not None:
+            return {}
         if (
             c.dataset != "gaussian"
             or c.data_dim != 1

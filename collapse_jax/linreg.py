@@ -147,11 +147,15 @@ class LinearRegressionLearner(AbstractLearner[LinRegParams, LinRegData]):
         return self.config.num_points, self.config.dim
 
     # --- real data ---------------------------------------------------------------------------
-    def real_data(self, key: Array, num: int | None = None) -> LinRegData:
-        """Draws the chain's world (w*, X) and the real labels of all T rows (or `num` rows,
-        cycling over the design)."""
-        t, d = self._tdim
-        num = t if num is None else num
+    def real_size(self, requested: int | None) -> int:
+        """Generation 0 labels the whole design once: T points (`samples_per_generation` then
+        sets how many relabelled rows later generations draw; null = T)."""
+        return self.config.num_points
+
+    def real_data(self, key: Array, num: int) -> LinRegData:
+        """Draws the chain's world (w*, X) and real labels of `num` rows (cycling over the
+        design; the loop asks for T)."""
+        d = self.config.dim
         k_w, k_x, k_e = jax.random.split(key, 3)
         w_star = jax.random.normal(k_w, (d,), _F)
         design_key = jax.random.key_data(k_x)
@@ -259,20 +263,23 @@ class LinearRegressionLearner(AbstractLearner[LinRegParams, LinRegData]):
         return int(data.row.shape[0])
 
     # --- reporting ---------------------------------------------------------------------------
-    def expected_curves(self, sample_sizes: np.ndarray) -> dict[str, np.ndarray]:
+    def expected_curves(
+        self, sample_sizes: np.ndarray, generation: Any = None
+    ) -> dict[str, np.ndarray]:
         """Closed-form chain means of `param_error` and `test_mse` for OLS when every generation
         relabels the whole design once: replace (all sizes T) or accumulate (sizes (n + 1) T)."""
         c = self.config
         if c.ridge != 0:
             return {}
-        policy = getattr(self.generation, "policy", None)
+        policy = "replace" if generation is None else generation.policy
+        if generation is not None and generation.selection is not None:
+            return {}
         sizes = np.asarray(sample_sizes)
         g = np.arange(1, len(sizes) + 1)
-        if policy in (None, "replace") and np.all(sizes == c.num_points):
-            policy = "replace"
-        elif policy in (None, "accumulate") and np.all(sizes == g * c.num_points):
-            policy = "accumulate"
-        else:
+        if not (
+            (policy == "replace" and np.all(sizes == c.num_points))
+            or (policy == "accumulate" and np.all(sizes == g * c.num_points))
+        ):
             return {}
         pe = expected_param_error(
             policy, len(sizes), dim=c.dim, num_points=c.num_points, noise_std=c.noise_std

@@ -70,7 +70,7 @@ def make_figures(run: records.Run, learner=None) -> list[pathlib.Path]:
     expected = {}
     if learner is not None:
         sizes = np.array([r["sample_size"] for r in rows])
-        expected = learner.expected_curves(sizes)
+        expected = learner.expected_curves(sizes, run.config.generation)
     files = []
     for name in scalar_metrics(rows):
         path = out / f"{name}.png"

@@ -439,12 +439,17 @@ class VAELearner(AbstractLearner[Params, np.ndarray]):
     def _train_images(self) -> np.ndarray:
         return mnist.load_mnist(self.config.data_dir, "train")[0]
 
-    def real_data(self, key: jax.Array) -> np.ndarray:
+    def real_size(self, requested: int | None) -> int:
+        """The real training set's size (`model.train_size`, capped by MNIST's 60000)."""
+        n, total = self.config.train_size, len(self._train_images)
+        return total if n is None else min(n, total)
+
+    def real_data(self, key: jax.Array, num: int | jax.Array) -> np.ndarray:
+        """A fixed random subset of `num` training images (all of them when num is 60000)."""
         images = self._train_images
-        n = self.config.train_size
-        if n is None or n >= len(images):
+        if int(num) >= len(images):
             return images
-        idx = np.asarray(jax.random.choice(key, len(images), (n,), replace=False))
+        idx = np.asarray(jax.random.choice(key, len(images), (int(num),), replace=False))
         return images[np.sort(idx)]
 
     def draw_real(self, key: jax.Array, num: int | jax.Array) -> np.ndarray:

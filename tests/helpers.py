@@ -24,9 +24,6 @@ class ToyGaussianLearner(AbstractLearner):
 
     jittable = True
 
-    def real_data(self, key):
-        return self.draw_real(key, self.generation.sample_size(0, 0))
-
     def draw_real(self, key, num):
         return self.config.mean + self.config.std * jax.random.normal(key, (num,))
 
@@ -52,9 +49,6 @@ class ToyNumpyLearner(AbstractLearner):
 
     jittable = False
     calls: ClassVar[list] = []
-
-    def real_data(self, key):
-        return self.draw_real(key, self.generation.sample_size(0, 0))
 
     def draw_real(self, key, num):
         return np.asarray(self.config.mean + self.config.std * jax.random.normal(key, (num,)))

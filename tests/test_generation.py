@@ -21,7 +21,7 @@ def _cfg(**gen):
 
 def _run(cfg, path, learner_cls=ToyGaussianLearner, **kw):
     return generation.run_generations(
-        cfg, path, learner=learner_cls(cfg.model, cfg.generation), **kw
+        cfg, path, learner=learner_cls(cfg.model), **kw
     )
 
 
@@ -51,22 +51,25 @@ def test_chains_do_not_depend_on_chunking_or_count(tmp_path):
 
 
 def test_vmapped_scan_equals_python_loop_over_chains(tmp_path):
+    """The blocked, vmapped, scanned run equals the per-chain core called generation by
+    generation (the same keys and the same policy)."""
     cfg = _cfg(num_trials=5, block_size=4, policy="mix", alpha=0.5, beta=0.25, gamma=0.25)
-    learner = ToyGaussianLearner(cfg.model, cfg.generation)
+    learner = ToyGaussianLearner(cfg.model)
     res = generation.run_generations(cfg, tmp_path, learner=learner)
     got = records.Run(res.run_dir).trial_series("var")  # [G, R]
+    policy = generation.Policy.of(cfg.generation)
     counts = cfg.generation.shares(12)
     step = jax.jit(
-        lambda kb, kg, g, d, p: generation._one_generation(
-            learner, cfg.generation, None, kb, kg, g, d, p, counts
-        )
+        lambda ks, g, carry, cnt: generation.chain_generation(
+            learner, policy, ks, g, carry, cnt
+        )[1:],
+        static_argnums=(3,),
     )
     for r in range(5):
-        k_real, k_base, k_gens = generation.chain_keys(cfg.seed, r)
-        data = learner.real_data(k_real)
-        params = learner.init(k_base)
+        ks = generation.chain_keys(cfg.seed, r)
+        carry = None
         for g in range(6):
-            data, params, m = step(k_base, k_gens, g, data, params)
+            carry, m = step(ks, g, carry, 12 if g == 0 else counts)
             np.testing.assert_allclose(got[g, r], m["var"], rtol=1e-5)
 
 
@@ -79,9 +82,6 @@ class TagLearner(AbstractLearner):
     """Data are 0 (real) and 1 (synthetic) tags; the 'model' is the fraction of 1s."""
 
     jittable = True
-
-    def real_data(self, key):
-        return jnp.zeros((self.generation.samples_per_generation,))
 
     def draw_real(self, key, num):
         return jnp.zeros((num,))
@@ -164,8 +164,8 @@ def test_resume_with_another_config_is_refused(tmp_path):
 def test_corrupt_state_gives_a_clear_error(tmp_path):
     cfg = _cfg(num_trials=2, num_generations=8, block_size=1)
     _run(cfg, tmp_path, stop_after=1)
-    (tmp_path / "state" / "data.npz").write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="corrupt array file .*data.npz"):
+    (tmp_path / "state" / "carry.npz").write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="corrupt array file .*carry.npz"):
         _run(cfg, tmp_path)
     assert records.Run(tmp_path).finished_generations() == [0]  # finished work is kept
 

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation
+from collapse_jax import generation, plots, records
 from collapse_jax.kde import (
     KDEConfig,
     KDELearner,
@@ -88,9 +88,12 @@ def test_variance_recursion_through_the_loop(tmp_path, bandwidth):
     want = expected_variance(4, num_points=16, bandwidth=bandwidth)
     for row, w in zip(rows, want):
         assert abs(row["variance"] - w) < Z * row["variance_se"], (row["generation"], w)
-    curves = generation.make_learner(cfg).expected_curves(np.full(4, 16))
+    curves = generation.make_learner(cfg).expected_curves(np.full(4, 16), cfg.generation)
     np.testing.assert_allclose(curves["variance"], want)
     assert rows[-1]["heldout_nll"] > 0 and np.isfinite(rows[-1]["heldout_nll"])
+    if bandwidth == 0.5:  # the figures (closed form overlaid on `variance`; the density)
+        files = plots.make_figures(records.Run(tmp_path), generation.make_learner(cfg))
+        assert {"variance.png", "kde_density.png"} <= {f.name for f in files}
 
 
 @pytest.mark.parametrize("dataset", ["two_moons", "circles"])
@@ -107,7 +110,7 @@ def test_true_densities_are_normalised_and_fit_their_draws(key, dataset):
 
 def test_two_d_metrics_and_config_errors(key):
     learner = KDELearner(KDEConfig(dataset="circles", bandwidth=0.1, num_points=50))
-    data = learner.real_data(key)
+    data = learner.real_data(key, 50)
     params = learner.fit(key, data, learner.init(key))
     m = learner.evaluate(key, params, learner.reference(key))
     assert set(m) == {"heldout_nll", "bandwidth", "total_variance"}

@@ -52,7 +52,7 @@ def test_param_error_matches_closed_form(tmp_path, policy, gens):
         # test MSE on fresh inputs = param error + sigma^2 in expectation (8 test points/chain)
         assert abs(row["test_mse"] - w - 0.49) < Z * row["test_mse_se"]
     learner = generation.make_learner(cfg)
-    curves = learner.expected_curves(np.array([r["sample_size"] for r in rows]))
+    curves = learner.expected_curves(np.array([r["sample_size"] for r in rows]), cfg.generation)
     np.testing.assert_allclose(curves["param_error"], want)
     assert policy != "accumulate" or rows[-1]["sample_size"] == 3 * 20
 
@@ -60,7 +60,7 @@ def test_param_error_matches_closed_form(tmp_path, policy, gens):
 def test_ridge_and_ols_match_numpy(key):
     cfg = LinearRegressionConfig(dim=4, num_points=9, ridge=0.5)
     learner = LinearRegressionLearner(cfg)
-    data = learner.real_data(key)
+    data = learner.real_data(key, 9)
     params = jax.jit(learner.fit)(key, data, learner.init(key))
     x, y = map(np.asarray, learner.labelled(data))
     want = np.linalg.solve(x.T @ x + 0.5 * np.eye(4), x.T @ y)
@@ -75,7 +75,7 @@ def test_world_survives_mixing_with_fresh_real_data(key):
     real points are labelled by w* (a near-noiseless fit of only real rows recovers w*)."""
     learner = LinearRegressionLearner(LinearRegressionConfig(dim=3, num_points=12, noise_std=1e-3))
     k1, k2, k3 = jax.random.split(key, 3)
-    params = learner.fit(k1, learner.real_data(k1), learner.init(k1))
+    params = learner.fit(k1, learner.real_data(k1, 12), learner.init(k1))
     synth = learner.sample(k2, params, 5)
     real = learner.draw_real(k3, 7)
     for parts in ([synth, real], [real, synth]):
@@ -109,7 +109,8 @@ def test_mixed_policy_runs_and_stays_bounded(tmp_path):
     rows = generation.run_generations(config_lib.from_dict(raw), tmp_path).rows
     replace = expected_param_error("replace", 6, dim=3, num_points=20, noise_std=1.0)
     assert rows[-1]["param_error"] < 0.5 * replace[-1]
-    assert generation.make_learner(config_lib.from_dict(raw)).expected_curves(np.full(6, 20)) == {}
+    cfg = config_lib.from_dict(raw)
+    assert generation.make_learner(cfg).expected_curves(np.full(6, 20), cfg.generation) == {}
 
 
 def test_config_errors_name_the_key():
@@ -122,7 +123,7 @@ def test_config_errors_name_the_key():
 
 def test_truth_log_prob_is_the_gaussian_likelihood(key):
     learner = LinearRegressionLearner(LinearRegressionConfig(dim=2, num_points=10, noise_std=0.5))
-    data = learner.real_data(key)
+    data = learner.real_data(key, 10)
     params = learner.fit(key, data, learner.init(key))
     x, y = map(np.asarray, learner.labelled(data))
     want = stats.norm.logpdf(y, x @ np.asarray(data.w_star), 0.5)

@@ -14,7 +14,7 @@ from collapse_jax.kde import KDEConfig, KDELearner
 
 def test_keeps_the_best_scored_candidates(key):
     learner = KDELearner(KDEConfig(bandwidth=0.3, num_points=40))
-    params = learner.fit(key, learner.real_data(key), learner.init(key))
+    params = learner.fit(key, learner.real_data(key, 40), learner.init(key))
     k = jax.random.key(3)
     got = selection.sample(learner, SelectionConfig(rho=0.4), k, params, 20)
     cand = learner.sample(k, params, selection.num_candidates(20, 0.4))

@@ -169,8 +169,8 @@ class OPTLearner(AbstractLearner):
 
     jittable = False
 
-    def __init__(self, config: OPTExperimentConfig, generation: Any = None, mesh: Any = None):
-        super().__init__(config, generation, mesh)
+    def __init__(self, config: OPTExperimentConfig, mesh: Any = None):
+        super().__init__(config, mesh)
         self._cache: dict[str, Any] = {}
 
     def _mesh(self):
@@ -206,7 +206,12 @@ class OPTLearner(AbstractLearner):
             raise ValueError(f"WikiText-2 split {split!r} gives only {len(blocks)} blocks")
         return blocks
 
-    def real_data(self, key: jax.Array) -> np.ndarray:
+    def real_size(self, requested: int | None) -> int:
+        """The number of training blocks (the paper regenerates the whole training set)."""
+        return len(self.real_data(None))
+
+    def real_data(self, key: jax.Array, num: int | None = None) -> np.ndarray:
+        """Every training block (the same for all chains; `num` is `real_size`'s answer)."""
         return self._blocks(self.config.train_split, self.config.max_train_blocks)
 
     def reference(self, key: jax.Array) -> np.ndarray:
