@@ -3,6 +3,7 @@
 ```
 collapse-jax run CONFIG.yaml [a.b=value ...] [--out DIR] [--dry-run]   run or resume an experiment
 collapse-jax quickstart [--out DIR]                                    the theory experiments, fast
+collapse-jax sweep CONFIG.yaml a.b=v1,v2 [c.d=w1,w2 ...] [--out DIR]   a grid in one directory
 collapse-jax show-config CONFIG.yaml [a.b=value ...]                   print the resolved config
 collapse-jax plot RUN_DIR                                              redraw a run's figures
 ```
@@ -86,6 +87,19 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from collapse_jax import sweep
+
+    path = _resolve_config_path(args.config)
+    digest = hashlib.sha256(" ".join([path.read_text(), *args.axes]).encode()).hexdigest()[:8]
+    out = (
+        pathlib.Path(args.out) if args.out else pathlib.Path("runs") / f"sweep-{path.stem}-{digest}"
+    )
+    s = sweep.run_sweep(path, args.axes, out, progress=not args.no_progress)
+    print(f"sweep of {len(s.points)} points in {out}: {out / 'sweep.csv'}, {out / 'figures'}")
+    return 0
+
+
 def _cmd_show(args) -> int:
     cfg = config_lib.load_config(_resolve_config_path(args.config), args.overrides)
     print(config_lib.dump(cfg), end="")
@@ -148,6 +162,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--repair", action="store_true")
     q.set_defaults(fn=_cmd_run, config="quickstart")
 
+    sw = sub.add_parser(
+        "sweep", parents=[common], help="run a grid of configs in one directory (resumable)"
+    )
+    sw.add_argument("config", help="YAML config file (or a name in configs/)")
+    sw.add_argument("axes", nargs="+", help="a.b=v1,v2,... grid axes (one value: an override)")
+    sw.add_argument("--out", help="sweep directory (default runs/sweep-<config>-<hash>)")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sw.set_defaults(fn=_cmd_sweep)
+
     s = sub.add_parser("show-config", parents=[common], help="print the resolved config")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
@@ -169,7 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"collapse-jax: error: unknown --log-level {args.log_level}", file=sys.stderr)
         return 2
     log.setLevel(level)  # our own messages; absl/orbax stay at WARNING
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    # Hub ids download when online unless HF_HUB_OFFLINE=1 (lm/hub.py); transformers' advisory
+    # "PyTorch was not found" line is noise in a JAX run.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         return args.fn(args)
     except BaseException as e:  # noqa: BLE001 (sorted below; the unexpected re-raised)

@@ -43,6 +43,11 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
         "collapse_jax.theory.gaussian:GaussianLearner",
     ),
     "gmm": ("collapse_jax.gmm:GMMConfig", "collapse_jax.gmm:GMMLearner"),
+    "linear_regression": (
+        "collapse_jax.linreg:LinearRegressionConfig",
+        "collapse_jax.linreg:LinearRegressionLearner",
+    ),
+    "kde": ("collapse_jax.kde:KDEConfig", "collapse_jax.kde:KDELearner"),
     "vae": ("collapse_jax.vae:VAEConfig", "collapse_jax.vae:VAELearner"),
     "opt": (
         "collapse_jax.lm.experiment:OPTExperimentConfig",
@@ -83,6 +88,28 @@ def learner_class(kind: str) -> type:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SelectionConfig:
+    """Selection of synthetic data (Feng et al. 2024), applied by `collapse_jax.selection`.
+
+    Attributes:
+      rho: keep ratio in (0, 1]: each generation draws ceil(M / rho) candidates and keeps the M
+        that the scorer ranks best (1 = no selection).
+      scorer: "truth": log-likelihood under the real distribution (learners with
+        `truth_log_prob`).
+    """
+
+    rho: float = 1.0
+    scorer: Literal["truth"] = "truth"
+
+    def __post_init__(self):
+        require(
+            0.0 < self.rho <= 1.0,
+            "generation.selection.rho",
+            f"must lie in (0, 1] (got {self.rho})",
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class GenerationConfig:
     """How generations are chained (DESIGN.md: fit -> evaluate -> sample -> mix).
 
@@ -107,6 +134,7 @@ class GenerationConfig:
         (a fresh init with a new key).
       record_trials: per-chain metric values are kept for this many chains (arrays/*.npz).
       keep_params: "all" keeps every generation's fitted parameters, "last" only the newest.
+      selection: keep the best-scored synthetic points (None: no selection).
     """
 
     num_generations: int = 10
@@ -123,6 +151,7 @@ class GenerationConfig:
     init_from: Literal["base", "previous", "scratch"] = "base"
     record_trials: int = 256
     keep_params: Literal["all", "last"] = "last"
+    selection: SelectionConfig | None = None
 
     def __post_init__(self):
         require(self.num_generations >= 1, "generation.num_generations", "must be >= 1")
@@ -479,6 +508,7 @@ def build(cls: type, raw: Mapping[str, Any] | None, where: str = "") -> Any:
                 build(ExperimentConfig, v, f"{prefix}experiments[{i}]") for i, v in enumerate(value)
             )
         else:
+            value = _over_default(fields[name], value)
             kwargs[name] = _coerce(tp, value, f"{prefix}{name}")
     missing = [
         n
@@ -495,6 +525,33 @@ def build(cls: type, raw: Mapping[str, Any] | None, where: str = "") -> Any:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def _over_default(field: dataclasses.Field, value: Any) -> Any:
+    """A partial nested block laid over the field's default block, not over the class defaults.
+
+    E.g. the LM experiment's `decode:` defaults to the paper's beam search; `model.decode.
+    num_beams=2` must change only the beams, not reset the repetition penalty to the class
+    default. Blocks of another `kind` than the default's are taken as given.
+    """
+    if not isinstance(value, dict) or field.default_factory is dataclasses.MISSING:
+        return value
+    default = field.default_factory()
+    if not dataclasses.is_dataclass(default):
+        return value
+    base = to_dict(default)
+    if "kind" in value and value["kind"] != base.get("kind", value["kind"]):
+        return value
+    return _deep_merge(base, value)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
 
 
 def _build_model(raw: Any, where: str) -> Any:

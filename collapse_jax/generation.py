@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import config as config_lib
-from collapse_jax import records, rundir
+from collapse_jax import records, rundir, selection
 from collapse_jax.learner import AbstractLearner
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class Policy:
       policy: "replace", "mix" or "accumulate" (see `config.GenerationConfig`).
       alpha, beta, gamma: the "mix" shares (synthetic, previous data, real).
       init_from: where each fit starts: "base", "previous" or "scratch".
+      selection: `generation.selection` (None: every synthetic point is kept).
     """
 
     policy: str = "replace"
@@ -118,10 +119,11 @@ class Policy:
     beta: float = 0.0
     gamma: float = 0.0
     init_from: str = "base"
+    selection: Any = None  # config.SelectionConfig: keep the best-scored synthetic points
 
     @classmethod
     def of(cls, gcfg: config_lib.GenerationConfig) -> Policy:
-        return cls(gcfg.policy, gcfg.alpha, gcfg.beta, gcfg.gamma, gcfg.init_from)
+        return cls(gcfg.policy, gcfg.alpha, gcfg.beta, gcfg.gamma, gcfg.init_from, gcfg.selection)
 
     def shares(self, num: int) -> tuple[int, int, int]:
         """Splits `num` points into (synthetic, previous, real) counts (largest remainder)."""
@@ -171,7 +173,7 @@ def next_data(learner: AbstractLearner, policy: Policy, keys, data, params, coun
       kw: passed to `learner.sample` (non-jittable learners: `workdir`).
     """
     n_syn, n_prev, n_real = counts
-    synth = learner.sample(keys["sample"], params, n_syn, **kw)
+    synth = selection.sample(learner, policy.selection, keys["sample"], params, n_syn, **kw)
     if policy.policy == "replace":
         return synth
     if policy.policy == "accumulate":
@@ -740,6 +742,7 @@ def run_generations(
 def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> Result:
     gcfg = cfg.generation
     start = prepare_run_dir(cfg, run_dir)
+    learner.prepare(run_dir)
     driver = _run_jittable if learner.jittable else _run_python
     bar = None
     if progress:
@@ -1000,9 +1003,10 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
                 m = records.load_npz(metrics_path)
             else:
                 m = {
-                    k: np.asarray(v)
-                    for k, v in learner.evaluate(keys["eval"], params, reference).items()
+                    **learner.evaluate(keys["eval"], params, reference),
+                    **learner.data_metrics(data),
                 }
+                m = {k: np.asarray(v) for k, v in m.items()}
                 records.save_npz(metrics_path, m)
             per_chain.append(m)
             if not (wdir / "next.npz").exists():

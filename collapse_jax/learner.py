@@ -155,6 +155,16 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         """Number of points in `data` (default: length of the first leaf's axis 0)."""
         return int(jax.tree.leaves(data)[0].shape[0])
 
+    # --- hooks (optional) ----------------------------------------------------------------------
+    def prepare(self, run_dir: pathlib.Path) -> None:
+        """Called once when a run starts or resumes in `run_dir` (e.g. to save or check what
+        the learner's data were built from). Default: nothing."""
+
+    def data_metrics(self, data: Data) -> Metrics:
+        """Metrics of a generation's training data itself (merged into that generation's
+        metrics; called for non-jittable learners). Default: none."""
+        return {}
+
     # --- persistence and reporting (optional) ------------------------------------------------
     def save_params(self, path: pathlib.Path, params: Params) -> None:
         """Writes `params` into the (new, empty) folder `path`. Default: one .npz of the leaves."""

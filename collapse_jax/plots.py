@@ -88,8 +88,11 @@ def make_figures(run: records.Run, learner=None) -> list[pathlib.Path]:
             drawn += learner.figures(run, tmp)
         out.mkdir(exist_ok=True)
         files = []
-        for path in drawn:
-            rel = pathlib.Path(path).relative_to(tmp)
+        for path in map(pathlib.Path, drawn):
+            if not path.is_relative_to(tmp):  # a learner's file outside figures/ (run-dir text)
+                files.append(path)
+                continue
+            rel = path.relative_to(tmp)
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, out / rel)
             files.append(out / rel)
