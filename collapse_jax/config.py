@@ -331,11 +331,22 @@ _DTYPE_FIELDS = ("compute_dtype", "param_dtype", "dtype")
 def compute_dtype(model_cfg: Any) -> str:
     """The float dtype a model config's numbers are used in: its `compute_dtype`,
     `param_dtype` or `dtype` field where it has one, else float32 (JAX's default)."""
+    return _own_dtype(model_cfg) or "float32"
+
+
+def _own_dtype(block: Any) -> str | None:
+    """The float dtype a config block names in one of `_DTYPE_FIELDS`, if any."""
+    import ml_dtypes
+
     for name in _DTYPE_FIELDS:
-        value = getattr(model_cfg, name, None)
+        value = getattr(block, name, None)
         if isinstance(value, str):
+            try:
+                ml_dtypes.finfo(value)
+            except (TypeError, ValueError):
+                continue  # not a float dtype (e.g. a token dtype)
             return value
-    return "float32"
+    return None
 
 
 def _floats(value: Any, where: str):
@@ -346,7 +357,7 @@ def _floats(value: Any, where: str):
             yield from _floats(v, f"{where}[{i}]")
 
 
-def check_float_range(model_cfg: Any, where: str = "model") -> None:
+def check_float_range(model_cfg: Any, where: str = "model", dtype: str | None = None) -> None:
     """Every float setting of a model config must be a normal number of its compute dtype.
 
     A value valid in float64 can overflow to inf (1e39 in float32) or fall below the smallest
@@ -356,21 +367,27 @@ def check_float_range(model_cfg: Any, where: str = "model") -> None:
     """
     import ml_dtypes  # a JAX dependency; knows bfloat16 as well as the numpy dtypes
 
-    default = compute_dtype(model_cfg)
+    # A block naming its own dtype uses it; nested blocks inherit their parent's.
+    default = _own_dtype(model_cfg) or dtype or "float32"
     for f in dataclasses.fields(model_cfg):
-        dtype = f.metadata.get("dtype", default)
-        info = ml_dtypes.finfo(dtype)
-        for key, v in _floats(getattr(model_cfg, f.name), f"{where}.{f.name}"):
+        value = getattr(model_cfg, f.name)
+        if dataclasses.is_dataclass(value):  # nested blocks (the LM's model/train/decode)
+            check_float_range(value, f"{where}.{f.name}", default)
+            continue
+        field_dtype = f.metadata.get("dtype", default)
+        info = ml_dtypes.finfo(field_dtype)
+        for key, v in _floats(value, f"{where}.{f.name}"):
             require(
                 math.isfinite(v) and abs(v) <= float(info.max),
                 key,
-                f"{v!r} is out of range for {dtype}, the dtype this model computes in "
+                f"{v!r} is out of range for {field_dtype}, the dtype this model computes in "
                 f"(largest {float(info.max):.4g})",
             )
             require(
                 v == 0 or abs(v) >= float(info.tiny),
                 key,
-                f"{v!r} is below the smallest normal {dtype} number ({float(info.tiny):.4g}): "
+                f"{v!r} is below the smallest normal {field_dtype} number "
+                f"({float(info.tiny):.4g}): "
                 "it would lose precision or become 0",
             )
 
