@@ -187,23 +187,6 @@ class CorruptFileError(ValueError):
     """A file exists but cannot be read as what it should be; the message names it."""
 
 
-def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> pathlib.Path:
-    """`fig.savefig(path)` written atomically (a kill while plotting leaves no empty PNG)."""
-    path = pathlib.Path(path)
-    with atomic_path(path, suffix=path.suffix or ".png") as tmp:
-        fig.savefig(tmp, **kwargs)
-    return path
-
-
-def recover_state_dir(run_dir: pathlib.Path) -> None:
-    """Finishes a `replace_dir` that was interrupted between its two renames."""
-    state, old = run_dir / "state", run_dir / "state.old"
-    if not state.exists() and old.exists():
-        os.replace(old, state)
-    elif old.exists():
-        shutil.rmtree(old)
-
-
 class Run:
     """Read access to one experiment's run directory (what `plots` and learners' figures use).
 

@@ -153,7 +153,7 @@ class Sweep:
         path = self.out / "sweep.json"
         spec = self.spec()
         if path.exists():
-            stored = json.loads(path.read_text())
+            stored = records.load_json(path)  # a corrupt file is named
             same = stored.get("axes") == json.loads(json.dumps(spec["axes"])) and [
                 p["dir"] for p in stored.get("points", [])
             ] == [p["dir"] for p in spec["points"]]
