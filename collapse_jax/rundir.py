@@ -544,7 +544,10 @@ def available_memory() -> int | None:
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    try:  # no /proc (macOS): the physical memory is an upper bound
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_memory(bytes_per_chain: int, chains: int, key: str, *, copies: int = 4) -> None:
