@@ -413,6 +413,9 @@ class Expanded(str):
         obj.template = template
         return obj
 
+    def __reduce__(self):  # pickle / deepcopy keep the template
+        return (Expanded, (str(self), self.template))
+
 
 def _expand_env(value: str, where: str) -> str:
     def sub(m: re.Match) -> str:
