@@ -833,7 +833,7 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
     reference = learner.reference(reference_key(key))
     real_size = learner.real_size(requested_real_size(gcfg))
     static = learner.static_sample_size
-    _check_memory(learner, policy, key, reference, real_size, R, gcfg.block_size)
+    _check_memory(learner, reference, real_size, R, gcfg.block_size)
 
     def counts_of(g: int) -> Any:
         return real_size if g == 0 else gcfg.shares(gcfg.sample_size(g, real_size))
@@ -909,15 +909,17 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
             return
 
 
-def _check_memory(learner, policy, key, reference, real_size, chains: int, block: int) -> None:
-    """Refuses up front (before any allocation) chain counts whose host state cannot fit."""
-    carry, measured = jax.eval_shape(
-        lambda: one_generation(
-            learner, policy, key, jnp.zeros((1,), jnp.uint32), 0, None, real_size, reference
-        )
-    )
+def _check_memory(learner, reference, real_size, chains: int, block: int) -> None:
+    """Refuses up front (before any allocation) chain counts whose host state cannot fit.
+
+    One chain's carry is estimated as its params plus its training set, and its metrics from
+    `evaluate`, all by `jax.eval_shape` (nothing is computed, and fit is not traced)."""
+    k = jax.random.key(0)
+    params = jax.eval_shape(learner.init, k)
+    data = jax.eval_shape(lambda: learner.real_data(k, real_size))
+    measured = jax.eval_shape(lambda p: learner.evaluate(k, p, reference), params)
     # The carry: held, chunk outputs, concatenation, padding; the metrics of a block, twice.
-    per_chain = 4 * rundir.tree_bytes(carry) + 2 * block * rundir.tree_bytes(measured)
+    per_chain = 4 * rundir.tree_bytes((params, data)) + 2 * block * rundir.tree_bytes(measured)
     rundir.check_memory(per_chain, chains, "generation.num_trials")
 
 
