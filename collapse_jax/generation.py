@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import pathlib
+import re
 import shutil
 from collections.abc import Callable
 from typing import Any
@@ -429,12 +430,13 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
             arrays = {f"trials/{k}": v[: gcfg.record_trials] for k, v in per_chain.items()}
             arrays.update({f"mean/{k}": v for k, v in means.items()})
             _commit_generation(run_dir, g, row, arrays)
-            if gcfg.keep_params == "all":
+            if gcfg.keep_params != "last":
                 pdir = run_dir / "params" / f"gen_{g:05d}"
                 if i == b - a - 1:  # only the block's last params exist on the host
                     tmp = records.fresh_dir(pdir.parent, pdir.name)
                     records.save_tree(tmp / "params.npz", params)
                     records.replace_dir(tmp, pdir)
+                    _prune_params(run_dir, gcfg, g)
 
         def write(tmp, data=data, params=params):
             records.save_tree(tmp / "data.npz", data)
@@ -536,11 +538,12 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
         new_data = next_data(learner, gcfg, keys, data, params, counts, workdir=work / "sample")
         # Commit: the data this generation trained on, its params, its metrics, then the state.
         records.save_npz(run_dir / "data" / f"gen_{g:05d}.npz", _data_arrays(data))
-        if gcfg.keep_params == "all":
+        if gcfg.keep_params != "last":
             pdir = run_dir / "params" / f"gen_{g:05d}"
             tmp = records.fresh_dir(pdir.parent, pdir.name)
             shutil.copytree(fitted_dir, tmp, dirs_exist_ok=True)
             records.replace_dir(tmp, pdir)
+            _prune_params(run_dir, gcfg, g)
         arrays = {f"trials/{k}": v for k, v in per_chain.items()}
         arrays.update({f"mean/{k}": v for k, v in means.items()})
         _commit_generation(run_dir, g, row, arrays)
@@ -556,6 +559,24 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
         done += 1
         if stop_after is not None and done >= stop_after:
             return
+
+
+def _prune_params(run_dir: pathlib.Path, gcfg, newest: int) -> None:
+    """`keep_params: first_last`: drop kept parameters other than the first kept generation's
+    (generation 0; for jittable learners, whose parameters reach the host only at the end of a
+    block, the first block's last) and the newest. Runs after the newest is committed, so a kill
+    in between leaves one folder too many, never one too few."""
+    if gcfg.keep_params != "first_last":
+        return
+    kept = []
+    for p in (run_dir / "params").glob("gen_*"):
+        m = re.fullmatch(r"gen_(\d+)", p.name)
+        if m:
+            kept.append((int(m.group(1)), p))
+    kept.sort()
+    for g, p in kept[1:]:
+        if g != newest:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _data_arrays(data: Any) -> dict[str, np.ndarray]:
