@@ -39,12 +39,16 @@ from collapse_jax import config as config_lib
 from collapse_jax.learner import AbstractLearner
 from collapse_jax.lm.data import LMCorpus, WikiTextConfig
 from collapse_jax.lm.decode import DecodeSettings
+from collapse_jax.lm.source import SourceDataConfig
 from collapse_jax.lm.train import TrainConfig
 
 # Data sources of the LM experiment: `data.kind` -> "module:ConfigClass"; each class is a frozen
 # config with a `load() -> lm.data.LMCorpus` method (a ground-truth language plugs in here).
 DATA_KINDS: dict[str, str] = {
     "wikitext": "collapse_jax.lm.data:WikiTextConfig",
+    # A known stochastic language: every generation is also measured exactly against the truth
+    # (collapse_jax.lm.truth); the rest of the experiment is unchanged.
+    "source": "collapse_jax.lm.source:SourceDataConfig",
 }
 
 
@@ -159,6 +163,11 @@ class OPTExperimentConfig:
             "'corpus' restricts a randomly initialised model; a pretrained model keeps 'full'",
         )
         _check(
+            self.vocabulary == "full" or not isinstance(self.data, SourceDataConfig),
+            "vocabulary",
+            "a ground-truth source (data.kind: source) has its own small vocabulary: use 'full'",
+        )
+        _check(
             self.decode.num_return_sequences == 1,
             "decode.num_return_sequences",
             "must be 1 (one new block per prompt block)",
@@ -221,8 +230,8 @@ class OPTLearner(AbstractLearner):
 
     jittable = False
 
-    def __init__(self, config: OPTExperimentConfig, generation: Any = None, mesh: Any = None):
-        super().__init__(config, generation, mesh)
+    def __init__(self, config: OPTExperimentConfig, mesh: Any = None):
+        super().__init__(config, mesh)
         self._cache: dict[str, Any] = {}
 
     def _mesh(self):
@@ -265,6 +274,12 @@ class OPTLearner(AbstractLearner):
         blocks = np.asarray(blocks, np.int32)
         return blocks if v is None else v.to_source(blocks)
 
+    def real_size(self, requested: int | None) -> int:
+        """The number of training blocks (the paper regenerates the whole training set), or
+        `requested` when it is smaller (a random subset of the blocks)."""
+        n = len(self.corpus().train)
+        return n if requested is None else min(n, requested)
+
     def real_data(self, key: jax.Array, num: int | None = None) -> np.ndarray:
         train = self.corpus().train
         return train if num is None or num >= len(train) else self.subset(key, train, num)
@@ -290,7 +305,7 @@ class OPTLearner(AbstractLearner):
         r = cfg.random_init
         vocab = self.vocab()
         arch = opt.OPTConfig(
-            vocab_size=r.vocab_size if vocab is None else len(vocab),
+            vocab_size=self._model_vocab_size() if vocab is None else len(vocab),
             hidden_size=r.hidden_size,
             num_hidden_layers=r.num_hidden_layers,
             num_attention_heads=r.num_attention_heads,
@@ -363,10 +378,48 @@ class OPTLearner(AbstractLearner):
             out["valid_ppl"] = float(curve[info["selected_epoch"] - 1])
         if "fit_seconds" in info:
             out["fit_seconds"] = float(info["fit_seconds"])
+        truth_source = self.ground_truth()
+        if truth_source is not None:  # exact metrics against the known language
+            from collapse_jax.lm import truth
+
+            out.update(truth.evaluate_model(
+                model, truth_source, self._to_model(reference),
+                batch_size=self.config.eval_batch_size, q=self.config.data.tail_mass,
+            ))  # fmt: skip
         out["eval_seconds"] = time.perf_counter() - start
         if self.config.example_prompt is not None:
             out["example_continuation"] = self._continue_example(model)
         return out
+
+    def ground_truth(self):
+        """The ground-truth source of `data: {kind: source}` (`lm.source`), else None."""
+        if not isinstance(self.config.data, SourceDataConfig):
+            return None
+        from collapse_jax.lm import source
+
+        return source.build_source(self.config.data.source)
+
+    def data_metrics(self, data: np.ndarray) -> dict[str, Any]:
+        """Exact metrics of a generation's training data under the ground truth (if any)."""
+        src = self.ground_truth()
+        if src is None:
+            return {}
+        from collapse_jax.lm import source, truth
+
+        return truth.data_metrics(src, source.to_source_ids(data, src.vocab_size))
+
+    def prepare(self, run_dir: pathlib.Path) -> None:
+        """Saves the ground-truth source in the run directory (checks it when resuming)."""
+        src = self.ground_truth()
+        if src is None:
+            return
+        from collapse_jax.lm import source
+
+        folder = pathlib.Path(run_dir) / "source"
+        if (folder / "source.json").is_file():
+            source.load_source(folder)  # raises if the saved source differs
+        else:
+            source.save_source(src, folder)
 
     def unigram_ppl(self) -> float:
         """Test perplexity of an add-one unigram model of the training split (the baseline)."""
@@ -383,6 +436,8 @@ class OPTLearner(AbstractLearner):
 
     def _model_vocab_size(self) -> int:
         if self.config.model_path is None:
+            if isinstance(self.config.data, SourceDataConfig):  # V + pad/bos/eos, not 50272
+                return self.config.data.model_vocab_size
             return self.config.random_init.vocab_size
         from collapse_jax.lm import hub
 
@@ -493,7 +548,11 @@ class OPTLearner(AbstractLearner):
             "first_last": min(2, gen.num_generations),
         }.get(getattr(gen, "keep_params", "last"), gen.num_generations)
         runs = getattr(gen, "num_trials", 1)
-        blocks = c.data.max_train_blocks or 36_718  # WikiText-2 train: 36,718 64-token blocks
+        blocks = (
+            c.data.num_train_blocks
+            if isinstance(c.data, SourceDataConfig)
+            else c.data.max_train_blocks or 36_718
+        )  # WikiText-2 train: 36,718 64-token blocks
         data_bytes = blocks * c.data.block_size * 4 * gen.num_generations * 2  # data + regenerated
         model_bytes = n_params * bytes_per
         return {
@@ -508,7 +567,19 @@ class OPTLearner(AbstractLearner):
     def figures(self, run, out_dir: pathlib.Path) -> list[pathlib.Path]:
         from collapse_jax.lm import figures
 
-        return figures.make_figures(self, run, out_dir)
+        files = figures.make_figures(self, run, out_dir)
+        src = self.ground_truth()
+        if src is not None:
+            from collapse_jax.lm import truth
+
+            def load_model(g):
+                p = run.params_dir(g)
+                return self.load_params(p, None).model if (p / "config.json").is_file() else None
+
+            files += truth.figures(
+                run, out_dir, src, load_model, self.corpus().eval, self.config.data.ranked_contexts
+            )
+        return files
 
 
 # The size of a corpus vocabulary for dry-run estimates (WikiText-2 valid + test: 24.6k ids).
