@@ -95,6 +95,7 @@ def _perplexity_figure(run: records.Run, gens: list[int], path: pathlib.Path) ->
     uni = _trials(run, gens, "unigram_ppl")
     if uni is not None:
         ax.axhline(float(uni[0, 0]), color="gray", ls="--", lw=1, label="unigram baseline")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("generation")
     ax.set_ylabel("test perplexity")
     ax.set_title(f"Test perplexity by generation ({run.config.name})", fontsize=9)
