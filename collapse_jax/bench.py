@@ -518,7 +518,7 @@ def bench_decode(suite: Suite, ctx: dict) -> list[dict]:
             identical = float(np.mean(np.all(out["ids"] == out["hf"], axis=1)))
     ctx["decode_prompts_per_s"] = prompts_per_s
     config = dict(
-        model=f"OPT-{suite.opt_width} shape, {cfg.num_hidden_layers} layers, random weights, float32",
+        model=f"OPT-{suite.opt_width} shape, {cfg.num_hidden_layers} layers, random, float32",
         batch=suite.decode_batch,
         prompt_length=BLOCK,
         **kw,
@@ -584,7 +584,7 @@ def bench_paper_generation(suite: Suite, ctx: dict) -> list[dict]:
             compile_s=compile_s,
             median_s=med,
             config=dict(
-                model=f"OPT-{suite.opt_width} shape, {cfg.num_hidden_layers} layers, random weights",
+                model=f"OPT-{suite.opt_width} shape, {cfg.num_hidden_layers} layers, random",
                 train_blocks=TRAIN_BLOCKS,
                 eval_blocks=EVAL_BLOCKS,
                 epochs=PAPER_EPOCHS,
@@ -721,7 +721,7 @@ def _mnist_or_random(n: int) -> tuple[np.ndarray, str]:
 def bench_vae(suite: Suite, ctx: dict) -> list[dict]:
     """Training epochs of the paper's VAE (Adam 1e-3, weight decay 1e-5) as `vae.train` runs
     them, against the same network in PyTorch."""
-    from collapse_jax import vae
+    from collapse_jax import convs, vae
 
     images, source = _mnist_or_random(suite.vae_images)
     cfg = vae.VAEConfig(batch_size=suite.vae_batch, epochs=1)
@@ -776,7 +776,7 @@ def bench_vae(suite: Suite, ctx: dict) -> list[dict]:
                 latent=20,
                 channels=[64, 128],
                 dtype="float32",
-                convolutions=getattr(vae, "CONV_IMPL", "lax"),
+                convolutions=convs.impl(),
             ),
             baseline="the same network in PyTorch" if base else None,
             base_value=base,

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from collapse_jax import mnist, records
+from collapse_jax import convs, mnist, records
 from collapse_jax.config import ConfigError
 from collapse_jax.learner import AbstractLearner
 
@@ -87,7 +87,7 @@ def _conv_down(layer: nnx.Conv, x: jax.Array) -> jax.Array:
     s = xp.reshape(b, h2, 2, w2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h2, w2, 4 * c)
     # kernel tap (2p + a, 2q + b) acts on phase (a, b) of the 2x2 block at offset (p, q).
     kk = k.reshape(2, 2, 2, 2, c, -1).transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * c, -1)
-    y = jax.lax.conv_general_dilated(s, kk, (1, 1), "VALID", dimension_numbers=_DN)
+    y = convs.conv2d_valid(s, kk)  # matmuls on CPU (collapse_jax/convs.py)
     return y + layer.bias[...][None, None, None, :]  # [B, H/2, W/2, O]
 
 
@@ -106,7 +106,7 @@ def _conv_up(layer: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
     sel = jnp.asarray(_UP)
     wk = jnp.einsum("sau,tbv,uvco->stcabo", sel, sel, k).reshape(3, 3, c, 4 * o)
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    y = jax.lax.conv_general_dilated(xp, wk, (1, 1), "VALID", dimension_numbers=_DN)
+    y = convs.conv2d_valid(xp, wk)
     y = y.reshape(b, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, o)
     return y + layer.bias[...][None, None, None, :]  # [B, 2H, 2W, O]
 
