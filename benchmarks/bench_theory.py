@@ -7,6 +7,7 @@ Measurements (one JSON object each, written to benchmarks/results/theory-<platfo
   fraction of raw `jax.random.normal` throughput (philox4x32), the sampler's limit.
 - gaussian_exact: chain-generations/s of `method="exact"` at M = 1000 vs NumPy drawing the M
   points (the process as written) and vs NumPy drawing the statistics (chi-square + normal).
+- rng_normals: raw normals/s of each JAX PRNG vs NumPy (the sample method's ceiling).
 - discrete_sample / discrete_exact: K = 10 states, M = 100 / 1000, vs NumPy inverse-CDF draws
   and NumPy's `Generator.multinomial` (C-level conditional binomials).
 
@@ -143,7 +144,33 @@ def bench_discrete_exact(key, rng, chains, gens, repeats, quick, record):
     )
 
 
+def bench_rng_normals(key, rng, chains, gens, repeats, quick, record):
+    """The sample method's ceiling: raw standard normals per second of each JAX PRNG (one call
+    drawing chains x 100 normals, summed) against NumPy's `standard_normal`. `rbg`/`unsafe_rbg`
+    are shown for reference only: they draw a vmapped batch from its first key, which breaks
+    "chain i gives the same result whatever the batch" (NOTES.md), so the chains cannot use them.
+    """
+    n = chains * 100
+    _, t_np = _time(lambda: rng.standard_normal(n).sum(), repeats + 2)
+    for impl in ("threefry2x32", "philox4x32", "rbg", "unsafe_rbg"):
+        k = jax.random.key(0, impl=impl)
+        f = jax.jit(lambda k: jax.random.normal(k, (n,)).sum())
+        c, t = _time(lambda f=f, k=k: f(k).block_until_ready(), repeats + 2)
+        record(
+            f"rng_normals_{impl}",
+            dict(normals=n),
+            c,
+            t,
+            n / t,
+            t_np / t,
+            baseline="numpy standard_normal",
+            baseline_throughput=n / t_np,
+            unit="normals/s",
+        )
+
+
 BENCHES = {
+    "rng_normals": bench_rng_normals,
     "gaussian_sample": bench_gaussian_sample,
     "gaussian_exact": bench_gaussian_exact,
     "discrete_sample": bench_discrete_sample,
