@@ -249,8 +249,7 @@ def opt_pair(config: Any, with_torch: bool) -> tuple[Any, Any]:
     """(our model, transformers' OPTForCausalLM or None) with the same random weights."""
     from flax import nnx
 
-    from collapse_jax.lm import convert
-    from collapse_jax.lm.opt import OPTForCausalLM, init_random
+    from collapse_jax.lm.opt import OPTForCausalLM, init_random, state_from_hf
 
     if not with_torch:
         return init_random(config, jax.random.key(0)), None
@@ -261,7 +260,7 @@ def opt_pair(config: Any, with_torch: bool) -> tuple[Any, Any]:
     hf = transformers.OPTForCausalLM(transformers.OPTConfig(**config.to_hf_dict()))
     tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: OPTForCausalLM(config, rngs=nnx.Rngs(0))))
-    return nnx.merge(graphdef, convert.state_from_hf(config, tensors)), hf
+    return nnx.merge(graphdef, state_from_hf(config, tensors)), hf
 
 
 def random_blocks(rows: int, vocab: int, length: int = BLOCK, seed: int = 0) -> np.ndarray:
