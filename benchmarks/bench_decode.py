@@ -293,12 +293,14 @@ def main() -> None:
     if not args.no_hf:
         runners["transformers"] = run_hf
     first = {name: _timed(fn)[0] for name, fn in runners.items() if name != "transformers"}
+    print(f"first calls (compile + run): {first}", flush=True)
     times = {name: [] for name in runners}
     outs = {}
     for _ in range(args.repeats):  # interleaved: contention hits every contender alike
         for name, fn in runners.items():
             t, outs[name] = _timed(fn)
             times[name].append(t)
+            print(f"{name}: {t:.2f} s", flush=True)  # progress, and partial data if killed
     new_tokens = args.batch * args.new
     got = outs["collapse_jax"]
     device = jax.devices()[0].platform
