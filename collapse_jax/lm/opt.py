@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from collapse_jax.lm import convert
+from collapse_jax.lm import convert, hub
 from collapse_jax.lm.cache import Cache, KVCache, causal_mask, mask_positions
 
 # Offset of OPT's learned positions: HF `OPTLearnedPositionalEmbedding.offset` (fairseq legacy).
@@ -732,7 +732,7 @@ def load_pretrained(
     `pytorch_model.bin`, which needs torch).
 
     Args:
-      path: the directory.
+      path: the directory, or a Hugging Face hub id (`facebook/opt-125m`; see `lm.hub`).
       dtype: compute dtype.
       param_dtype: parameter dtype (default: `dtype`).
       attention_implementation: see `OPTForCausalLM`.
@@ -744,7 +744,7 @@ def load_pretrained(
       FileNotFoundError: if the directory, its config or its weights are missing.
       ValueError: if it is not an OPT directory, or a weight is missing, truncated or misshapen.
     """
-    directory = pathlib.Path(path)
+    directory = hub.resolve(path)  # a local folder, or a hub id through the hub's cache
     config_dict = convert.read_config_dict(directory)
     try:
         config = OPTConfig.from_hf_dict(config_dict)

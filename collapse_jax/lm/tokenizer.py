@@ -44,7 +44,9 @@ def load_tokenizer(path: os.PathLike | str, *, padding_side: str = "right") -> A
       FileNotFoundError: if the directory or its tokenizer files are missing.
       ValueError: if the files give an implausible tokenizer or padding_side is invalid.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # transformers logs "PyTorch was not found ..." at import when torch is absent: not an
+    # error for us (we only use its tokenizers), so keep it out of every LM run's output.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import transformers
 
     if padding_side not in ("left", "right"):
