@@ -306,10 +306,15 @@ def main() -> None:
             ),
             "collapse_jax_old": (_old_program(graphdef, settings), (state, jids, jmask)),
         }
+        rows = []
         for name, (fn, fn_args) in programs.items():
             cost = fn.lower(*fn_args).compile().cost_analysis()
             cost = cost[0] if isinstance(cost, list) else cost
-            print(json.dumps({"name": name, **{k: cost.get(k) for k in COST_KEYS}}), flush=True)
+            rows.append({"name": f"decode_cost_{name}", "config": {"layers": args.layers, **kw}})
+            rows[-1].update({k: cost.get(k) for k in COST_KEYS})
+            print(json.dumps(rows[-1]), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=1) + "\n")
         return
 
     runners = {"collapse_jax": lambda: decode.generate(model, ids, **kw)}
