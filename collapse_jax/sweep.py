@@ -13,11 +13,14 @@ figures/<metric>_curves.png    one curve per value (chain mean, 5-95 % band over
 figures/<metric>_heatmap.png   last-generation chain mean over the first two varying axes
 ```
 
-All points run in one process, one after the other, so the JAX compilation cache is shared
-(points whose learner and loop settings coincide, e.g. that differ only in the number of
-generations or chains, reuse compiled functions), and a sweep that is killed resumes at the first
-unfinished generation of the first unfinished point. Every point's config is validated before the
-first one runs, so a bad value fails at once with one line naming the key and the point.
+All points run in one process, one after the other, through the one loop. The loop's jitted core
+takes the run's key and (for learners with traced sizes, e.g. the exact Gaussian) the sample
+sizes as arguments, and only the learner (model config) and the mixing `Policy` as static ones,
+so points that differ in seed, sample size, number of generations or of chains reuse the same
+compiled functions: a grid compiles once per (model config, policy), not once per point. A sweep
+that is killed resumes at the first unfinished generation of the first unfinished point. Every
+point's config is validated before the first one runs, so a bad value fails at once with one line
+naming the key and the point.
 """
 
 from __future__ import annotations
