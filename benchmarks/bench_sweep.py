@@ -43,7 +43,7 @@ NUMPY_CHAIN = textwrap.dedent(
         if g == 0:
             x = rng.standard_normal((m, d))
         else:
-            x = rng.multivariate_normal(mu, cov, size=m, method="cholesky")
+            x = rng.multivariate_normal(mu, cov, size=m, method="eigh")
         if policy == "accumulate":
             n, s1, s2 = n + m, s1 + x.sum(0), s2 + x.T @ x
             mu = s1 / n
