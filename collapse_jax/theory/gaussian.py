@@ -49,6 +49,8 @@ class GaussianConfig:
         "sample" (draw the M points).
       rng_impl: PRNG used for the draws: "philox4x32" (about 3x faster than threefry on CPU),
         "threefry2x32", or "default" (the impl of the key passed in).
+      sampling_bias: lambda > 0: synthetic data are drawn from N(mu, lambda Sigma) of the fit
+        (lambda < 1 under-disperses, as a low sampling temperature); real data never are.
     """
 
     kind: ClassVar[str] = "gaussian"
@@ -59,8 +61,11 @@ class GaussianConfig:
     estimator: Literal["unbiased", "mle"] = "unbiased"
     method: Literal["exact", "sample"] = "exact"
     rng_impl: RngImpl = "philox4x32"
+    sampling_bias: float = 1.0
 
     def __post_init__(self):
+        if not (np.isfinite(self.sampling_bias) and self.sampling_bias > 0):
+            raise ConfigError(f"model.sampling_bias: must be > 0 (got {self.sampling_bias})")
         if self.dim < 1:
             raise ConfigError(f"model.dim: must be >= 1 (got {self.dim})")
         if self.mean is not None and len(self.mean) != self.dim:
@@ -251,6 +256,9 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
         return fit_stats(stats, self.config.estimator)
 
     def sample(self, key: Array, params: GaussianParams, num: int | Array, **kwargs: Any) -> Any:
+        """`num` synthetic points from N(mean, sampling_bias * cov)."""
+        if self.config.sampling_bias != 1.0:
+            params = GaussianParams(params.mean, params.cov * self.config.sampling_bias)
         return self._draw(key, params, num)
 
     def evaluate(self, key: Array, params: GaussianParams, reference: Any) -> dict[str, Array]:
@@ -292,7 +300,11 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
         if generation is not None and generation.policy != "replace":
             return {}
         return analytic.gaussian_expectations(
-            np.asarray(sample_sizes), self._mean0, self._cov0, self.config.estimator
+            np.asarray(sample_sizes),
+            self._mean0,
+            self._cov0,
+            self.config.estimator,
+            self.config.sampling_bias,
         )
 
     def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -352,6 +364,7 @@ def simulate(
     gamma: float = 0.0,
     chunk_size: int = 65536,
     rng_impl: RngImpl = "philox4x32",
+    sampling_bias: float = 1.0,
 ) -> GaussianSimulation:
     """Simulates `chains` independent chains of recursive Gaussian fitting.
 
@@ -372,6 +385,7 @@ def simulate(
       alpha, beta, gamma: the "mix" shares (summing to 1).
       chunk_size: chains per batch (bounds memory for 10^6+ chains).
       rng_impl: PRNG of the draws ("philox4x32", "threefry2x32", or "default": the key's own).
+      sampling_bias: lambda: each generation's synthetic data come from N(mu, lambda Sigma).
     Returns:
       GaussianSimulation with `.mean [G + 1, R, d]` and `.cov [G + 1, R, d, d]`.
     """
@@ -392,6 +406,7 @@ def simulate(
             estimator=estimator,
             method=method,
             rng_impl=rng_impl,
+            sampling_bias=sampling_bias,
         )
         GenerationConfig(policy=policy, alpha=alpha, beta=beta, gamma=gamma)  # validates
     except ConfigError as e:
