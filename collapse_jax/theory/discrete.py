@@ -259,7 +259,7 @@ def simulate(
     generations: int,
     sample_size: int | Sequence[int],
     method: Literal["exact", "sample"] = "exact",
-    policy: Literal["replace", "mix", "accumulate"] = "replace",
+    policy: Literal["replace", "mix", "accumulate", "accumulate_subsample"] = "replace",
     alpha: float = 1.0,
     beta: float = 0.0,
     gamma: float = 0.0,

@@ -193,6 +193,48 @@ def stats_of_points(x: Array) -> GaussianStats:
     return GaussianStats(jnp.int32(n), x[0] + ybar, scatter)
 
 
+def subset_stats(key: Array, stats: GaussianStats, num: int | Array) -> GaussianStats:
+    """Statistics of a uniformly random subset of `num` of the `stats.n` points, drawn exactly
+    from their distribution given the pool's statistics (Gaussian points), at a cost
+    independent of the sizes.
+
+    Why it is exact: write the pool's centred points as X_c = Q R (QR decomposition, R^T = L =
+    chol(scatter)). For Gaussian points Q is uniform (Haar) and independent of R, and the
+    subset's statistics are functions of Q and L only: mean_A - mean = sqrt((n - k) / (n k)) L t
+    and scatter_A = L W_A L^T, where (W_A, t) are the whitened within-subset scatter and
+    between-parts deviation of ANY Gaussian sample with the same Q law. We therefore draw a
+    standard one through its parts, G_A ~ W(k - 1, I), G_B ~ W(n - k - 1, I), z ~ N(0, I) (the
+    within-A, within-B and between scatters, independent), whiten them by the Cholesky factor C
+    of their sum (C^T is the R of that sample's QR): W_A = C^-1 G_A C^-T, t = C^-1 z.
+
+    Args:
+      key: PRNG key; stats: the pool (n >= d + 1 points, so its scatter has full rank);
+      num: k, the subset size (int or traced int32, 1 <= k <= n).
+    """
+    from jax.scipy.linalg import solve_triangular
+
+    d = stats.mean.shape[-1]
+    n = stats.n.astype(_F)
+    num = jnp.asarray(num, jnp.int32)
+    k = num.astype(_F)
+    k_a, k_b, k_z = jax.random.split(key, 3)
+    a = samplers.wishart_bartlett_factor(k_a, jnp.maximum(k - 1.0, 0.0), d)  # G_A = a a^T
+    b = samplers.wishart_bartlett_factor(k_b, jnp.maximum(n - k - 1.0, 0.0), d)
+    z = jax.random.normal(k_z, (d,), _F)
+    c = jnp.linalg.cholesky(a @ a.T + b @ b.T + jnp.outer(z, z))
+    ca = solve_triangular(c, a, lower=True)  # W_A = ca ca^T
+    t = solve_triangular(c, z[:, None], lower=True)[:, 0]
+    ell = _chol(stats.scatter)
+    la = ell @ ca
+    mean = stats.mean + (ell @ t) * jnp.sqrt(jnp.maximum(n - k, 0.0) / (n * jnp.maximum(k, 1.0)))
+    whole = num >= stats.n  # the subset is the pool itself
+    return GaussianStats(
+        num,
+        jnp.where(whole, stats.mean, mean),
+        jnp.where(whole, stats.scatter, la @ la.T),
+    )
+
+
 def pool(parts: Sequence[GaussianStats]) -> GaussianStats:
     """Statistics of the union of data sets (Chan et al.'s parallel update; empty parts ok)."""
     out = parts[0]
@@ -279,7 +321,7 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
     # --- data algebra: sufficient statistics for the exact method --------------------------
     def subset(self, key: Array, data: Any, num: int | Array) -> Any:
         if self.config.method == "exact":
-            raise ValueError("gaussian: method='exact' cannot take subsets; use method='sample'")
+            return subset_stats(key, data, num)
         return super().subset(key, data, num)
 
     def concat(self, parts: list[Any]) -> Any:
@@ -358,7 +400,7 @@ def simulate(
     cov: float | Sequence[Sequence[float]] = 1.0,
     method: Literal["exact", "sample"] = "exact",
     estimator: Literal["unbiased", "mle"] = "unbiased",
-    policy: Literal["replace", "mix", "accumulate"] = "replace",
+    policy: Literal["replace", "mix", "accumulate", "accumulate_subsample"] = "replace",
     alpha: float = 1.0,
     beta: float = 0.0,
     gamma: float = 0.0,
@@ -381,7 +423,8 @@ def simulate(
       method: "exact" (sufficient statistics drawn directly) or "sample" (the M points).
       estimator: "unbiased" (scatter / (M - 1)) or "mle" (scatter / M).
       policy: "replace" (train on the last model's samples only), "mix" (alpha synthetic, beta
-        previous training data, gamma fresh real data) or "accumulate" (keep all data).
+        previous training data, gamma fresh real data), "accumulate" (keep all data) or
+        "accumulate_subsample" (keep all data, fit a random subset of M of it).
       alpha, beta, gamma: the "mix" shares (summing to 1).
       chunk_size: chains per batch (bounds memory for 10^6+ chains).
       rng_impl: PRNG of the draws ("philox4x32", "threefry2x32", or "default": the key's own).
