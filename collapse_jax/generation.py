@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import config as config_lib
-from collapse_jax import records
+from collapse_jax import records, rundir, selection
 from collapse_jax.learner import AbstractLearner
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ class Policy:
       policy: "replace", "mix", "accumulate" or "accumulate_subsample" (`GenerationConfig`).
       alpha, beta, gamma: the "mix" shares (synthetic, previous data, real).
       init_from: where each fit starts: "base", "previous" or "scratch".
+      selection: `generation.selection` (None: every synthetic point is kept).
       real_data: the gamma share is drawn "fresh" from the real distribution, or from the
         chain's "fixed" generation-0 real data.
     """
@@ -120,11 +121,20 @@ class Policy:
     beta: float = 0.0
     gamma: float = 0.0
     init_from: str = "base"
+    selection: Any = None  # config.SelectionConfig: keep the best-scored synthetic points
     real_data: str = "fresh"
 
     @classmethod
     def of(cls, gcfg: config_lib.GenerationConfig) -> Policy:
-        return cls(gcfg.policy, gcfg.alpha, gcfg.beta, gcfg.gamma, gcfg.init_from, gcfg.real_data)
+        return cls(
+            gcfg.policy,
+            gcfg.alpha,
+            gcfg.beta,
+            gcfg.gamma,
+            gcfg.init_from,
+            gcfg.selection,
+            gcfg.real_data,
+        )
 
     @property
     def keeps_real(self) -> bool:
@@ -188,7 +198,7 @@ def next_data(
       kw: passed to `learner.sample` (non-jittable learners: `workdir`).
     """
     n_syn, n_prev, n_real = counts
-    synth = learner.sample(keys["sample"], params, n_syn, **kw)
+    synth = selection.sample(learner, policy.selection, keys["sample"], params, n_syn, **kw)
     if policy.policy == "replace":
         return synth
     if policy.policy in ("accumulate", "accumulate_subsample"):
@@ -737,33 +747,10 @@ def _env_info() -> dict[str, Any]:
 
 
 def prepare_run_dir(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path) -> int:
-    """Creates or checks `run_dir`; returns the first generation still to run.
-
-    A run directory may be resumed with the same resolved config, or with more generations.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / "config.yaml"
-    text = config_lib.dump(cfg)
-    if cfg_path.exists():
-        import yaml
-
-        stored = yaml.safe_load(cfg_path.read_text())
-        wanted = config_lib.to_dict(cfg)
-        # Only the number of generations may change: a finished run can be extended.
-        for d in (stored, wanted):
-            d.get("generation", {}).pop("num_generations", None)
-        if stored != wanted:
-            raise ValueError(
-                f"{run_dir} holds a run of a different config; use another --out, or the same "
-                f"config (only generation.num_generations may change when resuming). Stored:\n"
-                f"{cfg_path.read_text()}"
-            )
-    records.atomic_write_text(cfg_path, text)
-    if not (run_dir / "env.json").exists():
-        records.atomic_write_json(run_dir / "env.json", _env_info())
-    records.recover_state_dir(run_dir)
-    meta = run_dir / "state" / "meta.json"
-    return json.loads(meta.read_text())["next_generation"] if meta.exists() else 0
+    """Creates or checks `run_dir` (with its lock held); returns the first generation still to
+    run. A run directory may be resumed with the same config, or with more generations; see
+    `collapse_jax.rundir.prepare`."""
+    return rundir.prepare(cfg, run_dir, _env_info)
 
 
 def make_learner(cfg: config_lib.ExperimentConfig) -> AbstractLearner:
@@ -794,8 +781,14 @@ def run_generations(
     """
     run_dir = pathlib.Path(run_dir)
     learner = make_learner(cfg) if learner is None else learner
+    with rundir.RunLock(run_dir):  # one process per run directory, for the whole run
+        return _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after)
+
+
+def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> Result:
     gcfg = cfg.generation
     start = prepare_run_dir(cfg, run_dir)
+    learner.prepare(run_dir)
     driver = _run_jittable if learner.jittable else _run_python
     bar = None
     if progress:
@@ -837,11 +830,9 @@ def _commit_generation(run_dir: pathlib.Path, g: int, row: dict, arrays: dict) -
 
 
 def _commit_state(run_dir: pathlib.Path, next_generation: int, write: Callable) -> None:
-    """Replaces `state/` by a folder that `write(tmp)` fills, plus meta.json (the commit)."""
-    tmp = records.fresh_dir(run_dir, "state")
-    write(tmp)
-    records.atomic_write_json(tmp / "meta.json", {"next_generation": next_generation})
-    records.replace_dir(tmp, run_dir / "state")
+    """Replaces `state/` by a folder that `write(tmp)` fills, plus meta.json and the manifest of
+    committed files (the commit; `rundir.commit_state`)."""
+    rundir.commit_state(run_dir, next_generation, write)
 
 
 def _row_and_arrays(gcfg, g: int, real_size: int, per_chain: dict) -> tuple[dict, dict]:
@@ -888,6 +879,7 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
     reference = learner.reference(reference_key(key))
     real_size = learner.real_size(requested_real_size(gcfg))
     static = learner.static_sample_size
+    _check_memory(learner, policy, key, reference, real_size, R, gcfg.block_size)
 
     def counts_of(g: int) -> Any:
         return real_size if g == 0 else gcfg.shares(gcfg.sample_size(g, real_size))
@@ -941,7 +933,9 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
         carry = _cat_chunks(carries, R)
         metrics = {k: np.concatenate([m[k] for m in outs], axis=1) for k in outs[0]}
         for i, g in enumerate(range(a, b)):
-            row, arrays = _row_and_arrays(gcfg, g, real_size, {k: v[i] for k, v in metrics.items()})
+            per_chain = {k: v[i] for k, v in metrics.items()}
+            rundir.check_finite(g, per_chain, learner.infinite_metrics)  # before the commit
+            row, arrays = _row_and_arrays(gcfg, g, real_size, per_chain)
             _commit_generation(run_dir, g, row, arrays)
             if gcfg.keep_params == "all" and g == b - 1:
                 # Only the block's last params exist on the host (use block_size: 1 for all).
@@ -959,6 +953,18 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
         done += b - a
         if stop_after is not None and done >= stop_after:
             return
+
+
+def _check_memory(learner, policy, key, reference, real_size, chains: int, block: int) -> None:
+    """Refuses up front (before any allocation) chain counts whose host state cannot fit."""
+    carry, measured = jax.eval_shape(
+        lambda: one_generation(
+            learner, policy, key, jnp.zeros((1,), jnp.uint32), 0, None, real_size, reference
+        )
+    )
+    # The carry: held, chunk outputs, concatenation, padding; the metrics of a block, twice.
+    per_chain = 4 * rundir.tree_bytes(carry) + 2 * block * rundir.tree_bytes(measured)
+    rundir.check_memory(per_chain, chains, "generation.num_trials")
 
 
 def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
@@ -1053,9 +1059,10 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
                 m = records.load_npz(metrics_path)
             else:
                 m = {
-                    k: np.asarray(v)
-                    for k, v in learner.evaluate(keys["eval"], params, reference).items()
+                    **learner.evaluate(keys["eval"], params, reference),
+                    **learner.data_metrics(data),
                 }
+                m = {k: np.asarray(v) for k, v in m.items()}
                 records.save_npz(metrics_path, m)
             per_chain.append(m)
             if not (wdir / "next.npz").exists():
@@ -1083,6 +1090,7 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
                 shutil.copytree(wdir / "fitted", tmp, dirs_exist_ok=True)
                 records.replace_dir(tmp, pdir)
         stacked = {k: np.stack([m[k] for m in per_chain]) for k in per_chain[0]}
+        rundir.check_finite(g, stacked, learner.infinite_metrics)  # before the commit
         row, arrays = _row_and_arrays(gcfg, g, real_size, stacked)
         _commit_generation(run_dir, g, row, arrays)
 

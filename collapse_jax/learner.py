@@ -41,6 +41,7 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
       jittable: True if fit/evaluate/sample/subset/draw_real/concat are pure, jittable JAX
         functions with shapes fixed by their (static int) sizes; the loop then vmaps them over
         chains and scans them over generations.
+      infinite_metrics: metrics allowed to be +-inf (never NaN); others must stay finite.
       static_sample_size: when False (only for jittable learners), sample sizes are passed as
         traced int32 scalars instead of Python ints, so a growing sample-size schedule needs no
         recompilation (e.g. the theory models' `exact` method, whose cost is independent of M).
@@ -48,6 +49,9 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
 
     jittable: ClassVar[bool] = False
     static_sample_size: ClassVar[bool] = True
+    # Metrics that may legitimately be +-inf (a collapsed chain's log-determinant); any other
+    # non-finite metric stops the run (`rundir.check_finite`).
+    infinite_metrics: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: Any, mesh: Any = None):
         """Args:
@@ -150,6 +154,16 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     def num_samples(self, data: Data) -> int:
         """Number of points in `data` (default: length of the first leaf's axis 0)."""
         return int(jax.tree.leaves(data)[0].shape[0])
+
+    # --- hooks (optional) ----------------------------------------------------------------------
+    def prepare(self, run_dir: pathlib.Path) -> None:
+        """Called once when a run starts or resumes in `run_dir` (e.g. to save or check what
+        the learner's data were built from). Default: nothing."""
+
+    def data_metrics(self, data: Data) -> Metrics:
+        """Metrics of a generation's training data itself (merged into that generation's
+        metrics; called for non-jittable learners). Default: none."""
+        return {}
 
     # --- persistence and reporting (optional) ------------------------------------------------
     def save_params(self, path: pathlib.Path, params: Params) -> None:

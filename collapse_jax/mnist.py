@@ -5,7 +5,9 @@ Sources accepted by `load_mnist(source, split)`:
   (the `train-images.idx3-ubyte` spelling with a dot is accepted too);
 - an `mnist.npz` file (or a directory holding one) in the Keras layout
   (`x_train`, `y_train`, `x_test`, `y_test`);
-- the string `"tfds"` (or `"tfds:<data_dir>"`): tensorflow-datasets' `mnist`, where installed.
+- the string `"tfds"` (or `"tfds:<data_dir>"`): tensorflow-datasets' `mnist`, where installed,
+  downloaded into its data dir (`tfds:<data_dir>`, else `TFDS_DATA_DIR`) on first use and read
+  from there afterwards.
 
 Images come back as `uint8 [N, 28, 28]` and labels as `uint8 [N]`; `as_float` turns images
 into `float32` in [0, 1]. Every file is validated (magic number, dimensions, payload size) and
@@ -52,7 +54,11 @@ def load_mnist(source: str | os.PathLike, split: str = "train") -> tuple[np.ndar
     if path.is_file():
         return _load_npz(path, split)
     if not path.is_dir():
-        raise FileNotFoundError(f"MNIST source not found: {path} (a folder of idx files or an npz)")
+        raise FileNotFoundError(
+            f"MNIST source not found: {path} (a folder of idx files or an npz); set "
+            "COLLAPSE_JAX_DATA to the folder holding mnist/ (README, Data), or use "
+            "data_dir: tfds (pip install 'collapse-jax[tfds]', downloads MNIST)"
+        )
     if (path / "mnist.npz").is_file() and _find_idx(path, split, "images") is None:
         return _load_npz(path / "mnist.npz", split)
     images_file = _find_idx(path, split, "images")
@@ -170,7 +176,7 @@ def _load_tfds(split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray
             "or point the source at a folder of idx files / an mnist.npz"
         ) from e
     ds = tfds.as_numpy(
-        tfds.load("mnist", split=split, batch_size=-1, data_dir=data_dir, download=False)
+        tfds.load("mnist", split=split, batch_size=-1, data_dir=data_dir, download=True)
     )
     images = np.asarray(ds["image"], dtype=np.uint8).reshape(-1, 28, 28)
     labels = np.asarray(ds["label"]).astype(np.uint8)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 from typing import Any, ClassVar, Literal
@@ -321,7 +320,7 @@ def train(
     start = 0
     ckpt = None if workdir is None else pathlib.Path(workdir) / "train_state.npz"
     if ckpt is not None and ckpt.is_file():
-        meta = json.loads((ckpt.parent / "train_state.json").read_text())
+        meta = records.load_json(ckpt.parent / "train_state.json")
         params, opt_state = records.load_tree(ckpt, (params, opt_state))
         params, opt_state = jax.tree.map(jnp.asarray, (params, opt_state))
         start, history = meta["epoch"] + 1, meta["history"]

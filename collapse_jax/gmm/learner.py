@@ -129,6 +129,11 @@ class GMMConfig:
     def dim(self) -> int:
         return len(self.true_means[0])
 
+    @property
+    def min_points(self) -> int:
+        """Fewest training points EM can fit (one per component); checked by the experiment."""
+        return self.n_components
+
     def true_mixture(self) -> GMMParams:
         """The real data distribution as a mixture (float32)."""
         return GMMParams(

@@ -22,16 +22,19 @@ current step runs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
+
+from collapse_jax import records
 
 SPLITS: dict[str, str] = {
     "train": "train",
@@ -53,6 +56,14 @@ def _hf_row(line: str) -> str:
     return line if line.strip() else ""
 
 
+# The one data root of every shipped config: `${COLLAPSE_JAX_DATA:-data}` (README "Data").
+DATA_ROOT = "${COLLAPSE_JAX_DATA:-data}"
+MISSING_HINT = (
+    "set COLLAPSE_JAX_DATA to the folder holding wikitext-2-raw/, opt-125m-tokenizer/ and mnist/ "
+    "(see README, Data), or name a downloadable source"
+)
+
+
 def load_wikitext_lines(source: str | os.PathLike, split: str) -> list[str]:
     """Rows of a WikiText-2 raw split, in the HF `wikitext` dataset's row layout.
 
@@ -61,7 +72,10 @@ def load_wikitext_lines(source: str | os.PathLike, split: str) -> list[str]:
         - a directory holding `wiki.{train,valid,test}.raw` (the original zip's layout);
         - a directory written by `datasets.DatasetDict.save_to_disk` (needs `datasets`);
         - `"tfds"` or `"tfds:<name>"`: TensorFlow Datasets (default name
-          `huggingface:wikitext/wikitext-2-raw-v1`; needs `tensorflow_datasets`).
+          `huggingface:wikitext/wikitext-2-raw-v1`; needs `tensorflow_datasets`);
+        - `"hf"` or `"hf:<path>/<name>"`: the Hugging Face hub dataset through `datasets`
+          (default `wikitext/wikitext-2-raw-v1`), from its cache, downloading when online
+          (`HF_DATASETS_OFFLINE=1` / `HF_HUB_OFFLINE=1` keep it offline).
       split: "train", "valid" (or "validation") or "test".
 
     Returns:
@@ -76,9 +90,14 @@ def load_wikitext_lines(source: str | os.PathLike, split: str) -> list[str]:
     src = str(source)
     if src == "tfds" or src.startswith("tfds:"):
         return _tfds_lines(src.partition(":")[2] or "huggingface:wikitext/wikitext-2-raw-v1", split)
+    if src == "hf" or src.startswith("hf:"):
+        return _hf_hub_lines(src.partition(":")[2] or "wikitext/wikitext-2-raw-v1", split)
     path = pathlib.Path(src)
     if not path.is_dir():
-        raise FileNotFoundError(f"WikiText source directory {path} does not exist")
+        raise FileNotFoundError(
+            f"WikiText source directory {path} does not exist: {MISSING_HINT} "
+            "(data_source: hf needs `pip install datasets`)"
+        )
     raw = path / f"wiki.{split}.raw"
     if raw.is_file():
         with open(raw, encoding="utf-8", newline="\n") as f:
@@ -110,6 +129,20 @@ def _hf_disk_lines(path: pathlib.Path, split: str) -> list[str]:
         ds = ds[name]
     if "text" not in ds.column_names:
         raise ValueError(f"{path}: dataset has columns {ds.column_names}, expected 'text'")
+    return list(ds["text"])
+
+
+def _hf_hub_lines(name: str, split: str) -> list[str]:
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise ImportError(
+            "data source 'hf' needs the `datasets` package (pip install collapse-jax[hf])"
+        ) from e
+    path, _, config = name.partition("/")
+    ds = datasets.load_dataset(path, config or None, split=_HF_SPLIT[split])
+    if "text" not in ds.column_names:
+        raise ValueError(f"dataset {name}: columns {ds.column_names}, expected 'text'")
     return list(ds["text"])
 
 
@@ -174,12 +207,136 @@ def load_wikitext_blocks(
     return group_blocks(ids, block_size)
 
 
+class LMCorpus(NamedTuple):
+    """What a language-model data source gives the experiment (token ids of the source's
+    tokenizer; for WikiText-2 those of OPT).
+
+    Attributes:
+      train: [N, T] int32 real training blocks (generation 0's data, the prompts of regeneration).
+      valid: [M, T] int32 real validation blocks (best-epoch selection), or None.
+      eval: [K, T] int32 real evaluation blocks (every generation's test perplexity).
+      vocab_size: size of the token id space (ids lie in [0, vocab_size)).
+      special_ids: ids a restricted vocabulary must always keep (BOS, pad, EOS, UNK).
+      decode: token ids -> text, for the written examples (None: no text).
+    """
+
+    train: np.ndarray
+    valid: np.ndarray | None
+    eval: np.ndarray
+    vocab_size: int
+    special_ids: tuple[int, ...]
+    decode: Callable[[Sequence[int]], str] | None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class WikiTextConfig:
+    """WikiText-2 blocks with the OPT tokenizer (`data: {kind: wikitext, ...}`).
+
+    A data source is a frozen config with a `kind` and a `load() -> LMCorpus` method; the
+    experiment picks the class by `kind` (`collapse_jax.lm.experiment.DATA_KINDS`).
+
+    Attributes:
+      source: see `load_wikitext_lines`: a folder with wiki.*.raw, a `save_to_disk` folder,
+        "hf" (the hub dataset through `datasets`) or "tfds".
+      tokenizer_path: the OPT tokenizer: a local folder (vocab.json + merges.txt suffice) or a
+        hub id (`facebook/opt-125m`).
+      train_split: split of the real training blocks (the paper: train).
+      valid_split: split of the validation blocks (the paper: valid), or null.
+      valid_holdout: when > 0 (and `valid_split` is null), the last this many blocks of the
+        training split are held out as the validation set and never trained on (the CPU configs
+        train on WikiText-2 valid, so they hold out part of it).
+      eval_split: split every generation is evaluated on (the paper: test).
+      max_train_blocks, max_valid_blocks, max_eval_blocks: keep only the first this many
+        blocks (null = all).
+      block_size: tokens per block (the paper: 64).
+    """
+
+    kind: ClassVar[str] = "wikitext"
+    source: str = f"{DATA_ROOT}/wikitext-2-raw"
+    tokenizer_path: str = f"{DATA_ROOT}/opt-125m-tokenizer"
+    train_split: str = "train"
+    valid_split: str | None = "valid"
+    valid_holdout: int = 0
+    eval_split: str = "test"
+    max_train_blocks: int | None = None
+    max_valid_blocks: int | None = None
+    max_eval_blocks: int | None = None
+    block_size: int = 64
+
+    def __post_init__(self) -> None:
+        from collapse_jax.config import _expand_env
+
+        # `config.build` expands ${VAR} in YAML strings; the defaults and configs made in code
+        # are expanded here, so a config equals its YAML round trip.
+        for name in ("source", "tokenizer_path"):
+            object.__setattr__(self, name, _expand_env(getattr(self, name), f"data.{name}"))
+        for name in ("train_split", "eval_split", "valid_split"):
+            v = getattr(self, name)
+            if v is not None and v not in SPLITS:
+                raise ValueError(f"{name}: unknown split {v!r}; expected one of {sorted(SPLITS)}")
+        if self.block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
+        if self.valid_holdout < 0:
+            raise ValueError(f"valid_holdout must be >= 0, got {self.valid_holdout}")
+        if self.valid_holdout and self.valid_split is not None:
+            raise ValueError(
+                "valid_holdout > 0 takes the validation blocks from the training "
+                "split: set valid_split: null"
+            )
+        for name in ("max_train_blocks", "max_valid_blocks", "max_eval_blocks"):
+            v = getattr(self, name)
+            if v is not None and v < 2:
+                raise ValueError(f"{name} must be >= 2 or null, got {v}")
+
+    def load(self) -> LMCorpus:
+        from collapse_jax.lm import hub
+        from collapse_jax.lm.tokenizer import load_tokenizer
+
+        source = self.source
+        tokenizer = load_tokenizer(hub.resolve(self.tokenizer_path, what="tokenizer"))
+        cache: dict[str, np.ndarray] = {}
+
+        def blocks(split: str) -> np.ndarray:
+            name = _canonical_split(split)
+            if name not in cache:
+                cache[name] = load_wikitext_blocks(source, name, tokenizer, self.block_size)
+            return cache[name]
+
+        train = blocks(self.train_split)
+        valid = None
+        if self.valid_holdout:
+            if self.valid_holdout >= len(train) - 1:
+                raise ValueError(
+                    f"valid_holdout={self.valid_holdout} leaves no training blocks of the "
+                    f"{len(train)} in split {self.train_split!r}"
+                )
+            train, valid = train[: -self.valid_holdout], train[-self.valid_holdout :]
+        elif self.valid_split is not None:
+            valid = blocks(self.valid_split)
+        train = _first(train, self.max_train_blocks, "train")
+        valid = None if valid is None else _first(valid, self.max_valid_blocks, "valid")
+        evals = _first(blocks(self.eval_split), self.max_eval_blocks, "eval")
+        return LMCorpus(
+            train=train,
+            valid=valid,
+            eval=evals,
+            vocab_size=len(tokenizer),
+            special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
+            decode=lambda ids: tokenizer.decode(list(map(int, ids))),
+        )
+
+
+def _first(blocks: np.ndarray, limit: int | None, what: str) -> np.ndarray:
+    out = blocks if limit is None else blocks[:limit]
+    if len(out) < 2:
+        raise ValueError(f"the {what} split gives only {len(out)} blocks (need >= 2)")
+    return out
+
+
 def save_blocks(path: str | os.PathLike, blocks: np.ndarray) -> None:
     """Writes blocks as `.npy` (atomically), so `np.load(path, mmap_mode="r")` can map them."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, np.asarray(blocks, dtype=np.int32))
-    os.replace(tmp, path)
+    with records.atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, np.asarray(blocks, dtype=np.int32))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,21 +2,33 @@
 
 Every generation (Shumailov et al. 2024, "Language models" section, and its code):
   1. fine-tune OPT, starting from the pretrained model (`init_from: base`), on the current
-     training blocks (64 tokens each) with AdamW and cosine annealing per epoch;
-  2. evaluate it on the real WikiText-2 test blocks (split perplexity and one perplexity per
-     block, the quantity of the paper's histograms);
+     training blocks (64 tokens each) with AdamW and cosine annealing per epoch, evaluating the
+     REAL validation blocks after every epoch and keeping the best epoch (the official code's
+     `ModelCheckpoint(monitor="val_loss")`);
+  2. evaluate it on the real test blocks (split perplexity and one perplexity per block, the
+     quantity of the paper's histograms), next to a unigram baseline on the same tokens;
   3. regenerate the training set: every prompt block (an original training block) is continued
      by 5-way beam search with 64 new tokens (min 64) and repetition penalty 3.0, and the 64 new
      tokens form the next generation's block. With `gamma = 0.1` of the blocks are original data.
 
-Data are int32 token blocks [N, T]; parameters are an `OPTForCausalLM` (saved in the Hugging Face
-layout, so each generation's model loads in transformers too).
+The config nests its blocks and hands them down whole: the model (a pretrained folder or hub id,
+or `random_init`), `data:` (a data source picked by `kind`, `DATA_KINDS`), `train:`
+(`lm.train.TrainConfig`) and `decode:` (`lm.decode.DecodeSettings`).
+
+Data are int32 blocks [N, T] of the data source's token ids everywhere the loop sees them (run
+directories hold OPT ids). With `vocabulary: corpus` the model's vocabulary is restricted to the
+ids that occur in the data source (plus the special ids): a much smaller output layer on a CPU.
+Blocks are mapped to compact ids on the way into the model and back on the way out; the saved
+model then has `vocab_size` = the compact size and its folder holds `token_ids.npy`, the OPT id of
+every compact id (`token_ids[c]`), so transformers loads it and ids map with one lookup.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
+import time
 from typing import Any, ClassVar, Literal
 
 import jax
@@ -25,20 +37,44 @@ import numpy as np
 
 from collapse_jax import config as config_lib
 from collapse_jax.learner import AbstractLearner
+from collapse_jax.lm.data import LMCorpus, WikiTextConfig
+from collapse_jax.lm.decode import DecodeSettings
+from collapse_jax.lm.source import SourceDataConfig
+from collapse_jax.lm.train import TrainConfig
+
+# Data sources of the LM experiment: `data.kind` -> "module:ConfigClass"; each class is a frozen
+# config with a `load() -> lm.data.LMCorpus` method (a ground-truth language plugs in here).
+DATA_KINDS: dict[str, str] = {
+    "wikitext": "collapse_jax.lm.data:WikiTextConfig",
+    # A known stochastic language: every generation is also measured exactly against the truth
+    # (collapse_jax.lm.truth); the rest of the experiment is unchanged.
+    "source": "collapse_jax.lm.source:SourceDataConfig",
+}
 
 
 def _check(ok: bool, key: str, message: str) -> None:
     config_lib.require(ok, f"model.{key}", message)
 
 
+def paper_decode() -> DecodeSettings:
+    """The paper's regeneration: 5 beams, exactly 64 new tokens, repetition penalty 3.0."""
+    return DecodeSettings(max_new_tokens=64, min_new_tokens=64, num_beams=5, repetition_penalty=3.0)
+
+
+def paper_train() -> TrainConfig:
+    """The paper's fine-tuning (lm.train.TrainConfig defaults) keeping the best epoch."""
+    return TrainConfig(keep_best=True)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class RandomOPTConfig:
-    """Architecture of a randomly initialised OPT (when no pretrained directory is given).
+    """Architecture of a randomly initialised OPT (when no pretrained model is given).
 
     Attributes:
       hidden_size, num_hidden_layers, num_attention_heads, ffn_dim, max_position_embeddings:
         as transformers' `OPTConfig` (the defaults are opt-125m's).
-      vocab_size: OPT's padded vocabulary (50272 for the real tokenizer).
+      vocab_size: OPT's padded vocabulary (50272 for the real tokenizer); ignored with
+        `vocabulary: corpus` (the corpus decides).
       seed: seed of the random initialisation (the "pretrained" base of every generation).
     """
 
@@ -72,100 +108,125 @@ class OPTExperimentConfig:
     """The language-model experiment (`model: {kind: opt, ...}`); defaults are the paper's.
 
     Attributes:
-      model_path: a Hugging Face OPT directory (config.json + weights), e.g. facebook/opt-125m
-        downloaded by the user; None = a random OPT built from `random_init`.
+      model_path: a Hugging Face OPT folder (config.json + weights) or a hub id
+        (`facebook/opt-125m`, through the hub cache; see `lm.hub`); None = a random OPT built
+        from `random_init`.
       random_init: architecture of the random OPT used when `model_path` is None.
-      tokenizer_path: directory with the OPT tokenizer (vocab.json + merges.txt suffice).
-      data_source: WikiText-2 raw: a folder with wiki.{train,valid,test}.raw, a Hugging Face
-        `save_to_disk` folder, or "tfds".
-      train_split: split the real training blocks come from (the paper: train).
-      eval_split: split every generation is evaluated on (the paper: test).
-      max_train_blocks: use only the first this many training blocks (None = all).
-      max_eval_blocks: use only the first this many evaluation blocks (None = all).
-      block_size: tokens per block (the paper: 64).
+      vocabulary: "full" (the model's own vocabulary) or "corpus" (random_init only: the ids
+        that occur in the data source plus the special ids; see the module docstring).
       param_dtype: dtype of the parameters ("float32" or "bfloat16").
-      compute_dtype: dtype of the forward/backward pass (None = the parameters' dtype).
-      epochs: fine-tuning epochs per generation (the paper: 5, or 10).
-      batch_size: blocks per optimizer step (the paper: 128).
-      learning_rate: peak AdamW learning rate (the paper: 2e-5).
-      schedule: "paper_cosine" (per-epoch cosine to 1e-6), "warmup_cosine" or "constant".
-      weight_decay: AdamW weight decay.
-      eval_batch_size: blocks per evaluation forward pass.
-      num_beams: beams of the regeneration (the paper: 5).
-      max_new_tokens: tokens generated per block (the paper: 64).
-      min_new_tokens: EOS is masked until this many tokens (the paper: 64).
-      repetition_penalty: transformers' repetition penalty (the paper: 3.0).
-      do_sample: sample instead of beam search (an ablation; then num_beams must be 1).
-      temperature, top_k, top_p: sampling settings (do_sample only).
+      data: the data source, a block with a `kind` (default `wikitext`, `lm.data.WikiTextConfig`:
+        source, tokenizer_path, train/valid/eval splits, block_size, ...).
+      train: the fine-tuning settings (`lm.train.TrainConfig`: epochs, batch_size,
+        learning_rate, schedule, compute_dtype, keep_best, ...); `pad_token_id` is the model's.
+      decode: the regeneration settings (`lm.decode.DecodeSettings`: max_new_tokens,
+        min_new_tokens, num_beams, repetition_penalty, do_sample, ...). Empty `eos_token_ids`
+        and null `pad_token_id` take the model's ids.
       generate_batch_size: prompt blocks per compiled beam-search call.
+      eval_batch_size: blocks per evaluation forward pass (test split, figures).
+      example_prompt: index of the training block whose continuation by every generation's
+        model is written as text (the paper's Example 1); null = none.
       histogram_bins: bins of the per-sequence perplexity histograms.
     """
 
     kind: ClassVar[str] = "opt"
     model_path: str | None = None
     random_init: RandomOPTConfig = dataclasses.field(default_factory=RandomOPTConfig)
-    tokenizer_path: str = "${COLLAPSE_JAX_DATA:-data}/opt-125m-tokenizer"
-    data_source: str = "${COLLAPSE_JAX_DATA:-data}/wikitext-2-raw"
-    train_split: str = "train"
-    eval_split: str = "test"
-    max_train_blocks: int | None = None
-    max_eval_blocks: int | None = None
-    block_size: int = 64
+    vocabulary: Literal["full", "corpus"] = "full"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    compute_dtype: Literal["float32", "bfloat16"] | None = None
-    epochs: int = 5
-    batch_size: int = 128
-    learning_rate: float = 2e-5
-    schedule: Literal["paper_cosine", "warmup_cosine", "constant"] = "paper_cosine"
-    weight_decay: float = 0.01
-    eval_batch_size: int = 128
-    num_beams: int = 5
-    max_new_tokens: int = 64
-    min_new_tokens: int = 64
-    repetition_penalty: float = 3.0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
+    data: Any = dataclasses.field(default_factory=WikiTextConfig)
+    train: TrainConfig = dataclasses.field(default_factory=paper_train)
+    decode: DecodeSettings = dataclasses.field(default_factory=paper_decode)
     generate_batch_size: int = 64
+    eval_batch_size: int = 128
+    example_prompt: int | None = 0
     histogram_bins: int = 60
 
     def __post_init__(self):
-        for name in (
-            "block_size",
-            "epochs",
-            "batch_size",
-            "eval_batch_size",
-            "num_beams",
-            "max_new_tokens",
-            "generate_batch_size",
-            "histogram_bins",
-        ):
+        if isinstance(self.data, dict):  # built from YAML: the class is picked by `kind`
+            object.__setattr__(self, "data", build_data_config(self.data))
+        _check(
+            hasattr(self.data, "load") and isinstance(getattr(self.data, "kind", None), str),
+            "data",
+            f"must be a data source block with a kind, one of {sorted(DATA_KINDS)}",
+        )
+        for name in ("generate_batch_size", "eval_batch_size", "histogram_bins"):
             _check(getattr(self, name) >= 1, name, f"must be >= 1 (got {getattr(self, name)})")
-        for name in ("max_train_blocks", "max_eval_blocks"):
-            v = getattr(self, name)
-            _check(v is None or v >= 2, name, f"must be >= 2 or null (got {v})")
-        _check(self.block_size >= 2, "block_size", "must be >= 2")
         _check(
-            0 <= self.min_new_tokens <= self.max_new_tokens,
-            "min_new_tokens",
-            "must lie in [0, max_new_tokens]",
+            self.example_prompt is None or self.example_prompt >= 0,
+            "example_prompt",
+            "must be >= 0 or null",
         )
-        _check(self.learning_rate > 0, "learning_rate", "must be > 0")
-        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
         _check(
-            not (self.do_sample and self.num_beams > 1),
-            "do_sample",
-            "sampling with num_beams > 1 is not supported; set num_beams: 1",
+            self.vocabulary == "full" or self.model_path is None,
+            "vocabulary",
+            "'corpus' restricts a randomly initialised model; a pretrained model keeps 'full'",
         )
-        _check(self.temperature > 0, "temperature", "must be > 0")
-        _check(self.top_p is None or 0 < self.top_p <= 1, "top_p", "must lie in (0, 1]")
-        _check(self.top_k is None or self.top_k >= 1, "top_k", "must be >= 1")
+        _check(
+            self.vocabulary == "full" or not isinstance(self.data, SourceDataConfig),
+            "vocabulary",
+            "a ground-truth source (data.kind: source) has its own small vocabulary: use 'full'",
+        )
+        _check(
+            self.decode.num_return_sequences == 1,
+            "decode.num_return_sequences",
+            "must be 1 (one new block per prompt block)",
+        )
+
+
+def build_data_config(raw: dict) -> Any:
+    """The data-source config of a `data:` block (its class picked by `kind`)."""
+    raw = dict(raw)
+    kind = raw.pop("kind", "wikitext")
+    if kind not in DATA_KINDS:
+        raise config_lib.ConfigError(
+            f"model.data.kind: unknown data source {kind!r}; valid kinds: {sorted(DATA_KINDS)}"
+        )
+    return config_lib.build(config_lib._import(DATA_KINDS[kind]), raw, "model.data")
+
+
+@dataclasses.dataclass(frozen=True)
+class LMParams:
+    """The learner's parameters: the Flax OPT model and what its fit recorded.
+
+    Attributes:
+      model: the `OPTForCausalLM` (compact vocabulary with `vocabulary: corpus`).
+      info: the fit's record: `valid_loss` (one per epoch), `selected_epoch`, `fit_seconds`
+        (empty for the base model); saved next to the model as `fit_info.json`.
+    """
+
+    model: Any
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+class Vocab:
+    """The map between a data source's token ids and a model's compact ids (`vocabulary: corpus`).
+
+    `ids[c]` is the source id of compact id `c`; ids are sorted, so special ids smaller than
+    every text id (OPT: <s>=0, <pad>=1, </s>=2, <unk>=3) keep their values.
+    """
+
+    def __init__(self, ids: np.ndarray, source_size: int):
+        self.ids = np.asarray(ids, np.int32)
+        self.lookup = np.full(max(source_size, int(self.ids.max()) + 1), -1, np.int32)
+        self.lookup[self.ids] = np.arange(len(self.ids), dtype=np.int32)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to_model(self, blocks: np.ndarray) -> np.ndarray:
+        out = self.lookup[np.asarray(blocks)]
+        if (out < 0).any():
+            bad = np.asarray(blocks)[out < 0][:5]
+            raise ValueError(f"token ids {bad.tolist()} are not in the corpus vocabulary")
+        return out
+
+    def to_source(self, blocks: np.ndarray) -> np.ndarray:
+        return self.ids[np.asarray(blocks)]
 
 
 class OPTLearner(AbstractLearner):
-    """Fine-tune OPT / regenerate WikiText-2 blocks by beam search (one chain, not jittable)."""
+    """Fine-tune OPT / regenerate token blocks by beam search (non-jittable; one chain a call)."""
 
     jittable = False
 
@@ -184,57 +245,67 @@ class OPTLearner(AbstractLearner):
         return self._cache["mesh"]
 
     # --- data ------------------------------------------------------------------------------
-    def _tokenizer(self):
-        if "tokenizer" not in self._cache:
-            from collapse_jax.lm.tokenizer import load_tokenizer
+    def corpus(self) -> LMCorpus:
+        """The data source's real blocks (loaded once)."""
+        if "corpus" not in self._cache:
+            self._cache["corpus"] = self.config.data.load()
+        return self._cache["corpus"]
 
-            self._cache["tokenizer"] = load_tokenizer(self.config.tokenizer_path)
-        return self._cache["tokenizer"]
+    def vocab(self) -> Vocab | None:
+        """The compact vocabulary (`vocabulary: corpus`), else None (ids pass unchanged)."""
+        if self.config.vocabulary != "corpus":
+            return None
+        if "vocab" not in self._cache:
+            c = self.corpus()
+            parts = [c.train, c.eval, np.asarray(c.special_ids, np.int32)]
+            if c.valid is not None:
+                parts.append(c.valid)
+            ids = np.unique(np.concatenate([np.asarray(p).reshape(-1) for p in parts]))
+            self._cache["vocab"] = Vocab(ids, c.vocab_size)
+        return self._cache["vocab"]
 
-    def _blocks(self, split: str, limit: int | None) -> np.ndarray:
-        name = f"blocks/{split}"
-        if name not in self._cache:
-            from collapse_jax.lm.data import load_wikitext_blocks
+    def _to_model(self, blocks: np.ndarray) -> np.ndarray:
+        v = self.vocab()
+        blocks = np.asarray(blocks, np.int32)
+        return blocks if v is None else v.to_model(blocks)
 
-            blocks = load_wikitext_blocks(
-                self.config.data_source, split, self._tokenizer(), self.config.block_size
-            )
-            self._cache[name] = blocks
-        blocks = self._cache[name]
-        blocks = blocks if limit is None else blocks[:limit]
-        if len(blocks) < 2:
-            raise ValueError(f"WikiText-2 split {split!r} gives only {len(blocks)} blocks")
-        return blocks
+    def _to_source(self, blocks: np.ndarray) -> np.ndarray:
+        v = self.vocab()
+        blocks = np.asarray(blocks, np.int32)
+        return blocks if v is None else v.to_source(blocks)
 
     def real_size(self, requested: int | None) -> int:
-        """The number of training blocks (the paper regenerates the whole training set)."""
-        return len(self.real_data(None))
+        """The number of training blocks (the paper regenerates the whole training set), or
+        `requested` when it is smaller (a random subset of the blocks)."""
+        n = len(self.corpus().train)
+        return n if requested is None else min(n, requested)
 
     def real_data(self, key: jax.Array, num: int | None = None) -> np.ndarray:
-        """Every training block (the same for all chains; `num` is `real_size`'s answer)."""
-        return self._blocks(self.config.train_split, self.config.max_train_blocks)
+        train = self.corpus().train
+        return train if num is None or num >= len(train) else self.subset(key, train, num)
 
     def reference(self, key: jax.Array) -> np.ndarray:
-        return self._blocks(self.config.eval_split, self.config.max_eval_blocks)
+        return self.corpus().eval
 
     def draw_real(self, key: jax.Array, num: int) -> np.ndarray:
-        real = self.real_data(key)
-        return real[np.sort(_choice(key, len(real), num))]
+        return self.subset(key, self.corpus().train, num)
 
     def subset(self, key: jax.Array, data: np.ndarray, num: int) -> np.ndarray:
         return data[np.sort(_choice(key, len(data), num))]
 
     # --- model -----------------------------------------------------------------------------
-    def init(self, key: jax.Array):
+    def init(self, key: jax.Array) -> LMParams:
         from collapse_jax.lm import opt
 
         cfg = self.config
         param_dtype = jnp.dtype(cfg.param_dtype)
         if cfg.model_path is not None:
-            return opt.load_pretrained(cfg.model_path, dtype=param_dtype, param_dtype=param_dtype)
+            model = opt.load_pretrained(cfg.model_path, dtype=param_dtype, param_dtype=param_dtype)
+            return LMParams(model)
         r = cfg.random_init
+        vocab = self.vocab()
         arch = opt.OPTConfig(
-            vocab_size=r.vocab_size,
+            vocab_size=self._model_vocab_size() if vocab is None else len(vocab),
             hidden_size=r.hidden_size,
             num_hidden_layers=r.num_hidden_layers,
             num_attention_heads=r.num_attention_heads,
@@ -243,57 +314,166 @@ class OPTLearner(AbstractLearner):
         )
         # The "pretrained" base is fixed by random_init.seed, not by the chain key: every
         # generation starts from the same weights, as when loading facebook/opt-125m.
-        return opt.init_random(
+        model = opt.init_random(
             arch, jax.random.key(r.seed), dtype=param_dtype, param_dtype=param_dtype
         )
+        return LMParams(model)
 
-    def fit(self, key: jax.Array, data: np.ndarray, params, *, workdir=None, **kw):
+    def _train_config(self, model) -> TrainConfig:
+        # Regenerated blocks that stopped at EOS are padded; padding is masked from the loss.
+        return dataclasses.replace(self.config.train, pad_token_id=model.config.pad_token_id)
+
+    def fit(self, key: jax.Array, data: np.ndarray, params: LMParams, *, workdir=None, **kw):
         from collapse_jax.lm import train
 
-        cfg = self.config
-        model, _ = train.finetune(
-            params,
-            np.asarray(data, np.int32),
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            learning_rate=cfg.learning_rate,
+        start = time.perf_counter()
+        valid = self.corpus().valid
+        model, history = train.fit(
+            params.model,
+            self._to_model(data),
+            self._train_config(params.model),
+            valid_blocks=None if valid is None else self._to_model(valid),
             mesh=self._mesh(),
-            schedule=cfg.schedule,
             seed=_seed(key),
-            weight_decay=cfg.weight_decay,
             checkpoint_dir=None if workdir is None else pathlib.Path(workdir) / "checkpoints",
-            compute_dtype=cfg.compute_dtype,
-            # Regenerated blocks that stopped at EOS are padded; padding is masked from the loss.
-            pad_token_id=params.config.pad_token_id,
         )
-        return model
+        info = {
+            "valid_loss": [float(v) for v in history["valid_loss"]],
+            "selected_epoch": int(history["selected_epoch"][0]),
+            "train_loss_last_epoch": float(
+                np.mean(history["train_loss"][-max(1, _steps_per_epoch(history)) :])
+            ),
+            "fit_seconds": time.perf_counter() - start,
+        }
+        return LMParams(model, info)
 
-    def evaluate(self, key: jax.Array, params, reference: np.ndarray) -> dict[str, Any]:
-        from collapse_jax.lm import train
+    def evaluate(self, key: jax.Array, params: LMParams, reference: np.ndarray) -> dict[str, Any]:
+        from collapse_jax.lm import evaluate
 
-        per_seq = train.perplexity(
-            params,
-            reference,
+        start = time.perf_counter()
+        model = params.model
+        per_seq = evaluate.perplexity(
+            model,
+            self._to_model(reference),
             batch_size=self.config.eval_batch_size,
             per_sequence=True,
             mesh=self._mesh(),
-            compute_dtype=self.config.compute_dtype,
-            pad_token_id=params.config.pad_token_id,
+            compute_dtype=self.config.train.compute_dtype,
+            pad_token_id=model.config.pad_token_id,
         )
         nll = np.log(per_seq)
-        return {
+        out: dict[str, Any] = {
             "ppl": float(np.exp(nll.mean())),  # exp of the mean token loss (full blocks)
+            "unigram_ppl": self.unigram_ppl(),
             "seq_ppl_median": float(np.median(per_seq)),
             "seq_ppl_p95": float(np.quantile(per_seq, 0.95)),
             "seq_ppl_p05": float(np.quantile(per_seq, 0.05)),
             "per_sequence_ppl": per_seq.astype(np.float32),
         }
+        info = params.info
+        if info.get("valid_loss"):
+            curve = np.exp(np.minimum(np.asarray(info["valid_loss"], np.float64), 700.0))
+            out["valid_ppl_curve"] = curve.astype(np.float32)  # one per epoch
+            out["selected_epoch"] = float(info["selected_epoch"])
+            out["valid_ppl"] = float(curve[info["selected_epoch"] - 1])
+        if "fit_seconds" in info:
+            out["fit_seconds"] = float(info["fit_seconds"])
+        truth_source = self.ground_truth()
+        if truth_source is not None:  # exact metrics against the known language
+            from collapse_jax.lm import truth
 
-    def sample(self, key: jax.Array, params, num: int, *, workdir=None, **kw) -> np.ndarray:
+            out.update(truth.evaluate_model(
+                model, truth_source, self._to_model(reference),
+                batch_size=self.config.eval_batch_size, q=self.config.data.tail_mass,
+            ))  # fmt: skip
+        out["eval_seconds"] = time.perf_counter() - start
+        if self.config.example_prompt is not None:
+            out["example_continuation"] = self._continue_example(model)
+        return out
+
+    def ground_truth(self):
+        """The ground-truth source of `data: {kind: source}` (`lm.source`), else None."""
+        if not isinstance(self.config.data, SourceDataConfig):
+            return None
+        from collapse_jax.lm import source
+
+        return source.build_source(self.config.data.source)
+
+    def data_metrics(self, data: np.ndarray) -> dict[str, Any]:
+        """Exact metrics of a generation's training data under the ground truth (if any)."""
+        src = self.ground_truth()
+        if src is None:
+            return {}
+        from collapse_jax.lm import source, truth
+
+        return truth.data_metrics(src, source.to_source_ids(data, src.vocab_size))
+
+    def prepare(self, run_dir: pathlib.Path) -> None:
+        """Saves the ground-truth source in the run directory (checks it when resuming)."""
+        src = self.ground_truth()
+        if src is None:
+            return
+        from collapse_jax.lm import source
+
+        folder = pathlib.Path(run_dir) / "source"
+        if (folder / "source.json").is_file():
+            source.load_source(folder)  # raises if the saved source differs
+        else:
+            source.save_source(src, folder)
+
+    def unigram_ppl(self) -> float:
+        """Test perplexity of an add-one unigram model of the training split (the baseline)."""
+        if "unigram" not in self._cache:
+            from collapse_jax.lm.evaluate import unigram_perplexity
+
+            c = self.corpus()
+            vocab = self.vocab()
+            size = len(vocab) if vocab is not None else self._model_vocab_size()
+            self._cache["unigram"] = unigram_perplexity(
+                self._to_model(c.train), self._to_model(c.eval), size
+            )
+        return self._cache["unigram"]
+
+    def _model_vocab_size(self) -> int:
+        if self.config.model_path is None:
+            if isinstance(self.config.data, SourceDataConfig):  # V + pad/bos/eos, not 50272
+                return self.config.data.model_vocab_size
+            return self.config.random_init.vocab_size
+        from collapse_jax.lm import hub
+
+        cfg = json.loads((hub.resolve(self.config.model_path) / "config.json").read_text())
+        return int(cfg["vocab_size"])
+
+    def _decode_settings(self, model) -> DecodeSettings:
+        d, mc = self.config.decode, model.config
+        return dataclasses.replace(
+            d,
+            eos_token_ids=d.eos_token_ids or (int(mc.eos_token_id),),
+            pad_token_id=mc.pad_token_id if d.pad_token_id is None else d.pad_token_id,
+        )
+
+    def _continue_example(self, model) -> np.ndarray:
+        """This model's continuation of the example prompt (source ids), the paper's Example 1."""
+        from flax import nnx
+
+        from collapse_jax.lm import decode
+
+        train = self.corpus().train
+        i = min(self.config.example_prompt, len(train) - 1)
+        settings = self._decode_settings(model)
+        graphdef, state = nnx.split(model)
+        ids = jnp.asarray(self._to_model(train[i : i + 1]))
+        out = decode.compiled_search(graphdef, settings)(
+            state, ids, jnp.ones_like(ids), decode.prompt_keys(0, np.arange(1))
+        )
+        return self._to_source(np.asarray(out.tokens)[0])
+
+    def sample(self, key: jax.Array, params: LMParams, num: int, *, workdir=None, **kw):
         from collapse_jax.lm.regenerate import regenerate
 
         cfg = self.config
-        prompts = self.real_data(key)
+        model = params.model
+        prompts = self.corpus().train
         # The paper continues the original training blocks; a smaller share takes a random
         # subset of them (kept in order).
         if num < len(prompts):
@@ -306,123 +486,115 @@ class OPTLearner(AbstractLearner):
 
             out = pathlib.Path(tempfile.mkdtemp(prefix="collapse-jax-regen-"))
         new = regenerate(
-            params,
-            prompts,
+            model,
+            self._to_model(prompts),
             out,
             batch_size=cfg.generate_batch_size,
             mesh=self._mesh(),
-            max_new_tokens=cfg.max_new_tokens,
-            min_new_tokens=cfg.min_new_tokens,
-            num_beams=cfg.num_beams,
-            do_sample=cfg.do_sample,
-            repetition_penalty=cfg.repetition_penalty,
-            eos_token_id=params.config.eos_token_id,
-            pad_token_id=params.config.pad_token_id,
+            settings=self._decode_settings(model),
             seed=_seed(key),
-            temperature=cfg.temperature,
-            top_k=cfg.top_k,
-            top_p=cfg.top_p,
             progress=False,
         )
-        return _to_blocks(np.asarray(new), cfg.block_size, params.config.pad_token_id)
+        blocks = _to_blocks(np.asarray(new), cfg.data.block_size, model.config.pad_token_id)
+        return self._to_source(blocks)
 
     # --- persistence -----------------------------------------------------------------------
-    def save_params(self, path: pathlib.Path, params) -> None:
+    def save_params(self, path: pathlib.Path, params: LMParams) -> None:
+        from collapse_jax import records
         from collapse_jax.lm import opt
 
-        opt.save_pretrained(params, path)
+        opt.save_pretrained(params.model, path)
+        records.atomic_write_json(path / "fit_info.json", params.info)
+        vocab = self.vocab()
+        if vocab is not None:
+            np.save(path / "token_ids.npy", vocab.ids)
 
-    def load_params(self, path: pathlib.Path, template):
+    def load_params(self, path: pathlib.Path, template) -> LMParams:
         from collapse_jax.lm import opt
 
         dtype = jnp.dtype(self.config.param_dtype)
-        return opt.load_pretrained(path, dtype=dtype, param_dtype=dtype)
+        model = opt.load_pretrained(path, dtype=dtype, param_dtype=dtype)
+        info_file = pathlib.Path(path) / "fit_info.json"
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        return LMParams(model, info)
+
+    def plan(self, cfg: Any) -> dict[str, Any]:
+        """What a run of `cfg` will do and write, for `--dry-run` (no data or model loaded).
+
+        Disk per kept model = parameters x 4 bytes (float32) or 2 (bfloat16); data per
+        generation = blocks x block_size x 4 bytes.
+        """
+        from collapse_jax.lm import opt
+
+        c = self.config
+        gen = cfg.generation
+        if c.model_path is None:
+            r = c.random_init
+            arch = opt.OPTConfig(
+                vocab_size=r.vocab_size if c.vocabulary == "full" else _CORPUS_VOCAB_ESTIMATE,
+                hidden_size=r.hidden_size,
+                num_hidden_layers=r.num_hidden_layers,
+                num_attention_heads=r.num_attention_heads,
+                ffn_dim=r.ffn_dim,
+                max_position_embeddings=r.max_position_embeddings,
+            )
+            n_params = _count_params(arch)
+        else:
+            n_params = 125_239_296  # OPT-125m; the folder is not read for a dry run
+        bytes_per = 2 if c.param_dtype == "bfloat16" else 4
+        kept = {
+            "all": gen.num_generations,
+            "last": 1,
+            "first_last": min(2, gen.num_generations),
+        }.get(getattr(gen, "keep_params", "last"), gen.num_generations)
+        runs = getattr(gen, "num_trials", 1)
+        blocks = (
+            c.data.num_train_blocks
+            if isinstance(c.data, SourceDataConfig)
+            else c.data.max_train_blocks or 36_718
+        )  # WikiText-2 train: 36,718 64-token blocks
+        data_bytes = blocks * c.data.block_size * 4 * gen.num_generations * 2  # data + regenerated
+        model_bytes = n_params * bytes_per
+        return {
+            "generations": gen.num_generations,
+            "runs": runs,
+            "parameters": n_params,
+            "models_kept_per_run": kept,
+            "disk_bytes_estimate": runs * (kept * model_bytes + data_bytes + model_bytes),
+        }
 
     # --- figures ---------------------------------------------------------------------------
     def figures(self, run, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        """Histograms of per-sequence perplexity (log-x axis):
+        from collapse_jax.lm import figures
 
-        - `perplexity_histograms.png`: the real test blocks under every generation's model;
-        - `train_perplexity_under_gen0.png`: every generation's *training* blocks under the
-          generation-0 model (the paper's Fig. 1 histograms: later generations produce sequences
-          the first model finds ever more likely, plus a long tail of improbable ones). Needs
-          `keep_params: all`; the values are cached in `analysis/`.
-        """
-        files = []
-        test = [
-            (g, run.arrays(g).get("trials/per_sequence_ppl")) for g in run.finished_generations()
-        ]
-        test = [(g, v.reshape(-1)) for g, v in test if v is not None]
-        if test:
-            path = out_dir / "perplexity_histograms.png"
-            _histograms(test, "perplexity of a real test block", path, self.config.histogram_bins)
-            files.append(path)
-        train = self._train_perplexity_under_gen0(run)
-        if train:
-            path = out_dir / "train_perplexity_under_gen0.png"
-            _histograms(
-                train,
-                "perplexity of a training block under the generation-0 model",
-                path,
-                self.config.histogram_bins,
+        files = figures.make_figures(self, run, out_dir)
+        src = self.ground_truth()
+        if src is not None:
+            from collapse_jax.lm import truth
+
+            def load_model(g):
+                p = run.params_dir(g)
+                return self.load_params(p, None).model if (p / "config.json").is_file() else None
+
+            files += truth.figures(
+                run, out_dir, src, load_model, self.corpus().eval, self.config.data.ranked_contexts
             )
-            files.append(path)
         return files
 
-    def _train_perplexity_under_gen0(self, run) -> list[tuple[int, np.ndarray]]:
-        from collapse_jax import records
-        from collapse_jax.lm import train
 
-        p0 = run.params_dir(0)
-        if not (p0 / "config.json").is_file():
-            return []
-        model0, out = None, []
-        for g in run.finished_generations():
-            cache = run.path / "analysis" / f"train_ppl_under_gen0_{g:05d}.npz"
-            if cache.is_file():
-                out.append((g, records.load_npz(cache)["ppl"]))
-                continue
-            if not run.data_path(g).is_file():
-                continue
-            if model0 is None:
-                model0 = self.load_params(p0, None)
-            ppl = train.perplexity(
-                model0,
-                records.load_npz(run.data_path(g))["data"],
-                batch_size=self.config.eval_batch_size,
-                per_sequence=True,
-                mesh=self._mesh(),
-                compute_dtype=self.config.compute_dtype,
-                pad_token_id=model0.config.pad_token_id,
-            )
-            records.save_npz(cache, {"ppl": ppl})
-            out.append((g, ppl))
-        return out
+# The size of a corpus vocabulary for dry-run estimates (WikiText-2 valid + test: 24.6k ids).
+_CORPUS_VOCAB_ESTIMATE = 24_600
 
 
-def _histograms(series: list[tuple[int, np.ndarray]], xlabel: str, path, num_bins: int) -> None:
-    """One step histogram per generation on shared logarithmic bins."""
-    import matplotlib
+def _count_params(arch) -> int:
+    d, f, layers = arch.hidden_size, arch.ffn_dim, arch.num_hidden_layers
+    per_layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d
+    return arch.vocab_size * d + (arch.max_position_embeddings + 2) * d + layers * per_layer + 2 * d
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    allv = np.concatenate([v[np.isfinite(v)] for _, v in series])
-    lo, hi = np.log10(max(allv.min(), 1.0)), np.log10(max(allv.max(), 1.0))
-    bins = np.logspace(lo, hi + 1e-9, num_bins)
-    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=110)
-    cmap = plt.get_cmap("viridis")
-    for i, (g, v) in enumerate(series):
-        color = cmap(i / max(1, len(series) - 1))
-        ax.hist(v, bins=bins, histtype="step", density=True, color=color, label=f"gen {g}")
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
-    ax.set_title("Per-sequence perplexity by generation")
-    ax.legend(fontsize=7, frameon=False, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def _steps_per_epoch(history: dict) -> int:
+    ends = history.get("epoch_end_step") or [len(history["train_loss"])]
+    return int(ends[0])
 
 
 def _seed(key: jax.Array) -> int:

@@ -22,7 +22,6 @@ process count gives the same loss curve, and a resumed run continues exactly.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import math
@@ -33,16 +32,42 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from collapse_jax import sharding
 from collapse_jax.lm import data as data_lib
+from collapse_jax.lm.tokenizer import check_token_ids
 
-Schedule = Callable[[jax.Array | int], jax.Array]
-
-SCHEDULES = ("paper_cosine", "warmup_cosine", "constant")
+# The pieces live in their own modules; these names stay importable from `lm.train`.
+from collapse_jax.lm.evaluate import Evaluator, perplexity  # noqa: F401
+from collapse_jax.lm.schedule import (  # noqa: F401
+    SCHEDULES,
+    Schedule,
+    _hparams,
+    learning_rate_at,
+    make_optimizer,
+    make_schedule,
+    paper_cosine_schedule,
+)
+from collapse_jax.lm.steps import (  # noqa: F401
+    TrainState,
+    _cached,
+    _cast_floating,
+    _check_blocks,
+    _forward_sums,
+    _pad_rows,
+    _padded_batch,
+    _scalar,
+    _signature,
+    _split,
+    _to_global,
+    default_mesh,
+    eval_step,
+    opt_state_shardings,
+    token_nll,
+    train_step,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -51,11 +76,13 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class TrainConfig:
-    """Hyper-parameters of `finetune` (defaults: the paper's code where it sets them).
+    """Hyper-parameters of `fit` / `finetune` (defaults: the paper's code where it sets them).
+
+    This is also the `train:` block of the language-model experiment config, handed down whole.
 
     Attributes:
-      epochs: passes over the training blocks.
-      batch_size: blocks per optimizer step (global, over all devices and processes).
+      epochs: passes over the training blocks (the paper: 5).
+      batch_size: blocks per optimizer step (global, over all devices and processes; paper 128).
       learning_rate: peak learning rate (the paper: 2e-5).
       schedule: "paper_cosine" (cosine annealing per epoch, T_max = epochs), "warmup_cosine"
         (linear warmup over `warmup_steps`, then cosine per step down to `eta_min`) or "constant".
@@ -76,11 +103,14 @@ class TrainConfig:
         end); None = only at epoch ends.
       keep_checkpoints: how many recent step checkpoints to keep.
       prefetch: batches prepared ahead of the running step.
+      keep_best: return the parameters of the epoch with the lowest validation loss instead of
+        the last epoch's (the paper's `ModelCheckpoint(monitor="val_loss")`); needs validation
+        blocks (without them the last epoch is returned).
     """
 
-    epochs: int
-    batch_size: int
-    learning_rate: float
+    epochs: int = 5
+    batch_size: int = 128
+    learning_rate: float = 2e-5
     schedule: str = "paper_cosine"
     eta_min: float = 1e-6
     warmup_steps: int = 0
@@ -99,6 +129,7 @@ class TrainConfig:
     save_every_steps: int | None = None
     keep_checkpoints: int = 2
     prefetch: int = 2
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -122,523 +153,12 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Schedules and optimizer
-# ----------------------------------------------------------------------------------------------
-
-
-def learning_rate_at(
-    step: jax.Array | int, hparams: dict[str, jax.Array | float], *, kind: str
-) -> jax.Array:
-    """The learning rate of optimizer step `step` (0-based) under schedule `kind`.
-
-    Args:
-      step: optimizer steps done before this one.
-      hparams: "learning_rate" (peak lr_0), "eta_min" (final lr), "epochs", "steps_per_epoch",
-        "warmup_steps": runtime values, so changing them (another lr, a data set of another
-        size) does not recompile the train step.
-      kind: "paper_cosine": torch `CosineAnnealingLR(T_max=epochs, eta_min)` stepped once per
-        epoch, lr = eta_min + (lr_0 - eta_min) * (1 + cos(pi * epoch / epochs)) / 2 with
-        epoch = step // steps_per_epoch; "warmup_cosine": lr_0 * step / warmup_steps during
-        warmup, then a per-step cosine from lr_0 down to eta_min at the last step (optax's
-        `warmup_cosine_decay_schedule`); "constant": lr_0.
-    """
-    f32 = jnp.float32
-    lr0 = jnp.asarray(hparams["learning_rate"], f32)
-    eta_min = jnp.asarray(hparams["eta_min"], f32)
-    epochs = jnp.asarray(hparams["epochs"], f32)
-    spe = jnp.asarray(hparams["steps_per_epoch"], jnp.int32)
-    warmup = jnp.asarray(hparams["warmup_steps"], f32)
-    step = jnp.asarray(step, jnp.int32)
-    if kind == "paper_cosine":
-        epoch = (step // spe).astype(f32)
-        return eta_min + (lr0 - eta_min) * (1.0 + jnp.cos(jnp.pi * epoch / epochs)) / 2.0
-    if kind == "warmup_cosine":
-        total = jnp.maximum(epochs * spe.astype(f32), warmup + 1.0)
-        t = step.astype(f32)
-        warm = lr0 * t / jnp.maximum(warmup, 1.0)
-        frac = jnp.clip((t - warmup) / (total - warmup), 0.0, 1.0)
-        cos = eta_min + (lr0 - eta_min) * (1.0 + jnp.cos(jnp.pi * frac)) / 2.0
-        return jnp.where(t < warmup, warm, cos)
-    if kind == "constant":
-        return lr0 + 0.0 * eta_min
-    raise ValueError(f"unknown schedule {kind!r}; expected one of {SCHEDULES}")
-
-
-def paper_cosine_schedule(
-    learning_rate: float, epochs: int, steps_per_epoch: int, eta_min: float = 1e-6
-) -> Schedule:
-    """torch `CosineAnnealingLR(T_max=epochs, eta_min)` stepped once per epoch, per opt. step.
-
-    Returns:
-      step -> eta_min + (lr - eta_min) * (1 + cos(pi * (step // steps_per_epoch) / epochs)) / 2.
-    """
-    hp = {
-        "learning_rate": learning_rate,
-        "eta_min": eta_min,
-        "epochs": epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "warmup_steps": 0,
-    }
-    return lambda step: learning_rate_at(step, hp, kind="paper_cosine")
-
-
-def _hparams(config: TrainConfig, steps_per_epoch: int) -> dict[str, float | int]:
-    return {
-        "learning_rate": config.learning_rate,
-        "eta_min": config.eta_min,
-        "epochs": config.epochs,
-        "steps_per_epoch": steps_per_epoch,
-        "warmup_steps": config.warmup_steps,
-    }
-
-
-def make_schedule(config: TrainConfig, steps_per_epoch: int) -> Schedule:
-    """The learning-rate schedule named by `config.schedule`, as a function of the opt. step."""
-    hp = _hparams(config, steps_per_epoch)
-    return lambda step: learning_rate_at(step, hp, kind=config.schedule)
-
-
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """AdamW at unit learning rate (torch semantics: decoupled decay, scaled by the lr with the
-    Adam step), optionally after gradient clipping; `train_step` multiplies its updates by the
-    scheduled learning rate, which is therefore a runtime value (no recompile per lr)."""
-    adamw = optax.adamw(
-        1.0,
-        b1=config.b1,
-        b2=config.b2,
-        eps=config.eps,
-        weight_decay=config.weight_decay,
-    )
-    if config.max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loss
-# ----------------------------------------------------------------------------------------------
-
-
-def token_nll(
-    logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, loss_mask: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Per-target negative log-likelihood of a causal LM and the target weights.
-
-    Args:
-      logits: [B, T, V] (any float dtype; computed in fp32).
-      input_ids: [B, T] int.
-      attention_mask: [B, T], 1 = real token.
-      loss_mask: [B, T], 1 = token may be a target.
-
-    Returns:
-      nll [B, T-1] fp32 (0 where not counted) and weights [B, T-1] fp32 (1 = counted): target
-      t+1 is counted if it is real and in the loss mask (HF's `labels` shift).
-    """
-    logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
-    targets = input_ids[:, 1:]  # [B, T-1]
-    weights = (attention_mask[:, 1:] * loss_mask[:, 1:]).astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)  # [B, T-1]
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = jnp.where(weights > 0, logz - picked, 0.0)
-    return nll, weights
-
-
 class _Compiled(NamedTuple):
     init: Callable[..., Any]
     step: Callable[..., Any]
     state_shardings: Any
     rest_shardings: Any
     batch: NamedSharding
-
-
-class TrainState(NamedTuple):
-    """Everything a train step updates (a pytree; checkpointed as is)."""
-
-    step: jax.Array  # int32 scalar: optimizer steps done
-    params: Any  # nnx.State of the model's nnx.Param variables
-    opt_state: Any  # optax state
-
-
-def _cast_floating(tree: Any, dtype: Any) -> Any:
-    if dtype is None:
-        return tree
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-    )
-
-
-def _forward_sums(
-    params: Any,
-    rest: Any,
-    batch: dict[str, jax.Array],
-    key: jax.Array | None,
-    *,
-    graphdef: Any,
-    deterministic: bool,
-    compute_dtype: Any,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    """Summed NLL over the batch, (token count, per-row NLL sums [B], per-row counts [B])."""
-    model = nnx.merge(graphdef, _cast_floating(params, compute_dtype), rest)
-    logits = model(
-        batch["input_ids"],
-        batch["attention_mask"],
-        deterministic=deterministic,
-        dropout_key=key,
-    )  # [B, T, V]
-    nll, w = token_nll(logits, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-    return nll.sum(), (w.sum(), nll.sum(axis=1), w.sum(axis=1))
-
-
-def train_step(
-    state: TrainState,
-    rest: Any,
-    batch: dict[str, jax.Array],
-    key: jax.Array,
-    hparams: dict[str, jax.Array],
-    *,
-    graphdef: Any,
-    tx: optax.GradientTransformation,
-    schedule: Callable[..., jax.Array],
-    grad_accum_steps: int,
-    deterministic: bool,
-    compute_dtype: Any,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on a global batch (pure; jitted by `finetune`).
-
-    The loss is the mean NLL over every counted target of the whole batch; with gradient
-    accumulation the micro-batches' summed NLLs and gradients are added before dividing by the
-    batch's token count, so the step equals the unaccumulated one (up to float rounding).
-    A non-finite loss, gradient or updated parameter leaves the state unchanged and sets
-    `metrics["finite"]` False.
-
-    Args:
-      state: current TrainState.
-      rest: non-parameter model state (passed through unchanged).
-      batch: `input_ids`, `attention_mask`, `loss_mask`, each [B, T].
-      key: base dropout key; step and micro-batch are folded in.
-      hparams: runtime schedule values ({"learning_rate", "eta_min"}) for `schedule`.
-      tx: a gradient transformation at unit learning rate (`make_optimizer`).
-      schedule: (step, hparams) -> learning rate; the updates of `tx` are scaled by it.
-
-    Returns:
-      (new state, metrics: loss, grad_norm, param_norm, lr, finite, tokens).
-    """
-    step_key = jax.random.fold_in(key, state.step)
-    grad_fn = jax.value_and_grad(
-        functools.partial(
-            _forward_sums,
-            graphdef=graphdef,
-            deterministic=deterministic,
-            compute_dtype=compute_dtype,
-        ),
-        has_aux=True,
-    )
-    if grad_accum_steps == 1:
-        (nll_sum, (count, _, _)), grads = grad_fn(state.params, rest, batch, step_key)
-    else:
-        # Micro-batch j takes rows j, j + k, j + 2k, ...: every micro-batch stays spread over
-        # all data-parallel devices.
-        k = grad_accum_steps
-        micro = jax.tree.map(
-            lambda x: jnp.swapaxes(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 0, 1), batch
-        )
-
-        def body(carry, xs):
-            i, mb = xs
-            (s, (c, _, _)), g = grad_fn(state.params, rest, mb, jax.random.fold_in(step_key, i))
-            acc_s, acc_c, acc_g = carry
-            return (acc_s + s, acc_c + c, jax.tree.map(jnp.add, acc_g, g)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-        (nll_sum, count, grads), _ = jax.lax.scan(body, init, (jnp.arange(k), micro))
-    denom = jnp.maximum(count, 1.0)
-    loss = nll_sum / denom
-    grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    lr = jnp.asarray(schedule(state.step, hparams), jnp.float32)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
-    params = optax.apply_updates(state.params, updates)
-    param_norm = optax.tree.norm(params)
-    # An update can overflow even when loss and gradient are finite (a huge learning rate).
-    # (Checked leaf by leaf: the norm itself overflows for finite weights above ~1e19.)
-    for leaf in jax.tree.leaves(params):
-        finite = finite & jnp.isfinite(leaf).all()
-    new = TrainState(state.step + 1, params, opt_state)
-    # Keep the last good state on NaN/inf: the host raises after seeing `finite`.
-    kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-    metrics = {
-        "loss": loss,
-        "grad_norm": grad_norm,
-        "param_norm": param_norm,
-        "lr": lr,
-        "finite": finite,
-        "tokens": count,
-    }
-    return kept, metrics
-
-
-def eval_step(
-    params: Any,
-    rest: Any,
-    batch: dict[str, jax.Array],
-    *,
-    graphdef: Any,
-    compute_dtype: Any,
-) -> tuple[jax.Array, jax.Array]:
-    """Per-row NLL sums [B] and counted targets [B] (pure; jitted by `Evaluator`)."""
-    _, (_, row_nll, row_count) = _forward_sums(
-        params,
-        rest,
-        batch,
-        None,
-        graphdef=graphdef,
-        deterministic=True,
-        compute_dtype=compute_dtype,
-    )
-    return row_nll, row_count
-
-
-# ----------------------------------------------------------------------------------------------
-# Placement helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def default_mesh() -> Mesh:
-    """All devices on "data" (all local devices on one host; the global devices after
-    `jax.distributed.initialize`)."""
-    return sharding.make_mesh({"data": -1})
-
-
-def _padded_batch(mesh: Mesh, batch_size: int, multiple: int = 1) -> int:
-    """The batch size actually run: `batch_size` rounded up to a multiple of the mesh's
-    data-parallel size (times `multiple`, the accumulation steps).
-
-    The extra rows are filler with zero loss weight, so the step equals one on exactly
-    `batch_size` blocks; any batch size runs on any number of devices.
-    """
-    sharding.validate_mesh(mesh)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    m = sharding.data_parallel_size(mesh) * multiple
-    return -(-batch_size // m) * m
-
-
-def _pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
-    return np.concatenate([rows, np.full(size - len(rows), -1, dtype=rows.dtype)])
-
-
-def _to_global(tree: Any, shardings: Any) -> Any:
-    """Places host-visible arrays onto (possibly multi-process) shardings as fresh buffers.
-
-    Goes through NumPy, so the caller's arrays are never aliased (they stay valid after the
-    train step donates the state) and every process contributes only its addressable shards.
-    """
-
-    def put(x: Any, s: NamedSharding) -> jax.Array:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return jax.jit(jnp.copy, out_shardings=s)(x)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
-
-    return jax.tree.map(put, tree, shardings)
-
-
-def opt_state_shardings(opt_shape: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
-    """Shardings of an optax state: a leaf whose path ends with a parameter's path and has its
-    shape (AdamW's mu / nu) is sharded like that parameter; everything else is replicated."""
-    by_path = {}
-    p_leaves = jax.tree_util.tree_leaves_with_path(params)
-    s_leaves = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    for (path, leaf), s in zip(p_leaves, s_leaves, strict=True):
-        by_path[tuple(path)] = (np.shape(leaf), s)
-    depths = sorted({len(p) for p in by_path}, reverse=True)
-
-    def one(path: tuple, leaf: Any) -> NamedSharding:
-        for d in depths:
-            hit = by_path.get(tuple(path[-d:])) if len(path) >= d else None
-            if hit is not None and hit[0] == tuple(np.shape(leaf)):
-                return hit[1]
-        return sharding.replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(one, opt_shape)
-
-
-def _scalar(x: jax.Array) -> float:
-    """A replicated scalar as a Python float (works when the array spans several processes)."""
-    return float(np.asarray(x.addressable_data(0)))
-
-
-def _local_value(x: jax.Array) -> np.ndarray:
-    return np.asarray(x.addressable_data(0))
-
-
-# Compiled steps are reused across calls with the same model structure, mesh and settings (e.g.
-# every generation of the paper's loop), so only the first call pays for XLA compilation.
-_COMPILED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-_COMPILED_MAX = 8
-
-
-def _cached(key: Any, build: Callable[[], Any]) -> Any:
-    if key in _COMPILED:
-        _COMPILED.move_to_end(key)
-        return _COMPILED[key]
-    value = build()
-    _COMPILED[key] = value
-    while len(_COMPILED) > _COMPILED_MAX:
-        _COMPILED.popitem(last=False)
-    return value
-
-
-def _signature(tree: Any) -> tuple:
-    return tuple(
-        (jax.tree_util.keystr(p), tuple(np.shape(x)), str(x.dtype))
-        for p, x in jax.tree_util.tree_leaves_with_path(tree)
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
-
-
-class Evaluator:
-    """Per-block NLL of a split, sharded like training (compiled once per batch shape)."""
-
-    def __init__(
-        self,
-        graphdef: Any,
-        mesh: Mesh,
-        param_shardings: Any,
-        rest_shardings: Any,
-        *,
-        batch_size: int,
-        compute_dtype: Any = None,
-        pad_token_id: int | None = None,
-    ):
-        self.mesh = mesh
-        self.batch_size = batch_size
-        self.padded_batch_size = _padded_batch(mesh, batch_size)
-        self.pad_token_id = pad_token_id
-        self.batch_sharding = sharding.batch_sharding(mesh)
-        rep = sharding.replicated(mesh)
-        self._fn = jax.jit(
-            functools.partial(eval_step, graphdef=graphdef, compute_dtype=compute_dtype),
-            in_shardings=(param_shardings, rest_shardings, self.batch_sharding),
-            out_shardings=(rep, rep),
-        )
-
-    def row_nll(self, params: Any, rest: Any, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per-block NLL sums and target counts, each float64 [N], in block order."""
-        n = len(blocks)
-        sums, counts = [], []
-        steps = data_lib.steps_per_epoch(n, self.batch_size)
-
-        def batches() -> Iterator[tuple[int, dict[str, jax.Array]]]:
-            for i in range(steps):
-                rows = data_lib.batch_rows(0, 0, i, n, self.batch_size, shuffle=False)
-                rows = _pad_rows(rows, self.padded_batch_size)
-                yield (
-                    int((rows >= 0).sum()),
-                    data_lib.global_batch(
-                        blocks, rows, self.batch_sharding, pad_token_id=self.pad_token_id
-                    ),
-                )
-
-        with data_lib.Prefetcher(batches(), depth=2) as it:
-            for real, batch in it:
-                s, c = self._fn(params, rest, batch)
-                sums.append(_local_value(s)[:real])
-                counts.append(_local_value(c)[:real])
-        if not sums:
-            return np.zeros(0), np.zeros(0)
-        return np.concatenate(sums).astype(np.float64), np.concatenate(counts).astype(np.float64)
-
-
-def _check_blocks(blocks: Any, name: str) -> np.ndarray:
-    if not hasattr(blocks, "shape") or len(blocks.shape) != 2:
-        raise ValueError(f"{name} must be an int array [N, T], got shape {np.shape(blocks)}")
-    if not np.issubdtype(blocks.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer token ids, got dtype {blocks.dtype}")
-    if blocks.shape[0] < 1 or blocks.shape[1] < 2:
-        raise ValueError(f"{name} needs at least one block of >= 2 tokens, got {blocks.shape}")
-    return blocks
-
-
-def _check_vocab(blocks: np.ndarray, model: Any, name: str) -> None:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is None or isinstance(blocks, np.memmap):
-        return
-    lo, hi = int(np.min(blocks)), int(np.max(blocks))
-    if lo < 0 or hi >= vocab:
-        raise ValueError(
-            f"{name} has token ids in [{lo}, {hi}], outside the vocabulary [0, {vocab})"
-        )
-
-
-def _split(model: nnx.Module) -> tuple[Any, Any, Any]:
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, params, rest
-
-
-def perplexity(
-    model: nnx.Module,
-    blocks: np.ndarray,
-    *,
-    batch_size: int,
-    per_sequence: bool = False,
-    mesh: Mesh | None = None,
-    pad_token_id: int | None = None,
-    compute_dtype: str | None = None,
-) -> float | np.ndarray:
-    """Perplexity of a model on token blocks (evaluation as in the paper's code).
-
-    Args:
-      model: an OPT model (`collapse_jax.lm.opt`), called as
-        `model(input_ids, attention_mask, deterministic=True, dropout_key=None)`.
-      blocks: int array [N, T] of token ids (may be memory-mapped).
-      batch_size: blocks per forward pass (global; rounded up internally with filler rows to a
-        multiple of the mesh's data x fsdp size).
-      per_sequence: return one perplexity per block instead of one for the split.
-      mesh: device mesh (default: all devices on "data").
-      pad_token_id: token id treated as padding (excluded); None = all tokens count.
-      compute_dtype: e.g. "bfloat16" for the forward pass; None = the parameters' dtype.
-
-    Returns:
-      per_sequence=False: exp of the mean NLL over every predicted token of the split (float).
-        With full blocks this is the paper's exp(mean of batch-mean losses) except that a
-        smaller last batch is not over-weighted.
-      per_sequence=True: float64 [N], exp of each block's mean NLL over its T-1 predicted
-        tokens (the quantity of the paper's perplexity histograms).
-    """
-    blocks = _check_blocks(blocks, "blocks")
-    _check_vocab(blocks, model, "blocks")
-    mesh = default_mesh() if mesh is None else sharding.with_auto_axes(mesh)
-    graphdef, params, rest = _split(model)
-    p_shard = sharding.logical_to_sharding(params, mesh)
-    r_shard = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
-    dtype = jnp.dtype(compute_dtype) if compute_dtype else None
-    ev = _cached(
-        ("eval", graphdef, _signature(params), mesh, batch_size, dtype, pad_token_id),
-        lambda: Evaluator(
-            graphdef,
-            mesh,
-            p_shard,
-            r_shard,
-            batch_size=batch_size,
-            compute_dtype=dtype,
-            pad_token_id=pad_token_id,
-        ),
-    )
-    params = _to_global(params, p_shard)
-    rest = _to_global(rest, r_shard)
-    sums, counts = ev.row_nll(params, rest, blocks)
-    if per_sequence:
-        return np.exp(sums / np.maximum(counts, 1.0))
-    return float(np.exp(sums.sum() / max(counts.sum(), 1.0)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -712,6 +232,7 @@ def prepare_training(
         save_every_steps=None,
         keep_checkpoints=2,
         prefetch=2,
+        keep_best=False,
         shuffle=True,
         drop_last=False,
         pad_token_id=None,
@@ -756,31 +277,67 @@ def finetune(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     **options: Any,
 ) -> tuple[nnx.Module, dict[str, list[float]]]:
+    """Fine-tunes an OPT model on token blocks (keyword form of `fit`).
+
+    Args:
+      epochs, batch_size, learning_rate, schedule: see `TrainConfig`.
+      **options: any other `TrainConfig` field (eta_min, warmup_steps, weight_decay,
+        max_grad_norm, grad_accum_steps, compute_dtype, dropout, pad_token_id, keep_best, ...).
+      Everything else: see `fit`.
+    """
+    config = TrainConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        schedule=schedule,
+        **options,
+    )
+    return fit(
+        model,
+        train_blocks,
+        config,
+        valid_blocks=valid_blocks,
+        mesh=mesh,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        on_step=on_step,
+    )
+
+
+def fit(
+    model: nnx.Module,
+    train_blocks: np.ndarray,
+    config: TrainConfig,
+    *,
+    valid_blocks: np.ndarray | None = None,
+    mesh: Mesh | None = None,
+    seed: int = 0,
+    checkpoint_dir: str | pathlib.Path | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[nnx.Module, dict[str, list[float]]]:
     """Fine-tunes an OPT model on token blocks (the paper's per-generation training).
 
     Args:
       model: an OPT model (`collapse_jax.lm.opt`); it is not modified.
       train_blocks: int array [N, T] of token ids (may be memory-mapped), the same on every
         process.
-      valid_blocks: optional [M, T] blocks evaluated after every epoch.
-      epochs: passes over `train_blocks` (the paper: 5).
-      batch_size: global blocks per optimizer step (the paper: 128); any size runs on any mesh
-        (filler rows with zero loss weight round it up to a multiple of data x fsdp size).
-      learning_rate: peak learning rate (the paper: 2e-5).
-      schedule: "paper_cosine", "warmup_cosine" or "constant" (see `TrainConfig`).
+      config: the training settings (`TrainConfig`, e.g. the experiment's `train:` block).
+      valid_blocks: optional [M, T] blocks evaluated after every epoch (with
+        `config.keep_best`, the epoch with the lowest loss on them is returned).
       mesh: a mesh with axes from ("data", "fsdp", "tensor"); None = all devices on "data".
+        Any batch size runs on any mesh (filler rows with zero loss weight round it up to a
+        multiple of data x fsdp size).
       seed: seeds the data order and dropout; the loss curve depends on nothing else.
       checkpoint_dir: if set, checkpoints go there (every `save_every_steps` steps, at every
         epoch end, and the best epoch by validation loss under `best/`); a run finding a
         checkpoint there resumes from it exactly (same data order, RNG and history).
       on_step: called on the host after every optimizer step with (step, metrics).
-      **options: any other `TrainConfig` field (eta_min, warmup_steps, weight_decay,
-        max_grad_norm, grad_accum_steps, compute_dtype, dropout, pad_token_id, ...).
 
     Returns:
       (new model, history): history has "train_loss", "lr" and "grad_norm" (one entry per
-      optimizer step), "valid_loss" and "valid_ppl" (one per epoch, if `valid_blocks`) and
-      "epoch_end_step".
+      optimizer step), "valid_loss" and "valid_ppl" (one per epoch, if `valid_blocks`),
+      "epoch_end_step", and "selected_epoch" (one entry: the 1-based epoch whose parameters
+      were returned).
 
     Raises:
       NonFiniteLossError: a step produced a NaN/inf loss or gradient (names the step; the
@@ -789,18 +346,11 @@ def finetune(
     """
     from collapse_jax.lm import checkpoint as ckpt_lib
 
-    config = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        schedule=schedule,
-        **options,
-    )
     train_blocks = _check_blocks(train_blocks, "train_blocks")
-    _check_vocab(train_blocks, model, "train_blocks")
+    check_token_ids(train_blocks, model, "train_blocks")
     if valid_blocks is not None:
         valid_blocks = _check_blocks(valid_blocks, "valid_blocks")
-        _check_vocab(valid_blocks, model, "valid_blocks")
+        check_token_ids(valid_blocks, model, "valid_blocks")
     mesh = default_mesh() if mesh is None else sharding.with_auto_axes(mesh)
     padded = _padded_batch(mesh, config.batch_size, config.grad_accum_steps)
     n_blocks = train_blocks.shape[0]
@@ -883,6 +433,7 @@ def finetune(
             best = meta.get("best_valid_loss", math.inf)
             start = latest
 
+    best_params = None
     rep = sharding.replicated(mesh)
     key = _to_global(np.asarray(jax.random.key_data(jax.random.key(seed))), rep)
     key = jax.random.wrap_key_data(key)
@@ -948,9 +499,13 @@ def finetune(
                         vloss = float(sums.sum() / max(counts.sum(), 1.0))
                         history["valid_loss"].append(vloss)
                         history["valid_ppl"].append(math.exp(min(vloss, 700.0)))
-                        if ckpt is not None and vloss < best:
+                        if vloss < best:
                             best = vloss
-                            ckpt.save_best(done, state, meta(), vloss)
+                            if config.keep_best:
+                                # A copy: the next step donates (invalidates) `state`'s buffers.
+                                best_params = jax.tree.map(jnp.copy, state.params)
+                            if ckpt is not None:
+                                ckpt.save_best(done, state, meta(), vloss)
                 if save_now:
                     ckpt.save(done, state, meta())
             if pending is not None:
@@ -959,8 +514,34 @@ def finetune(
         if ckpt is not None:
             ckpt.close()
 
-    new_model = nnx.merge(graphdef, state.params, rest_g)
+    final = state.params
+    history["selected_epoch"] = [config.epochs]
+    if config.keep_best and history["valid_loss"]:
+        vl = np.asarray(history["valid_loss"], np.float64)
+        if np.isfinite(vl).any():
+            epoch = int(np.nanargmin(np.where(np.isfinite(vl), vl, np.nan))) + 1
+            if best_params is None and epoch != config.epochs:
+                # Resumed after the best epoch: its parameters are in the `best/` checkpoint.
+                best_params = _restore_best(checkpoint_dir, params, state_shard.params)
+            if best_params is not None or epoch == config.epochs:
+                final = state.params if best_params is None else best_params
+                history["selected_epoch"] = [epoch]
+    new_model = nnx.merge(graphdef, final, rest_g)
     return new_model, history
+
+
+def _restore_best(checkpoint_dir: Any, params: Any, shardings: Any) -> Any:
+    """The parameters of the `best/` checkpoint that `fit` wrote into `checkpoint_dir`."""
+    from collapse_jax.lm import checkpoint as ckpt_lib
+
+    ck = ckpt_lib.TrainCheckpointer(checkpoint_dir)
+    try:
+        step = ck.best_step()
+        if step is None:
+            raise FileNotFoundError(f"no best checkpoint in {checkpoint_dir}")
+        return ck.restore_params(step, params, shardings, best=True)
+    finally:
+        ck.close()
 
 
 def load_checkpoint(

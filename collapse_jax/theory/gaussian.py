@@ -269,6 +269,7 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
     """
 
     jittable: ClassVar[bool] = True
+    infinite_metrics: ClassVar[frozenset[str]] = frozenset({"logdet_cov"})  # collapsed: -inf
 
     def __init__(self, config: GaussianConfig, mesh: Any = None):
         super().__init__(config, mesh)

@@ -1,0 +1,103 @@
+"""Hugging Face hub ids (`facebook/opt-125m`) resolved to local folders through the hub's cache.
+
+`resolve(path)` returns `path` itself when it is a local folder; otherwise, when it looks like a
+hub id (`owner/name`, optionally `owner/name@revision`), it returns the snapshot folder of
+`huggingface_hub`'s cache (`$HF_HUB_CACHE`, default `~/.cache/huggingface/hub`, layout
+`models--owner--name/snapshots/<sha>/` with `refs/<revision>` naming the sha), downloading the
+files an OPT model or tokenizer needs when the machine is online. With `HF_HUB_OFFLINE=1` only
+the cache is read, and a missing snapshot is an error that says so.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+# What the OPT loader and tokenizer read (the hub repo also holds TF/Flax weights we skip).
+MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*.safetensors",
+    "pytorch_model.bin",
+    "generation_config.json",
+)
+TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*(@[\w.\-/]+)?")
+
+
+def is_hub_id(path: str | os.PathLike) -> bool:
+    """Whether `path` reads as a hub id (`owner/name[@revision]`) rather than a local path."""
+    s = str(path)
+    return bool(_HUB_ID.fullmatch(s)) and not s.startswith((".", "/", "~"))
+
+
+def offline() -> bool:
+    """`HF_HUB_OFFLINE` as huggingface_hub reads it, at call time (not at import time)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cache_dir() -> pathlib.Path:
+    """The hub cache, read from the environment at call time (`HF_HUB_CACHE`, else
+    `$HF_HOME/hub`, else `~/.cache/huggingface/hub`): huggingface_hub fixes it at import time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return pathlib.Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join("~", ".cache", "huggingface")
+    return pathlib.Path(home).expanduser() / "hub"
+
+
+def resolve(path: str | os.PathLike, *, what: str = "model") -> pathlib.Path:
+    """A local folder for `path`: itself if it exists, else the hub snapshot of that id.
+
+    Args:
+      path: a local folder, or a hub id `owner/name` (optionally `@revision`).
+      what: "model" or "tokenizer": which files to fetch from the hub.
+
+    Returns:
+      The folder to load from (`path` unchanged when it is no hub id).
+
+    Raises:
+      FileNotFoundError: (offline / no network) the hub id is not in the cache; the message
+        says what to set.
+    """
+    local = pathlib.Path(path).expanduser()
+    if local.is_dir() or not is_hub_id(path):
+        return local  # a local path: the loader reports a missing folder in its own words
+    repo_id, _, revision = str(path).partition("@")
+    try:
+        import huggingface_hub
+    except ImportError as e:  # pragma: no cover - transformers depends on it
+        raise FileNotFoundError(
+            f"{what} {path!r} is a hub id; resolving it needs `pip install huggingface_hub`"
+        ) from e
+    patterns = list(MODEL_FILES if what == "model" else TOKENIZER_FILES)
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo_id,
+            revision=revision or None,
+            allow_patterns=patterns,
+            cache_dir=cache_dir(),
+            local_files_only=offline(),
+        )
+    except Exception as e:  # noqa: BLE001 -- offline/network/missing-repo errors vary by version
+        mode = (
+            "HF_HUB_OFFLINE=1 and it is not in the hub cache"
+            if offline()
+            else "it could not be downloaded"
+        )
+        cache = (
+            os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        )
+        raise FileNotFoundError(
+            f"{what} {path!r}: {mode} ({cache}); download it once online, or give a local "
+            f"folder ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+    return pathlib.Path(folder)

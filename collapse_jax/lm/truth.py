@@ -1,0 +1,465 @@
+"""Exact collapse metrics against a ground-truth language (`collapse_jax.lm.source`).
+
+Given the true conditionals p(. | x_<t) of a source and a model's conditionals q(. | x_<t) at the
+same contexts, every quantity here is computed exactly (summed over the vocabulary), not estimated
+from samples of the model:
+
+- `kl_to_truth`: KL(p || q) per context;
+- `tail_retention`: the model's mass on the true tail (the least probable `q` of the true
+  conditional mass) divided by `q`: 1 = tails intact, 0 = gone;
+- `data_true_nll`: per-token NLL of a data set under the truth (mean and per block), the
+  quantity of the paper's Fig. 1 histograms scored by the truth instead of the generation-0
+  model, next to the source's entropy rate;
+- `support_coverage`: the share of the true transitions (and of the vocabulary) that occur in a
+  data set, and the true stationary mass of those that do not (`lost_mass`);
+- `data_entropy` and `repetition_rate` of a data set.
+
+The array functions are jittable and work on arbitrary leading axes; the data-set functions take
+NumPy token blocks of the source's vocabulary (any other id counts as an impossible token).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from collapse_jax.lm.source import GroundTruthSource
+
+
+def _xlogy(p: jax.Array, y: jax.Array) -> jax.Array:
+    """p * y with 0 * (-inf) = 0 (terms of zero true probability contribute nothing)."""
+    return jnp.where(p > 0, p * jnp.where(p > 0, y, 0.0), 0.0)
+
+
+def kl_to_truth(p_true: jax.Array, log_q: jax.Array) -> jax.Array:
+    """KL(p_true || q) per context, summed exactly over the vocabulary.
+
+    Args:
+      p_true: [..., V] true conditionals.
+      log_q: [..., V] the model's log-probabilities of the same V tokens. A model with extra
+        tokens (a language model's pad/bos/eos) passes only the source tokens' columns of its
+        full log-softmax, not renormalised: mass it puts on other tokens is mass missing here, and
+        the result is still KL(p || q) over the model's full vocabulary (p is 0 off the source).
+    Returns:
+      [...] KL in nats (0 iff q = p on p's support).
+    """
+    log_p = jnp.log(jnp.where(p_true > 0, p_true, 1.0))
+    return jnp.sum(_xlogy(p_true, log_p - log_q), axis=-1)
+
+
+def tail_weights(p_true: jax.Array, q: float = 0.1) -> jax.Array:
+    """Membership of every token in the true tail of its context. [..., V] -> [..., V] in [0, 1].
+
+    Tokens are taken in increasing order of true probability (zero-probability tokens are not part
+    of the distribution and never belong to the tail) until their mass reaches q; the token that
+    crosses q belongs to the tail with the fraction that makes the tail's true mass exactly q
+    (or the whole distribution when q >= 1).
+    """
+    order = jnp.argsort(p_true, axis=-1)
+    p_sorted = jnp.take_along_axis(p_true, order, axis=-1)
+    before = jnp.cumsum(p_sorted, axis=-1) - p_sorted  # true mass of the lighter tokens
+    frac = jnp.clip((q - before) / jnp.where(p_sorted > 0, p_sorted, 1.0), 0.0, 1.0)
+    frac = jnp.where(p_sorted > 0, frac, 0.0)
+    inverse = jnp.argsort(order, axis=-1)
+    return jnp.take_along_axis(frac, inverse, axis=-1)
+
+
+def tail_retention(p_true: jax.Array, q_model: jax.Array, q: float = 0.1) -> jax.Array:
+    """The model's mass on the true tail of each context divided by the tail's true mass.
+
+    Args:
+      p_true: [..., V] true conditionals; q_model: [..., V] the model's probabilities of the same
+        tokens; q: the tail's true mass (default 10%).
+    Returns:
+      [...] retention: 1 when the model keeps the tail's mass, 0 when the tail is gone, > 1 when
+      the model over-weights it.
+    """
+    w = tail_weights(p_true, q)
+    true_mass = jnp.sum(w * p_true, axis=-1)  # = q up to rounding, min(q, 1) in general
+    return jnp.sum(w * q_model, axis=-1) / true_mass
+
+
+# ----------------------------------------------------------------------------------------------
+# Data-set metrics (NumPy in, plain floats and arrays out).
+
+
+def data_true_nll(source: GroundTruthSource, blocks: np.ndarray) -> dict[str, Any]:
+    """Per-token NLL of token blocks under the truth.
+
+    Every block is scored as a stand-alone window of the source (its first tokens under the
+    stationary distribution), as a language model trained on the block sees it. Tokens the truth
+    deems impossible (probability 0, or an id outside the vocabulary) have infinite NLL: they are
+    counted in `invalid_rate` and left out of the means, so `mean` is the NLL of the possible
+    tokens and must be read next to `invalid_rate`.
+
+    Args:
+      blocks: [N, T] int tokens of the source's vocabulary.
+    Returns:
+      {"mean": mean NLL over the valid tokens, "per_block": [N] the mean of each block (NaN for a
+      block without a valid token), "invalid_rate": share of impossible tokens}.
+    """
+    logp = np.asarray(source.log_prob(np.asarray(blocks, np.int32)), np.float64)  # [N, T]
+    scored = ~np.isnan(logp)  # undefined positions (Markov context with a foreign token) left out
+    valid = scored & np.isfinite(logp)
+    nll = np.where(valid, -logp, 0.0)
+    counts = valid.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_block = nll.sum(1) / counts
+    return {
+        "mean": float(nll.sum() / max(counts.sum(), 1)),
+        "per_block": per_block,
+        "invalid_rate": float((scored & ~valid).sum() / max(scored.sum(), 1)),
+    }
+
+
+def _ngram_codes(blocks: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
+    """Codes c * V + x of every (k-token context c, next token x) pair within blocks, with every
+    token in the vocabulary. [M] int64."""
+    blocks = np.asarray(blocks, np.int64)
+    n, t = blocks.shape
+    if t <= k:
+        return np.zeros(0, np.int64)
+    windows = np.stack([blocks[:, i : t - k + i] for i in range(k + 1)], axis=-1)  # [N, T-k, k+1]
+    windows = windows.reshape(-1, k + 1)
+    ok = np.all((windows >= 0) & (windows < vocab_size), axis=1)
+    windows = windows[ok]
+    return (windows * vocab_size ** np.arange(k, -1, -1)).sum(1)
+
+
+def support_coverage(source: GroundTruthSource, blocks: np.ndarray) -> dict[str, float]:
+    """Which of the source's true transitions and tokens occur in a data set.
+
+    Transitions are the source's `transitions()`: (k-token context, next token) pairs of positive
+    probability for a k-th order Markov chain, bigrams for the HMM. Mass is stationary mass: the
+    lost mass of a transition is pi(context) p(token | context), of a token its stationary
+    frequency.
+
+    Returns:
+      {"support_coverage": share of the true transitions that occur, "lost_mass": their
+      stationary mass that does not, "vocab_coverage", "vocab_lost_mass": the same for tokens}.
+    """
+    v = source.vocab_size
+    k, ctx, tok, mass = source.transitions()
+    seen = np.unique(_ngram_codes(blocks, k, v))
+    hit = np.isin(ctx * v + tok, seen)
+    tokens = np.asarray(blocks, np.int64).reshape(-1)
+    counts = np.bincount(tokens[(tokens >= 0) & (tokens < v)], minlength=v)
+    live = source.unigram > 0
+    present = counts > 0
+    return {
+        "support_coverage": float(hit.mean()),
+        "lost_mass": float(mass[~hit].sum()),
+        "vocab_coverage": float((present & live).sum() / live.sum()),
+        "vocab_lost_mass": float(source.unigram[~present].sum()),
+    }
+
+
+def data_entropy(blocks: np.ndarray, vocab_size: int) -> float:
+    """Entropy (nats) of the pooled token frequencies of a data set (foreign ids pooled as one)."""
+    tokens = np.asarray(blocks, np.int64).reshape(-1)
+    tokens = np.where((tokens >= 0) & (tokens < vocab_size), tokens, vocab_size)
+    f = np.bincount(tokens, minlength=vocab_size + 1) / max(tokens.size, 1)
+    f = f[f > 0]
+    return float(-(f * np.log(f)).sum())
+
+
+def repetition_rate(blocks: np.ndarray, n: int = 4) -> float:
+    """Share of n-grams that repeat an earlier n-gram of the same block (seq-rep-n, Welleck et
+    al. 2020): 1 - distinct / total, averaged over blocks."""
+    blocks = np.asarray(blocks, np.int64)
+    num, t = blocks.shape
+    if t < n:
+        return 0.0
+    grams = np.stack([blocks[:, i : t - n + 1 + i] for i in range(n)], axis=-1)  # [N, M, n]
+    reps = [1.0 - len(np.unique(g, axis=0)) / len(g) for g in grams]
+    return float(np.mean(reps))
+
+
+def data_metrics(source: GroundTruthSource, blocks: np.ndarray) -> dict[str, Any]:
+    """All data-set metrics of one generation's training data (source-vocabulary tokens)."""
+    nll = data_true_nll(source, blocks)
+    return {
+        "data_true_nll": nll["mean"],
+        "data_true_nll_per_block": nll["per_block"].astype(np.float32),
+        "data_invalid_rate": nll["invalid_rate"],
+        **support_coverage(source, blocks),
+        "data_entropy": data_entropy(blocks, source.vocab_size),
+        "data_repetition": repetition_rate(blocks),
+    }
+
+
+@jax.jit
+def per_context(p_true: jax.Array, log_q: jax.Array, q: float = 0.1) -> dict[str, jax.Array]:
+    """Model-vs-truth quantities of every context.
+
+    Args:
+      p_true: [..., V] true conditionals; log_q: [..., V] the model's log-probabilities of the
+        source tokens (see `kl_to_truth`); q: tail mass.
+    Returns:
+      {"kl": KL(p || q), "retention": tail retention, "cross": E_p[-log q] (the model's expected
+      NLL), "entropy": E_p[-log p]}, each [...]; cross - entropy = kl.
+    """
+    p_true = jnp.asarray(p_true, jnp.float32)
+    log_q = jnp.asarray(log_q, jnp.float32)
+    log_p = jnp.log(jnp.where(p_true > 0, p_true, 1.0))
+    return {
+        "kl": kl_to_truth(p_true, log_q),
+        "retention": tail_retention(p_true, jnp.exp(log_q), q),
+        "cross": -jnp.sum(_xlogy(p_true, log_q), axis=-1),
+        "entropy": -jnp.sum(_xlogy(p_true, log_p), axis=-1),
+    }
+
+
+def summarize_contexts(values: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, float]:
+    """Scalar metrics from `per_context` values over the contexts where `mask` holds.
+
+    Returns:
+      {"kl_to_truth": mean KL, "kl_to_truth_p90": its 90th percentile over contexts,
+      "tail_retention": mean retention, "tail_retention_p10/p50/p90": its quantiles over contexts,
+      "model_nll": mean E_p[-log q], "true_entropy": mean E_p[-log p] (their difference is
+      kl_to_truth)}.
+    """
+    mask = np.asarray(mask, bool)
+    v = {k: np.asarray(x, np.float64)[mask] for k, x in values.items()}
+    p10, p50, p90 = np.quantile(v["retention"], [0.1, 0.5, 0.9])
+    return {
+        "kl_to_truth": float(v["kl"].mean()),
+        "kl_to_truth_p90": float(np.quantile(v["kl"], 0.9)),
+        "tail_retention": float(v["retention"].mean()),
+        "tail_retention_p10": float(p10),
+        "tail_retention_p50": float(p50),
+        "tail_retention_p90": float(p90),
+        "model_nll": float(v["cross"].mean()),
+        "true_entropy": float(v["entropy"].mean()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# A causal language model against the truth (the experiment's per-generation evaluation).
+
+_FORWARD_CACHE: dict[Any, Any] = {}
+
+
+def model_log_probs(model: Any, ids: np.ndarray, vocab_size: int) -> jax.Array:
+    """The model's log-probabilities of the source tokens at every position.
+
+    Args:
+      model: an NNX causal LM callable as `model(input_ids)` -> logits [B, T, V_model].
+      ids: [B, T] model ids (source token x is id x + TOKEN_OFFSET).
+      vocab_size: V of the source.
+    Returns:
+      [B, T, V] float32: row t is log q(x_t = . | x_<t) over the source tokens, from the logits at
+      position t - 1 (row 0 is 0: a block's first token has no prediction and is never scored).
+      Not renormalised over the source tokens (see `kl_to_truth`).
+    """
+    from flax import nnx
+
+    from collapse_jax.lm.source import TOKEN_OFFSET
+
+    graphdef, state = nnx.split(model)
+    fn = _FORWARD_CACHE.get((graphdef, vocab_size))
+    if fn is None:
+
+        @jax.jit
+        def fn(state, ids):
+            logits = nnx.merge(graphdef, state)(ids).astype(jnp.float32)  # [B, T, V_model]
+            logq = jax.nn.log_softmax(logits, axis=-1)[..., TOKEN_OFFSET : TOKEN_OFFSET + vocab_size]
+            return jnp.concatenate([jnp.zeros_like(logq[:, :1]), logq[:, :-1]], axis=1)
+
+        _FORWARD_CACHE[(graphdef, vocab_size)] = fn
+    return fn(state, jnp.asarray(ids, jnp.int32))
+
+
+def evaluate_model(
+    model: Any, source: GroundTruthSource, ids: np.ndarray, *, batch_size: int, q: float = 0.1
+) -> dict[str, Any]:
+    """Exact model-vs-truth metrics over every context of held-out blocks (positions 1..T-1).
+
+    Args:
+      ids: [N, T] held-out real blocks in model ids.
+    Returns:
+      `summarize_contexts`' metrics plus "entropy_rate" (the source's; "_se" when estimated) and
+      "per_context_kl" / "per_context_retention" [N, T-1] arrays.
+    """
+    from collapse_jax.lm.source import to_source_ids
+
+    ids = np.asarray(ids, np.int32)
+    tokens = to_source_ids(ids, source.vocab_size)
+    parts: dict[str, list[np.ndarray]] = {}
+    for i in range(0, len(ids), batch_size):
+        rows = slice(i, i + batch_size)
+        log_q = model_log_probs(model, ids[rows], source.vocab_size)
+        values = per_context(source.next_token_probs(tokens[rows]), log_q, q)
+        for k, v in values.items():
+            parts.setdefault(k, []).append(np.asarray(v)[:, 1:])
+    values = {k: np.concatenate(v) for k, v in parts.items()}
+    out: dict[str, Any] = summarize_contexts(values, np.ones(values["kl"].shape, bool))
+    h, se = source.entropy_rate
+    out["entropy_rate"] = h
+    if se > 0:
+        out["entropy_rate_se"] = se
+    out["per_context_kl"] = values["kl"].astype(np.float32)
+    out["per_context_retention"] = values["retention"].astype(np.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures of a run on a ground-truth source.
+
+
+def figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model: Any,
+            eval_ids: np.ndarray, num_contexts: int = 4) -> list[Any]:  # fmt: skip
+    """The ground-truth figures of a finished (or partial) run.
+
+    - `truth_metrics.png`: kl_to_truth, tail_retention (10-90% of contexts shaded),
+      data_true_nll (5-95% of blocks shaded, entropy rate dashed), support coverage / lost
+      mass, entropy and repetition of the data, against generation;
+    - `truth_nll_histograms.png`: per-block true NLL of generations 0, 1, 2, 3, 5, 9's training
+      data on a shared axis, the entropy rate marked;
+    - `truth_ranked_conditionals.png`: true vs model conditional probabilities ranked by true
+      probability, for a few held-out contexts, at generation 0 and the last generation with
+      saved parameters (`load_model(g)` returns the model or None).
+    """
+    import pathlib
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = pathlib.Path(out_dir)
+    gens = run.finished_generations()
+    if not gens:
+        return []
+    files = []
+    h, _ = source.entropy_rate
+    series = {name: run.series(name) for name in (
+        "kl_to_truth", "tail_retention", "tail_retention_p10", "tail_retention_p90",
+        "data_true_nll", "support_coverage", "lost_mass", "data_entropy", "data_repetition",
+        "data_invalid_rate",
+    )}  # fmt: skip
+    g = run.series("generation")
+    per_block = {}
+    for gen in gens:
+        v = run.arrays(gen).get("trials/data_true_nll_per_block")
+        if v is not None:
+            per_block[gen] = v.reshape(-1)[np.isfinite(v.reshape(-1))]
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), dpi=100)
+    ax = axes[0, 0]
+    ax.plot(g, series["kl_to_truth"], "o-", color="C3")
+    ax.set_ylabel("nats")
+    ax.set_title("kl_to_truth (held-out contexts)")
+    ax = axes[0, 1]
+    ax.fill_between(g, series["tail_retention_p10"], series["tail_retention_p90"], color="C0",
+                    alpha=0.2, lw=0, label="10-90% of contexts")  # fmt: skip
+    ax.plot(g, series["tail_retention"], "o-", color="C0", label="mean")
+    ax.axhline(1.0, color="k", ls="--", lw=0.8, label="truth")
+    ax.set_title("tail_retention (least probable 10%)")
+    ax.legend(fontsize=7, frameon=False)
+    ax = axes[0, 2]
+    if per_block:
+        lo = [np.quantile(per_block[x], 0.05) if x in per_block else np.nan for x in g]
+        hi = [np.quantile(per_block[x], 0.95) if x in per_block else np.nan for x in g]
+        ax.fill_between(g, lo, hi, color="C2", alpha=0.2, lw=0, label="5-95% of blocks")
+    ax.plot(g, series["data_true_nll"], "o-", color="C2", label="mean (valid tokens)")
+    ax.axhline(h, color="k", ls="--", lw=0.8, label="entropy rate")
+    ax.set_title("data_true_nll of each generation's data")
+    ax.set_ylabel("nats / token")
+    ax.legend(fontsize=7, frameon=False)
+    ax = axes[1, 0]
+    ax.plot(g, series["support_coverage"], "o-", label="support_coverage")
+    ax.plot(g, series["lost_mass"], "s-", label="lost_mass")
+    ax.set_title("true transitions in the data")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, frameon=False)
+    ax = axes[1, 1]
+    ax.plot(g, series["data_entropy"], "o-", color="C4", label="unigram entropy of data")
+    ax.axhline(float(-(source.unigram[source.unigram > 0]
+                       * np.log(source.unigram[source.unigram > 0])).sum()),
+               color="C4", ls="--", lw=0.8, label="truth")  # fmt: skip
+    ax.set_title("data_entropy (nats)")
+    ax.legend(fontsize=7, frameon=False)
+    ax = axes[1, 2]
+    ax.plot(g, series["data_repetition"], "o-", color="C5", label="repeated 4-grams")
+    ax.plot(g, series["data_invalid_rate"], "s-", color="C7", label="impossible tokens")
+    ax.set_title("data_repetition, data_invalid_rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7, frameon=False)
+    for a in axes.flat:
+        a.set_xlabel("generation")
+    fig.suptitle(f"{run.path.name}: collapse against the ground truth "
+                 f"(entropy rate {h:.3f} nats/token)")  # fmt: skip
+    fig.tight_layout()
+    path = out_dir / "truth_metrics.png"
+    fig.savefig(path)
+    plt.close(fig)
+    files.append(path)
+
+    from collapse_jax.lm.figures import HISTOGRAM_GENERATIONS  # as the paper's Fig. 1
+
+    shown = [x for x in HISTOGRAM_GENERATIONS if x in per_block and len(per_block[x])]
+    if shown:
+        allv = np.concatenate([per_block[x] for x in shown])
+        bins = np.linspace(min(allv.min(), h) - 0.05, max(allv.max(), h) + 0.05, 50)
+        fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+        cmap = plt.get_cmap("viridis")
+        for i, x in enumerate(shown):
+            ax.hist(per_block[x], bins=bins, histtype="step", density=True, lw=1.4,
+                    color=cmap(i / max(1, len(shown) - 1)), label=f"gen {x}")  # fmt: skip
+        ax.axvline(h, color="k", ls="--", lw=0.9, label="entropy rate")
+        ax.set_xlabel("true NLL per token of a training block (nats)")
+        ax.set_ylabel("density")
+        ax.set_title("Training data scored by the truth")
+        ax.legend(fontsize=7, frameon=False)
+        fig.tight_layout()
+        path = out_dir / "truth_nll_histograms.png"
+        fig.savefig(path)
+        plt.close(fig)
+        files.append(path)
+
+    models = [(x, load_model(x)) for x in dict.fromkeys([gens[0], gens[-1]])]
+    models = [(x, m) for x, m in models if m is not None]
+    if models:
+        path = out_dir / "truth_ranked_conditionals.png"
+        _ranked_figure(source, models, eval_ids, num_contexts, path)
+        files.append(path)
+    return files
+
+
+def _ranked_figure(source, models, eval_ids, num_contexts, path) -> None:
+    import matplotlib.pyplot as plt
+
+    from collapse_jax.lm.source import to_source_ids
+
+    ids = np.asarray(eval_ids[:num_contexts], np.int32)
+    tokens = to_source_ids(ids, source.vocab_size)
+    t = ids.shape[1] // 2  # a context of half a block, the same for every panel
+    p = np.asarray(source.next_token_probs(tokens))[:, t]  # [C, V]
+    qs = [(g, np.exp(np.asarray(model_log_probs(m, ids, source.vocab_size)))[:, t]) for g, m in models]
+    fig, axes = plt.subplots(1, num_contexts, figsize=(3.3 * num_contexts, 3.4), dpi=100,
+                             squeeze=False)  # fmt: skip
+    for c, ax in enumerate(axes[0]):
+        order = np.argsort(-p[c])
+        live = int((p[c] > 0).sum())
+        r = np.arange(1, len(order) + 1)
+        ax.plot(r, p[c][order], "k-", lw=1.8, label="truth")
+        for i, (g, q) in enumerate(qs):
+            ax.plot(r, q[c][order], "o-" if i == 0 else "s-", ms=3, lw=1, color=f"C{i}",
+                    label=f"model gen {g}")  # fmt: skip
+        ax.axvline(live + 0.5, color="gray", lw=0.6, ls=":")
+        ax.set_yscale("log")
+        ax.set_ylim(1e-6, 1.2)
+        ax.set_xlabel("token rank by true probability")
+        ax.set_title(f"context {c}: ..{' '.join(map(str, tokens[c, max(0, t - 3) : t]))}",
+                     fontsize=9)  # fmt: skip
+        if c == 0:
+            ax.set_ylabel("p(next token | context)")
+            ax.legend(fontsize=7, frameon=False)
+    fig.suptitle("True vs model conditionals (dotted line: end of the true support)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
