@@ -79,6 +79,7 @@ def _cmd_run(args) -> int:
     if args.dry_run:
         print(config_lib.dump(cfg))
         print(f"# would run in {out}")
+        _print_plans(cfg)
         return 0
     experiments = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
     for exp in experiments:
@@ -98,6 +99,21 @@ def _cmd_sweep(args) -> int:
     s = sweep.run_sweep(path, args.axes, out, progress=not args.no_progress)
     print(f"sweep of {len(s.points)} points in {out}: {out / 'sweep.csv'}, {out / 'figures'}")
     return 0
+
+
+def _print_plans(cfg) -> None:
+    """`--dry-run`: each learner's own estimate of what the run will do (`learner.plan(cfg)`)."""
+    from collapse_jax import generation
+
+    experiments = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
+    for exp in experiments:
+        learner = generation.make_learner(exp)
+        plan = learner.plan(exp) if hasattr(learner, "plan") else None
+        if plan:
+            disk = plan.get("disk_bytes_estimate")
+            extra = f", ~{disk / 1e9:.2f} GB on disk" if disk is not None else ""
+            rest = {k: v for k, v in plan.items() if k != "disk_bytes_estimate"}
+            print(f"# plan {exp.name}: {rest}{extra}")
 
 
 def _cmd_show(args) -> int:

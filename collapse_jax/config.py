@@ -137,7 +137,9 @@ class GenerationConfig:
         pretrained model, as in the paper), "previous" (last generation's fit) or "scratch"
         (a fresh init with a new key).
       record_trials: per-chain metric values are kept for this many chains (arrays/*.npz).
-      keep_params: "all" keeps every generation's fitted parameters, "last" only the newest.
+      keep_params: "all" keeps every generation's fitted parameters in `params/`, "first_last"
+        generation 0's and the newest (what the figures need: the paper's histograms score every
+        generation's data under the generation-0 model), "last" only the newest (in `state/`).
       selection: keep the best-scored synthetic points (None: no selection).
     """
 
@@ -155,7 +157,7 @@ class GenerationConfig:
     block_size: int = 50
     init_from: Literal["base", "previous", "scratch"] = "base"
     record_trials: int = 256
-    keep_params: Literal["all", "last"] = "last"
+    keep_params: Literal["all", "first_last", "last"] = "last"
     selection: SelectionConfig | None = None
 
     def __post_init__(self):

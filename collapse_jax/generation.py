@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import pathlib
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -937,12 +938,13 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
             rundir.check_finite(g, per_chain, learner.infinite_metrics)  # before the commit
             row, arrays = _row_and_arrays(gcfg, g, real_size, per_chain)
             _commit_generation(run_dir, g, row, arrays)
-            if gcfg.keep_params == "all" and g == b - 1:
+            if gcfg.keep_params != "last" and g == b - 1:
                 # Only the block's last params exist on the host (use block_size: 1 for all).
                 pdir = run_dir / "params" / f"gen_{g:05d}"
                 tmp = records.fresh_dir(pdir.parent, pdir.name)
                 records.save_tree(tmp / "params.npz", carry.params)
                 records.replace_dir(tmp, pdir)
+                _prune_params(pdir.parent, gcfg, g)
 
         def write(tmp, carry=carry):
             records.save_tree(tmp / "carry.npz", carry)
@@ -1084,11 +1086,12 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
             wdir = _chain_dir(work, r)
             dst = _chain_dir(run_dir / "data", r) / f"gen_{g:05d}.npz"
             records.save_npz(dst, records.load_npz(wdir / "train.npz"))
-            if gcfg.keep_params == "all":
+            if gcfg.keep_params != "last":
                 pdir = _chain_dir(run_dir / "params", r) / f"gen_{g:05d}"
                 tmp = records.fresh_dir(pdir.parent, pdir.name)
                 shutil.copytree(wdir / "fitted", tmp, dirs_exist_ok=True)
                 records.replace_dir(tmp, pdir)
+                _prune_params(pdir.parent, gcfg, g)
         stacked = {k: np.stack([m[k] for m in per_chain]) for k in per_chain[0]}
         rundir.check_finite(g, stacked, learner.infinite_metrics)  # before the commit
         row, arrays = _row_and_arrays(gcfg, g, real_size, stacked)
@@ -1107,6 +1110,24 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
         done += 1
         if stop_after is not None and done >= stop_after:
             return
+
+
+def _prune_params(folder: pathlib.Path, gcfg, newest: int) -> None:
+    """`keep_params: first_last`: drop kept parameters other than the first kept generation's
+    (generation 0; for jittable learners, whose parameters reach the host only at the end of a
+    block, the first block's last) and the newest. Runs after the newest is committed, so a kill
+    in between leaves one folder too many, never one too few."""
+    if gcfg.keep_params != "first_last":
+        return
+    kept = []
+    for p in folder.glob("gen_*"):
+        m = re.fullmatch(r"gen_(\d+)", p.name)
+        if m:
+            kept.append((int(m.group(1)), p))
+    kept.sort()
+    for g, p in kept[1:]:
+        if g != newest:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _data_arrays(data: Any) -> dict[str, np.ndarray]:

@@ -233,6 +233,17 @@ def _committed_files(run_dir: pathlib.Path, generations: range | None) -> Iterat
                     yield rel
 
 
+def pruned_by_policy(rel: str, config: Mapping) -> bool:
+    """Whether a committed file may be deleted on purpose later: `keep_params: first_last`
+    removes the parameters of older generations once a newer one is committed."""
+    gen = config.get("generation") if isinstance(config, Mapping) else None
+    return (
+        isinstance(gen, Mapping)
+        and gen.get("keep_params") == "first_last"
+        and (rel.startswith("params/"))
+    )
+
+
 def read_manifest(run_dir: pathlib.Path) -> dict[str, Any] | None:
     path = run_dir / "state" / MANIFEST
     if not path.exists():
@@ -259,7 +270,9 @@ def write_manifest(
         files = {
             k: v
             for k, v in old["files"].items()
-            if not k.startswith("state/") and (generation_of(k) or 0) < before
+            if not k.startswith("state/")
+            and (generation_of(k) or 0) < before
+            and not (pruned_by_policy(k, config) and not (run_dir / k).exists())
         }
     new_gens = range(before, next_generation)
     for rel in _committed_files(run_dir, new_gens):
@@ -303,7 +316,8 @@ def verify(run_dir: pathlib.Path, manifest: Mapping[str, Any] | None = None) -> 
     for rel, want in manifest["files"].items():
         p = run_dir / rel
         if not p.is_file():
-            problems.append(f"{rel} is missing")
+            if not pruned_by_policy(rel, manifest["config"]):
+                problems.append(f"{rel} is missing")
         elif p.stat().st_size != want["size"]:
             problems.append(
                 f"{rel} has changed (size {p.stat().st_size}, committed {want['size']})"

@@ -322,7 +322,7 @@ class WikiTextConfig:
             eval=evals,
             vocab_size=len(tokenizer),
             special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
-            decode=lambda ids: tokenizer.decode(list(map(int, ids))),
+            decode=lambda ids: tokenizer.decode(list(map(int, ids)), skip_special_tokens=True),
         )
 
 

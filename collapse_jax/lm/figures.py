@@ -95,6 +95,7 @@ def _perplexity_figure(run: records.Run, gens: list[int], path: pathlib.Path) ->
     uni = _trials(run, gens, "unigram_ppl")
     if uni is not None:
         ax.axhline(float(uni[0, 0]), color="gray", ls="--", lw=1, label="unigram baseline")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("generation")
     ax.set_ylabel("test perplexity")
     ax.set_title(f"Test perplexity by generation ({run.config.name})", fontsize=9)
@@ -160,48 +161,48 @@ def _histograms_3d(series: list[tuple[int, np.ndarray]], xlabel: str, path, num_
     plt.close(fig)
 
 
-def _data_runs(run: records.Run, g: int) -> list[np.ndarray]:
-    """Generation g's training blocks, one array per run ([N, T] each)."""
-    path = run.data_path(g)
-    if not path.is_file():
-        return []
-    data = np.asarray(records.load_npz(path)["data"])
-    return list(data) if data.ndim == 3 else [data]
+def _chain(folder: pathlib.Path, r: int) -> pathlib.Path:
+    """Run (chain) r's folder: the loop keeps run 0 at the top, run r > 0 in `chain_<r>/`."""
+    return folder if r == 0 else folder / f"chain_{r:05d}"
+
+
+def _num_runs(run: records.Run) -> int:
+    return 1 + len(list((run.path / "data").glob("chain_*")))
 
 
 def train_perplexity_under_gen0(learner: Any, run: records.Run) -> list[tuple[int, np.ndarray]]:
-    """[(g, per-block perplexity of generation g's training data under model 0)], all runs
-    pooled; needs generation 0's parameters (`keep_params: all` or `first_last`)."""
+    """[(g, per-block perplexity of generation g's training data under the generation-0 model)],
+    every run scored by its own generation-0 model and pooled; needs generation 0's parameters
+    (`keep_params: all` or `first_last`)."""
     from collapse_jax.lm import evaluate
 
-    p0 = run.params_dir(0)
-    if not (p0 / "config.json").is_file():
-        return []
-    model0, out = None, []
+    out = []
     for g in run.finished_generations():
         cache = run.path / "analysis" / f"train_ppl_under_gen0_{g:05d}.npz"
         if cache.is_file():
             out.append((g, records.load_npz(cache)["ppl"]))
             continue
-        runs = _data_runs(run, g)
-        if not runs:
-            continue
-        if model0 is None:
+        pieces = []
+        for r in range(_num_runs(run)):
+            p0 = _chain(run.path / "params", r) / "gen_00000"
+            data = _chain(run.path / "data", r) / f"gen_{g:05d}.npz"
+            if not ((p0 / "config.json").is_file() and data.is_file()):
+                continue
             model0 = learner.load_params(p0, None).model
-            to_model = _vocab_map(p0)
-        ppl = np.concatenate(
-            [
+            blocks = _vocab_map(p0)(records.load_npz(data)["data"])
+            pieces.append(
                 evaluate.perplexity(
                     model0,
-                    to_model(blocks),
+                    blocks,
                     batch_size=learner.config.eval_batch_size,
                     per_sequence=True,
                     compute_dtype=learner.config.train.compute_dtype,
                     pad_token_id=model0.config.pad_token_id,
                 )
-                for blocks in runs
-            ]
-        )
+            )
+        if not pieces:
+            continue
+        ppl = np.concatenate(pieces)
         records.save_npz(cache, {"ppl": ppl})
         out.append((g, ppl))
     return out

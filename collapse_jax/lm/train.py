@@ -37,7 +37,6 @@ from jax.sharding import Mesh, NamedSharding
 
 from collapse_jax import sharding
 from collapse_jax.lm import data as data_lib
-from collapse_jax.lm.tokenizer import check_token_ids
 
 # The pieces live in their own modules; these names stay importable from `lm.train`.
 from collapse_jax.lm.evaluate import Evaluator, perplexity  # noqa: F401
@@ -68,6 +67,7 @@ from collapse_jax.lm.steps import (  # noqa: F401
     token_nll,
     train_step,
 )
+from collapse_jax.lm.tokenizer import check_token_ids
 
 
 class NonFiniteLossError(FloatingPointError):

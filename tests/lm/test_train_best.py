@@ -19,7 +19,7 @@ def _mesh():
 
 def _reverse_blocks(n: int = 8) -> np.ndarray:
     """Validation blocks whose next token is the previous one minus 1: the opposite of what the
-    training blocks (mostly +1 steps) teach, so every epoch makes validation worse."""
+    training blocks (mostly +1 steps) teach, so validation soon gets worse with training."""
     fwd = tiny_blocks(n, seed=3)
     return (fwd[:, :1] - (fwd - fwd[:, :1])) % TINY["vocab_size"]
 
@@ -41,10 +41,13 @@ def runs(tmp_path_factory):
 def test_a_later_worse_epoch_is_not_kept(runs):
     _, _, valid, _, _, (best, h), (last, h_last) = runs
     vl = h["valid_loss"]
-    assert len(vl) == 3 and vl[0] < vl[-1]  # the premise: validation gets worse
-    assert h["selected_epoch"] == [int(np.argmin(vl)) + 1] == [1]
+    best_i = int(np.argmin(vl))
+    assert (
+        len(vl) == 3 and best_i < 2 and vl[-1] > vl[best_i]
+    )  # the premise: a later epoch is worse
+    assert h["selected_epoch"] == [best_i + 1]
     # The returned model is the selected epoch's, not the last one.
-    assert _valid_ppl(best, valid) == pytest.approx(math.exp(vl[0]), rel=1e-5)
+    assert _valid_ppl(best, valid) == pytest.approx(math.exp(vl[best_i]), rel=1e-5)
     assert h_last["selected_epoch"] == [3]
     assert _valid_ppl(last, valid) == pytest.approx(math.exp(vl[-1]), rel=1e-5)
     assert h_last["valid_loss"] == pytest.approx(vl, rel=1e-6)
@@ -54,5 +57,5 @@ def test_resume_after_the_best_epoch_restores_it(runs):
     model, blocks, valid, kw, ckdir, (best, h), _ = runs
     # Run again on the finished checkpoint folder: nothing to train, the best epoch is read back.
     again, h2 = train.finetune(model, blocks, keep_best=True, checkpoint_dir=ckdir, **kw)
-    assert h2["selected_epoch"] == [1]
+    assert h2["selected_epoch"] == h["selected_epoch"]
     assert _valid_ppl(again, valid) == pytest.approx(_valid_ppl(best, valid), rel=1e-6)
