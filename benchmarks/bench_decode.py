@@ -6,12 +6,17 @@ both frameworks, converted in memory). Both run in this process on the same CPU,
 interleaved so that contention from other processes hits both alike. The JAX compile time is
 reported separately (first call minus a steady call). Also checks that the tokens agree.
 
+`--old` also times the decoder as it was before issue 9 (`OldOPTBeamDecoder` below, a frozen
+copy that re-implemented the OPT forward step by step; it lives only in this file) through the
+same search loop, interleaved with the others: ratio_to_old > 1 means today's decoder (the
+model's own forward with `lm.cache.PromptSharingCache`) is faster.
+
 Writes one JSON object per measurement to `benchmarks/results/decode-<device>.json`:
 name, device, config, compile_s, median_ms (one `generate` call on the batch), throughput (new
 tokens/s), ratio (JAX throughput / transformers throughput).
 
 Usage: python benchmarks/bench_decode.py [--batch 4] [--repeats 2] [--layers 12] [--new 64]
-       [--torch-threads N] [--out PATH]
+       [--torch-threads N] [--old] [--no-hf] [--out PATH]
 """
 
 from __future__ import annotations
@@ -22,17 +27,212 @@ import os
 import pathlib
 import statistics
 import time
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from collapse_jax.lm import convert, decode  # noqa: E402
+from collapse_jax.lm import decode, opt, search  # noqa: E402
 from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM  # noqa: E402
+
+Array = jax.Array
+
+
+# The decoder before issue 9, verbatim but for the names of the modules it reaches into. Kept only
+# here, to measure that the refactor (one OPT forward, the cache as an object) did not cost speed.
+class OldOPTBeamDecoder:
+    """Decoding steps of the Flax OPT with a beam-aware KV cache (no cache reordering).
+
+    The generic `SlotCacheDecoder` keeps one cache row per beam holding prompt + generated
+    tokens and gathers the whole cache every step when beams are reordered, then attends over
+    all of it: three passes over [L, B*K, P+L, D] per step. Here, since the K rows of a prompt
+    share its prompt, the prompt's keys/values are stored once per prompt ([L, B, P, N, H], from
+    the model's own cached forward), and generated keys/values go to a separate
+    [L, B*K, L_new, N, H] buffer where row r's token i is written at (r, i) and never moved.
+    A small ancestry table `src [R, L_new]` says which buffer row holds token j of beam r;
+    reordering beams gathers only that table, and attention reads each generated key through it.
+    Per step the cache traffic drops from 3 (B*K)(P+L) to B*P + B*K*L rows of keys and values.
+
+    The layer arithmetic is the model's own modules (`q_proj`, LayerNorms, `fc1`, ... and the
+    pre/post-LayerNorm switch of `OPTDecoderLayer`); only the attention over the split cache is
+    spelled out (HF numerics: q scaled before the dot product, fp32 softmax, masked logits at the
+    dtype's minimum). Parity with transformers is tested through `generate`.
+    """
+
+    def __init__(self, model: Any, *, reorders: bool = True):
+        """`reorders=False` (greedy/sampling: rows never change places) attends row-locally;
+        with beams the ancestry one-hot costs n^2 per prompt, fine for beam counts."""
+        self.model = model
+        self.reorders = reorders
+
+    def prefill(self, input_ids: Array, attention_mask: Array, n: int, max_new_tokens: int):
+        model = self.model
+        b, p = input_ids.shape
+        mask = attention_mask.astype(jnp.int32)
+        cache = model.init_cache(b, p)
+        if p > 1:  # see SlotCacheDecoder.prefill: the unused logits are dead code
+            _, cache = model(input_ids[:, : p - 1], attention_mask=mask, cache=cache)
+        logits, cache = model(input_ids[:, p - 1 :], attention_mask=mask, cache=cache)
+        r = b * n
+        layers, _, _, heads, head_dim = cache.key.shape
+        gen_shape = (layers, r, max_new_tokens, heads, head_dim)
+        state = dict(
+            prompt_k=cache.key,  # [L, B, P, N, H]
+            prompt_v=cache.value,
+            prompt_mask=attention_mask != 0,  # [B, P]
+            # HF positions: cumsum(mask) * mask - 1, so new token i sits at n_valid + i.
+            n_valid=jnp.sum(mask, axis=1).astype(jnp.int32),  # [B]
+            gen_k=jnp.zeros(gen_shape, cache.key.dtype),  # [L, R, L_new, N, H]
+            gen_v=jnp.zeros(gen_shape, cache.value.dtype),
+            src=jnp.zeros((r, max_new_tokens), jnp.int32),  # [R, L_new]
+        )
+        rows = jnp.repeat(jnp.arange(b), n)
+        return logits[:, -1, :].astype(jnp.float32)[rows], state
+
+    def reorder(self, state, rows: Array):
+        return {**state, "src": state["src"][rows]}
+
+    def step(self, state, tokens: Array, i: Array):
+        model = self.model
+        decoder = model.model.decoder
+        b, p = state["prompt_mask"].shape
+        r, big_l = state["src"].shape
+        n = r // b
+        src = jax.lax.dynamic_update_slice_in_dim(
+            state["src"], jnp.arange(r, dtype=jnp.int32)[:, None], i, axis=1
+        )
+        positions = jnp.repeat(state["n_valid"], n)[:, None] + i  # [R, 1]
+
+        x = decoder.embed_tokens(tokens[:, None])  # [R, 1, E]
+        if decoder.project_in is not None:
+            x = decoder.project_in(x)  # [R, 1, D]
+        x = x + decoder.embed_positions(positions + opt.POSITION_OFFSET)
+        gen_k, gen_v = state["gen_k"], state["gen_v"]
+        for layer_idx, layer in enumerate(decoder.layers):
+            residual = x
+            if layer.pre_ln:
+                x = layer.self_attn_layer_norm(x)
+            attn = layer.self_attn
+            q = attn.q_proj(x) * jnp.asarray(attn.scaling, x.dtype)  # [R, 1, N, H]
+            k, v = attn.k_proj(x), attn.v_proj(x)  # [R, 1, N, H]
+            start = (layer_idx, 0, i, 0, 0)
+            gen_k = jax.lax.dynamic_update_slice(gen_k, k[None].astype(gen_k.dtype), start)
+            gen_v = jax.lax.dynamic_update_slice(gen_v, v[None].astype(gen_v.dtype), start)
+            x = attn.out_proj(
+                self._attend(
+                    q[:, 0],
+                    state["prompt_k"][layer_idx],
+                    state["prompt_v"][layer_idx],
+                    gen_k[layer_idx],
+                    gen_v[layer_idx],
+                    state["prompt_mask"],
+                    src if self.reorders else None,
+                    i,
+                )[:, None]
+            )  # [R, 1, D]
+            x = residual + x
+            if not layer.pre_ln:
+                x = layer.self_attn_layer_norm(x)
+            residual = x
+            if layer.pre_ln:
+                x = layer.final_layer_norm(x)
+            x = layer.fc2(opt._ACTIVATIONS[layer.activation](layer.fc1(x)))
+            x = residual + x
+            if not layer.pre_ln:
+                x = layer.final_layer_norm(x)
+        if decoder.final_layer_norm is not None:
+            x = decoder.final_layer_norm(x)
+        if decoder.project_out is not None:
+            x = decoder.project_out(x)  # [R, 1, E]
+        if model.lm_head is None:
+            table = decoder.embed_tokens.embedding[...].astype(model.dtype)  # [V, E]
+            logits = jnp.einsum("bte,ve->btv", x, table, preferred_element_type=jnp.float32)
+        else:
+            kernel = model.lm_head.kernel[...].astype(model.dtype)  # [E, V]
+            logits = jnp.einsum("bte,ev->btv", x, kernel, preferred_element_type=jnp.float32)
+        state = {**state, "gen_k": gen_k, "gen_v": gen_v, "src": src}
+        return logits[:, -1, :].astype(jnp.float32), state
+
+    @staticmethod
+    def _attend(q, prompt_k, prompt_v, gen_k, gen_v, prompt_mask, src, i):
+        """One query per row over its prompt (shared by the prompt's rows) and its own history.
+
+        Args:
+          q: [R, N, H] queries, R = B * n rows (n per prompt).
+          prompt_k, prompt_v: [B, P, N, H].
+          gen_k, gen_v: [R, L_new, N, H] generated keys/values by buffer row.
+          prompt_mask: [B, P] bool.
+          src: [R, L_new] buffer row holding each row's token j (rows of the same prompt), or
+            None when every row's history is its own buffer row (no beam reordering).
+          i: the current step (slots j <= i are valid).
+
+        Returns:
+          [R, N, H].
+        """
+        b, p = prompt_k.shape[:2]
+        r, heads, head_dim = q.shape
+        n, big_l = r // b, gen_k.shape[1]
+        qb = q.reshape(b, n, heads, head_dim)  # [B, n, N, H]
+        s_prompt = jnp.einsum("bknh,bpnh->bknp", qb, prompt_k, preferred_element_type=jnp.float32)
+        # Row k's token j lives in buffer row src[k, j] of its prompt's n rows: score against all
+        # n candidates (n times the few FLOPs) and keep the right one with a one-hot, instead of
+        # gathering a [R, L_new, N, H] copy of the keys every layer and step.
+        gk = gen_k.reshape(b, n, big_l, heads, head_dim)  # [B, m, L_new, N, H]
+        gv = gen_v.reshape(b, n, big_l, heads, head_dim)
+        if src is None:
+            s_gen = jnp.einsum("bknh,bkjnh->bknj", qb, gk, preferred_element_type=jnp.float32)
+        else:
+            s_all = jnp.einsum("bknh,bmjnh->bknmj", qb, gk, preferred_element_type=jnp.float32)
+            local = (src - (jnp.arange(r) // n * n)[:, None]).reshape(b, n, big_l)  # [B, n, L]
+            onehot = local[:, :, None, :] == jnp.arange(n)[None, None, :, None]  # [B, n, m, L]
+            s_gen = jnp.sum(jnp.where(onehot[:, :, None], s_all, 0.0), axis=3)  # [B, n, N, L]
+        low = jnp.finfo(jnp.float32).min
+        valid = (jnp.arange(big_l) <= i)[None, None, None, :]
+        scores = jnp.concatenate(
+            [
+                jnp.where(prompt_mask[:, None, None, :], s_prompt, low),
+                jnp.where(valid, s_gen, low),
+            ],
+            axis=-1,
+        )  # [B, n, N, P + L_new]
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out_prompt = jnp.einsum("bknp,bpnh->bknh", probs[..., :p], prompt_v)
+        if src is None:
+            out_gen = jnp.einsum("bknj,bkjnh->bknh", probs[..., p:], gv)
+        else:
+            weights = jnp.where(onehot[:, :, None], probs[..., None, p:], 0.0)  # [B,n,N,m,L]
+            out_gen = jnp.einsum("bknmj,bmjnh->bknh", weights, gv)
+        return (out_prompt + out_gen).reshape(r, heads, head_dim)
+
+
+def old_generate(model, ids, **kw):
+    """`decode.generate(model, ids, **kw)` (full prompts) through `OldOPTBeamDecoder`."""
+    settings = decode.resolve_settings(model, **kw)
+    graphdef, state = nnx.split(model)
+    fn = _old_program(graphdef, settings)
+    out = fn(state, jnp.asarray(ids, jnp.int32), jnp.ones(ids.shape, jnp.int32))
+    return decode.assemble(ids, out, settings)
+
+
+_OLD_PROGRAMS = {}
+
+
+def _old_program(graphdef, settings):
+    if (graphdef, settings) not in _OLD_PROGRAMS:
+
+        def run(state, input_ids, attention_mask):
+            model = nnx.merge(graphdef, state)
+            dec = OldOPTBeamDecoder(model, reorders=settings.num_beams > 1)
+            return search.search_with(dec, input_ids, attention_mask, settings)
+
+        _OLD_PROGRAMS[(graphdef, settings)] = jax.jit(run)
+    return _OLD_PROGRAMS[(graphdef, settings)]
 
 
 def _timed(fn):
@@ -54,6 +254,10 @@ def main() -> None:
         default=0,
         help="torch intra-op threads (0 = torch's default); 1 is faster on an oversubscribed CPU",
     )
+    parser.add_argument(
+        "--old", action="store_true", help="also time the pre-issue-9 decoder (frozen copy)"
+    )
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers (JAX only)")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     if args.torch_threads:
@@ -66,7 +270,7 @@ def main() -> None:
     hf = transformers.OPTForCausalLM(transformers.OPTConfig(**cfg.to_hf_dict())).eval()
     tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: OPTForCausalLM(cfg, rngs=nnx.Rngs(0))))
-    model = nnx.merge(graphdef, convert.state_from_hf(cfg, tensors))
+    model = nnx.merge(graphdef, opt.state_from_hf(cfg, tensors))
 
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.vocab_size, size=(args.batch, 64)).astype(np.int32)
@@ -83,56 +287,56 @@ def main() -> None:
         with torch.no_grad():
             return hf.generate(ids_t, attention_mask=torch.ones_like(ids_t), **kw).numpy()
 
-    def run_jax():
-        return decode.generate(model, ids, **kw)
-
-    first, got = _timed(run_jax)
-    jax_times, hf_times = [], []
-    for _ in range(args.repeats):
-        t, ref = _timed(run_hf)
-        hf_times.append(t)
-        t, got = _timed(run_jax)
-        jax_times.append(t)
+    runners = {"collapse_jax": lambda: decode.generate(model, ids, **kw)}
+    if args.old:
+        runners["collapse_jax_old"] = lambda: old_generate(model, ids, **kw)
+    if not args.no_hf:
+        runners["transformers"] = run_hf
+    first = {name: _timed(fn)[0] for name, fn in runners.items() if name != "transformers"}
+    times = {name: [] for name in runners}
+    outs = {}
+    for _ in range(args.repeats):  # interleaved: contention hits every contender alike
+        for name, fn in runners.items():
+            t, outs[name] = _timed(fn)
+            times[name].append(t)
     new_tokens = args.batch * args.new
-    match = float(np.mean(np.all(got == ref, axis=1)))
+    got = outs["collapse_jax"]
     device = jax.devices()[0].platform
     config = dict(
         model=f"opt-125m-shaped ({args.layers} layers), random weights, fp32",
         batch=args.batch,
         prompt_length=64,
         threads_torch=torch.get_num_threads(),
-        identical_sequences=match,
+        load_average_1min=os.getloadavg()[0],
+        cpu_count=os.cpu_count(),
         **kw,
     )
-    hf_med, jax_med = statistics.median(hf_times), statistics.median(jax_times)
-    results = [
-        dict(
-            name="decode_beam_transformers",
-            device="cpu",
+    for name, out in outs.items():
+        if name != "collapse_jax":
+            config[f"identical_sequences_{name}"] = float(np.mean(np.all(got == out, axis=1)))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    base_name = "transformers" if "transformers" in med else "collapse_jax"
+    results = []
+    for name in runners:
+        r = dict(
+            name=f"decode_beam_{name}",
+            device="cpu" if name == "transformers" else device,
             config=config,
-            compile_s=0.0,
-            median_ms=1e3 * hf_med,
-            throughput=new_tokens / hf_med,
-            ratio=1.0,
-        ),
-        dict(
-            name="decode_beam_collapse_jax",
-            device=device,
-            config=config,
-            compile_s=max(first - jax_med, 0.0),
-            median_ms=1e3 * jax_med,
-            throughput=new_tokens / jax_med,
-            ratio=hf_med / jax_med,
-        ),
-    ]
+            compile_s=max(first[name] - med[name], 0.0) if name in first else 0.0,
+            median_ms=1e3 * med[name],
+            throughput=new_tokens / med[name],
+            ratio=med[base_name] / med[name],
+        )
+        if "collapse_jax_old" in med:
+            r["ratio_to_old"] = med["collapse_jax_old"] / med[name]
+        results.append(r)
     out = args.out or pathlib.Path(__file__).parent / "results" / f"decode-{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
+    keys = ("name", "compile_s", "median_ms", "throughput", "ratio", "ratio_to_old")
     for r in results:
-        print(
-            json.dumps({k: r[k] for k in ("name", "compile_s", "median_ms", "throughput", "ratio")})
-        )
-    print(f"identical sequences: {match:.2f}; written to {out}")
+        print(json.dumps({k: r[k] for k in keys if k in r}))
+    print({k: v for k, v in config.items() if k.startswith("identical")}, f"written to {out}")
 
 
 if __name__ == "__main__":

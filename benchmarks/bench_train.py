@@ -1,6 +1,6 @@
 """Training throughput and MFU of collapse-jax's train step vs a transformers PyTorch step.
 
-Both sides train the same OPT (same random weights, converted with `collapse_jax.lm.convert`) on
+Both sides train the same OPT (same random weights, converted with `lm.opt.state_from_hf`) on
 the same batch of token blocks with AdamW (lr 2e-5, weight decay 0.01, the paper's settings),
 dropout 0.1 in training mode, fp32, in one process on whatever CPU (or accelerator, for JAX) is
 present. The JAX side is exactly what `finetune` runs (`train.prepare_training`: jitted step with
@@ -42,9 +42,9 @@ import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from collapse_jax import sharding  # noqa: E402
-from collapse_jax.lm import convert, train  # noqa: E402
 from collapse_jax.lm import data as data_lib  # noqa: E402
-from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM  # noqa: E402
+from collapse_jax.lm import train  # noqa: E402
+from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM, state_from_hf  # noqa: E402
 
 
 def measured_peak_flops() -> float:
@@ -83,7 +83,7 @@ def main() -> None:
     hf.train()
     tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: OPTForCausalLM(cfg, rngs=nnx.Rngs(0))))
-    model = nnx.merge(graphdef, convert.state_from_hf(cfg, tensors))
+    model = nnx.merge(graphdef, state_from_hf(cfg, tensors))
 
     params = nnx.state(model, nnx.Param)
     n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

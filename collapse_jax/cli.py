@@ -3,26 +3,32 @@
 ```
 collapse-jax run CONFIG.yaml [a.b=value ...] [--out DIR] [--dry-run]   run or resume an experiment
 collapse-jax quickstart [--out DIR]                                    the theory experiments, fast
+collapse-jax sweep CONFIG.yaml a.b=v1,v2 [c.d=w1,w2 ...] [--out DIR]   a grid in one directory
 collapse-jax show-config CONFIG.yaml [a.b=value ...]                   print the resolved config
 collapse-jax plot RUN_DIR                                              redraw a run's figures
 ```
 
 Scientific settings come only from the config file and its overrides; flags are operational.
-Running the same command again on the same `--out` resumes at the first unfinished generation.
-Exit codes: 0 success, 1 runtime failure, 2 config or usage error.
+Running the same command again on the same `--out` resumes at the first unfinished generation
+(also after Ctrl-C). Exit codes: 0 success, 1 runtime failure (data, run directory, disk,
+permission, interrupt), 2 config or usage error. Expected failures print one line naming the file
+or config key; `--debug` shows the traceback as well.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import logging
 import os
 import pathlib
 import sys
+import traceback
 from collections.abc import Sequence
 
 from collapse_jax import config as config_lib
+from collapse_jax import rundir
 
 log = logging.getLogger("collapse_jax")
 
@@ -37,24 +43,32 @@ def _resolve_config_path(name: str) -> pathlib.Path:
     for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
         if cand.is_file():
             return cand
-    raise FileNotFoundError(f"config file not found: {name}")
+    raise config_lib.ConfigFileNotFound(f"config file not found: {name}")
 
 
 def _default_out(cfg) -> pathlib.Path:
-    digest = hashlib.sha256(config_lib.dump(cfg).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(config_lib.dump(cfg, expand=False).encode()).hexdigest()[:8]
     return pathlib.Path("runs") / f"{cfg.name}-{digest}"
 
 
-def _run_experiment(exp: config_lib.ExperimentConfig, run_dir: pathlib.Path, progress: bool):
+def _run_experiment(
+    exp: config_lib.ExperimentConfig, run_dir: pathlib.Path, progress: bool, repair: bool = False
+):
     from collapse_jax import generation, plots, records
 
-    learner = generation.make_learner(exp)
-    log.info("%s: running in %s", exp.name, run_dir)
-    result = generation.run_generations(exp, run_dir, learner=learner, progress=progress)
-    run = records.Run(run_dir)
-    files = plots.make_figures(run, learner)
-    table = plots.summary_table(result.rows)
-    records.atomic_write_text(run_dir / "summary.txt", table + "\n")
+    learner = generation.make_learner(exp)  # validates the inputs before the run dir is touched
+    # The lock covers the whole run, figures and summary included (the loop re-enters it).
+    with rundir.RunLock(run_dir):
+        if repair:
+            restart = rundir.repair(run_dir)
+            if restart is not None:
+                print(f"{run_dir}: repaired; resuming at generation {restart}", file=sys.stderr)
+        log.info("%s: running in %s", exp.name, run_dir)
+        result = generation.run_generations(exp, run_dir, learner=learner, progress=progress)
+        run = records.Run(run_dir)
+        files = plots.make_figures(run, learner)
+        table = plots.summary_table(result.rows)
+        records.atomic_write_text(run_dir / "summary.txt", table + "\n")
     print(f"\n== {exp.name} ({run_dir})\n{table}")
     print(f"metrics: {run_dir / 'metrics.json'}  figures: {len(files)} in {run_dir / 'figures'}")
 
@@ -69,7 +83,20 @@ def _cmd_run(args) -> int:
     experiments = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
     for exp in experiments:
         run_dir = out / exp.name if isinstance(cfg, config_lib.SuiteConfig) else out
-        _run_experiment(exp, run_dir, progress=not args.no_progress)
+        _run_experiment(exp, run_dir, progress=not args.no_progress, repair=args.repair)
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from collapse_jax import sweep
+
+    path = _resolve_config_path(args.config)
+    digest = hashlib.sha256(" ".join([path.read_text(), *args.axes]).encode()).hexdigest()[:8]
+    out = (
+        pathlib.Path(args.out) if args.out else pathlib.Path("runs") / f"sweep-{path.stem}-{digest}"
+    )
+    s = sweep.run_sweep(path, args.axes, out, progress=not args.no_progress)
+    print(f"sweep of {len(s.points)} points in {out}: {out / 'sweep.csv'}, {out / 'figures'}")
     return 0
 
 
@@ -83,37 +110,73 @@ def _cmd_plot(args) -> int:
     from collapse_jax import generation, plots, records
 
     run = records.Run(args.run_dir)
+    # Plotting never needs the lock (committed files are never rewritten), so a running
+    # experiment can be plotted; but it must not plot damaged files.
+    problems = rundir.verify(run.path)
+    if problems:
+        raise rundir.RunDirDamaged(
+            rundir.damage_message(
+                run.path, problems, "Resume the run with --repair to recompute it."
+            )
+        )
     files = plots.make_figures(run, generation.make_learner(run.config))
     print("\n".join(str(f) for f in files))
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Options every command takes, before or after its name (SUPPRESS keeps the top level's).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
     p = argparse.ArgumentParser(prog="collapse-jax", description=__doc__.split("\n\n")[0])
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of any failure")
     sub = p.add_subparsers(dest="command", required=True)
+    # A new subcommand: sub.add_parser(name, parents=[common], ...) and set_defaults(fn=...);
+    # main() gives every command the same error handling.
 
-    r = sub.add_parser("run", help="run or resume an experiment described by a config")
+    r = sub.add_parser(
+        "run", parents=[common], help="run or resume an experiment described by a config"
+    )
     r.add_argument("config", help="YAML config file (or a name in configs/)")
     r.add_argument("overrides", nargs="*", help="a.b=value overrides")
     r.add_argument("--out", help="run directory (default runs/<name>-<config hash>)")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--repair",
+        action="store_true",
+        help="if the run directory is damaged, move its generations aside and recompute them",
+    )
     r.set_defaults(fn=_cmd_run)
 
-    q = sub.add_parser("quickstart", help="run the theory experiments in well under a minute")
+    q = sub.add_parser(
+        "quickstart", parents=[common], help="run the theory experiments in well under a minute"
+    )
     q.add_argument("overrides", nargs="*", help="a.b=value overrides")
     q.add_argument("--out", help="output directory (default runs/quickstart-<hash>)")
     q.add_argument("--dry-run", action="store_true")
     q.add_argument("--no-progress", action="store_true")
+    q.add_argument("--repair", action="store_true")
     q.set_defaults(fn=_cmd_run, config="quickstart")
 
-    s = sub.add_parser("show-config", help="print the resolved config")
+    sw = sub.add_parser(
+        "sweep", parents=[common], help="run a grid of configs in one directory (resumable)"
+    )
+    sw.add_argument("config", help="YAML config file (or a name in configs/)")
+    sw.add_argument("axes", nargs="+", help="a.b=v1,v2,... grid axes (one value: an override)")
+    sw.add_argument("--out", help="sweep directory (default runs/sweep-<config>-<hash>)")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sw.set_defaults(fn=_cmd_sweep)
+
+    s = sub.add_parser("show-config", parents=[common], help="print the resolved config")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(fn=_cmd_show)
 
-    pl = sub.add_parser("plot", help="redraw the figures of a run directory")
+    pl = sub.add_parser("plot", parents=[common], help="redraw the figures of a run directory")
     pl.add_argument("run_dir")
     pl.set_defaults(fn=_cmd_plot)
     return p
@@ -134,12 +197,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         return args.fn(args)
-    except (config_lib.ConfigError, FileNotFoundError) as e:
-        print(f"collapse-jax: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"collapse-jax: error: {e}", file=sys.stderr)
-        return 1
+    except BaseException as e:  # noqa: BLE001 (sorted below; the unexpected re-raised)
+        failure = describe_failure(e)
+        if failure is None:
+            raise
+        code, message = failure
+        if args.debug:
+            traceback.print_exc()
+        print(f"collapse-jax: error: {message}", file=sys.stderr)
+        return code
+
+
+def describe_failure(e: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line) for an expected failure; None for a bug (which shows its traceback).
+
+    Every expected failure names the file or the config key it is about: our own errors do so in
+    their message, OSErrors carry the file name.
+    """
+    if isinstance(e, KeyboardInterrupt):
+        return 1, "interrupted; finished generations are kept: run the same command to resume"
+    if isinstance(e, config_lib.ConfigError):
+        return 2, _one_line(e)
+    if isinstance(e, rundir.RunDirError):
+        return e.exit_code, _one_line(e)
+    if isinstance(e, rundir.NonFiniteMetric):
+        return 1, _one_line(e)
+    if isinstance(e, MemoryError):
+        return 1, "out of memory; lower generation.num_trials or generation.chunk_size"
+    if isinstance(e, OSError):
+        # A file named in the config that does not exist is a config error.
+        code = 2 if isinstance(e, FileNotFoundError) else 1
+        if e.errno is None:  # raised by our own code with the file in the message
+            return code, _one_line(e)
+        what = {
+            errno.ENOSPC: "no space left on the device",
+            errno.EDQUOT: "disk quota exceeded",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted",
+            errno.EROFS: "read-only file system",
+            errno.ENOENT: "not found",
+            errno.ENOTDIR: "not a folder",
+            errno.EISDIR: "is a folder",
+        }.get(e.errno, e.strerror or type(e).__name__)
+        if e.filename is None:
+            return code, f"{what}: {_one_line(e)}"
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+        return code, f"{where}: {what}"
+    if isinstance(e, ValueError):  # corrupt files and bad data, named in the message
+        return 1, _one_line(e)
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
         "collapse_jax.theory.gaussian:GaussianLearner",
     ),
     "gmm": ("collapse_jax.gmm:GMMConfig", "collapse_jax.gmm:GMMLearner"),
+    "linear_regression": (
+        "collapse_jax.linreg:LinearRegressionConfig",
+        "collapse_jax.linreg:LinearRegressionLearner",
+    ),
+    "kde": ("collapse_jax.kde:KDEConfig", "collapse_jax.kde:KDELearner"),
     "vae": ("collapse_jax.vae:VAEConfig", "collapse_jax.vae:VAELearner"),
     "opt": (
         "collapse_jax.lm.experiment:OPTExperimentConfig",
@@ -83,6 +88,28 @@ def learner_class(kind: str) -> type:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SelectionConfig:
+    """Selection of synthetic data (Feng et al. 2024), applied by `collapse_jax.selection`.
+
+    Attributes:
+      rho: keep ratio in (0, 1]: each generation draws ceil(M / rho) candidates and keeps the M
+        that the scorer ranks best (1 = no selection).
+      scorer: "truth": log-likelihood under the real distribution (learners with
+        `truth_log_prob`).
+    """
+
+    rho: float = 1.0
+    scorer: Literal["truth"] = "truth"
+
+    def __post_init__(self):
+        require(
+            0.0 < self.rho <= 1.0,
+            "generation.selection.rho",
+            f"must lie in (0, 1] (got {self.rho})",
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class GenerationConfig:
     """How generations are chained (DESIGN.md: fit -> evaluate -> sample -> mix).
 
@@ -107,6 +134,7 @@ class GenerationConfig:
         (a fresh init with a new key).
       record_trials: per-chain metric values are kept for this many chains (arrays/*.npz).
       keep_params: "all" keeps every generation's fitted parameters, "last" only the newest.
+      selection: keep the best-scored synthetic points (None: no selection).
     """
 
     num_generations: int = 10
@@ -123,6 +151,7 @@ class GenerationConfig:
     init_from: Literal["base", "previous", "scratch"] = "base"
     record_trials: int = 256
     keep_params: Literal["all", "last"] = "last"
+    selection: SelectionConfig | None = None
 
     def __post_init__(self):
         require(self.num_generations >= 1, "generation.num_generations", "must be >= 1")
@@ -152,6 +181,19 @@ class GenerationConfig:
         for name in ("alpha", "beta", "gamma"):
             v = getattr(self, name)
             require(0.0 <= v <= 1.0, f"generation.{name}", f"must lie in [0, 1] (got {v})")
+        if self.policy == "replace":
+            # alpha/beta/gamma only act under "mix": given with "replace" they would be ignored.
+            ignored = [
+                f"{n}={getattr(self, n)}"
+                for n, default in (("alpha", 1.0), ("beta", 0.0), ("gamma", 0.0))
+                if getattr(self, n) != default
+            ]
+            require(
+                not ignored,
+                "generation.policy",
+                f"is 'replace' (train on synthetic data only), which ignores {', '.join(ignored)};"
+                " use policy: mix to mix data",
+            )
         if self.policy == "mix":
             total = self.alpha + self.beta + self.gamma
             require(
@@ -169,6 +211,12 @@ class GenerationConfig:
         require(self.block_size >= 1, "generation.block_size", "must be >= 1")
         require(self.record_trials >= 0, "generation.record_trials", "must be >= 0")
 
+    def smallest_sample_size(self) -> int | None:
+        """min over n >= 1 of M_n (None when M depends on the real data set's size)."""
+        if self.sample_schedule is not None:
+            return min(self.sample_schedule[1 : self.num_generations], default=None)
+        return self.samples_per_generation  # M_n grows with n (sample_growth >= 0)
+
     def sample_size(self, generation: int, real_size: int) -> int:
         """M_n: size of generation n's training set (n = 0 is the real data)."""
         if self.sample_schedule is not None:
@@ -178,19 +226,31 @@ class GenerationConfig:
 
     def shares(self, num: int) -> tuple[int, int, int]:
         """Splits `num` points into (synthetic, previous, real) counts by largest remainder."""
-        if self.policy != "mix":
-            return num, 0, 0
-        fracs = (self.alpha, self.beta, self.gamma)
-        counts = [int(math.floor(f * num)) for f in fracs]
-        order = sorted(range(3), key=lambda i: fracs[i] * num - counts[i], reverse=True)
-        for i in order[: num - sum(counts)]:
-            counts[i] += 1
-        return counts[0], counts[1], counts[2]
+        return split_shares(num, self.policy, (self.alpha, self.beta, self.gamma))
+
+
+def split_shares(num: int, policy: str, fracs: tuple[float, float, float]) -> tuple[int, int, int]:
+    """(synthetic, previous, real) counts of `num` points: all synthetic unless `policy` is "mix",
+    whose `fracs` (alpha, beta, gamma) are rounded by largest remainder."""
+    if policy != "mix":
+        return num, 0, 0
+    counts = [int(math.floor(f * num)) for f in fracs]
+    order = sorted(range(3), key=lambda i: fracs[i] * num - counts[i], reverse=True)
+    for i in order[: num - sum(counts)]:
+        counts[i] += 1
+    return counts[0], counts[1], counts[2]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class MeshConfig:
-    """Device mesh axis sizes (one may be -1: inferred from the device count)."""
+    """Mesh axis sizes as they appear in a config's `mesh:` block (`sharding.make_mesh` takes it).
+
+    Attributes:
+      data: data-parallel replicas (batch split, parameters replicated).
+      fsdp: fully-sharded data parallelism (batch split, parameters and optimizer state split).
+      tensor: tensor (model) parallelism (heads / MLP / vocab split).
+    One of the three may be -1: it takes every device the others leave.
+    """
 
     data: int = -1
     fsdp: int = 1
@@ -231,6 +291,18 @@ class ExperimentConfig:
         )
         require(dataclasses.is_dataclass(self.model), "model", "must be a model config")
         require(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
+        check_float_range(self.model, "model")
+        # The smallest training set must be able to fit the model (e.g. a GMM's components).
+        # `min_points` is an optional property of model configs.
+        need = getattr(self.model, "min_points", None)
+        smallest = self.generation.smallest_sample_size()
+        if need is not None and smallest is not None:
+            require(
+                smallest >= need,
+                "generation.samples_per_generation",
+                f"a generation would be fitted to {smallest} points, but this model needs at "
+                f"least {need} to fit",
+            )
 
     @property
     def kind(self) -> str:
@@ -251,9 +323,78 @@ class SuiteConfig:
 
 
 # ----------------------------------------------------------------------------------------------
+# Numeric range of model settings in the dtype the model computes in.
+
+_DTYPE_FIELDS = ("compute_dtype", "param_dtype", "dtype")
+
+
+def compute_dtype(model_cfg: Any) -> str:
+    """The float dtype a model config's numbers are used in: its `compute_dtype`,
+    `param_dtype` or `dtype` field where it has one, else float32 (JAX's default)."""
+    for name in _DTYPE_FIELDS:
+        value = getattr(model_cfg, name, None)
+        if isinstance(value, str):
+            return value
+    return "float32"
+
+
+def _floats(value: Any, where: str):
+    if isinstance(value, float):
+        yield where, value
+    elif isinstance(value, tuple):
+        for i, v in enumerate(value):
+            yield from _floats(v, f"{where}[{i}]")
+
+
+def check_float_range(model_cfg: Any, where: str = "model") -> None:
+    """Every float setting of a model config must be a normal number of its compute dtype.
+
+    A value valid in float64 can overflow to inf (1e39 in float32) or fall below the smallest
+    normal number and lose precision or flush to zero (1e-42), giving NaN or zero metrics later.
+    A field whose value never enters the model's computation may opt out with
+    `dataclasses.field(metadata={"dtype": "float64"})`.
+    """
+    import ml_dtypes  # a JAX dependency; knows bfloat16 as well as the numpy dtypes
+
+    default = compute_dtype(model_cfg)
+    for f in dataclasses.fields(model_cfg):
+        dtype = f.metadata.get("dtype", default)
+        info = ml_dtypes.finfo(dtype)
+        for key, v in _floats(getattr(model_cfg, f.name), f"{where}.{f.name}"):
+            require(
+                math.isfinite(v) and abs(v) <= float(info.max),
+                key,
+                f"{v!r} is out of range for {dtype}, the dtype this model computes in "
+                f"(largest {float(info.max):.4g})",
+            )
+            require(
+                v == 0 or abs(v) >= float(info.tiny),
+                key,
+                f"{v!r} is below the smallest normal {dtype} number ({float(info.tiny):.4g}): "
+                "it would lose precision or become 0",
+            )
+
+
+# ----------------------------------------------------------------------------------------------
 # Building dataclasses from plain dicts.
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class Expanded(str):
+    """A string read with `${VAR}` expanded; `.template` keeps the text as written.
+
+    It compares and hashes as the expanded string (configs stay equal whatever the template),
+    while the run directory stores the template: moving a data folder named by `${VAR}` does not
+    make a resumed run look like a different config (`to_dict(cfg, expand=False)`).
+    """
+
+    __slots__ = ("template",)
+
+    def __new__(cls, value: str, template: str):
+        obj = super().__new__(cls, value)
+        obj.template = template
+        return obj
 
 
 def _expand_env(value: str, where: str) -> str:
@@ -265,7 +406,9 @@ def _expand_env(value: str, where: str) -> str:
             return default
         raise ConfigError(f"{where}: environment variable {var} is not set")
 
-    return _ENV.sub(sub, value)
+    template = value.template if isinstance(value, Expanded) else value
+    expanded = _ENV.sub(sub, template)
+    return Expanded(expanded, template) if expanded != template else expanded
 
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
@@ -311,16 +454,23 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)  # int(.inf) would raise OverflowError
+            or value != int(value)
+        ):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):
                 try:
-                    return float(value)
+                    return _coerce(float, float(value), where)
                 except ValueError:
                     pass
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if math.isnan(value):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
@@ -332,9 +482,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 def build(cls: type, raw: Mapping[str, Any] | None, where: str = "") -> Any:
     """Builds the frozen dataclass `cls` from a plain mapping, rejecting unknown keys."""
-    raw = dict(raw or {})
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a section (a mapping), got {raw!r}")
+    raw = dict(raw)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     prefix = f"{where}." if where else ""
@@ -414,8 +566,12 @@ def _build_model(raw: Any, where: str) -> Any:
     return build(cls, raw, where)
 
 
-def to_dict(cfg: Any) -> Any:
-    """The plain-YAML form of a config (inverse of `build`; includes every default)."""
+def to_dict(cfg: Any, *, expand: bool = True) -> Any:
+    """The plain-YAML form of a config (inverse of `build`; includes every default).
+
+    Args:
+      expand: False writes strings read from `${VAR}` as written (what a run directory stores).
+    """
     if dataclasses.is_dataclass(cfg):
         out = {}
         kind = getattr(type(cfg), "kind", None)
@@ -423,16 +579,20 @@ def to_dict(cfg: Any) -> Any:
             out["kind"] = kind
         for f in dataclasses.fields(cfg):
             if f.init:
-                out[f.name] = to_dict(getattr(cfg, f.name))
+                out[f.name] = to_dict(getattr(cfg, f.name), expand=expand)
         return out
     if isinstance(cfg, tuple):
-        return [to_dict(v) for v in cfg]
+        return [to_dict(v, expand=expand) for v in cfg]
+    if isinstance(cfg, Expanded):  # a plain str either way: yaml.safe_dump rejects subclasses
+        return str(cfg) if expand else cfg.template
     return cfg
 
 
-def dump(cfg: Any) -> str:
+def dump(cfg: Any, *, expand: bool = True) -> str:
     """YAML text of a resolved config, loadable again with `load_config`."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None, width=100)
+    return yaml.safe_dump(
+        to_dict(cfg, expand=expand), sort_keys=False, default_flow_style=None, width=100
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,10 +611,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             raise ConfigError(f"override key {key!r} is not a dotted name")
         if key in out:
             raise ConfigError(f"config key {key} is overridden twice")
-        try:
-            out[key] = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {key}: cannot parse value {text!r}: {e}") from None
+        out[key] = parse_yaml(text, f"override {key}") if text.strip() else ""
     return out
 
 
@@ -477,16 +634,48 @@ def _apply(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+class ConfigFileNotFound(ConfigError, FileNotFoundError):
+    """The config file does not exist (a usage error: exit code 2)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"key {key!r} is given twice (lines {seen[key]} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML text -> plain data; duplicate keys and syntax errors are ConfigErrors naming `where`."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
 def load_raw(path: str | os.PathLike) -> dict:
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise ConfigFileNotFound(f"config file {what}: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e}") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        raise ConfigError(f"{path}: the config file is empty")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{path}: the top level must be a mapping of config keys")
     return raw
 
 
@@ -513,7 +702,8 @@ def load_config(
     path: str | os.PathLike, overrides: Sequence[str] = ()
 ) -> ExperimentConfig | SuiteConfig:
     """Loads `configs/*.yaml` plus `a.b=value` overrides into frozen, validated dataclasses."""
+    raw = load_raw(path)  # its errors name the file already
     try:
-        return from_dict(load_raw(path), overrides)
+        return from_dict(raw, overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

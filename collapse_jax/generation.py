@@ -1,21 +1,38 @@
-"""The model-agnostic generational loop: fit -> evaluate -> sample -> mix, persisted and resumable.
+"""The model-agnostic generational loop: mix -> fit -> evaluate, persisted and resumable.
 
 ```
 data_0 = real data
 for n in 0..G-1:
+    data_n    = mix(synthetic=alpha, previous=beta, real=gamma) of model_{n-1}   (n >= 1)
     model_n   = fit(learner, data_n)
     metrics_n = evaluate(model_n, real reference)
-    data_n+1  = mix(synthetic=alpha, previous=beta, real=gamma)   # or replace / accumulate
 ```
 
-Keys: chain `r` of a run with seed `s` uses `k_r = fold_in(key(s), r)`; generation `n` of that chain
-uses `fold_in(k_gens, n)` where `k_real, k_base, k_gens = split(k_r, 3)`. Results therefore depend
-neither on how many chains or generations were asked for, nor on chunking or resumption.
+There is ONE loop core, `one_generation` (per chain: `chain_generation`): the CLI
+(`run_generations`), every `theory.*.simulate` (through `simulate_chains`) and the GMM figure
+replay (`replay_data`) call it, so the same key gives the same per-chain numbers whichever entry
+point ran them. The loop alone owns the schedule: the mixing policy (`Policy`), the sample sizes
+and the keys; learners are told how many points to draw (see `collapse_jax.learner`).
+
+Keys (one derivation everywhere). A run seeded with `s` has the base key `key(s)`; `simulate`
+takes the base key directly. Chain `r` uses
+
+    k_real, k_base, k_gens = split(fold_in(base, r), 3)
+
+(`k_real` draws the real data of generation 0, `k_base` the learner's base init) and generation
+`n` of that chain uses `fold_in(k_gens, n)`, split into named keys (`generation_keys`). The
+training set of generation n >= 1 is drawn with generation n - 1's `sample` / `previous` /
+`real` keys (it is "generation n - 1's sample"). Results therefore depend neither on how many
+chains or generations were asked for, nor on chunking, nor on resumption. Held-out reference
+data use `fold_in(base, 2**31 - 1)`, which no chain index reaches.
 
 Jittable learners run `R = num_trials` chains under `vmap`, `block_size` generations per
 `lax.scan`, `chunk_size` chains at a time; each finished block is committed to the run directory.
-Other learners (SGD, beam search) run one chain in Python, committing after every generation and
-keeping their fit and sample resumable inside `work/gen_XXXXX/`.
+A learner with a batched fit over chains (`fit_chains`, e.g. GMM's compaction of converged EM
+chains) is stepped one generation at a time from Python instead, its fit called on the whole
+chunk. Other learners (SGD, beam search) run their chains one after the other in Python, a
+generation of every chain before the next generation, committing after every generation and
+keeping each chain's fit and sample resumable inside `work/gen_XXXXX/[chain_XXXXX/]`.
 """
 
 from __future__ import annotations
@@ -27,72 +44,580 @@ import logging
 import math
 import pathlib
 import shutil
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import config as config_lib
-from collapse_jax import records
+from collapse_jax import records, rundir, selection
 from collapse_jax.learner import AbstractLearner
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[int, dict[str, Any]], None]
 
+# The reference (held-out) data's key: fold_in(base, REFERENCE_INDEX), beyond every chain index.
+REFERENCE_INDEX = 2**31 - 1
+
 
 # ----------------------------------------------------------------------------------------------
-# Keys and one generation of one chain (pure; shared by both paths).
+# Keys.
 
 
-def chain_keys(seed: int, chain: jax.Array | int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(k_real, k_base, k_gens) of chain `chain` of a run seeded with `seed`."""
-    k_chain = jax.random.fold_in(jax.random.key(seed), chain)
+def base_key(seed_or_key: int | jax.Array) -> jax.Array:
+    """The run's base key: `key(seed)` for an int seed, else the (typed) key itself."""
+    if isinstance(seed_or_key, (int, np.integer)):
+        return jax.random.key(int(seed_or_key))
+    key = jnp.asarray(seed_or_key) if not isinstance(seed_or_key, jax.Array) else seed_or_key
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a legacy uint32 PRNGKey
+    return key
+
+
+def chain_keys(
+    seed_or_key: int | jax.Array, chain: jax.Array | int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(k_real, k_base, k_gens) of chain `chain` of a run with this seed (or base key)."""
+    k_chain = jax.random.fold_in(base_key(seed_or_key), chain)
     k_real, k_base, k_gens = jax.random.split(k_chain, 3)
     return k_real, k_base, k_gens
 
 
 def generation_keys(k_gens: jax.Array, generation: jax.Array | int) -> dict[str, jax.Array]:
+    """Named keys of one generation of one chain (`fit`, `eval`, and the draws of the NEXT
+    generation's training set: `sample`, `previous`, `real`, plus `init` for fresh fits)."""
     ks = jax.random.split(jax.random.fold_in(k_gens, generation), 6)
     return dict(fit=ks[0], eval=ks[1], sample=ks[2], previous=ks[3], real=ks[4], init=ks[5])
 
 
-def start_params(learner: AbstractLearner, gcfg, keys, k_base, previous):
-    """Where generation n's fit starts (`init_from`)."""
-    if gcfg.init_from == "previous" and previous is not None:
+def reference_key(seed_or_key: int | jax.Array) -> jax.Array:
+    """The key of the held-out reference data shared by every chain."""
+    return jax.random.fold_in(base_key(seed_or_key), REFERENCE_INDEX)
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy: the static part of the schedule that one generation needs.
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How generation n's training set is built from generation n - 1 (hashable: a static
+    argument of the jitted core, so runs that differ only in sizes share compiled code).
+
+    Attributes:
+      policy: "replace", "mix" or "accumulate" (see `config.GenerationConfig`).
+      alpha, beta, gamma: the "mix" shares (synthetic, previous data, real).
+      init_from: where each fit starts: "base", "previous" or "scratch".
+      selection: `generation.selection` (None: every synthetic point is kept).
+    """
+
+    policy: str = "replace"
+    alpha: float = 1.0
+    beta: float = 0.0
+    gamma: float = 0.0
+    init_from: str = "base"
+    selection: Any = None  # config.SelectionConfig: keep the best-scored synthetic points
+
+    @classmethod
+    def of(cls, gcfg: config_lib.GenerationConfig) -> Policy:
+        return cls(gcfg.policy, gcfg.alpha, gcfg.beta, gcfg.gamma, gcfg.init_from, gcfg.selection)
+
+    def shares(self, num: int) -> tuple[int, int, int]:
+        """Splits `num` points into (synthetic, previous, real) counts (largest remainder)."""
+        return config_lib.split_shares(num, self.policy, (self.alpha, self.beta, self.gamma))
+
+    @property
+    def keeps_data(self) -> bool:
+        """Whether generation n's training set enters generation n + 1's (else the loop does
+        not carry it from one generation to the next)."""
+        return self.policy == "accumulate" or (self.policy == "mix" and self.beta > 0)
+
+
+def requested_real_size(gcfg: config_lib.GenerationConfig) -> int | None:
+    """The loop's M_0 (the schedule's first entry or samples_per_generation; None: unset), which
+    `learner.real_size` turns into the number of real points of generation 0."""
+    if gcfg.sample_schedule is not None:
+        return int(gcfg.sample_schedule[0])
+    return gcfg.samples_per_generation
+
+
+class Carry(NamedTuple):
+    """What one generation hands to the next, per chain: the fitted params and, when the policy
+    keeps data (`Policy.keeps_data`), the training set (else None)."""
+
+    params: Any
+    data: Any
+
+
+def start_params(learner: AbstractLearner, policy: Policy, keys, k_base, previous):
+    """Where generation n's fit starts (`init_from`); generation 0 starts from the base."""
+    if policy.init_from == "previous" and previous is not None:
         return previous
-    if gcfg.init_from == "scratch":
+    if policy.init_from == "scratch":
         return learner.init(keys["init"])
     return learner.init(k_base)
 
 
-def next_data(learner: AbstractLearner, gcfg, keys, data, params, counts, **kw) -> Any:
+def next_data(learner: AbstractLearner, policy: Policy, keys, data, params, counts, **kw) -> Any:
     """The next generation's training set under the mixing policy.
 
     Args:
+      keys: the CURRENT generation's keys (its `sample`, `previous` and `real` keys).
+      data: the current training set (used by accumulate and by mix with beta > 0).
+      params: the current fitted model, which the synthetic share is sampled from.
       counts: (synthetic, previous, real) numbers of points; ints, or traced int32 scalars for
         learners with `static_sample_size = False`.
+      kw: passed to `learner.sample` (non-jittable learners: `workdir`).
     """
     n_syn, n_prev, n_real = counts
-    if gcfg.policy == "replace":
-        return learner.sample(keys["sample"], params, n_syn, **kw)
-    if gcfg.policy == "accumulate":
-        return learner.concat([data, learner.sample(keys["sample"], params, n_syn, **kw)])
-    parts = [learner.sample(keys["sample"], params, n_syn, **kw)]
-    if gcfg.beta > 0:
+    synth = selection.sample(learner, policy.selection, keys["sample"], params, n_syn, **kw)
+    if policy.policy == "replace":
+        return synth
+    if policy.policy == "accumulate":
+        return learner.concat([data, synth])
+    parts = [synth]
+    if policy.beta > 0:
         parts.append(learner.subset(keys["previous"], data, n_prev))
-    if gcfg.gamma > 0:
+    if policy.gamma > 0:
         parts.append(learner.draw_real(keys["real"], n_real))
     return learner.concat(parts)
 
 
-def _one_generation(learner, gcfg, reference, k_base, k_gens, g, data, params_prev, counts):
+def evaluate(learner: AbstractLearner, key, params, reference) -> dict[str, Any]:
+    """The default `measure` of a generation: the learner's metrics."""
+    return learner.evaluate(key, params, reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop core: one generation of one chain, and of a batch of chains.
+
+
+def chain_generation(
+    learner: AbstractLearner,
+    policy: Policy,
+    ks: tuple[jax.Array, jax.Array, jax.Array],
+    g: jax.Array | int,
+    carry: Carry | None,
+    counts: Any,
+    reference: Any = None,
+    measure: Callable = evaluate,
+    fit: bool = True,
+) -> tuple[Any, Carry, Any]:
+    """Generation `g` of one chain: build its training set, fit, measure.
+
+    Args:
+      ks: the chain's (k_real, k_base, k_gens) (`chain_keys`).
+      g: the generation index.
+      carry: generation g - 1's `Carry`; None for generation 0 (whose data is real).
+      counts: generation 0: M_0, the number of real points; later: (synthetic, previous, real).
+      measure: `measure(learner, key, params, reference)` -> pytree kept per generation.
+      fit: False stops after building the data and the fit's starting params (for learners
+        whose fit runs batched over chains outside this function).
+    Returns:
+      (data, carry, measured): with `fit=False`, (data, start params, fit key) instead.
+    """
+    k_real, k_base, k_gens = ks
+    if carry is None:
+        data, previous = learner.real_data(k_real, counts), None
+    else:
+        # Generation g's data is generation g - 1's sample: drawn with ITS keys, so a run that
+        # persists the next data at the end of g - 1 (the non-jittable path) draws the same.
+        data = next_data(
+            learner, policy, generation_keys(k_gens, g - 1), carry.data, carry.params, counts
+        )
+        previous = carry.params
     keys = generation_keys(k_gens, g)
-    params = learner.fit(keys["fit"], data, start_params(learner, gcfg, keys, k_base, params_prev))
-    metrics = learner.evaluate(keys["eval"], params, reference)
-    return next_data(learner, gcfg, keys, data, params, counts), params, metrics
+    init = start_params(learner, policy, keys, k_base, previous)
+    if not fit:
+        return data, init, keys["fit"]
+    params = learner.fit(keys["fit"], data, init)
+    out = measure(learner, keys["eval"], params, reference)
+    return data, Carry(params, data if policy.keeps_data else None), out
+
+
+def _vmapped_keys(key, chains):
+    return jax.vmap(lambda c: chain_keys(key, c))(chains)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("learner", "policy", "measure", "counts", "scan", "first")
+)
+def _block(
+    learner,
+    policy,
+    measure,
+    key,
+    chains,
+    gens,
+    carry,
+    reference,
+    counts_arr,
+    *,
+    counts,
+    scan,
+    first,
+):
+    """Generations `gens` of a chunk of chains (vmap over chains, scan over generations).
+
+    Returns (carry, measured [len(gens), R, ...]). `counts` is static (a tuple, or M_0 for the
+    first generation) or None: then row i of `counts_arr` holds generation gens[i]'s counts.
+    """
+
+    def per_chain(chain_ks, carry):
+        def step(carry, xs):
+            g, c = xs
+            if counts is not None:
+                cnt = counts
+            else:
+                cnt = c[0] if first else (c[0], c[1], c[2])
+            _, carry, out = chain_generation(
+                learner, policy, chain_ks, g, None if first else carry, cnt, reference, measure
+            )
+            return carry, out
+
+        if scan:
+            return jax.lax.scan(step, carry, (gens, counts_arr))
+        # One generation whose carry changes shape (generation 0, or a growing data set).
+        carry, out = step(carry, (gens[0], counts_arr[0]))
+        return carry, jax.tree.map(lambda x: x[None], out)
+
+    ks = _vmapped_keys(key, chains)
+    return jax.vmap(per_chain, in_axes=(0, 0), out_axes=(0, 1))(ks, carry)
+
+
+@functools.partial(jax.jit, static_argnames=("learner", "policy", "counts", "first"))
+def _prepare(learner, policy, key, chains, g, carry, counts_arr, *, counts, first):
+    """Data, fit starts and fit keys of generation g for a chunk (learners with `fit_chains`)."""
+
+    def one(chain_ks, carry):
+        if counts is not None:
+            cnt = counts
+        else:
+            cnt = counts_arr[0] if first else (counts_arr[0], counts_arr[1], counts_arr[2])
+        return chain_generation(
+            learner, policy, chain_ks, g, None if first else carry, cnt, fit=False
+        )
+
+    return jax.vmap(one)(_vmapped_keys(key, chains), carry)
+
+
+@functools.partial(jax.jit, static_argnames=("learner", "policy", "measure"))
+def _finish(learner, policy, measure, key, chains, g, data, params, reference):
+    def one(chain_ks, data, params):
+        keys = generation_keys(chain_ks[2], g)
+        out = measure(learner, keys["eval"], params, reference)
+        return Carry(params, data if policy.keeps_data else None), out
+
+    return jax.vmap(one)(_vmapped_keys(key, chains), data, params)
+
+
+def one_generation(
+    learner: AbstractLearner,
+    policy: Policy,
+    key: jax.Array,
+    chains: jax.Array,
+    g: int,
+    carry: Carry | None,
+    counts: Any,
+    reference: Any = None,
+    measure: Callable = evaluate,
+) -> tuple[Carry, Any]:
+    """The loop core: generation `g` of a batch of chains (a jittable learner).
+
+    Builds every chain's training set by the policy, fits (with the learner's batched
+    `fit_chains` when it has one, else a vmapped `fit`), and measures.
+
+    Args:
+      learner: a jittable learner; policy: the mixing policy.
+      key: the run's base key (`base_key(seed)`); chains: [R] uint32 chain indices.
+      g: generation index; carry: generation g - 1's batched `Carry` (None for g = 0).
+      counts: M_0 for g = 0, else (synthetic, previous, real): ints, or int32 scalars when the
+        learner's `static_sample_size` is False.
+      reference: held-out real data (`learner.reference`); measure: what is kept per chain.
+    Returns:
+      (carry, measured): measured has leaves [R, ...].
+    """
+    first = carry is None
+    static = learner.static_sample_size
+    c_arr = jnp.asarray(np.atleast_1d(np.asarray(counts, np.int32)))
+    cnt = (int(counts) if first else tuple(int(c) for c in counts)) if static else None
+    if learner.fit_chains is None:
+        carry, out = _block(
+            learner,
+            policy,
+            measure,
+            key,
+            chains,
+            jnp.asarray([g], jnp.int32),
+            carry,
+            reference,
+            c_arr[None],
+            counts=cnt,
+            scan=False,
+            first=first,
+        )
+        return carry, jax.tree.map(lambda x: x[0], out)
+    data, init, fit_keys = _prepare(
+        learner, policy, key, chains, jnp.int32(g), carry, c_arr, counts=cnt, first=first
+    )
+    params = learner.fit_chains(fit_keys, data, init)
+    return _finish(learner, policy, measure, key, chains, jnp.int32(g), data, params, reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# Driving blocks of generations for a chunk of chains (shared by the CLI and `simulate`).
+
+# Generations per compiled scan of `simulate_chains` (traced sizes: one compile for any G).
+SCAN_BLOCK = 16
+
+
+def _segments(start: int, stop: int, block: int, counts_of: Callable[[int], Any], static: bool):
+    """Blocks of generations [a, b): generation 0 alone (its data are real), then blocks aligned
+    to `block`, split where static counts change."""
+    g = start
+    while g < stop:
+        if g == 0:
+            yield 0, 1
+            g = 1
+            continue
+        end = min((g // block + 1) * block, stop)
+        if static:
+            b = g + 1
+            while b < end and counts_of(b) == counts_of(g):
+                b += 1
+            end = b
+        yield g, end
+        g = end
+
+
+def _shape_invariant(learner, policy, measure, key, chains, carry, reference, g, counts) -> bool:
+    """Whether generation g maps the carry to arrays of the same shapes (so a scan can run).
+
+    Decided by tracing one generation abstractly; memoised on the shapes involved, since the
+    answer does not depend on the generation index."""
+    if learner.fit_chains is not None:
+        return False
+
+    def spec(tree):
+        leaves, treedef = jax.tree.flatten(tree)
+        return treedef, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves)
+
+    c = tuple(int(v) for v in np.atleast_1d(np.asarray(counts)))
+    return _shape_invariant_cached(
+        learner, policy, measure, spec(key), spec(chains), spec(carry), spec(reference), c
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_invariant_cached(learner, policy, measure, key, chains, carry, reference, counts):
+    static = learner.static_sample_size
+    unspec = lambda s: jax.tree.unflatten(s[0], s[1])  # noqa: E731
+    out, _ = jax.eval_shape(
+        functools.partial(
+            _block,
+            learner,
+            policy,
+            measure,
+            counts=counts if static else None,
+            scan=False,
+            first=False,
+        ),
+        unspec(key),
+        unspec(chains),
+        jax.ShapeDtypeStruct((1,), jnp.int32),
+        unspec(carry),
+        unspec(reference),
+        jax.ShapeDtypeStruct((1, len(counts)), jnp.int32),
+    )
+    same = jax.tree.map(lambda a, b: a.shape == b.shape and a.dtype == b.dtype, out, unspec(carry))
+    return all(jax.tree.leaves(same))
+
+
+def _advance(
+    learner,
+    policy,
+    measure,
+    key,
+    chains,
+    a: int,
+    b: int,
+    carry,
+    reference,
+    counts_of,
+    *,
+    scan: bool,
+    pad_to: int | None = None,
+):
+    """Generations [a, b) of a chunk of chains; returns (carry, measured [b - a, R, ...]).
+
+    `pad_to` (only where the caller discards the carry afterwards) pads a traced-count scan to a
+    fixed length by repeating the last generation, so every block shares one compilation.
+    """
+    static = learner.static_sample_size
+    first = a == 0
+    if learner.fit_chains is not None or not scan:
+        outs = []
+        for g in range(a, b):
+            carry, out = one_generation(
+                learner,
+                policy,
+                key,
+                chains,
+                g,
+                None if g == 0 else carry,
+                counts_of(g),
+                reference,
+                measure,
+            )
+            outs.append(out)
+        return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+    gens = list(range(a, b))
+    rows = [np.atleast_1d(np.asarray(counts_of(g), np.int32)) for g in gens]
+    n = len(gens)
+    if pad_to is not None and not static and n < pad_to:
+        gens += [gens[-1]] * (pad_to - n)
+        rows += [rows[-1]] * (pad_to - n)
+    cnt = None
+    if static:
+        cnt = int(counts_of(a)) if first else tuple(int(c) for c in counts_of(a))
+    carry, out = _block(
+        learner,
+        policy,
+        measure,
+        key,
+        chains,
+        jnp.asarray(gens, jnp.int32),
+        None if first else carry,
+        reference,
+        jnp.asarray(np.stack(rows)),
+        counts=cnt,
+        scan=not first,
+        first=first,
+    )
+    return carry, jax.tree.map(lambda x: x[:n], out)
+
+
+def simulate_chains(
+    learner: AbstractLearner,
+    policy: Policy,
+    key: jax.Array,
+    *,
+    chains: int,
+    sizes: Sequence[int],
+    measure: Callable,
+    chunk_size: int,
+) -> Any:
+    """Runs `chains` chains for `len(sizes)` generations in memory (the `simulate` functions).
+
+    Chain r and generation g draw exactly what `collapse-jax run` draws with the base key
+    `key(seed)`: `simulate(key=jax.random.key(seed))` and the CLI agree chain by chain.
+
+    Args:
+      learner: a jittable learner; policy: the mixing policy.
+      key: the base key; chains: R.
+      sizes: [G] training-set sizes: sizes[0] real points, sizes[g] the size of generation g's
+        training set (accumulate: the number of synthetic points added).
+      measure: `measure(learner, key, params, reference)` -> pytree kept per generation (a
+        hashable, module-level function).
+      chunk_size: chains per batch (bounds memory).
+    Returns:
+      The measured pytree with NumPy leaves [G, R, ...].
+    """
+    if chains < 1:
+        raise ValueError(f"chains must be >= 1, got {chains}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    gens = len(sizes)
+    if gens < 1:
+        raise ValueError("generations must be >= 1")
+    key = base_key(key)
+    static = learner.static_sample_size
+
+    def counts_of(g: int) -> Any:
+        return int(sizes[0]) if g == 0 else policy.shares(int(sizes[g]))
+
+    size = min(chunk_size, chains)
+    reference = learner.reference(reference_key(key))
+    out: Any = None
+    for start in range(0, chains, size):
+        # The last chunk is padded with further chain indices (computed, then dropped).
+        idx = jnp.arange(start, start + size, dtype=jnp.uint32)
+        carry, parts = None, []
+        for a, b in _segments(0, gens, SCAN_BLOCK, counts_of, static):
+            scan = a > 0 and _shape_invariant(
+                learner, policy, measure, key, idx, carry, reference, a, counts_of(a)
+            )
+            carry, part = _advance(
+                learner,
+                policy,
+                measure,
+                key,
+                idx,
+                a,
+                b,
+                carry,
+                reference,
+                counts_of,
+                scan=scan,
+                pad_to=SCAN_BLOCK if b == gens else None,
+            )
+            parts.append(part)
+        r = min(size, chains - start)
+        chunk = jax.tree.map(
+            lambda *xs, r=r: np.concatenate([np.asarray(x) for x in xs])[:, :r], *parts
+        )
+        if out is None:
+            out = jax.tree.map(lambda x: np.empty((gens, chains, *x.shape[2:]), x.dtype), chunk)
+        jax.tree.map(
+            lambda o, x, s=start, r=r: o.__setitem__((slice(None), slice(s, s + r)), x), out, chunk
+        )
+    return out
+
+
+def replay_data(
+    learner: AbstractLearner,
+    gcfg: config_lib.GenerationConfig,
+    seed_or_key: int | jax.Array,
+    generations: Sequence[int],
+    chain: int = 0,
+) -> dict[int, Any]:
+    """The training data of one chain at the given generations, recomputed through the loop core
+    (`chain_generation`) with the run's keys, for figures of runs that do not store every
+    generation's data. Matches the run's chain up to float rounding of batched versus
+    single-chain arithmetic (and of a learner's batched `fit_chains` versus its `fit`).
+
+    Returns:
+      {generation: data} with NumPy leaves.
+    """
+    policy = Policy.of(gcfg)
+    ks = chain_keys(seed_or_key, chain)
+    wanted = sorted(set(generations))
+    real_size = learner.real_size(requested_real_size(gcfg))
+    static = learner.static_sample_size
+
+    @functools.partial(jax.jit, static_argnums=(2,))
+    def step(g, carry, counts, counts_arr):
+        cnt = counts if static else counts_arr
+        data, carry, _ = chain_generation(learner, policy, ks, g, carry, cnt, None, _nothing)
+        return data, carry
+
+    out: dict[int, Any] = {}
+    carry = None
+    for g in range(max(wanted, default=-1) + 1):
+        counts = real_size if g == 0 else gcfg.shares(gcfg.sample_size(g, real_size))
+        arr = jax.tree.map(jnp.int32, counts)
+        data, carry = step(jnp.int32(g), carry, counts if static else None, arr)
+        if g in wanted:
+            out[g] = jax.tree.map(np.asarray, data)
+    return out
+
+
+def _nothing(learner, key, params, reference) -> tuple:
+    """A `measure` that keeps nothing."""
+    return ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,37 +701,14 @@ def _env_info() -> dict[str, Any]:
 
 
 def prepare_run_dir(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path) -> int:
-    """Creates or checks `run_dir`; returns the first generation still to run.
-
-    A run directory may be resumed with the same resolved config, or with more generations.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir / "config.yaml"
-    text = config_lib.dump(cfg)
-    if cfg_path.exists():
-        import yaml
-
-        stored = yaml.safe_load(cfg_path.read_text())
-        wanted = config_lib.to_dict(cfg)
-        # Only the number of generations may change: a finished run can be extended.
-        for d in (stored, wanted):
-            d.get("generation", {}).pop("num_generations", None)
-        if stored != wanted:
-            raise ValueError(
-                f"{run_dir} holds a run of a different config; use another --out, or the same "
-                f"config (only generation.num_generations may change when resuming). Stored:\n"
-                f"{cfg_path.read_text()}"
-            )
-    records.atomic_write_text(cfg_path, text)
-    if not (run_dir / "env.json").exists():
-        records.atomic_write_json(run_dir / "env.json", _env_info())
-    records.recover_state_dir(run_dir)
-    meta = run_dir / "state" / "meta.json"
-    return json.loads(meta.read_text())["next_generation"] if meta.exists() else 0
+    """Creates or checks `run_dir` (with its lock held); returns the first generation still to
+    run. A run directory may be resumed with the same config, or with more generations; see
+    `collapse_jax.rundir.prepare`."""
+    return rundir.prepare(cfg, run_dir, _env_info)
 
 
 def make_learner(cfg: config_lib.ExperimentConfig) -> AbstractLearner:
-    return config_lib.learner_class(cfg.kind)(cfg.model, cfg.generation, cfg.mesh)
+    return config_lib.learner_class(cfg.kind)(cfg.model, cfg.mesh)
 
 
 def run_generations(
@@ -233,18 +735,15 @@ def run_generations(
     """
     run_dir = pathlib.Path(run_dir)
     learner = make_learner(cfg) if learner is None else learner
+    with rundir.RunLock(run_dir):  # one process per run directory, for the whole run
+        return _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after)
+
+
+def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> Result:
     gcfg = cfg.generation
     start = prepare_run_dir(cfg, run_dir)
     learner.prepare(run_dir)
-    if learner.jittable:
-        driver = _run_jittable
-    else:
-        if gcfg.num_trials != 1:
-            raise ValueError(
-                f"generation.num_trials={gcfg.num_trials}: {type(learner).__name__} is not "
-                "jittable and runs a single chain; set num_trials=1"
-            )
-        driver = _run_python
+    driver = _run_jittable if learner.jittable else _run_python
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -271,78 +770,49 @@ def run_generations(
     return Result(rows=rows, run_dir=run_dir)
 
 
-def _commit_generation(run_dir, g, row, arrays) -> None:
+# ----------------------------------------------------------------------------------------------
+# Committing a generation. The order matters for resume: a generation's row and arrays (and the
+# non-jittable path's data and params) are written first, `state/` (what the next generation
+# needs, with meta.json's next_generation) is replaced last and is the commit point. A run
+# killed in between redoes the generation from the old state and rewrites the same files.
+
+
+def _commit_generation(run_dir: pathlib.Path, g: int, row: dict, arrays: dict) -> None:
+    """Writes generation g's per-chain arrays, then its summary row."""
     records.save_npz(run_dir / "arrays" / f"gen_{g:05d}.npz", arrays)
     records.atomic_write_json(run_dir / "generations" / f"gen_{g:05d}.json", row)
 
 
 def _commit_state(run_dir: pathlib.Path, next_generation: int, write: Callable) -> None:
-    tmp = records.fresh_dir(run_dir, "state")
-    write(tmp)
-    records.atomic_write_json(tmp / "meta.json", {"next_generation": next_generation})
-    records.replace_dir(tmp, run_dir / "state")
+    """Replaces `state/` by a folder that `write(tmp)` fills, plus meta.json and the manifest of
+    committed files (the commit; `rundir.commit_state`)."""
+    rundir.commit_state(run_dir, next_generation, write)
+
+
+def _row_and_arrays(gcfg, g: int, real_size: int, per_chain: dict) -> tuple[dict, dict]:
+    """A generation's summary row and arrays from its per-chain metrics {name: [R, ...]}."""
+    row, means = summarize(per_chain)
+    row = {"generation": g, "sample_size": _size_of(gcfg, g, real_size), **row}
+    arrays = {f"trials/{k}": np.asarray(v)[: gcfg.record_trials] for k, v in per_chain.items()}
+    arrays.update({f"mean/{k}": v for k, v in means.items()})
+    return row, arrays
+
+
+def _size_of(gcfg, g: int, real_size: int) -> int:
+    """Number of points generation g is fitted to (accumulate: all generations' data)."""
+    if gcfg.policy == "accumulate":
+        return real_size + sum(gcfg.sample_size(k, real_size) for k in range(1, g + 1))
+    return real_size if g == 0 else gcfg.sample_size(g, real_size)
 
 
 # ----------------------------------------------------------------------------------------------
 # Jittable learners: vmap over chains, scan over a block of generations, chunk over chains.
 
 
-def _segments(gcfg, start: int, counts_of: Callable[[int], tuple], static: bool):
-    """Blocks of generations [a, b): aligned to block_size, split where static counts change."""
-    g = start
-    while g < gcfg.num_generations:
-        end = min((g // gcfg.block_size + 1) * gcfg.block_size, gcfg.num_generations)
-        if static:
-            b = g + 1
-            while b < end and counts_of(b) == counts_of(g):
-                b += 1
-            end = b
-        yield g, end
-        g = end
-
-
-@functools.partial(jax.jit, static_argnames=("learner", "seed", "counts", "scan"))
-def _block(learner, seed, chains, gens, data, params, reference, counts_arr, *, counts, scan):
-    """Runs generations `gens` for a chunk of chains; returns (data, params, metrics[b, R])."""
-    gcfg = learner.generation
-
-    def per_chain(chain, data, params):
-        _, k_base, k_gens = chain_keys(seed, chain)
-
-        def step(carry, xs):
-            data, params = carry
-            g, c = xs
-            cnt = counts if counts is not None else (c[0], c[1], c[2])
-            data, params, metrics = _one_generation(
-                learner, gcfg, reference, k_base, k_gens, g, data, params, cnt
-            )
-            return (data, params), metrics
-
-        if scan:
-            (data, params), metrics = jax.lax.scan(step, (data, params), (gens, counts_arr))
-        else:  # one generation whose data changes shape (e.g. accumulate with raw points)
-            (data, params), m = step((data, params), (gens[0], counts_arr[0]))
-            metrics = jax.tree.map(lambda x: x[None], m)
-        return data, params, metrics
-
-    data, params, metrics = jax.vmap(per_chain, in_axes=(0, 0, 0), out_axes=(0, 0, 1))(
-        chains, data, params
-    )
-    return data, params, metrics
-
-
-@functools.partial(jax.jit, static_argnames=("learner", "seed"))
-def _initial(learner, seed, chains):
-    def one(chain):
-        k_real, k_base, _ = chain_keys(seed, chain)
-        return learner.real_data(k_real), learner.init(k_base)
-
-    return jax.vmap(one)(chains)
-
-
 def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
     gcfg = cfg.generation
-    R, seed = gcfg.num_trials, cfg.seed
+    policy = Policy.of(gcfg)
+    R, key = gcfg.num_trials, base_key(cfg.seed)
     chunk = min(gcfg.chunk_size, R)
     n_chunks = -(-R // chunk)
     sharding = None
@@ -353,93 +823,83 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
         if chunk % sharding_lib.data_parallel_size(mesh) == 0:
             sharding = sharding_lib.batch_sharding(mesh)
 
-    def chunk_chains(c: int) -> np.ndarray:
+    def chunk_chains(c: int) -> jax.Array:
         # The last chunk is padded with extra chain indices (computed, then dropped): one compile.
-        return np.arange(c * chunk, (c + 1) * chunk, dtype=np.uint32)
+        return put(np.arange(c * chunk, (c + 1) * chunk, dtype=np.uint32))
 
     def put(x):
         return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
 
-    k_ref = jax.random.fold_in(jax.random.key(seed), 2**31 - 1)
-    reference = learner.reference(k_ref)
-    # The real data size, for M_n when samples_per_generation is None.
-    real_shape = jax.eval_shape(lambda: learner.real_data(jax.random.key(0)))
-    real_size = learner.num_samples(real_shape)
-
-    if start == 0:
-        data_parts, params_parts = [], []
-        for c in range(n_chunks):
-            d, p = _initial(learner, seed, put(chunk_chains(c)))
-            data_parts.append(jax.device_get(d))
-            params_parts.append(jax.device_get(p))
-        data = _cat_chunks(data_parts, R)
-        params = _cat_chunks(params_parts, R)
-    else:
-        tmpl_d, tmpl_p = jax.eval_shape(
-            lambda: _initial(learner, seed, jnp.zeros((1,), jnp.uint32))
-        )
-        data = records.load_tree(run_dir / "state" / "data.npz", tmpl_d)
-        params = records.load_tree(run_dir / "state" / "params.npz", tmpl_p)
-
-    def counts_of(g: int) -> tuple[int, int, int]:
-        return gcfg.shares(gcfg.sample_size(g + 1, real_size))
-
+    reference = learner.reference(reference_key(key))
+    real_size = learner.real_size(requested_real_size(gcfg))
     static = learner.static_sample_size
-    # Learners whose data grows (accumulate with raw points) cannot be scanned: one generation
-    # per jitted call then, recompiled as the shapes change.
-    g0 = np.arange(start, start + 1, dtype=np.int32)
-    c0 = np.array([counts_of(start)], dtype=np.int32)
-    first = jax.tree.map(lambda x: _pad_rows(x[:chunk], chunk), (data, params))
-    scan = _shape_invariant(
-        learner, seed, *first, reference, counts_of(start) if static else None, c0, g0
-    )
-    seg_cfg = gcfg if scan else dataclasses.replace(gcfg, block_size=1)
+    _check_memory(learner, policy, key, reference, real_size, R, gcfg.block_size)
+
+    def counts_of(g: int) -> Any:
+        return real_size if g == 0 else gcfg.shares(gcfg.sample_size(g, real_size))
+
+    carry = None  # [R, ...] on the host; None before generation 0
+    if start > 0:
+        # The stored carry's tree structure (shapes may differ: only the structure is used).
+        template = jax.eval_shape(
+            lambda: one_generation(
+                learner,
+                policy,
+                key,
+                jnp.zeros((1,), jnp.uint32),
+                0,
+                None,
+                counts_of(0),
+                reference,
+            )[0]
+        )
+        carry = records.load_tree(run_dir / "state" / "carry.npz", template)
     done = 0
-    for a, b in _segments(seg_cfg, start, counts_of, static):
-        gens = np.arange(a, b, dtype=np.int32)
-        counts_arr = np.array([counts_of(g) for g in range(a, b)], dtype=np.int32)
-        counts = counts_of(a) if static else None
-        out_d, out_p, out_m = [], [], []
+    for a, b in _segments(start, gcfg.num_generations, gcfg.block_size, counts_of, static):
+        outs, carries = [], []
         for c in range(n_chunks):
             sl = slice(c * chunk, min((c + 1) * chunk, R))
-            d_c = jax.tree.map(lambda x, sl=sl: put(_pad_rows(x[sl], chunk)), data)
-            p_c = jax.tree.map(lambda x, sl=sl: put(_pad_rows(x[sl], chunk)), params)
-            d, p, m = _block(
+            chains = chunk_chains(c)
+            carry_c = (
+                None
+                if carry is None
+                else jax.tree.map(lambda x, sl=sl: put(_pad_rows(x[sl], chunk)), carry)
+            )
+            scan = a > 0 and _shape_invariant(
+                learner, policy, evaluate, key, chains, carry_c, reference, a, counts_of(a)
+            )
+            new, m = _advance(
                 learner,
-                seed,
-                put(chunk_chains(c)),
-                jnp.asarray(gens),
-                d_c,
-                p_c,
+                policy,
+                evaluate,
+                key,
+                chains,
+                a,
+                b,
+                carry_c,
                 reference,
-                jnp.asarray(counts_arr),
-                counts=counts,
+                counts_of,
                 scan=scan,
             )
             n = sl.stop - sl.start
-            out_d.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:n], d))
-            out_p.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:n], p))
-            out_m.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:, :n], m))
-        data = _cat_chunks(out_d, R)
-        params = _cat_chunks(out_p, R)
-        metrics = {k: np.concatenate([m[k] for m in out_m], axis=1) for k in out_m[0]}
+            carries.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:n], new))
+            outs.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:, :n], m))
+        carry = _cat_chunks(carries, R)
+        metrics = {k: np.concatenate([m[k] for m in outs], axis=1) for k in outs[0]}
         for i, g in enumerate(range(a, b)):
             per_chain = {k: v[i] for k, v in metrics.items()}
-            row, means = summarize(per_chain)
-            row = {"generation": g, "sample_size": _size_of(gcfg, g, real_size), **row}
-            arrays = {f"trials/{k}": v[: gcfg.record_trials] for k, v in per_chain.items()}
-            arrays.update({f"mean/{k}": v for k, v in means.items()})
+            rundir.check_finite(g, per_chain, learner.infinite_metrics)  # before the commit
+            row, arrays = _row_and_arrays(gcfg, g, real_size, per_chain)
             _commit_generation(run_dir, g, row, arrays)
-            if gcfg.keep_params == "all":
+            if gcfg.keep_params == "all" and g == b - 1:
+                # Only the block's last params exist on the host (use block_size: 1 for all).
                 pdir = run_dir / "params" / f"gen_{g:05d}"
-                if i == b - a - 1:  # only the block's last params exist on the host
-                    tmp = records.fresh_dir(pdir.parent, pdir.name)
-                    records.save_tree(tmp / "params.npz", params)
-                    records.replace_dir(tmp, pdir)
+                tmp = records.fresh_dir(pdir.parent, pdir.name)
+                records.save_tree(tmp / "params.npz", carry.params)
+                records.replace_dir(tmp, pdir)
 
-        def write(tmp, data=data, params=params):
-            records.save_tree(tmp / "data.npz", data)
-            records.save_tree(tmp / "params.npz", params)
+        def write(tmp, carry=carry):
+            records.save_tree(tmp / "carry.npz", carry)
 
         _commit_state(run_dir, b, write)
         for g in range(a, b):
@@ -449,28 +909,16 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
             return
 
 
-def _size_of(gcfg, g: int, real_size: int) -> int:
-    """Number of points generation g is fitted to (accumulate: all generations' data)."""
-    if gcfg.policy == "accumulate":
-        return real_size + sum(gcfg.sample_size(k, real_size) for k in range(1, g + 1))
-    return real_size if g == 0 else gcfg.sample_size(g, real_size)
-
-
-def _shape_invariant(learner, seed, data, params, reference, counts, counts_arr, gens) -> bool:
-    """Whether one generation maps the (data, params) carry to arrays of the same shapes."""
-    out = jax.eval_shape(
-        functools.partial(_block, learner, seed, counts=counts, scan=False),
-        jnp.zeros(jax.tree.leaves(data)[0].shape[:1], jnp.uint32),
-        jnp.asarray(gens[:1]),
-        data,
-        params,
-        reference,
-        jnp.asarray(counts_arr[:1]),
+def _check_memory(learner, policy, key, reference, real_size, chains: int, block: int) -> None:
+    """Refuses up front (before any allocation) chain counts whose host state cannot fit."""
+    carry, measured = jax.eval_shape(
+        lambda: one_generation(
+            learner, policy, key, jnp.zeros((1,), jnp.uint32), 0, None, real_size, reference
+        )
     )
-    same = jax.tree.map(
-        lambda a, b: a.shape == b.shape and a.dtype == b.dtype, (out[0], out[1]), (data, params)
-    )
-    return all(jax.tree.leaves(same))
+    # The carry: held, chunk outputs, concatenation, padding; the metrics of a block, twice.
+    per_chain = 4 * rundir.tree_bytes(carry) + 2 * block * rundir.tree_bytes(measured)
+    rundir.check_memory(per_chain, chains, "generation.num_trials")
 
 
 def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
@@ -486,73 +934,113 @@ def _cat_chunks(parts: list[Any], R: int) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# Non-jittable learners: one chain in Python, every generation committed, fit/sample resumable.
+# Non-jittable learners: chains one after the other in Python, a generation of every chain before
+# the next generation; every generation committed, each chain's fit and sample resumable.
+#
+# Chain r's files live in `_chain_dir(folder, r)`: the folder itself for chain 0 (the layout of a
+# single-chain run) and `folder/chain_XXXXX` for the others. Per generation g and chain r:
+#   work/gen_g[/chain_r]/fit/       the learner's own resumable fit state (checkpoints)
+#   work/gen_g[/chain_r]/fitted/    the fitted params (DONE marks them complete)
+#   work/gen_g[/chain_r]/metrics.npz
+#   work/gen_g[/chain_r]/sample/    the learner's resumable sampling state
+#   work/gen_g[/chain_r]/next.npz   the next training set: this chain's generation is done
+# Once every chain is done the generation is committed (data, params, row, arrays, then state/)
+# and work/gen_g is removed.
+
+
+def _chain_dir(folder: pathlib.Path, r: int) -> pathlib.Path:
+    return folder if r == 0 else folder / f"chain_{r:05d}"
 
 
 def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
-    gcfg, seed = cfg.generation, cfg.seed
-    k_real, k_base, k_gens = chain_keys(seed, 0)
-    reference = learner.reference(jax.random.fold_in(jax.random.key(seed), 2**31 - 1))
-    params_template = None
-    if start == 0:
-        data = learner.real_data(k_real)
-        params_prev = None
-    else:
-        data = _load_data(run_dir / "state" / "data.npz")
-        params_prev = None
-        if gcfg.init_from == "previous":
-            params_template = learner.init(k_base)
-            params_prev = learner.load_params(run_dir / "state" / "params", params_template)
-    real_size = (
-        learner.num_samples(data)
-        if start == 0
-        else json.loads((run_dir / "generations" / "gen_00000.json").read_text())["sample_size"]
-    )
+    gcfg = cfg.generation
+    policy = Policy.of(gcfg)
+    key, R = base_key(cfg.seed), gcfg.num_trials
+    reference = learner.reference(reference_key(key))
+    real_size = learner.real_size(requested_real_size(gcfg))
+    ks = [chain_keys(key, r) for r in range(R)]
+    template: list[Any] = [None] * R
+
+    def params_template(r: int) -> Any:
+        if template[r] is None:
+            template[r] = learner.init(ks[r][1])
+        return template[r]
+
     done = 0
     for g in range(start, gcfg.num_generations):
-        keys = generation_keys(k_gens, g)
         work = run_dir / "work" / f"gen_{g:05d}"
-        work.mkdir(parents=True, exist_ok=True)
-        fitted_dir = work / "fitted"
-        if (fitted_dir / "DONE").exists():
-            template = params_template if params_template is not None else learner.init(k_base)
-            params = learner.load_params(fitted_dir, template)
-        else:
-            init = start_params(learner, gcfg, keys, k_base, params_prev)
-            params = learner.fit(keys["fit"], data, init, workdir=work / "fit")
-            tmp = records.fresh_dir(work, "fitted")
-            learner.save_params(tmp, params)
-            (tmp / "DONE").write_text("ok\n")
-            records.replace_dir(tmp, fitted_dir)
-        metrics_path = work / "metrics.npz"
-        if metrics_path.exists():
-            per_chain = records.load_npz(metrics_path)
-        else:
-            m = {**learner.evaluate(keys["eval"], params, reference), **learner.data_metrics(data)}
-            per_chain = {k: np.asarray(v)[None] for k, v in m.items()}
-            records.save_npz(metrics_path, per_chain)
-        row, means = summarize(per_chain)
-        row = {"generation": g, "sample_size": learner.num_samples(data), **row}
-        counts = gcfg.shares(gcfg.sample_size(g + 1, real_size))
-        new_data = next_data(learner, gcfg, keys, data, params, counts, workdir=work / "sample")
-        # Commit: the data this generation trained on, its params, its metrics, then the state.
-        records.save_npz(run_dir / "data" / f"gen_{g:05d}.npz", _data_arrays(data))
-        if gcfg.keep_params == "all":
-            pdir = run_dir / "params" / f"gen_{g:05d}"
-            tmp = records.fresh_dir(pdir.parent, pdir.name)
-            shutil.copytree(fitted_dir, tmp, dirs_exist_ok=True)
-            records.replace_dir(tmp, pdir)
-        arrays = {f"trials/{k}": v for k, v in per_chain.items()}
-        arrays.update({f"mean/{k}": v for k, v in means.items()})
+        per_chain = []
+        for r in range(R):
+            k_real, k_base, k_gens = ks[r]
+            state = _chain_dir(run_dir / "state", r)
+            wdir = _chain_dir(work, r)
+            wdir.mkdir(parents=True, exist_ok=True)
+            if g == 0:
+                # Generation 0's real data pass through work/ too, so a resumed run trains on
+                # exactly the bytes the committed data/gen_00000 holds.
+                data_src = wdir / "real.npz"
+                if not data_src.exists():
+                    records.save_npz(data_src, _data_arrays(learner.real_data(k_real, real_size)))
+            else:
+                data_src = state / "data.npz"
+            data = _load_data(data_src)
+            keys = generation_keys(k_gens, g)
+            fitted_dir = wdir / "fitted"
+            if (fitted_dir / "DONE").exists():
+                params = learner.load_params(fitted_dir, params_template(r))
+            else:
+                previous = None
+                if g > 0 and policy.init_from == "previous":
+                    previous = learner.load_params(state / "params", params_template(r))
+                init = start_params(learner, policy, keys, k_base, previous)
+                params = learner.fit(keys["fit"], data, init, workdir=wdir / "fit")
+                tmp = records.fresh_dir(wdir, "fitted")
+                learner.save_params(tmp, params)
+                (tmp / "DONE").write_text("ok\n")
+                records.replace_dir(tmp, fitted_dir)
+            metrics_path = wdir / "metrics.npz"
+            if metrics_path.exists():
+                m = records.load_npz(metrics_path)
+            else:
+                m = {
+                    **learner.evaluate(keys["eval"], params, reference),
+                    **learner.data_metrics(data),
+                }
+                m = {k: np.asarray(v) for k, v in m.items()}
+                records.save_npz(metrics_path, m)
+            per_chain.append(m)
+            if not (wdir / "next.npz").exists():
+                counts = gcfg.shares(gcfg.sample_size(g + 1, real_size))
+                new = next_data(
+                    learner, policy, keys, data, params, counts, workdir=wdir / "sample"
+                )
+                records.save_npz(wdir / "next.npz", _data_arrays(new))
+            del data, params
+        # Every chain has finished generation g: commit it.
+        for r in range(R):
+            wdir = _chain_dir(work, r)
+            src = (wdir / "real.npz") if g == 0 else _chain_dir(run_dir / "state", r) / "data.npz"
+            dst = _chain_dir(run_dir / "data", r) / f"gen_{g:05d}.npz"
+            records.save_npz(dst, records.load_npz(src))
+            if gcfg.keep_params == "all":
+                pdir = _chain_dir(run_dir / "params", r) / f"gen_{g:05d}"
+                tmp = records.fresh_dir(pdir.parent, pdir.name)
+                shutil.copytree(wdir / "fitted", tmp, dirs_exist_ok=True)
+                records.replace_dir(tmp, pdir)
+        stacked = {k: np.stack([m[k] for m in per_chain]) for k in per_chain[0]}
+        rundir.check_finite(g, stacked, learner.infinite_metrics)  # before the commit
+        row, arrays = _row_and_arrays(gcfg, g, real_size, stacked)
         _commit_generation(run_dir, g, row, arrays)
 
-        def write(tmp, new_data=new_data, fitted_dir=fitted_dir):
-            records.save_npz(tmp / "data.npz", _data_arrays(new_data))
-            shutil.copytree(fitted_dir, tmp / "params")
+        def write(tmp, work=work):
+            for r in range(R):
+                wdir, sdir = _chain_dir(work, r), _chain_dir(tmp, r)
+                sdir.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(wdir / "next.npz", sdir / "data.npz")
+                shutil.copytree(wdir / "fitted", sdir / "params")
 
         _commit_state(run_dir, g + 1, write)
         shutil.rmtree(work, ignore_errors=True)
-        data, params_prev = new_data, params
         committed(g, row)
         done += 1
         if stop_after is not None and done >= stop_after:

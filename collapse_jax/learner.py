@@ -7,8 +7,14 @@ learners are final and implement every abstract method).
 
 Every method works on ONE chain. For `jittable` learners the loop vmaps the methods over
 independent chains (trials) and scans them over generations; non-jittable learners (SGD
-fine-tuning, beam search) run one chain in Python and receive a `workdir` where they may keep
-resumable intermediate state (checkpoints, partially regenerated data).
+fine-tuning, beam search) run their chains one after the other in Python and receive a `workdir`
+where they may keep resumable intermediate state (checkpoints, partially regenerated data).
+
+The contract (issue 9): a learner owns its model, never the schedule. It is built as
+`Learner(config, mesh=None)` and never sees the `GenerationConfig`: the loop alone owns the
+mixing policies, the sample sizes and the keys, and tells the learner how many points to draw
+(`real_data(key, num)`, `draw_real(key, num)`, `sample(key, params, num)`). A learner may offer a
+batched fit over chains (`fit_chains`), which the loop then uses instead of vmapping `fit`.
 
 `Data` is any pytree the learner understands; the mixing policies only use `sample`, `subset`,
 `draw_real` and `concat`, so a learner may represent data as raw points or as sufficient statistics.
@@ -35,6 +41,7 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
       jittable: True if fit/evaluate/sample/subset/draw_real/concat are pure, jittable JAX
         functions with shapes fixed by their (static int) sizes; the loop then vmaps them over
         chains and scans them over generations.
+      infinite_metrics: metrics allowed to be +-inf (never NaN); others must stay finite.
       static_sample_size: when False (only for jittable learners), sample sizes are passed as
         traced int32 scalars instead of Python ints, so a growing sample-size schedule needs no
         recompilation (e.g. the theory models' `exact` method, whose cost is independent of M).
@@ -42,20 +49,21 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
 
     jittable: ClassVar[bool] = False
     static_sample_size: ClassVar[bool] = True
+    # Metrics that may legitimately be +-inf (a collapsed chain's log-determinant); any other
+    # non-finite metric stops the run (`rundir.check_finite`).
+    infinite_metrics: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, config: Any, generation: Any = None, mesh: Any = None):
+    def __init__(self, config: Any, mesh: Any = None):
         """Args:
         config: the learner's frozen model config (`model:` block of the experiment).
-        generation: the frozen `GenerationConfig` of the experiment (sample sizes etc.).
-        mesh: the experiment's frozen `MeshConfig` (None: all devices on the data axis), for
-          learners that shard their work.
+        mesh: the experiment's frozen `sharding.MeshConfig` (None: all devices on the data
+          axis), for learners that shard their work.
         """
         self.config = config
-        self.generation = generation
         self.mesh_config = mesh
 
     def _key(self) -> tuple:
-        return (type(self), self.config, self.generation, self.mesh_config)
+        return (type(self), self.config, self.mesh_config)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, AbstractLearner) and self._key() == other._key()
@@ -64,9 +72,28 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         return hash(self._key())
 
     # --- data of generation 0 and of the real distribution -------------------------------
-    @abc.abstractmethod
-    def real_data(self, key: jax.Array) -> Data:
-        """The generation-0 training data of one chain (real data)."""
+    def real_size(self, requested: int | None) -> int:
+        """Number of real points generation 0 trains on.
+
+        Args:
+          requested: the loop's M_0 (`generation.samples_per_generation`, or the schedule's first
+            entry); None when the config leaves it to the learner.
+        Returns:
+          `requested` by default (learners that sample their real distribution at any size);
+          learners with a data set of their own (images, text blocks) return its size.
+        """
+        if requested is None:
+            raise ValueError(
+                f"{type(self).__name__}: generation.samples_per_generation must be set (there is "
+                "no real data set whose size could be used)"
+            )
+        return int(requested)
+
+    def real_data(self, key: jax.Array, num: int | jax.Array) -> Data:
+        """The generation-0 training data of one chain: `num` real points (`num` is what
+        `real_size` returned, as an int or a traced int32 for `static_sample_size = False`).
+        Default: `draw_real(key, num)`."""
+        return self.draw_real(key, num)
 
     @abc.abstractmethod
     def draw_real(self, key: jax.Array, num: int | jax.Array) -> Data:
@@ -89,6 +116,11 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
 
         Non-jittable learners receive `workdir=pathlib.Path` in kwargs: a folder of their own for
         this generation's resumable state."""
+
+    # Optional batched fit over chains: `fit_chains(keys [R], data [R, ...], params [R, ...])`
+    # -> params [R, ...], called from Python (outside jit) once per generation; it may run host
+    # loops (GMM compacts converged chains). None: the loop vmaps `fit`.
+    fit_chains: Any = None
 
     @abc.abstractmethod
     def evaluate(self, key: jax.Array, params: Params, reference: Any) -> Metrics:
@@ -146,11 +178,15 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
 
         return records.load_tree(path / "params.npz", template)
 
-    def expected_curves(self, sample_sizes: np.ndarray) -> dict[str, np.ndarray]:
+    def expected_curves(
+        self, sample_sizes: np.ndarray, generation: Any = None
+    ) -> dict[str, np.ndarray]:
         """Closed-form expectations of scalar metrics per generation (overlaid on the plots).
 
         Args:
           sample_sizes: [G] the training-set size of each generation (index 0 = real data).
+          generation: the run's `GenerationConfig` (its policy decides which curves are known);
+            None means the "replace" policy.
         Returns:
           {metric name: [G] expected chain-mean of that metric}; empty when none is known.
         """

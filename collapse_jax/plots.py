@@ -7,7 +7,9 @@ variance of the MLE Gaussian chain, ((M-1)/M)^n sigma_0^2).
 
 from __future__ import annotations
 
+import os
 import pathlib
+import shutil
 
 import matplotlib
 
@@ -61,24 +63,42 @@ def metric_figure(run: records.Run, name: str, expected: np.ndarray | None, path
 
 
 def make_figures(run: records.Run, learner=None) -> list[pathlib.Path]:
-    """Writes `figures/*.png` for a run; returns the files written."""
+    """Writes `figures/*.png` for a run; returns the files written.
+
+    Figures are drawn into a temporary folder and each is renamed into `figures/` when all are
+    done, so a kill while plotting leaves the previous figures, never an empty or torn PNG (the
+    temporary folder is removed here or by the next run's `rundir.clean_temporaries`).
+    """
     out = run.path / "figures"
-    out.mkdir(exist_ok=True)
     rows = run.rows()
     if not rows:
         return []
     expected = {}
     if learner is not None:
         sizes = np.array([r["sample_size"] for r in rows])
-        expected = learner.expected_curves(sizes)
-    files = []
-    for name in scalar_metrics(rows):
-        path = out / f"{name}.png"
-        metric_figure(run, name, expected.get(name), path)
-        files.append(path)
-    if learner is not None:
-        files += learner.figures(run, out)
-    return files
+        expected = learner.expected_curves(sizes, run.config.generation)
+    tmp = records.fresh_dir(run.path, "figures")
+    try:
+        drawn = []
+        for name in scalar_metrics(rows):
+            path = tmp / f"{name}.png"
+            metric_figure(run, name, expected.get(name), path)
+            drawn.append(path)
+        if learner is not None:
+            drawn += learner.figures(run, tmp)
+        out.mkdir(exist_ok=True)
+        files = []
+        for path in map(pathlib.Path, drawn):
+            if not path.is_relative_to(tmp):  # a learner's file outside figures/ (run-dir text)
+                files.append(path)
+                continue
+            rel = path.relative_to(tmp)
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, out / rel)
+            files.append(out / rel)
+        return files
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def summary_table(rows: list[dict], max_rows: int = 12, max_cols: int = 6) -> str:

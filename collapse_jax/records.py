@@ -22,34 +22,69 @@ only after the generation's rows and arrays are on disk.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it; set straight back
+    os.umask(mask)
+    return mask
+
+
+def _normal_mode(path_or_fd: str | int, *, folder: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700 entries; results get the mode `open`/`mkdir` would give."""
+    mode = (0o777 if folder else 0o666) & ~_umask()
+    if isinstance(path_or_fd, int):
+        os.fchmod(path_or_fd, mode)
+    else:
+        os.chmod(path_or_fd, mode)
+
+
 def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
     """Writes `data` to `path` via a temporary file in the same folder and a rename."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[pathlib.Path]:
+    """Yields a temporary file name next to `path`; on success the file is synced and renamed
+    to `path`, on failure (or Ctrl-C) removed. For writers that want a file name (np.save,
+    safetensors, savefig): a killed writer never leaves a torn or empty `path`.
+
+    Args:
+      suffix: the temporary name's ending (some writers choose the format by it, e.g. ".npy").
+    """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        _normal_mode(fd)
+        os.close(fd)
+        yield pathlib.Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a full disk is reported with the file being written
         raise
 
 
@@ -86,7 +121,7 @@ def load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise ValueError(f"corrupt array file {path}: {e}") from e
+        raise CorruptFileError(f"corrupt array file {path}: {e}") from e
 
 
 def save_tree(path: pathlib.Path, tree: Any) -> None:
@@ -121,9 +156,41 @@ def replace_dir(src: pathlib.Path, dst: pathlib.Path) -> None:
 
 
 def fresh_dir(parent: pathlib.Path, name: str) -> pathlib.Path:
-    """A new empty temporary folder under `parent` (to be renamed into place)."""
+    """A new empty temporary folder under `parent` (to be renamed into place).
+
+    Its name matches `TEMPORARY` so that a run killed before the rename leaves nothing that
+    `rundir.clean_temporaries` does not remove on the next start."""
     parent.mkdir(parents=True, exist_ok=True)
-    return pathlib.Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp"))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    _normal_mode(tmp, folder=True)
+    return pathlib.Path(tmp)
+
+
+# Names of the temporary files and folders above (".<name>.<random>.tmp"/".npy" etc.).
+TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.[A-Za-z0-9]+$")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Reads a JSON file; a missing or corrupt file raises an error naming it."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"missing file {path}")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"corrupt JSON file {path}: {e}") from None
+
+
+class CorruptFileError(ValueError):
+    """A file exists but cannot be read as what it should be; the message names it."""
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> pathlib.Path:
+    """`fig.savefig(path)` written atomically (a kill while plotting leaves no empty PNG)."""
+    path = pathlib.Path(path)
+    with atomic_path(path, suffix=path.suffix or ".png") as tmp:
+        fig.savefig(tmp, **kwargs)
+    return path
 
 
 def recover_state_dir(run_dir: pathlib.Path) -> None:
@@ -144,6 +211,8 @@ class Run:
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"run directory not found: {self.path}")
         if not (self.path / "config.yaml").is_file():
             raise FileNotFoundError(f"{self.path} is not a run directory (no config.yaml)")
 
@@ -154,15 +223,21 @@ class Run:
         return config_lib.load_config(self.path / "config.yaml")
 
     def finished_generations(self) -> list[int]:
-        gens = sorted(
+        """The committed generations (by the run's commit record; files of a generation that was
+        being committed when the run was killed are not among them)."""
+        from collapse_jax import rundir
+
+        n = rundir.committed_generations(self.path)
+        if n is not None:
+            return list(range(n))
+        return sorted(  # nothing committed yet, or a bare folder of rows
             int(p.stem.split("_")[1]) for p in (self.path / "generations").glob("gen_*.json")
         )
-        return gens
 
     def rows(self) -> list[dict[str, Any]]:
         """Summary rows of every finished generation, in order."""
         return [
-            json.loads((self.path / "generations" / f"gen_{g:05d}.json").read_text())
+            load_json(self.path / "generations" / f"gen_{g:05d}.json")
             for g in self.finished_generations()
         ]
 

@@ -7,7 +7,6 @@ and activations with "batch"/"seq"; `DEFAULT_RULES` maps them onto the mesh axes
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,6 +14,8 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from collapse_jax import config as config_lib
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
@@ -34,23 +35,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class MeshConfig:
-    """Mesh axis sizes as they appear in a config's `mesh:` block.
-
-    Attributes:
-      data: data-parallel replicas (batch split, parameters replicated).
-      fsdp: fully-sharded data parallelism (batch split, parameters and optimizer state split).
-      tensor: tensor (model) parallelism (heads / MLP / vocab split).
-    One of the three may be -1: it takes every device the others leave.
-    """
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-
-    def shape(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+# The config block `mesh:` (one class for configs and meshes; validated where configs are built).
+MeshConfig = config_lib.MeshConfig
 
 
 def make_mesh(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import pathlib
 from typing import Any, ClassVar, Literal
@@ -313,7 +312,7 @@ def train(
     start = 0
     ckpt = None if workdir is None else pathlib.Path(workdir) / "train_state.npz"
     if ckpt is not None and ckpt.is_file():
-        meta = json.loads((ckpt.parent / "train_state.json").read_text())
+        meta = records.load_json(ckpt.parent / "train_state.json")
         params, opt_state = records.load_tree(ckpt, (params, opt_state))
         params, opt_state = jax.tree.map(jnp.asarray, (params, opt_state))
         start, history = meta["epoch"] + 1, meta["history"]
@@ -439,12 +438,17 @@ class VAELearner(AbstractLearner[Params, np.ndarray]):
     def _train_images(self) -> np.ndarray:
         return mnist.load_mnist(self.config.data_dir, "train")[0]
 
-    def real_data(self, key: jax.Array) -> np.ndarray:
+    def real_size(self, requested: int | None) -> int:
+        """The real training set's size (`model.train_size`, capped by MNIST's 60000)."""
+        n, total = self.config.train_size, len(self._train_images)
+        return total if n is None else min(n, total)
+
+    def real_data(self, key: jax.Array, num: int | jax.Array) -> np.ndarray:
+        """A fixed random subset of `num` training images (all of them when num is 60000)."""
         images = self._train_images
-        n = self.config.train_size
-        if n is None or n >= len(images):
+        if int(num) >= len(images):
             return images
-        idx = np.asarray(jax.random.choice(key, len(images), (n,), replace=False))
+        idx = np.asarray(jax.random.choice(key, len(images), (int(num),), replace=False))
         return images[np.sort(idx)]
 
     def draw_real(self, key: jax.Array, num: int | jax.Array) -> np.ndarray:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import time
 from typing import ClassVar
 
 import jax
@@ -23,9 +25,6 @@ class ToyGaussianLearner(AbstractLearner):
     """1-D Gaussian fitted by MLE to raw points; jittable."""
 
     jittable = True
-
-    def real_data(self, key):
-        return self.draw_real(key, self.generation.sample_size(0, 0))
 
     def draw_real(self, key, num):
         return self.config.mean + self.config.std * jax.random.normal(key, (num,))
@@ -53,9 +52,6 @@ class ToyNumpyLearner(AbstractLearner):
     jittable = False
     calls: ClassVar[list] = []
 
-    def real_data(self, key):
-        return self.draw_real(key, self.generation.sample_size(0, 0))
-
     def draw_real(self, key, num):
         return np.asarray(self.config.mean + self.config.std * jax.random.normal(key, (num,)))
 
@@ -73,3 +69,33 @@ class ToyNumpyLearner(AbstractLearner):
         ToyNumpyLearner.calls.append(("sample", workdir))
         z = np.asarray(jax.random.normal(key, (num,)))
         return params["mu"] + np.sqrt(params["var"]) * z
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class SlowToyConfig:
+    """ToyNumpyLearner's model with a pause in every fit (time to race or interrupt a run) and
+    an optional input file holding the real mean (an input a failed start can get wrong)."""
+
+    kind: ClassVar[str] = "slowtoy"
+    mean: float = 0.0
+    std: float = 1.0
+    delay: float = 0.0
+    mean_file: str | None = None
+    gate: str | None = None  # fits of generations >= gate_generation wait for this file
+    gate_generation: int = 0
+
+
+class SlowToyLearner(ToyNumpyLearner):
+    def __init__(self, config, mesh=None):
+        if config.mean_file is not None:  # inputs are validated when the learner is built
+            text = pathlib.Path(config.mean_file).read_text()
+            config = dataclasses.replace(config, mean=float(text))
+        super().__init__(config, mesh)
+
+    def fit(self, key, data, params, *, workdir=None):
+        time.sleep(self.config.delay)
+        generation = int(pathlib.Path(workdir).parent.name.split("_")[1])
+        if self.config.gate is not None and generation >= self.config.gate_generation:
+            while not pathlib.Path(self.config.gate).exists():
+                time.sleep(0.02)
+        return super().fit(key, data, params, workdir=workdir)

@@ -90,5 +90,5 @@ def test_bad_input_exits_2_with_a_message(toy_config, capsys, argv, message):
 def test_resume_with_different_config_is_refused(toy_config, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli.main(["run", str(toy_config), "--out", str(out), "--no-progress"]) == 0
-    assert cli.main(["run", str(toy_config), "seed=2", "--out", str(out), "--no-progress"]) == 1
-    assert "different config" in capsys.readouterr().err
+    assert cli.main(["run", str(toy_config), "seed=2", "--out", str(out), "--no-progress"]) == 2
+    assert "different config (seed: 1 -> 2)" in capsys.readouterr().err

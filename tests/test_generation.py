@@ -21,7 +21,7 @@ def _cfg(**gen):
 
 def _run(cfg, path, learner_cls=ToyGaussianLearner, **kw):
     return generation.run_generations(
-        cfg, path, learner=learner_cls(cfg.model, cfg.generation), **kw
+        cfg, path, learner=learner_cls(cfg.model), **kw
     )
 
 
@@ -51,22 +51,25 @@ def test_chains_do_not_depend_on_chunking_or_count(tmp_path):
 
 
 def test_vmapped_scan_equals_python_loop_over_chains(tmp_path):
+    """The blocked, vmapped, scanned run equals the per-chain core called generation by
+    generation (the same keys and the same policy)."""
     cfg = _cfg(num_trials=5, block_size=4, policy="mix", alpha=0.5, beta=0.25, gamma=0.25)
-    learner = ToyGaussianLearner(cfg.model, cfg.generation)
+    learner = ToyGaussianLearner(cfg.model)
     res = generation.run_generations(cfg, tmp_path, learner=learner)
     got = records.Run(res.run_dir).trial_series("var")  # [G, R]
+    policy = generation.Policy.of(cfg.generation)
     counts = cfg.generation.shares(12)
     step = jax.jit(
-        lambda kb, kg, g, d, p: generation._one_generation(
-            learner, cfg.generation, None, kb, kg, g, d, p, counts
-        )
+        lambda ks, g, carry, cnt: generation.chain_generation(
+            learner, policy, ks, g, carry, cnt
+        )[1:],
+        static_argnums=(3,),
     )
     for r in range(5):
-        k_real, k_base, k_gens = generation.chain_keys(cfg.seed, r)
-        data = learner.real_data(k_real)
-        params = learner.init(k_base)
+        ks = generation.chain_keys(cfg.seed, r)
+        carry = None
         for g in range(6):
-            data, params, m = step(k_base, k_gens, g, data, params)
+            carry, m = step(ks, g, carry, 12 if g == 0 else counts)
             np.testing.assert_allclose(got[g, r], m["var"], rtol=1e-5)
 
 
@@ -79,9 +82,6 @@ class TagLearner(AbstractLearner):
     """Data are 0 (real) and 1 (synthetic) tags; the 'model' is the fraction of 1s."""
 
     jittable = True
-
-    def real_data(self, key):
-        return jnp.zeros((self.generation.samples_per_generation,))
 
     def draw_real(self, key, num):
         return jnp.zeros((num,))
@@ -164,8 +164,9 @@ def test_resume_with_another_config_is_refused(tmp_path):
 def test_corrupt_state_gives_a_clear_error(tmp_path):
     cfg = _cfg(num_trials=2, num_generations=8, block_size=1)
     _run(cfg, tmp_path, stop_after=1)
-    (tmp_path / "state" / "data.npz").write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="corrupt array file .*data.npz"):
+    (tmp_path / "state" / "carry.npz").write_bytes(b"not a zip file")
+    # The manifest catches it before anything is computed, and names the file.
+    with pytest.raises(ValueError, match="damaged: state/carry.npz has changed"):
         _run(cfg, tmp_path)
     assert records.Run(tmp_path).finished_generations() == [0]  # finished work is kept
 
@@ -187,3 +188,45 @@ def test_keys_are_independent_of_everything_but_seed_chain_generation():
     assert json.dumps(sorted(a)) == json.dumps(
         ["eval", "fit", "init", "previous", "real", "sample"]
     )
+
+
+class KilledOnce(ToyNumpyLearner):
+    """Dies in the fit of chain 1's generation 1 the first time (a killed process)."""
+
+    armed: ClassVar[bool] = True
+
+    def fit(self, key, data, params, *, workdir=None):
+        if KilledOnce.armed and "gen_00001/chain_00001" in str(workdir):
+            KilledOnce.armed = False
+            raise KeyboardInterrupt("killed")
+        return super().fit(key, data, params, workdir=workdir)
+
+
+def test_python_learner_runs_several_chains_and_resumes_mid_generation(tmp_path):
+    """num_trials = 2 with a non-jittable learner: two independent chains (their own keys),
+    resumable per chain and generation; a kill inside chain 1 of generation 1 resumes to the
+    same metrics, and chain 0's finished work of that generation is not redone."""
+    cfg = _cfg(num_trials=2, num_generations=2, policy="mix", alpha=0.5, beta=0.25, gamma=0.25)
+    full = _run(cfg, tmp_path / "full", learner_cls=ToyNumpyLearner)
+    assert len(full.rows) == 2 and "var_se" in full.rows[0]
+    ToyNumpyLearner.calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        _run(cfg, tmp_path / "part", learner_cls=KilledOnce)
+    assert records.Run(tmp_path / "part").finished_generations() == [0]
+    ToyNumpyLearner.calls.clear()
+    resumed = _run(cfg, tmp_path / "part", learner_cls=KilledOnce)
+    # Only chain 1's generation 1 is left: its fit and sample.
+    assert [c[0] for c in ToyNumpyLearner.calls] == ["fit", "sample"]
+    assert resumed.rows == full.rows
+    a, b = records.Run(full.run_dir), records.Run(resumed.run_dir)
+    for g in range(2):
+        assert a.arrays(g)["trials/var"].shape == (2,)
+        np.testing.assert_array_equal(a.arrays(g)["trials/var"], b.arrays(g)["trials/var"])
+    # Each chain keeps its own data; the chains differ (their own keys).
+    d0 = records.load_npz(tmp_path / "full" / "data" / "gen_00001.npz")["data"]
+    d1 = records.load_npz(tmp_path / "full" / "data" / "chain_00001" / "gen_00001.npz")["data"]
+    assert d0.shape == d1.shape == (12,) and not np.array_equal(d0, d1)
+    # Chain r of the Python path draws its real data with chain r's key, as the vmapped path.
+    k_real = generation.chain_keys(cfg.seed, 1)[0]
+    d = records.load_npz(tmp_path / "full" / "data" / "chain_00001" / "gen_00000.npz")["data"]
+    np.testing.assert_array_equal(d, ToyNumpyLearner(cfg.model).real_data(k_real, 12))

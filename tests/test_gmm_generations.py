@@ -59,9 +59,9 @@ def test_variance_shrinks_and_l2_grows_over_generations(tmp_path):
     np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-5)
     assert np.all(w[:, 0] >= w[:, 1])
     # The figure replay reproduces chain 0's data (same keys as the loop).
-    replay = gmm.replay_chain(learner, cfg.seed, [0, 3])
+    replay = gmm.replay_chain(learner, cfg.seed, [0, 3], cfg.generation)
     k_real, _, _ = generation.chain_keys(cfg.seed, 0)
-    np.testing.assert_allclose(replay[0], learner.real_data(k_real))
+    np.testing.assert_allclose(replay[0], learner.real_data(k_real, 50))
     assert replay[3].shape == (50, 2)
     files = learner.figures(run, tmp_path / "figs")
     assert {f.name for f in files} == {"gmm_l2.png", "gmm_scatter.png"}
@@ -77,9 +77,9 @@ def test_tail_component_weight_metric():
         max_iter=200,
         heldout_size=100,
     )
-    learner = gmm.GMMLearner(cfg, GenerationConfig(samples_per_generation=4000))
+    learner = gmm.GMMLearner(cfg)
     key = jax.random.key(0)
-    data = learner.real_data(key)
+    data = learner.real_data(key, learner.real_size(4000))
     params = learner.fit(jax.random.key(1), data, learner.init(key))
     m = learner.evaluate(key, params, learner.reference(key))
     np.testing.assert_allclose(m["true_component_weight"], [0.6, 0.3, 0.1], atol=0.03)

@@ -1,4 +1,8 @@
-"""Hugging Face OPT checkpoints <-> the Flax port (`collapse_jax.lm.opt`).
+"""Hugging Face OPT checkpoints <-> the Flax port: the file-format layer under `lm.opt`.
+
+This module knows HF's tensor names, layouts and files, not the model classes: `lm.opt` builds
+the (abstract) model and calls in here (`load_state`, `write_directory`), so the import goes one
+way only, opt -> convert.
 
 The Flax parameter paths mirror HF's module names, so the mapping is mechanical:
 
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM
+from collapse_jax import records
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -91,7 +95,7 @@ def _normalise_name(name: str) -> str:
     return "model." + name if name.startswith("decoder.") else name
 
 
-def hf_state_dict(model: OPTForCausalLM) -> dict[str, np.ndarray]:
+def hf_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     """The model's parameters as an HF state dict of NumPy arrays (tied head omitted).
 
     Args:
@@ -210,8 +214,8 @@ def _load_torch_file(file: pathlib.Path) -> dict[str, np.ndarray]:
     return out
 
 
-def read_config(path: os.PathLike | str) -> OPTConfig:
-    """Reads and validates `config.json` of an HF OPT directory."""
+def read_config_dict(path: os.PathLike | str) -> dict:
+    """Reads `config.json` of an HF model directory (the raw dictionary)."""
     directory = pathlib.Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory} is not a directory")
@@ -222,14 +226,13 @@ def read_config(path: os.PathLike | str) -> OPTConfig:
         d = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_file}: invalid JSON ({e})") from e
-    try:
-        return OPTConfig.from_hf_dict(d)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{config_file}: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _tensors_to_state(
-    abstract_state: nnx.State, source: _TensorSource, config: OPTConfig, param_dtype: Any
+    abstract_state: nnx.State, source: _TensorSource, tied_head: bool, param_dtype: Any
 ) -> nnx.State:
     expected = {}
     for path, var in nnx.to_flat_state(abstract_state):
@@ -241,7 +244,7 @@ def _tensors_to_state(
             f"{source.directory}: checkpoint lacks tensors required by its config.json: "
             f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
         )
-    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    ignorable = {"lm_head.weight"} if tied_head else set()
     unexpected = sorted(available - set(expected) - ignorable)
     if unexpected:
         raise ValueError(
@@ -262,86 +265,74 @@ def _tensors_to_state(
     return nnx.from_flat_state(flat)
 
 
-def load_pretrained(
-    path: os.PathLike | str,
-    dtype: Any = jnp.float32,
-    *,
-    param_dtype: Any = None,
-    attention_implementation: str | None = None,
-) -> OPTForCausalLM:
-    """Loads an HF OPT directory; see `collapse_jax.lm.opt.load_pretrained`."""
-    directory = pathlib.Path(path)
-    config = read_config(directory)
-    source = _TensorSource(directory)
-    param_dtype = dtype if param_dtype is None else param_dtype
-    abstract = nnx.eval_shape(
-        lambda: OPTForCausalLM(
-            config,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=nnx.Rngs(0),
-            attention_implementation=attention_implementation,
-        )
-    )
-    graphdef, abstract_state = nnx.split(abstract)
+def load_state(
+    path: os.PathLike | str, abstract_state: nnx.State, *, tied_head: bool, param_dtype: Any
+) -> nnx.State:
+    """Reads the weights of an HF directory into the parameter state shaped like `abstract_state`.
+
+    Args:
+      path: the directory (its weights in any of the formats of the module docstring).
+      abstract_state: `nnx.state` of the abstract model (`nnx.eval_shape`), HF-named paths.
+      tied_head: the model ties its LM head to the embedding (a stored `lm_head.weight` is
+        then ignored).
+      param_dtype: dtype of the returned parameters.
+
+    Raises:
+      FileNotFoundError: no weights in the directory, or a shard named by its index is missing.
+      ValueError: a tensor is missing, unexpected, unreadable or misshapen.
+    """
+    source = _TensorSource(pathlib.Path(path))
     try:
-        state = _tensors_to_state(abstract_state, source, config, param_dtype)
+        return _tensors_to_state(abstract_state, source, tied_head, param_dtype)
     finally:
         source.close()
-    return nnx.merge(graphdef, state)
 
 
-def _dtype_name(dtype: Any) -> str:
+def state_from_tensors(
+    abstract_state: nnx.State,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    tied_head: bool,
+    param_dtype: Any,
+) -> nnx.State:
+    """`load_state` from an in-memory HF state dict `{name: array}` (with or without `model.`)."""
+    return _tensors_to_state(abstract_state, _MemorySource(tensors), tied_head, param_dtype)
+
+
+class _MemorySource(_TensorSource):
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self.directory = pathlib.Path("<memory>")
+        self.kind = "memory"
+        self._tensors = {_normalise_name(k): v for k, v in tensors.items()}
+        self.files = {k: self.directory for k in self._tensors}
+        self.raw_names = {k: k for k in self._tensors}
+        self._open = {}
+
+    def get(self, name: str) -> np.ndarray:
+        return self._tensors[name]
+
+
+def dtype_name(dtype: Any) -> str:
+    """HF's `dtype` entry of config.json for a parameter dtype."""
     return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
         jnp.dtype(dtype).name, "float32"
     )
 
 
-def save_pretrained(model: OPTForCausalLM, path: os.PathLike | str) -> None:
-    """Writes `config.json` + `model.safetensors`; see `collapse_jax.lm.opt.save_pretrained`."""
-    from safetensors.numpy import save_file
+def write_directory(
+    path: os.PathLike | str, tensors: Mapping[str, np.ndarray], config: dict
+) -> None:
+    """Writes `config.json` + `model.safetensors` (the directory is created if needed).
+
+    Each file is written to a temporary name and renamed (weights first), so a crash never
+    leaves a torn file behind.
+    """
+    from safetensors.numpy import save
 
     directory = pathlib.Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = hf_state_dict(model)
-    config = model.config.to_hf_dict()
-    config["dtype"] = _dtype_name(model.param_dtype)
-    # Write to temporary names first so that a crash never leaves a half-written model behind.
-    tmp_weights = directory / (SAFETENSORS_NAME + ".tmp")
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-    os.replace(tmp_weights, directory / SAFETENSORS_NAME)
-    tmp_config = directory / (CONFIG_NAME + ".tmp")
-    tmp_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_config, directory / CONFIG_NAME)
-
-
-def state_from_hf(
-    config: OPTConfig, tensors: Mapping[str, np.ndarray], *, param_dtype: Any = jnp.float32
-) -> nnx.State:
-    """Converts an in-memory HF state dict (NumPy arrays) to the nnx parameter state.
-
-    Args:
-      config: the model's config.
-      tensors: `{hf_name: array}`; names with or without the `model.` prefix.
-      param_dtype: dtype of the returned parameters.
-
-    Returns:
-      An `nnx.State` to `nnx.merge` with the graphdef of `OPTForCausalLM(config, ...)`.
-    """
-
-    class _Memory(_TensorSource):
-        def __init__(self, tensors):
-            self.directory = pathlib.Path("<memory>")
-            self.kind = "memory"
-            self._tensors = {_normalise_name(k): v for k, v in tensors.items()}
-            self.files = {k: self.directory for k in self._tensors}
-            self.raw_names = {k: k for k in self._tensors}
-            self._open = {}
-
-        def get(self, name):
-            return self._tensors[name]
-
-    abstract = nnx.eval_shape(
-        lambda: OPTForCausalLM(config, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    records.atomic_write_bytes(
+        directory / SAFETENSORS_NAME, save(dict(tensors), metadata={"format": "pt"})
     )
-    return _tensors_to_state(nnx.state(abstract), _Memory(tensors), config, param_dtype)
+    records.atomic_write_text(
+        directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n"
+    )

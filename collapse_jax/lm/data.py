@@ -34,6 +34,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from collapse_jax import records
+
 SPLITS: dict[str, str] = {
     "train": "train",
     "valid": "valid",
@@ -333,10 +335,8 @@ def _first(blocks: np.ndarray, limit: int | None, what: str) -> np.ndarray:
 
 def save_blocks(path: str | os.PathLike, blocks: np.ndarray) -> None:
     """Writes blocks as `.npy` (atomically), so `np.load(path, mmap_mode="r")` can map them."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, np.asarray(blocks, dtype=np.int32))
-    os.replace(tmp, path)
+    with records.atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, np.asarray(blocks, dtype=np.int32))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from collapse_jax.lm import data as data_lib
 from collapse_jax.lm.steps import (
     _cached,
     _check_blocks,
-    _check_vocab,
     _local_value,
     _pad_rows,
     _padded_batch,
@@ -27,6 +26,7 @@ from collapse_jax.lm.steps import (
     default_mesh,
     eval_step,
 )
+from collapse_jax.lm.tokenizer import check_token_ids
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation
@@ -117,7 +117,7 @@ def perplexity(
         tokens (the quantity of the paper's perplexity histograms).
     """
     blocks = _check_blocks(blocks, "blocks")
-    _check_vocab(blocks, model, "blocks")
+    check_token_ids(blocks, model, "blocks")
     mesh = default_mesh() if mesh is None else sharding.with_auto_axes(mesh)
     graphdef, params, rest = _split(model)
     p_shard = sharding.logical_to_sharding(params, mesh)

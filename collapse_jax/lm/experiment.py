@@ -230,8 +230,8 @@ class OPTLearner(AbstractLearner):
 
     jittable = False
 
-    def __init__(self, config: OPTExperimentConfig, generation: Any = None, mesh: Any = None):
-        super().__init__(config, generation, mesh)
+    def __init__(self, config: OPTExperimentConfig, mesh: Any = None):
+        super().__init__(config, mesh)
         self._cache: dict[str, Any] = {}
 
     def _mesh(self):
@@ -273,6 +273,12 @@ class OPTLearner(AbstractLearner):
         v = self.vocab()
         blocks = np.asarray(blocks, np.int32)
         return blocks if v is None else v.to_source(blocks)
+
+    def real_size(self, requested: int | None) -> int:
+        """The number of training blocks (the paper regenerates the whole training set), or
+        `requested` when it is smaller (a random subset of the blocks)."""
+        n = len(self.corpus().train)
+        return n if requested is None else min(n, requested)
 
     def real_data(self, key: jax.Array, num: int | None = None) -> np.ndarray:
         train = self.corpus().train

@@ -28,10 +28,11 @@ q/k/v kernels are stored split into heads ([D, N, H]) so that tensor parallelism
 heads and the attention einsums need no reshapes; HF's [N*H, D] weights are transposed and
 reshaped on conversion. The tied LM head reuses `embed_tokens` (no `lm_head` parameter).
 
-The KV cache is one pytree `KVCache(key [L, B, S, N, H], value [L, B, S, N, H], index)`: batch
-is axis 1, so a beam search reorders every layer with one gather (`KVCache.reorder`). Each layer
-writes its new keys/values with one `dynamic_update_slice` into the stacked arrays, which XLA does
-in place when the cache is donated to the jitted step.
+Incremental decoding: the attention takes a cache object (`collapse_jax.lm.cache`): it hands each
+layer's new keys/values to the cache, which stores them and runs the attention, and the cache also
+supplies the new tokens' positions and masks. `init_cache` gives the plain slot cache (`KVCache`);
+the decoder swaps in a beam-aware one (`PromptSharingCache`) without a second copy of this
+forward pass.
 
 Attention goes through `jax.nn.dot_product_attention` (XLA by default; `attention_implementation=
 "cudnn"` selects cuDNN flash attention on GPU) except in training mode with attention dropout,
@@ -43,13 +44,18 @@ the tables give NaN logits (`jnp.take` fills out-of-range rows), never a silent 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
+import pathlib
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from collapse_jax.lm import convert, hub
+from collapse_jax.lm.cache import Cache, KVCache, causal_mask, mask_positions
 
 # Offset of OPT's learned positions: HF `OPTLearnedPositionalEmbedding.offset` (fairseq legacy).
 POSITION_OFFSET = 2
@@ -207,35 +213,6 @@ class OPTConfig:
         return cls(word_embed_proj_dim=768)
 
 
-class KVCache(NamedTuple):
-    """Key/value cache of every layer for incremental decoding (a pytree).
-
-    Attributes:
-      key: [L, B, S, N, H] keys of all layers.
-      value: [L, B, S, N, H] values of all layers.
-      index: int32 scalar, number of slots already written.
-    """
-
-    key: jax.Array
-    value: jax.Array
-    index: jax.Array
-
-    def reorder(self, beam_idx: jax.Array) -> KVCache:
-        """Gathers the batch axis: row b of the result is row `beam_idx[b]` of this cache.
-
-        Args:
-          beam_idx: [B'] int indices into the batch axis.
-
-        Returns:
-          The reordered cache (same index).
-        """
-        return KVCache(
-            key=jnp.take(self.key, beam_idx, axis=1),
-            value=jnp.take(self.value, beam_idx, axis=1),
-            index=self.index,
-        )
-
-
 def _param(
     rngs: nnx.Rngs,
     init: Callable[..., jax.Array],
@@ -375,26 +352,36 @@ class OPTAttention(nnx.Module):
         self,
         x: jax.Array,
         mask: jax.Array | None,
-        cache: tuple[jax.Array, jax.Array, jax.Array, int] | None,
-        dropout_key: jax.Array | None,
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, T, D]; mask bool [B, 1, T, S], or None for plain causal attention (T == S, no
-        padding, no cache); cache = (key [L, B, S, N, H], value, index, layer).
+        cache: Cache | None = None,
+        layer: int = 0,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache | None]:
+        """x [B, T, D] -> (output [B, T, D], updated cache or None).
 
-        Returns the output [B, T, D] and, with a cache, the updated (key, value) stacks.
+        Without a cache, `mask` is bool [B, 1, T, T], or None for plain causal attention (no
+        padding). With a cache, `mask` is the `view` its `prepare` returned, and the cache stores
+        this layer's keys/values and runs the attention (see `collapse_jax.lm.cache`).
         """
         q = self.q_proj(x) * jnp.asarray(self.scaling, x.dtype)  # [B, T, N, H]; HF scales q first
         k = self.k_proj(x)  # [B, T, N, H]
         v = self.v_proj(x)  # [B, T, N, H]
-        new_stacks = None
-        if cache is not None:
-            k_all, v_all, index, layer = cache
-            start = (layer, 0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-            new_stacks = (k_all, v_all)
-            k = k_all[layer].astype(q.dtype)  # [B, S, N, H]
-            v = v_all[layer].astype(q.dtype)  # [B, S, N, H]
+        attention = functools.partial(self.attention, dropout_key=dropout_key)
+        if cache is None:
+            out = attention(q, k, v, mask)
+        else:
+            out, cache = cache.attend(layer, q, k, v, mask, attention)
+        return self.out_proj(out), cache  # [B, T, D]
+
+    def attention(
+        self,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        mask: jax.Array | None,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """softmax(q k^T) v: q [B, T, N, H] (scaled), k, v [B, S, N, H], mask bool [B, 1, T, S] or
+        None (plain causal, T == S) -> [B, T, N, H]."""
         if dropout_key is not None and self.attention_dropout > 0.0:
             # jax.nn.dot_product_attention has no dropout: spell attention out in training mode.
             logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
@@ -404,25 +391,22 @@ class OPTAttention(nnx.Module):
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S] float32
             probs = _dropout(dropout_key, probs, self.attention_dropout).astype(v.dtype)
-            out = jnp.einsum("bnts,bsnh->btnh", probs, v)  # [B, T, N, H]
-        else:
-            # XLA (default) or cuDNN flash attention. Softmax runs in float32; masked logits get
-            # a large finite negative, so the fully masked rows of left padding give uniform
-            # weights, never NaN. Without padding the mask is implicit (is_causal), the case
-            # cuDNN's fused kernels handle best.
-            # jax's XLA attention promotes bf16 with float32 internally, which strict dtype
-            # promotion (our tests' setting for model code) rejects: allow it for this call only.
-            with jax.numpy_dtype_promotion("standard"):
-                out = jax.nn.dot_product_attention(
-                    q,
-                    k,
-                    v,
-                    mask=mask,
-                    is_causal=mask is None,
-                    scale=1.0,
-                    implementation=self.implementation,
-                )  # [B, T, N, H]
-        return self.out_proj(out), new_stacks
+            return jnp.einsum("bnts,bsnh->btnh", probs, v)  # [B, T, N, H]
+        # XLA (default) or cuDNN flash attention. Softmax runs in float32; masked logits get a
+        # large finite negative, so the fully masked rows of left padding give uniform weights,
+        # never NaN. Without padding the mask is implicit (is_causal), the case cuDNN's fused
+        # kernels handle best. jax's XLA attention promotes bf16 with float32 internally, which
+        # strict dtype promotion (our tests' setting for model code) rejects: allow it here only.
+        with jax.numpy_dtype_promotion("standard"):
+            return jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                mask=mask,
+                is_causal=mask is None,
+                scale=1.0,
+                implementation=self.implementation,
+            )  # [B, T, N, H]
 
 
 class OPTDecoderLayer(nnx.Module):
@@ -466,13 +450,13 @@ class OPTDecoderLayer(nnx.Module):
         self.activation = config.activation_function
         self.dropout = config.dropout
 
-    def __call__(self, x, mask, cache, dropout_key):
-        """x [B, T, D] -> ([B, T, D], updated cache stacks or None)."""
+    def __call__(self, x, mask, cache, layer, dropout_key):
+        """x [B, T, D] -> ([B, T, D], updated cache or None); see `OPTAttention`."""
         keys = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
         residual = x
         if self.pre_ln:
             x = self.self_attn_layer_norm(x)
-        x, new_stacks = self.self_attn(x, mask, cache, keys[0])
+        x, cache = self.self_attn(x, mask, cache, layer, keys[0])
         if keys[1] is not None and self.dropout > 0.0:
             x = _dropout(keys[1], x, self.dropout)
         x = residual + x
@@ -487,7 +471,7 @@ class OPTDecoderLayer(nnx.Module):
         x = residual + x
         if not self.pre_ln:
             x = self.final_layer_norm(x)
-        return x, new_stacks
+        return x, cache
 
 
 class OPTDecoder(nnx.Module):
@@ -603,34 +587,21 @@ class OPTForCausalLM(nnx.Module):
         )
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-        """An empty cache with `max_length` slots per sequence.
+        """An empty `KVCache` with `max_length` slots per sequence.
 
         Args:
           batch_size: B (number of sequences, beams included).
           max_length: S (prompt plus every token to be generated).
           dtype: storage dtype of keys/values (default: the compute dtype).
-
-        Returns:
-          A zero `KVCache` with index 0.
         """
         cfg = self.config
-        if batch_size <= 0 or max_length <= 0:
-            raise ValueError(
-                f"init_cache needs positive batch_size and max_length, got {batch_size}, "
-                f"{max_length}"
-            )
-        shape = (
+        return KVCache.zeros(
             cfg.num_hidden_layers,
             batch_size,
             max_length,
             cfg.num_attention_heads,
             cfg.head_dim,
-        )
-        dtype = self.dtype if dtype is None else dtype
-        return KVCache(
-            key=jnp.zeros(shape, dtype),
-            value=jnp.zeros(shape, dtype),
-            index=jnp.zeros((), jnp.int32),
+            self.dtype if dtype is None else dtype,
         )
 
     def __call__(
@@ -639,21 +610,23 @@ class OPTForCausalLM(nnx.Module):
         attention_mask: jax.Array | None = None,
         *,
         position_ids: jax.Array | None = None,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         deterministic: bool = True,
         dropout_key: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, KVCache]:
+    ) -> jax.Array | tuple[jax.Array, Cache]:
         """Runs the model on a batch of token ids.
 
         Args:
           input_ids: [B, T] int token ids.
           attention_mask: without cache, [B, T] (1 = token, 0 = padding; default all ones). With a
-            cache, [B, S] over all cache slots (prompt and generated tokens 1, padding and not yet
-            written slots 0). Left padding gives HF's positions and masking.
+            cache, what the cache takes: for a `KVCache`, [B, S] over all cache slots (prompt and
+            generated tokens 1, padding and not yet written slots 0); a `PromptSharingCache`
+            tracks validity itself (None). Left padding gives HF's positions and masking.
           position_ids: [B, T] positions (before the offset of 2); default HF's
             `cumsum(mask) * mask - 1` at the new tokens' slots.
-          cache: a `KVCache`; the T new tokens are written at slots
-            `[cache.index, cache.index + T)` and query slot i attends to slots j <= i with mask 1.
+          cache: a cache following `collapse_jax.lm.cache.Cache`, e.g. `init_cache(B, S)`; with
+            a `KVCache` the T new tokens are written at slots `[cache.index, cache.index + T)`
+            and query slot i attends to slots j <= i with mask 1.
           deterministic: False enables dropout (config.dropout, config.attention_dropout).
           dropout_key: a jax key, required when `deterministic` is False and a rate is positive.
 
@@ -666,45 +639,30 @@ class OPTForCausalLM(nnx.Module):
             raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
         b, t = input_ids.shape
         if cache is None:
-            s = t
             if t > cfg.max_position_embeddings:
                 raise ValueError(
                     f"sequence length {t} exceeds max_position_embeddings "
                     f"{cfg.max_position_embeddings}"
                 )
-            index = jnp.zeros((), jnp.int32)
+            if attention_mask is None:
+                mask = None  # implicit causal mask: lets cuDNN pick its fused causal kernel
+                default_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            else:
+                if attention_mask.shape != (b, t):
+                    raise ValueError(
+                        f"attention_mask has shape {attention_mask.shape}, expected {(b, t)} "
+                        "([batch, input_ids])"
+                    )
+                attention_mask = attention_mask.astype(jnp.int32)
+                default_positions = mask_positions(attention_mask, 0, t)  # [B, T]
+                mask = causal_mask(attention_mask, 0, t)  # [B, 1, T, T]
         else:
-            s = cache.key.shape[2]
-            if cache.key.shape[:2] != (cfg.num_hidden_layers, b) or t > s:
-                raise ValueError(
-                    f"cache of shape {cache.key.shape} does not fit input_ids of shape "
-                    f"{input_ids.shape} and {cfg.num_hidden_layers} layers"
-                )
-            index = cache.index.astype(jnp.int32)
-        plain_causal = attention_mask is None and cache is None
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, s), jnp.int32)
-        if attention_mask.shape != (b, s):
-            what = "cache slots" if cache is not None else "input_ids"
-            raise ValueError(
-                f"attention_mask has shape {attention_mask.shape}, expected {(b, s)} "
-                f"([batch, {what}])"
-            )
-        attention_mask = attention_mask.astype(jnp.int32)
-
+            # The cache owns masking and positions; `mask` is its view for `cache.attend`.
+            cache, default_positions, mask = cache.prepare((b, t), attention_mask)
         if position_ids is None:
-            positions = jnp.cumsum(attention_mask, axis=1) * attention_mask - 1  # [B, S]
-            position_ids = jax.lax.dynamic_slice_in_dim(positions, index, t, axis=1)  # [B, T]
+            position_ids = default_positions
         elif position_ids.shape != (b, t):
             raise ValueError(f"position_ids has shape {position_ids.shape}, expected {(b, t)}")
-
-        if plain_causal:
-            mask = None  # implicit causal mask: lets cuDNN pick its fused causal kernel
-        else:
-            q_slots = index + jnp.arange(t, dtype=jnp.int32)  # [T]
-            causal = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_slots[:, None]  # [T, S]
-            key_ok = attention_mask.astype(bool)[:, None, None, :]  # [B, 1, 1, S]
-            mask = jnp.logical_and(causal[None, None], key_ok)  # [B, 1, T, S]
 
         use_dropout = not deterministic and (cfg.dropout > 0.0 or cfg.attention_dropout > 0.0)
         if use_dropout and dropout_key is None:
@@ -715,15 +673,9 @@ class OPTForCausalLM(nnx.Module):
             x = decoder.project_in(x)  # [B, T, D]
         x = x + decoder.embed_positions(position_ids + POSITION_OFFSET)  # [B, T, D]
 
-        k_all = v_all = None
-        if cache is not None:
-            k_all, v_all = cache.key, cache.value
         for i, layer in enumerate(decoder.layers):
             layer_key = jax.random.fold_in(dropout_key, i) if use_dropout else None
-            layer_cache = None if cache is None else (k_all, v_all, index, i)
-            x, stacks = layer(x, mask, layer_cache, layer_key)
-            if stacks is not None:
-                k_all, v_all = stacks
+            x, cache = layer(x, mask, cache, i, layer_key)
 
         if decoder.final_layer_norm is not None:
             x = decoder.final_layer_norm(x)
@@ -738,7 +690,7 @@ class OPTForCausalLM(nnx.Module):
         logits = logits.astype(jnp.float32)  # [B, T, V]
         if cache is None:
             return logits
-        return logits, KVCache(key=k_all, value=v_all, index=index + t)
+        return logits, cache
 
 
 def init_random(
@@ -792,13 +744,56 @@ def load_pretrained(
       FileNotFoundError: if the directory, its config or its weights are missing.
       ValueError: if it is not an OPT directory, or a weight is missing, truncated or misshapen.
     """
-    from collapse_jax.lm import convert, hub
+    directory = hub.resolve(path)  # a local folder, or a hub id through the hub's cache
+    config_dict = convert.read_config_dict(directory)
+    try:
+        config = OPTConfig.from_hf_dict(config_dict)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{directory / convert.CONFIG_NAME}: {e}") from e
+    param_dtype = dtype if param_dtype is None else param_dtype
+    graphdef, abstract_state = nnx.split(
+        _abstract_model(config, dtype, param_dtype, attention_implementation)
+    )
+    state = convert.load_state(
+        directory, abstract_state, tied_head=config.tie_word_embeddings, param_dtype=param_dtype
+    )
+    return nnx.merge(graphdef, state)
 
-    return convert.load_pretrained(
-        hub.resolve(path),  # a local folder, or a hub id through the hub's cache
-        dtype=dtype,
+
+def _abstract_model(
+    config: OPTConfig, dtype: Any, param_dtype: Any, attention_implementation: str | None = None
+) -> OPTForCausalLM:
+    """The model with shapes but no values (`nnx.eval_shape`): the template weights fill."""
+    return nnx.eval_shape(
+        lambda: OPTForCausalLM(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=nnx.Rngs(0),
+            attention_implementation=attention_implementation,
+        )
+    )
+
+
+def state_from_hf(
+    config: OPTConfig, tensors: Mapping[str, Any], *, param_dtype: Any = jnp.float32
+) -> nnx.State:
+    """Converts an in-memory HF state dict (NumPy arrays) to the nnx parameter state.
+
+    Args:
+      config: the model's config.
+      tensors: `{hf_name: array}`; names with or without the `model.` prefix.
+      param_dtype: dtype of the returned parameters.
+
+    Returns:
+      An `nnx.State` to `nnx.merge` with the graphdef of `OPTForCausalLM(config, ...)`.
+    """
+    abstract = _abstract_model(config, jnp.float32, param_dtype)
+    return convert.state_from_tensors(
+        nnx.state(abstract),
+        tensors,
+        tied_head=config.tie_word_embeddings,
         param_dtype=param_dtype,
-        attention_implementation=attention_implementation,
     )
 
 
@@ -809,9 +804,9 @@ def save_pretrained(model: OPTForCausalLM, path: Any) -> None:
       model: the model to save; parameters are written in their own dtype.
       path: the directory (created if needed).
     """
-    from collapse_jax.lm import convert
-
-    convert.save_pretrained(model, path)
+    config = model.config.to_hf_dict()
+    config["dtype"] = convert.dtype_name(model.param_dtype)
+    convert.write_directory(path, convert.hf_state_dict(model), config)
 
 
 def num_params(model: OPTForCausalLM) -> int:

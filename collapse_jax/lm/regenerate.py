@@ -30,8 +30,9 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from collapse_jax import sharding
+from collapse_jax import records, sharding
 from collapse_jax.lm import decode
+from collapse_jax.lm.tokenizer import check_token_ids
 
 _TOKENS = "tokens.npy"
 _PROGRESS = "progress.json"
@@ -93,11 +94,7 @@ def regenerate(
         raise ValueError(f"blocks must be integer token ids, got {blocks.dtype}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is not None and (blocks.min() < 0 or blocks.max() >= vocab):
-        raise ValueError(
-            f"block token ids must lie in [0, {vocab}), got [{blocks.min()}, {blocks.max()}]"
-        )
+    check_token_ids(blocks, model, "blocks")
     if settings is None:
         if max_new_tokens is None:
             raise ValueError("regenerate needs settings= or max_new_tokens=")
@@ -155,7 +152,7 @@ def regenerate(
                 tokens[rows_done:stop] = new
                 tokens.flush()
                 rows_done = stop
-                _write_json(out_dir / _PROGRESS, {**meta, "rows_done": rows_done})
+                records.atomic_write_json(out_dir / _PROGRESS, {**meta, "rows_done": rows_done})
                 bar.update(len(new))
         finally:
             bar.close()
@@ -167,7 +164,7 @@ def _open_store(out_dir: pathlib.Path, meta: dict, shape: tuple[int, int]) -> tu
     progress_file = out_dir / _PROGRESS
     tokens_file = out_dir / _TOKENS
     if progress_file.exists():
-        saved = json.loads(progress_file.read_text())
+        saved = records.load_json(progress_file)  # a corrupt file is named
         rows_done = int(saved.pop("rows_done", 0))
         # JSON turns tuples into lists: compare through a JSON round trip.
         expected = json.loads(json.dumps(meta))
@@ -179,18 +176,14 @@ def _open_store(out_dir: pathlib.Path, meta: dict, shape: tuple[int, int]) -> tu
             )
         if not tokens_file.exists():
             raise FileNotFoundError(f"{tokens_file} is missing although {progress_file} exists")
-        tokens = np.load(tokens_file, mmap_mode="r+")
+        try:
+            tokens = np.load(tokens_file, mmap_mode="r+")
+        except (OSError, ValueError, EOFError) as e:
+            raise records.CorruptFileError(f"corrupt token file {tokens_file}: {e}") from None
         if tokens.shape != shape:
             raise ValueError(f"{tokens_file} has shape {tokens.shape}, expected {shape}")
         return tokens, rows_done
     tokens = np.lib.format.open_memmap(tokens_file, mode="w+", dtype=np.int32, shape=shape)
     tokens.flush()
-    _write_json(progress_file, {**meta, "rows_done": 0})
+    records.atomic_write_json(progress_file, {**meta, "rows_done": 0})
     return tokens, 0
-
-
-def _write_json(path: pathlib.Path, obj: dict) -> None:
-    """Atomic replace: a reader (or a resumed run) sees the old or the new file, never half."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)

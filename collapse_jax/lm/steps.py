@@ -309,17 +309,6 @@ def _check_blocks(blocks: Any, name: str) -> np.ndarray:
     return blocks
 
 
-def _check_vocab(blocks: np.ndarray, model: Any, name: str) -> None:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if vocab is None or isinstance(blocks, np.memmap):
-        return
-    lo, hi = int(np.min(blocks)), int(np.max(blocks))
-    if lo < 0 or hi >= vocab:
-        raise ValueError(
-            f"{name} has token ids in [{lo}, {hi}], outside the vocabulary [0, {vocab})"
-        )
-
-
 def _split(model: nnx.Module) -> tuple[Any, Any, Any]:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return graphdef, params, rest

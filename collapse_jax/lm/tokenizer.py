@@ -16,6 +16,8 @@ import os
 import pathlib
 from typing import Any
 
+import numpy as np
+
 # OPT's special tokens (facebook/opt-* special_tokens_map.json).
 _OPT_SPECIAL = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
 _MIN_VOCAB = 256  # a byte-level BPE has at least the 256 byte tokens
@@ -87,3 +89,26 @@ def load_tokenizer(path: os.PathLike | str, *, padding_side: str = "right") -> A
         )
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def check_token_ids(ids: Any, model: Any, name: str) -> None:
+    """Raises one clear `ValueError` if token ids fall outside the model's vocabulary.
+
+    The one vocabulary check of the package (decoding, regeneration and training call it): ids
+    beyond the embedding table would give NaN logits deep inside a compiled program.
+
+    Args:
+      ids: an int array of token ids (any shape). A memory-mapped array is not scanned: reading
+        a large on-disk store whole here would defeat the mapping (the data pipeline wrote it).
+      model: anything with `config.vocab_size` (a model without one is not checked).
+      name: what `ids` is, for the message.
+    """
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None or isinstance(ids, np.memmap) or np.size(ids) == 0:
+        return
+    lo, hi = int(np.min(ids)), int(np.max(ids))
+    if lo < 0 or hi >= vocab:
+        raise ValueError(
+            f"{name} must lie in [0, {vocab}): got token ids in [{lo}, {hi}], outside the "
+            "vocabulary"
+        )

@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from collapse_jax import sharding
 from collapse_jax.lm import data as data_lib
+from collapse_jax.lm.tokenizer import check_token_ids
 
 # The pieces live in their own modules; these names stay importable from `lm.train`.
 from collapse_jax.lm.evaluate import Evaluator, perplexity  # noqa: F401
@@ -54,7 +55,6 @@ from collapse_jax.lm.steps import (  # noqa: F401
     _cached,
     _cast_floating,
     _check_blocks,
-    _check_vocab,
     _forward_sums,
     _pad_rows,
     _padded_batch,
@@ -347,10 +347,10 @@ def fit(
     from collapse_jax.lm import checkpoint as ckpt_lib
 
     train_blocks = _check_blocks(train_blocks, "train_blocks")
-    _check_vocab(train_blocks, model, "train_blocks")
+    check_token_ids(train_blocks, model, "train_blocks")
     if valid_blocks is not None:
         valid_blocks = _check_blocks(valid_blocks, "valid_blocks")
-        _check_vocab(valid_blocks, model, "valid_blocks")
+        check_token_ids(valid_blocks, model, "valid_blocks")
     mesh = default_mesh() if mesh is None else sharding.with_auto_axes(mesh)
     padded = _padded_batch(mesh, config.batch_size, config.grad_accum_steps)
     n_blocks = train_blocks.shape[0]

@@ -84,12 +84,21 @@ def gaussian_log_cov_moments(
 
 
 def gaussian_expectations(
-    sample_sizes, mean0: np.ndarray, cov0: np.ndarray, estimator: str = "unbiased"
+    sample_sizes,
+    mean0: np.ndarray,
+    cov0: np.ndarray,
+    estimator: str = "unbiased",
+    sampling_bias: float = 1.0,
 ) -> dict[str, np.ndarray]:
     """Expected chain-mean metrics of recursive Gaussian fitting ("replace" policy).
 
+    With a sampling bias lambda each generation n >= 1 trains on draws from N(mu, lambda
+    Sigma_{n-1}) (generation 0 on real data), so every expectation of a covariance picks up
+    lambda^n: E[Sigma_n] = lambda^n prod_{j <= n} c_j Sigma_0.
+
     Args:
-      sample_sizes: [G] sizes M_n; mean0: [d]; cov0: [d, d]; estimator: "unbiased" | "mle".
+      sample_sizes: [G] sizes M_n; mean0: [d]; cov0: [d, d]; estimator: "unbiased" | "mle";
+      sampling_bias: lambda (1: unbiased sampling).
     Returns:
       {"trace_cov", "logdet_cov", "mean_dist2"} (and "w2_squared", "var" for d = 1), each [G].
     """
@@ -99,21 +108,23 @@ def gaussian_expectations(
     k = m - 1.0
     denom = k if estimator == "unbiased" else m
     c = k / denom
-    shrink = np.cumprod(c)  # E[Sigma_n] = Sigma_0 * shrink[n]
-    before = np.concatenate([[1.0], shrink[:-1]])  # prod_{j<i} c_j
+    lam = float(sampling_bias) ** np.arange(len(m), dtype=np.float64)  # lambda^n
+    shrink = np.cumprod(c) * lam  # E[Sigma_n] = Sigma_0 * shrink[n]
+    # E[covariance that generation i's data are drawn from] = Sigma_0 * before[i]
+    before = np.concatenate([[1.0], shrink[:-1]]) * np.concatenate([[1.0], lam[1:] / lam[:-1]])
     tr0 = float(np.trace(cov0))
     logdet0 = float(np.linalg.slogdet(cov0)[1])
     dlog, _ = gaussian_log_cov_moments(m, d, estimator)
     out = {
         "trace_cov": tr0 * shrink,
-        "logdet_cov": logdet0 + dlog,
+        "logdet_cov": logdet0 + dlog + d * np.log(lam),
         "mean_dist2": tr0 * np.cumsum(before / m),
     }
     if d == 1:
         var0 = float(cov0[0, 0])
         # E[sqrt(chi2_k / D)] = sqrt(2 / D) Gamma((k + 1)/2) / Gamma(k/2)
         lg = np.array([math.lgamma((ki + 1) / 2) - math.lgamma(ki / 2) for ki in k])
-        e_sd = np.cumprod(np.sqrt(2.0 / denom) * np.exp(lg))
+        e_sd = np.cumprod(np.sqrt(2.0 / denom) * np.exp(lg)) * np.sqrt(lam)
         out["var"] = var0 * shrink
         out["w2_squared"] = out["mean_dist2"] + var0 * shrink - 2.0 * var0 * e_sd + var0
     return out

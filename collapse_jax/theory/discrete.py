@@ -25,11 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from collapse_jax import metrics
+from collapse_jax import generation, metrics
 from collapse_jax.config import ConfigError, GenerationConfig
 from collapse_jax.learner import AbstractLearner
 from collapse_jax.theory import analytic, samplers
-from collapse_jax.theory import chains as chain_runner
 from collapse_jax.theory.gaussian import RngImpl, _count, _with_impl, sample_size_schedule
 
 _F = jnp.float32
@@ -118,20 +117,9 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
 
     jittable: ClassVar[bool] = True
 
-    def __init__(
-        self, config: DiscreteConfig, generation: GenerationConfig | None = None, mesh: Any = None
-    ):
-        generation = GenerationConfig() if generation is None else generation
-        super().__init__(config, generation, mesh)
+    def __init__(self, config: DiscreteConfig, mesh: Any = None):
+        super().__init__(config, mesh)
         self.static_sample_size = config.method == "sample"
-        if generation.samples_per_generation is None and generation.sample_schedule is None:
-            raise ValueError("discrete: generation.samples_per_generation must be set")
-        if config.method == "exact" and generation.policy == "mix" and generation.beta > 0:
-            raise ValueError(
-                "discrete: method='exact' keeps only counts; a random subset of the previous "
-                "data (policy='mix' with beta > 0) would need a multivariate hypergeometric "
-                "draw, which is not implemented; use method='sample', or beta=0"
-            )
         self._p0 = config.probs_array()
 
     @property
@@ -147,10 +135,6 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
         if self.config.method == "sample":
             return sample_labels(key, probs, num)
         return samplers.multinomial(key, num, probs)
-
-    def real_data(self, key: Array) -> Array:
-        m0 = self.generation.sample_size(0, 0)
-        return self.draw_real(key, m0 if self.static_sample_size else jnp.int32(m0))
 
     def draw_real(self, key: Array, num: int | Array) -> Array:
         return self._draw(key, self.truth, num)
@@ -202,14 +186,14 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
 
     def num_samples(self, data: Array) -> Any:
         if self.config.method == "exact":
-            if isinstance(data, jax.ShapeDtypeStruct):
-                return _count(data, self.generation)
-            return _count(jnp.sum(data), self.generation)
+            return _count(jnp.sum(data))
         return super().num_samples(data)
 
-    def expected_curves(self, sample_sizes: np.ndarray) -> dict[str, np.ndarray]:
+    def expected_curves(
+        self, sample_sizes: np.ndarray, generation: Any = None
+    ) -> dict[str, np.ndarray]:
         """Closed-form / exactly propagated chain means per generation ("replace" policy)."""
-        if self.generation.policy != "replace":
+        if generation is not None and generation.policy != "replace":
             return {}
         out = analytic.discrete_expectations(self._p0, np.asarray(sample_sizes))
         out.pop("absorbed_at", None)
@@ -234,7 +218,8 @@ class DiscreteSimulation:
     sample_sizes: np.ndarray
 
 
-def _record(params: Array) -> Array:
+def _record(learner: Any, key: Array, params: Array, reference: Any) -> Array:
+    """What `simulate` keeps per generation (a `generation.simulate_chains` measure)."""
     return params
 
 
@@ -256,7 +241,8 @@ def simulate(
     """Simulates `chains` independent chains of recursive discrete re-estimation.
 
     Args:
-      key: PRNG key (chain i uses `split(key, chains)[i]`: results do not depend on chunking).
+      key: the base PRNG key; chains draw with the generational loop's keys, so
+        `simulate(jax.random.key(s), ...)` matches `collapse-jax run` with seed s chain by chain.
       probs: [K] the original distribution (non-negative, summing to 1).
       chains: R; generations: G; sample_size: M, an int or a sequence of G ints.
       method: "exact" (multinomial counts directly) or "sample" (M categorical draws).
@@ -273,28 +259,21 @@ def simulate(
             method=method,
             rng_impl=rng_impl,
         )
-        # Only the mixing policy enters the learner (sizes go to the scan): simulations that
-        # differ in chains, generations or sizes share compiled code.
-        gen = GenerationConfig(
-            num_generations=1,
-            samples_per_generation=2,
-            policy=policy,
-            alpha=alpha,
-            beta=beta,
-            gamma=gamma,
-        )
+        GenerationConfig(policy=policy, alpha=alpha, beta=beta, gamma=gamma)  # validates
     except ConfigError as e:
         raise ValueError(str(e)) from None
-    learner = DiscreteLearner(cfg, gen)
-    p = chain_runner.run(
+    learner = DiscreteLearner(cfg)
+    p = generation.simulate_chains(
         learner,
+        generation.Policy(policy, alpha, beta, gamma),
         key,
         chains=chains,
         sizes=sizes,
-        record=_record,
-        initial=learner.truth,
+        measure=_record,
         chunk_size=chunk_size,
     )
+    p0 = np.asarray(learner.truth)
+    p = np.concatenate([np.broadcast_to(p0, (1, *p.shape[1:])), p])
     return DiscreteSimulation(probs=p, sample_sizes=np.asarray(sizes))
 
 

@@ -81,7 +81,7 @@ def gaussian_figures(learner: Any, run: Any, out_dir: pathlib.Path) -> list[path
     ax.semilogy(gens, tr[:, :50], color="C0", alpha=0.15, lw=0.6)
     ax.semilogy(gens, run.series("trace_cov"), color="C0", lw=2, label="chain mean")
     ax.semilogy(gens, run.series("trace_cov_q50"), color="C2", lw=1.5, label="chain median")
-    curves = learner.expected_curves(_sizes(run))
+    curves = learner.expected_curves(_sizes(run), run.config.generation)
     if "trace_cov" in curves:
         ax.semilogy(gens, curves["trace_cov"], "r--", lw=1.2, label="E[tr Sigma_n] (closed form)")
     if "logdet_cov" in curves and learner.config.dim == 1:
@@ -108,7 +108,7 @@ def discrete_figures(learner: Any, run: Any, out_dir: pathlib.Path) -> list[path
         return []
     files = []
     gens = np.array([r["generation"] for r in rows])
-    curves = learner.expected_curves(_sizes(run))
+    curves = learner.expected_curves(_sizes(run), run.config.generation)
     fig, ax = plt.subplots(figsize=(5.8, 3.8), dpi=110)
     ax.plot(gens, run.series("support_size"), color="C0", lw=1.8, label="support size (mean)")
     if "support_size" in curves:

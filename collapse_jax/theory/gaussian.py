@@ -25,11 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from collapse_jax import metrics
+from collapse_jax import generation, metrics
 from collapse_jax.config import ConfigError, GenerationConfig
 from collapse_jax.learner import AbstractLearner
 from collapse_jax.theory import analytic, samplers
-from collapse_jax.theory import chains as chain_runner
 
 _F = jnp.float32
 RngImpl = Literal["default", "threefry2x32", "philox4x32"]
@@ -210,13 +209,9 @@ def fit_stats(stats: GaussianStats, estimator: str) -> GaussianParams:
     return GaussianParams(stats.mean, stats.scatter / denom)
 
 
-def _count(n: Any, generation: GenerationConfig) -> Any:
-    """A data set's size from its (possibly traced or abstract) count."""
-    if isinstance(n, jax.core.Tracer):
-        return n
-    if isinstance(n, jax.ShapeDtypeStruct):  # an abstract data set: the real data's size
-        return generation.sample_size(0, 0)
-    return int(n)
+def _count(n: Any) -> Any:
+    """A data set's size from its (possibly traced) count."""
+    return n if isinstance(n, jax.core.Tracer) else int(n)
 
 
 class GaussianLearner(AbstractLearner[GaussianParams, Any]):
@@ -227,24 +222,11 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
     """
 
     jittable: ClassVar[bool] = True
+    infinite_metrics: ClassVar[frozenset[str]] = frozenset({"logdet_cov"})  # collapsed: -inf
 
-    def __init__(
-        self, config: GaussianConfig, generation: GenerationConfig | None = None, mesh: Any = None
-    ):
-        generation = GenerationConfig() if generation is None else generation
-        super().__init__(config, generation, mesh)
+    def __init__(self, config: GaussianConfig, mesh: Any = None):
+        super().__init__(config, mesh)
         self.static_sample_size = config.method == "sample"
-        if generation.samples_per_generation is None and generation.sample_schedule is None:
-            raise ValueError(
-                "gaussian: generation.samples_per_generation must be set (there is no real data "
-                "set whose size could be used)"
-            )
-        if config.method == "exact" and generation.policy == "mix" and generation.beta > 0:
-            raise ValueError(
-                "gaussian: method='exact' keeps only sufficient statistics, from which a random "
-                "subset of the previous data (policy='mix' with beta > 0) cannot be drawn "
-                "exactly; use method='sample', or beta=0"
-            )
         self._mean0 = config.mean_array()
         self._cov0 = config.cov_array()
 
@@ -258,13 +240,6 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
         if self.config.method == "sample":
             return sample_points(key, params, num)
         return sample_stats(key, params, num)
-
-    def real_data(self, key: Array) -> Any:
-        return self.draw_real(key, self._m0())
-
-    def _m0(self) -> Any:
-        m0 = self.generation.sample_size(0, 0)
-        return m0 if self.static_sample_size else jnp.int32(m0)
 
     def draw_real(self, key: Array, num: int | Array) -> Any:
         return self._draw(key, self.truth, num)
@@ -307,13 +282,15 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
 
     def num_samples(self, data: Any) -> Any:
         if self.config.method == "exact":
-            return _count(data.n, self.generation)
+            return _count(data.n)
         return super().num_samples(data)
 
-    def expected_curves(self, sample_sizes: np.ndarray) -> dict[str, np.ndarray]:
+    def expected_curves(
+        self, sample_sizes: np.ndarray, generation: Any = None
+    ) -> dict[str, np.ndarray]:
         """Closed-form chain means of `trace_cov`, `logdet_cov`, `mean_dist2` (and `w2_squared`
         for d = 1) per generation, for the "replace" policy (else empty)."""
-        if self.generation.policy != "replace":
+        if generation is not None and generation.policy != "replace":
             return {}
         return analytic.gaussian_expectations(
             np.asarray(sample_sizes), self._mean0, self._cov0, self.config.estimator
@@ -340,7 +317,8 @@ class GaussianSimulation:
     sample_sizes: np.ndarray
 
 
-def _record(params: GaussianParams) -> tuple[Array, Array]:
+def _record(learner: Any, key: Array, params: GaussianParams, reference: Any) -> tuple:
+    """What `simulate` keeps per generation (a `generation.simulate_chains` measure)."""
     return params.mean, params.cov
 
 
@@ -379,10 +357,13 @@ def simulate(
     """Simulates `chains` independent chains of recursive Gaussian fitting.
 
     Args:
-      key: PRNG key (chain i uses `split(key, chains)[i]`: results do not depend on chunking).
+      key: the base PRNG key; chain r and generation g draw with the keys of the generational
+        loop (`collapse_jax.generation`), so `simulate(jax.random.key(s), ...)` gives chain by
+        chain the numbers of `collapse-jax run` with seed s (and nothing depends on chunking).
       chains: R, number of independent chains.
       generations: G, number of refits.
-      sample_size: M, an int or a sequence of G ints: the size of the training set of fit g.
+      sample_size: M, an int or a sequence of G ints: the size of the training set of fit g
+        (index g + 1 of the result; the first is real data).
       mean: original mean: a scalar (d = 1, or broadcast to the dimension of `cov`) or [d].
       cov: original covariance: a scalar variance (d = 1 unless `mean` has d values) or [d, d].
       method: "exact" (sufficient statistics drawn directly) or "sample" (the M points).
@@ -413,29 +394,22 @@ def simulate(
             method=method,
             rng_impl=rng_impl,
         )
-        # Only the mixing policy enters the learner (sizes go to the scan): simulations that
-        # differ in chains, generations or sizes share compiled code.
-        gen = GenerationConfig(
-            num_generations=1,
-            samples_per_generation=2,
-            policy=policy,
-            alpha=alpha,
-            beta=beta,
-            gamma=gamma,
-        )
+        GenerationConfig(policy=policy, alpha=alpha, beta=beta, gamma=gamma)  # validates
     except ConfigError as e:
         raise ValueError(str(e)) from None
-    learner = GaussianLearner(cfg, gen)
-    t = learner.truth
-    m, c = chain_runner.run(
+    learner = GaussianLearner(cfg)
+    m, c = generation.simulate_chains(
         learner,
+        generation.Policy(policy, alpha, beta, gamma),
         key,
         chains=chains,
         sizes=sizes,
-        record=_record,
-        initial=(t.mean, t.cov),
+        measure=_record,
         chunk_size=chunk_size,
     )
+    t = learner.truth
+    m = np.concatenate([np.broadcast_to(np.asarray(t.mean), (1, *m.shape[1:])), m])
+    c = np.concatenate([np.broadcast_to(np.asarray(t.cov), (1, *c.shape[1:])), c])
     return GaussianSimulation(mean=m, cov=c, sample_sizes=np.asarray(sizes))
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from collapse_jax.lm import convert  # noqa: E402
+from collapse_jax.lm import convert, opt  # noqa: E402
 from collapse_jax.lm.opt import OPTConfig, init_random, load_pretrained, save_pretrained  # noqa: E402
 from tests.helpers_opt import (  # noqa: E402
     TINY_OPT,
@@ -63,7 +63,7 @@ def test_state_dict_round_trip_is_exact(hf_dir):
     for name, tensor in original.items():
         np.testing.assert_array_equal(back[name], tensor, err_msg=name)
     # The in-memory conversion gives the same state.
-    state = convert.state_from_hf(model.config, original)
+    state = opt.state_from_hf(model.config, original)
     for (p, a), (q, b) in zip(
         nnx.to_flat_state(state), nnx.to_flat_state(nnx.state(model)), strict=True
     ):

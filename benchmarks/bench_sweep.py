@@ -1,0 +1,117 @@
+"""A Gaussian collapse sweep as one `collapse-jax sweep` against the same grid run as separate
+single-chain NumPy processes (issue 13, item 6: a published study launched ~5,000 of those).
+
+Grid: d in {1, 3, 10, 31, 100} x M in {10, 32, 100, 316, 1000} x policy in {replace, accumulate},
+100 seeds (chains) per point, 100 generations, unbiased refit; our sweep uses the exact method
+(sufficient statistics, equal in distribution), one process, every point a resumable sub-run.
+
+Baseline: one OS process per (point, seed), as such studies run them: Python + NumPy start-up,
+then 100 generations of drawing the M points of the current fit and refitting (accumulate keeps
+running sums, not the raw points). We time one seed of every grid point as its own process and
+extrapolate x 100 seeds (the single-chain cost does not depend on the seed).
+
+Output: benchmarks/results/sweep-<platform>.json (one object per measurement).
+Usage: python benchmarks/bench_sweep.py [--quick]   (--quick: d, M in {1, 10, 100}, 10 gens)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import jax
+
+from collapse_jax import sweep
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+NUMPY_CHAIN = textwrap.dedent(
+    """
+    import sys, numpy as np
+    d, m, gens, policy, seed = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    rng = np.random.default_rng(seed)
+    mu, cov = np.zeros(d), np.eye(d)
+    n, s1, s2 = 0, np.zeros(d), np.zeros((d, d))
+    for g in range(gens):
+        x = rng.multivariate_normal(mu, cov, size=m, method="cholesky") if g else rng.standard_normal((m, d))
+        if policy == "accumulate":
+            n, s1, s2 = n + m, s1 + x.sum(0), s2 + x.T @ x
+            mu = s1 / n
+            cov = (s2 - n * np.outer(mu, mu)) / (n - 1)
+        else:
+            mu, cov = x.mean(0), np.atleast_2d(np.cov(x, rowvar=False))
+        cov = cov + 1e-12 * np.eye(d)  # M <= d: a singular refit (as the JAX run's -inf log-det)
+    print(float(np.trace(cov)))
+    """
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    dims = [1, 10, 100] if args.quick else [1, 3, 10, 31, 100]
+    sizes = [10, 100, 1000] if args.quick else [10, 32, 100, 316, 1000]
+    gens, seeds = (10, 100) if args.quick else (100, 100)
+    policies = ["replace", "accumulate"]
+    axes = [
+        f"model.dim={','.join(map(str, dims))}",
+        f"generation.samples_per_generation={','.join(map(str, sizes))}",
+        f"generation.policy={','.join(policies)}",
+        f"generation.num_generations={gens}",
+        f"generation.num_trials={seeds}",
+        "generation.block_size=100",
+        "generation.record_trials=100",
+        "model.mean=null",
+    ]
+    config = REPO / "configs" / "theory_gaussian.yaml"
+    out = pathlib.Path(tempfile.mkdtemp(prefix="bench_sweep_"))
+    t = time.perf_counter()
+    sw = sweep.run_sweep(config, axes, out / "sweep", figures=True)
+    sweep_s = time.perf_counter() - t
+    points = len(sw.points)
+
+    per_point = []
+    t_all = time.perf_counter()
+    for p in sw.points:
+        o = p["overrides"]
+        d, m, pol = o["model.dim"], o["generation.samples_per_generation"], o["generation.policy"]
+        t = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-c", NUMPY_CHAIN, str(d), str(m), str(gens), pol, "0"],
+            check=True,
+            capture_output=True,
+        )
+        per_point.append({"dim": d, "M": m, "policy": pol, "seconds": time.perf_counter() - t})
+    sampled_s = time.perf_counter() - t_all
+    numpy_s = sampled_s * seeds
+    rec = {
+        "name": "gaussian_sweep",
+        "device": f"{jax.default_backend()}:{jax.devices()[0].device_kind}",
+        "config": {"dims": dims, "sizes": sizes, "policies": policies, "seeds": seeds,
+                   "generations": gens, "points": points, "method": "exact"},
+        "sweep_wall_s": round(sweep_s, 2),
+        "baseline": "separate single-chain NumPy processes (sample method), extrapolated",
+        "baseline_processes": points * seeds,
+        "baseline_sampled_processes": points,
+        "baseline_sampled_s": round(sampled_s, 2),
+        "baseline_wall_s_extrapolated": round(numpy_s, 1),
+        "ratio": round(numpy_s / sweep_s, 2),
+        "baseline_per_point": per_point,
+        "note": "measured on a shared 2-core CPU under contention from other jobs",
+    }
+    res = REPO / "benchmarks" / "results" / f"sweep-{jax.default_backend()}.json"
+    res.parent.mkdir(parents=True, exist_ok=True)
+    res.write_text(json.dumps([rec], indent=1) + "\n")
+    print(json.dumps({k: v for k, v in rec.items() if k != "baseline_per_point"}, indent=1))
+    print(f"sweep directory (figures): {out / 'sweep'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Figures of GMM runs: chain 0's samples at chosen generations (the paper's panels) and the
+chain means of the L2 distance and of the fitted covariance's trace."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from collapse_jax.gmm.learner import replay_chain
+
+
+def scatter_figures(learner: Any, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The paper's GMM panels: chain 0's training data at `scatter_generations`, and the chain
+    mean of the L2 distance and of the fitted covariance's trace over generations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = learner.config
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    finished = run.finished_generations()
+    gens = [g for g in cfg.scatter_generations if finished and g <= finished[-1]]
+    gcfg = run.config.generation
+    if gens and gcfg.policy != "accumulate":  # accumulate changes shapes every generation
+        points = replay_chain(learner, run.config.seed, gens, gcfg)
+        fig, axes = plt.subplots(1, len(gens), figsize=(2.6 * len(gens), 2.8), squeeze=False)
+        lim = None
+        for ax, g in zip(axes[0], gens):
+            pts = points[g][: cfg.scatter_points]
+            y = pts[:, 1] if cfg.dim > 1 else np.zeros(len(pts))
+            ax.scatter(pts[:, 0], y, s=2, alpha=0.5)
+            if lim is None:  # every panel on generation 0's scale, as in the paper
+                lo, hi = pts.min(axis=0), pts.max(axis=0)
+                pad = 0.1 * (hi - lo + 1e-9)
+                lim = (lo - pad, hi + pad)
+            ax.set_xlim(lim[0][0], lim[1][0])
+            if cfg.dim > 1:
+                ax.set_ylim(lim[0][1], lim[1][1])
+            ax.set_title(f"generation {g}", fontsize=9)
+        fig.tight_layout()
+        path = out_dir / "gmm_scatter.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        files.append(path)
+    l2 = run.series("l2")
+    if l2.size:
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+        axes[0].plot(l2)
+        axes[0].set_yscale("log")
+        axes[0].set_xlabel("generation")
+        axes[0].set_ylabel("squared L2 to the real distribution")
+        axes[1].plot(run.series("cov_trace"), label="chain mean")
+        sizes = np.array([r["sample_size"] for r in run.rows()])
+        expected = learner.expected_curves(sizes, gcfg).get("cov_trace")
+        if expected is not None:
+            axes[1].plot(expected, "--", label="expected (Gaussian MLE chain)")
+        axes[1].set_xlabel("generation")
+        axes[1].set_ylabel("trace of the fitted covariance")
+        axes[1].legend(fontsize=7, frameon=False)
+        fig.tight_layout()
+        path = out_dir / "gmm_l2.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        files.append(path)
+    return files

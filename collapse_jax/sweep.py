@@ -1,0 +1,363 @@
+"""Grids of experiments in one run directory: `collapse-jax sweep CONFIG a.b=v1,v2 c.d=w1,w2`.
+
+Every `key=v1,v2,...` argument is an axis of the grid (a single value is a fixed override for
+every point; commas inside `[...]` or `{...}` belong to the value). Each grid point is an ordinary
+run directory with its own resolved config (exactly what `collapse-jax run CONFIG <overrides>`
+would write, so a point can also be resumed or plotted on its own); the sweep directory adds:
+
+```
+sweep.json            the config file, the axes and every point's overrides and folder
+points/p003-dim=3-samples_per_generation=100/   one run directory per point
+sweep.csv             one row per point: its axis values and the last generation's metrics
+figures/<metric>_curves.png    one curve per value (chain mean, 5-95 % band over chains)
+figures/<metric>_heatmap.png   last-generation chain mean over the first two varying axes
+```
+
+All points run in one process, one after the other, so the JAX compilation cache is shared
+(points whose learner and loop settings coincide, e.g. that differ only in the number of
+generations or chains, reuse compiled functions), and a sweep that is killed resumes at the first
+unfinished generation of the first unfinished point. Every point's config is validated before the
+first one runs, so a bad value fails at once with one line naming the key and the point.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import math
+import pathlib
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import yaml
+
+from collapse_jax import config as config_lib
+from collapse_jax import records
+
+log = logging.getLogger(__name__)
+
+Axis = tuple[str, list[Any]]
+
+
+def split_values(text: str) -> list[str]:
+    """Splits `v1,v2,...` at the commas outside brackets and braces."""
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts]
+
+
+def parse_axes(args: Sequence[str]) -> list[Axis]:
+    """`["a.b=1,2", "c=x"]` -> `[("a.b", [1, 2]), ("c", ["x"])]` (values parsed as YAML)."""
+    axes: list[Axis] = []
+    seen: set[str] = set()
+    for item in args:
+        if "=" not in item:
+            raise config_lib.ConfigError(f"sweep axis {item!r} is not of the form key=v1,v2,...")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key in seen:
+            raise config_lib.ConfigError(f"sweep axis {key} is given twice")
+        seen.add(key)
+        texts = split_values(text)
+        if any(t == "" for t in texts):
+            raise config_lib.ConfigError(f"sweep axis {key}: empty value in {text!r}")
+        try:
+            values = [yaml.safe_load(t) for t in texts]
+        except yaml.YAMLError as e:
+            raise config_lib.ConfigError(f"sweep axis {key}: cannot parse {text!r}: {e}") from None
+        if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            raise config_lib.ConfigError(f"sweep axis {key}: repeated value in {text!r}")
+        axes.append((key, values))
+    return axes
+
+
+def _value_text(v: Any) -> str:
+    """A value as an override writes it (YAML flow style, no trailing newline)."""
+    if isinstance(v, str):
+        return v
+    return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
+
+
+def _label(index: int, assignment: dict[str, Any], varying: list[str]) -> str:
+    bits = [f"{k.split('.')[-1]}={_value_text(assignment[k])}" for k in varying]
+    text = re.sub(r"[^A-Za-z0-9_.=\-]+", "_", "-".join(bits))[:80]
+    return f"p{index:03d}" + (f"-{text}" if text else "")
+
+
+class Sweep:
+    """A grid of experiment configs over `axes`, laid out under `out`.
+
+    Attributes:
+      config_path: the experiment config file.
+      axes: [(dotted key, [values])] in command-line order; the grid is their product, the last
+        axis varying fastest.
+      varying: keys of the axes with more than one value.
+      points: [{"index", "overrides": {key: value}, "dir"}] in grid order.
+      configs: the resolved `ExperimentConfig` of every point (validated).
+    """
+
+    def __init__(self, config_path: str | pathlib.Path, axes: list[Axis], out: str | pathlib.Path):
+        self.config_path = pathlib.Path(config_path)
+        self.out = pathlib.Path(out)
+        self.axes = axes
+        self.varying = [k for k, vs in axes if len(vs) > 1]
+        raw = config_lib.load_raw(self.config_path)
+        if "experiments" in raw:
+            raise config_lib.ConfigError(
+                f"{self.config_path}: a suite cannot be swept; sweep one of its experiments"
+            )
+        self.points: list[dict[str, Any]] = []
+        self.configs: list[config_lib.ExperimentConfig] = []
+        keys = [k for k, _ in axes]
+        for i, combo in enumerate(itertools.product(*(vs for _, vs in axes))):
+            assignment = dict(zip(keys, combo))
+            overrides = [f"{k}={_value_text(v)}" for k, v in assignment.items()]
+            label = _label(i, assignment, self.varying)
+            try:
+                cfg = config_lib.from_dict(raw, overrides)
+            except config_lib.ConfigError as e:
+                raise config_lib.ConfigError(
+                    f"{self.config_path} (sweep point {label}): {e}"
+                ) from None
+            self.points.append({"index": i, "overrides": assignment, "dir": f"points/{label}"})
+            self.configs.append(cfg)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "config": str(self.config_path),
+            "axes": [[k, vs] for k, vs in self.axes],
+            "points": self.points,
+        }
+
+    def point_dir(self, i: int) -> pathlib.Path:
+        return self.out / self.points[i]["dir"]
+
+    def prepare(self) -> None:
+        """Writes `sweep.json`, or checks that an existing sweep directory holds the same grid
+        (each point's own config is checked again by the loop when it resumes)."""
+        path = self.out / "sweep.json"
+        spec = self.spec()
+        if path.exists():
+            stored = json.loads(path.read_text())
+            same = stored.get("axes") == json.loads(json.dumps(spec["axes"])) and [
+                p["dir"] for p in stored.get("points", [])
+            ] == [p["dir"] for p in spec["points"]]
+            if not same:
+                raise ValueError(
+                    f"{self.out} holds a sweep of a different grid ({path}); use another --out"
+                )
+        self.out.mkdir(parents=True, exist_ok=True)
+        records.atomic_write_json(path, spec)
+
+
+def run_sweep(
+    config_path: str | pathlib.Path,
+    axis_args: Sequence[str],
+    out: str | pathlib.Path,
+    *,
+    progress: bool = False,
+    on_point: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    figures: bool = True,
+) -> Sweep:
+    """Runs (or resumes) every point of the grid in `out`; returns the sweep.
+
+    Args:
+      config_path: experiment config file.
+      axis_args: `key=v1,v2,...` strings (one value: an override for every point).
+      out: the sweep directory.
+      progress: a progress bar per point.
+      on_point: called as `on_point(i, rows)` after point i finished.
+      figures: draw the combined figures at the end (a point's own figures: `collapse-jax plot
+        OUT/points/<point>`; drawing them for every point of a large grid would dominate).
+    """
+    from collapse_jax import generation
+
+    sweep = Sweep(config_path, parse_axes(axis_args), out)
+    sweep.prepare()
+    for i, cfg in enumerate(sweep.configs):
+        log.info("sweep point %d/%d: %s", i + 1, len(sweep.configs), sweep.points[i]["dir"])
+        learner = generation.make_learner(cfg)
+        res = generation.run_generations(
+            cfg, sweep.point_dir(i), learner=learner, progress=progress
+        )
+        if on_point is not None:
+            on_point(i, res.rows)
+    write_table(sweep)
+    if figures:
+        sweep_figures(sweep)
+    return sweep
+
+
+# ----------------------------------------------------------------------------------------------
+# Combined results.
+
+
+def point_rows(sweep: Sweep) -> list[list[dict[str, Any]]]:
+    """Every point's summary rows (empty for points that have not run)."""
+    out = []
+    for i in range(len(sweep.points)):
+        d = sweep.point_dir(i)
+        out.append(records.Run(d).rows() if (d / "config.yaml").exists() else [])
+    return out
+
+
+def write_table(sweep: Sweep) -> pathlib.Path:
+    """`sweep.csv`: per point, its axis values and its last generation's summary row."""
+    from collapse_jax import plots
+
+    rows = point_rows(sweep)
+    table = []
+    for p, r in zip(sweep.points, rows):
+        if not r:
+            continue
+        last = r[-1]
+        entry = {"point": p["dir"].split("/")[-1]}
+        entry.update({k: _value_text(v) for k, v in p["overrides"].items()})
+        entry["generation"] = last["generation"]
+        for name in plots.scalar_metrics(r):
+            for suffix in ("", "_se", "_q05", "_q50", "_q95"):
+                if f"{name}{suffix}" in last:
+                    entry[f"{name}{suffix}"] = last[f"{name}{suffix}"]
+        table.append(entry)
+    cols: list[str] = []
+    for e in table:
+        cols += [k for k in e if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, restval="")
+    w.writeheader()
+    w.writerows(table)
+    path = sweep.out / "sweep.csv"
+    records.atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def _series(rows: list[dict], name: str) -> np.ndarray:
+    return np.array([r.get(name, np.nan) for r in rows], dtype=np.float64)
+
+
+def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
+    """Curves per metric (one per value of the last varying axis, one panel per combination of
+    the other axes) and, for grids with >= 2 varying axes, heatmaps of the last generation's
+    chain mean over the first two (one panel per combination of the rest)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from collapse_jax import plots
+
+    rows = point_rows(sweep)
+    done = [r for r in rows if r]
+    if not done:
+        return []
+    out = sweep.out / "figures"
+    out.mkdir(exist_ok=True)
+    metrics = plots.scalar_metrics(done[0])[:max_metrics]
+    vary = sweep.varying
+    files = []
+
+    def value_of(i: int, key: str) -> str:
+        return _value_text(sweep.points[i]["overrides"][key])
+
+    # --- curves: facets = combinations of all varying axes but the last --------------------
+    last = vary[-1] if vary else None
+    facet_keys = vary[:-1]
+    facets: dict[tuple, list[int]] = {}
+    for i in range(len(sweep.points)):
+        facets.setdefault(tuple(value_of(i, k) for k in facet_keys), []).append(i)
+    facet_items = list(facets.items())[:12]
+    for name in metrics:
+        ncol = min(len(facet_items), 4)
+        nrow = math.ceil(len(facet_items) / ncol)
+        fig, axes = plt.subplots(
+            nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), dpi=100, squeeze=False
+        )
+        for ax, (fvals, idx) in zip(axes.flat, facet_items):
+            for c, i in enumerate(idx):
+                r = rows[i]
+                if not r:
+                    continue
+                g, m = _series(r, "generation"), _series(r, name)
+                color = f"C{c % 10}"
+                lo, hi = _series(r, f"{name}_q05"), _series(r, f"{name}_q95")
+                if np.isfinite(lo).any():
+                    ax.fill_between(g, lo, hi, color=color, alpha=0.12, lw=0)
+                label = f"{last.split('.')[-1]}={value_of(i, last)}" if last else "mean"
+                ax.plot(g, m, color=color, lw=1.4, label=label)
+            title = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(facet_keys, fvals))
+            ax.set_title(title, fontsize=8)
+            ax.set_xlabel("generation", fontsize=8)
+            ax.set_ylabel(name, fontsize=8)
+            if _positive(rows, idx, name):
+                ax.set_yscale("log")
+            ax.legend(fontsize=6, frameon=False)
+        for ax in list(axes.flat)[len(facet_items) :]:
+            ax.axis("off")
+        fig.suptitle(f"{sweep.out.name}: {name} (chain mean, 5-95 % of chains)", fontsize=9)
+        fig.tight_layout()
+        path = out / f"{name}_curves.png"
+        fig.savefig(path)
+        plt.close(fig)
+        files.append(path)
+
+    # --- heatmaps of the last generation over the first two varying axes --------------------
+    if len(vary) >= 2:
+        kx, ky, rest = vary[0], vary[1], vary[2:]
+        xs = [_value_text(v) for v in dict(sweep.axes)[kx]]
+        ys = [_value_text(v) for v in dict(sweep.axes)[ky]]
+        panels: dict[tuple, np.ndarray] = {}
+        for name in metrics:
+            panels = {}
+            for i, r in enumerate(rows):
+                pk = tuple(value_of(i, k) for k in rest)
+                grid = panels.setdefault(pk, np.full((len(ys), len(xs)), np.nan))
+                if r:
+                    grid[ys.index(value_of(i, ky)), xs.index(value_of(i, kx))] = r[-1].get(
+                        name, np.nan
+                    )
+            items = list(panels.items())[:6]
+            fig, axes = plt.subplots(
+                1, len(items), figsize=(4.4 * len(items), 3.6), dpi=100, squeeze=False
+            )
+            for ax, (pk, grid) in zip(axes[0], items):
+                shown = np.log10(grid) if np.nanmin(grid) > 0 else grid
+                im = ax.imshow(shown, origin="lower", cmap="viridis", aspect="auto")
+                ax.set_xticks(range(len(xs)), xs, fontsize=7)
+                ax.set_yticks(range(len(ys)), ys, fontsize=7)
+                ax.set_xlabel(kx, fontsize=8)
+                ax.set_ylabel(ky, fontsize=8)
+                for (yy, xx), v in np.ndenumerate(grid):
+                    if np.isfinite(v):
+                        ax.text(xx, yy, f"{v:.3g}", ha="center", va="center", fontsize=6, color="w")
+                title = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(rest, pk))
+                ax.set_title(title or "", fontsize=8)
+                fig.colorbar(im, ax=ax, label=("log10 " if shown is not grid else "") + name)
+            fig.suptitle(f"{sweep.out.name}: {name} at the last generation", fontsize=9)
+            fig.tight_layout()
+            path = out / f"{name}_heatmap.png"
+            fig.savefig(path)
+            plt.close(fig)
+            files.append(path)
+    return files
+
+
+def _positive(rows: list[list[dict]], idx: list[int], name: str) -> bool:
+    """Whether a metric's curves are positive and span > 2 decades (then drawn on a log axis)."""
+    vals = np.concatenate([_series(rows[i], name) for i in idx if rows[i]])
+    vals = vals[np.isfinite(vals)]
+    return vals.size > 0 and vals.min() > 0 and vals.max() / vals.min() > 100
