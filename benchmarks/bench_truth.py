@@ -8,7 +8,10 @@ real loop (`generation.run_generations`) in a fresh run directory and records, p
   measured here by wrapping the learner's method;
 - total: the generation's wall time from one commit to the next (data metrics, saving included).
 Generation 0 includes the one-time compilations. The machine's load average is recorded next to
-the numbers: on a shared CPU, say "under contention" when it exceeds the core count.
+the numbers: on a shared CPU, say "under contention" when it exceeds the core count. The process's
+CPU seconds (all threads) are recorded too: on an otherwise idle machine with C cores a
+generation's wall time is at least cpu_s / C, the estimate to quote for an idle machine when the
+measurement ran under contention.
 
 Writes `benchmarks/results/truth_lm-<device>.json` (one object: config, per-generation rows,
 sums, totals).
@@ -55,10 +58,12 @@ def main() -> None:
 
     learner.sample = timed_sample  # the same method, timed
     commits = [time.perf_counter()]
+    cpu = [time.process_time()]
     loads = []
 
     def on_generation(g, row):
         commits.append(time.perf_counter())
+        cpu.append(time.process_time())
         loads.append(os.getloadavg()[0])
         print(f"gen {g}: {commits[-1] - commits[-2]:.1f} s  kl_to_truth={row.get('kl_to_truth')}")
 
@@ -74,6 +79,7 @@ def main() -> None:
             "evaluate_s": r.get("eval_seconds"),
             "regenerate_s": regen[i] if i < len(regen) else None,
             "total_s": commits[i + 1] - commits[i],
+            "cpu_s": cpu[i + 1] - cpu[i],
             "load_avg_1min": loads[i],
         })  # fmt: skip
 
@@ -91,10 +97,12 @@ def main() -> None:
         "overrides": args.overrides,
         "generations": len(rows),
         "rows": rows,
-        "sum_s": {k: total(k) for k in ("fine_tune_s", "evaluate_s", "regenerate_s", "total_s")},
+        "sum_s": {
+            k: total(k) for k in ("fine_tune_s", "evaluate_s", "regenerate_s", "total_s", "cpu_s")
+        },
         "median_later_generation_s": {
             k: sorted(x[k] for x in later)[len(later) // 2]
-            for k in ("fine_tune_s", "evaluate_s", "regenerate_s", "total_s")
+            for k in ("fine_tune_s", "evaluate_s", "regenerate_s", "total_s", "cpu_s")
         },
         "max_load_avg_1min": max(loads) if loads else None,
     }
