@@ -266,7 +266,9 @@ def model_log_probs(model: Any, ids: np.ndarray, vocab_size: int) -> jax.Array:
         @jax.jit
         def fn(state, ids):
             logits = nnx.merge(graphdef, state)(ids).astype(jnp.float32)  # [B, T, V_model]
-            logq = jax.nn.log_softmax(logits, axis=-1)[..., TOKEN_OFFSET : TOKEN_OFFSET + vocab_size]
+            logq = jax.nn.log_softmax(logits, axis=-1)[
+                ..., TOKEN_OFFSET : TOKEN_OFFSET + vocab_size
+            ]
             return jnp.concatenate([jnp.zeros_like(logq[:, :1]), logq[:, :-1]], axis=1)
 
         _FORWARD_CACHE[(graphdef, vocab_size)] = fn
@@ -441,7 +443,9 @@ def _ranked_figure(source, models, eval_ids, num_contexts, path) -> None:
     tokens = to_source_ids(ids, source.vocab_size)
     t = ids.shape[1] // 2  # a context of half a block, the same for every panel
     p = np.asarray(source.next_token_probs(tokens))[:, t]  # [C, V]
-    qs = [(g, np.exp(np.asarray(model_log_probs(m, ids, source.vocab_size)))[:, t]) for g, m in models]
+    qs = [
+        (g, np.exp(np.asarray(model_log_probs(m, ids, source.vocab_size)))[:, t]) for g, m in models
+    ]
     fig, axes = plt.subplots(1, num_contexts, figsize=(3.3 * num_contexts, 3.4), dpi=100,
                              squeeze=False)  # fmt: skip
     for c, ax in enumerate(axes[0]):

@@ -67,7 +67,9 @@ def test_default_config_runs_end_to_end(full_run):
     out.mkdir(exist_ok=True)
     files = truth.figures(run, out, src, load_model, learner.corpus().eval, 2)
     assert [f.name for f in files] == [
-        "truth_metrics.png", "truth_nll_histograms.png", "truth_ranked_conditionals.png"
+        "truth_metrics.png",
+        "truth_nll_histograms.png",
+        "truth_ranked_conditionals.png",
     ]
 
 
