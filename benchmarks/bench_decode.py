@@ -16,7 +16,7 @@ name, device, config, compile_s, median_ms (one `generate` call on the batch), t
 tokens/s), ratio (JAX throughput / transformers throughput).
 
 Usage: python benchmarks/bench_decode.py [--batch 4] [--repeats 2] [--layers 12] [--new 64]
-       [--torch-threads N] [--old] [--no-hf] [--out PATH]
+       [--torch-threads N] [--old] [--no-hf] [--cost] [--out PATH]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from collapse_jax.lm import decode, opt, search  # noqa: E402
 from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM  # noqa: E402
 
 Array = jax.Array
+COST_KEYS = ("flops", "transcendentals", "bytes accessed")
 
 
 # The decoder before issue 9, verbatim but for the names of the modules it reaches into. Kept only
@@ -258,6 +259,11 @@ def main() -> None:
         "--old", action="store_true", help="also time the pre-issue-9 decoder (frozen copy)"
     )
     parser.add_argument("--no-hf", action="store_true", help="skip transformers (JAX only)")
+    parser.add_argument(
+        "--cost",
+        action="store_true",
+        help="only print XLA's cost analysis of the new and the old decoder's programs",
+    )
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     if args.torch_threads:
@@ -287,18 +293,44 @@ def main() -> None:
         with torch.no_grad():
             return hf.generate(ids_t, attention_mask=torch.ones_like(ids_t), **kw).numpy()
 
+    if args.cost:
+        # XLA's static cost estimate of both compiled programs (the while loop's body counted
+        # once): a comparison that contention cannot blur.
+        settings = decode.resolve_settings(model, **kw)
+        graphdef, state = nnx.split(model)
+        jids, jmask = jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32)
+        programs = {
+            "collapse_jax": (
+                decode.compiled_search(graphdef, settings),
+                (state, jids, jmask, decode.prompt_keys(0, np.arange(len(ids)))),
+            ),
+            "collapse_jax_old": (_old_program(graphdef, settings), (state, jids, jmask)),
+        }
+        rows = []
+        for name, (fn, fn_args) in programs.items():
+            cost = fn.lower(*fn_args).compile().cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            rows.append({"name": f"decode_cost_{name}", "config": {"layers": args.layers, **kw}})
+            rows[-1].update({k: cost.get(k) for k in COST_KEYS})
+            print(json.dumps(rows[-1]), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=1) + "\n")
+        return
+
     runners = {"collapse_jax": lambda: decode.generate(model, ids, **kw)}
     if args.old:
         runners["collapse_jax_old"] = lambda: old_generate(model, ids, **kw)
     if not args.no_hf:
         runners["transformers"] = run_hf
     first = {name: _timed(fn)[0] for name, fn in runners.items() if name != "transformers"}
+    print(f"first calls (compile + run): {first}", flush=True)
     times = {name: [] for name in runners}
     outs = {}
     for _ in range(args.repeats):  # interleaved: contention hits every contender alike
         for name, fn in runners.items():
             t, outs[name] = _timed(fn)
             times[name].append(t)
+            print(f"{name}: {t:.2f} s", flush=True)  # progress, and partial data if killed
     new_tokens = args.batch * args.new
     got = outs["collapse_jax"]
     device = jax.devices()[0].platform

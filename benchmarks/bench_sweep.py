@@ -34,12 +34,16 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 NUMPY_CHAIN = textwrap.dedent(
     """
     import sys, numpy as np
-    d, m, gens, policy, seed = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    d, m, gens, seed = (int(a) for a in sys.argv[1:4] + sys.argv[5:6])
+    policy = sys.argv[4]
     rng = np.random.default_rng(seed)
     mu, cov = np.zeros(d), np.eye(d)
     n, s1, s2 = 0, np.zeros(d), np.zeros((d, d))
     for g in range(gens):
-        x = rng.multivariate_normal(mu, cov, size=m, method="cholesky") if g else rng.standard_normal((m, d))
+        if g == 0:
+            x = rng.standard_normal((m, d))
+        else:
+            x = rng.multivariate_normal(mu, cov, size=m, method="eigh")
         if policy == "accumulate":
             n, s1, s2 = n + m, s1 + x.sum(0), s2 + x.T @ x
             mu = s1 / n
@@ -94,8 +98,15 @@ def main() -> None:
     rec = {
         "name": "gaussian_sweep",
         "device": f"{jax.default_backend()}:{jax.devices()[0].device_kind}",
-        "config": {"dims": dims, "sizes": sizes, "policies": policies, "seeds": seeds,
-                   "generations": gens, "points": points, "method": "exact"},
+        "config": {
+            "dims": dims,
+            "sizes": sizes,
+            "policies": policies,
+            "seeds": seeds,
+            "generations": gens,
+            "points": points,
+            "method": "exact",
+        },
         "sweep_wall_s": round(sweep_s, 2),
         "baseline": "separate single-chain NumPy processes (sample method), extrapolated",
         "baseline_processes": points * seeds,

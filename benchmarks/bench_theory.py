@@ -7,6 +7,7 @@ Measurements (one JSON object each, written to benchmarks/results/theory-<platfo
   fraction of raw `jax.random.normal` throughput (philox4x32), the sampler's limit.
 - gaussian_exact: chain-generations/s of `method="exact"` at M = 1000 vs NumPy drawing the M
   points (the process as written) and vs NumPy drawing the statistics (chi-square + normal).
+- rng_normals: raw normals/s of each JAX PRNG vs NumPy (the sample method's ceiling).
 - discrete_sample / discrete_exact: K = 10 states, M = 100 / 1000, vs NumPy inverse-CDF draws
   and NumPy's `Generator.multinomial` (C-level conditional binomials).
 
@@ -18,63 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
-import time
 
 import jax
 import numpy as np
 
+from collapse_jax import bench
 from collapse_jax.theory import discrete, gaussian
 
-
-def _time(fn, repeats: int) -> tuple[float, float]:
-    """(first call seconds, i.e. compile + run; median seconds of `repeats` further calls)."""
-    t = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    med = statistics.median(times)
-    return max(first - med, 0.0), med
-
-
-def numpy_gaussian_sample(rng, chains, generations, m):
-    mu, var = np.zeros(chains), np.ones(chains)
-    for _ in range(generations):
-        x = mu[:, None] + np.sqrt(var)[:, None] * rng.standard_normal((chains, m))
-        mu, var = x.mean(1), x.var(1, ddof=1)
-    return mu, var
-
-
-def numpy_gaussian_exact(rng, chains, generations, m):
-    mu, var = np.zeros(chains), np.ones(chains)
-    for _ in range(generations):
-        mu = mu + np.sqrt(var / m) * rng.standard_normal(chains)
-        var = var * rng.chisquare(m - 1, chains) / (m - 1)
-    return mu, var
-
-
-def numpy_discrete_sample(rng, probs, chains, generations, m):
-    k = probs.size
-    p = np.broadcast_to(probs, (chains, k)).copy()
-    offs = (np.arange(chains) * k)[:, None]
-    for _ in range(generations):
-        cdf = np.cumsum(p, axis=1)
-        u = rng.random((chains, m)) * cdf[:, -1:]
-        idx = (u[:, :, None] >= cdf[:, None, :]).sum(-1)
-        counts = np.bincount((idx + offs).ravel(), minlength=chains * k).reshape(chains, k)
-        p = counts / m
-    return p
-
-
-def numpy_discrete_exact(rng, probs, chains, generations, m):
-    p = np.broadcast_to(probs, (chains, probs.size)).copy()
-    for _ in range(generations):
-        p = rng.multinomial(m, p) / m
-    return p
+_time = bench.timeit
+numpy_gaussian_sample = bench.numpy_gaussian_sample
+numpy_gaussian_exact = bench.numpy_gaussian_exact
+numpy_discrete_sample = bench.numpy_discrete_sample
+numpy_discrete_exact = bench.numpy_discrete_exact
 
 
 def bench_gaussian_sample(key, rng, chains, gens, repeats, quick, record):
@@ -134,8 +90,7 @@ def bench_gaussian_exact(key, rng, chains, gens, repeats, quick, record):
 
 
 def _zipf10():
-    probs = 1.0 / np.arange(1, 11)
-    return probs / probs.sum()
+    return bench.zipf_probs(10)
 
 
 def bench_discrete_sample(key, rng, chains, gens, repeats, quick, record):
@@ -189,7 +144,33 @@ def bench_discrete_exact(key, rng, chains, gens, repeats, quick, record):
     )
 
 
+def bench_rng_normals(key, rng, chains, gens, repeats, quick, record):
+    """The sample method's ceiling: raw standard normals per second of each JAX PRNG (one call
+    drawing chains x 100 normals, summed) against NumPy's `standard_normal`. `rbg`/`unsafe_rbg`
+    are shown for reference only: they draw a vmapped batch from its first key, which breaks
+    "chain i gives the same result whatever the batch" (NOTES.md), so the chains cannot use them.
+    """
+    n = chains * 100
+    _, t_np = _time(lambda: rng.standard_normal(n).sum(), repeats + 2)
+    for impl in ("threefry2x32", "philox4x32", "rbg", "unsafe_rbg"):
+        k = jax.random.key(0, impl=impl)
+        f = jax.jit(lambda k: jax.random.normal(k, (n,)).sum())
+        c, t = _time(lambda f=f, k=k: f(k).block_until_ready(), repeats + 2)
+        record(
+            f"rng_normals_{impl}",
+            dict(normals=n),
+            c,
+            t,
+            n / t,
+            t_np / t,
+            baseline="numpy standard_normal",
+            baseline_throughput=n / t_np,
+            unit="normals/s",
+        )
+
+
 BENCHES = {
+    "rng_normals": bench_rng_normals,
     "gaussian_sample": bench_gaussian_sample,
     "gaussian_exact": bench_gaussian_exact,
     "discrete_sample": bench_discrete_sample,

@@ -35,34 +35,18 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from collapse_jax import sharding  # noqa: E402
+from collapse_jax import bench, sharding  # noqa: E402
 from collapse_jax.lm import data as data_lib  # noqa: E402
 from collapse_jax.lm import train  # noqa: E402
 from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM, state_from_hf  # noqa: E402
 
-
-def measured_peak_flops() -> float:
-    """Best-of-5 fp32 matmul FLOP/s on the default JAX device (2048^3)."""
-    n = 2048
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
-def flops_per_token(cfg: OPTConfig, n_matmul_params: int, length: int) -> float:
-    return 6 * n_matmul_params + 12 * cfg.num_hidden_layers * cfg.hidden_size * length
+measured_peak_flops = bench.measured_matmul_flops  # fp32 2048^3, best of 5
+flops_per_token = bench.opt_flops_per_token
 
 
 def main() -> None:

@@ -23,40 +23,9 @@ import time
 import jax
 import numpy as np
 
+from collapse_jax import bench
 
-def torch_vae(latent: int = 20, c1: int = 64, c2: int = 128):
-    import torch
-    from torch import nn
-
-    class VAE(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc = nn.Sequential(
-                nn.Conv2d(1, c1, 4, 2, 1),
-                nn.ReLU(),
-                nn.Conv2d(c1, c2, 4, 2, 1),
-                nn.ReLU(),
-                nn.Flatten(),
-            )
-            self.mu = nn.Linear(c2 * 49, latent)
-            self.logvar = nn.Linear(c2 * 49, latent)
-            self.fc = nn.Linear(latent, c2 * 49)
-            self.dec = nn.Sequential(
-                nn.ConvTranspose2d(c2, c1, 4, 2, 1),
-                nn.ReLU(),
-                nn.ConvTranspose2d(c1, 1, 4, 2, 1),
-            )
-
-        def forward(self, x):
-            h = self.enc(x)
-            mu, logvar = self.mu(h), self.logvar(h)
-            z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-            logits = self.dec(torch.relu(self.fc(z)).view(-1, c2, 7, 7))
-            bce = nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-            kl = -0.5 * torch.sum(1 + logvar - mu**2 - logvar.exp())
-            return bce + kl
-
-    return VAE()
+torch_vae = bench.torch_vae
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ collapse-jax quickstart [--out DIR]                                    the theor
 collapse-jax sweep CONFIG.yaml a.b=v1,v2 [c.d=w1,w2 ...] [--out DIR]   a grid in one directory
 collapse-jax show-config CONFIG.yaml [a.b=value ...]                   print the resolved config
 collapse-jax plot RUN_DIR                                              redraw a run's figures
+collapse-jax bench [--suite quick|full] [--out FILE] [--only a,b]      benchmark this backend
 ```
 
 Scientific settings come only from the config file and its overrides; flags are operational.
@@ -140,6 +141,29 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from collapse_jax import bench
+
+    only = [n for n in args.only.split(",") if n] if args.only else None
+    known = {*bench.BENCHES, *bench.THEORY_ROWS}
+    for n in only or ():
+        if n not in known:
+            raise config_lib.ConfigError(
+                f"--only: unknown benchmark {n!r}; choose from {sorted(known)}"
+            )
+    out = pathlib.Path(args.out) if args.out else bench.default_out(bench.device_info(), args.suite)
+    report = bench.run(
+        args.suite,
+        only=only,
+        out=out,
+        peak_tflops=args.peak_tflops,
+        progress=lambda line: print(line, flush=True),
+    )
+    print(bench.format_table(report))
+    print(f"wrote {out} ({report['seconds']:.0f} s)")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     # Options every command takes, before or after its name (SUPPRESS keeps the top level's).
     common = argparse.ArgumentParser(add_help=False)
@@ -195,6 +219,15 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", parents=[common], help="redraw the figures of a run directory")
     pl.add_argument("run_dir")
     pl.set_defaults(fn=_cmd_plot)
+
+    b = sub.add_parser("bench", help="benchmark the backend JAX sees (table + JSON)")
+    b.add_argument("--suite", default="quick", choices=("quick", "full"))
+    b.add_argument(
+        "--out", help="JSON file (default benchmarks/results/bench-<suite>-<device>.json)"
+    )
+    b.add_argument("--only", default="", help="comma-separated benchmarks (default: all)")
+    b.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
+    b.set_defaults(fn=_cmd_bench)
     return p
 
 

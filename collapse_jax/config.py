@@ -122,7 +122,11 @@ class GenerationConfig:
       sample_schedule: explicit M_n for every generation (overrides the two fields above).
       policy: "replace" (alpha = 1: train only on the last model's samples), "mix" (the paper's
         alpha/beta/gamma fractions), "accumulate" (keep all data of all generations, Gerstgrasser
-        et al. 2024).
+        et al. 2024), "accumulate_subsample" (keep all data, but fit each generation on a
+        uniformly random subset of M_n points of everything so far, Kazdan et al. 2024).
+      real_data: how the gamma share of real data of a "mix" generation is drawn: "fresh" (new
+        draws from the real distribution each generation) or "fixed" (a random subset of the
+        chain's generation-0 real data set; Alemohammad et al. 2023's fixed real set).
       alpha: share of new synthetic data ("mix").
       beta: share of the previous generation's training data ("mix").
       gamma: share of original real data ("mix"; the paper's LM runs keep 0.1).
@@ -143,7 +147,8 @@ class GenerationConfig:
     samples_per_generation: int | None = 100
     sample_growth: float = 0.0
     sample_schedule: tuple[int, ...] | None = None
-    policy: Literal["replace", "mix", "accumulate"] = "replace"
+    policy: Literal["replace", "mix", "accumulate", "accumulate_subsample"] = "replace"
+    real_data: Literal["fixed", "fresh"] = "fresh"
     alpha: float = 1.0
     beta: float = 0.0
     gamma: float = 0.0
@@ -183,6 +188,16 @@ class GenerationConfig:
         for name in ("alpha", "beta", "gamma"):
             v = getattr(self, name)
             require(0.0 <= v <= 1.0, f"generation.{name}", f"must lie in [0, 1] (got {v})")
+        require(
+            self.policy in ("replace", "mix", "accumulate", "accumulate_subsample"),
+            "generation.policy",
+            f"{self.policy!r} is not replace, mix, accumulate or accumulate_subsample",
+        )
+        require(
+            self.real_data in ("fixed", "fresh"),
+            "generation.real_data",
+            f"{self.real_data!r} is not fixed or fresh",
+        )
         if self.policy == "replace":
             # alpha/beta/gamma only act under "mix": given with "replace" they would be ignored.
             ignored = [

@@ -109,10 +109,12 @@ class Policy:
     argument of the jitted core, so runs that differ only in sizes share compiled code).
 
     Attributes:
-      policy: "replace", "mix" or "accumulate" (see `config.GenerationConfig`).
+      policy: "replace", "mix", "accumulate" or "accumulate_subsample" (`GenerationConfig`).
       alpha, beta, gamma: the "mix" shares (synthetic, previous data, real).
       init_from: where each fit starts: "base", "previous" or "scratch".
       selection: `generation.selection` (None: every synthetic point is kept).
+      real_data: the gamma share is drawn "fresh" from the real distribution, or from the
+        chain's "fixed" generation-0 real data.
     """
 
     policy: str = "replace"
@@ -121,10 +123,24 @@ class Policy:
     gamma: float = 0.0
     init_from: str = "base"
     selection: Any = None  # config.SelectionConfig: keep the best-scored synthetic points
+    real_data: str = "fresh"
 
     @classmethod
     def of(cls, gcfg: config_lib.GenerationConfig) -> Policy:
-        return cls(gcfg.policy, gcfg.alpha, gcfg.beta, gcfg.gamma, gcfg.init_from, gcfg.selection)
+        return cls(
+            gcfg.policy,
+            gcfg.alpha,
+            gcfg.beta,
+            gcfg.gamma,
+            gcfg.init_from,
+            gcfg.selection,
+            gcfg.real_data,
+        )
+
+    @property
+    def keeps_real(self) -> bool:
+        """Whether the chain's generation-0 real data are carried (a fixed real set)."""
+        return self.policy == "mix" and self.gamma > 0 and self.real_data == "fixed"
 
     def shares(self, num: int) -> tuple[int, int, int]:
         """Splits `num` points into (synthetic, previous, real) counts (largest remainder)."""
@@ -134,7 +150,9 @@ class Policy:
     def keeps_data(self) -> bool:
         """Whether generation n's training set enters generation n + 1's (else the loop does
         not carry it from one generation to the next)."""
-        return self.policy == "accumulate" or (self.policy == "mix" and self.beta > 0)
+        return self.policy in ("accumulate", "accumulate_subsample") or (
+            self.policy == "mix" and self.beta > 0
+        )
 
 
 def requested_real_size(gcfg: config_lib.GenerationConfig) -> int | None:
@@ -146,11 +164,14 @@ def requested_real_size(gcfg: config_lib.GenerationConfig) -> int | None:
 
 
 class Carry(NamedTuple):
-    """What one generation hands to the next, per chain: the fitted params and, when the policy
-    keeps data (`Policy.keeps_data`), the training set (else None)."""
+    """What one generation hands to the next, per chain: the fitted params; when the policy
+    keeps data (`Policy.keeps_data`) the data set the next one is built from (the training set,
+    or for accumulate_subsample the pool of all data so far), else None; with a fixed real set
+    (`Policy.keeps_real`) the chain's generation-0 real data, else None."""
 
     params: Any
     data: Any
+    real: Any = None
 
 
 def start_params(learner: AbstractLearner, policy: Policy, keys, k_base, previous):
@@ -162,29 +183,45 @@ def start_params(learner: AbstractLearner, policy: Policy, keys, k_base, previou
     return learner.init(k_base)
 
 
-def next_data(learner: AbstractLearner, policy: Policy, keys, data, params, counts, **kw) -> Any:
-    """The next generation's training set under the mixing policy.
+def next_data(
+    learner: AbstractLearner, policy: Policy, keys, data, params, counts, real=None, **kw
+) -> Any:
+    """The next generation's data set under the mixing policy (accumulate_subsample: the pool,
+    which `training_set` subsamples).
 
     Args:
       keys: the CURRENT generation's keys (its `sample`, `previous` and `real` keys).
-      data: the current training set (used by accumulate and by mix with beta > 0).
+      data: the current data set (used by the accumulate policies and by mix with beta > 0).
       params: the current fitted model, which the synthetic share is sampled from.
       counts: (synthetic, previous, real) numbers of points; ints, or traced int32 scalars for
         learners with `static_sample_size = False`.
+      real: the chain's generation-0 real data (needed with `real_data: fixed`).
       kw: passed to `learner.sample` (non-jittable learners: `workdir`).
     """
     n_syn, n_prev, n_real = counts
     synth = selection.sample(learner, policy.selection, keys["sample"], params, n_syn, **kw)
     if policy.policy == "replace":
         return synth
-    if policy.policy == "accumulate":
+    if policy.policy in ("accumulate", "accumulate_subsample"):
         return learner.concat([data, synth])
     parts = [synth]
     if policy.beta > 0:
         parts.append(learner.subset(keys["previous"], data, n_prev))
     if policy.gamma > 0:
-        parts.append(learner.draw_real(keys["real"], n_real))
+        if policy.real_data == "fixed":
+            parts.append(learner.subset(keys["real"], real, n_real))
+        else:
+            parts.append(learner.draw_real(keys["real"], n_real))
     return learner.concat(parts)
+
+
+def training_set(learner: AbstractLearner, policy: Policy, keys, pool, num) -> Any:
+    """What generation n fits: the data set itself, or for accumulate_subsample a uniformly
+    random subset of `num` (= M_n) points of the pool, drawn with generation n - 1's `previous`
+    key (`keys`), which that policy uses for nothing else."""
+    if policy.policy != "accumulate_subsample":
+        return pool
+    return learner.subset(keys["previous"], pool, num)
 
 
 def evaluate(learner: AbstractLearner, key, params, reference) -> dict[str, Any]:
@@ -218,25 +255,33 @@ def chain_generation(
       fit: False stops after building the data and the fit's starting params (for learners
         whose fit runs batched over chains outside this function).
     Returns:
-      (data, carry, measured): with `fit=False`, (data, start params, fit key) instead.
+      (data, carry, measured): data is what generation g fits; with `fit=False`,
+      ((data, pool, real), start params, fit key) instead.
     """
     k_real, k_base, k_gens = ks
     if carry is None:
-        data, previous = learner.real_data(k_real, counts), None
+        data = pool = real = learner.real_data(k_real, counts)
+        previous = None
     else:
         # Generation g's data is generation g - 1's sample: drawn with ITS keys, so a run that
         # persists the next data at the end of g - 1 (the non-jittable path) draws the same.
-        data = next_data(
-            learner, policy, generation_keys(k_gens, g - 1), carry.data, carry.params, counts
+        prev_keys = generation_keys(k_gens, g - 1)
+        pool = next_data(
+            learner, policy, prev_keys, carry.data, carry.params, counts, real=carry.real
         )
-        previous = carry.params
+        data = training_set(learner, policy, prev_keys, pool, counts[0])
+        previous, real = carry.params, carry.real
     keys = generation_keys(k_gens, g)
     init = start_params(learner, policy, keys, k_base, previous)
     if not fit:
-        return data, init, keys["fit"]
+        return (data, pool, real), init, keys["fit"]
     params = learner.fit(keys["fit"], data, init)
     out = measure(learner, keys["eval"], params, reference)
-    return data, Carry(params, data if policy.keeps_data else None), out
+    return data, _carry(policy, params, pool, real), out
+
+
+def _carry(policy: Policy, params, pool, real) -> Carry:
+    return Carry(params, pool if policy.keeps_data else None, real if policy.keeps_real else None)
 
 
 def _vmapped_keys(key, chains):
@@ -306,13 +351,14 @@ def _prepare(learner, policy, key, chains, g, carry, counts_arr, *, counts, firs
 
 
 @functools.partial(jax.jit, static_argnames=("learner", "policy", "measure"))
-def _finish(learner, policy, measure, key, chains, g, data, params, reference):
-    def one(chain_ks, data, params):
+def _finish(learner, policy, measure, key, chains, g, sets, params, reference):
+    def one(chain_ks, sets, params):
         keys = generation_keys(chain_ks[2], g)
         out = measure(learner, keys["eval"], params, reference)
-        return Carry(params, data if policy.keeps_data else None), out
+        _, pool, real = sets
+        return _carry(policy, params, pool, real), out
 
-    return jax.vmap(one)(_vmapped_keys(key, chains), data, params)
+    return jax.vmap(one)(_vmapped_keys(key, chains), sets, params)
 
 
 def one_generation(
@@ -361,11 +407,11 @@ def one_generation(
             first=first,
         )
         return carry, jax.tree.map(lambda x: x[0], out)
-    data, init, fit_keys = _prepare(
+    sets, init, fit_keys = _prepare(
         learner, policy, key, chains, jnp.int32(g), carry, c_arr, counts=cnt, first=first
     )
-    params = learner.fit_chains(fit_keys, data, init)
-    return _finish(learner, policy, measure, key, chains, jnp.int32(g), data, params, reference)
+    params = learner.fit_chains(fit_keys, sets[0], init)
+    return _finish(learner, policy, measure, key, chains, jnp.int32(g), sets, params, reference)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -801,7 +847,7 @@ def _row_and_arrays(gcfg, g: int, real_size: int, per_chain: dict) -> tuple[dict
 
 def _size_of(gcfg, g: int, real_size: int) -> int:
     """Number of points generation g is fitted to (accumulate: all generations' data)."""
-    if gcfg.policy == "accumulate":
+    if gcfg.policy == "accumulate":  # (accumulate_subsample fits M_n of the pool)
         return real_size + sum(gcfg.sample_size(k, real_size) for k in range(1, g + 1))
     return real_size if g == 0 else gcfg.sample_size(g, real_size)
 
@@ -943,11 +989,13 @@ def _cat_chunks(parts: list[Any], R: int) -> Any:
 #
 # Chain r's files live in `_chain_dir(folder, r)`: the folder itself for chain 0 (the layout of a
 # single-chain run) and `folder/chain_XXXXX` for the others. Per generation g and chain r:
+#   work/gen_g[/chain_r]/train.npz  the training set (real data, or a subset of the pool)
 #   work/gen_g[/chain_r]/fit/       the learner's own resumable fit state (checkpoints)
 #   work/gen_g[/chain_r]/fitted/    the fitted params (DONE marks them complete)
 #   work/gen_g[/chain_r]/metrics.npz
 #   work/gen_g[/chain_r]/sample/    the learner's resumable sampling state
-#   work/gen_g[/chain_r]/next.npz   the next training set: this chain's generation is done
+#   work/gen_g[/chain_r]/next.npz   the next data set (state/data.npz once committed): this
+#                                   chain's generation is done
 # Once every chain is done the generation is committed (data, params, row, arrays, then state/)
 # and work/gen_g is removed.
 
@@ -979,15 +1027,23 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
             state = _chain_dir(run_dir / "state", r)
             wdir = _chain_dir(work, r)
             wdir.mkdir(parents=True, exist_ok=True)
+            # The training set passes through work/ (generation 0's real data too), so a resumed
+            # run trains on exactly the bytes the committed data/gen_XXXXX holds.
+            train_path = wdir / "train.npz"
             if g == 0:
-                # Generation 0's real data pass through work/ too, so a resumed run trains on
-                # exactly the bytes the committed data/gen_00000 holds.
-                data_src = wdir / "real.npz"
-                if not data_src.exists():
-                    records.save_npz(data_src, _data_arrays(learner.real_data(k_real, real_size)))
+                pool = None
+                if not train_path.exists():
+                    real = learner.real_data(k_real, real_size)
+                    records.save_npz(train_path, _data_arrays(real))
             else:
-                data_src = state / "data.npz"
-            data = _load_data(data_src)
+                pool = _load_data(state / "data.npz")  # the data set next_data built
+                if not train_path.exists():
+                    m_g = gcfg.sample_size(g, real_size)
+                    prev = generation_keys(k_gens, g - 1)
+                    train = training_set(learner, policy, prev, pool, m_g)
+                    records.save_npz(train_path, _data_arrays(train))
+            data = _load_data(train_path)
+            pool = data if pool is None else pool
             keys = generation_keys(k_gens, g)
             fitted_dir = wdir / "fitted"
             if (fitted_dir / "DONE").exists():
@@ -1015,17 +1071,23 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
             per_chain.append(m)
             if not (wdir / "next.npz").exists():
                 counts = gcfg.shares(gcfg.sample_size(g + 1, real_size))
+                real = None
+                if policy.keeps_real:  # the chain's fixed real set: its generation-0 data
+                    real = (
+                        data
+                        if g == 0
+                        else _load_data(_chain_dir(run_dir / "data", r) / "gen_00000.npz")
+                    )
                 new = next_data(
-                    learner, policy, keys, data, params, counts, workdir=wdir / "sample"
+                    learner, policy, keys, pool, params, counts, real, workdir=wdir / "sample"
                 )
                 records.save_npz(wdir / "next.npz", _data_arrays(new))
-            del data, params
+            del data, pool, params
         # Every chain has finished generation g: commit it.
         for r in range(R):
             wdir = _chain_dir(work, r)
-            src = (wdir / "real.npz") if g == 0 else _chain_dir(run_dir / "state", r) / "data.npz"
             dst = _chain_dir(run_dir / "data", r) / f"gen_{g:05d}.npz"
-            records.save_npz(dst, records.load_npz(src))
+            records.save_npz(dst, records.load_npz(wdir / "train.npz"))
             if gcfg.keep_params != "last":
                 pdir = _chain_dir(run_dir / "params", r) / f"gen_{g:05d}"
                 tmp = records.fresh_dir(pdir.parent, pdir.name)

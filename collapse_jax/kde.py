@@ -318,18 +318,20 @@ class KDELearner(AbstractLearner[KDEParams, Array]):
 
         from collapse_jax import records
 
-        saved = sorted(p for p in (run.path / "params").glob("gen_*") if p.is_dir())
-        if (run.path / "state" / "params.npz").exists():
-            saved.append(run.path / "state")
+        saved = sorted(p / "params.npz" for p in (run.path / "params").glob("gen_*"))
+        # The loop's committed state holds Carry(params, data): the params' leaves come first.
+        if not saved and (run.path / "state" / "carry.npz").exists():
+            saved.append(run.path / "state" / "carry.npz")
+        saved = [p for p in saved if p.exists()]
         if not saved:
             return []
         pick = [saved[i] for i in np.unique(np.linspace(0, len(saved) - 1, 4).round().astype(int))]
-        template = self.init(jax.random.key(0))
         fits = []
         for p in pick:
-            tree = records.load_tree(p / "params.npz", template)
-            gen = "last" if p.name == "state" else str(int(p.name.split("_")[1]))
-            fits.append((gen, KDEParams(*(jnp.asarray(x[0]) for x in tree))))
+            leaves = records.load_npz(p)
+            gen = "last" if p.parent.name == "state" else str(int(p.parent.name.split("_")[1]))
+            centers, chol = leaves["leaf_00000"][0], leaves["leaf_00001"][0]  # chain 0
+            fits.append((gen, KDEParams(jnp.asarray(centers), jnp.asarray(chol))))
         c = self.config
         path = out_dir / "kde_density.png"
         if c.data_dim == 1:

@@ -56,6 +56,7 @@ class LinearRegressionConfig:
       ridge: lambda >= 0 of the ridge penalty lambda ||w||^2 (0 = ordinary least squares, which
         needs num_points >= dim).
       test_points: fresh isotropic inputs drawn per evaluation for `test_mse`.
+      sampling_bias: lambda, synthetic labels carry noise N(0, lambda sigma^2) (1 = the model).
     """
 
     kind: ClassVar[str] = "linear_regression"
@@ -65,12 +66,14 @@ class LinearRegressionConfig:
     noise_std: float = 1.0
     ridge: float = 0.0
     test_points: int = 1000
+    sampling_bias: float = 1.0
 
     def __post_init__(self):
         require(self.dim >= 1, "model.dim", f"must be >= 1 (got {self.dim})")
         require(self.noise_std > 0, "model.noise_std", f"must be > 0 (got {self.noise_std})")
         require(self.ridge >= 0, "model.ridge", f"must be >= 0 (got {self.ridge})")
         require(self.test_points >= 1, "model.test_points", "must be >= 1")
+        require(self.sampling_bias >= 0, "model.sampling_bias", "must be >= 0")
         require(
             self.num_points >= self.dim or self.ridge > 0,
             "model.num_points",
@@ -117,9 +120,17 @@ def least_squares(x: Array, y: Array, ridge: float) -> Array:
 
 
 def expected_param_error(
-    policy: str, generations: int, *, dim: int, num_points: int, noise_std: float
+    policy: str,
+    generations: int,
+    *,
+    dim: int,
+    num_points: int,
+    noise_std: float,
+    sampling_bias: float = 1.0,
 ) -> np.ndarray:
-    """E||w_n - w*||^2 for n = 0..generations-1 under OLS (module docstring).
+    """E||w_n - w*||^2 for n = 0..generations-1 under OLS (module docstring). With a sampling
+    bias lambda the synthetic u_k (k >= 1) have lambda times the variance of u_0:
+    replace gives (1 + n lambda) x gen 0, accumulate (1 + lambda sum_{k=2}^{n+1} 1/k^2) x gen 0.
 
     Args:
       policy: "replace" or "accumulate" (each generation relabels the whole design once).
@@ -130,10 +141,11 @@ def expected_param_error(
         return np.full(generations, np.inf)
     base = noise_std**2 * dim / (num_points - dim - 1)
     n = np.arange(1, generations + 1, dtype=np.float64)
+    lam = sampling_bias
     if policy == "replace":
-        return base * n
+        return base * (1.0 + lam * (n - 1))
     if policy == "accumulate":
-        return base * np.cumsum(1.0 / n**2)
+        return base * (1.0 + lam * (np.cumsum(1.0 / n**2) - 1.0))
     raise ValueError(f"no closed form for policy {policy!r}")
 
 
@@ -216,7 +228,8 @@ class LinearRegressionLearner(AbstractLearner[LinRegParams, LinRegData]):
         t, d = self._tdim
         rows = jnp.arange(num, dtype=jnp.int32) % t
         x = _design(params.design_key, t, d)[rows]
-        y = x @ params.w + self.config.noise_std * jax.random.normal(key, (num,), _F)
+        sd = self.config.noise_std * np.sqrt(self.config.sampling_bias)
+        y = x @ params.w + sd * jax.random.normal(key, (num,), _F)
         return LinRegData(
             rows, y, jnp.zeros((num,), bool), params.w_star, params.design_key, jnp.bool_(True)
         )
@@ -282,6 +295,11 @@ class LinearRegressionLearner(AbstractLearner[LinRegParams, LinRegData]):
         ):
             return {}
         pe = expected_param_error(
-            policy, len(sizes), dim=c.dim, num_points=c.num_points, noise_std=c.noise_std
+            policy,
+            len(sizes),
+            dim=c.dim,
+            num_points=c.num_points,
+            noise_std=c.noise_std,
+            sampling_bias=c.sampling_bias,
         )
         return {"param_error": pe, "test_mse": pe + c.noise_std**2}

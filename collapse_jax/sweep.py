@@ -13,11 +13,14 @@ figures/<metric>_curves.png    one curve per value (chain mean, 5-95 % band over
 figures/<metric>_heatmap.png   last-generation chain mean over the first two varying axes
 ```
 
-All points run in one process, one after the other, so the JAX compilation cache is shared
-(points whose learner and loop settings coincide, e.g. that differ only in the number of
-generations or chains, reuse compiled functions), and a sweep that is killed resumes at the first
-unfinished generation of the first unfinished point. Every point's config is validated before the
-first one runs, so a bad value fails at once with one line naming the key and the point.
+All points run in one process, one after the other, through the one loop. The loop's jitted core
+takes the run's key and (for learners with traced sizes, e.g. the exact Gaussian) the sample
+sizes as arguments, and only the learner (model config) and the mixing `Policy` as static ones,
+so points that differ in seed, sample size, number of generations or of chains reuse the same
+compiled functions: a grid compiles once per (model config, policy), not once per point. A sweep
+that is killed resumes at the first unfinished generation of the first unfinished point. Every
+point's config is validated before the first one runs, so a bad value fails at once with one line
+naming the key and the point.
 """
 
 from __future__ import annotations
@@ -280,7 +283,7 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
     facets: dict[tuple, list[int]] = {}
     for i in range(len(sweep.points)):
         facets.setdefault(tuple(value_of(i, k) for k in facet_keys), []).append(i)
-    facet_items = list(facets.items())[:12]
+    facet_items = list(facets.items())[:30]
     for name in metrics:
         ncol = min(len(facet_items), 4)
         nrow = math.ceil(len(facet_items) / ncol)
@@ -305,7 +308,8 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
             ax.set_ylabel(name, fontsize=8)
             if _positive(rows, idx, name):
                 ax.set_yscale("log")
-            ax.legend(fontsize=6, frameon=False)
+            if ax.lines:
+                ax.legend(fontsize=6, frameon=False)
         for ax in list(axes.flat)[len(facet_items) :]:
             ax.axis("off")
         fig.suptitle(f"{sweep.out.name}: {name} (chain mean, 5-95 % of chains)", fontsize=9)
@@ -326,7 +330,8 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
             for i, r in enumerate(rows):
                 pk = tuple(value_of(i, k) for k in rest)
                 grid = panels.setdefault(pk, np.full((len(ys), len(xs)), np.nan))
-                if r:
+                # only finished points: a killed point's last row is an earlier generation
+                if r and len(r) == sweep.configs[i].generation.num_generations:
                     grid[ys.index(value_of(i, ky)), xs.index(value_of(i, kx))] = r[-1].get(
                         name, np.nan
                     )
@@ -358,6 +363,9 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
 
 def _positive(rows: list[list[dict]], idx: list[int], name: str) -> bool:
     """Whether a metric's curves are positive and span > 2 decades (then drawn on a log axis)."""
-    vals = np.concatenate([_series(rows[i], name) for i in idx if rows[i]])
+    parts = [_series(rows[i], name) for i in idx if rows[i]]
+    if not parts:  # no point of this panel has run yet
+        return False
+    vals = np.concatenate(parts)
     vals = vals[np.isfinite(vals)]
     return vals.size > 0 and vals.min() > 0 and vals.max() / vals.min() > 100

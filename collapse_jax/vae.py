@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from collapse_jax import mnist, records
+from collapse_jax import convs, mnist, records
 from collapse_jax.config import ConfigError
 from collapse_jax.learner import AbstractLearner
 
@@ -86,7 +86,7 @@ def _conv_down(layer: nnx.Conv, x: jax.Array) -> jax.Array:
     s = xp.reshape(b, h2, 2, w2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h2, w2, 4 * c)
     # kernel tap (2p + a, 2q + b) acts on phase (a, b) of the 2x2 block at offset (p, q).
     kk = k.reshape(2, 2, 2, 2, c, -1).transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * c, -1)
-    y = jax.lax.conv_general_dilated(s, kk, (1, 1), "VALID", dimension_numbers=_DN)
+    y = convs.conv2d_valid(s, kk)  # matmuls on CPU (collapse_jax/convs.py)
     return y + layer.bias[...][None, None, None, :]  # [B, H/2, W/2, O]
 
 
@@ -105,7 +105,7 @@ def _conv_up(layer: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
     sel = jnp.asarray(_UP)
     wk = jnp.einsum("sau,tbv,uvco->stcabo", sel, sel, k).reshape(3, 3, c, 4 * o)
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    y = jax.lax.conv_general_dilated(xp, wk, (1, 1), "VALID", dimension_numbers=_DN)
+    y = convs.conv2d_valid(xp, wk)
     y = y.reshape(b, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, o)
     return y + layer.bias[...][None, None, None, :]  # [B, 2H, 2W, O]
 
@@ -155,6 +155,8 @@ class VAEConfig:
       weight_decay: L2 penalty added to the gradient, as PyTorch's Adam (paper: 1e-5).
       sample_mode: "mean" (decoder's Bernoulli means, the paper's figures) or "bernoulli"
         (binary images drawn from them).
+      sampling_bias: lambda > 0: synthetic images are decoded from latents z ~ N(0, lambda I)
+        (lambda < 1 concentrates them on the typical images; 1: the paper).
       eval_batch_size: images per batch when evaluating, sampling and encoding.
       probe_size: images of every generation encoded by generation 0's encoder (figures).
       grid_size: the sample grid of each generation is grid_size x grid_size images.
@@ -171,6 +173,7 @@ class VAEConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-5
     sample_mode: Literal["mean", "bernoulli"] = "mean"
+    sampling_bias: float = 1.0
     eval_batch_size: int = 1000
     probe_size: int = 2000
     grid_size: int = 8
@@ -192,6 +195,11 @@ class VAEConfig:
             f"must lie in [1, 10000] (got {self.test_size})",
         )
         check(self.latent_dim >= 1, "latent_dim", "must be >= 1")
+        check(
+            math.isfinite(self.sampling_bias) and self.sampling_bias > 0,
+            "sampling_bias",
+            f"must be > 0 (got {self.sampling_bias})",
+        )
         check(all(c >= 1 for c in self.channels), "channels", "must be >= 1")
         check(self.epochs >= 1, "epochs", "must be >= 1")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
@@ -345,7 +353,7 @@ def _decode_batch(params, z, key, *, arch, mode: str):
 
 
 def generate(key: jax.Array, params: Params, num: int, cfg: VAEConfig) -> np.ndarray:
-    """`num` images decoded from prior samples z ~ N(0, I).
+    """`num` images decoded from prior samples z ~ N(0, lambda I) (lambda = cfg.sampling_bias).
 
     Returns:
       [num, 28, 28] uint8 (Bernoulli means * 255, or binary draws for sample_mode bernoulli).
@@ -355,6 +363,8 @@ def generate(key: jax.Array, params: Params, num: int, cfg: VAEConfig) -> np.nda
     for i, lo in enumerate(range(0, num, b)):
         k_z, k_pix = jax.random.split(jax.random.fold_in(key, i))
         z = jax.random.normal(k_z, (b, cfg.latent_dim))
+        if cfg.sampling_bias != 1.0:
+            z = z * math.sqrt(cfg.sampling_bias)
         imgs = _decode_batch(params, z, k_pix, arch=_arch(cfg), mode=cfg.sample_mode)
         out.append(np.asarray(imgs)[: num - lo])
     return np.concatenate(out) if out else np.zeros((0, 28, 28), np.uint8)

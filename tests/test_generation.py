@@ -230,3 +230,20 @@ def test_python_learner_runs_several_chains_and_resumes_mid_generation(tmp_path)
     k_real = generation.chain_keys(cfg.seed, 1)[0]
     d = records.load_npz(tmp_path / "full" / "data" / "chain_00001" / "gen_00000.npz")["data"]
     np.testing.assert_array_equal(d, ToyNumpyLearner(cfg.model).real_data(k_real, 12))
+
+
+@pytest.mark.parametrize("real_data", ["fixed", "fresh"])
+def test_real_share_fixed_or_fresh(tmp_path, real_data):
+    """generation.real_data: "fixed" takes the gamma share from the chain's generation-0 real
+    set (Alemohammad et al.'s fixed real set), "fresh" draws new real points. Checked on the
+    data themselves (continuous values: fresh draws never coincide with old ones), through the
+    loop core's replay (jittable path) and the stored data (Python path)."""
+    cfg = _cfg(policy="mix", alpha=0.5, gamma=0.5, real_data=real_data, num_generations=3)
+    want = 6 if real_data == "fixed" else 0  # of the 12 points of generation 2
+    learner = ToyGaussianLearner(cfg.model)
+    data = generation.replay_data(learner, cfg.generation, cfg.seed, [0, 2])
+    assert np.isin(data[2], data[0]).sum() == want
+    _run(cfg, tmp_path, learner_cls=ToyNumpyLearner)
+    d0 = records.load_npz(tmp_path / "data" / "gen_00000.npz")["data"]
+    d2 = records.load_npz(tmp_path / "data" / "gen_00002.npz")["data"]
+    assert np.isin(d2, d0).sum() == want

@@ -40,13 +40,16 @@ def _run(tmp_path, policy, gens, **model):
     return cfg, generation.run_generations(cfg, tmp_path / policy).rows
 
 
-@pytest.mark.parametrize("policy,gens", [("replace", 4), ("accumulate", 3)])
-def test_param_error_matches_closed_form(tmp_path, policy, gens):
+@pytest.mark.parametrize("policy,gens,lam", [("replace", 4, 0.5), ("accumulate", 3, 1.0)])
+def test_param_error_matches_closed_form(tmp_path, policy, gens, lam):
     """E||w_n - w*||^2: (n+1) s^2 d/(T-d-1) (replace), s^2 d/(T-d-1) sum_{k<=n+1} 1/k^2
-    (accumulate), over 10^4 chains (each its own w* and design), generation 0 fitted to real data.
+    (accumulate); with sampling bias lambda (replace) (1 + n lambda) s^2 d/(T-d-1); over 10^4
+    chains (each its own w* and design), generation 0 fitted to real data.
     |mean - closed form| < 4.5 SE per generation: false-failure probability < 3e-5 per test."""
-    cfg, rows = _run(tmp_path, policy, gens, noise_std=0.7)
-    want = expected_param_error(policy, gens, dim=3, num_points=20, noise_std=0.7)
+    cfg, rows = _run(tmp_path, policy, gens, noise_std=0.7, sampling_bias=lam)
+    want = expected_param_error(
+        policy, gens, dim=3, num_points=20, noise_std=0.7, sampling_bias=lam
+    )
     for row, w in zip(rows, want):
         assert abs(row["param_error"] - w) < Z * row["param_error_se"], (row["generation"], w)
         # test MSE on fresh inputs = param error + sigma^2 in expectation (8 test points/chain)

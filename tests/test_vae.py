@@ -92,10 +92,12 @@ def test_two_generations_end_to_end(data_dir, tmp_path):
             gamma=0.25,
             init_from="scratch",
             keep_params="all",
+            num_trials=2,  # two independent chains, one after the other
         ),
     )
     res = generation.run_generations(cfg, tmp_path / "run")
     assert [r["generation"] for r in res.rows] == [0, 1]
+    assert "test_loss_se" in res.rows[0]  # summarised over the two chains
     assert all(np.isfinite(r["test_loss"]) and r["test_kl"] > 0 for r in res.rows)
     run = records.Run(res.run_dir)
     data1 = records.load_npz(run.data_path(1))["data"]

@@ -53,6 +53,8 @@ class GMMConfig:
       reg_covar: added to every covariance's diagonal (scikit-learn's default 1e-6).
       warm_start: start EM from the parameters the loop passes in (set generation.init_from:
         previous to continue from the last generation's fit) instead of a fresh initialisation.
+      sampling_bias: lambda > 0: synthetic points are drawn with every component's covariance
+        scaled by lambda (real points never are).
       scatter_generations: generations whose samples `figures` scatter-plots (those that exist).
       scatter_points: points per scatter plot.
     """
@@ -70,6 +72,7 @@ class GMMConfig:
     max_iter: int = 2000
     reg_covar: float = 1e-6
     warm_start: bool = False
+    sampling_bias: float = 1.0
     scatter_generations: tuple[int, ...] = (0, 50, 100, 150, 200, 350, 2000)
     scatter_points: int = 1000
 
@@ -114,6 +117,11 @@ class GMMConfig:
         check(self.tol >= 0 and math.isfinite(self.tol), "tol", "must be a finite number >= 0")
         check(self.max_iter >= 1, "max_iter", "must be >= 1")
         check(self.reg_covar >= 0, "reg_covar", "must be >= 0")
+        check(
+            math.isfinite(self.sampling_bias) and self.sampling_bias > 0,
+            "sampling_bias",
+            f"must be > 0, got {self.sampling_bias}",
+        )
         check(all(g >= 0 for g in self.scatter_generations), "scatter_generations", "must be >= 0")
         check(self.scatter_points >= 1, "scatter_points", "must be >= 1")
 
@@ -222,7 +230,10 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
     def sample(
         self, key: jax.Array, params: EMResult, num: int | jax.Array, **kwargs: Any
     ) -> jax.Array:
-        return sample(key, params.params, num)
+        p = params.params
+        if self.config.sampling_bias != 1.0:
+            p = GMMParams(p.weights, p.means, p.covs * self.config.sampling_bias)
+        return sample(key, p, num)
 
     def evaluate(self, key: jax.Array, params: EMResult, reference: Any) -> dict[str, Any]:
         """Metrics of one chain's fit.
@@ -270,7 +281,9 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
         (plus reg_covar on the diagonal), so whatever the components do the overall covariance
         follows the Gaussian MLE chain: E[Sigma_g] = (M_g - 1) / M_g * Sigma_{g-1} + reg * I.
         """
-        if generation is not None and generation.policy != "replace":
+        if (generation is not None and generation.policy != "replace") or (
+            self.config.sampling_bias != 1.0
+        ):
             return {}
         _, cov = moments(self.config.true_mixture())
         t = float(np.trace(np.asarray(cov, np.float64)))

@@ -162,8 +162,8 @@ def unigram_perplexity(train_blocks: np.ndarray, eval_blocks: np.ndarray, vocab_
     targets = np.asarray(eval_blocks)[:, 1:].reshape(-1)
     if train.size == 0 or targets.size == 0:
         raise ValueError("unigram_perplexity needs non-empty train and eval blocks")
-    if max(train.max(), targets.max()) >= vocab_size or min(train.min(), targets.min()) < 0:
-        raise ValueError(f"token ids must lie in [0, {vocab_size})")
+    check_token_ids(train, vocab_size, "train_blocks")
+    check_token_ids(targets, vocab_size, "eval_blocks")
     counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
     logp = np.log(counts) - np.log(counts.sum())
     return float(np.exp(-logp[targets].mean()))

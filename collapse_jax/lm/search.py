@@ -184,7 +184,7 @@ class SlotCacheDecoder:
     Wraps `step_fn(tokens [R, T], mask [R, S], cache) -> (logits [R, V], cache)` (writes the T
     tokens at the cache's next T slots; `mask` covers all S slots, 1 = valid token, 0 = padding or
     not yet written), `init_cache(rows, S)` and `reorder_fn(cache, rows [R']) -> cache`. The
-    loop state is `(cache, mask [R, S], P)`.
+    loop state is `(cache, mask [R, S])`.
     """
 
     def __init__(

@@ -411,9 +411,7 @@ class HMMSource(GroundTruthSource):
         cycle = rng.permutation(hs)
         successor = np.empty(hs, np.int64)
         successor[cycle] = np.roll(cycle, -1)
-        a_sup, a_w = _sparse_rows(
-            rng, hs, hs, config.hidden_support, config.zipf_a, successor
-        )
+        a_sup, a_w = _sparse_rows(rng, hs, hs, config.hidden_support, config.zipf_a, successor)
         e_sup, e_w = _sparse_rows(rng, hs, v, s, config.zipf_a, rng.integers(0, v, hs))
         self.transition = np.zeros((hs, hs))
         np.put_along_axis(self.transition, a_sup.astype(np.int64), a_w, axis=1)
@@ -441,7 +439,6 @@ class HMMSource(GroundTruthSource):
         return self._unigram
 
     def transitions(self):
-        v = self.vocab_size
         # p(x0 = a, x1 = b) = sum_{h,h'} pi(h) E[h, a] A[h, h'] E[h', b]
         joint = (self.pi[:, None] * self.emission).T @ self.transition @ self.emission  # [V, V]
         a, b = np.nonzero(joint > 0)

@@ -91,19 +91,21 @@ def load_tokenizer(path: os.PathLike | str, *, padding_side: str = "right") -> A
     return tokenizer
 
 
-def check_token_ids(ids: Any, model: Any, name: str) -> None:
-    """Raises one clear `ValueError` if token ids fall outside the model's vocabulary.
+def check_token_ids(ids: Any, vocab: Any, name: str) -> None:
+    """Raises one clear `ValueError` if token ids fall outside the vocabulary.
 
-    The one vocabulary check of the package (decoding, regeneration and training call it): ids
-    beyond the embedding table would give NaN logits deep inside a compiled program.
+    The one vocabulary check of the package (decoding, regeneration, training and evaluation call
+    it): ids beyond the embedding table would give NaN logits deep inside a compiled program.
 
     Args:
       ids: an int array of token ids (any shape). A memory-mapped array is not scanned: reading
         a large on-disk store whole here would defeat the mapping (the data pipeline wrote it).
-      model: anything with `config.vocab_size` (a model without one is not checked).
+      vocab: the vocabulary size V, or a model with `config.vocab_size` (a model without one is
+        not checked).
       name: what `ids` is, for the message.
     """
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int | np.integer):
+        vocab = getattr(getattr(vocab, "config", None), "vocab_size", None)
     if vocab is None or isinstance(ids, np.memmap) or np.size(ids) == 0:
         return
     lo, hi = int(np.min(ids)), int(np.max(ids))

@@ -266,7 +266,9 @@ def model_log_probs(model: Any, ids: np.ndarray, vocab_size: int) -> jax.Array:
         @jax.jit
         def fn(state, ids):
             logits = nnx.merge(graphdef, state)(ids).astype(jnp.float32)  # [B, T, V_model]
-            logq = jax.nn.log_softmax(logits, axis=-1)[..., TOKEN_OFFSET : TOKEN_OFFSET + vocab_size]
+            logq = jax.nn.log_softmax(logits, axis=-1)[
+                ..., TOKEN_OFFSET : TOKEN_OFFSET + vocab_size
+            ]
             return jnp.concatenate([jnp.zeros_like(logq[:, :1]), logq[:, :-1]], axis=1)
 
         _FORWARD_CACHE[(graphdef, vocab_size)] = fn
@@ -337,7 +339,8 @@ def figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model: Any,
     files = []
     h, _ = source.entropy_rate
     series = {name: run.series(name) for name in (
-        "kl_to_truth", "tail_retention", "tail_retention_p10", "tail_retention_p90",
+        "kl_to_truth", "tail_retention", "tail_retention_p10", "tail_retention_p50",
+        "tail_retention_p90",
         "data_true_nll", "support_coverage", "lost_mass", "data_entropy", "data_repetition",
         "data_invalid_rate",
     )}  # fmt: skip
@@ -357,6 +360,7 @@ def figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model: Any,
     ax.fill_between(g, series["tail_retention_p10"], series["tail_retention_p90"], color="C0",
                     alpha=0.2, lw=0, label="10-90% of contexts")  # fmt: skip
     ax.plot(g, series["tail_retention"], "o-", color="C0", label="mean")
+    ax.plot(g, series["tail_retention_p50"], ":", color="C0", label="median")
     ax.axhline(1.0, color="k", ls="--", lw=0.8, label="truth")
     ax.set_title("tail_retention (least probable 10%)")
     ax.legend(fontsize=7, frameon=False)
@@ -404,7 +408,7 @@ def figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model: Any,
     shown = [x for x in HISTOGRAM_GENERATIONS if x in per_block and len(per_block[x])]
     if shown:
         allv = np.concatenate([per_block[x] for x in shown])
-        bins = np.linspace(min(allv.min(), h) - 0.05, max(allv.max(), h) + 0.05, 50)
+        bins = np.linspace(min(allv.min(), h) - 0.05, max(allv.max(), h) + 0.05, 90)
         fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
         cmap = plt.get_cmap("viridis")
         for i, x in enumerate(shown):
@@ -439,14 +443,16 @@ def _ranked_figure(source, models, eval_ids, num_contexts, path) -> None:
     tokens = to_source_ids(ids, source.vocab_size)
     t = ids.shape[1] // 2  # a context of half a block, the same for every panel
     p = np.asarray(source.next_token_probs(tokens))[:, t]  # [C, V]
-    qs = [(g, np.exp(np.asarray(model_log_probs(m, ids, source.vocab_size)))[:, t]) for g, m in models]
+    qs = [
+        (g, np.exp(np.asarray(model_log_probs(m, ids, source.vocab_size)))[:, t]) for g, m in models
+    ]
     fig, axes = plt.subplots(1, num_contexts, figsize=(3.3 * num_contexts, 3.4), dpi=100,
                              squeeze=False)  # fmt: skip
     for c, ax in enumerate(axes[0]):
         order = np.argsort(-p[c])
         live = int((p[c] > 0).sum())
         r = np.arange(1, len(order) + 1)
-        ax.plot(r, p[c][order], "k-", lw=1.8, label="truth")
+        ax.plot(r[:live], p[c][order][:live], "k-", lw=1.8, label="truth")  # its support only
         for i, (g, q) in enumerate(qs):
             ax.plot(r, q[c][order], "o-" if i == 0 else "s-", ms=3, lw=1, color=f"C{i}",
                     label=f"model gen {g}")  # fmt: skip
@@ -459,7 +465,8 @@ def _ranked_figure(source, models, eval_ids, num_contexts, path) -> None:
         if c == 0:
             ax.set_ylabel("p(next token | context)")
             ax.legend(fontsize=7, frameon=False)
-    fig.suptitle("True vs model conditionals (dotted line: end of the true support)", fontsize=10)
+    fig.suptitle("True vs model conditionals, ranked by true probability (dotted line: end of "
+                 "the true support; beyond it the truth is 0)", fontsize=10)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

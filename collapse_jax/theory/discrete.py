@@ -49,6 +49,9 @@ class DiscreteConfig:
       method: "exact" (multinomial counts by conditional binomials, cost independent of M) or
         "sample" (the M categorical draws).
       rng_impl: PRNG of the draws: "philox4x32", "threefry2x32", or "default" (the key's own).
+      truncation: top-k truncation of the sampler (None: off): synthetic data are drawn from
+        the fit restricted to its k most probable states, renormalised (the tail cut-off of
+        language-model decoding; Dohmatob et al. 2024, "A tale of tails"). Real data never are.
     """
 
     kind: ClassVar[str] = "discrete"
@@ -59,6 +62,7 @@ class DiscreteConfig:
     probs: tuple[float, ...] | None = None
     method: Literal["exact", "sample"] = "exact"
     rng_impl: RngImpl = "philox4x32"
+    truncation: int | None = None
 
     def __post_init__(self):
         if self.family not in ("zipf", "uniform", "explicit"):
@@ -86,6 +90,13 @@ class DiscreteConfig:
             raise ConfigError(f"model.method: {self.method!r} is not 'exact' or 'sample'")
         if self.rng_impl not in ("default", "threefry2x32", "philox4x32"):
             raise ConfigError(f"model.rng_impl: {self.rng_impl!r} is not a supported PRNG")
+        if self.truncation is not None:
+            k = len(self.probs) if self.family == "explicit" else self.num_states
+            if not 1 <= self.truncation <= k:
+                raise ConfigError(
+                    f"model.truncation: must lie in [1, {k}] (the number of states), got "
+                    f"{self.truncation}"
+                )
 
     def probs_array(self) -> np.ndarray:
         """The original distribution, float64 `[K]`."""
@@ -106,6 +117,12 @@ def sample_labels(key: Array, probs: Array, num: int) -> Array:
     # Round-off may push u past the last positive state: clip to it (never to a zero state).
     last = jnp.max(jnp.where(probs > 0, jnp.arange(probs.shape[0], dtype=jnp.int32), 0))
     return jnp.minimum(idx, last)
+
+
+def top_k_mask(probs: Array, k: int) -> Array:
+    """[K] bool: the k most probable states of `probs [K]` (ties: the lower index)."""
+    _, idx = jax.lax.top_k(probs, k)
+    return jnp.zeros(probs.shape, bool).at[idx].set(True)
 
 
 class DiscreteLearner(AbstractLearner[Array, Array]):
@@ -150,6 +167,10 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
         return counts.astype(_F) / jnp.sum(counts).astype(_F)
 
     def sample(self, key: Array, params: Array, num: int | Array, **kwargs: Any) -> Array:
+        """`num` synthetic draws from the fit (restricted to its top-k states with truncation)."""
+        if self.config.truncation is not None:
+            params = jnp.where(top_k_mask(params, self.config.truncation), params, 0.0)
+            params = params / jnp.sum(params)
         return self._draw(key, params, num)
 
     def evaluate(self, key: Array, params: Array, reference: Any) -> dict[str, Array]:
@@ -159,6 +180,11 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
         p0 = self.truth
         at = metrics.absorbed_state(params)
         extra = {"probs": params} if self.num_states <= _MAX_RECORDED_STATES else {}
+        if self.config.truncation is not None:
+            # Original mass of the states the truncated sampler cannot draw from this fit: the
+            # next generation loses at least this much tail mass.
+            keep = top_k_mask(params, self.config.truncation)
+            extra["truncated_mass"] = jnp.sum(jnp.where(keep, 0.0, p0))
         return {
             **extra,
             "support_size": metrics.support_size(params).astype(_F),
@@ -193,7 +219,9 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
         self, sample_sizes: np.ndarray, generation: Any = None
     ) -> dict[str, np.ndarray]:
         """Closed-form / exactly propagated chain means per generation ("replace" policy)."""
-        if generation is not None and generation.policy != "replace":
+        if (generation is not None and generation.policy != "replace") or (
+            self.config.truncation is not None
+        ):
             return {}
         out = analytic.discrete_expectations(self._p0, np.asarray(sample_sizes))
         out.pop("absorbed_at", None)
@@ -231,7 +259,7 @@ def simulate(
     generations: int,
     sample_size: int | Sequence[int],
     method: Literal["exact", "sample"] = "exact",
-    policy: Literal["replace", "mix", "accumulate"] = "replace",
+    policy: Literal["replace", "mix", "accumulate", "accumulate_subsample"] = "replace",
     alpha: float = 1.0,
     beta: float = 0.0,
     gamma: float = 0.0,

@@ -49,6 +49,8 @@ class GaussianConfig:
         "sample" (draw the M points).
       rng_impl: PRNG used for the draws: "philox4x32" (about 3x faster than threefry on CPU),
         "threefry2x32", or "default" (the impl of the key passed in).
+      sampling_bias: lambda > 0: synthetic data are drawn from N(mu, lambda Sigma) of the fit
+        (lambda < 1 under-disperses, as a low sampling temperature); real data never are.
     """
 
     kind: ClassVar[str] = "gaussian"
@@ -59,8 +61,11 @@ class GaussianConfig:
     estimator: Literal["unbiased", "mle"] = "unbiased"
     method: Literal["exact", "sample"] = "exact"
     rng_impl: RngImpl = "philox4x32"
+    sampling_bias: float = 1.0
 
     def __post_init__(self):
+        if not (np.isfinite(self.sampling_bias) and self.sampling_bias > 0):
+            raise ConfigError(f"model.sampling_bias: must be > 0 (got {self.sampling_bias})")
         if self.dim < 1:
             raise ConfigError(f"model.dim: must be >= 1 (got {self.dim})")
         if self.mean is not None and len(self.mean) != self.dim:
@@ -188,6 +193,48 @@ def stats_of_points(x: Array) -> GaussianStats:
     return GaussianStats(jnp.int32(n), x[0] + ybar, scatter)
 
 
+def subset_stats(key: Array, stats: GaussianStats, num: int | Array) -> GaussianStats:
+    """Statistics of a uniformly random subset of `num` of the `stats.n` points, drawn exactly
+    from their distribution given the pool's statistics (Gaussian points), at a cost
+    independent of the sizes.
+
+    Why it is exact: write the pool's centred points as X_c = Q R (QR decomposition, R^T = L =
+    chol(scatter)). For Gaussian points Q is uniform (Haar) and independent of R, and the
+    subset's statistics are functions of Q and L only: mean_A - mean = sqrt((n - k) / (n k)) L t
+    and scatter_A = L W_A L^T, where (W_A, t) are the whitened within-subset scatter and
+    between-parts deviation of ANY Gaussian sample with the same Q law. We therefore draw a
+    standard one through its parts, G_A ~ W(k - 1, I), G_B ~ W(n - k - 1, I), z ~ N(0, I) (the
+    within-A, within-B and between scatters, independent), whiten them by the Cholesky factor C
+    of their sum (C^T is the R of that sample's QR): W_A = C^-1 G_A C^-T, t = C^-1 z.
+
+    Args:
+      key: PRNG key; stats: the pool (n >= d + 1 points, so its scatter has full rank);
+      num: k, the subset size (int or traced int32, 1 <= k <= n).
+    """
+    from jax.scipy.linalg import solve_triangular
+
+    d = stats.mean.shape[-1]
+    n = stats.n.astype(_F)
+    num = jnp.asarray(num, jnp.int32)
+    k = num.astype(_F)
+    k_a, k_b, k_z = jax.random.split(key, 3)
+    a = samplers.wishart_bartlett_factor(k_a, jnp.maximum(k - 1.0, 0.0), d)  # G_A = a a^T
+    b = samplers.wishart_bartlett_factor(k_b, jnp.maximum(n - k - 1.0, 0.0), d)
+    z = jax.random.normal(k_z, (d,), _F)
+    c = jnp.linalg.cholesky(a @ a.T + b @ b.T + jnp.outer(z, z))
+    ca = solve_triangular(c, a, lower=True)  # W_A = ca ca^T
+    t = solve_triangular(c, z[:, None], lower=True)[:, 0]
+    ell = _chol(stats.scatter)
+    la = ell @ ca
+    mean = stats.mean + (ell @ t) * jnp.sqrt(jnp.maximum(n - k, 0.0) / (n * jnp.maximum(k, 1.0)))
+    whole = num >= stats.n  # the subset is the pool itself
+    return GaussianStats(
+        num,
+        jnp.where(whole, stats.mean, mean),
+        jnp.where(whole, stats.scatter, la @ la.T),
+    )
+
+
 def pool(parts: Sequence[GaussianStats]) -> GaussianStats:
     """Statistics of the union of data sets (Chan et al.'s parallel update; empty parts ok)."""
     out = parts[0]
@@ -252,6 +299,9 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
         return fit_stats(stats, self.config.estimator)
 
     def sample(self, key: Array, params: GaussianParams, num: int | Array, **kwargs: Any) -> Any:
+        """`num` synthetic points from N(mean, sampling_bias * cov)."""
+        if self.config.sampling_bias != 1.0:
+            params = GaussianParams(params.mean, params.cov * self.config.sampling_bias)
         return self._draw(key, params, num)
 
     def evaluate(self, key: Array, params: GaussianParams, reference: Any) -> dict[str, Array]:
@@ -272,7 +322,7 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
     # --- data algebra: sufficient statistics for the exact method --------------------------
     def subset(self, key: Array, data: Any, num: int | Array) -> Any:
         if self.config.method == "exact":
-            raise ValueError("gaussian: method='exact' cannot take subsets; use method='sample'")
+            return subset_stats(key, data, num)
         return super().subset(key, data, num)
 
     def concat(self, parts: list[Any]) -> Any:
@@ -293,7 +343,11 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
         if generation is not None and generation.policy != "replace":
             return {}
         return analytic.gaussian_expectations(
-            np.asarray(sample_sizes), self._mean0, self._cov0, self.config.estimator
+            np.asarray(sample_sizes),
+            self._mean0,
+            self._cov0,
+            self.config.estimator,
+            self.config.sampling_bias,
         )
 
     def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
@@ -347,12 +401,13 @@ def simulate(
     cov: float | Sequence[Sequence[float]] = 1.0,
     method: Literal["exact", "sample"] = "exact",
     estimator: Literal["unbiased", "mle"] = "unbiased",
-    policy: Literal["replace", "mix", "accumulate"] = "replace",
+    policy: Literal["replace", "mix", "accumulate", "accumulate_subsample"] = "replace",
     alpha: float = 1.0,
     beta: float = 0.0,
     gamma: float = 0.0,
     chunk_size: int = 65536,
     rng_impl: RngImpl = "philox4x32",
+    sampling_bias: float = 1.0,
 ) -> GaussianSimulation:
     """Simulates `chains` independent chains of recursive Gaussian fitting.
 
@@ -369,10 +424,12 @@ def simulate(
       method: "exact" (sufficient statistics drawn directly) or "sample" (the M points).
       estimator: "unbiased" (scatter / (M - 1)) or "mle" (scatter / M).
       policy: "replace" (train on the last model's samples only), "mix" (alpha synthetic, beta
-        previous training data, gamma fresh real data) or "accumulate" (keep all data).
+        previous training data, gamma fresh real data), "accumulate" (keep all data) or
+        "accumulate_subsample" (keep all data, fit a random subset of M of it).
       alpha, beta, gamma: the "mix" shares (summing to 1).
       chunk_size: chains per batch (bounds memory for 10^6+ chains).
       rng_impl: PRNG of the draws ("philox4x32", "threefry2x32", or "default": the key's own).
+      sampling_bias: lambda: each generation's synthetic data come from N(mu, lambda Sigma).
     Returns:
       GaussianSimulation with `.mean [G + 1, R, d]` and `.cov [G + 1, R, d, d]`.
     """
@@ -393,6 +450,7 @@ def simulate(
             estimator=estimator,
             method=method,
             rng_impl=rng_impl,
+            sampling_bias=sampling_bias,
         )
         GenerationConfig(policy=policy, alpha=alpha, beta=beta, gamma=gamma)  # validates
     except ConfigError as e:

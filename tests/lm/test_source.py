@@ -156,9 +156,10 @@ def test_build_is_deterministic_and_saved(tmp_path):
     a = S.MarkovSource(cfg)
     b = S.MarkovSource(cfg)
     np.testing.assert_array_equal(a.support, b.support)
-    assert S.MarkovSource(S.SourceConfig(vocab_size=16, support=5, seed=10)).summary()[
-        "checksum"
-    ] != a.summary()["checksum"]
+    assert (
+        S.MarkovSource(S.SourceConfig(vocab_size=16, support=5, seed=10)).summary()["checksum"]
+        != a.summary()["checksum"]
+    )
     S.save_source(a, tmp_path)
     back = S.load_source(tmp_path)
     assert back.summary() == a.summary()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation, plots, records
+from collapse_jax import generation, records
 from collapse_jax.lm import opt, source, train, truth
 
 pytestmark = pytest.mark.slow
@@ -57,9 +57,20 @@ def test_default_config_runs_end_to_end(full_run):
     assert per_block.shape == (1, 12)
     # The source is saved in the run directory and rebuilds identically.
     assert source.load_source(full.run_dir / "source").summary() == src.summary()
-    files = {f.name for f in plots.make_figures(run, generation.make_learner(cfg))}
-    assert {"truth_metrics.png", "truth_nll_histograms.png",
-            "truth_ranked_conditionals.png", "kl_to_truth.png"} <= files  # fmt: skip
+    # The ground-truth figures (the generic and WikiText figures have their own tests).
+    learner = generation.make_learner(cfg)
+
+    def load_model(g):
+        return learner.load_params(run.params_dir(g), None).model
+
+    out = full.run_dir / "figures"
+    out.mkdir(exist_ok=True)
+    files = truth.figures(run, out, src, load_model, learner.corpus().eval, 2)
+    assert [f.name for f in files] == [
+        "truth_metrics.png",
+        "truth_nll_histograms.png",
+        "truth_ranked_conditionals.png",
+    ]
 
 
 def test_killed_run_resumes_to_identical_metrics(full_run, tmp_path):
@@ -96,7 +107,7 @@ def test_resuming_with_a_changed_source_is_refused(full_run, tmp_path):
 def test_opt_trained_on_plenty_of_source_data_approaches_the_entropy_rate():
     """A small OPT trained on 1024 blocks of a tiny order-1 source (V = 8, s = 4, entropy rate
     1.24 nats/token) for 128 steps: its exact KL to the truth on held-out contexts falls below
-    0.05 nats/token (measured 0.029 on this CPU; the sampling error of 15k transitions alone is
+    0.05 nats/token (measured 0.031 on this CPU; the sampling error of 15k transitions alone is
     ~0.001), and its expected NLL is the truth's entropy plus that KL."""
     cfg = source.SourceDataConfig(
         source=source.SourceConfig(vocab_size=8, support=4, zipf_a=1.0, seed=1),

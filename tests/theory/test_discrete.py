@@ -11,7 +11,7 @@ import pytest
 import scipy.stats
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation
+from collapse_jax import generation, records
 from collapse_jax.config import ConfigError
 from collapse_jax.theory import analytic, discrete
 
@@ -218,3 +218,27 @@ def test_yaml_configs_build_learners():
     for p in paths:
         cfg = config_lib.load_config(p)
         assert isinstance(generation.make_learner(cfg), discrete.DiscreteLearner)
+
+
+def test_truncation_loses_exactly_the_truncated_states_mass(tmp_path):
+    """Top-k truncation of the sampler: with M large enough that every kept state is drawn
+    (P(some kept state missing) < 1e-30 here), generation 1 has lost exactly the original mass
+    of the states outside generation 0's top k (`truncated_mass`), chain by chain; and no
+    truncated state ever comes back."""
+    cfg = config_lib.from_dict(
+        {
+            "name": "trunc",
+            "seed": 5,
+            "model": {"kind": "discrete", "family": "zipf", "num_states": 10, "truncation": 5},
+            "generation": {"num_generations": 3, "samples_per_generation": 4000, "num_trials": 64},
+        }
+    )
+    run = records.Run(generation.run_generations(cfg, tmp_path).run_dir)
+    lost, cut = run.trial_series("lost_tail_mass"), run.trial_series("truncated_mass")
+    probs = run.trial_series("probs")  # [G, R, K]
+    assert np.all(lost[0] == 0) and np.all(cut[0] > 0)
+    np.testing.assert_allclose(lost[1], cut[0], rtol=1e-6)
+    assert np.all((probs[1:] > 0).sum(axis=-1) <= 5)
+    assert np.all(lost[2] >= lost[1] - 1e-7)
+    with pytest.raises(ConfigError, match="truncation"):
+        discrete.DiscreteConfig(num_states=4, truncation=5)
