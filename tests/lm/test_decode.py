@@ -343,8 +343,8 @@ def test_generate_rejects_bad_input():
     ids=["beam_post_ln", "sample"],
 )
 def test_opt_fast_decoder_equals_slot_cache_path(kw):
-    """`PromptSharingDecoder` (split prompt/generated cache, ancestry table) gives the same tokens as
-    decoding through the model's own slot cache with a reordering gather, with left padding; the
+    """`PromptSharingDecoder` (split prompt/generated cache, ancestry table) gives the same tokens
+    as decoding through the model's own slot cache with a reordering gather, with left padding; the
     beam case uses a post-LayerNorm OPT (pre-LN is covered by the transformers parity tests)."""
     from flax import nnx
 
