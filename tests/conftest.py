@@ -9,6 +9,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     )
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import gc  # noqa: E402
 import pathlib  # noqa: E402
 
 import jax  # noqa: E402
@@ -41,3 +42,15 @@ def data_dir() -> pathlib.Path:
 @pytest.fixture
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after every test module.
+
+    The suite compiles thousands of XLA programs in one process; each keeps memory mappings
+    alive, and a process that nears the kernel's map limit (vm.max_map_count, 65530 by default)
+    crashes inside the XLA compiler. Nothing here relies on a cache kept across modules."""
+    yield
+    jax.clear_caches()
+    gc.collect()
