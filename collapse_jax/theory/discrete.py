@@ -7,7 +7,8 @@ delta at state i with probability p_0(i); low-probability states are lost first 
 
 - `method="sample"` draws the M categorical samples (inverse CDF + bincount; data = labels [M]);
 - `method="exact"` draws the multinomial counts directly by conditional binomials at a cost
-  independent of M (data = counts [K]).
+  independent of M (data = counts [K]); subsets of counts (the policies that subsample) are
+  multivariate hypergeometric draws, exact as well.
 
 `simulate` runs many independent chains (vmap) over generations (lax.scan), chunked over chains;
 `DiscreteLearner` is the same model for the model-agnostic loop in `collapse_jax.generation`.
@@ -206,8 +207,12 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
         return super().concat(parts)
 
     def subset(self, key: Array, data: Array, num: int | Array) -> Array:
+        """A uniformly random subset of `num` points; for method "exact" (data = counts [K]) the
+        subset's counts are one exact multivariate hypergeometric draw, so the policies that
+        subsample (`accumulate_subsample`, `mix` with beta > 0 or a fixed real set) stay exact."""
         if self.config.method == "exact":
-            raise ValueError("discrete: method='exact' cannot take subsets; use method='sample'")
+            key = _with_impl(key, self.config.rng_impl)
+            return samplers.multivariate_hypergeometric(key, data, num)
         return super().subset(key, data, num)
 
     def num_samples(self, data: Array) -> Any:
