@@ -95,17 +95,23 @@ class SelectionConfig:
       rho: keep ratio in (0, 1]: each generation draws ceil(M / rho) candidates and keeps the M
         that the scorer ranks best (1 = no selection).
       scorer: "truth": log-likelihood under the real distribution (learners with
-        `truth_log_prob`).
+        `truth_log_prob`); "generation0": log-likelihood under the chain's generation-0 fitted
+        model (learners with `log_prob`; jittable learners).
     """
 
     rho: float = 1.0
-    scorer: Literal["truth"] = "truth"
+    scorer: Literal["truth", "generation0"] = "truth"
 
     def __post_init__(self):
         require(
             0.0 < self.rho <= 1.0,
             "generation.selection.rho",
             f"must lie in (0, 1] (got {self.rho})",
+        )
+        require(
+            self.scorer in ("truth", "generation0"),
+            "generation.selection.scorer",
+            f"{self.scorer!r} is not 'truth' or 'generation0'",
         )
 
 

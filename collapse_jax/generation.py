@@ -147,6 +147,13 @@ class Policy:
         return config_lib.split_shares(num, self.policy, (self.alpha, self.beta, self.gamma))
 
     @property
+    def keeps_anchor(self) -> bool:
+        """Whether the chain's generation-0 fit is carried (the selection scorer
+        "generation0" scores every later generation's candidates under it)."""
+        sel = self.selection
+        return sel is not None and sel.rho < 1.0 and sel.scorer == "generation0"
+
+    @property
     def keeps_data(self) -> bool:
         """Whether generation n's training set enters generation n + 1's (else the loop does
         not carry it from one generation to the next)."""
@@ -167,11 +174,13 @@ class Carry(NamedTuple):
     """What one generation hands to the next, per chain: the fitted params; when the policy
     keeps data (`Policy.keeps_data`) the data set the next one is built from (the training set,
     or for accumulate_subsample the pool of all data so far), else None; with a fixed real set
-    (`Policy.keeps_real`) the chain's generation-0 real data, else None."""
+    (`Policy.keeps_real`) the chain's generation-0 real data, else None; with the selection
+    scorer "generation0" (`Policy.keeps_anchor`) the chain's generation-0 params, else None."""
 
     params: Any
     data: Any
     real: Any = None
+    anchor: Any = None
 
 
 def start_params(learner: AbstractLearner, policy: Policy, keys, k_base, previous):
@@ -184,7 +193,15 @@ def start_params(learner: AbstractLearner, policy: Policy, keys, k_base, previou
 
 
 def next_data(
-    learner: AbstractLearner, policy: Policy, keys, data, params, counts, real=None, **kw
+    learner: AbstractLearner,
+    policy: Policy,
+    keys,
+    data,
+    params,
+    counts,
+    real=None,
+    anchor=None,
+    **kw,
 ) -> Any:
     """The next generation's data set under the mixing policy (accumulate_subsample: the pool,
     which `training_set` subsamples).
@@ -196,10 +213,13 @@ def next_data(
       counts: (synthetic, previous, real) numbers of points; ints, or traced int32 scalars for
         learners with `static_sample_size = False`.
       real: the chain's generation-0 real data (needed with `real_data: fixed`).
+      anchor: the chain's generation-0 params (the selection scorer "generation0").
       kw: passed to `learner.sample` (non-jittable learners: `workdir`).
     """
     n_syn, n_prev, n_real = counts
-    synth = selection.sample(learner, policy.selection, keys["sample"], params, n_syn, **kw)
+    synth = selection.sample(
+        learner, policy.selection, keys["sample"], params, n_syn, anchor=anchor, **kw
+    )
     if policy.policy == "replace":
         return synth
     if policy.policy in ("accumulate", "accumulate_subsample"):
@@ -256,32 +276,45 @@ def chain_generation(
         whose fit runs batched over chains outside this function).
     Returns:
       (data, carry, measured): data is what generation g fits; with `fit=False`,
-      ((data, pool, real), start params, fit key) instead.
+      ((data, pool, real, anchor), start params, fit key) instead (anchor: None at g = 0).
     """
     k_real, k_base, k_gens = ks
     if carry is None:
         data = pool = real = learner.real_data(k_real, counts)
-        previous = None
+        previous = anchor = None
     else:
         # Generation g's data is generation g - 1's sample: drawn with ITS keys, so a run that
         # persists the next data at the end of g - 1 (the non-jittable path) draws the same.
         prev_keys = generation_keys(k_gens, g - 1)
         pool = next_data(
-            learner, policy, prev_keys, carry.data, carry.params, counts, real=carry.real
+            learner,
+            policy,
+            prev_keys,
+            carry.data,
+            carry.params,
+            counts,
+            real=carry.real,
+            anchor=carry.anchor,
         )
         data = training_set(learner, policy, prev_keys, pool, counts[0])
-        previous, real = carry.params, carry.real
+        previous, real, anchor = carry.params, carry.real, carry.anchor
     keys = generation_keys(k_gens, g)
     init = start_params(learner, policy, keys, k_base, previous)
     if not fit:
-        return (data, pool, real), init, keys["fit"]
+        return (data, pool, real, anchor), init, keys["fit"]
     params = learner.fit(keys["fit"], data, init)
     out = measure(learner, keys["eval"], params, reference)
-    return data, _carry(policy, params, pool, real), out
+    return data, _carry(policy, params, pool, real, anchor), out
 
 
-def _carry(policy: Policy, params, pool, real) -> Carry:
-    return Carry(params, pool if policy.keeps_data else None, real if policy.keeps_real else None)
+def _carry(policy: Policy, params, pool, real, anchor) -> Carry:
+    """What generation g keeps for g + 1 (anchor None: g = 0, whose fit becomes the anchor)."""
+    return Carry(
+        params,
+        pool if policy.keeps_data else None,
+        real if policy.keeps_real else None,
+        (params if anchor is None else anchor) if policy.keeps_anchor else None,
+    )
 
 
 def _vmapped_keys(key, chains):
@@ -355,8 +388,8 @@ def _finish(learner, policy, measure, key, chains, g, sets, params, reference):
     def one(chain_ks, sets, params):
         keys = generation_keys(chain_ks[2], g)
         out = measure(learner, keys["eval"], params, reference)
-        _, pool, real = sets
-        return _carry(policy, params, pool, real), out
+        _, pool, real, anchor = sets
+        return _carry(policy, params, pool, real, anchor), out
 
     return jax.vmap(one)(_vmapped_keys(key, chains), sets, params)
 
@@ -1007,6 +1040,11 @@ def _chain_dir(folder: pathlib.Path, r: int) -> pathlib.Path:
 def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
     gcfg = cfg.generation
     policy = Policy.of(gcfg)
+    if policy.keeps_anchor:  # refused before any fit, not at the end of generation 0
+        raise ValueError(
+            f"generation.selection.scorer: 'generation0' needs a jittable learner "
+            f"({type(learner).__name__} is not)"
+        )
     key, R = base_key(cfg.seed), gcfg.num_trials
     reference = learner.reference(reference_key(key))
     real_size = learner.real_size(requested_real_size(gcfg))

@@ -7,10 +7,15 @@ draws synthetic data, so selection applies to every policy (replace, mix, accumu
 
 Scorers (a learner opts in by implementing the method):
 - "truth": `learner.truth_log_prob(data) -> [N]`, the log-likelihood of each candidate under the
-  real distribution (known for the theory learners: KDE data sets, the linear model's w*). It is
-  the oracle verifier of Feng et al.; selecting by likelihood also trims the tails, so it may
-  narrow a density even as it removes the model's errors (the KDE and linear-regression configs
-  `configs/*_selection.yaml` show both effects).
+  real distribution (known for the theory learners: the Gaussian, the GMM, the KDE data sets,
+  the linear model's w*). It is the oracle verifier of Feng et al.; selecting by likelihood also
+  trims the tails, so it may narrow a density even as it removes the model's errors (the KDE and
+  linear-regression configs `configs/*_selection.yaml` show both effects).
+- "generation0": `learner.log_prob(data, params) -> [N]` under the chain's generation-0 fitted
+  model (the loop carries it: `generation.Carry.anchor`), the verifier that needs no access to
+  the real distribution beyond the first fit. It anchors every later generation to that fit:
+  the drift away from it stops, but its own estimation error is kept
+  (`configs/gaussian_selection.yaml` compares the two scorers).
 """
 
 from __future__ import annotations
@@ -26,29 +31,52 @@ def num_candidates(num: int, rho: float) -> int:
     return max(num, math.ceil(num / rho - 1e-9))
 
 
-def sample(learner: Any, selection: Any, key: jax.Array, params: Any, num: Any, **kw: Any) -> Any:
+def sample(
+    learner: Any,
+    selection: Any,
+    key: jax.Array,
+    params: Any,
+    num: Any,
+    anchor: Any = None,
+    **kw: Any,
+) -> Any:
     """`num` synthetic points from `params`, selected as `selection` (a `SelectionConfig` or
     None) says; without selection exactly `learner.sample(key, params, num)`.
 
     Args:
-      learner: the learner (needs `truth_log_prob` for scorer "truth"; `take(data, idx)` if its
-        data are not plain arrays of points).
+      learner: the learner (needs `truth_log_prob` for scorer "truth", `log_prob` for
+        "generation0"; `take(data, idx)` if its data are not plain arrays of points).
       selection: the experiment's `generation.selection`.
       num: a static int (the candidates' count must be known at trace time).
+      anchor: the chain's generation-0 params (scorer "generation0").
     """
     if selection is None or selection.rho >= 1.0:
         return learner.sample(key, params, num, **kw)
+    name = type(learner).__name__
     if not isinstance(num, int):
         raise ValueError(
-            f"generation.selection: {type(learner).__name__} draws traced sample sizes; "
+            f"generation.selection: {name} draws traced sample sizes; "
             "selection needs raw points (e.g. method: sample)"
         )
-    scorer = getattr(learner, "truth_log_prob", None)
-    if selection.scorer == "truth" and scorer is None:
-        raise ValueError(
-            f"generation.selection.scorer: {type(learner).__name__} has no known real "
-            "distribution to score by ('truth')"
-        )
+    if selection.scorer == "generation0":
+        log_prob = getattr(learner, "log_prob", None)
+        if log_prob is None:
+            raise ValueError(f"generation.selection.scorer: {name} has no 'log_prob' to score by")
+        if anchor is None:
+            raise ValueError(
+                f"generation.selection.scorer: 'generation0' needs the loop to carry the "
+                f"generation-0 fit, which only the jittable learners' loop does ({name} is not)"
+            )
+
+        def scorer(data):
+            return log_prob(data, anchor)
+    else:
+        scorer = getattr(learner, "truth_log_prob", None)
+        if scorer is None:
+            raise ValueError(
+                f"generation.selection.scorer: {name} has no known real distribution to "
+                "score by ('truth')"
+            )
     candidates = learner.sample(key, params, num_candidates(num, selection.rho), **kw)
     _, idx = jax.lax.top_k(scorer(candidates), num)  # the num best-scored, best first
     take = getattr(learner, "take", None)

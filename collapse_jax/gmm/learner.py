@@ -235,6 +235,16 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
             p = GMMParams(p.weights, p.means, p.covs * self.config.sampling_bias)
         return sample(key, p, num)
 
+    def log_prob(self, data: jax.Array, params: EMResult) -> jax.Array:
+        """[N] log-density of points `[N, d]` under the fitted mixture (selection scorer
+        "generation0")."""
+        return em.log_likelihood(params.params, data.astype(jnp.float32))
+
+    def truth_log_prob(self, data: jax.Array) -> jax.Array:
+        """[N] log-density of points `[N, d]` under the real mixture (selection scorer
+        "truth")."""
+        return em.log_likelihood(self.config.true_mixture(), data.astype(jnp.float32))
+
     def evaluate(self, key: jax.Array, params: EMResult, reference: Any) -> dict[str, Any]:
         """Metrics of one chain's fit.
 

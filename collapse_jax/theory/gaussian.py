@@ -172,6 +172,18 @@ def sample_stats(key: Array, params: GaussianParams, num: int | Array) -> Gaussi
     return GaussianStats(num, mean, scatter)
 
 
+def gaussian_log_prob(x: Array, params: GaussianParams) -> Array:
+    """[N] log N(x_n; mean, cov) of points `x [N, d]` (one chain). A singular covariance (a
+    collapsed chain) gives -inf off its support, never NaN ranks: the Cholesky factor is taken
+    of cov + tiny * I."""
+    d = params.mean.shape[-1]
+    cov = params.cov + jnp.finfo(_F).tiny ** 0.5 * jnp.eye(d, dtype=_F)
+    chol = jnp.linalg.cholesky(cov)
+    z = jax.scipy.linalg.solve_triangular(chol, (x - params.mean[None, :]).T, lower=True)  # [d, N]
+    logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
+    return -0.5 * (jnp.sum(z * z, axis=0) + logdet + d * np.log(2.0 * np.pi))
+
+
 def stats_of_points(x: Array) -> GaussianStats:
     """Sufficient statistics of points `[n, d]`, in one pass over the points.
 
@@ -318,6 +330,16 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
             "fitted_mean": params.mean,
             "fitted_std": jnp.sqrt(jnp.maximum(jnp.diagonal(params.cov), 0.0)),
         }
+
+    def log_prob(self, data: Array, params: GaussianParams) -> Array:
+        """[N] log-density of points `[N, d]` under N(params.mean, params.cov) (method "sample";
+        the selection scorer "generation0")."""
+        return gaussian_log_prob(data, params)
+
+    def truth_log_prob(self, data: Array) -> Array:
+        """[N] log-density of points `[N, d]` under the original distribution (the selection
+        scorer "truth")."""
+        return gaussian_log_prob(data, self.truth)
 
     # --- data algebra: sufficient statistics for the exact method --------------------------
     def subset(self, key: Array, data: Any, num: int | Array) -> Any:
