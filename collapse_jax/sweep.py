@@ -277,6 +277,8 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
     def value_of(i: int, key: str) -> str:
         return _value_text(sweep.points[i]["overrides"][key])
 
+    expected = [_expected_curves(cfg, r) for cfg, r in zip(sweep.configs, rows)]
+
     # --- curves: facets = combinations of all varying axes but the last --------------------
     last = vary[-1] if vary else None
     facet_keys = vary[:-1]
@@ -302,6 +304,9 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
                     ax.fill_between(g, lo, hi, color=color, alpha=0.12, lw=0)
                 label = f"{last.split('.')[-1]}={value_of(i, last)}" if last else "mean"
                 ax.plot(g, m, color=color, lw=1.4, label=label)
+                want = expected[i].get(name)
+                if want is not None:  # the learner's closed form for this point, dashed
+                    ax.plot(g, np.asarray(want)[: g.size], color=color, lw=1.0, ls="--")
             title = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(facet_keys, fvals))
             ax.set_title(title, fontsize=8)
             ax.set_xlabel("generation", fontsize=8)
@@ -312,7 +317,10 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
                 ax.legend(fontsize=6, frameon=False)
         for ax in list(axes.flat)[len(facet_items) :]:
             ax.axis("off")
-        fig.suptitle(f"{sweep.out.name}: {name} (chain mean, 5-95 % of chains)", fontsize=9)
+        what = "chain mean, 5-95 % of chains"
+        if any(name in e for e in expected):
+            what += "; dashed: closed form"
+        fig.suptitle(f"{sweep.out.name}: {name} ({what})", fontsize=9)
         fig.tight_layout()
         path = out / f"{name}_curves.png"
         fig.savefig(path)
@@ -359,6 +367,16 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
             plt.close(fig)
             files.append(path)
     return files
+
+
+def _expected_curves(cfg: config_lib.ExperimentConfig, rows: list[dict]) -> dict[str, Any]:
+    """The learner's closed-form chain means for a point's run (empty if none or not run)."""
+    if not rows:
+        return {}
+    from collapse_jax import generation
+
+    sizes = np.array([r["sample_size"] for r in rows])
+    return generation.make_learner(cfg).expected_curves(sizes, cfg.generation)
 
 
 def _positive(rows: list[list[dict]], idx: list[int], name: str) -> bool:
