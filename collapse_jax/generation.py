@@ -37,6 +37,7 @@ keeping each chain's fit and sample resumable inside `work/gen_XXXXX/[chain_XXXX
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -343,6 +344,7 @@ def _block(
 
     Returns (carry, measured [len(gens), R, ...]). `counts` is static (a tuple, or M_0 for the
     first generation) or None: then row i of `counts_arr` holds generation gens[i]'s counts.
+
     """
 
     def per_chain(chain_ks, carry):
@@ -365,6 +367,54 @@ def _block(
 
     ks = _vmapped_keys(key, chains)
     return jax.vmap(per_chain, in_axes=(0, 0), out_axes=(0, 1))(ks, carry)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("learner", "policy", "measure", "counts", "scan", "first")
+)
+def _block_points(
+    learner,
+    policy,
+    measure,
+    keys,
+    chains,
+    gens,
+    carry,
+    reference,
+    counts_arr,
+    *,
+    counts,
+    scan,
+    first,
+):
+    """`_block` for the P points of a sweep batch (`run_batch`) in ONE compiled call: runs that
+    differ only in their base key and (learners with traced sizes) their counts; leading axis P
+    on `keys`, `carry`, `reference`, `counts_arr` and the outputs.
+
+    The points are looped over inside the program (`lax.map`), each on the chain-vectorised
+    `_block` of a run of its own, so every point's numbers are bit-identical to a separate run's.
+    (A `vmap` over the points computed the same draws but changed float32 rounding in the last
+    bit: XLA emits the extra batch axis' products differently; the chains are vectorised anyway.)
+    """
+
+    def one(xs):
+        key, carry, reference, counts_arr = xs
+        return _block(
+            learner,
+            policy,
+            measure,
+            key,
+            chains,
+            gens,
+            carry,
+            reference,
+            counts_arr,
+            counts=counts,
+            scan=scan,
+            first=first,
+        )
+
+    return jax.lax.map(one, (keys, carry, reference, counts_arr))
 
 
 @functools.partial(jax.jit, static_argnames=("learner", "policy", "counts", "first"))
@@ -530,14 +580,21 @@ def _advance(
     *,
     scan: bool,
     pad_to: int | None = None,
+    points: bool = False,
 ):
     """Generations [a, b) of a chunk of chains; returns (carry, measured [b - a, R, ...]).
 
     `pad_to` (only where the caller discards the carry afterwards) pads a traced-count scan to a
     fixed length by repeating the last generation, so every block shares one compilation.
+    `points`: a sweep batch (`_block_points`): `key`, `carry` and `reference` have a leading
+    point axis P, `counts_of(g)` is a list over the points, and measured is [P, b - a, R, ...].
     """
     static = learner.static_sample_size
     first = a == 0
+    if points:
+        return _advance_points(
+            learner, policy, measure, key, chains, a, b, carry, reference, counts_of, scan=scan
+        )
     if learner.fit_chains is not None or not scan:
         outs = []
         for g in range(a, b):
@@ -578,6 +635,45 @@ def _advance(
         first=first,
     )
     return carry, jax.tree.map(lambda x: x[:n], out)
+
+
+def _advance_points(
+    learner, policy, measure, keys, chains, a, b, carry, reference, counts_of, *, scan
+):
+    """`_advance` for a sweep batch of P points (see there): `_block_points` calls."""
+    static = learner.static_sample_size
+
+    def rows(g: int) -> np.ndarray:  # [P, k] counts of generation g per point
+        return np.stack([np.atleast_1d(np.asarray(c, np.int32)) for c in counts_of(g)])
+
+    def cnt(g: int) -> Any:  # static counts (equal across a batch's points)
+        c = counts_of(g)[0]
+        return (int(c) if g == 0 else tuple(int(x) for x in c)) if static else None
+
+    def block(gens: list[int], carry, *, scan: bool):
+        g0 = gens[0]
+        return _block_points(
+            learner,
+            policy,
+            measure,
+            keys,
+            chains,
+            jnp.asarray(gens, jnp.int32),
+            None if g0 == 0 else carry,
+            reference,
+            jnp.asarray(np.stack([rows(g) for g in gens], axis=1)),  # [P, len(gens), k]
+            counts=cnt(g0),
+            scan=scan,
+            first=g0 == 0,
+        )
+
+    if not scan:  # one generation per call (generation 0, or a carry that changes shape)
+        outs = []
+        for g in range(a, b):
+            carry, out = block([g], carry, scan=False)
+            outs.append(out)
+        return carry, jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *outs)
+    return block(list(range(a, b)), carry, scan=True)
 
 
 def simulate_chains(
@@ -819,6 +915,56 @@ def run_generations(
         return _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after)
 
 
+def batch_key(cfg: config_lib.ExperimentConfig, learner: AbstractLearner) -> Any:
+    """What must be equal for two runs to share one vmapped batch (`run_batch`), or None when the
+    learner cannot be batched (not jittable, a batched `fit_chains`, or a device mesh). Runs
+    may differ in the seed and, for learners with traced sample sizes, the sample sizes."""
+    if not learner.jittable or learner.fit_chains is not None or cfg.mesh is not None:
+        return None
+    free = {"samples_per_generation", "sample_schedule", "sample_growth"}
+    if learner.static_sample_size:
+        free = set()
+    gcfg = cfg.generation
+    fields = tuple(
+        (f.name, getattr(gcfg, f.name)) for f in dataclasses.fields(gcfg) if f.name not in free
+    )
+    return (cfg.model, fields)
+
+
+def run_batch(
+    cfgs: Sequence[config_lib.ExperimentConfig],
+    run_dirs: Sequence[str | pathlib.Path],
+    *,
+    learner: AbstractLearner | None = None,
+) -> list[Result]:
+    """Runs (or resumes) several experiments of equal `batch_key` as ONE vmapped computation
+    (a sweep's grid points that differ only in seed or traced sample sizes), each committed to
+    its own run directory with the numbers a run of its own gives. Falls back to one run after
+    the other when they cannot be batched or stand at different generations (a resumed sweep).
+    """
+    run_dirs = [pathlib.Path(d) for d in run_dirs]
+    learner = make_learner(cfgs[0]) if learner is None else learner
+    key0 = batch_key(cfgs[0], learner)
+    if len(cfgs) > 1 and key0 is not None and all(batch_key(c, learner) == key0 for c in cfgs):
+        with contextlib.ExitStack() as locks:
+            for d in run_dirs:
+                locks.enter_context(rundir.RunLock(d))
+            starts = [prepare_run_dir(c, d) for c, d in zip(cfgs, run_dirs)]
+            if len(set(starts)) == 1:
+                for d in run_dirs:
+                    learner.prepare(d)
+                if starts[0] < cfgs[0].generation.num_generations:
+                    noop = [lambda g, row: None] * len(cfgs)
+                    _run_jittable_points(cfgs, learner, run_dirs, starts[0], noop, None)
+                out = []
+                for d in run_dirs:
+                    rows = records.Run(d).rows()
+                    records.write_tables(d, rows)
+                    out.append(Result(rows=rows, run_dir=d))
+                return out
+    return [run_generations(c, d, learner=learner) for c, d in zip(cfgs, run_dirs)]
+
+
 def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> Result:
     gcfg = cfg.generation
     start = prepare_run_dir(cfg, run_dir)
@@ -890,16 +1036,26 @@ def _size_of(gcfg, g: int, real_size: int) -> int:
 
 
 def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
-    gcfg = cfg.generation
+    _run_jittable_points([cfg], learner, [run_dir], start, [committed], stop_after)
+
+
+def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) -> None:
+    """Runs P = len(cfgs) experiments from generation `start`: one as `run_generations` does, or
+    a sweep batch (`run_batch`: configs equal but for the seed and, with traced sizes, the sample
+    sizes) through `_block_points`, one compiled call for all points. Each point is committed to
+    its own run directory exactly as a run of its own would be."""
+    gcfg = cfgs[0].generation
     policy = Policy.of(gcfg)
-    R, key = gcfg.num_trials, base_key(cfg.seed)
+    R, P = gcfg.num_trials, len(cfgs)
+    batched = P > 1
+    keys = [base_key(c.seed) for c in cfgs]
     chunk = min(gcfg.chunk_size, R)
     n_chunks = -(-R // chunk)
     sharding = None
-    if cfg.mesh is not None:
+    if cfgs[0].mesh is not None and not batched:
         from collapse_jax import sharding as sharding_lib
 
-        mesh = sharding_lib.make_mesh(cfg.mesh.shape())
+        mesh = sharding_lib.make_mesh(cfgs[0].mesh.shape())
         if chunk % sharding_lib.data_parallel_size(mesh) == 0:
             sharding = sharding_lib.batch_sharding(mesh)
 
@@ -910,32 +1066,51 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
     def put(x):
         return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
 
-    reference = learner.reference(reference_key(key))
-    real_size = learner.real_size(requested_real_size(gcfg))
+    references = [learner.reference(reference_key(k)) for k in keys]
+    real_sizes = [learner.real_size(requested_real_size(c.generation)) for c in cfgs]
     static = learner.static_sample_size
-    _check_memory(learner, reference, real_size, R, gcfg.block_size)
+    _check_memory(learner, references[0], max(real_sizes), R * P, gcfg.block_size)
+
+    def counts_p(p: int, g: int) -> Any:
+        c = cfgs[p].generation
+        return real_sizes[p] if g == 0 else c.shares(c.sample_size(g, real_sizes[p]))
 
     def counts_of(g: int) -> Any:
-        return real_size if g == 0 else gcfg.shares(gcfg.sample_size(g, real_size))
+        return [counts_p(p, g) for p in range(P)] if batched else counts_p(0, g)
 
-    carry = None  # [R, ...] on the host; None before generation 0
+    # The batch's point axis leads every array (axis 0); the chain axis follows it.
+    ax = 1 if batched else 0
+    key = jnp.stack(keys) if batched else keys[0]
+    reference = jax.tree.map(lambda *xs: jnp.stack(xs), *references) if batched else references[0]
+
+    def chains_of(x, sl: slice) -> np.ndarray:  # rows `sl` of the chain axis, padded to chunk
+        x = np.asarray(x)
+        if not batched:
+            return _pad_rows(x[sl], chunk)
+        return np.stack([_pad_rows(xp[sl], chunk) for xp in x])
+
+    carry = None  # [(P,) R, ...] on the host; None before generation 0
     if start > 0:
         # The stored carry's tree structure (shapes may differ: only the structure is used).
         template = jax.eval_shape(
             lambda: one_generation(
                 learner,
                 policy,
-                key,
+                keys[0],
                 jnp.zeros((1,), jnp.uint32),
                 0,
                 None,
-                counts_of(0),
-                reference,
+                counts_p(0, 0),
+                references[0],
             )[0]
         )
-        carry = records.load_tree(run_dir / "state" / "carry.npz", template)
+        loaded = [records.load_tree(d / "state" / "carry.npz", template) for d in run_dirs]
+        carry = jax.tree.map(lambda *xs: np.stack(xs), *loaded) if batched else loaded[0]
     done = 0
-    for a, b in _segments(start, gcfg.num_generations, gcfg.block_size, counts_of, static):
+    segments = _segments(
+        start, gcfg.num_generations, gcfg.block_size, lambda g: counts_p(0, g), static
+    )
+    for a, b in segments:
         outs, carries = [], []
         for c in range(n_chunks):
             sl = slice(c * chunk, min((c + 1) * chunk, R))
@@ -943,10 +1118,19 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
             carry_c = (
                 None
                 if carry is None
-                else jax.tree.map(lambda x, sl=sl: put(_pad_rows(x[sl], chunk)), carry)
+                else jax.tree.map(lambda x, sl=sl: put(chains_of(x, sl)), carry)
             )
+            one = (lambda x: x[0]) if batched else (lambda x: x)  # point 0's shapes
             scan = a > 0 and _shape_invariant(
-                learner, policy, evaluate, key, chains, carry_c, reference, a, counts_of(a)
+                learner,
+                policy,
+                evaluate,
+                keys[0],
+                chains,
+                jax.tree.map(one, carry_c),
+                references[0],
+                a,
+                counts_p(0, a),
             )
             new, m = _advance(
                 learner,
@@ -960,34 +1144,53 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
                 reference,
                 counts_of,
                 scan=scan,
+                points=batched,
             )
             n = sl.stop - sl.start
-            carries.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:n], new))
-            outs.append(jax.tree.map(lambda x, n=n: np.asarray(x)[:, :n], m))
-        carry = _cat_chunks(carries, R)
-        metrics = {k: np.concatenate([m[k] for m in outs], axis=1) for k in outs[0]}
-        for i, g in enumerate(range(a, b)):
-            per_chain = {k: v[i] for k, v in metrics.items()}
-            rundir.check_finite(g, per_chain, learner.infinite_metrics)  # before the commit
-            row, arrays = _row_and_arrays(gcfg, g, real_size, per_chain)
-            _commit_generation(run_dir, g, row, arrays)
-            if gcfg.keep_params != "last" and g == b - 1:
-                # Only the block's last params exist on the host (use block_size: 1 for all).
-                pdir = run_dir / "params" / f"gen_{g:05d}"
-                tmp = records.fresh_dir(pdir.parent, pdir.name)
-                records.save_tree(tmp / "params.npz", carry.params)
-                records.replace_dir(tmp, pdir)
-                _prune_params(pdir.parent, gcfg, g)
-
-        def write(tmp, carry=carry):
-            records.save_tree(tmp / "carry.npz", carry)
-
-        _commit_state(run_dir, b, write)
-        for g in range(a, b):
-            committed(g, json.loads((run_dir / "generations" / f"gen_{g:05d}.json").read_text()))
+            cut = (slice(None),) * ax + (slice(0, n),)
+            carries.append(jax.tree.map(lambda x, cut=cut: np.asarray(x)[cut], new))
+            outs.append(jax.tree.map(lambda x, cut=cut: np.asarray(x)[(slice(None), *cut)], m))
+        carry = jax.tree.map(lambda *xs: np.concatenate(xs, axis=ax), *carries)
+        metrics = {k: np.concatenate([m[k] for m in outs], axis=ax + 1) for k in outs[0]}
+        for p in range(P):
+            at = (lambda x, p=p: x[p]) if batched else (lambda x: x)
+            _commit_block(
+                cfgs[p].generation,
+                learner,
+                run_dirs[p],
+                a,
+                b,
+                real_sizes[p],
+                jax.tree.map(at, carry),
+                {k: at(v) for k, v in metrics.items()},
+                committed[p],
+            )
         done += b - a
         if stop_after is not None and done >= stop_after:
             return
+
+
+def _commit_block(gcfg, learner, run_dir, a, b, real_size, carry, metrics, committed) -> None:
+    """Commits generations [a, b) of one run: rows and arrays, kept params, then state/."""
+    for i, g in enumerate(range(a, b)):
+        per_chain = {k: v[i] for k, v in metrics.items()}
+        rundir.check_finite(g, per_chain, learner.infinite_metrics)  # before the commit
+        row, arrays = _row_and_arrays(gcfg, g, real_size, per_chain)
+        _commit_generation(run_dir, g, row, arrays)
+        if gcfg.keep_params != "last" and g == b - 1:
+            # Only the block's last params exist on the host (use block_size: 1 for all).
+            pdir = run_dir / "params" / f"gen_{g:05d}"
+            tmp = records.fresh_dir(pdir.parent, pdir.name)
+            records.save_tree(tmp / "params.npz", carry.params)
+            records.replace_dir(tmp, pdir)
+            _prune_params(pdir.parent, gcfg, g)
+
+    def write(tmp, carry=carry):
+        records.save_tree(tmp / "carry.npz", carry)
+
+    _commit_state(run_dir, b, write)
+    for g in range(a, b):
+        committed(g, json.loads((run_dir / "generations" / f"gen_{g:05d}.json").read_text()))
 
 
 def _check_memory(learner, reference, real_size, chains: int, block: int) -> None:

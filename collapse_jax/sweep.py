@@ -13,11 +13,13 @@ figures/<metric>_curves.png    one curve per value (chain mean, 5-95 % band over
 figures/<metric>_heatmap.png   last-generation chain mean over the first two varying axes
 ```
 
-All points run in one process, one after the other, through the one loop. The loop's jitted core
-takes the run's key and (for learners with traced sizes, e.g. the exact Gaussian) the sample
-sizes as arguments, and only the learner (model config) and the mixing `Policy` as static ones,
-so points that differ in seed, sample size, number of generations or of chains reuse the same
-compiled functions: a grid compiles once per (model config, policy), not once per point. A sweep
+All points run in one process through the one loop. Points whose configs differ only in the seed
+and, for learners with traced sizes (e.g. the exact Gaussian), the sample sizes form a batch
+(`batches`) that runs as ONE compiled call per block of generations (`generation.run_batch`:
+the points are looped over inside the program, each point's chains vectorised as in a run of its
+own, so each point's numbers are bit-identical to a separate run's). Other points run one after
+the other; the loop's jitted core takes only the learner (model config) and the mixing `Policy`
+as static arguments, so they too share compiled code per (model config, policy). A sweep
 that is killed resumes at the first unfinished generation of the first unfinished point. Every
 point's config is validated before the first one runs, so a bad value fails at once with one line
 naming the key and the point.
@@ -192,18 +194,49 @@ def run_sweep(
 
     sweep = Sweep(config_path, parse_axes(axis_args), out)
     sweep.prepare()
-    for i, cfg in enumerate(sweep.configs):
-        log.info("sweep point %d/%d: %s", i + 1, len(sweep.configs), sweep.points[i]["dir"])
-        learner = generation.make_learner(cfg)
-        res = generation.run_generations(
-            cfg, sweep.point_dir(i), learner=learner, progress=progress
-        )
+    for batch in batches(sweep):
+        cfgs = [sweep.configs[i] for i in batch]
+        names = ", ".join(sweep.points[i]["dir"] for i in batch)
+        log.info("sweep points %s/%d: %s", batch[-1] + 1, len(sweep.configs), names)
+        learner = generation.make_learner(cfgs[0])
+        if len(batch) == 1:
+            results = [
+                generation.run_generations(
+                    cfgs[0], sweep.point_dir(batch[0]), learner=learner, progress=progress
+                )
+            ]
+        else:
+            dirs = [sweep.point_dir(i) for i in batch]
+            results = generation.run_batch(cfgs, dirs, learner=learner)
         if on_point is not None:
-            on_point(i, res.rows)
+            for i, res in zip(batch, results):
+                on_point(i, res.rows)
     write_table(sweep)
     if figures:
         sweep_figures(sweep)
     return sweep
+
+
+def batches(sweep: Sweep) -> list[list[int]]:
+    """The grid's points grouped into vmapped batches (`generation.run_batch`): points whose
+    configs differ only in seed and, for learners with traced sample sizes, sample sizes, in grid
+    order, at most `chunk_size` chains (all points' together) per batch."""
+    from collapse_jax import generation
+
+    groups: dict[Any, list[int]] = {}
+    out: list[list[int]] = []
+    for i, cfg in enumerate(sweep.configs):
+        key = generation.batch_key(cfg, generation.make_learner(cfg))
+        if key is None:
+            out.append([i])
+            continue
+        group = groups.get(key)
+        gcfg = cfg.generation
+        if group is None or (len(group) + 1) * gcfg.num_trials > gcfg.chunk_size:
+            group = groups[key] = []
+            out.append(group)
+        group.append(i)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

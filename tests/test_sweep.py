@@ -25,13 +25,15 @@ def test_parse_axes_respects_brackets():
 def test_sweep_equals_separate_runs_and_resumes(tmp_path):
     axes = ["seed=0,5", "generation.samples_per_generation=10,40", *FIXED]
     out = tmp_path / "sw"
-    compiled = generation._block._cache_size()
+    compiled = generation._block_points._cache_size()
+    # seeds and (traced) sample sizes differ only in traced values: one batch of all 4 points
+    assert sweep.batches(sweep.Sweep(CONFIG, sweep.parse_axes(axes), out)) == [[0, 1, 2, 3]]
     assert cli.main(["sweep", str(CONFIG), *axes, "--out", str(out), "--no-progress"]) == 0
     spec = json.loads((out / "sweep.json").read_text())
     assert len(spec["points"]) == 4
-    # seeds and (traced) sample sizes do not recompile the loop: the 4 points share the two
-    # compiled blocks of one (learner, policy) -- generation 0's and the later generations'
-    assert generation._block._cache_size() - compiled <= 2
+    # the batch runs as one compiled call per block: generation 0's, the later generations'
+    # (block_size 2) and the shorter last block's
+    assert generation._block_points._cache_size() - compiled <= 3
     for p in spec["points"]:
         o = p["overrides"]
         sep = tmp_path / f"sep{p['index']}"
