@@ -353,7 +353,7 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
         what = "chain mean, 5-95 % of chains"
         if any(name in e for e in expected):
             what += "; dashed: closed form"
-        fig.suptitle(f"{sweep.out.name}: {name} ({what})", fontsize=9)
+        fig.suptitle(f"{sweep.out.name}: {name}\n({what})", fontsize=9)
         fig.tight_layout()
         path = out / f"{name}_curves.png"
         fig.savefig(path)
