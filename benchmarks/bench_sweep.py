@@ -4,6 +4,8 @@ single-chain NumPy processes (issue 13, item 6: a published study launched ~5,00
 Grid: d in {1, 3, 10, 31, 100} x M in {10, 32, 100, 316, 1000} x policy in {replace, accumulate},
 100 seeds (chains) per point, 100 generations, unbiased refit; our sweep uses the exact method
 (sufficient statistics, equal in distribution), one process, every point a resumable sub-run.
+The exact method's sample sizes are traced, so the 5 values of M of each (d, policy) form one
+batch (`sweep.batches`): 10 batches, each one compiled call per block of generations.
 
 Baseline: one OS process per (point, seed), as such studies run them: Python + NumPy start-up,
 then 100 generations of drawing the M points of the current fit and refitting (accumulate keeps
@@ -76,10 +78,42 @@ def main() -> None:
     ]
     config = REPO / "configs" / "theory_gaussian.yaml"
     out = pathlib.Path(tempfile.mkdtemp(prefix="bench_sweep_"))
-    t = time.perf_counter()
-    sw = sweep.run_sweep(config, axes, out / "sweep", figures=True)
-    sweep_s = time.perf_counter() - t
+    from collapse_jax import generation, rundir
+
+    sw = sweep.Sweep(config, sweep.parse_axes(axes), out / "sweep")
+    sw.prepare()
+    batches = sweep.batches(sw)
     points = len(sw.points)
+    # The sweep as `collapse-jax sweep` runs it (sweep.run_sweep), batch by batch, so that a
+    # batch stopped by a non-finite metric (see `failures`) does not hide the others' timings.
+    per_batch, failures = [], []
+    t = time.perf_counter()
+    for batch in batches:
+        cfgs = [sw.configs[i] for i in batch]
+        tb = time.perf_counter()
+        try:
+            generation.run_batch(cfgs, [sw.point_dir(i) for i in batch])
+        except rundir.NonFiniteMetric as e:
+            failures.append({"points": [sw.points[i]["dir"] for i in batch], "error": str(e)})
+        per_batch.append(
+            {
+                "points": [sw.points[i]["dir"].split("/")[-1] for i in batch],
+                "wall_s": round(time.perf_counter() - tb, 2),
+            }
+        )
+        print(f"batch {len(per_batch)}/{len(batches)}: {per_batch[-1]}", file=sys.stderr)
+    sweep_s = time.perf_counter() - t
+    sweep.write_table(sw)
+    sweep.sweep_figures(sw)
+
+    # Before/after on the first batch: its points one after the other (as before batching;
+    # compile included in both, each path compiling its own program).
+    first = [sw.configs[i] for i in batches[0]]
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_sweep_seq_"))
+    t = time.perf_counter()
+    for j, c in enumerate(first):
+        generation.run_generations(c, tmp / f"p{j}")
+    sequential_first_s = time.perf_counter() - t
 
     per_point = []
     t_all = time.perf_counter()
@@ -107,7 +141,12 @@ def main() -> None:
             "points": points,
             "method": "exact",
         },
+        "sweep_batches": len(batches),
         "sweep_wall_s": round(sweep_s, 2),
+        "sweep_per_batch": per_batch,
+        "first_batch_points_one_after_another_s": sequential_first_s,
+        "first_batch_batched_s": per_batch[0]["wall_s"],
+        "nonfinite_failures": failures,
         "baseline": "separate single-chain NumPy processes (sample method), extrapolated",
         "baseline_processes": points * seeds,
         "baseline_sampled_processes": points,
@@ -115,7 +154,12 @@ def main() -> None:
         "baseline_wall_s_extrapolated": round(numpy_s, 1),
         "ratio": round(numpy_s / sweep_s, 2),
         "baseline_per_point": per_point,
-        "note": "measured on a shared 2-core CPU under contention from other jobs",
+        "note": (
+            "measured on a shared 2-core CPU under contention from other jobs (load 5-7); "
+            "a batch listed in nonfinite_failures computed all its generations but stopped at "
+            "the commit of a NaN metric (singular / collapsed float32 covariances, M <= d: the "
+            "exact Gaussian sampler's Cholesky factor fails), so its points are not committed"
+        ),
     }
     res = REPO / "benchmarks" / "results" / f"sweep-{jax.default_backend()}.json"
     res.parent.mkdir(parents=True, exist_ok=True)

@@ -344,7 +344,6 @@ def _block(
 
     Returns (carry, measured [len(gens), R, ...]). `counts` is static (a tuple, or M_0 for the
     first generation) or None: then row i of `counts_arr` holds generation gens[i]'s counts.
-
     """
 
     def per_chain(chain_ks, carry):
