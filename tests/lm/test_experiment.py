@@ -185,3 +185,48 @@ def test_plan_estimates_disk():
     assert plan["generations"] == 10 and plan["runs"] == 1
     # 125M float32 parameters: ~0.5 GB per kept model.
     assert plan["disk_bytes_estimate"] > 0.5e9
+
+
+def test_plan_reads_the_model_size_from_a_local_folder_or_the_hub_cache(tmp_path, monkeypatch):
+    """`--dry-run` sizes the model from its config.json when at hand without a download: a
+    local folder, or a hub id already in the hub cache (network off); the count is the model's
+    own parameter count (tied head once)."""
+    import jax
+
+    from collapse_jax.lm import opt
+    from collapse_jax.lm.experiment import OPTLearner
+
+    arch = opt.OPTConfig(
+        vocab_size=300,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=24,
+        max_position_embeddings=40,
+    )
+    want = opt.num_params(opt.init_random(arch, jax.random.key(0)))
+    snap = tmp_path / "hub/models--someone--opt-mini/snapshots/0123456789abcdef"
+    snap.mkdir(parents=True)
+    (tmp_path / "hub/models--someone--opt-mini/refs").mkdir()
+    (tmp_path / "hub/models--someone--opt-mini/refs/main").write_text("0123456789abcdef")
+    (snap / "config.json").write_text(json.dumps(arch.to_hf_dict()))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def plan(path, keep="all"):
+        cfg = config_lib.from_dict(
+            {
+                "name": "x",
+                "model": {"kind": "opt", "model_path": str(path)},
+                "generation": {"num_generations": 4, "keep_params": keep},
+            }
+        )
+        return OPTLearner(cfg.model).plan(cfg)
+
+    for path in (snap, "someone/opt-mini"):
+        p = plan(path)
+        assert p["parameters"] == want and p["models_kept_per_run"] == 4
+    assert "hub cache" in plan("someone/opt-mini")["parameters_from"]
+    # Keeping the first and last model writes less; an id not in the cache assumes OPT-125m.
+    assert plan(snap, "first_last")["disk_bytes_estimate"] < p["disk_bytes_estimate"]
+    assert plan("someone/elsewhere")["parameters"] == 125_239_296
