@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import time
 from typing import Any, ClassVar, Literal
@@ -519,10 +520,15 @@ class OPTLearner(AbstractLearner):
         return LMParams(model, info)
 
     def plan(self, cfg: Any) -> dict[str, Any]:
-        """What a run of `cfg` will do and write, for `--dry-run` (no data or model loaded).
+        """What a run of `cfg` will do and write, for `--dry-run` (no data or weights loaded).
 
-        Disk per kept model = parameters x 4 bytes (float32) or 2 (bfloat16); data per
-        generation = blocks x block_size x 4 bytes.
+        The model's size comes from its `config.json` when that is at hand without a download
+        (a local folder, or a hub id already in the hub cache), else OPT-125m's is assumed
+        (`parameters_from` says which); a corpus vocabulary is estimated at WikiText-2's
+        valid + test size (an upper bound for a subset of those splits). Disk per kept model =
+        parameters x 4 bytes (float32) or 2 (bfloat16); data = blocks x block_size x 4 bytes,
+        twice per generation (training set and regenerated set); the generation in progress
+        also holds its checkpoints (the best and the latest model with Adam's two moments).
         """
         from collapse_jax.lm import opt
 
@@ -538,9 +544,13 @@ class OPTLearner(AbstractLearner):
                 ffn_dim=r.ffn_dim,
                 max_position_embeddings=r.max_position_embeddings,
             )
-            n_params = _count_params(arch)
+            n_params, source = _count_params(arch), "random_init"
         else:
-            n_params = 125_239_296  # OPT-125m; the folder is not read for a dry run
+            found = _cached_model_config(c.model_path)
+            if found is None:
+                n_params, source = _OPT125M_PARAMS, "assumed OPT-125m (config.json not at hand)"
+            else:
+                n_params, source = _count_params(opt.OPTConfig.from_hf_dict(found[0])), found[1]
         bytes_per = 2 if c.param_dtype == "bfloat16" else 4
         kept = {
             "all": gen.num_generations,
@@ -555,12 +565,15 @@ class OPTLearner(AbstractLearner):
         )  # WikiText-2 train: 36,718 64-token blocks
         data_bytes = blocks * c.data.block_size * 4 * gen.num_generations * 2  # data + regenerated
         model_bytes = n_params * bytes_per
+        checkpoints = 2 * 3 * n_params * 4  # best + latest: float32 parameters and two moments
         return {
             "generations": gen.num_generations,
             "runs": runs,
             "parameters": n_params,
+            "parameters_from": source,
             "models_kept_per_run": kept,
-            "disk_bytes_estimate": runs * (kept * model_bytes + data_bytes + model_bytes),
+            "disk_bytes_estimate": runs * (kept * model_bytes + data_bytes + model_bytes)
+            + checkpoints,
         }
 
     # --- figures ---------------------------------------------------------------------------
@@ -584,6 +597,31 @@ class OPTLearner(AbstractLearner):
 
 # The size of a corpus vocabulary for dry-run estimates (WikiText-2 valid + test: 24.6k ids).
 _CORPUS_VOCAB_ESTIMATE = 24_600
+_OPT125M_PARAMS = 125_239_296
+
+
+def _cached_model_config(model_path: str) -> tuple[dict, str] | None:
+    """(config.json's dictionary, where it was found) for a local model folder or a hub id whose
+    config is already in the hub cache; None when it is not at hand without a download."""
+    from collapse_jax.lm import hub
+
+    local = pathlib.Path(model_path).expanduser() / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text()), str(local)
+    if not hub.is_hub_id(model_path):
+        return None
+    try:
+        import huggingface_hub
+
+        repo_id, _, revision = str(model_path).partition("@")
+        hit = huggingface_hub.try_to_load_from_cache(
+            repo_id, "config.json", cache_dir=hub.cache_dir(), revision=revision or None
+        )
+    except Exception:  # noqa: BLE001 -- an estimate: any cache trouble falls back to the assumption
+        return None
+    if isinstance(hit, str) and os.path.isfile(hit):
+        return json.loads(pathlib.Path(hit).read_text()), f"hub cache ({model_path})"
+    return None
 
 
 def _count_params(arch) -> int:

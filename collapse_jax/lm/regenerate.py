@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -46,20 +45,9 @@ def regenerate(
     batch_size: int,
     mesh: Mesh | None = None,
     settings: decode.DecodeSettings | None = None,
-    max_new_tokens: int | None = None,
-    min_new_tokens: int = 0,
-    num_beams: int = 1,
-    do_sample: bool = False,
-    repetition_penalty: float = 1.0,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
     seed: int = 0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
     progress: bool = True,
+    **decode_kwargs: Any,
 ) -> np.ndarray:
     """Continues every block with `decode.generate`'s semantics and returns the new tokens.
 
@@ -74,11 +62,11 @@ def regenerate(
         axes and parameters are replicated. None: all local devices on "data".
       settings: the resolved decode settings as one object (e.g. the experiment's `decode:`
         block); when given, the keyword settings below are not used.
-      max_new_tokens, min_new_tokens, num_beams, do_sample, repetition_penalty, length_penalty,
-      early_stopping, eos_token_id, pad_token_id, temperature, top_k, top_p: as
-        `collapse_jax.lm.decode.generate` (when `settings` is None; max_new_tokens required).
       seed: sampling seed; block i samples with `fold_in(key(seed), i)` whatever the batching.
       progress: show a tqdm progress bar.
+      **decode_kwargs: when `settings` is None, the settings as keywords of
+        `collapse_jax.lm.decode.generate` (`max_new_tokens=64, num_beams=5, ...`;
+        `max_new_tokens` required).
 
     Returns:
       [N, max_new_tokens] int32 new tokens; after an EOS (if one is reached before
@@ -96,23 +84,11 @@ def regenerate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     check_token_ids(blocks, model, "blocks")
     if settings is None:
-        if max_new_tokens is None:
+        if "max_new_tokens" not in decode_kwargs:
             raise ValueError("regenerate needs settings= or max_new_tokens=")
-        settings = decode.resolve_settings(
-            model,
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            num_beams=num_beams,
-            do_sample=do_sample,
-            repetition_penalty=repetition_penalty,
-            length_penalty=length_penalty,
-            early_stopping=early_stopping,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-        )
+        settings = decode.resolve_settings(model, **decode_kwargs)
+    elif decode_kwargs:
+        raise ValueError(f"regenerate got settings= and also {sorted(decode_kwargs)}: pass one")
     n, t = blocks.shape
     big_l = settings.max_new_tokens
     mesh = sharding.make_mesh() if mesh is None else mesh

@@ -42,8 +42,10 @@ def _cfg(data_dir, *overrides):
 
 
 @pytest.mark.slow
-def test_two_generations_resume_identically(data_dir, tmp_path):
-    cfg = _cfg(data_dir)
+def test_two_runs_two_generations_resume_identically(data_dir, tmp_path):
+    """Two runs (seeds) in one directory, the paper's figures over both, and a kill after
+    generation 0 resumed to the same metrics and data in every run."""
+    cfg = _cfg(data_dir, "generation.num_trials=2")
     # Partial blocks lie over the paper's defaults, not over the class defaults.
     assert cfg.model.decode.repetition_penalty == 3.0 and cfg.model.decode.num_beams == 2
     assert cfg.model.decode.min_new_tokens == 64 and cfg.model.train.keep_best
@@ -52,10 +54,19 @@ def test_two_generations_resume_identically(data_dir, tmp_path):
     for r in full.rows:
         assert np.isfinite(r["ppl"]) and r["ppl"] > 1
         assert r["unigram_ppl"] == full.rows[0]["unigram_ppl"] > 1
-        assert r["selected_epoch"] in (1.0, 2.0)
+        assert r["selected_epoch"] in (1.0, 2.0, 1.5)  # the mean over the two runs
     run = records.Run(full.run_dir)
     data0 = records.load_npz(run.data_path(0))["data"]
     data1 = records.load_npz(run.data_path(1))["data"]
+    # Run 1 lives in chain_00001/ with its own seed: the same real data, its own regeneration.
+    other1 = records.load_npz(full.run_dir / "data" / "chain_00001" / "gen_00001.npz")["data"]
+    assert np.array_equal(
+        records.load_npz(full.run_dir / "data" / "chain_00001" / "gen_00000.npz")["data"], data0
+    )
+    assert other1.shape == data1.shape and not np.array_equal(other1, data1)
+    # Each run trains from its own random init: the runs' perplexities differ.
+    ppl_runs = run.arrays(0)["trials/ppl"]
+    assert ppl_runs.shape == (2,) and ppl_runs[0] != ppl_runs[1]
     assert data0.shape == data1.shape == (12, 64) and data1.dtype == np.int32
     # Saved data are OPT ids (not the model's compact ids): 9 regenerated blocks, 3 original.
     real = {tuple(b) for b in data0}
@@ -67,9 +78,9 @@ def test_two_generations_resume_identically(data_dir, tmp_path):
     assert json.loads((p1 / "config.json").read_text())["vocab_size"] == len(ids)
     assert set(np.unique(data0)) <= set(ids.tolist())
     arrays = run.arrays(1)
-    assert arrays["trials/per_sequence_ppl"].shape == (1, 8)
-    assert arrays["trials/valid_ppl_curve"].shape == (1, 2)
-    assert arrays["trials/example_continuation"].shape == (1, 64)
+    assert arrays["trials/per_sequence_ppl"].shape == (2, 8)
+    assert arrays["trials/valid_ppl_curve"].shape == (2, 2)
+    assert arrays["trials/example_continuation"].shape == (2, 64)
     # The paper's figures and Example 1.
     files = plots.make_figures(run, generation.make_learner(cfg))
     assert {f.name for f in files} >= {
@@ -80,12 +91,12 @@ def test_two_generations_resume_identically(data_dir, tmp_path):
         "example_continuations.txt",
     }
     text = (full.run_dir / "example_continuations.txt").read_text()
-    assert "Input: " in text and "Gen 0: " in text and "Gen 1: " in text
+    assert "Input: " in text and "Gen 0, run 1: " in text and "Gen 1, run 2: " in text
     under0 = [
         records.load_npz(full.run_dir / "analysis" / f"train_ppl_under_gen0_{g:05d}.npz")["ppl"]
         for g in (0, 1)
     ]
-    assert under0[0].shape == under0[1].shape == (12,)
+    assert under0[0].shape == under0[1].shape == (24,)  # both runs' blocks, pooled
     assert np.all(np.isfinite(under0[1])) and np.all(under0[1] > 1)
 
     # Killed after generation 0, then resumed: the same metrics, byte for byte (timings aside).
@@ -99,6 +110,10 @@ def test_two_generations_resume_identically(data_dir, tmp_path):
     assert strip(part) == strip(full.rows)
     assert np.array_equal(
         records.load_npz(records.Run(tmp_path / "part").data_path(1))["data"], data1
+    )
+    assert np.array_equal(
+        records.load_npz(tmp_path / "part" / "data" / "chain_00001" / "gen_00001.npz")["data"],
+        other1,
     )
 
 
@@ -170,3 +185,48 @@ def test_plan_estimates_disk():
     assert plan["generations"] == 10 and plan["runs"] == 1
     # 125M float32 parameters: ~0.5 GB per kept model.
     assert plan["disk_bytes_estimate"] > 0.5e9
+
+
+def test_plan_reads_the_model_size_from_a_local_folder_or_the_hub_cache(tmp_path, monkeypatch):
+    """`--dry-run` sizes the model from its config.json when at hand without a download: a
+    local folder, or a hub id already in the hub cache (network off); the count is the model's
+    own parameter count (tied head once)."""
+    import jax
+
+    from collapse_jax.lm import opt
+    from collapse_jax.lm.experiment import OPTLearner
+
+    arch = opt.OPTConfig(
+        vocab_size=300,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=24,
+        max_position_embeddings=40,
+    )
+    want = opt.num_params(opt.init_random(arch, jax.random.key(0)))
+    snap = tmp_path / "hub/models--someone--opt-mini/snapshots/0123456789abcdef"
+    snap.mkdir(parents=True)
+    (tmp_path / "hub/models--someone--opt-mini/refs").mkdir()
+    (tmp_path / "hub/models--someone--opt-mini/refs/main").write_text("0123456789abcdef")
+    (snap / "config.json").write_text(json.dumps(arch.to_hf_dict()))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def plan(path, keep="all"):
+        cfg = config_lib.from_dict(
+            {
+                "name": "x",
+                "model": {"kind": "opt", "model_path": str(path)},
+                "generation": {"num_generations": 4, "keep_params": keep},
+            }
+        )
+        return OPTLearner(cfg.model).plan(cfg)
+
+    for path in (snap, "someone/opt-mini"):
+        p = plan(path)
+        assert p["parameters"] == want and p["models_kept_per_run"] == 4
+    assert "hub cache" in plan("someone/opt-mini")["parameters_from"]
+    # Keeping the first and last model writes less; an id not in the cache assumes OPT-125m.
+    assert plan(snap, "first_last")["disk_bytes_estimate"] < p["disk_bytes_estimate"]
+    assert plan("someone/elsewhere")["parameters"] == 125_239_296
