@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import config as config_lib
-from collapse_jax import records, rundir, selection
+from collapse_jax import prng, records, rundir, selection
 from collapse_jax.learner import AbstractLearner
 
 log = logging.getLogger(__name__)
@@ -83,15 +83,15 @@ def chain_keys(
     seed_or_key: int | jax.Array, chain: jax.Array | int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(k_real, k_base, k_gens) of chain `chain` of a run with this seed (or base key)."""
-    k_chain = jax.random.fold_in(base_key(seed_or_key), chain)
-    k_real, k_base, k_gens = jax.random.split(k_chain, 3)
+    k_real, k_base, k_gens = prng.fold_in_split(base_key(seed_or_key), chain, 3)
     return k_real, k_base, k_gens
 
 
 def generation_keys(k_gens: jax.Array, generation: jax.Array | int) -> dict[str, jax.Array]:
     """Named keys of one generation of one chain (`fit`, `eval`, and the draws of the NEXT
     generation's training set: `sample`, `previous`, `real`, plus `init` for fresh fits)."""
-    ks = jax.random.split(jax.random.fold_in(k_gens, generation), 6)
+    # prng: the same keys as jax.random's fold_in/split, fused (and only the used ones computed).
+    ks = prng.fold_in_split(k_gens, generation, 6)
     return dict(fit=ks[0], eval=ks[1], sample=ks[2], previous=ks[3], real=ks[4], init=ks[5])
 
 

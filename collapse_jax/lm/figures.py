@@ -96,6 +96,9 @@ def _perplexity_figure(run: records.Run, gens: list[int], path: pathlib.Path) ->
     if uni is not None:
         ax.axhline(float(uni[0, 0]), color="gray", ls="--", lw=1, label="unigram baseline")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    values = np.concatenate([ppl.ravel(), [] if uni is None else uni[:1, 0]])
+    if np.nanmax(values) > 20 * np.nanmin(values):  # a collapse spans decades: log axis
+        ax.set_yscale("log")
     ax.set_xlabel("generation")
     ax.set_ylabel("test perplexity")
     ax.set_title(f"Test perplexity by generation ({run.config.name})", fontsize=9)
@@ -113,7 +116,9 @@ def _log_bins(series: list[tuple[int, np.ndarray]], num_bins: int) -> np.ndarray
 
 
 def _histograms(series: list[tuple[int, np.ndarray]], xlabel: str, path, num_bins: int) -> None:
-    """One step histogram per generation on shared logarithmic bins."""
+    """One step histogram per generation on shared logarithmic bins, as fractions of the blocks
+    per bin (a density per unit of perplexity would shrink the wide bins of a log axis to
+    nothing)."""
     import matplotlib.pyplot as plt
 
     bins = _log_bins(series, num_bins)
@@ -121,10 +126,18 @@ def _histograms(series: list[tuple[int, np.ndarray]], xlabel: str, path, num_bin
     cmap = plt.get_cmap("viridis")
     for i, (g, v) in enumerate(series):
         color = cmap(i / max(1, len(series) - 1))
-        ax.hist(v, bins=bins, histtype="step", density=True, color=color, label=f"gen {g}")
+        v = np.clip(v[np.isfinite(v)], bins[0], bins[-1])
+        ax.hist(
+            v,
+            bins=bins,
+            weights=np.full(len(v), 1.0 / max(1, len(v))),
+            histtype="step",
+            color=color,
+            label=f"gen {g}",
+        )
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("density")
+    ax.set_ylabel("fraction of blocks")
     ax.set_title("Per-sequence perplexity by generation")
     ax.legend(fontsize=7, frameon=False, ncol=2)
     fig.tight_layout()

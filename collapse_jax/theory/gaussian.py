@@ -47,8 +47,9 @@ class GaussianConfig:
         paper's theorem) or "mle" (divide by M, the paper's notebook: np.std).
       method: "exact" (draw mean and Wishart scatter directly, cost independent of M) or
         "sample" (draw the M points).
-      rng_impl: PRNG used for the draws: "philox4x32" (about 3x faster than threefry on CPU),
-        "threefry2x32", or "default" (the impl of the key passed in).
+      rng_impl: PRNG of the sample method's normals: "philox4x32" (about 3x faster than
+        threefry on CPU), "threefry2x32", or "default" (the impl of the key passed in). The exact
+        method hashes the loop's own key (`collapse_jax.prng`, fused threefry) whatever this is.
       sampling_bias: lambda > 0: synthetic data are drawn from N(mu, lambda Sigma) of the fit
         (lambda < 1 under-disperses, as a low sampling temperature); real data never are.
     """
@@ -159,10 +160,18 @@ def sample_stats(key: Array, params: GaussianParams, num: int | Array) -> Gaussi
       key: PRNG key; params: mean [d], cov [d, d]; num: int or traced int32 scalar (>= 0).
     """
     d = params.mean.shape[-1]
-    k_m, k_w = jax.random.split(key)
     num = jnp.asarray(num, jnp.int32)
     nf = num.astype(_F)
     chol = _chol(params.cov)
+    if d == 1:  # both draws from one call for random words (no key splits: the hot path)
+        df = jnp.maximum(nf - 1.0, 0.0)
+        z, chi = samplers.normal_and_chi_square(key, jnp.where(df > 0, df, 1.0))
+        sd = chol[0, 0]
+        mean = params.mean + sd * z / jnp.sqrt(jnp.maximum(nf, 1.0))
+        mean = jnp.where(num > 0, mean, jnp.zeros_like(mean))
+        scatter = jnp.where(df > 0, jnp.square(chol) * chi, 0.0)  # Sigma * chi2(M - 1)
+        return GaussianStats(num, mean, scatter)
+    k_m, k_w = jax.random.split(key)
     z = jax.random.normal(k_m, (d,), _F)
     mean = params.mean + (chol @ z) / jnp.sqrt(jnp.maximum(nf, 1.0))
     mean = jnp.where(num > 0, mean, jnp.zeros_like(mean))
@@ -295,9 +304,11 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
         return GaussianParams(jnp.asarray(self._mean0, _F), jnp.asarray(self._cov0, _F))
 
     def _draw(self, key: Array, params: GaussianParams, num: Any) -> Any:
-        key = _with_impl(key, self.config.rng_impl)
         if self.config.method == "sample":
-            return sample_points(key, params, num)
+            return sample_points(_with_impl(key, self.config.rng_impl), params, num)
+        # The exact method draws a few words per chain from the loop's own (threefry) key,
+        # hashed in fused code (`prng.random_words`); re-wrapping it for another impl would
+        # only make `jax.random` hash it more slowly.
         return sample_stats(key, params, num)
 
     def draw_real(self, key: Array, num: int | Array) -> Any:
@@ -450,7 +461,8 @@ def simulate(
         "accumulate_subsample" (keep all data, fit a random subset of M of it).
       alpha, beta, gamma: the "mix" shares (summing to 1).
       chunk_size: chains per batch (bounds memory for 10^6+ chains).
-      rng_impl: PRNG of the draws ("philox4x32", "threefry2x32", or "default": the key's own).
+      rng_impl: PRNG of the sample method's normals ("philox4x32", "threefry2x32", or
+        "default": the key's own); the exact method hashes the loop's keys (`collapse_jax.prng`).
       sampling_bias: lambda: each generation's synthetic data come from N(mu, lambda Sigma).
     Returns:
       GaussianSimulation with `.mean [G + 1, R, d]` and `.cov [G + 1, R, d, d]`.

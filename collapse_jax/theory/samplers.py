@@ -11,10 +11,16 @@ distribution up to float32 rounding of the uniforms (resolution 2^-24).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+
+from collapse_jax import prng
 
 _F = jnp.float32
 
@@ -65,7 +71,7 @@ def _unit_open(bits: Array) -> Array:
     return ((bits >> 9).astype(_F) + 0.5) * _F(2.0**-23)
 
 
-def _normal_of(bits: Array) -> Array:
+def normal_of_bits(bits: Array) -> Array:
     """uint32 bits -> standard normal by inversion, as `jax.random.normal` does it
     (sqrt(2) erfinv(2U - 1)); erf_inv is a short polynomial, far cheaper than `ndtri`."""
     return _F(np.sqrt(2.0)) * jax.lax.erf_inv(2.0 * _unit_open(bits) - 1.0)
@@ -88,41 +94,76 @@ def standard_gamma(key: Array, alpha: Array) -> Array:
     """Gamma(alpha, 1) draws of the shape of `alpha` (alpha > 0), exact.
 
     Marsaglia & Tsang (2000) for shape a >= 1; shapes < 1 use Gamma(a) = Gamma(a + 1) U^(1/a),
-    computed in log space. The first proposal of every lane comes from one call for 3 x 32
-    random bits per lane (its normal, its acceptance uniform, the boost uniform); the rejected
-    lanes (4.8 % at a = 1, 0.7 % at a = 4.5, 5e-5 at a = 500) are redrawn by a masked loop. Under
-    `vmap` over chains the loop runs full width, but only in the rounds where some lane rejected:
-    one pre-drawn round plus the loop was 2.9x faster than two pre-drawn rounds (which ran both
-    for every lane), and drawing the bits directly (no key splits, erf_inv normals instead of
-    `ndtri`) another ~1.5x (2-core CPU, exact Gaussian chains at M = 1000).
+    computed in log space. Random words come from `prng.word_source(key)` (a fused hash: no key
+    splits; erf_inv normals instead of `ndtri`); see `_gamma_loop` for the rejection rounds.
     """
     alpha = jnp.asarray(alpha, _F)
-    shape = alpha.shape
+    g, (w_boost,) = _gamma_loop(prng.word_source(key), alpha, extra=1)
+    return _boosted(g, alpha, w_boost)
+
+
+def _boosted(g: Array, alpha: Array, w_boost: Array) -> Array:
+    """Gamma(alpha) from g ~ Gamma(alpha + 1) where alpha < 1 (g U^(1/alpha), in log space)."""
     boost = alpha < 1.0
-    a = jnp.where(boost, alpha + 1.0, alpha)
+    log_u = jnp.log(_unit_open(w_boost))
+    return jnp.where(boost, jnp.exp(jnp.log(g) + log_u / jnp.where(boost, alpha, 1.0)), g)
+
+
+def _gamma_loop(source, alpha: Array, extra: int) -> tuple[Array, tuple[Array, ...]]:
+    """Marsaglia-Tsang Gamma(max(alpha, alpha + 1 if alpha < 1)) by a masked loop: round i
+    draws its normal and uniform, plus in round 0 `extra` further words per lane that the
+    caller needs (returned), from stream i of `source`; a lane keeps its first accepted value.
+
+    Everything random happens INSIDE the loop on purpose: XLA materialises a loop's outputs
+    once, whereas a hash computed before the loop was duplicated into every fusion that
+    consumed its words (the carry, the stacked outputs, the loop's inputs), 4-8x the work per
+    generation in the scanned chains. Later rounds only run while some lane was rejected
+    (4.8 % per round at a = 1, 5e-5 at a = 500).
+    """
+    shape = alpha.shape
+    a = jnp.where(alpha < 1.0, alpha + 1.0, alpha)
     d = a - 1.0 / 3.0
     c = 1.0 / jnp.sqrt(9.0 * d)
-    # Round r draws from fold_in(key, r): distinct fold-ins of one key are independent streams.
-    bits = jax.random.bits(jax.random.fold_in(key, 0), (3, *shape), jnp.uint32)
-    value, done = _mt_propose(d, c, _normal_of(bits[0]), _unit_open(bits[1]))
 
     def cond(carry):
         return ~jnp.all(carry[2])
 
     def body(carry):
-        i, value, done = carry
-        b = jax.random.bits(jax.random.fold_in(key, i + 1), (2, *shape), jnp.uint32)
-        v, ok = _mt_propose(d, c, _normal_of(b[0]), _unit_open(b[1]))
-        return i + 1, jnp.where(done, value, v), done | ok
+        i, value, done, kept = carry
+        w = _lane_words(source, 2 + extra, shape, i)
+        v, ok = _mt_propose(d, c, normal_of_bits(w[0]), _unit_open(w[1]))
+        kept = tuple(jnp.where(i == 0, w[2 + k], kept[k]) for k in range(extra))
+        return i + 1, jnp.where(done, value, v), done | ok, kept
 
-    _, g, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), value, done))
-    log_u = jnp.log(_unit_open(bits[2]))
-    return jnp.where(boost, jnp.exp(jnp.log(g) + log_u / jnp.where(boost, alpha, 1.0)), g)
+    init = (
+        jnp.int32(0),
+        jnp.zeros(shape, _F),
+        jnp.zeros(shape, bool),
+        tuple(jnp.zeros(shape, jnp.uint32) for _ in range(extra)),
+    )
+    _, g, _, kept = jax.lax.while_loop(cond, body, init)
+    return g, kept
+
+
+def _lane_words(source, num: int, shape: tuple[int, ...], stream: Any = 0) -> Sequence[Array]:
+    """`num` words per lane of `shape` from a `prng.word_source`: a tuple of `num` scalars for
+    a scalar lane (the hot path: never stacked), else an array `[num, *shape]`."""
+    if not shape:
+        return source(num, stream)
+    return jnp.asarray(source(num * math.prod(shape), stream)).reshape(num, *shape)
 
 
 def chi_square(key: Array, df: Array) -> Array:
     """Chi-square draws with `df` > 0 degrees of freedom (array), as 2 * Gamma(df / 2)."""
     return 2.0 * standard_gamma(key, 0.5 * jnp.asarray(df, _F))
+
+
+def normal_and_chi_square(key: Array, df: Array) -> tuple[Array, Array]:
+    """One standard normal and one chi-square(df) draw (scalars, df > 0), independent, all from
+    `key`'s words (the 1-D exact Gaussian generation: no key derivation at all)."""
+    alpha = 0.5 * jnp.asarray(df, _F)
+    g, (w_boost, w_z) = _gamma_loop(prng.word_source(key), alpha, extra=2)
+    return normal_of_bits(w_z), 2.0 * _boosted(g, alpha, w_boost)
 
 
 # Stirling-series remainders fc(k) = log k! - [(k + 1/2) log(k + 1) - (k + 1) + log(2 pi)/2],

@@ -1,0 +1,152 @@
+"""Threefry-2x32 key derivation written as plain fused array ops, bit-identical to `jax.random`.
+
+Why it exists: on CPU, JAX lowers its threefry hash as a rolled 5-iteration while loop (to save
+compile time). Inside the generational loop (vmapped over chains, scanned over generations)
+every `fold_in` / `split` then becomes a loop of its own with its intermediates materialised,
+and deriving the per-generation keys cost about as much as the theory models' draws themselves.
+The unrolled hash below is 20 add/rotate/xor rounds that XLA fuses with whatever consumes the
+key, and only the keys that are used are computed (a `split` into 6 computes one hash per key
+actually read).
+
+Everything here equals `jax.random` exactly for threefry keys with `jax_threefry_partitionable`
+(JAX's default): tests/test_prng.py checks `fold_in`, `split` and `random_words`' domain. Other
+PRNG implementations fall back to `jax.random`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+_U = jnp.uint32
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+# Counter words of the hash: `jax.random.split` / `fold_in` use (0, i); `random_words` uses
+# (WORDS, j), a domain no derived key's counter reaches, so the words are independent of every
+# key derived from the same key.
+WORDS = 1
+
+
+def threefry2x32(k1: Array, k2: Array, x1: Array, x2: Array) -> tuple[Array, Array]:
+    """The Threefry-2x32 hash (20 rounds) of the counter (x1, x2) under the key (k1, k2), all
+    uint32 arrays (broadcast), as JAX's own `threefry2x32` primitive computes it."""
+    ks = (k1, k2, k1 ^ k2 ^ _U(0x1BD11BDA))
+    x1 = x1 + ks[0]
+    x2 = x2 + ks[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x1 = x1 + x2
+            x2 = x1 ^ ((x2 << _U(r)) | (x2 >> _U(32 - r)))
+        x1 = x1 + ks[(i + 1) % 3]
+        x2 = x2 + ks[(i + 2) % 3] + _U(i + 1)
+    return x1, x2
+
+
+def is_threefry(key: Array) -> bool:
+    """Whether `key` is a typed threefry key that this module reproduces bit for bit."""
+    return (
+        jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+        and str(jax.random.key_impl(key)) == "threefry2x32"
+        and bool(jax.config.jax_threefry_partitionable)
+    )
+
+
+def _pair(key: Array) -> tuple[Array, Array]:
+    # Static slices (not jnp indexing, which may lower to a gather): XLA then folds
+    # slice(concatenate(a, b)) of a key made by `_wrap` back into a and b, and the hash that
+    # made the key fuses into its consumer instead of being evaluated once per key word.
+    kd = jax.random.key_data(key)
+    ax = kd.ndim - 1
+    return tuple(jax.lax.index_in_dim(kd, i, ax, keepdims=False) for i in (0, 1))
+
+
+def _wrap(pair: tuple[Array, Array]) -> Array:
+    # lax.concatenate of trailing unit axes, not jnp.stack: vmapped, stack put a transpose
+    # between the concatenate and `_pair`'s slices, which stopped XLA from folding them.
+    a, b = (jax.lax.expand_dims(x, (x.ndim,)) for x in pair)
+    return jax.random.wrap_key_data(jax.lax.concatenate([a, b], a.ndim - 1), impl="threefry2x32")
+
+
+def fold_in(key: Array, data: Array | int) -> Array:
+    """`jax.random.fold_in(key, data)` for a uint32 `data` scalar."""
+    if not is_threefry(key):
+        return jax.random.fold_in(key, data)
+    return _wrap(threefry2x32(*_pair(key), _U(0), jnp.asarray(data, _U)))
+
+
+def split(key: Array, num: int) -> tuple[Array, ...]:
+    """The keys of `jax.random.split(key, num)`, each computed on its own (unused ones cost
+    nothing after dead-code elimination)."""
+    if not is_threefry(key):
+        return tuple(jax.random.split(key, num))
+    k = _pair(key)
+    return tuple(_wrap(threefry2x32(*k, _U(0), _U(i))) for i in range(num))
+
+
+def fold_in_split(key: Array, data: Array | int, num: int) -> tuple[Array, ...]:
+    """`split(fold_in(key, data), num)` without materialising the folded key: interleaving its
+    two words into key data and reading them back (a concatenate XLA fused into the hash, which
+    it then evaluated per output word, unvectorised) made this 3-4x slower inside a loop."""
+    if not is_threefry(key):
+        return tuple(jax.random.split(jax.random.fold_in(key, data), num))
+    f = threefry2x32(*_pair(key), _U(0), jnp.asarray(data, _U))
+    return tuple(_wrap(threefry2x32(*f, _U(0), _U(i))) for i in range(num))
+
+
+# Up to this many words a source returns separate arrays (hashes unrolled), beyond it one array.
+_UNROLL_WORDS = 8
+
+
+def word_source(key: Array):
+    """`words(num, stream=0)` -> the words of `random_words(key, num, stream)`.
+
+    Up to 8 words come as a tuple of separate arrays of the key's batch shape, never stacked:
+    stacked, XLA fused the hash into the stack and evaluated it once per output word (2x the
+    work, unvectorised; ~4x slower in a scanned loop). More words come as one array `[num]`
+    (hashes vectorised over counters; an unbatched key only). The key's data are read once
+    here, so a loop that draws from the source closes over two uint32 words per lane.
+    """
+    if not is_threefry(key):
+
+        def fallback(num: int, stream: Array | int = 0) -> Array | tuple[Array, ...]:
+            bits = jax.random.bits(jax.random.fold_in(key, WORDS + stream), (num,), _U)
+            return tuple(bits[i] for i in range(num)) if num <= _UNROLL_WORDS else bits
+
+        return fallback
+    k1, k2 = _pair(key)
+
+    def words(num: int, stream: Array | int = 0) -> Array | tuple[Array, ...]:
+        hi = jnp.asarray(WORDS + stream, _U)
+        if num > _UNROLL_WORDS:
+            a, b = threefry2x32(k1, k2, hi, jnp.arange((num + 1) // 2, dtype=_U))
+            return jnp.stack([a, b], axis=-1).reshape(-1)[:num]
+        out: list[Array] = []
+        for j in range((num + 1) // 2):
+            out.extend(threefry2x32(k1, k2, hi, _U(j)))
+        return tuple(out[:num])
+
+    return words
+
+
+def random_words(key: Array, num: int, stream: Array | int = 0) -> Array:
+    """`num` random uint32 words `[num]` from one (unbatched) key: two words per hash of the
+    counter (WORDS + stream, j) for threefry keys (a stream of its own per `stream` >= 0,
+    independent of the keys `split` / `fold_in` derive); other PRNGs draw
+    `jax.random.bits(fold_in(key, WORDS + stream))`. Hot loops use `word_source` (unstacked)."""
+    return (
+        jnp.stack(word_source(key)(num, stream))
+        if num <= _UNROLL_WORDS
+        else (word_source(key)(num, stream))
+    )
+
+
+__all__ = [
+    "WORDS",
+    "fold_in",
+    "fold_in_split",
+    "is_threefry",
+    "random_words",
+    "split",
+    "threefry2x32",
+    "word_source",
+]
