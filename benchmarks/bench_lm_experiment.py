@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--config", default=str(REPO / "configs/lm/opt_wikitext_cpu.yaml"))
     p.add_argument("--generations", type=int, default=2)
     p.add_argument("--out", type=pathlib.Path)
+    p.add_argument("--note", default="", help="e.g. the machine's load while the run ran")
     args = p.parse_args()
 
     import jax
@@ -93,6 +94,7 @@ def main() -> None:
         "run_dir": str(run_dir),
         "cpus": os.cpu_count(),
         "load_average_1_5_15": [round(x, 1) for x in os.getloadavg()],
+        **({"note": args.note} if args.note else {}),
         **summarise(run_dir),
     }
     out = args.out or REPO / "benchmarks" / "results" / f"lm_experiment-{device}.json"
