@@ -128,6 +128,18 @@ def word_source(key: Array):
     return words
 
 
+def word_pairs(key: Array, num: int, stream: Array | int = 0) -> tuple[Array, Array]:
+    """The two output words `[num]` each of the hashes j < `num` behind `random_words(key,
+    2 num, stream)` (which interleaves them), for a consumer that treats the two halves alike:
+    left apart, XLA fuses each half into the consumer without re-evaluating the hash per word
+    (interleaving them costs ~20% in the Gaussian sample method on CPU)."""
+    if not is_threefry(key):
+        w = random_words(key, 2 * num, stream)
+        return w[0::2], w[1::2]
+    hi = jnp.asarray(WORDS + stream, _U)
+    return threefry2x32(*_pair(key), hi, jnp.arange(num, dtype=_U))
+
+
 def random_words(key: Array, num: int, stream: Array | int = 0) -> Array:
     """`num` random uint32 words `[num]` from one (unbatched) key: two words per hash of the
     counter (WORDS + stream, j) for threefry keys (a stream of its own per `stream` >= 0,
@@ -148,5 +160,6 @@ __all__ = [
     "random_words",
     "split",
     "threefry2x32",
+    "word_pairs",
     "word_source",
 ]

@@ -39,4 +39,7 @@ def test_random_words_independent_streams_and_fallback():
     assert not np.isin(np.asarray(w), derived).any()
     phil = jax.random.key(1, impl="philox4x32")
     assert prng.random_words(phil, 3).shape == (3,)
+    for k in (key, phil):  # word_pairs: the same hashes' words, left uninterleaved
+        a, b = prng.word_pairs(k, 6)
+        assert np.array_equal(np.stack([a, b], 1).reshape(-1), prng.random_words(k, 12))
     assert np.array_equal(_data(prng.fold_in(phil, 3)), _data(jax.random.fold_in(phil, 3)))
