@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import time
 from typing import Any, ClassVar, Literal
@@ -601,27 +600,15 @@ _OPT125M_PARAMS = 125_239_296
 
 
 def _cached_model_config(model_path: str) -> tuple[dict, str] | None:
-    """(config.json's dictionary, where it was found) for a local model folder or a hub id whose
-    config is already in the hub cache; None when it is not at hand without a download."""
+    """(config.json's dictionary, where it was found) when it is at hand without a download."""
     from collapse_jax.lm import hub
 
-    local = pathlib.Path(model_path).expanduser() / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text()), str(local)
-    if not hub.is_hub_id(model_path):
+    found = hub.cached_file(model_path, "config.json")
+    if found is None:
         return None
-    try:
-        import huggingface_hub
-
-        repo_id, _, revision = str(model_path).partition("@")
-        hit = huggingface_hub.try_to_load_from_cache(
-            repo_id, "config.json", cache_dir=hub.cache_dir(), revision=revision or None
-        )
-    except Exception:  # noqa: BLE001 -- an estimate: any cache trouble falls back to the assumption
-        return None
-    if isinstance(hit, str) and os.path.isfile(hit):
-        return json.loads(pathlib.Path(hit).read_text()), f"hub cache ({model_path})"
-    return None
+    local = found == pathlib.Path(model_path).expanduser() / "config.json"
+    where = str(found) if local else f"hub cache ({model_path})"
+    return json.loads(found.read_text()), where
 
 
 def _count_params(arch) -> int:

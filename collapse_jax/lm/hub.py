@@ -54,6 +54,32 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(home).expanduser() / "hub"
 
 
+def _split_id(path: str | os.PathLike) -> tuple[str, str | None]:
+    """`owner/name[@revision]` -> (repo id, revision or None)."""
+    repo_id, _, revision = str(path).partition("@")
+    return repo_id, revision or None
+
+
+def cached_file(path: str | os.PathLike, filename: str) -> pathlib.Path | None:
+    """`filename` of a local folder or of a hub id already in the hub cache, never downloading;
+    None when it is not at hand (or the cache cannot be read)."""
+    local = pathlib.Path(path).expanduser() / filename
+    if local.is_file():
+        return local
+    if not is_hub_id(path):
+        return None
+    repo_id, revision = _split_id(path)
+    try:
+        import huggingface_hub
+
+        hit = huggingface_hub.try_to_load_from_cache(
+            repo_id, filename, cache_dir=cache_dir(), revision=revision
+        )
+    except Exception:  # noqa: BLE001 -- a lookup: any cache trouble means "not at hand"
+        return None
+    return pathlib.Path(hit) if isinstance(hit, str) and os.path.isfile(hit) else None
+
+
 def resolve(path: str | os.PathLike, *, what: str = "model") -> pathlib.Path:
     """A local folder for `path`: itself if it exists, else the hub snapshot of that id.
 
@@ -71,7 +97,7 @@ def resolve(path: str | os.PathLike, *, what: str = "model") -> pathlib.Path:
     local = pathlib.Path(path).expanduser()
     if local.is_dir() or not is_hub_id(path):
         return local  # a local path: the loader reports a missing folder in its own words
-    repo_id, _, revision = str(path).partition("@")
+    repo_id, revision = _split_id(path)
     try:
         import huggingface_hub
     except ImportError as e:  # pragma: no cover - transformers depends on it
@@ -82,7 +108,7 @@ def resolve(path: str | os.PathLike, *, what: str = "model") -> pathlib.Path:
     try:
         folder = huggingface_hub.snapshot_download(
             repo_id,
-            revision=revision or None,
+            revision=revision,
             allow_patterns=patterns,
             cache_dir=cache_dir(),
             local_files_only=offline(),
