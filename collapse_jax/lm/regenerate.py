@@ -61,7 +61,7 @@ def regenerate(
       mesh: a `collapse_jax.sharding.make_mesh` mesh; the batch is split over its data-parallel
         axes and parameters are replicated. None: all local devices on "data".
       settings: the resolved decode settings as one object (e.g. the experiment's `decode:`
-        block); when given, the keyword settings below are not used.
+        block); given together with keyword settings, a ValueError.
       seed: sampling seed; block i samples with `fold_in(key(seed), i)` whatever the batching.
       progress: show a tqdm progress bar.
       **decode_kwargs: when `settings` is None, the settings as keywords of
