@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -61,10 +62,13 @@ NUMPY_CHAIN = textwrap.dedent(
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, default=None, help="chains per point (default 100)")
     args = ap.parse_args()
+    load_start = os.getloadavg()
     dims = [1, 10, 100] if args.quick else [1, 3, 10, 31, 100]
     sizes = [10, 100, 1000] if args.quick else [10, 32, 100, 316, 1000]
     gens, seeds = (10, 100) if args.quick else (100, 100)
+    seeds = args.seeds or seeds
     policies = ["replace", "accumulate"]
     axes = [
         f"model.dim={','.join(map(str, dims))}",
@@ -154,11 +158,14 @@ def main() -> None:
         "baseline_wall_s_extrapolated": round(numpy_s, 1),
         "ratio": round(numpy_s / sweep_s, 2),
         "baseline_per_point": per_point,
+        "load_average_start": [round(v, 2) for v in load_start],
+        "load_average_end": [round(v, 2) for v in os.getloadavg()],
         "note": (
-            "measured on a shared 2-core CPU under contention from other jobs (load 5-7); "
-            "a batch listed in nonfinite_failures computed all its generations but stopped at "
-            "the commit of a NaN metric (singular / collapsed float32 covariances, M <= d: the "
-            "exact Gaussian sampler's Cholesky factor fails), so its points are not committed"
+            "measured on a shared 2-core CPU under contention from other jobs (see the load "
+            "averages, 1/5/15 min), under nice -n 10; a batch listed in nonfinite_failures "
+            "computed all its generations but stopped at the commit of a NaN metric (none is "
+            "expected since the Gaussian learner's factor is rank-robust: singular M <= d fits "
+            "and collapsed chains sample exactly, logdet_cov = -inf)"
         ),
     }
     res = REPO / "benchmarks" / "results" / f"sweep-{jax.default_backend()}.json"
