@@ -339,12 +339,16 @@ def _block(
     counts,
     scan,
     first,
+    knobs=None,
 ):
     """Generations `gens` of a chunk of chains (vmap over chains, scan over generations).
 
     Returns (carry, measured [len(gens), R, ...]). `counts` is static (a tuple, or M_0 for the
     first generation) or None: then row i of `counts_arr` holds generation gens[i]'s counts.
+    `knobs`: traced values of the learner's `knob_fields` (a sweep batch's point), or None.
     """
+    if knobs is not None:
+        learner = learner.bind(knobs)
 
     def per_chain(chain_ks, carry):
         def step(carry, xs):
@@ -381,14 +385,16 @@ def _block_points(
     carry,
     reference,
     counts_arr,
+    knobs,
     *,
     counts,
     scan,
     first,
 ):
     """`_block` for the P points of a sweep batch (`run_batch`) in ONE compiled call: runs that
-    differ only in their base key and (learners with traced sizes) their counts; leading axis P
-    on `keys`, `carry`, `reference`, `counts_arr` and the outputs.
+    differ only in their base key, their knobs (the learner's `knob_fields`, e.g. lambda) and
+    (learners with traced sizes) their counts; leading axis P on `keys`, `carry`, `reference`,
+    `counts_arr`, `knobs` (a dict of [P] scalars) and the outputs.
 
     The points are looped over inside the program (`lax.map`), each on the chain-vectorised
     `_block` of a run of its own, so every point's numbers are bit-identical to a separate run's.
@@ -397,7 +403,7 @@ def _block_points(
     """
 
     def one(xs):
-        key, carry, reference, counts_arr = xs
+        key, carry, reference, counts_arr, knobs = xs
         return _block(
             learner,
             policy,
@@ -411,9 +417,10 @@ def _block_points(
             counts=counts,
             scan=scan,
             first=first,
+            knobs=knobs,
         )
 
-    return jax.lax.map(one, (keys, carry, reference, counts_arr))
+    return jax.lax.map(one, (keys, carry, reference, counts_arr, knobs))
 
 
 @functools.partial(jax.jit, static_argnames=("learner", "policy", "counts", "first"))
@@ -580,19 +587,32 @@ def _advance(
     scan: bool,
     pad_to: int | None = None,
     points: bool = False,
+    knobs: Any = None,
 ):
     """Generations [a, b) of a chunk of chains; returns (carry, measured [b - a, R, ...]).
 
     `pad_to` (only where the caller discards the carry afterwards) pads a traced-count scan to a
     fixed length by repeating the last generation, so every block shares one compilation.
     `points`: a sweep batch (`_block_points`): `key`, `carry` and `reference` have a leading
-    point axis P, `counts_of(g)` is a list over the points, and measured is [P, b - a, R, ...].
+    point axis P, `counts_of(g)` is a list over the points, `knobs` holds the points' knob
+    values ({name: [P]}), and measured is [P, b - a, R, ...].
     """
     static = learner.static_sample_size
     first = a == 0
     if points:
         return _advance_points(
-            learner, policy, measure, key, chains, a, b, carry, reference, counts_of, scan=scan
+            learner,
+            policy,
+            measure,
+            key,
+            chains,
+            a,
+            b,
+            carry,
+            reference,
+            counts_of,
+            knobs,
+            scan=scan,
         )
     if learner.fit_chains is not None or not scan:
         outs = []
@@ -637,7 +657,7 @@ def _advance(
 
 
 def _advance_points(
-    learner, policy, measure, keys, chains, a, b, carry, reference, counts_of, *, scan
+    learner, policy, measure, keys, chains, a, b, carry, reference, counts_of, knobs, *, scan
 ):
     """`_advance` for a sweep batch of P points (see there): `_block_points` calls."""
     static = learner.static_sample_size
@@ -661,6 +681,7 @@ def _advance_points(
             None if g0 == 0 else carry,
             reference,
             jnp.asarray(np.stack([rows(g) for g in gens], axis=1)),  # [P, len(gens), k]
+            knobs,
             counts=cnt(g0),
             scan=scan,
             first=g0 == 0,
@@ -917,17 +938,26 @@ def run_generations(
 def batch_key(cfg: config_lib.ExperimentConfig, learner: AbstractLearner) -> Any:
     """What must be equal for two runs to share one vmapped batch (`run_batch`), or None when the
     learner cannot be batched (not jittable, a batched `fit_chains`, or a device mesh). Runs
-    may differ in the seed and, for learners with traced sample sizes, the sample sizes."""
+    may differ in the seed, the learner's `knob_fields` (e.g. `model.sampling_bias`: traced
+    scalars) and, for learners with traced sample sizes, the sample sizes and the mix shares
+    alpha / beta / gamma (they only set the parts' traced sizes; which parts exist, i.e. which
+    shares are > 0, is part of the compiled program and of the key)."""
     if not learner.jittable or learner.fit_chains is not None or cfg.mesh is not None:
         return None
-    free = {"samples_per_generation", "sample_schedule", "sample_growth"}
+    free = {"samples_per_generation", "sample_schedule", "sample_growth", "alpha", "beta", "gamma"}
     if learner.static_sample_size:
         free = set()
     gcfg = cfg.generation
     fields = tuple(
         (f.name, getattr(gcfg, f.name)) for f in dataclasses.fields(gcfg) if f.name not in free
     )
-    return (cfg.model, fields)
+    parts = (gcfg.alpha > 0, gcfg.beta > 0, gcfg.gamma > 0)
+    model = tuple(
+        (f.name, getattr(cfg.model, f.name))
+        for f in dataclasses.fields(cfg.model)
+        if f.name not in learner.knob_fields
+    )
+    return (type(cfg.model), model, fields, parts)
 
 
 def run_batch(
@@ -937,7 +967,8 @@ def run_batch(
     learner: AbstractLearner | None = None,
 ) -> list[Result]:
     """Runs (or resumes) several experiments of equal `batch_key` as ONE vmapped computation
-    (a sweep's grid points that differ only in seed or traced sample sizes), each committed to
+    (a sweep's grid points that differ only in seed, knobs such as lambda, or traced sample sizes
+    and mix shares), each committed to
     its own run directory with the numbers a run of its own gives. Falls back to one run after
     the other when they cannot be batched or stand at different generations (a resumed sweep).
     """
@@ -1040,8 +1071,8 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
 
 def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) -> None:
     """Runs P = len(cfgs) experiments from generation `start`: one as `run_generations` does, or
-    a sweep batch (`run_batch`: configs equal but for the seed and, with traced sizes, the sample
-    sizes) through `_block_points`, one compiled call for all points. Each point is committed to
+    a sweep batch (`run_batch`: configs of equal `batch_key`) through `_block_points`, one
+    compiled call for all points. Each point is committed to
     its own run directory exactly as a run of its own would be."""
     gcfg = cfgs[0].generation
     policy = Policy.of(gcfg)
@@ -1081,6 +1112,10 @@ def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) 
     ax = 1 if batched else 0
     key = jnp.stack(keys) if batched else keys[0]
     reference = jax.tree.map(lambda *xs: jnp.stack(xs), *references) if batched else references[0]
+    knobs = None  # each point's knobs ({name: [P]}, traced); a single run keeps its constants
+    if batched:
+        values = [make_learner(c).knobs() for c in cfgs]
+        knobs = {k: jnp.asarray([v[k] for v in values], jnp.float32) for k in values[0]}
 
     def chains_of(x, sl: slice) -> np.ndarray:  # rows `sl` of the chain axis, padded to chunk
         x = np.asarray(x)
@@ -1144,6 +1179,7 @@ def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) 
                 counts_of,
                 scan=scan,
                 points=batched,
+                knobs=knobs,
             )
             n = sl.stop - sl.start
             cut = (slice(None),) * ax + (slice(0, n),)

@@ -23,6 +23,7 @@ batched fit over chains (`fit_chains`), which the loop then uses instead of vmap
 from __future__ import annotations
 
 import abc
+import copy
 import pathlib
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -61,6 +62,29 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         """
         self.config = config
         self.mesh_config = mesh
+
+    # --- scalars that may differ between the points of one sweep batch ---------------------
+    # Config fields (e.g. "sampling_bias") that reach the computation only through `knobs()`:
+    # points of a sweep that differ in them share one compiled program, each point's knobs
+    # passed as traced float32 scalars (`generation.run_batch`, `bind`).
+    knob_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def knobs(self) -> dict[str, float]:
+        """{name: value} of the float32 factors that `knob_fields` become, computed on the host
+        exactly as the learner's own constants (so a bound, traced value gives the same bits)."""
+        return {}
+
+    def bind(self, knobs: dict[str, Any]) -> AbstractLearner:
+        """A copy of this learner (used inside one trace only) whose `knob(name)` reads the
+        traced scalars `knobs` instead of its config's constants."""
+        new = copy.copy(self)
+        new._bound = dict(knobs)
+        return new
+
+    def knob(self, name: str) -> Any:
+        """A knob's value: the traced scalar when bound (`bind`), else the Python constant."""
+        bound = getattr(self, "_bound", None)
+        return self.knobs()[name] if bound is None else bound[name]
 
     def _key(self) -> tuple:
         return (type(self), self.config, self.mesh_config)

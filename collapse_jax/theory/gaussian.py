@@ -440,10 +440,17 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
         stats = stats_of_points(data) if self.config.method == "sample" else data
         return fit_stats(stats, self.config.estimator)
 
+    knob_fields: ClassVar[frozenset[str]] = frozenset({"sampling_bias"})
+
+    def knobs(self) -> dict[str, float]:
+        return {"sampling_bias": self.config.sampling_bias}
+
     def sample(self, key: Array, params: GaussianParams, num: int | Array, **kwargs: Any) -> Any:
-        """`num` synthetic points from N(mean, sampling_bias * cov)."""
-        if self.config.sampling_bias != 1.0:
-            params = GaussianParams(params.mean, params.cov * self.config.sampling_bias)
+        """`num` synthetic points from N(mean, sampling_bias * cov) (lambda: a traced scalar in
+        a sweep batch, `knob`; times lambda = 1 leaves the covariance's bits unchanged)."""
+        lam = self.knob("sampling_bias")
+        if isinstance(lam, jax.Array) or lam != 1.0:
+            params = GaussianParams(params.mean, params.cov * lam)
         return self._draw(key, params, num)
 
     def evaluate(self, key: Array, params: GaussianParams, reference: Any) -> dict[str, Array]:
