@@ -372,57 +372,6 @@ def _block(
     return jax.vmap(per_chain, in_axes=(0, 0), out_axes=(0, 1))(ks, carry)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("learner", "policy", "measure", "counts", "scan", "first")
-)
-def _block_points(
-    learner,
-    policy,
-    measure,
-    keys,
-    chains,
-    gens,
-    carry,
-    reference,
-    counts_arr,
-    knobs,
-    *,
-    counts,
-    scan,
-    first,
-):
-    """`_block` for the P points of a sweep batch (`run_batch`) in ONE compiled call: runs that
-    differ only in their base key, their knobs (the learner's `knob_fields`, e.g. lambda) and
-    (learners with traced sizes) their counts; leading axis P on `keys`, `carry`, `reference`,
-    `counts_arr`, `knobs` (a dict of [P] scalars) and the outputs.
-
-    The points are looped over inside the program (`lax.map`), each on the chain-vectorised
-    `_block` of a run of its own, so every point's numbers are bit-identical to a separate run's.
-    (A `vmap` over the points computed the same draws but changed float32 rounding in the last
-    bit: XLA emits the extra batch axis' products differently; the chains are vectorised anyway.)
-    """
-
-    def one(xs):
-        key, carry, reference, counts_arr, knobs = xs
-        return _block(
-            learner,
-            policy,
-            measure,
-            key,
-            chains,
-            gens,
-            carry,
-            reference,
-            counts_arr,
-            counts=counts,
-            scan=scan,
-            first=first,
-            knobs=knobs,
-        )
-
-    return jax.lax.map(one, (keys, carry, reference, counts_arr, knobs))
-
-
 @functools.partial(jax.jit, static_argnames=("learner", "policy", "counts", "first"))
 def _prepare(learner, policy, key, chains, g, carry, counts_arr, *, counts, first):
     """Data, fit starts and fit keys of generation g for a chunk (learners with `fit_chains`)."""
@@ -460,6 +409,7 @@ def one_generation(
     counts: Any,
     reference: Any = None,
     measure: Callable = evaluate,
+    knobs: Any = None,
 ) -> tuple[Carry, Any]:
     """The loop core: generation `g` of a batch of chains (a jittable learner).
 
@@ -473,6 +423,8 @@ def one_generation(
       counts: M_0 for g = 0, else (synthetic, previous, real): ints, or int32 scalars when the
         learner's `static_sample_size` is False.
       reference: held-out real data (`learner.reference`); measure: what is kept per chain.
+      knobs: traced values of the learner's `knob_fields` ({name: scalar}), or None for its
+        config's constants.
     Returns:
       (carry, measured): measured has leaves [R, ...].
     """
@@ -494,6 +446,7 @@ def one_generation(
             counts=cnt,
             scan=False,
             first=first,
+            knobs=knobs,
         )
         return carry, jax.tree.map(lambda x: x[0], out)
     sets, init, fit_keys = _prepare(
@@ -593,9 +546,10 @@ def _advance(
 
     `pad_to` (only where the caller discards the carry afterwards) pads a traced-count scan to a
     fixed length by repeating the last generation, so every block shares one compilation.
-    `points`: a sweep batch (`_block_points`): `key`, `carry` and `reference` have a leading
-    point axis P, `counts_of(g)` is a list over the points, `knobs` holds the points' knob
-    values ({name: [P]}), and measured is [P, b - a, R, ...].
+    `knobs`: traced values of the learner's `knob_fields` ({name: scalar}) or None.
+    `points`: a sweep batch (`_advance_points`): `key`, `carry`, `reference` and `knobs` have a
+    leading point axis P, `counts_of(g)` is a list over the points, and measured is
+    [P, b - a, R, ...].
     """
     static = learner.static_sample_size
     first = a == 0
@@ -627,6 +581,7 @@ def _advance(
                 counts_of(g),
                 reference,
                 measure,
+                knobs,
             )
             outs.append(out)
         return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
@@ -652,6 +607,7 @@ def _advance(
         counts=cnt,
         scan=not first,
         first=first,
+        knobs=knobs,
     )
     return carry, jax.tree.map(lambda x: x[:n], out)
 
@@ -659,41 +615,33 @@ def _advance(
 def _advance_points(
     learner, policy, measure, keys, chains, a, b, carry, reference, counts_of, knobs, *, scan
 ):
-    """`_advance` for a sweep batch of P points (see there): `_block_points` calls."""
-    static = learner.static_sample_size
-
-    def rows(g: int) -> np.ndarray:  # [P, k] counts of generation g per point
-        return np.stack([np.atleast_1d(np.asarray(c, np.int32)) for c in counts_of(g)])
-
-    def cnt(g: int) -> Any:  # static counts (equal across a batch's points)
-        c = counts_of(g)[0]
-        return (int(c) if g == 0 else tuple(int(x) for x in c)) if static else None
-
-    def block(gens: list[int], carry, *, scan: bool):
-        g0 = gens[0]
-        return _block_points(
+    """`_advance` for a sweep batch of P points (see there): each point runs `_advance` itself,
+    with its own key, carry, reference, counts and knobs, all traced. The points therefore share
+    ONE compiled program per block (the static arguments are equal) and each gets exactly a
+    separate run's numbers: a separate run executes the very same program. (Points inside one
+    program, by `vmap` or `lax.map`, changed float32 results in the last bit: XLA fuses the
+    extra loop's body differently, e.g. for the "mix" policy.)"""
+    outs, carries = [], []
+    for p in range(keys.shape[0]):
+        at = lambda x, p=p: x[p]  # noqa: E731
+        c, out = _advance(
             learner,
             policy,
             measure,
-            keys,
+            keys[p],
             chains,
-            jnp.asarray(gens, jnp.int32),
-            None if g0 == 0 else carry,
-            reference,
-            jnp.asarray(np.stack([rows(g) for g in gens], axis=1)),  # [P, len(gens), k]
-            knobs,
-            counts=cnt(g0),
+            a,
+            b,
+            None if carry is None else jax.tree.map(at, carry),
+            jax.tree.map(at, reference),
+            lambda g, p=p: counts_of(g)[p],
             scan=scan,
-            first=g0 == 0,
+            knobs=jax.tree.map(at, knobs),
         )
-
-    if not scan:  # one generation per call (generation 0, or a carry that changes shape)
-        outs = []
-        for g in range(a, b):
-            carry, out = block([g], carry, scan=False)
-            outs.append(out)
-        return carry, jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *outs)
-    return block(list(range(a, b)), carry, scan=True)
+        carries.append(c)
+        outs.append(out)
+    stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+    return jax.tree.map(stack, *carries), jax.tree.map(stack, *outs)
 
 
 def simulate_chains(
@@ -1071,8 +1019,8 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
 
 def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) -> None:
     """Runs P = len(cfgs) experiments from generation `start`: one as `run_generations` does, or
-    a sweep batch (`run_batch`: configs of equal `batch_key`) through `_block_points`, one
-    compiled call for all points. Each point is committed to
+    a sweep batch (`run_batch`: configs of equal `batch_key`) through `_advance_points`, one
+    compiled program for all points. Each point is committed to
     its own run directory exactly as a run of its own would be."""
     gcfg = cfgs[0].generation
     policy = Policy.of(gcfg)
@@ -1112,10 +1060,12 @@ def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) 
     ax = 1 if batched else 0
     key = jnp.stack(keys) if batched else keys[0]
     reference = jax.tree.map(lambda *xs: jnp.stack(xs), *references) if batched else references[0]
-    knobs = None  # each point's knobs ({name: [P]}, traced); a single run keeps its constants
-    if batched:
-        values = [make_learner(c).knobs() for c in cfgs]
-        knobs = {k: jnp.asarray([v[k] for v in values], jnp.float32) for k in values[0]}
+    # The learner's knobs (e.g. lambda) as traced float32 scalars ({name: [P]} for a batch), so
+    # that a separate run and a batch's point execute the same program (`_advance_points`).
+    values = [type(learner)(c.model, c.mesh).knobs() for c in cfgs]
+    knobs = {k: jnp.asarray([v[k] for v in values], jnp.float32) for k in values[0]} or None
+    if knobs is not None and not batched:
+        knobs = {k: v[0] for k, v in knobs.items()}
 
     def chains_of(x, sl: slice) -> np.ndarray:  # rows `sl` of the chain axis, padded to chunk
         x = np.asarray(x)
