@@ -11,6 +11,20 @@ covariance. Two ways to draw a generation, equal in distribution:
 
 `simulate` runs many independent chains (vmap) over generations (lax.scan), chunked over chains;
 `GaussianLearner` is the same model for the model-agnostic loop in `collapse_jax.generation`.
+
+Singular fits and the float32 floor (d > 1). Every draw uses a factor L with L L^T = Sigma that
+exists for positive SEMI-definite Sigma (`_chol`: LAPACK's Cholesky, `psd_cholesky` where that
+fails), so the collapse runs to its end instead of stopping on NaN:
+- M <= d points: each fit has rank M - 1; the chain lives in the affine span of its first real
+  points (the Wishart draw is singular, `samplers.wishart_bartlett_factor`), logdet_cov = -inf
+  from generation 0, trace and W2 finite.
+- A collapsing chain's covariance loses directions once its spread in them falls below float32's
+  resolution relative to the rest (condition number beyond ~1 / ((d + 1) eps) ~ 10^6): those
+  directions get exactly zero variance and stay so (later draws lie in L's column space), and
+  logdet_cov becomes -inf. When the scale itself underflows (float32's ~1e-38; XLA on CPU
+  flushes denormals to zero) the covariance is exactly 0: the chain is a point mass whose mean
+  stops moving, every draw equals it, trace_cov = 0, w2^2 = |mu - mu_0|^2 + tr Sigma_0, all
+  finite.
 """
 
 from __future__ import annotations
