@@ -1062,10 +1062,12 @@ def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) 
     reference = jax.tree.map(lambda *xs: jnp.stack(xs), *references) if batched else references[0]
     # The learner's knobs (e.g. lambda) as traced float32 scalars ({name: [P]} for a batch), so
     # that a separate run and a batch's point execute the same program (`_advance_points`).
-    values = [type(learner)(c.model, c.mesh).knobs() for c in cfgs]
-    knobs = {k: jnp.asarray([v[k] for v in values], jnp.float32) for k in values[0]} or None
-    if knobs is not None and not batched:
-        knobs = {k: v[0] for k, v in knobs.items()}
+    if batched:
+        values = [type(learner)(c.model, c.mesh).knobs() for c in cfgs]
+        knobs = {k: jnp.asarray([v[k] for v in values], jnp.float32) for k in values[0]}
+    else:
+        knobs = {k: jnp.float32(v) for k, v in learner.knobs().items()}
+    knobs = knobs or None
 
     def chains_of(x, sl: slice) -> np.ndarray:  # rows `sl` of the chain axis, padded to chunk
         x = np.asarray(x)
