@@ -393,6 +393,8 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
                 for (yy, xx), v in np.ndenumerate(grid):
                     if np.isfinite(v):
                         ax.text(xx, yy, f"{v:.3g}", ha="center", va="center", fontsize=6, color="w")
+                    elif np.isinf(v):  # e.g. logdet_cov of singular fits: uncoloured, labelled
+                        ax.text(xx, yy, f"{v}", ha="center", va="center", fontsize=6, color="k")
                 title = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(rest, pk))
                 ax.set_title(title or "", fontsize=8)
                 fig.colorbar(im, ax=ax, label=("log10 " if shown is not grid else "") + name)
