@@ -1068,6 +1068,17 @@ def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) 
     else:
         knobs = {k: jnp.float32(v) for k, v in learner.knobs().items()}
     knobs = knobs or None
+    # The jitted core's static arguments keep only what shapes the program: the learner without
+    # its (traced) knobs and, with traced sizes, which mix shares are > 0 (the shares' values
+    # only set traced part sizes), so runs that differ in lambda or alpha share compiled code.
+    learner = learner.canonical()
+    if not learner.static_sample_size:
+        policy = dataclasses.replace(
+            policy,
+            alpha=float(policy.alpha > 0),
+            beta=float(policy.beta > 0),
+            gamma=float(policy.gamma > 0),
+        )
 
     def chains_of(x, sl: slice) -> np.ndarray:  # rows `sl` of the chain axis, padded to chunk
         x = np.asarray(x)

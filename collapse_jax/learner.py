@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import dataclasses
 import pathlib
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -80,6 +81,16 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         new = copy.copy(self)
         new._bound = dict(knobs)
         return new
+
+    def canonical(self) -> AbstractLearner:
+        """This learner with its `knob_fields` at their defaults: the jitted core's static
+        argument when the knobs are passed traced, so runs that differ only in knobs share
+        compiled code (their numbers come from the traced knobs alone)."""
+        if not self.knob_fields:
+            return self
+        fields = dataclasses.fields(self.config)
+        defaults = {f.name: f.default for f in fields if f.name in self.knob_fields}
+        return type(self)(dataclasses.replace(self.config, **defaults), self.mesh_config)
 
     def knob(self, name: str) -> Any:
         """A knob's value: the traced scalar when bound (`bind`), else the Python constant."""

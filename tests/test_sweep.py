@@ -108,6 +108,9 @@ def test_lambda_and_mix_shares_batch_with_separate_run_results(tmp_path):
     dirs = [tmp_path / f"b{i}" for i in range(len(cfgs))]
     generation.run_batch(cfgs, dirs)
     assert generation._block._cache_size() - compiled <= 3
+    compiled = generation._block._cache_size()
     for i, cfg in enumerate(cfgs):
         sep = generation.run_generations(cfg, tmp_path / f"s{i}").run_dir
         assert (dirs[i] / "metrics.json").read_bytes() == (sep / "metrics.json").read_bytes(), i
+    # separate runs differing in lambda and alpha reuse the batch's programs (traced knobs)
+    assert generation._block._cache_size() == compiled
