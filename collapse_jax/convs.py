@@ -2,8 +2,9 @@
 
 XLA's CPU backend runs the paper's VAE's stride-2 convolution, its input gradient and its kernel
 gradient near matmul speed. But JAX's automatic gradient of a *transposed* convolution (the
-decoder) asks for a kernel gradient in a form that XLA:CPU runs on a slow generic path: 1.2 s of
-the ~1.5 s training step at batch 256 (issue 12; the VAE trained at 0.26x PyTorch). A transposed
+decoder) asks for a kernel gradient in a form that XLA:CPU runs on a slow generic path: 1.2 s for
+the VAE's 128 -> 64 layer at batch 256, 10x the same-sized strided convolution's kernel gradient
+(issue 12; with it the VAE trained at 0.26-0.35x PyTorch). A transposed
 convolution is the input gradient of a strided convolution, so on CPU `conv_transpose` carries
 its own gradient: that strided convolution (for the input) and its kernel gradient (for the
 kernel), both fast. Thin layers (one channel, as the VAE's first and last layers) get their
