@@ -14,9 +14,9 @@ On GPUs and TPUs `lax` convolutions and JAX's own gradients are what cuDNN / the
 so they are used there unchanged.
 
 Measured in one process, interleaved, batch 256, 1024 MNIST images per epoch, under contention
-(load 5-7 on 2 cores; benchmarks/bench_vae.py -> results/vae_conv_ab-cpu.json): 198 images/s,
-against 52 with JAX's own gradients of XLA's convolutions, 142 with the previous patch-matmul
-convolutions and 147 for the same network in PyTorch (1.34x PyTorch).
+(load 4.5-7 on 2 cores, two runs; benchmarks/bench_vae.py -> results/vae_conv_ab-cpu.json): 198
+images/s, against 52 with JAX's own gradients of XLA's convolutions, 138-142 with the previous
+patch-matmul convolutions, and 147-168 for the same network in PyTorch (1.18-1.34x PyTorch).
 
 Layout: NHWC inputs, HWIO kernels (Flax's); padding as explicit (low, high) pairs per spatial
 dimension.
