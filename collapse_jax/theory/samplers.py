@@ -158,12 +158,66 @@ def chi_square(key: Array, df: Array) -> Array:
     return 2.0 * standard_gamma(key, 0.5 * jnp.asarray(df, _F))
 
 
+# Marsaglia-Tsang candidates drawn up front by `normal_and_chi_square`: each is rejected with
+# probability 4.8 % at shape 1 and ~5e-5 at shape 500, so with two the fallback loop almost never
+# runs (a 10^4-chain generation at M = 1000: once in ~40,000 generations).
+_MT_CANDIDATES = 2
+_SIGN = np.uint32(0x80000000)
+# Key word of the fallback rounds' hashes (any constant: the other word is the lane's seed).
+_FALLBACK_KEY = np.uint32(0x5EED5EED)
+
+
 def normal_and_chi_square(key: Array, df: Array) -> tuple[Array, Array]:
-    """One standard normal and one chi-square(df) draw (scalars, df > 0), independent, all from
-    `key`'s words (the 1-D exact Gaussian generation: no key derivation at all)."""
-    alpha = 0.5 * jnp.asarray(df, _F)
-    g, (w_boost, w_z) = _gamma_loop(prng.word_source(key), alpha, extra=2)
-    return normal_of_bits(w_z), 2.0 * _boosted(g, alpha, w_boost)
+    """One standard normal and one chi-square(df) draw (scalars), independent, all from `key`'s
+    words (the 1-D exact Gaussian generation: no key derivation at all). `df` must be an integer
+    >= 1 (real values >= 2 are fine too); df = 1 is the square of a normal.
+
+    Built to run vectorised over many lanes (`jax.vmap`) at a few hashes per lane:
+    - 6 words from 3 hashes: the normal, a spare (the fallback's seed) and two Marsaglia-Tsang
+      candidates for Gamma(df / 2); the first accepted one is kept;
+    - a lane that rejects both (rare, see `_MT_CANDIDATES`) continues in a masked while loop
+      whose rounds hash (seed, round) with a fixed key, the seed being the lane's spare word:
+      31 random bits, stored in the sign-flagged bits of its not-yet-accepted value. The loop
+      thus reads only the value array; a loop that read the key instead forced XLA to
+      materialise every lane's key (twice, once per word), which doubled the cost of the whole
+      draw even though the loop almost never runs.
+    Each lane's draws are exact in distribution (to float32 rounding of the uniforms); two
+    rejected lanes with equal 31-bit seeds (probability ~ r^2 / 2^32 for r rejected lanes)
+    would share their fallback rounds.
+    """
+    df = jnp.asarray(df, _F)
+    shape = df.shape
+    w = _lane_words(prng.word_source(key), 2 + 2 * max(_MT_CANDIDATES, 1), shape)
+    alpha = 0.5 * df
+    d = alpha - 1.0 / 3.0
+    c = 1.0 / jnp.sqrt(9.0 * d)
+    x1 = normal_of_bits(w[2])
+    # Not accepted yet: the seed's bits with the sign bit set (accepted values are >= +0).
+    pending = jax.lax.bitcast_convert_type((w[1] >> 1) | _SIGN, _F)
+    g = pending
+    for k in reversed(range(_MT_CANDIDATES)):  # the first accepted candidate wins
+        x = x1 if k == 0 else normal_of_bits(w[2 + 2 * k])
+        v, ok = _mt_propose(d, c, x, _unit_open(w[3 + 2 * k]))
+        g = jnp.where(ok, v, g)
+    g = jnp.where(alpha < 1.0, 0.5 * x1 * x1, g)  # df = 1: chi2(1) = x^2 (= 2 Gamma(1/2))
+    # The normal and the gamma travel as ONE complex64 array (z + i g): XLA fuses the hashes into
+    # each array computed from them, so two real outputs evaluated every hash twice.
+    zg = jax.lax.complex(normal_of_bits(w[0]), g)
+
+    def is_pending(g):
+        return jax.lax.bitcast_convert_type(g, jnp.uint32) >= _SIGN
+
+    def body(carry):
+        r, zg = carry
+        g = jnp.imag(zg)
+        seed = jax.lax.bitcast_convert_type(g, jnp.uint32) & ~_SIGN
+        x, u = prng.threefry2x32(seed, _FALLBACK_KEY, r.astype(jnp.uint32), jnp.uint32(0))
+        v, ok = _mt_propose(d, c, normal_of_bits(x), _unit_open(u))
+        return r + 1, jax.lax.complex(jnp.real(zg), jnp.where(is_pending(g) & ok, v, g))
+
+    cond = lambda carry: jnp.any(is_pending(jnp.imag(carry[1])))  # noqa: E731
+    _, zg = jax.lax.while_loop(cond, body, (jnp.int32(0), zg))
+    return jnp.real(zg), 2.0 * jnp.imag(zg)
 
 
 # Stirling-series remainders fc(k) = log k! - [(k + 1/2) log(k + 1) - (k + 1) + log(2 pi)/2],
