@@ -384,9 +384,9 @@ def _block(
 
 
 def _block_noise(learner, policy, k_gens, gens, counts_arr, cnt_of) -> Any:
-    """The synthetic draws' randomness of every generation of a block and chain (`k_gens [R]`),
-    `[len(gens), R, ...]`, drawn ahead of the scan by `learner.sample_noise` (a learner whose `sample` splits
-    into state-independent noise and a cheap transform of it), or None.
+    """The synthetic draws' randomness `[len(gens), R, ...]` of every generation of a block and
+    chain (`k_gens [R]`), drawn ahead of the scan by `learner.sample_noise` (a learner whose
+    `sample` splits into state-independent noise and a cheap transform of it), or None.
 
     Why: inside the scanned loop XLA recomputed each generation's key hashes in every fusion
     that consumed them (single-threaded, once per carry and output), whereas drawn for the whole
