@@ -184,6 +184,7 @@ __all__ = [
     "fold_in",
     "fold_in_split",
     "is_threefry",
+    "materialize",
     "random_words",
     "split",
     "threefry2x32",
