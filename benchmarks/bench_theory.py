@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import time
@@ -57,9 +58,9 @@ def _interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
 
 
 def bench_gaussian_sample(key, rng, chains, gens, repeats, quick, record):
-    """The sample method (its default rng_impl, fused threefry normals) against NumPy and, timed
-    interleaved with it, the same simulation with `jax.random.normal` under philox4x32 (the
-    default before); the limits are raw normals/s of each source (one call, summed)."""
+    """The sample method (its default rng_impl, fused threefry normals) against NumPy and the
+    same simulation with `jax.random.normal` under philox4x32 (the default before), all three
+    timed interleaved; the limits are raw normals/s of each source (one call, summed)."""
     m = 100
     n_samples = chains * gens * m
     runs = {
@@ -68,15 +69,9 @@ def bench_gaussian_sample(key, rng, chains, gens, repeats, quick, record):
         )
         for impl in ("threefry2x32", "philox4x32")
     }
-    compile_s = {impl: _time(f, 0)[0] for impl, f in runs.items()}
-    times = {impl: [] for impl in runs}
-    for _ in range(max(1, repeats)):  # interleaved: both see the same machine load
-        for impl, f in runs.items():
-            t0 = time.perf_counter()
-            f()
-            times[impl].append(time.perf_counter() - t0)
-    t, t_old = (statistics.median(times[i]) for i in runs)
-    _, t_np = _time(lambda: numpy_gaussian_sample(rng, chains, gens, m), max(1, repeats - 1))
+    runs["numpy"] = lambda: numpy_gaussian_sample(rng, chains, gens, m)
+    compile_s, med = _interleaved(runs, repeats)  # all three see the same machine load
+    t, t_old, t_np = med["threefry2x32"], med["philox4x32"], med["numpy"]
     pkey = jax.random.key(0, impl="philox4x32")
     raw = jax.jit(lambda k: jax.random.normal(k, (chains, m)).sum())
     _, t_raw = _time(lambda: raw(pkey).block_until_ready(), 5)
@@ -247,6 +242,7 @@ def main() -> None:
             throughput=throughput,
             ratio=ratio,
             **extra,
+            load_avg_1min=round(os.getloadavg()[0], 2),  # the machine may be shared: say so
         )
         results.append(row)
         print(json.dumps(row), flush=True)
