@@ -7,10 +7,12 @@ Measurements (one JSON object each, written to benchmarks/results/theory-<platfo
   simulation drawing `jax.random.normal` under philox4x32 (interleaved); and as a fraction of
   the raw throughput of its normals (`gaussian.standard_normals`), the sampler's limit.
 - gaussian_exact: chain-generations/s of `method="exact"` at M = 1000 vs NumPy drawing the M
-  points (the process as written) and vs NumPy drawing the statistics (chi-square + normal).
+  points (the process as written) and vs NumPy drawing the statistics (chi-square + normal),
+  the latter timed interleaved with it.
 - rng_normals: raw normals/s of each JAX PRNG vs NumPy (the sample method's ceiling).
 - discrete_sample / discrete_exact: K = 10 states, M = 100 / 1000, vs NumPy inverse-CDF draws
-  and NumPy's `Generator.multinomial` (C-level conditional binomials).
+  and NumPy's `Generator.multinomial` (C-level conditional binomials; interleaved with the exact
+  method).
 
 Usage: python benchmarks/bench_theory.py [--quick]
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import statistics
 import time
@@ -36,10 +39,28 @@ numpy_discrete_sample = bench.numpy_discrete_sample
 numpy_discrete_exact = bench.numpy_discrete_exact
 
 
+def _interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """(compile seconds, median seconds) of each function, timed in interleaved rounds after a
+    first call each, so that all of them see the same load (our benchmark convention)."""
+    first = {}
+    for k, f in fns.items():
+        t0 = time.perf_counter()
+        f()
+        first[k] = time.perf_counter() - t0
+    times = {k: [] for k in fns}
+    for _ in range(max(1, repeats)):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {k: max(first[k] - med[k], 0.0) for k in fns}, med
+
+
 def bench_gaussian_sample(key, rng, chains, gens, repeats, quick, record):
-    """The sample method (its default rng_impl, fused threefry normals) against NumPy and, timed
-    interleaved with it, the same simulation with `jax.random.normal` under philox4x32 (the
-    default before); the limits are raw normals/s of each source (one call, summed)."""
+    """The sample method (its default rng_impl, fused threefry normals) against NumPy and the
+    same simulation with `jax.random.normal` under philox4x32 (the default before), all three
+    timed interleaved; the limits are raw normals/s of each source (one call, summed)."""
     m = 100
     n_samples = chains * gens * m
     runs = {
@@ -48,15 +69,9 @@ def bench_gaussian_sample(key, rng, chains, gens, repeats, quick, record):
         )
         for impl in ("threefry2x32", "philox4x32")
     }
-    compile_s = {impl: _time(f, 0)[0] for impl, f in runs.items()}
-    times = {impl: [] for impl in runs}
-    for _ in range(max(1, repeats)):  # interleaved: both see the same machine load
-        for impl, f in runs.items():
-            t0 = time.perf_counter()
-            f()
-            times[impl].append(time.perf_counter() - t0)
-    t, t_old = (statistics.median(times[i]) for i in runs)
-    _, t_np = _time(lambda: numpy_gaussian_sample(rng, chains, gens, m), max(1, repeats - 1))
+    runs["numpy"] = lambda: numpy_gaussian_sample(rng, chains, gens, m)
+    compile_s, med = _interleaved(runs, repeats)  # all three see the same machine load
+    t, t_old, t_np = med["threefry2x32"], med["philox4x32"], med["numpy"]
     pkey = jax.random.key(0, impl="philox4x32")
     raw = jax.jit(lambda k: jax.random.normal(k, (chains, m)).sum())
     _, t_raw = _time(lambda: raw(pkey).block_until_ready(), 5)
@@ -84,15 +99,18 @@ def bench_gaussian_sample(key, rng, chains, gens, repeats, quick, record):
 def bench_gaussian_exact(key, rng, chains, gens, repeats, quick, record):
     m = 1000
     cg = chains * gens
-    c, t = _time(
-        lambda: gaussian.simulate(
-            key, chains=chains, generations=gens, sample_size=m, method="exact"
-        ),
-        repeats,
+    cs, ts = _interleaved(
+        {
+            "jax": lambda: gaussian.simulate(
+                key, chains=chains, generations=gens, sample_size=m, method="exact"
+            ),
+            "numpy": lambda: numpy_gaussian_exact(rng, chains, gens, m),
+        },
+        repeats + 2,
     )
+    c, t, t_npx = cs["jax"], ts["jax"], ts["numpy"]
     np_gens = 5 if quick else 10  # NumPy drawing 10^7 points per generation is slow
     _, t_np = _time(lambda: numpy_gaussian_sample(rng, chains, np_gens, m), 1)
-    _, t_npx = _time(lambda: numpy_gaussian_exact(rng, chains, gens, m), repeats)
     record(
         "gaussian_exact",
         dict(chains=chains, generations=gens, M=m, d=1),
@@ -140,14 +158,17 @@ def bench_discrete_sample(key, rng, chains, gens, repeats, quick, record):
 def bench_discrete_exact(key, rng, chains, gens, repeats, quick, record):
     probs, m = _zipf10(), 1000
     cg = chains * gens
-    c, t = _time(
-        lambda: discrete.simulate(
-            key, probs=probs, chains=chains, generations=gens, sample_size=m, method="exact"
-        ),
+    cs, ts = _interleaved(
+        {
+            "jax": lambda: discrete.simulate(
+                key, probs=probs, chains=chains, generations=gens, sample_size=m, method="exact"
+            ),
+            "numpy": lambda: numpy_discrete_exact(rng, probs, chains, gens, m),
+        },
         repeats,
     )
+    c, t, t_npx = cs["jax"], ts["jax"], ts["numpy"]
     _, t_np = _time(lambda: numpy_discrete_sample(rng, probs, chains, 2, m), 1)
-    _, t_npx = _time(lambda: numpy_discrete_exact(rng, probs, chains, gens, m), 1)
     record(
         "discrete_exact",
         dict(chains=chains, generations=gens, M=m, K=10),
@@ -221,6 +242,7 @@ def main() -> None:
             throughput=throughput,
             ratio=ratio,
             **extra,
+            load_avg_1min=round(os.getloadavg()[0], 2),  # the machine may be shared: say so
         )
         results.append(row)
         print(json.dumps(row), flush=True)

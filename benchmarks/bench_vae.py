@@ -1,83 +1,113 @@
 """VAE training throughput (images/s) on CPU: our Flax VAE vs the same network in PyTorch.
 
 The paper's network (conv 64/128, latent 20) and optimiser (Adam 1e-3, weight decay 1e-5), batch
-256, on real MNIST images. JAX: one jitted epoch (`lax.scan` over batches, `vae._train_epoch`);
-PyTorch (the paper's notebook framework): the usual eager loop over the same batches. Both in
-this process, one after the other.
+256, on real MNIST images. Variants, timed in this process one epoch each per round,
+interleaved (so a change of load hits all of them alike):
 
-Writes `benchmarks/results/vae-<device>.json` (name, device, config, compile_s, median_ms per
-epoch, throughput in images/s, ratio = JAX / PyTorch).
+- `cpu`: `vae._train_step` with collapse_jax/convs.py's CPU convolutions (the default on CPU);
+- `lax`: the same step with XLA's convolutions and JAX's own gradients (`COLLAPSE_JAX_CONV=lax`);
+- `old` (with `--old DIR`): the step of another checkout's vae.py/convs.py (before/after);
+- `torch`: the same network in PyTorch, the usual eager loop over the same batches.
 
-    COLLAPSE_JAX_DATA=../shared/data python benchmarks/bench_vae.py [--images 1024]
+Writes `benchmarks/results/vae_conv_ab-<device>.json` (images/s per variant, min and median over
+rounds, ratios against PyTorch, and the load average as a note).
+
+    COLLAPSE_JAX_DATA=../shared/data python benchmarks/bench_vae.py [--images 1024] [--rounds 9]
+        [--old /path/to/old/checkout]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
 import numpy as np
 
-from collapse_jax import bench
+from collapse_jax import bench, convs, mnist, vae
 
-torch_vae = bench.torch_vae
+
+def _load_old(root: pathlib.Path):
+    """The vae module of another checkout, bound to that checkout's convs module."""
+    mods = {}
+    for name in ("convs", "vae"):
+        spec = importlib.util.spec_from_file_location(
+            f"old_{name}", root / "collapse_jax" / f"{name}.py"
+        )
+        mods[name] = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mods[name]
+        spec.loader.exec_module(mods[name])
+    mods["vae"].convs = mods["convs"]  # its functions look `convs` up when traced
+    mods["convs"].IMPL = "auto"
+    return mods["vae"]
+
+
+def _jax_epoch(module, method: str | None, images, batch: int):
+    """An epoch function for `module` (a vae module); `method` forces convs.IMPL while the
+    step is traced (the first call), so each variant keeps its own compiled step."""
+    cfg = module.VAEConfig(batch_size=batch, epochs=1)
+    params = module.init_params(jax.random.key(0))
+    state = [params, module._optimizer(cfg.learning_rate, cfg.weight_decay).init(params)]
+    # A new partial per variant: jit wrappers of one function would share its traced program.
+    kw = dict(arch=module._arch(cfg), lr=cfg.learning_rate, wd=cfg.weight_decay)
+    step = jax.jit(functools.partial(module._train_step.__wrapped__, **kw), donate_argnums=(0, 1))
+    x = jax.device_put(images)
+    mask = jax.numpy.ones(batch, np.float32)
+    count = [0]
+
+    def epoch():
+        count[0] += 1
+        key = jax.random.key(count[0])
+        for i, lo in enumerate(range(0, len(images), batch)):
+            p, o, loss = step(*state, x[lo : lo + batch], mask, jax.random.fold_in(key, i))
+            state[:] = [p, o]
+        jax.block_until_ready(loss)
+
+    if method is None:
+        epoch()
+    else:
+        saved, convs.IMPL = convs.IMPL, method
+        try:
+            epoch()
+        finally:
+            convs.IMPL = saved
+    return epoch
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--old", type=pathlib.Path, default=None)
     args = ap.parse_args()
 
     import torch
 
-    from collapse_jax import mnist, vae
-
     data_dir = pathlib.Path(os.environ.get("COLLAPSE_JAX_DATA", "../shared/data")) / "mnist"
     images = mnist.load_mnist(data_dir, "train")[0][: args.images]
-    cfg = vae.VAEConfig(batch_size=args.batch, epochs=1)
     device = jax.devices()[0]
-    dev = "cpu" if device.platform == "cpu" else str(device.device_kind)
-    config = {
-        "images": args.images,
-        "batch": args.batch,
-        "latent": 20,
-        "channels": [64, 128],
-        "optimizer": "Adam 1e-3, weight decay 1e-5",
-        "dtype": "float32",
-        "torch_threads": torch.get_num_threads(),
-    }
-    results = []
+    dev = "cpu" if device.platform == "cpu" else "gpu"
 
-    # JAX: one jitted epoch per call.
-    params = vae.init_params(jax.random.key(0))
-    opt_state = vae._optimizer(cfg.learning_rate, cfg.weight_decay).init(params)
-    x = jax.device_put(images)
-    kw = dict(
-        arch=vae._arch(cfg), batch_size=cfg.batch_size, lr=cfg.learning_rate, wd=cfg.weight_decay
-    )
-    t0 = time.perf_counter()
-    params, opt_state, loss = vae._train_epoch(params, opt_state, x, jax.random.key(1), **kw)
-    jax.block_until_ready(loss)
-    first = time.perf_counter() - t0
-    times = []
-    for r in range(args.repeats):
-        t0 = time.perf_counter()
-        params, opt_state, loss = vae._train_epoch(params, opt_state, x, jax.random.key(r), **kw)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
-    jax_med = statistics.median(times)
-    jax_tp = args.images / jax_med
+    epochs = {}
+    compile_s = {}
+    variants = [("cpu", vae, "cpu"), ("lax", vae, "lax")]
+    if args.old is not None:
+        variants.append(("old", _load_old(args.old), None))
+    for name, module, method in variants:
+        t = time.perf_counter()
+        epochs[name] = _jax_epoch(module, method, images, args.batch)
+        compile_s[name] = time.perf_counter() - t
 
-    # PyTorch: the same network, optimiser and batches, eager.
     torch.manual_seed(0)
-    model = torch_vae()
+    model = bench.torch_vae()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
     xt = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
 
@@ -89,46 +119,43 @@ def main() -> None:
             loss.backward()
             opt.step()
 
-    t0 = time.perf_counter()
     torch_epoch()
-    t_first = time.perf_counter() - t0
-    t_times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        torch_epoch()
-        t_times.append(time.perf_counter() - t0)
-    torch_med = statistics.median(t_times)
-    torch_tp = args.images / torch_med
+    epochs["torch"] = torch_epoch
 
-    results.append(
-        {
-            "name": "vae_train_jax",
-            "device": dev,
-            "config": config,
-            "compile_s": round(max(first - jax_med, 0.0), 2),
-            "median_ms": round(1000 * jax_med, 1),
-            "throughput": round(jax_tp, 1),
-            "ratio": round(jax_tp / torch_tp, 2),
-        }
-    )
-    results.append(
-        {
-            "name": "vae_train_torch",
-            "device": "cpu",
-            "config": config,
-            "compile_s": round(max(t_first - torch_med, 0.0), 2),
-            "median_ms": round(1000 * torch_med, 1),
-            "throughput": round(torch_tp, 1),
-            "ratio": 1.0,
-        }
-    )
-    out = pathlib.Path(__file__).parent / "results" / f"vae-{'cpu' if dev == 'cpu' else 'gpu'}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    for r in results:
-        print(
-            json.dumps({k: r[k] for k in ("name", "compile_s", "median_ms", "throughput", "ratio")})
-        )
+    times = {name: [] for name in epochs}
+    load = [os.getloadavg()[0]]
+    for _ in range(args.rounds):
+        for name, fn in epochs.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+        load.append(os.getloadavg()[0])
+    rate = {n: {"min": args.images / max(t), "median": args.images / statistics.median(t)}
+            for n, t in times.items()}  # fmt: skip
+    rate = {n: {k: round(v, 1) for k, v in r.items()} for n, r in rate.items()}
+    out = {
+        "name": "vae_train_conv_ab",
+        "note": (
+            f"one process, {args.rounds} interleaved rounds of one epoch per variant "
+            f"({args.images} MNIST images, batch {args.batch}); images/s from the median and the "
+            f"slowest round; 1-minute load average {min(load):.1f}-{max(load):.1f} on "
+            f"{os.cpu_count()} cores during the rounds (other jobs shared the machine)"
+        ),
+        "device": dev,
+        "torch_threads": torch.get_num_threads(),
+        "compile_and_first_epoch_s": {n: round(v, 2) for n, v in compile_s.items()},
+        "images_per_s": rate,
+        "ratio_vs_torch_median": {
+            n: round(r["median"] / rate["torch"]["median"], 2) for n, r in rate.items()
+        },
+        "ratio_vs_torch_per_round_median": {
+            n: round(statistics.median(a / b for a, b in zip(times["torch"], t)), 2)
+            for n, t in times.items()
+        },
+    }
+    path = pathlib.Path(__file__).parent / "results" / f"vae_conv_ab-{dev}.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

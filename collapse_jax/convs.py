@@ -1,60 +1,241 @@
-"""Small 2-D convolutions as matrix products on CPU (im2col), XLA's convolutions elsewhere.
+"""2-D convolutions and transposed convolutions whose gradients stay on XLA:CPU's fast paths.
 
-XLA's CPU backend runs small convolutions (and, above all, their gradients) far below the
-machine's matmul speed: the paper's VAE trained at 0.26x the same network in PyTorch (issue 12).
-Written as "gather the kh x kw shifted views into one patch tensor, then one matmul", the same
-convolution runs through the CPU's GEMM, and its gradient is a matmul plus kh x kw pads (the
-transposes of the slices). On GPUs and TPUs `lax.conv_general_dilated` is what cuDNN/the MXU
-are built for, so it is kept there.
+XLA's CPU backend runs the paper's VAE's stride-2 convolution, its input gradient and its kernel
+gradient near matmul speed. But JAX's automatic gradient of a *transposed* convolution (the
+decoder) asks for a kernel gradient in a form that XLA:CPU runs on a slow generic path: 1.2 s for
+the VAE's 128 -> 64 layer at batch 256, 10x the same-sized strided convolution's kernel gradient
+(issue 12; with it the VAE trained at 0.26-0.35x PyTorch). A transposed
+convolution is the input gradient of a strided convolution, so on CPU `conv_transpose` carries
+its own gradient: that strided convolution (for the input) and its kernel gradient (for the
+kernel), both fast. Thin layers (one channel, as the VAE's first and last layers) get their
+kernel gradient and transposed convolution as a matrix product over patches, which XLA:CPU's
+convolutions run 3-4x slower: that is decided per layer by the size of the patch tensor.
+On GPUs and TPUs `lax` convolutions and JAX's own gradients are what cuDNN / the MXU are built for,
+so they are used there unchanged.
 
-Measured on the shared 2-core CPU (under heavy contention, one process, batch 256 of the paper's
-VAE): the gradient of the loss took 4.6 s with matmuls vs 8.7 s with XLA's convolutions
-(PyTorch: 3.6-4.4 s); a sum of kh x kw shifted matmuls instead of one patch matmul was no faster.
+Measured in one process, interleaved, batch 256, 1024 MNIST images per epoch, under contention
+(load 4.5-7 on 2 cores, two runs; benchmarks/bench_vae.py -> results/vae_conv_ab-cpu.json): 198
+images/s, against 52 with JAX's own gradients of XLA's convolutions, 138-142 with the previous
+patch-matmul convolutions, and 147-168 for the same network in PyTorch (1.18-1.34x PyTorch).
 
-Layout: NHWC inputs, HWIO kernels (Flax's), stride 1, VALID padding (callers pad).
+Layout: NHWC inputs, HWIO kernels (Flax's); padding as explicit (low, high) pairs per spatial
+dimension.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 _DN = ("NHWC", "HWIO", "NHWC")
+Pairs = tuple[tuple[int, int], tuple[int, int]]
 
-# "auto" (matmul on CPU, lax elsewhere), "matmul" or "lax"; COLLAPSE_JAX_CONV overrides.
+# "auto" (custom gradients on CPU, lax elsewhere), "cpu" or "lax"; COLLAPSE_JAX_CONV overrides.
 IMPL = os.environ.get("COLLAPSE_JAX_CONV", "auto")
 
 
 def impl() -> str:
-    """The implementation `conv2d_valid` uses now: "matmul" or "lax"."""
-    if IMPL in ("matmul", "lax"):
+    """The implementation used now: "cpu" (custom gradients) or "lax" (JAX's own)."""
+    if IMPL in ("cpu", "lax"):
         return IMPL
     if IMPL != "auto":
-        raise ValueError(f"COLLAPSE_JAX_CONV must be auto, matmul or lax, got {IMPL!r}")
-    return "matmul" if jax.default_backend() == "cpu" else "lax"
+        raise ValueError(f"COLLAPSE_JAX_CONV must be auto, cpu or lax, got {IMPL!r}")
+    return "cpu" if jax.default_backend() == "cpu" else "lax"
 
 
-def conv2d_valid(x: jax.Array, kernel: jax.Array, method: str | None = None) -> jax.Array:
-    """Stride-1 VALID convolution (cross-correlation, as `lax.conv_general_dilated`).
+def conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int] = (1, 1),
+    padding: Pairs = ((0, 0), (0, 0)),
+    method: str | None = None,
+) -> jax.Array:
+    """A convolution (cross-correlation, as `lax.conv_general_dilated` and `nnx.Conv`).
 
     Args:
       x: [B, H, W, C] inputs.
       kernel: [kh, kw, C, O].
-      method: "matmul", "lax" or None (`impl()`).
+      strides: (sh, sw).
+      padding: ((low, high), (low, high)) zero padding of H and W.
+      method: "cpu", "lax" or None (`impl()`).
     Returns:
-      [B, H - kh + 1, W - kw + 1, O].
+      [B, Ho, Wo, O], Ho = (H + low + high - kh) // sh + 1 (and Wo alike).
     """
-    method = method or impl()
-    if method == "lax":
-        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_DN)
-    kh, kw, c, o = kernel.shape
-    b, h, w, _ = x.shape
-    ho, wo = h - kh + 1, w - kw + 1
-    # [B, Ho, Wo, kh * kw * C], taps in (i, j, c) order = the kernel's row-major flattening.
-    patches = jnp.concatenate(
-        [x[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=-1
-    )
-    y = patches.reshape(b * ho * wo, kh * kw * c) @ kernel.reshape(kh * kw * c, o)
-    return y.reshape(b, ho, wo, o)
+    strides, padding = _norm(strides, padding)
+    if (method or impl()) == "lax":
+        return _lax_conv(x, kernel, strides, padding)
+    return _conv_cpu(x, kernel, strides, padding)
+
+
+def conv_transpose(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int],
+    padding: Pairs,
+    method: str | None = None,
+) -> jax.Array:
+    """`lax.conv_transpose(x, kernel, strides, padding)` (kernel not flipped, as
+    `nnx.ConvTranspose`): the input dilated by the strides, padded, then convolved.
+
+    Args:
+      x: [B, H, W, C] inputs.
+      kernel: [kh, kw, C, O].
+      strides: (sh, sw).
+      padding: ((low, high), (low, high)) padding of the dilated input (PyTorch's
+        ConvTranspose2d(k, s, p) is padding k - 1 - p on both sides).
+      method: "cpu", "lax" or None (`impl()`).
+    Returns:
+      [B, L, M, O] with L = sh * (H - 1) + 1 + low + high - kh + 1 (and M alike).
+    """
+    strides, padding = _norm(strides, padding)
+    if (method or impl()) == "lax":
+        return lax.conv_transpose(x, kernel, strides, padding, dimension_numbers=_DN)
+    return _conv_transpose_cpu(x, kernel, strides, padding)
+
+
+def _norm(strides, padding) -> tuple[tuple[int, int], Pairs]:
+    """Hashable (strides, padding): they are static arguments of the custom gradients."""
+    return tuple(int(s) for s in strides), tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _lax_conv(x, kernel, strides, padding):
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_DN)
+
+
+def _thin(patch_elems: int, *activation_elems: int) -> bool:
+    """Whether a patch (im2col) or overlap-add (col2im) tensor of `patch_elems` elements is
+    no larger than the layer's largest activation: then a matmul over it is cheap, and beats
+    XLA:CPU's convolution for one-channel layers by 3-4x (it loses 1.5-2x on wide ones)."""
+    return patch_elems <= max(activation_elems)
+
+
+def _patches(x, kshape, strides, padding, out_hw):
+    """im2col: [B, Ho, Wo, kh * kw * C], taps in (i, j, c) order (the kernel's flattening)."""
+    kh, kw = kshape[:2]
+    (sh, sw), (ho, wo) = strides, out_hw
+    x = lax.pad(
+        x,
+        jnp.zeros((), x.dtype),
+        ((0, 0, 0),) + tuple((lo, hi, 0) for lo, hi in padding) + ((0, 0, 0),),
+    )  # may be negative
+    views = [
+        x[:, i : i + sh * (ho - 1) + 1 : sh, j : j + sw * (wo - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.concatenate(views, axis=-1)
+
+
+def _kernel_grad(x, dy, kshape, strides, padding):
+    """d(sum(dy * conv(x, K))) / dK, [kh, kw, C, O]."""
+    b, ho, wo, o = dy.shape
+    size = b * ho * wo * kshape[0] * kshape[1] * kshape[2]
+    if _thin(size, x.size, dy.size):
+        p = _patches(x, kshape, strides, padding, (ho, wo)).reshape(-1, size // (b * ho * wo))
+        return (p.T @ dy.reshape(-1, o)).reshape(kshape)
+    zeros = jnp.zeros(kshape, x.dtype)
+    return jax.vjp(lambda k: _lax_conv(x, k, strides, padding), zeros)[1](dy)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_cpu(x, kernel, strides, padding):
+    return _lax_conv(x, kernel, strides, padding)
+
+
+def _conv_cpu_fwd(x, kernel, strides, padding):
+    return _lax_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_cpu_bwd(strides, padding, res, dy):
+    x, kernel = res
+    dx = jax.vjp(lambda z: _lax_conv(z, kernel, strides, padding), x)[1](dy)[0]
+    return dx, _kernel_grad(x, dy, kernel.shape, strides, padding)
+
+
+_conv_cpu.defvjp(_conv_cpu_fwd, _conv_cpu_bwd)
+
+
+def _as_conv(kernel, padding):
+    """(W, padding) of the convolution whose input gradient is conv_transpose(., kernel):
+    W = the kernel flipped in space with its channel axes swapped, [kh, kw, O, C]; padding
+    k - 1 - p. (Its output always has the transposed convolution's input size.)"""
+    w = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+    pad = tuple((k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip(kernel.shape[:2], padding))
+    return w, pad
+
+
+def _transposed_size(x, kernel, strides, padding) -> int:
+    """Elements of conv_transpose's output."""
+    dims = [
+        s * (n - 1) + 1 + lo + hi - k + 1
+        for n, k, s, (lo, hi) in zip(x.shape[1:3], kernel.shape[:2], strides, padding)
+    ]
+    return x.shape[0] * math.prod(dims) * kernel.shape[-1]
+
+
+def _col2im_transpose(x, kernel, strides, padding):
+    """conv_transpose as one matmul then overlap-add: P[i, u] = x[i] @ K[u] lands on output
+    o = s * i + low - u. Output phase a (o = s * m + a) sums the taps u = low - a (mod s),
+    each a shifted slice P[m + (u + a - low) / s, u]; the phases are interleaved at the end."""
+    b, h, w, c = x.shape
+    kh, kw, _, o = kernel.shape
+    p = x.reshape(-1, c) @ kernel.transpose(2, 0, 1, 3).reshape(c, kh * kw * o)
+    p = p.reshape(b, h, w, kh, kw, o)
+
+    def taps(k, s, n, lo, hi):  # per phase: [(u, d)], phase length, padding of P
+        length = s * (n - 1) + 1 + lo + hi - k + 1
+        m = -(-length // s)
+        ph = [[(u, (u + a - lo) // s) for u in range(k) if (u + a - lo) % s == 0] for a in range(s)]
+        ds = [d for t in ph for _, d in t] or [0]
+        return ph, m, length, (max(0, -min(ds)), max(0, m - 1 + max(ds) - (n - 1)))
+
+    (sh, sw), ((lh, hh), (lw, hw)) = strides, padding
+    ph_h, mh, len_h, pad_h = taps(kh, sh, h, lh, hh)
+    ph_w, mw, len_w, pad_w = taps(kw, sw, w, lw, hw)
+    p = jnp.pad(p, ((0, 0), pad_h, pad_w, (0, 0), (0, 0), (0, 0)))
+    rows = []
+    for a in range(sh):
+        cols = []
+        for a2 in range(sw):
+            acc = jnp.zeros((b, mh, mw, o), p.dtype)
+            for u, du in ph_h[a]:
+                for v, dv in ph_w[a2]:
+                    i0, j0 = pad_h[0] + du, pad_w[0] + dv
+                    acc = acc + p[:, i0 : i0 + mh, j0 : j0 + mw, u, v, :]
+            cols.append(acc)
+        rows.append(jnp.stack(cols, axis=3))  # [B, mh, mw, sw, O]
+    y = jnp.stack(rows, axis=2)  # [B, mh, sh, mw, sw, O]
+    return y.reshape(b, mh * sh, mw * sw, o)[:, :len_h, :len_w, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_transpose_cpu(x, kernel, strides, padding):
+    kh, kw, _, o = kernel.shape
+    if _thin(
+        x.size // x.shape[-1] * kh * kw * o, x.size, _transposed_size(x, kernel, strides, padding)
+    ):
+        return _col2im_transpose(x, kernel, strides, padding)
+    return lax.conv_transpose(x, kernel, strides, padding, dimension_numbers=_DN)
+
+
+def _conv_transpose_cpu_fwd(x, kernel, strides, padding):
+    return _conv_transpose_cpu(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_transpose_cpu_bwd(strides, padding, res, dy):
+    x, kernel = res
+    w, pad = _as_conv(kernel, padding)
+    # y = A^T x with A = conv(., W): dx = A dy, and dW is the kernel gradient of conv(dy, W)
+    # against the cotangent x.
+    dx = _lax_conv(dy, w, strides, pad)
+    dw = _kernel_grad(dy, x, w.shape, strides, pad)
+    return dx, jnp.flip(dw.swapaxes(2, 3), (0, 1))
+
+
+_conv_transpose_cpu.defvjp(_conv_transpose_cpu_fwd, _conv_transpose_cpu_bwd)

@@ -264,6 +264,7 @@ def chain_generation(
     reference: Any = None,
     measure: Callable = evaluate,
     fit: bool = True,
+    noise: Any = None,
 ) -> tuple[Any, Carry, Any]:
     """Generation `g` of one chain: build its training set, fit, measure.
 
@@ -275,6 +276,8 @@ def chain_generation(
       measure: `measure(learner, key, params, reference)` -> pytree kept per generation.
       fit: False stops after building the data and the fit's starting params (for learners
         whose fit runs batched over chains outside this function).
+      noise: `learner.sample_noise(prev_keys["sample"], counts[0])`, drawn ahead by the caller
+        (`_block`), passed to `learner.sample`; None: the learner draws it itself.
     Returns:
       (data, carry, measured): data is what generation g fits; with `fit=False`,
       ((data, pool, real, anchor), start params, fit key) instead (anchor: None at g = 0).
@@ -296,6 +299,7 @@ def chain_generation(
             counts,
             real=carry.real,
             anchor=carry.anchor,
+            **({} if noise is None else {"noise": noise}),
         )
         data = training_set(learner, policy, prev_keys, pool, counts[0])
         previous, real, anchor = carry.params, carry.real, carry.anchor
@@ -350,26 +354,62 @@ def _block(
     if knobs is not None:
         learner = learner.bind(knobs)
 
-    def per_chain(chain_ks, carry):
+    def cnt_of(c):
+        if counts is not None:
+            return counts
+        return c[0] if first else (c[0], c[1], c[2])
+
+    def per_chain(chain_ks, carry, noise):
         def step(carry, xs):
-            g, c = xs
-            if counts is not None:
-                cnt = counts
-            else:
-                cnt = c[0] if first else (c[0], c[1], c[2])
+            g, c, noise = xs
             _, carry, out = chain_generation(
-                learner, policy, chain_ks, g, None if first else carry, cnt, reference, measure
+                learner,
+                policy,
+                chain_ks,
+                g,
+                None if first else carry,
+                cnt_of(c),
+                reference,
+                measure,
+                noise=noise,
             )
             return carry, out
 
         if scan:
-            return jax.lax.scan(step, carry, (gens, counts_arr))
+            return jax.lax.scan(step, carry, (gens, counts_arr, noise))
         # One generation whose carry changes shape (generation 0, or a growing data set).
-        carry, out = step(carry, (gens[0], counts_arr[0]))
+        carry, out = step(carry, (gens[0], counts_arr[0], jax.tree.map(lambda x: x[0], noise)))
         return carry, jax.tree.map(lambda x: x[None], out)
 
     ks = _vmapped_keys(key, chains)
-    return jax.vmap(per_chain, in_axes=(0, 0), out_axes=(0, 1))(ks, carry)
+    # [len(gens), R, ...]: generations outside, chains inside (this layout vectorised best)
+    noise = None if first else _block_noise(learner, policy, ks[2], gens, counts_arr, cnt_of)
+    return jax.vmap(per_chain, in_axes=(0, 0, 1), out_axes=(0, 1))(ks, carry, noise)
+
+
+def _block_noise(learner, policy, k_gens, gens, counts_arr, cnt_of) -> Any:
+    """The synthetic draws' randomness `[len(gens), R, ...]` of every generation of a block and
+    chain (`k_gens [R]`), drawn ahead of the scan by `learner.sample_noise` (a learner whose
+    `sample` splits into state-independent noise and a cheap transform of it), or None.
+
+    Why: inside the scanned loop XLA recomputed each generation's key hashes in every fusion
+    that consumed them (single-threaded, once per carry and output), whereas drawn for the whole
+    block at once the draws vectorise over generations and chains and are computed once. Only
+    without selection: selection draws extra candidates from the same key.
+    """
+    sample_noise = getattr(learner, "sample_noise", None)
+    if sample_noise is None or not (policy.selection is None or policy.selection.rho >= 1.0):
+        return None
+
+    k_gens = prng.materialize(k_gens)  # else XLA re-hashed the chain keys for every generation
+
+    def one(k, g, c):
+        # generation g's synthetic data are generation g - 1's sample (`chain_generation`)
+        return sample_noise(generation_keys(k, g - 1)["sample"], cnt_of(c)[0])
+
+    return jax.vmap(jax.vmap(one, in_axes=(0, None, None)), in_axes=(None, 0, 0))(
+        k_gens, gens, counts_arr
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("learner", "policy", "counts", "first"))

@@ -14,7 +14,8 @@ The contract (issue 9): a learner owns its model, never the schedule. It is buil
 `Learner(config, mesh=None)` and never sees the `GenerationConfig`: the loop alone owns the
 mixing policies, the sample sizes and the keys, and tells the learner how many points to draw
 (`real_data(key, num)`, `draw_real(key, num)`, `sample(key, params, num)`). A learner may offer a
-batched fit over chains (`fit_chains`), which the loop then uses instead of vmapping `fit`.
+batched fit over chains (`fit_chains`), which the loop then uses instead of vmapping `fit`, and
+state-independent sampling noise (`sample_noise`), which the loop draws ahead for a block.
 
 `Data` is any pytree the learner understands; the mixing policies only use `sample`, `subset`,
 `draw_real` and `concat`, so a learner may represent data as raw points or as sufficient statistics.
@@ -156,6 +157,11 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     # -> params [R, ...], called from Python (outside jit) once per generation; it may run host
     # loops (GMM compacts converged chains). None: the loop vmaps `fit`.
     fit_chains: Any = None
+    # Optional split of `sample` for jittable learners: `sample_noise(key, num)` -> the pytree of
+    # random draws that `sample(key, params, num)` makes, independent of the params (or None
+    # where it does not apply); `sample(..., noise=that)` must then give what it draws itself.
+    # The scanned loop draws a whole block's noise ahead of the scan (vectorised, computed once).
+    sample_noise: Any = None
 
     @abc.abstractmethod
     def evaluate(self, key: jax.Array, params: Params, reference: Any) -> Metrics:

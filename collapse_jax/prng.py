@@ -15,6 +15,8 @@ PRNG implementations fall back to `jax.random`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import Array
@@ -40,6 +42,31 @@ def threefry2x32(k1: Array, k2: Array, x1: Array, x2: Array) -> tuple[Array, Arr
         x1 = x1 + ks[(i + 1) % 3]
         x2 = x2 + ks[(i + 2) % 3] + _U(i + 1)
     return x1, x2
+
+
+def materialize(x: Any) -> Any:
+    """`x` (a pytree of uint32 arrays or keys), computed into buffers once.
+
+    XLA fuses cheap element-wise producers, hashes included, into EVERY consumer fusion and
+    recomputes them there (per output array, and per element of a broadcast); the outputs of a
+    while loop are buffers instead. The loop runs once and returns its input, but XLA can prove
+    neither: its condition and body read a word of `x` (`w | 1 != 0` always holds).
+    """
+    leaves, tree = jax.tree.flatten(x)
+    is_key = [jnp.issubdtype(v.dtype, jax.dtypes.prng_key) for v in leaves]
+    data = [jax.random.key_data(v) if k else v for v, k in zip(leaves, is_key)]
+
+    def body(c):
+        _, vals = c
+        keep = (jnp.ravel(vals[0])[0] | _U(1)) != _U(0)  # always true
+        return keep, [jnp.where(keep, v, ~v) for v in vals]
+
+    _, out = jax.lax.while_loop(lambda c: ~c[0], body, (jnp.zeros((), bool), data))
+    out = [
+        jax.random.wrap_key_data(o, impl=str(jax.random.key_impl(v))) if k else o
+        for o, v, k in zip(out, leaves, is_key)
+    ]
+    return jax.tree.unflatten(tree, out)
 
 
 def is_threefry(key: Array) -> bool:
@@ -157,6 +184,7 @@ __all__ = [
     "fold_in",
     "fold_in_split",
     "is_threefry",
+    "materialize",
     "random_words",
     "split",
     "threefry2x32",

@@ -44,9 +44,7 @@ class VAE(nnx.Module):
         self, latent_dim: int = 20, channels: tuple[int, int] = (64, 128), *, rngs: nnx.Rngs
     ):
         c1, c2 = channels
-        pad = ((1, 1), (1, 1))  # PyTorch Conv2d(padding=1)
-        # PyTorch ConvTranspose2d(k=4, s=2, padding=1) == lax.conv_transpose padding k - 1 - 1.
-        tpad = ((2, 2), (2, 2))
+        pad, tpad = _PAD, _TPAD
         self.channels = channels
         self.conv1 = nnx.Conv(1, c1, (4, 4), strides=(2, 2), padding=pad, rngs=rngs)
         self.conv2 = nnx.Conv(c1, c2, (4, 4), strides=(2, 2), padding=pad, rngs=rngs)
@@ -70,44 +68,25 @@ class VAE(nnx.Module):
         return _conv_up(self.deconv2, h)[..., 0]  # [B, 28, 28]
 
 
-# The layers' parameters are those of nnx.Conv / nnx.ConvTranspose (kernel [4, 4, in, out]), but
-# they are applied through stride-1 convolutions: XLA's CPU backend runs strided and
-# input-dilated (transposed) convolutions, and their gradients, on a slow generic path. Both
-# rewrites are exact (tests/test_vae.py compares them with the Flax layers).
-_DN = ("NHWC", "HWIO", "NHWC")
+# The layers' parameters are those of nnx.Conv / nnx.ConvTranspose (kernel [4, 4, in, out]), applied
+# through collapse_jax/convs.py: the same convolutions, with gradients that stay on XLA:CPU's fast
+# paths (JAX's own gradient of the transposed convolution's kernel ran on a slow generic path and
+# took most of the training step). tests/test_vae.py compares them with the Flax layers.
+_PAD = ((1, 1), (1, 1))  # PyTorch Conv2d(padding=1)
+_TPAD = ((2, 2), (2, 2))  # PyTorch ConvTranspose2d(k=4, s=2, padding=1) == padding k - 1 - 1
 
 
 def _conv_down(layer: nnx.Conv, x: jax.Array) -> jax.Array:
-    """Conv(k=4, stride 2, pad 1) as space-to-depth then a 2x2 stride-1 convolution."""
-    b, h, w, c = x.shape
-    k = layer.kernel[...]  # [4, 4, C, O]
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    h2, w2 = (h + 2) // 2, (w + 2) // 2
-    s = xp.reshape(b, h2, 2, w2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h2, w2, 4 * c)
-    # kernel tap (2p + a, 2q + b) acts on phase (a, b) of the 2x2 block at offset (p, q).
-    kk = k.reshape(2, 2, 2, 2, c, -1).transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * c, -1)
-    y = convs.conv2d_valid(s, kk)  # matmuls on CPU (collapse_jax/convs.py)
-    return y + layer.bias[...][None, None, None, :]  # [B, H/2, W/2, O]
-
-
-# _UP[s, a, u] = 1 when tap u of the transposed kernel reaches output phase a from input offset
-# s - 1: y[2i] = x[i-1] K[0] + x[i] K[2],  y[2i+1] = x[i] K[1] + x[i+1] K[3].
-_UP = np.zeros((3, 2, 4), np.float32)
-_UP[0, 0, 0] = _UP[1, 0, 2] = _UP[1, 1, 1] = _UP[2, 1, 3] = 1.0
+    """Conv(k=4, stride 2, pad 1): [B, H, W, C] -> [B, H/2, W/2, O]."""
+    return convs.conv(x, layer.kernel[...], (2, 2), _PAD) + layer.bias[...][None, None, None, :]
 
 
 def _conv_up(layer: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
-    """ConvTranspose(k=4, stride 2, PyTorch padding 1) as a 3x3 stride-1 convolution giving the
-    four output phases, then depth-to-space."""
-    b, h, w, c = x.shape
-    k = layer.kernel[...]  # [4, 4, C, O]
-    o = k.shape[-1]
-    sel = jnp.asarray(_UP)
-    wk = jnp.einsum("sau,tbv,uvco->stcabo", sel, sel, k).reshape(3, 3, c, 4 * o)
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    y = convs.conv2d_valid(xp, wk)
-    y = y.reshape(b, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, o)
-    return y + layer.bias[...][None, None, None, :]  # [B, 2H, 2W, O]
+    """ConvTranspose(k=4, stride 2, PyTorch padding 1): [B, H, W, C] -> [B, 2H, 2W, O]."""
+    return (
+        convs.conv_transpose(x, layer.kernel[...], (2, 2), _TPAD)
+        + layer.bias[...][None, None, None, :]
+    )
 
 
 def to_unit(images: jax.Array) -> jax.Array:

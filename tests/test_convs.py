@@ -1,4 +1,7 @@
-"""The CPU matmul convolution equals XLA's convolution, values and gradients."""
+"""The CPU convolutions (custom gradients, patch matmuls for thin layers) equal XLA's
+convolutions with JAX's own gradients: values and both gradients."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,35 +10,55 @@ import pytest
 
 from collapse_jax import convs
 
+# (x shape, kernel shape, strides, padding). Thin layers (one channel, more taps' worth of
+# channels on the other side) take the patch-matmul paths, as the VAE's first and last layers:
+# case 0 the conv's kernel gradient, case 1 the transposed conv and its kernel gradient; case 2
+# is wide (lax everywhere, the VAE's middle layers); case 3 has uneven strides and a padding
+# that turns negative in the transposed conv's gradient.
+CASES = [
+    ((2, 8, 8, 1), (4, 4, 1, 20), (2, 2), ((1, 1), (1, 1))),
+    ((2, 7, 5, 20), (4, 4, 20, 1), (2, 2), ((2, 2), (2, 2))),
+    ((2, 6, 7, 8), (4, 4, 8, 5), (2, 2), ((1, 1), (1, 1))),
+    ((2, 6, 5, 3), (3, 2, 3, 4), (3, 2), ((1, 2), (0, 3))),
+]
 
-@pytest.mark.parametrize(
-    "shape,kshape", [((2, 9, 8, 3), (3, 3, 3, 5)), ((3, 15, 15, 4), (2, 2, 4, 7))]
-)
-def test_matmul_conv_matches_lax(shape, kshape):
-    kx, kk = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, shape)
-    k = jax.random.normal(kk, kshape)
-    ref = convs.conv2d_valid(x, k, method="lax")
-    got = convs.conv2d_valid(x, k, method="matmul")
-    assert (
-        got.shape
-        == ref.shape
-        == (shape[0], shape[1] - kshape[0] + 1, shape[2] - kshape[1] + 1, kshape[3])
+
+@pytest.mark.parametrize("shape,kshape,strides,padding", CASES)
+def test_cpu_convs_match_lax(shape, kshape, strides, padding):
+    rng = np.random.default_rng(0)  # NumPy draws: no compiles
+    x, k = rng.normal(size=shape).astype(np.float32), rng.normal(size=kshape).astype(np.float32)
+    y_conv, y_t = jax.eval_shape(
+        lambda: (
+            convs.conv(x, k, strides, padding, "lax"),
+            convs.conv_transpose(x, k, strides, padding, "lax"),
+        )
     )
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    c_conv = rng.normal(size=y_conv.shape).astype(np.float32)
+    c_t = rng.normal(size=y_t.shape).astype(np.float32)
 
-    def loss(method):
-        return lambda x, k: jnp.sum(jnp.sin(convs.conv2d_valid(x, k, method=method)))
+    @functools.partial(jax.jit, static_argnums=2)
+    def values_and_grads(x, k, method):
+        """Both ops' values and gradients against random cotangents (so every output counts)."""
 
-    g_ref = jax.grad(loss("lax"), argnums=(0, 1))(x, k)
-    g_got = jax.jit(jax.grad(loss("matmul"), argnums=(0, 1)))(x, k)
-    for a, b in zip(g_got, g_ref):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+        def loss(x, k):
+            y1 = convs.conv(x, k, strides, padding, method)
+            y2 = convs.conv_transpose(x, k, strides, padding, method)
+            return jnp.sum(c_conv * jnp.sin(y1)) + jnp.sum(c_t * jnp.sin(y2)), (y1, y2)
+
+        return jax.grad(loss, argnums=(0, 1), has_aux=True)(x, k)
+
+    (gx, gk), ys = values_and_grads(x, k, "cpu")
+    (rx, rk), refs = values_and_grads(x, k, "lax")
+    for a, b in zip(ys, refs):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx, rx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gk, rk, rtol=1e-4, atol=1e-4)
 
 
 def test_impl_choice(monkeypatch):
     monkeypatch.setattr(convs, "IMPL", "auto")
-    assert convs.impl() == ("matmul" if jax.default_backend() == "cpu" else "lax")
+    assert convs.impl() == ("cpu" if jax.default_backend() == "cpu" else "lax")
     monkeypatch.setattr(convs, "IMPL", "lax")
     assert convs.impl() == "lax"
     monkeypatch.setattr(convs, "IMPL", "fast")

@@ -20,9 +20,7 @@ def _cfg(**gen):
 
 
 def _run(cfg, path, learner_cls=ToyGaussianLearner, **kw):
-    return generation.run_generations(
-        cfg, path, learner=learner_cls(cfg.model), **kw
-    )
+    return generation.run_generations(cfg, path, learner=learner_cls(cfg.model), **kw)
 
 
 def test_resume_after_kill_is_identical(tmp_path):
@@ -60,9 +58,9 @@ def test_vmapped_scan_equals_python_loop_over_chains(tmp_path):
     policy = generation.Policy.of(cfg.generation)
     counts = cfg.generation.shares(12)
     step = jax.jit(
-        lambda ks, g, carry, cnt: generation.chain_generation(
-            learner, policy, ks, g, carry, cnt
-        )[1:],
+        lambda ks, g, carry, cnt: generation.chain_generation(learner, policy, ks, g, carry, cnt)[
+            1:
+        ],
         static_argnums=(3,),
     )
     for r in range(5):

@@ -43,3 +43,12 @@ def test_random_words_independent_streams_and_fallback():
         a, b = prng.word_pairs(k, 6)
         assert np.array_equal(np.stack([a, b], 1).reshape(-1), prng.random_words(k, 12))
     assert np.array_equal(_data(prng.fold_in(phil, 3)), _data(jax.random.fold_in(phil, 3)))
+
+
+def test_materialize_returns_its_input():
+    """`materialize` is the identity (keys and uint32 words, jitted), whatever the words."""
+    keys = jax.random.split(jax.random.key(5), 4)
+    words = jnp.asarray([0, 1, 2**32 - 1, 7], jnp.uint32)
+    k2, w2 = jax.jit(prng.materialize)((keys, words))
+    np.testing.assert_array_equal(jax.random.key_data(k2), jax.random.key_data(keys))
+    np.testing.assert_array_equal(w2, words)

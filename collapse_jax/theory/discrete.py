@@ -49,7 +49,10 @@ class DiscreteConfig:
       probs: the explicit distribution (K >= 2 non-negative values summing to 1).
       method: "exact" (multinomial counts by conditional binomials, cost independent of M) or
         "sample" (the M categorical draws).
-      rng_impl: PRNG of the draws: "philox4x32", "threefry2x32", or "default" (the key's own).
+      rng_impl: PRNG of the sample method's draws (and of the exact method's subsets):
+        "philox4x32", "threefry2x32", or "default" (the key's own). The exact method's
+        multinomial hashes the loop's own key (`collapse_jax.prng`, fused threefry) whatever
+        this is.
       truncation: top-k truncation of the sampler (None: off): synthetic data are drawn from
         the fit restricted to its k most probable states, renormalised (the tail cut-off of
         language-model decoding; Dohmatob et al. 2024, "A tale of tails"). Real data never are.
@@ -149,9 +152,10 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
         return jnp.asarray(self._p0, _F)
 
     def _draw(self, key: Array, probs: Array, num: Any) -> Array:
-        key = _with_impl(key, self.config.rng_impl)
         if self.config.method == "sample":
-            return sample_labels(key, probs, num)
+            return sample_labels(_with_impl(key, self.config.rng_impl), probs, num)
+        # The exact method draws words from the loop's own (threefry) key, hashed in fused code
+        # (`collapse_jax.prng`): wrapped for another impl, `jax.random` made it ~20x slower.
         return samplers.multinomial(key, num, probs)
 
     def draw_real(self, key: Array, num: int | Array) -> Array:
@@ -280,7 +284,7 @@ def simulate(
       chains: R; generations: G; sample_size: M, an int or a sequence of G ints.
       method: "exact" (multinomial counts directly) or "sample" (M categorical draws).
       policy, alpha, beta, gamma: mixing policy as in `gaussian.simulate`.
-      chunk_size: chains per batch; rng_impl: PRNG of the draws.
+      chunk_size: chains per batch; rng_impl: PRNG of the draws (`DiscreteConfig.rng_impl`).
     Returns:
       DiscreteSimulation with `.probs [G + 1, R, K]`.
     """

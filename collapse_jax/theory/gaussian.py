@@ -264,7 +264,16 @@ def sample_points(key: Array, params: GaussianParams, num: int) -> Array:
     return params.mean[None, :] + z @ _chol(params.cov).T
 
 
-def sample_stats(key: Array, params: GaussianParams, num: int | Array) -> GaussianStats:
+def stats_noise(key: Array, num: int | Array) -> tuple[Array, Array]:
+    """The randomness of `sample_stats` for d = 1: a standard normal z and a chi-square(num - 1)
+    draw (chi-square(1) where num < 2, unused there), independent of the fitted params."""
+    df = jnp.maximum(jnp.asarray(num, jnp.int32).astype(_F) - 1.0, 0.0)
+    return samplers.normal_and_chi_square(key, jnp.where(df > 0, df, 1.0))
+
+
+def sample_stats(
+    key: Array, params: GaussianParams, num: int | Array, noise: Any = None
+) -> GaussianStats:
     """Sufficient statistics of `num` points from N(mean, cov), drawn without the points.
 
     mean ~ N(mu, Sigma / num); scatter = L A A^T L^T with A the Bartlett factor of
@@ -272,6 +281,8 @@ def sample_stats(key: Array, params: GaussianParams, num: int | Array) -> Gaussi
 
     Args:
       key: PRNG key; params: mean [d], cov [d, d]; num: int or traced int32 scalar (>= 0).
+      noise: d = 1 only: `stats_noise(key, num)` drawn ahead (the generational loop draws a
+        block of generations' noise at once); None draws it here.
     """
     d = params.mean.shape[-1]
     num = jnp.asarray(num, jnp.int32)
@@ -279,7 +290,7 @@ def sample_stats(key: Array, params: GaussianParams, num: int | Array) -> Gaussi
     chol = _chol(params.cov)
     if d == 1:  # both draws from one call for random words (no key splits: the hot path)
         df = jnp.maximum(nf - 1.0, 0.0)
-        z, chi = samplers.normal_and_chi_square(key, jnp.where(df > 0, df, 1.0))
+        z, chi = stats_noise(key, num) if noise is None else noise
         sd = chol[0, 0]
         mean = params.mean + sd * z / jnp.sqrt(jnp.maximum(nf, 1.0))
         mean = jnp.where(num > 0, mean, jnp.zeros_like(mean))
@@ -436,13 +447,21 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
         """The original distribution (float32)."""
         return GaussianParams(jnp.asarray(self._mean0, _F), jnp.asarray(self._cov0, _F))
 
-    def _draw(self, key: Array, params: GaussianParams, num: Any) -> Any:
+    def _draw(self, key: Array, params: GaussianParams, num: Any, noise: Any = None) -> Any:
         if self.config.method == "sample":
             return sample_points(_with_impl(key, self.config.rng_impl), params, num)
         # The exact method draws a few words per chain from the loop's own (threefry) key,
         # hashed in fused code (`prng.random_words`); re-wrapping it for another impl would
         # only make `jax.random` hash it more slowly.
-        return sample_stats(key, params, num)
+        return sample_stats(key, params, num, noise)
+
+    def sample_noise(self, key: Array, num: int | Array) -> Any:
+        """What `sample(key, params, num)` draws, independent of the params (the exact method
+        for d = 1: `stats_noise`), for the loop to draw ahead for a block of generations; None
+        for the other configurations."""
+        if self.config.method != "exact" or self.config.dim != 1:
+            return None
+        return stats_noise(key, num)
 
     def draw_real(self, key: Array, num: int | Array) -> Any:
         return self._draw(key, self.truth, num)
@@ -459,13 +478,17 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
     def knobs(self) -> dict[str, float]:
         return {"sampling_bias": self.config.sampling_bias}
 
-    def sample(self, key: Array, params: GaussianParams, num: int | Array, **kwargs: Any) -> Any:
+    def sample(
+        self, key: Array, params: GaussianParams, num: int | Array, noise: Any = None, **kwargs: Any
+    ) -> Any:
         """`num` synthetic points from N(mean, sampling_bias * cov) (lambda: a traced scalar in
-        a sweep batch, `knob`; times lambda = 1 leaves the covariance's bits unchanged)."""
+        a sweep batch, `knob`; times lambda = 1 leaves the covariance's bits unchanged);
+        `noise`: `sample_noise(key, num)` drawn ahead by the loop (the same numbers as drawing
+        it here)."""
         lam = self.knob("sampling_bias")
         if isinstance(lam, jax.Array) or lam != 1.0:
             params = GaussianParams(params.mean, params.cov * lam)
-        return self._draw(key, params, num)
+        return self._draw(key, params, num, noise)
 
     def evaluate(self, key: Array, params: GaussianParams, reference: Any) -> dict[str, Array]:
         """W2 distance to the original, trace and log-determinant of the covariance, |mu-mu0|^2,

@@ -45,10 +45,14 @@ def _masked_rejection(
     still rejected continue in a masked while loop whose round r draws from `key_of_round(r)`
     (evaluated only inside the loop).
     """
-    vs, oks = jax.vmap(propose)(pre)  # [rounds, *shape]
-    first = jnp.argmax(oks, axis=0)
-    value = jnp.take_along_axis(vs, first[None], axis=0)[0]
-    done = jnp.any(oks, axis=0)
+    # Rounds unrolled, the first accepted value kept by a chain of selects (a vmap over rounds
+    # with argmax + take_along_axis gathered, ~2x slower on CPU).
+    value = jnp.zeros(shape, _F)
+    done = jnp.zeros(shape, bool)
+    for r in reversed(range(pre.shape[0])):
+        v, ok = propose(pre[r])
+        value = jnp.where(ok, v, value)
+        done = done | ok
     if done0 is not None:
         done = done | done0
 
@@ -57,7 +61,9 @@ def _masked_rejection(
 
     def body(c):
         i, value, done = c
-        v, ok = propose(_uniform_open(key_of_round(i), (2, *shape)))
+        size = math.prod(shape)
+        u = _unit_open(prng.random_words(key_of_round(i), 2 * size)).reshape(2, *shape)
+        v, ok = propose(u)
         take = ok & ~done
         return i + 1, jnp.where(take, v, value), done | ok
 
@@ -158,12 +164,66 @@ def chi_square(key: Array, df: Array) -> Array:
     return 2.0 * standard_gamma(key, 0.5 * jnp.asarray(df, _F))
 
 
+# Marsaglia-Tsang candidates drawn up front by `normal_and_chi_square`: each is rejected with
+# probability 4.8 % at shape 1 and ~5e-5 at shape 500, so with two the fallback loop almost never
+# runs (a 10^4-chain generation at M = 1000: once in ~40,000 generations).
+_MT_CANDIDATES = 2
+_SIGN = np.uint32(0x80000000)
+# Key word of the fallback rounds' hashes (any constant: the other word is the lane's seed).
+_FALLBACK_KEY = np.uint32(0x5EED5EED)
+
+
 def normal_and_chi_square(key: Array, df: Array) -> tuple[Array, Array]:
-    """One standard normal and one chi-square(df) draw (scalars, df > 0), independent, all from
-    `key`'s words (the 1-D exact Gaussian generation: no key derivation at all)."""
-    alpha = 0.5 * jnp.asarray(df, _F)
-    g, (w_boost, w_z) = _gamma_loop(prng.word_source(key), alpha, extra=2)
-    return normal_of_bits(w_z), 2.0 * _boosted(g, alpha, w_boost)
+    """One standard normal and one chi-square(df) draw (scalars), independent, all from `key`'s
+    words (the 1-D exact Gaussian generation: no key derivation at all). `df` must be an integer
+    >= 1 (real values >= 2 are fine too); df = 1 is the square of a normal.
+
+    Built to run vectorised over many lanes (`jax.vmap`) at a few hashes per lane:
+    - 6 words from 3 hashes: the normal, a spare (the fallback's seed) and two Marsaglia-Tsang
+      candidates for Gamma(df / 2); the first accepted one is kept;
+    - a lane that rejects both (rare, see `_MT_CANDIDATES`) continues in a masked while loop
+      whose rounds hash (seed, round) with a fixed key, the seed being the lane's spare word:
+      31 random bits, stored in the sign-flagged bits of its not-yet-accepted value. The loop
+      thus reads only the value array; a loop that read the key instead forced XLA to
+      materialise every lane's key (twice, once per word), which doubled the cost of the whole
+      draw even though the loop almost never runs.
+    Each lane's draws are exact in distribution (to float32 rounding of the uniforms); two
+    rejected lanes with equal 31-bit seeds (probability ~ r^2 / 2^32 for r rejected lanes)
+    would share their fallback rounds.
+    """
+    df = jnp.asarray(df, _F)
+    shape = df.shape
+    w = _lane_words(prng.word_source(key), 2 + 2 * max(_MT_CANDIDATES, 1), shape)
+    alpha = 0.5 * df
+    d = alpha - 1.0 / 3.0
+    c = 1.0 / jnp.sqrt(9.0 * d)
+    x1 = normal_of_bits(w[2])
+    # Not accepted yet: the seed's bits with the sign bit set (accepted values are >= +0).
+    pending = jax.lax.bitcast_convert_type((w[1] >> 1) | _SIGN, _F)
+    g = pending
+    for k in reversed(range(_MT_CANDIDATES)):  # the first accepted candidate wins
+        x = x1 if k == 0 else normal_of_bits(w[2 + 2 * k])
+        v, ok = _mt_propose(d, c, x, _unit_open(w[3 + 2 * k]))
+        g = jnp.where(ok, v, g)
+    g = jnp.where(alpha < 1.0, 0.5 * x1 * x1, g)  # df = 1: chi2(1) = x^2 (= 2 Gamma(1/2))
+    # The normal and the gamma travel as ONE complex64 array (z + i g): XLA fuses the hashes into
+    # each array computed from them, so two real outputs evaluated every hash twice.
+    zg = jax.lax.complex(normal_of_bits(w[0]), g)
+
+    def is_pending(g):
+        return jax.lax.bitcast_convert_type(g, jnp.uint32) >= _SIGN
+
+    def body(carry):
+        r, zg = carry
+        g = jnp.imag(zg)
+        seed = jax.lax.bitcast_convert_type(g, jnp.uint32) & ~_SIGN
+        x, u = prng.threefry2x32(seed, _FALLBACK_KEY, r.astype(jnp.uint32), jnp.uint32(0))
+        v, ok = _mt_propose(d, c, normal_of_bits(x), _unit_open(u))
+        return r + 1, jax.lax.complex(jnp.real(zg), jnp.where(is_pending(g) & ok, v, g))
+
+    cond = lambda carry: jnp.any(is_pending(jnp.imag(carry[1])))  # noqa: E731
+    _, zg = jax.lax.while_loop(cond, body, (jnp.int32(0), zg))
+    return jnp.real(zg), 2.0 * jnp.imag(zg)
 
 
 # Stirling-series remainders fc(k) = log k! - [(k + 1/2) log(k + 1) - (k + 1) + log(2 pi)/2],
@@ -188,9 +248,9 @@ _FC_TABLE = np.array(
 def _fc(k: Array) -> Array:
     small = k <= 9
     kc = jnp.clip(k, 0.0, 9.0)
-    k1 = k + 1.0
-    k1sq = k1 * k1
-    approx = (1.0 / 12.0 - (1.0 / 360.0 - 1.0 / 1260.0 / k1sq) / k1sq) / k1
+    r1 = 1.0 / (k + 1.0)  # one division (three, written as the series, cost ~20 % of BTRS)
+    r2 = r1 * r1
+    approx = r1 * (1.0 / 12.0 - r2 * (1.0 / 360.0 - r2 * (1.0 / 1260.0)))
     return jnp.where(small, jnp.asarray(_FC_TABLE)[kc.astype(jnp.int32)], approx)
 
 
@@ -198,6 +258,8 @@ def _fc(k: Array) -> Array:
 # rarely runs even for 10^4 lanes; 2 rounds were 30 % slower than 4 (2-core CPU).
 _BTRS_ROUNDS = 4
 _BINOMIAL_UNIFORMS = 1 + 2 * _BTRS_ROUNDS
+# `multinomial`'s up-front BTRS rounds per state (its fallback loop is cheap: fused hashes).
+_MULTINOMIAL_UNIFORMS = 1 + 2 * 2
 
 # Below this mean the binomial is drawn by inversion over a fixed number of terms; above it BTRS.
 _INVERSION_MEAN = 10.0
@@ -247,16 +309,13 @@ def _binomial(key_of_round, n: Array, p: Array, u: Array) -> Array:
     f = jnp.exp(ni * jnp.log1p(-qi))
     cdf = f
 
-    def term(k, c):
-        x, f, cdf = c
-        x = x + (u_inv > cdf).astype(jnp.int32)
-        kf = jnp.asarray(k, _F)
-        f = f * (jnp.maximum(ni - kf, 0.0) / (kf + 1.0)) * r
-        return x, f, cdf + f
-
-    x_inv, _, _ = jax.lax.fori_loop(
-        0, _INVERSION_TERMS, term, (jnp.zeros(shape, jnp.int32), f, cdf)
-    )
+    # Unrolled (one fused pass; as a loop: 48 tiny iterations per state and generation), with
+    # k static, so 1 / (k + 1) is a constant factor instead of a division per term.
+    x_inv = jnp.zeros(shape, jnp.int32)
+    for k in range(_INVERSION_TERMS):
+        x_inv = x_inv + (u_inv > cdf).astype(jnp.int32)
+        f = f * (jnp.maximum(ni - k, 0.0) * r) * _F(1.0 / (k + 1))
+        cdf = cdf + f
     x_inv = jnp.minimum(x_inv, n)
 
     # --- BTRS (Hoermann 1993, Algorithm BTRS), on lanes with a safe dummy where inversion is used.
@@ -295,7 +354,7 @@ def _binomial(key_of_round, n: Array, p: Array, u: Array) -> Array:
         ok = inside & (accept1 | (lv <= ub))
         return ks, ok
 
-    pre = jnp.reshape(u[1:], (_BTRS_ROUNDS, 2, *shape))
+    pre = jnp.reshape(u[1:], ((u.shape[0] - 1) // 2, 2, *shape))
     x_btrs = _masked_rejection(key_of_round, shape, propose, pre, done0=use_inv)
     x_btrs = x_btrs.astype(jnp.int32)
     x = jnp.where(use_inv, x_inv, x_btrs)
@@ -309,7 +368,8 @@ def multinomial(key: Array, n: Array, probs: Array) -> Array:
     p_i / sum_{j>=i} p_j). The remaining masses are suffix sums (accurate for tiny tail
     probabilities, unlike 1 - cumsum). Sequential over K but, vmapped over chains, every step is a
     full-width vector operation: K binomials per chain and one compiled binomial. States of zero
-    probability always get zero counts (absorption is exact).
+    probability always get zero counts (absorption is exact). The uniforms are fused-hash words
+    of `key` (`prng.random_words`: 5 per state, the inversion's and two BTRS rounds').
 
     Args:
       key: a PRNG key.
@@ -324,13 +384,16 @@ def multinomial(key: Array, n: Array, probs: Array) -> Array:
     cond = jnp.where(rem > 0, probs / jnp.where(rem > 0, rem, 1.0), 0.0)
     cond = cond.at[-1].set(jnp.where(probs[-1] > 0, 1.0, 0.0))
 
-    k_u, k_fb = jax.random.split(key)
-    # every state's uniforms in one draw (per-step key derivations dominate otherwise)
-    us = _uniform_open(k_u, (num_states, _BINOMIAL_UNIFORMS))
+    # Every state's uniforms in one draw of fused-hash words (threefry keys: `prng`), and the
+    # rare fallback rounds' keys by fused fold_in: `jax.random.uniform` / `fold_in` here, vmapped
+    # inside the generational scan, cost ~20x NumPy's whole multinomial.
+    k_u, k_fb = prng.split(key, 2)
+    words = prng.random_words(k_u, num_states * _MULTINOMIAL_UNIFORMS)
+    us = _unit_open(words).reshape(num_states, _MULTINOMIAL_UNIFORMS)
 
     def body(left, x):
         i, p, u = x
-        draw = _binomial(lambda r: jax.random.fold_in(k_fb, i * 4096 + r), left, p, u)
+        draw = _binomial(lambda r: prng.fold_in(k_fb, i * 4096 + r), left, p, u)
         return left - draw, draw
 
     xs = (jnp.arange(num_states, dtype=jnp.int32), jnp.minimum(cond, 1.0), us)
