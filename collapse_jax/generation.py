@@ -343,12 +343,16 @@ def _block(
     counts,
     scan,
     first,
+    knobs=None,
 ):
     """Generations `gens` of a chunk of chains (vmap over chains, scan over generations).
 
     Returns (carry, measured [len(gens), R, ...]). `counts` is static (a tuple, or M_0 for the
     first generation) or None: then row i of `counts_arr` holds generation gens[i]'s counts.
+    `knobs`: traced values of the learner's `knob_fields` (a sweep batch's point), or None.
     """
+    if knobs is not None:
+        learner = learner.bind(knobs)
 
     def cnt_of(c):
         if counts is not None:
@@ -408,54 +412,6 @@ def _block_noise(learner, policy, k_gens, gens, counts_arr, cnt_of) -> Any:
     )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("learner", "policy", "measure", "counts", "scan", "first")
-)
-def _block_points(
-    learner,
-    policy,
-    measure,
-    keys,
-    chains,
-    gens,
-    carry,
-    reference,
-    counts_arr,
-    *,
-    counts,
-    scan,
-    first,
-):
-    """`_block` for the P points of a sweep batch (`run_batch`) in ONE compiled call: runs that
-    differ only in their base key and (learners with traced sizes) their counts; leading axis P
-    on `keys`, `carry`, `reference`, `counts_arr` and the outputs.
-
-    The points are looped over inside the program (`lax.map`), each on the chain-vectorised
-    `_block` of a run of its own, so every point's numbers are bit-identical to a separate run's.
-    (A `vmap` over the points computed the same draws but changed float32 rounding in the last
-    bit: XLA emits the extra batch axis' products differently; the chains are vectorised anyway.)
-    """
-
-    def one(xs):
-        key, carry, reference, counts_arr = xs
-        return _block(
-            learner,
-            policy,
-            measure,
-            key,
-            chains,
-            gens,
-            carry,
-            reference,
-            counts_arr,
-            counts=counts,
-            scan=scan,
-            first=first,
-        )
-
-    return jax.lax.map(one, (keys, carry, reference, counts_arr))
-
-
 @functools.partial(jax.jit, static_argnames=("learner", "policy", "counts", "first"))
 def _prepare(learner, policy, key, chains, g, carry, counts_arr, *, counts, first):
     """Data, fit starts and fit keys of generation g for a chunk (learners with `fit_chains`)."""
@@ -493,6 +449,7 @@ def one_generation(
     counts: Any,
     reference: Any = None,
     measure: Callable = evaluate,
+    knobs: Any = None,
 ) -> tuple[Carry, Any]:
     """The loop core: generation `g` of a batch of chains (a jittable learner).
 
@@ -506,6 +463,8 @@ def one_generation(
       counts: M_0 for g = 0, else (synthetic, previous, real): ints, or int32 scalars when the
         learner's `static_sample_size` is False.
       reference: held-out real data (`learner.reference`); measure: what is kept per chain.
+      knobs: traced values of the learner's `knob_fields` ({name: scalar}), or None for its
+        config's constants.
     Returns:
       (carry, measured): measured has leaves [R, ...].
     """
@@ -527,6 +486,7 @@ def one_generation(
             counts=cnt,
             scan=False,
             first=first,
+            knobs=knobs,
         )
         return carry, jax.tree.map(lambda x: x[0], out)
     sets, init, fit_keys = _prepare(
@@ -620,19 +580,33 @@ def _advance(
     scan: bool,
     pad_to: int | None = None,
     points: bool = False,
+    knobs: Any = None,
 ):
     """Generations [a, b) of a chunk of chains; returns (carry, measured [b - a, R, ...]).
 
     `pad_to` (only where the caller discards the carry afterwards) pads a traced-count scan to a
     fixed length by repeating the last generation, so every block shares one compilation.
-    `points`: a sweep batch (`_block_points`): `key`, `carry` and `reference` have a leading
-    point axis P, `counts_of(g)` is a list over the points, and measured is [P, b - a, R, ...].
+    `knobs`: traced values of the learner's `knob_fields` ({name: scalar}) or None.
+    `points`: a sweep batch (`_advance_points`): `key`, `carry`, `reference` and `knobs` have a
+    leading point axis P, `counts_of(g)` is a list over the points, and measured is
+    [P, b - a, R, ...].
     """
     static = learner.static_sample_size
     first = a == 0
     if points:
         return _advance_points(
-            learner, policy, measure, key, chains, a, b, carry, reference, counts_of, scan=scan
+            learner,
+            policy,
+            measure,
+            key,
+            chains,
+            a,
+            b,
+            carry,
+            reference,
+            counts_of,
+            knobs,
+            scan=scan,
         )
     if learner.fit_chains is not None or not scan:
         outs = []
@@ -647,6 +621,7 @@ def _advance(
                 counts_of(g),
                 reference,
                 measure,
+                knobs,
             )
             outs.append(out)
         return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
@@ -672,47 +647,41 @@ def _advance(
         counts=cnt,
         scan=not first,
         first=first,
+        knobs=knobs,
     )
     return carry, jax.tree.map(lambda x: x[:n], out)
 
 
 def _advance_points(
-    learner, policy, measure, keys, chains, a, b, carry, reference, counts_of, *, scan
+    learner, policy, measure, keys, chains, a, b, carry, reference, counts_of, knobs, *, scan
 ):
-    """`_advance` for a sweep batch of P points (see there): `_block_points` calls."""
-    static = learner.static_sample_size
-
-    def rows(g: int) -> np.ndarray:  # [P, k] counts of generation g per point
-        return np.stack([np.atleast_1d(np.asarray(c, np.int32)) for c in counts_of(g)])
-
-    def cnt(g: int) -> Any:  # static counts (equal across a batch's points)
-        c = counts_of(g)[0]
-        return (int(c) if g == 0 else tuple(int(x) for x in c)) if static else None
-
-    def block(gens: list[int], carry, *, scan: bool):
-        g0 = gens[0]
-        return _block_points(
+    """`_advance` for a sweep batch of P points (see there): each point runs `_advance` itself,
+    with its own key, carry, reference, counts and knobs, all traced. The points therefore share
+    ONE compiled program per block (the static arguments are equal) and each gets exactly a
+    separate run's numbers: a separate run executes the very same program. (Points inside one
+    program, by `vmap` or `lax.map`, changed float32 results in the last bit: XLA fuses the
+    extra loop's body differently, e.g. for the "mix" policy.)"""
+    outs, carries = [], []
+    for p in range(keys.shape[0]):
+        at = lambda x, p=p: x[p]  # noqa: E731
+        c, out = _advance(
             learner,
             policy,
             measure,
-            keys,
+            keys[p],
             chains,
-            jnp.asarray(gens, jnp.int32),
-            None if g0 == 0 else carry,
-            reference,
-            jnp.asarray(np.stack([rows(g) for g in gens], axis=1)),  # [P, len(gens), k]
-            counts=cnt(g0),
+            a,
+            b,
+            None if carry is None else jax.tree.map(at, carry),
+            jax.tree.map(at, reference),
+            lambda g, p=p: counts_of(g)[p],
             scan=scan,
-            first=g0 == 0,
+            knobs=jax.tree.map(at, knobs),
         )
-
-    if not scan:  # one generation per call (generation 0, or a carry that changes shape)
-        outs = []
-        for g in range(a, b):
-            carry, out = block([g], carry, scan=False)
-            outs.append(out)
-        return carry, jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *outs)
-    return block(list(range(a, b)), carry, scan=True)
+        carries.append(c)
+        outs.append(out)
+    stack = lambda *xs: jnp.stack(xs)  # noqa: E731
+    return jax.tree.map(stack, *carries), jax.tree.map(stack, *outs)
 
 
 def simulate_chains(
@@ -957,17 +926,26 @@ def run_generations(
 def batch_key(cfg: config_lib.ExperimentConfig, learner: AbstractLearner) -> Any:
     """What must be equal for two runs to share one vmapped batch (`run_batch`), or None when the
     learner cannot be batched (not jittable, a batched `fit_chains`, or a device mesh). Runs
-    may differ in the seed and, for learners with traced sample sizes, the sample sizes."""
+    may differ in the seed, the learner's `knob_fields` (e.g. `model.sampling_bias`: traced
+    scalars) and, for learners with traced sample sizes, the sample sizes and the mix shares
+    alpha / beta / gamma (they only set the parts' traced sizes; which parts exist, i.e. which
+    shares are > 0, is part of the compiled program and of the key)."""
     if not learner.jittable or learner.fit_chains is not None or cfg.mesh is not None:
         return None
-    free = {"samples_per_generation", "sample_schedule", "sample_growth"}
+    free = {"samples_per_generation", "sample_schedule", "sample_growth", "alpha", "beta", "gamma"}
     if learner.static_sample_size:
         free = set()
     gcfg = cfg.generation
     fields = tuple(
         (f.name, getattr(gcfg, f.name)) for f in dataclasses.fields(gcfg) if f.name not in free
     )
-    return (cfg.model, fields)
+    parts = (gcfg.alpha > 0, gcfg.beta > 0, gcfg.gamma > 0)
+    model = tuple(
+        (f.name, getattr(cfg.model, f.name))
+        for f in dataclasses.fields(cfg.model)
+        if f.name not in learner.knob_fields
+    )
+    return (type(cfg.model), model, fields, parts)
 
 
 def run_batch(
@@ -976,9 +954,10 @@ def run_batch(
     *,
     learner: AbstractLearner | None = None,
 ) -> list[Result]:
-    """Runs (or resumes) several experiments of equal `batch_key` as ONE vmapped computation
-    (a sweep's grid points that differ only in seed or traced sample sizes), each committed to
-    its own run directory with the numbers a run of its own gives. Falls back to one run after
+    """Runs (or resumes) several experiments of equal `batch_key` on ONE compiled program per
+    block of generations (a sweep's grid points that differ only in seed, knobs such as lambda,
+    or traced sample sizes and mix shares), each committed to its own run directory with the
+    numbers a run of its own gives (`_advance_points`). Falls back to one run after
     the other when they cannot be batched or stand at different generations (a resumed sweep).
     """
     run_dirs = [pathlib.Path(d) for d in run_dirs]
@@ -1080,8 +1059,8 @@ def _run_jittable(cfg, learner, run_dir, start, committed, stop_after) -> None:
 
 def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) -> None:
     """Runs P = len(cfgs) experiments from generation `start`: one as `run_generations` does, or
-    a sweep batch (`run_batch`: configs equal but for the seed and, with traced sizes, the sample
-    sizes) through `_block_points`, one compiled call for all points. Each point is committed to
+    a sweep batch (`run_batch`: configs of equal `batch_key`) through `_advance_points`, one
+    compiled program for all points. Each point is committed to
     its own run directory exactly as a run of its own would be."""
     gcfg = cfgs[0].generation
     policy = Policy.of(gcfg)
@@ -1121,6 +1100,25 @@ def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) 
     ax = 1 if batched else 0
     key = jnp.stack(keys) if batched else keys[0]
     reference = jax.tree.map(lambda *xs: jnp.stack(xs), *references) if batched else references[0]
+    # The learner's knobs (e.g. lambda) as traced float32 scalars ({name: [P]} for a batch), so
+    # that a separate run and a batch's point execute the same program (`_advance_points`).
+    if batched:
+        values = [type(learner)(c.model, c.mesh).knobs() for c in cfgs]
+        knobs = {k: jnp.asarray([v[k] for v in values], jnp.float32) for k in values[0]}
+    else:
+        knobs = {k: jnp.float32(v) for k, v in learner.knobs().items()}
+    knobs = knobs or None
+    # The jitted core's static arguments keep only what shapes the program: the learner without
+    # its (traced) knobs and, with traced sizes, which mix shares are > 0 (the shares' values
+    # only set traced part sizes), so runs that differ in lambda or alpha share compiled code.
+    learner = learner.canonical()
+    if not learner.static_sample_size:
+        policy = dataclasses.replace(
+            policy,
+            alpha=float(policy.alpha > 0),
+            beta=float(policy.beta > 0),
+            gamma=float(policy.gamma > 0),
+        )
 
     def chains_of(x, sl: slice) -> np.ndarray:  # rows `sl` of the chain axis, padded to chunk
         x = np.asarray(x)
@@ -1184,6 +1182,7 @@ def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) 
                 counts_of,
                 scan=scan,
                 points=batched,
+                knobs=knobs,
             )
             n = sl.stop - sl.start
             cut = (slice(None),) * ax + (slice(0, n),)

@@ -264,12 +264,18 @@ class KDELearner(AbstractLearner[KDEParams, Array]):
             out["total_variance"] = jnp.trace(cov)
         return out
 
+    knob_fields: ClassVar[frozenset[str]] = frozenset({"sampling_bias"})
+
+    def knobs(self) -> dict[str, float]:
+        """The kernel noise's scale sqrt(lambda) (traced in a sweep batch)."""
+        return {"sampling_scale": math.sqrt(self.config.sampling_bias)}
+
     def sample(self, key: Array, params: KDEParams, num: int | Array, **kw: Any) -> Array:
         k_i, k_z = jax.random.split(key)
         n, d = params.centers.shape
         idx = jax.random.randint(k_i, (num,), 0, n)
         z = jax.random.normal(k_z, (num, d), _F)
-        scale = math.sqrt(self.config.sampling_bias)
+        scale = self.knob("sampling_scale")
         return params.centers[idx] + scale * z @ params.chol.T
 
     def log_prob(self, data: Array, params: KDEParams) -> Array:

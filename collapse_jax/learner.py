@@ -24,6 +24,8 @@ state-independent sampling noise (`sample_noise`), which the loop draws ahead fo
 from __future__ import annotations
 
 import abc
+import copy
+import dataclasses
 import pathlib
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -62,6 +64,39 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         """
         self.config = config
         self.mesh_config = mesh
+
+    # --- scalars that may differ between the points of one sweep batch ---------------------
+    # Config fields (e.g. "sampling_bias") that reach the computation only through `knobs()`:
+    # points of a sweep that differ in them share one compiled program, each point's knobs
+    # passed as traced float32 scalars (`generation.run_batch`, `bind`).
+    knob_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def knobs(self) -> dict[str, float]:
+        """{name: value} of the float32 factors that `knob_fields` become, computed on the host
+        exactly as the learner's own constants (so a bound, traced value gives the same bits)."""
+        return {}
+
+    def bind(self, knobs: dict[str, Any]) -> AbstractLearner:
+        """A copy of this learner (used inside one trace only) whose `knob(name)` reads the
+        traced scalars `knobs` instead of its config's constants."""
+        new = copy.copy(self)
+        new._bound = dict(knobs)
+        return new
+
+    def canonical(self) -> AbstractLearner:
+        """This learner with its `knob_fields` at their defaults: the jitted core's static
+        argument when the knobs are passed traced, so runs that differ only in knobs share
+        compiled code (their numbers come from the traced knobs alone)."""
+        if not self.knob_fields:
+            return self
+        fields = dataclasses.fields(self.config)
+        defaults = {f.name: f.default for f in fields if f.name in self.knob_fields}
+        return type(self)(dataclasses.replace(self.config, **defaults), self.mesh_config)
+
+    def knob(self, name: str) -> Any:
+        """A knob's value: the traced scalar when bound (`bind`), else the Python constant."""
+        bound = getattr(self, "_bound", None)
+        return self.knobs()[name] if bound is None else bound[name]
 
     def _key(self) -> tuple:
         return (type(self), self.config, self.mesh_config)

@@ -222,13 +222,19 @@ class LinearRegressionLearner(AbstractLearner[LinRegParams, LinRegData]):
             "test_mse": jnp.mean(jnp.square(x @ params.w - y)),
         }
 
+    knob_fields: ClassVar[frozenset[str]] = frozenset({"sampling_bias"})
+
+    def knobs(self) -> dict[str, float]:
+        """The synthetic labels' noise sd, noise_std sqrt(lambda) (traced in a sweep batch)."""
+        return {"label_sd": float(self.config.noise_std * np.sqrt(self.config.sampling_bias))}
+
     def sample(self, key: Array, params: LinRegParams, num: int | Array, **kw: Any) -> LinRegData:
         """Relabels the design with the fit plus fresh noise: rows 0..num-1 (cycling: num = T
         relabels the design once)."""
         t, d = self._tdim
         rows = jnp.arange(num, dtype=jnp.int32) % t
         x = _design(params.design_key, t, d)[rows]
-        sd = self.config.noise_std * np.sqrt(self.config.sampling_bias)
+        sd = self.knob("label_sd")
         y = x @ params.w + sd * jax.random.normal(key, (num,), _F)
         return LinRegData(
             rows, y, jnp.zeros((num,), bool), params.w_star, params.design_key, jnp.bool_(True)

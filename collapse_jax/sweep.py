@@ -13,13 +13,15 @@ figures/<metric>_curves.png    one curve per value (chain mean, 5-95 % band over
 figures/<metric>_heatmap.png   last-generation chain mean over the first two varying axes
 ```
 
-All points run in one process through the one loop. Points whose configs differ only in the seed
-and, for learners with traced sizes (e.g. the exact Gaussian), the sample sizes form a batch
-(`batches`) that runs as ONE compiled call per block of generations (`generation.run_batch`:
-the points are looped over inside the program, each point's chains vectorised as in a run of its
-own, so each point's numbers are bit-identical to a separate run's). Other points run one after
-the other; the loop's jitted core takes only the learner (model config) and the mixing `Policy`
-as static arguments, so they too share compiled code per (model config, policy). A sweep
+All points run in one process through the one loop. Points whose configs differ only in the seed,
+the learner's knobs (`model.sampling_bias`, lambda) and, for learners with traced sizes (e.g. the
+exact Gaussian), the sample sizes and the mix shares alpha / beta / gamma (with the same shares
+> 0) form a batch (`batches`) that runs ONE compiled program per block of generations
+(`generation.run_batch`: every value that differs is a traced argument; each point executes the
+very program a separate run of it executes, so each point's numbers are bit-identical to a
+separate run's). Other points run one after the other; the loop's jitted core takes only the
+learner (model config) and the mixing `Policy` as static arguments, so they too share compiled
+code per (model config, policy). A sweep
 that is killed resumes at the first unfinished generation of the first unfinished point. Every
 point's config is validated before the first one runs, so a bad value fails at once with one line
 naming the key and the point.
@@ -218,9 +220,10 @@ def run_sweep(
 
 
 def batches(sweep: Sweep) -> list[list[int]]:
-    """The grid's points grouped into vmapped batches (`generation.run_batch`): points whose
-    configs differ only in seed and, for learners with traced sample sizes, sample sizes, in grid
-    order, at most `chunk_size` chains (all points' together) per batch."""
+    """The grid's points grouped into batches (`generation.run_batch`): points of equal
+    `generation.batch_key` (differing only in traced values: seed, knobs such as lambda and, for
+    learners with traced sample sizes, sample sizes and mix shares), in grid order, at most
+    `chunk_size` chains (all points' together) per batch."""
     from collapse_jax import generation
 
     groups: dict[Any, list[int]] = {}
@@ -390,6 +393,8 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
                 for (yy, xx), v in np.ndenumerate(grid):
                     if np.isfinite(v):
                         ax.text(xx, yy, f"{v:.3g}", ha="center", va="center", fontsize=6, color="w")
+                    elif np.isinf(v):  # e.g. logdet_cov of singular fits: uncoloured, labelled
+                        ax.text(xx, yy, f"{v}", ha="center", va="center", fontsize=6, color="k")
                 title = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(rest, pk))
                 ax.set_title(title or "", fontsize=8)
                 fig.colorbar(im, ax=ax, label=("log10 " if shown is not grid else "") + name)

@@ -25,7 +25,7 @@ def test_parse_axes_respects_brackets():
 def test_sweep_equals_separate_runs_and_resumes(tmp_path):
     axes = ["seed=0,5", "generation.samples_per_generation=10,40", *FIXED]
     out = tmp_path / "sw"
-    compiled = generation._block_points._cache_size()
+    compiled = generation._block._cache_size()
     # seeds and (traced) sample sizes differ only in traced values: one batch of all 4 points
     assert sweep.batches(sweep.Sweep(CONFIG, sweep.parse_axes(axes), out)) == [[0, 1, 2, 3]]
     assert cli.main(["sweep", str(CONFIG), *axes, "--out", str(out), "--no-progress"]) == 0
@@ -33,7 +33,7 @@ def test_sweep_equals_separate_runs_and_resumes(tmp_path):
     assert len(spec["points"]) == 4
     # the batch runs as one compiled call per block: generation 0's, the later generations'
     # (block_size 2) and the shorter last block's
-    assert generation._block_points._cache_size() - compiled <= 3
+    assert generation._block._cache_size() - compiled <= 3
     for p in spec["points"]:
         o = p["overrides"]
         sep = tmp_path / f"sep{p['index']}"
@@ -85,3 +85,32 @@ def test_bad_point_fails_before_anything_runs(tmp_path, capsys):
     sweep.Sweep(CONFIG, sweep.parse_axes(["seed=1,2", *FIXED]), out).prepare()
     with pytest.raises(ValueError, match="different grid"):
         sweep.Sweep(CONFIG, sweep.parse_axes(["seed=1,3", *FIXED]), out).prepare()
+
+
+def test_lambda_and_mix_shares_batch_with_separate_run_results(tmp_path):
+    """Points that differ in lambda (`model.sampling_bias`, a traced knob) and in the mix shares
+    alpha / gamma (traced part sizes of the exact method) form one batch, one compiled call per
+    block, and each point's metrics equal a separate run's byte for byte. Which parts exist is
+    static: a point without real data (gamma = 0) cannot join them."""
+    base = [*FIXED, "generation.policy=mix", "generation.samples_per_generation=20"]
+    points = [
+        ["seed=0", "model.sampling_bias=1.0", "generation.alpha=0.5", "generation.gamma=0.5"],
+        ["seed=3", "model.sampling_bias=0.6", "generation.alpha=0.8", "generation.gamma=0.2"],
+    ]
+    cfgs = [config_lib.load_config(CONFIG, [*base, *p]) for p in points]
+    learner = generation.make_learner(cfgs[0])
+    assert generation.batch_key(cfgs[0], learner) == generation.batch_key(cfgs[1], learner)
+    no_real = config_lib.load_config(
+        CONFIG, [*base, "generation.alpha=0.6", "generation.beta=0.4", "generation.gamma=0"]
+    )
+    assert generation.batch_key(no_real, learner) != generation.batch_key(cfgs[0], learner)
+    compiled = generation._block._cache_size()
+    dirs = [tmp_path / f"b{i}" for i in range(len(cfgs))]
+    generation.run_batch(cfgs, dirs)
+    assert generation._block._cache_size() - compiled <= 3
+    compiled = generation._block._cache_size()
+    for i, cfg in enumerate(cfgs):
+        sep = generation.run_generations(cfg, tmp_path / f"s{i}").run_dir
+        assert (dirs[i] / "metrics.json").read_bytes() == (sep / "metrics.json").read_bytes(), i
+    # separate runs differing in lambda and alpha reuse the batch's programs (traced knobs)
+    assert generation._block._cache_size() == compiled
