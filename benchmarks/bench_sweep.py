@@ -8,13 +8,16 @@ The exact method's sample sizes are traced, so the 5 values of M of each (d, pol
 batch (`sweep.batches`): 10 batches, each one compiled call per block of generations.
 
 Baseline: one OS process per (point, seed), as such studies run them: Python + NumPy start-up,
-then 100 generations of drawing the M points of the current fit and refitting (accumulate keeps
-running sums, not the raw points). We time one seed of every grid point as its own process and
-extrapolate x 100 seeds (the single-chain cost does not depend on the seed).
+then 100 generations of drawing the M points of the current fit, refitting (accumulate keeps
+running sums, not the raw points) and computing the metrics the sweep records per generation
+(W2 to the original, trace and log-determinant of the covariance). We time one seed of every
+grid point as its own process and extrapolate x 100 seeds (the single-chain cost does not depend
+on the seed).
 
 Output: benchmarks/results/sweep-<platform>.json (one object per measurement).
 Usage: python benchmarks/bench_sweep.py [--quick] [--seeds N]   (--quick: d, M in {1, 10, 100},
-10 gens); python benchmarks/bench_sweep.py --factor-ab appends (replaces) the record
+10 gens); --baseline-only re-times the NumPy processes alone and updates the stored record;
+python benchmarks/bench_sweep.py --factor-ab appends (replaces) the record
 "gaussian_factor_ab": one generation of 500 exact-method chains (draw, refit, log-det) with the
 rank-robust factor against LAPACK's Cholesky alone, d = 3 and 31, interleaved in one process.
 """
@@ -45,6 +48,7 @@ NUMPY_CHAIN = textwrap.dedent(
     rng = np.random.default_rng(seed)
     mu, cov = np.zeros(d), np.eye(d)
     n, s1, s2 = 0, np.zeros(d), np.zeros((d, d))
+    rows = []
     for g in range(gens):
         if g == 0:
             x = rng.standard_normal((m, d))
@@ -57,9 +61,31 @@ NUMPY_CHAIN = textwrap.dedent(
         else:
             mu, cov = x.mean(0), np.atleast_2d(np.cov(x, rowvar=False))
         cov = cov + 1e-12 * np.eye(d)  # M <= d: a singular refit (as the JAX run's -inf log-det)
-    print(float(np.trace(cov)))
+        # the per-generation metrics the sweep records: W2 to N(0, I), trace, log-det
+        ev = np.linalg.eigvalsh(cov)
+        tr = float(np.trace(cov))
+        w2sq = float(mu @ mu + tr + d - 2.0 * np.sqrt(np.maximum(ev, 0.0)).sum())
+        rows.append((np.sqrt(max(w2sq, 0.0)), tr, np.linalg.slogdet(cov)[1]))
+    print(rows[-1])
     """
 )
+
+
+def numpy_baseline(points: list[dict], gens: int) -> tuple[float, list[dict]]:
+    """Seconds for one seed of every grid point, each as its own process, and per point."""
+    per_point = []
+    t_all = time.perf_counter()
+    for p in points:
+        o = p["overrides"]
+        d, m, pol = o["model.dim"], o["generation.samples_per_generation"], o["generation.policy"]
+        t = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-c", NUMPY_CHAIN, str(d), str(m), str(gens), pol, "0"],
+            check=True,
+            capture_output=True,
+        )
+        per_point.append({"dim": d, "M": m, "policy": pol, "seconds": time.perf_counter() - t})
+    return time.perf_counter() - t_all, per_point
 
 
 def factor_ab(repeats: int = 9) -> dict:
@@ -116,6 +142,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--factor-ab", action="store_true", help="only the factor A/B (appended)")
     ap.add_argument("--seeds", type=int, default=None, help="chains per point (default 100)")
+    ap.add_argument(
+        "--baseline-only",
+        action="store_true",
+        help="re-time only the NumPy baseline and update the stored record's baseline and ratio",
+    )
     args = ap.parse_args()
     res = REPO / "benchmarks" / "results" / f"sweep-{jax.default_backend()}.json"
     if args.factor_ab:
@@ -145,6 +176,25 @@ def main() -> None:
     from collapse_jax import generation, rundir
 
     sw = sweep.Sweep(config, sweep.parse_axes(axes), out / "sweep")
+    if args.baseline_only:
+        recs = json.loads(res.read_text())
+        rec = next(r for r in recs if r.get("name") == "gaussian_sweep")
+        load = os.getloadavg()
+        sampled_s, per_point = numpy_baseline(sw.points, gens)
+        rec.update(
+            baseline_sampled_s=round(sampled_s, 2),
+            baseline_wall_s_extrapolated=round(sampled_s * seeds, 1),
+            ratio=round(sampled_s * seeds / rec["sweep_wall_s"], 2),
+            baseline_per_point=per_point,
+            baseline_load_average=[round(v, 2) for v in load],
+        )
+        res.write_text(json.dumps(recs, indent=1) + "\n")
+        print(
+            json.dumps(
+                {k: v for k, v in rec.items() if "baseline" in k and k != "baseline_per_point"}
+            )
+        )
+        return
     sw.prepare()
     batches = sweep.batches(sw)
     points = len(sw.points)
@@ -179,19 +229,7 @@ def main() -> None:
         generation.run_generations(c, tmp / f"p{j}")
     sequential_first_s = time.perf_counter() - t
 
-    per_point = []
-    t_all = time.perf_counter()
-    for p in sw.points:
-        o = p["overrides"]
-        d, m, pol = o["model.dim"], o["generation.samples_per_generation"], o["generation.policy"]
-        t = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-c", NUMPY_CHAIN, str(d), str(m), str(gens), pol, "0"],
-            check=True,
-            capture_output=True,
-        )
-        per_point.append({"dim": d, "M": m, "policy": pol, "seconds": time.perf_counter() - t})
-    sampled_s = time.perf_counter() - t_all
+    sampled_s, per_point = numpy_baseline(sw.points, gens)
     numpy_s = sampled_s * seeds
     rec = {
         "name": "gaussian_sweep",
