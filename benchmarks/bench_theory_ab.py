@@ -15,15 +15,14 @@ import json
 import os
 import pathlib
 import re
-import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 
 import jax
 import numpy as np
+from bench_theory import _interleaved  # this folder: run as a script
 
 from collapse_jax import bench
 from collapse_jax.theory import discrete, gaussian
@@ -89,24 +88,13 @@ def main() -> None:
         for name in args.only.split(","):
             case = cases[name]
             runs = {k: case[k] for k in ("old", "new", "numpy")}
-            first = {}
-            for k, f in runs.items():
-                t0 = time.perf_counter()
-                f()
-                first[k] = time.perf_counter() - t0
-            times = {k: [] for k in runs}
-            for _ in range(args.rounds):  # interleaved: all see the same load
-                for k, f in runs.items():
-                    t0 = time.perf_counter()
-                    f()
-                    times[k].append(time.perf_counter() - t0)
-            med = {k: statistics.median(v) for k, v in times.items()}
+            compile_s, med = _interleaved(runs, args.rounds)  # all see the same load
             row = dict(
                 name=name,
                 config=dict(chains=c, generations=g, M=case["M"]),
                 rev_old=args.rev,
                 median_ms={k: round(1e3 * v, 1) for k, v in med.items()},
-                first_call_s={k: round(v, 2) for k, v in first.items()},
+                compile_s={k: round(v, 2) for k, v in compile_s.items()},
                 speedup_new_vs_old=med["old"] / med["new"],
                 ratio_vs_numpy_new=med["numpy"] / med["new"],
                 ratio_vs_numpy_old=med["numpy"] / med["old"],
