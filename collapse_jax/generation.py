@@ -95,6 +95,25 @@ def generation_keys(k_gens: jax.Array, generation: jax.Array | int) -> dict[str,
     return dict(fit=ks[0], eval=ks[1], sample=ks[2], previous=ks[3], real=ks[4], init=ks[5])
 
 
+# The word stream (`prng.word_source`) of a chain's k_gens that carries generation g's synthetic
+# draw's noise is NOISE_STREAM + g (learners with `sample_noise`): one counter-mode hash per two
+# words, no per-generation key derivation. The counters (1 + NOISE_STREAM + g, j) never meet
+# `fold_in` / `split`'s (0, i), so the noise is independent of every key `generation_keys` makes.
+NOISE_STREAM = 2**30
+
+
+def synthetic_noise(learner: AbstractLearner, policy: Policy, k_gens, g, num) -> Any:
+    """The noise of generation g's synthetic draw of `num` points of one chain (`k_gens`: the
+    chain's generation key; `learner.sample_noise` from stream NOISE_STREAM + g), or None where
+    the learner draws it itself (no `sample_noise`, or selection, which draws extra candidates
+    from the sample key)."""
+    sample_noise = getattr(learner, "sample_noise", None)
+    if sample_noise is None or not (policy.selection is None or policy.selection.rho >= 1.0):
+        return None
+    stream = jnp.asarray(g, jnp.uint32) + jnp.uint32(NOISE_STREAM)
+    return sample_noise(k_gens, num, stream)
+
+
 def reference_key(seed_or_key: int | jax.Array) -> jax.Array:
     """The key of the held-out reference data shared by every chain."""
     return jax.random.fold_in(base_key(seed_or_key), REFERENCE_INDEX)
@@ -276,8 +295,9 @@ def chain_generation(
       measure: `measure(learner, key, params, reference)` -> pytree kept per generation.
       fit: False stops after building the data and the fit's starting params (for learners
         whose fit runs batched over chains outside this function).
-      noise: `learner.sample_noise(prev_keys["sample"], counts[0])`, drawn ahead by the caller
-        (`_block`), passed to `learner.sample`; None: the learner draws it itself.
+      noise: `synthetic_noise(learner, policy, k_gens, g - 1, counts[0])`, drawn ahead by the
+        caller (`_block`, for a block of generations at once); None: drawn here (the same
+        numbers), and passed to `learner.sample`.
     Returns:
       (data, carry, measured): data is what generation g fits; with `fit=False`,
       ((data, pool, real, anchor), start params, fit key) instead (anchor: None at g = 0).
@@ -290,6 +310,8 @@ def chain_generation(
         # Generation g's data is generation g - 1's sample: drawn with ITS keys, so a run that
         # persists the next data at the end of g - 1 (the non-jittable path) draws the same.
         prev_keys = generation_keys(k_gens, g - 1)
+        if noise is None:
+            noise = synthetic_noise(learner, policy, k_gens, g - 1, counts[0])
         pool = next_data(
             learner,
             policy,
@@ -397,15 +419,14 @@ def _block_noise(learner, policy, k_gens, gens, counts_arr, cnt_of) -> Any:
     block at once the draws vectorise over generations and chains and are computed once. Only
     without selection: selection draws extra candidates from the same key.
     """
-    sample_noise = getattr(learner, "sample_noise", None)
-    if sample_noise is None or not (policy.selection is None or policy.selection.rho >= 1.0):
-        return None
+    if synthetic_noise(learner, policy, k_gens[0], 0, cnt_of(counts_arr[0])[0]) is None:
+        return None  # (this call's values are unused: XLA drops them)
 
     k_gens = prng.materialize(k_gens)  # else XLA re-hashed the chain keys for every generation
 
     def one(k, g, c):
         # generation g's synthetic data are generation g - 1's sample (`chain_generation`)
-        return sample_noise(generation_keys(k, g - 1)["sample"], cnt_of(c)[0])
+        return synthetic_noise(learner, policy, k, g - 1, cnt_of(c)[0])
 
     return jax.vmap(jax.vmap(one, in_axes=(0, None, None)), in_axes=(None, 0, 0))(
         k_gens, gens, counts_arr
@@ -640,15 +661,17 @@ def _advance(
         measure,
         key,
         chains,
-        jnp.asarray(gens, jnp.int32),
+        np.asarray(gens, np.int32),  # NumPy: jit's C++ path transfers it (jnp.asarray: ~2x)
         None if first else carry,
         reference,
-        jnp.asarray(np.stack(rows)),
+        np.stack(rows),
         counts=cnt,
         scan=not first,
         first=first,
         knobs=knobs,
     )
+    if len(gens) == n:  # (a slice is a dispatched op per leaf, ~0.2 ms each on CPU)
+        return carry, out
     return carry, jax.tree.map(lambda x: x[:n], out)
 
 
@@ -693,6 +716,7 @@ def simulate_chains(
     sizes: Sequence[int],
     measure: Callable,
     chunk_size: int,
+    initial: Any = None,
 ) -> Any:
     """Runs `chains` chains for `len(sizes)` generations in memory (the `simulate` functions).
 
@@ -707,8 +731,11 @@ def simulate_chains(
       measure: `measure(learner, key, params, reference)` -> pytree kept per generation (a
         hashable, module-level function).
       chunk_size: chains per batch (bounds memory).
+      initial: None, or a pytree like one chain's measured values, stored as row 0 of every
+        chain ahead of the G generations (the `simulate` functions' initial distribution;
+        written in place, which saves concatenating [G, R, ...] arrays afterwards).
     Returns:
-      The measured pytree with NumPy leaves [G, R, ...].
+      The measured pytree with NumPy leaves [G, R, ...] ([G + 1, R, ...] with `initial`).
     """
     if chains < 1:
         raise ValueError(f"chains must be >= 1, got {chains}")
@@ -748,17 +775,22 @@ def simulate_chains(
                 scan=scan,
                 pad_to=SCAN_BLOCK if b == gens else None,
             )
-            parts.append(part)
-        r = min(size, chains - start)
-        chunk = jax.tree.map(
-            lambda *xs, r=r: np.concatenate([np.asarray(x) for x in xs])[:, :r], *parts
-        )
-        if out is None:
-            out = jax.tree.map(lambda x: np.empty((gens, chains, *x.shape[2:]), x.dtype), chunk)
-        jax.tree.map(
-            lambda o, x, s=start, r=r: o.__setitem__((slice(None), slice(s, s + r)), x), out, chunk
-        )
-    return out
+            parts.append((a, part))
+        # Each block's rows copied once, straight into place (fetched only now, so the device
+        # ran ahead of this Python loop); the last chunk's padding chains are dropped.
+        lead = 0 if initial is None else 1
+        cols = slice(start, min(start + size, chains))
+        for a, part in parts:
+            leaves, tree = jax.tree.flatten(part)
+            if out is None:
+                shapes = [(lead + gens, chains, *x.shape[2:]) for x in leaves]
+                out = [np.empty(sh, x.dtype) for sh, x in zip(shapes, leaves)]
+                for o, v in zip(out, jax.tree.leaves(initial)):
+                    o[0] = v
+            for o, x in zip(out, leaves):
+                x = np.asarray(x)
+                o[lead + a : lead + a + x.shape[0], cols] = x[:, : cols.stop - cols.start]
+    return jax.tree.unflatten(tree, out)
 
 
 def replay_data(

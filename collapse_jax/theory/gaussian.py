@@ -264,11 +264,12 @@ def sample_points(key: Array, params: GaussianParams, num: int) -> Array:
     return params.mean[None, :] + z @ _chol(params.cov).T
 
 
-def stats_noise(key: Array, num: int | Array) -> tuple[Array, Array]:
+def stats_noise(key: Array, num: int | Array, stream: Array | int = 0) -> tuple[Array, Array]:
     """The randomness of `sample_stats` for d = 1: a standard normal z and a chi-square(num - 1)
-    draw (chi-square(1) where num < 2, unused there), independent of the fitted params."""
+    draw (chi-square(1) where num < 2, unused there), independent of the fitted params, from
+    the words of `key`'s stream `stream` (`samplers.normal_and_chi_square`)."""
     df = jnp.maximum(jnp.asarray(num, jnp.int32).astype(_F) - 1.0, 0.0)
-    return samplers.normal_and_chi_square(key, jnp.where(df > 0, df, 1.0))
+    return samplers.normal_and_chi_square(key, jnp.where(df > 0, df, 1.0), stream)
 
 
 def sample_stats(
@@ -455,13 +456,14 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
         # only make `jax.random` hash it more slowly.
         return sample_stats(key, params, num, noise)
 
-    def sample_noise(self, key: Array, num: int | Array) -> Any:
-        """What `sample(key, params, num)` draws, independent of the params (the exact method
-        for d = 1: `stats_noise`), for the loop to draw ahead for a block of generations; None
-        for the other configurations."""
+    def sample_noise(self, key: Array, num: int | Array, stream: Array | int = 0) -> Any:
+        """The randomness of a synthetic draw, independent of the params (the exact method for
+        d = 1: `stats_noise` from `key`'s words of stream `stream`; stream 0 is what
+        `sample(key, params, num)` draws itself), for the loop to draw ahead for a block of
+        generations; None for the other configurations."""
         if self.config.method != "exact" or self.config.dim != 1:
             return None
-        return stats_noise(key, num)
+        return stats_noise(key, num, stream)
 
     def draw_real(self, key: Array, num: int | Array) -> Any:
         return self._draw(key, self.truth, num)
@@ -654,6 +656,7 @@ def simulate(
     except ConfigError as e:
         raise ValueError(str(e)) from None
     learner = GaussianLearner(cfg)
+    t = learner.truth
     m, c = generation.simulate_chains(
         learner,
         generation.Policy(policy, alpha, beta, gamma),
@@ -662,10 +665,8 @@ def simulate(
         sizes=sizes,
         measure=_record,
         chunk_size=chunk_size,
+        initial=(np.asarray(t.mean), np.asarray(t.cov)),  # index 0: the original distribution
     )
-    t = learner.truth
-    m = np.concatenate([np.broadcast_to(np.asarray(t.mean), (1, *m.shape[1:])), m])
-    c = np.concatenate([np.broadcast_to(np.asarray(t.cov), (1, *c.shape[1:])), c])
     return GaussianSimulation(mean=m, cov=c, sample_sizes=np.asarray(sizes))
 
 

@@ -83,6 +83,37 @@ def normal_of_bits(bits: Array) -> Array:
     return _F(np.sqrt(2.0)) * jax.lax.erf_inv(2.0 * _unit_open(bits) - 1.0)
 
 
+_SIGN = np.uint32(0x80000000)
+# Minimax coefficients of sin and cos on [-pi/4, pi/4] (Cephes `sinf` / `cosf`; relative error
+# ~1e-7, float32's rounding).
+_SIN = (-1.6666654611e-1, 8.3321608736e-3, -1.9515295891e-4)
+_COS = (4.166664568298827e-2, -1.388731625493765e-3, 2.443315711809948e-5)
+
+
+def normal_pair_of_bits(a: Array, b: Array) -> tuple[Array, Array]:
+    """Two independent standard normals from two uint32 words, by Box-Muller: radius
+    sqrt(-2 log U) from all 32 bits of `a` (U's relative resolution 2^-24 near 0, so the radius
+    reaches 6.8), angle from `b`: 23 bits give phi uniform on (-pi/4, pi/4), whose sin and cos
+    are short polynomials (XLA's sin/cos reduce arbitrary arguments and cost 2x the inversion);
+    bit 0 swaps the pair and bits 1, 2 flip their signs, which maps phi to an angle uniform on
+    the whole circle. Bits 3-8 of `b` are unused (callers may take them as further random
+    bits). About half the cost per normal of `normal_of_bits` (one log per two normals)."""
+    u = (a.astype(_F) + 0.5) * _F(2.0**-32)  # in (0, 1]: log(u) <= 0
+    r = jnp.sqrt(-2.0 * jnp.log(u))
+    phi = (_unit_open(b) - 0.5) * _F(np.pi / 2)
+    p2 = phi * phi
+    s = phi + phi * p2 * (_SIN[0] + p2 * (_SIN[1] + p2 * _SIN[2]))
+    c = 1.0 - 0.5 * p2 + p2 * p2 * (_COS[0] + p2 * (_COS[1] + p2 * _COS[2]))
+    swap = (b & jnp.uint32(1)) != 0
+    x, y = jnp.where(swap, s, c) * r, jnp.where(swap, c, s) * r
+
+    def flip(v, bit):  # sign flip by bit `bit` of b (an xor: no multiply, no select)
+        sign = (b << jnp.uint32(31 - bit)) & _SIGN
+        return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(v, jnp.uint32) ^ sign, _F)
+
+    return flip(x, 1), flip(y, 2)
+
+
 def _mt_propose(d: Array, c: Array, x: Array, u: Array) -> tuple[Array, Array]:
     """One Marsaglia-Tsang proposal for Gamma(d + 1/3): (value, accepted) from a normal x and a
     uniform u."""
@@ -164,54 +195,59 @@ def chi_square(key: Array, df: Array) -> Array:
     return 2.0 * standard_gamma(key, 0.5 * jnp.asarray(df, _F))
 
 
-# Marsaglia-Tsang candidates drawn up front by `normal_and_chi_square`: each is rejected with
-# probability 4.8 % at shape 1 and ~5e-5 at shape 500, so with two the fallback loop almost never
-# runs (a 10^4-chain generation at M = 1000: once in ~40,000 generations).
-_MT_CANDIDATES = 2
-_SIGN = np.uint32(0x80000000)
+# Marsaglia-Tsang candidates drawn up front by `normal_and_chi_square` (0 or 1; 0 sends every
+# lane through the fallback, for tests). One is rejected with probability 4.8 % at shape 1 and
+# ~5e-5 at shape 500; the rare rejected lanes finish in `_mt_finish`.
+_MT_CANDIDATES = 1
 # Key word of the fallback rounds' hashes (any constant: the other word is the lane's seed).
 _FALLBACK_KEY = np.uint32(0x5EED5EED)
+# `_mt_finish` compacts rejected lanes by rows of _ROW lanes, up to _ROWS rows per pass; while
+# more than 4 * _ROWS rows hold rejected lanes it runs masked rounds over all lanes instead.
+_ROW = 64
+_ROWS = 32
 
 
-def normal_and_chi_square(key: Array, df: Array) -> tuple[Array, Array]:
-    """One standard normal and one chi-square(df) draw (scalars), independent, all from `key`'s
-    words (the 1-D exact Gaussian generation: no key derivation at all). `df` must be an integer
-    >= 1 (real values >= 2 are fine too); df = 1 is the square of a normal.
+def normal_and_chi_square(key: Array, df: Array, stream: Array | int = 0) -> tuple[Array, Array]:
+    """One standard normal and one chi-square(df) draw (scalars), independent, all from the
+    words of `key`'s stream `stream` (`prng.word_source`: no key derivation at all; the
+    generational loop passes a chain's key and a per-generation stream). `df` must be an
+    integer >= 1 (real values >= 2 are fine too); df = 1 is the square of a normal.
 
-    Built to run vectorised over many lanes (`jax.vmap`) at a few hashes per lane:
-    - 6 words from 3 hashes: the normal, a spare (the fallback's seed) and two Marsaglia-Tsang
-      candidates for Gamma(df / 2); the first accepted one is kept;
-    - a lane that rejects both (rare, see `_MT_CANDIDATES`) continues in a masked while loop
-      whose rounds hash (seed, round) with a fixed key, the seed being the lane's spare word:
-      31 random bits, stored in the sign-flagged bits of its not-yet-accepted value. The loop
-      thus reads only the value array; a loop that read the key instead forced XLA to
-      materialise every lane's key (twice, once per word), which doubled the cost of the whole
-      draw even though the loop almost never runs.
-    Each lane's draws are exact in distribution (to float32 rounding of the uniforms); two
-    rejected lanes with equal 31-bit seeds (probability ~ r^2 / 2^32 for r rejected lanes)
-    would share their fallback rounds.
+    Built to run vectorised over many lanes (`jax.vmap`) at two hashes per lane: 4 words give a
+    Box-Muller pair (`normal_pair_of_bits`: the normal z and the normal of a Marsaglia-Tsang
+    candidate for Gamma(df / 2); df = 1: that normal squared), the candidate's uniform, and 30
+    bits that seed the lane's further candidates, drawn only where it is rejected
+    (`_mt_finish`, which sees the whole vmapped batch and works on the rejected lanes alone).
+    Each lane's draws are exact in distribution (to float32 rounding of the uniforms) and do
+    not depend on the batch; two rejected lanes with equal 30-bit seeds (probability
+    ~ r^2 / 2^31 for r rejected lanes) would share their further candidates.
     """
     df = jnp.asarray(df, _F)
-    shape = df.shape
-    w = _lane_words(prng.word_source(key), 2 + 2 * max(_MT_CANDIDATES, 1), shape)
+    w = _lane_words(prng.word_source(key), 4, df.shape, stream)
     alpha = 0.5 * df
     d = alpha - 1.0 / 3.0
     c = 1.0 / jnp.sqrt(9.0 * d)
-    x1 = normal_of_bits(w[2])
-    # Not accepted yet: the seed's bits with the sign bit set (accepted values are >= +0).
-    pending = jax.lax.bitcast_convert_type((w[1] >> 1) | _SIGN, _F)
-    g = pending
-    for k in reversed(range(_MT_CANDIDATES)):  # the first accepted candidate wins
-        x = x1 if k == 0 else normal_of_bits(w[2 + 2 * k])
-        v, ok = _mt_propose(d, c, x, _unit_open(w[3 + 2 * k]))
+    z, x = normal_pair_of_bits(w[0], w[1])
+    # Not accepted yet: the seed's 30 bits with the sign bit set (accepted values are >= +0).
+    g = jax.lax.bitcast_convert_type((w[3] >> 2) | _SIGN, _F)
+    if _MT_CANDIDATES:
+        v, ok = _mt_propose(d, c, x, _unit_open(w[2]))
         g = jnp.where(ok, v, g)
-    g = jnp.where(alpha < 1.0, 0.5 * x1 * x1, g)  # df = 1: chi2(1) = x^2 (= 2 Gamma(1/2))
-    # The normal and the gamma travel as ONE complex64 array (z + i g): XLA fuses the hashes into
-    # each array computed from them, so two real outputs evaluated every hash twice.
-    zg = jax.lax.complex(normal_of_bits(w[0]), g)
+    g = jnp.where(alpha < 1.0, 0.5 * x * x, g)  # df = 1: chi2(1) = x^2 (= 2 Gamma(1/2))
+    # z and g travel as ONE complex64 array (z + i g): XLA fuses the hashes into each array
+    # computed from them, so two real outputs evaluated every hash (and the radius) twice.
+    zg = _mt_finish(jax.lax.complex(z, g), d, c)
+    return jnp.real(zg), 2.0 * jnp.imag(zg)
 
-    def is_pending(g):
-        return jax.lax.bitcast_convert_type(g, jnp.uint32) >= _SIGN
+
+def _is_pending(g: Array) -> Array:
+    return jax.lax.bitcast_convert_type(g, jnp.uint32) >= _SIGN
+
+
+def _mt_rounds(zg: Array, d: Array, c: Array, r0: Array, once: bool) -> Array:
+    """Marsaglia-Tsang rounds r0, r0 + 1, ... for the pending lanes of g = imag(zg) (a lane's
+    round r hashes (seed, r) with `_FALLBACK_KEY`), masked: one round (`once`) or until none is
+    left; real(zg) is carried along unchanged."""
 
     def body(carry):
         r, zg = carry
@@ -219,11 +255,68 @@ def normal_and_chi_square(key: Array, df: Array) -> tuple[Array, Array]:
         seed = jax.lax.bitcast_convert_type(g, jnp.uint32) & ~_SIGN
         x, u = prng.threefry2x32(seed, _FALLBACK_KEY, r.astype(jnp.uint32), jnp.uint32(0))
         v, ok = _mt_propose(d, c, normal_of_bits(x), _unit_open(u))
-        return r + 1, jax.lax.complex(jnp.real(zg), jnp.where(is_pending(g) & ok, v, g))
+        return r + 1, jax.lax.complex(jnp.real(zg), jnp.where(_is_pending(g) & ok, v, g))
 
-    cond = lambda carry: jnp.any(is_pending(jnp.imag(carry[1])))  # noqa: E731
-    _, zg = jax.lax.while_loop(cond, body, (jnp.int32(0), zg))
-    return jnp.real(zg), 2.0 * jnp.imag(zg)
+    if once:
+        return body((r0, zg))[1]
+    cond = lambda cr: jnp.any(_is_pending(jnp.imag(cr[1])))  # noqa: E731
+    return jax.lax.while_loop(cond, body, (r0, zg))[1]
+
+
+@jax.custom_batching.custom_vmap
+def _mt_finish(zg: Array, d: Array, c: Array) -> Array:
+    """`zg` with its pending lanes (imaginary parts that are sign-flagged seeds) accepted: each
+    imaginary part then a Gamma(d + 1/3) value (the real parts pass through).
+
+    A custom vmap rule hands this the whole vmapped batch (`_mt_finish_vmap`): a masked loop
+    over every lane would cost a full pass of hashes, normals and logs per round, although at
+    large shapes only ~5e-5 of the lanes are pending. Instead, the lanes are cut into rows of
+    `_ROW`; up to `_ROWS` rows holding pending lanes are gathered and run to acceptance, then
+    written back, until none is pending (while many rows are pending, masked rounds over all
+    lanes come first). A lane's rounds are numbered from 0 in every case (full rounds count
+    them; a compacted lane continues from there), so its value depends on its seed alone.
+    """
+    shape = zg.shape
+    n = math.prod(shape)
+    if n <= _ROW * _ROWS:  # small batches: the masked loop is already cheap
+        return _mt_rounds(zg, d, c, jnp.int32(0), once=False)
+    rows = -(-n // _ROW)
+
+    def tiles(x, fill):  # [rows, _ROW], padded with lanes that are never pending
+        x = jnp.broadcast_to(x, shape).reshape(-1)
+        return jnp.pad(x, (0, rows * _ROW - n), constant_values=fill).reshape(rows, _ROW)
+
+    gs, ds, cs = tiles(zg, 0.0), tiles(d, 1.0), tiles(c, 1.0)
+
+    def step(carry):
+        r, gs = carry
+        busy = jnp.any(_is_pending(jnp.imag(gs)), axis=1)  # [rows]
+
+        def compact(gs):
+            idx = jnp.nonzero(busy, size=_ROWS, fill_value=rows)[0]  # rows: out of range
+            take = lambda x, fill: jnp.take(x, idx, axis=0, mode="fill", fill_value=fill)  # noqa: E731
+            sub = _mt_rounds(take(gs, 0.0), take(ds, 1.0), take(cs, 1.0), r, once=False)
+            return r, gs.at[idx].set(sub, mode="drop")
+
+        def full(gs):
+            return r + 1, _mt_rounds(gs, ds, cs, r, once=True)
+
+        return jax.lax.cond(jnp.sum(busy) > 4 * _ROWS, full, compact, gs)
+
+    cond = lambda carry: jnp.any(_is_pending(jnp.imag(carry[1])))  # noqa: E731
+    _, gs = jax.lax.while_loop(cond, step, (jnp.int32(0), gs))
+    return gs.reshape(-1)[:n].reshape(shape)
+
+
+@_mt_finish.def_vmap
+def _mt_finish_vmap(axis_size: int, in_batched: list[bool], zg, d, c) -> tuple[Array, bool]:
+    # Every argument batched, then `_mt_finish` itself on the larger arrays: an outer vmap
+    # (generations around chains) reaches this rule again, so the function sees all lanes.
+    args = [
+        x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
+        for x, b in zip((zg, d, c), in_batched)
+    ]
+    return _mt_finish(*args), True
 
 
 # Stirling-series remainders fc(k) = log k! - [(k + 1/2) log(k + 1) - (k + 1) + log(2 pi)/2],
