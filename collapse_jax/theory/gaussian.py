@@ -264,12 +264,13 @@ def sample_points(key: Array, params: GaussianParams, num: int) -> Array:
     return params.mean[None, :] + z @ _chol(params.cov).T
 
 
-def stats_noise(key: Array, num: int | Array, stream: Array | int = 0) -> tuple[Array, Array]:
+def stats_noise(key: Array, num: int | Array, stream: Array | int = 0) -> Array:
     """The randomness of `sample_stats` for d = 1: a standard normal z and a chi-square(num - 1)
     draw (chi-square(1) where num < 2, unused there), independent of the fitted params, from
-    the words of `key`'s stream `stream` (`samplers.normal_and_chi_square`)."""
+    the words of `key`'s stream `stream` (`samplers.normal_and_chi_square`), as ONE complex64
+    z + i chi (the scanned loop slices it per generation and splits it in the step's fusion)."""
     df = jnp.maximum(jnp.asarray(num, jnp.int32).astype(_F) - 1.0, 0.0)
-    return samplers.normal_and_chi_square(key, jnp.where(df > 0, df, 1.0), stream)
+    return samplers.normal_and_chi_square(key, jnp.where(df > 0, df, 1.0), stream, packed=True)
 
 
 def sample_stats(
@@ -291,7 +292,8 @@ def sample_stats(
     chol = _chol(params.cov)
     if d == 1:  # both draws from one call for random words (no key splits: the hot path)
         df = jnp.maximum(nf - 1.0, 0.0)
-        z, chi = stats_noise(key, num) if noise is None else noise
+        noise = stats_noise(key, num) if noise is None else noise
+        z, chi = jnp.real(noise), jnp.imag(noise)
         sd = chol[0, 0]
         mean = params.mean + sd * z / jnp.sqrt(jnp.maximum(nf, 1.0))
         mean = jnp.where(num > 0, mean, jnp.zeros_like(mean))

@@ -207,7 +207,9 @@ _ROW = 64
 _ROWS = 32
 
 
-def normal_and_chi_square(key: Array, df: Array, stream: Array | int = 0) -> tuple[Array, Array]:
+def normal_and_chi_square(
+    key: Array, df: Array, stream: Array | int = 0, packed: bool = False
+) -> tuple[Array, Array] | Array:
     """One standard normal and one chi-square(df) draw (scalars), independent, all from the
     words of `key`'s stream `stream` (`prng.word_source`: no key derivation at all; the
     generational loop passes a chain's key and a per-generation stream). `df` must be an
@@ -221,6 +223,10 @@ def normal_and_chi_square(key: Array, df: Array, stream: Array | int = 0) -> tup
     Each lane's draws are exact in distribution (to float32 rounding of the uniforms) and do
     not depend on the batch; two rejected lanes with equal 30-bit seeds (probability
     ~ r^2 / 2^31 for r rejected lanes) would share their further candidates.
+
+    Returns:
+      (z, chi), or with `packed` the complex64 z + i chi (one array: a consumer that splits it
+      inside its own fusion saves two passes over the draws).
     """
     df = jnp.asarray(df, _F)
     w = _lane_words(prng.word_source(key), 4, df.shape, stream)
@@ -229,44 +235,45 @@ def normal_and_chi_square(key: Array, df: Array, stream: Array | int = 0) -> tup
     c = 1.0 / jnp.sqrt(9.0 * d)
     z, x = normal_pair_of_bits(w[0], w[1])
     # Not accepted yet: the seed's 30 bits with the sign bit set (accepted values are >= +0).
-    g = jax.lax.bitcast_convert_type((w[3] >> 2) | _SIGN, _F)
+    chi = jax.lax.bitcast_convert_type((w[3] >> 2) | _SIGN, _F)
     if _MT_CANDIDATES:
         v, ok = _mt_propose(d, c, x, _unit_open(w[2]))
-        g = jnp.where(ok, v, g)
-    g = jnp.where(alpha < 1.0, 0.5 * x * x, g)  # df = 1: chi2(1) = x^2 (= 2 Gamma(1/2))
-    # z and g travel as ONE complex64 array (z + i g): XLA fuses the hashes into each array
-    # computed from them, so two real outputs evaluated every hash (and the radius) twice.
-    zg = _mt_finish(jax.lax.complex(z, g), d, c)
-    return jnp.real(zg), 2.0 * jnp.imag(zg)
+        chi = jnp.where(ok, 2.0 * v, chi)  # chi2(df) = 2 Gamma(df / 2)
+    chi = jnp.where(alpha < 1.0, x * x, chi)  # df = 1: chi2(1) = x^2
+    # z and chi travel as ONE complex64 array: XLA fuses the hashes into each array computed
+    # from them, so two real outputs evaluated every hash (and the radius) twice.
+    zc = _mt_finish(jax.lax.complex(z, chi), d, c)
+    return zc if packed else (jnp.real(zc), jnp.imag(zc))
 
 
-def _is_pending(g: Array) -> Array:
-    return jax.lax.bitcast_convert_type(g, jnp.uint32) >= _SIGN
+def _is_pending(chi: Array) -> Array:
+    return jax.lax.bitcast_convert_type(chi, jnp.uint32) >= _SIGN
 
 
-def _mt_rounds(zg: Array, d: Array, c: Array, r0: Array, once: bool) -> Array:
-    """Marsaglia-Tsang rounds r0, r0 + 1, ... for the pending lanes of g = imag(zg) (a lane's
+def _mt_rounds(zc: Array, d: Array, c: Array, r0: Array, once: bool) -> Array:
+    """Marsaglia-Tsang rounds r0, r0 + 1, ... for the pending lanes of chi = imag(zc) (a lane's
     round r hashes (seed, r) with `_FALLBACK_KEY`), masked: one round (`once`) or until none is
-    left; real(zg) is carried along unchanged."""
+    left; real(zc) is carried along unchanged."""
 
     def body(carry):
-        r, zg = carry
-        g = jnp.imag(zg)
-        seed = jax.lax.bitcast_convert_type(g, jnp.uint32) & ~_SIGN
+        r, zc = carry
+        chi = jnp.imag(zc)
+        seed = jax.lax.bitcast_convert_type(chi, jnp.uint32) & ~_SIGN
         x, u = prng.threefry2x32(seed, _FALLBACK_KEY, r.astype(jnp.uint32), jnp.uint32(0))
         v, ok = _mt_propose(d, c, normal_of_bits(x), _unit_open(u))
-        return r + 1, jax.lax.complex(jnp.real(zg), jnp.where(_is_pending(g) & ok, v, g))
+        chi = jnp.where(_is_pending(chi) & ok, 2.0 * v, chi)
+        return r + 1, jax.lax.complex(jnp.real(zc), chi)
 
     if once:
-        return body((r0, zg))[1]
+        return body((r0, zc))[1]
     cond = lambda cr: jnp.any(_is_pending(jnp.imag(cr[1])))  # noqa: E731
-    return jax.lax.while_loop(cond, body, (r0, zg))[1]
+    return jax.lax.while_loop(cond, body, (r0, zc))[1]
 
 
 @jax.custom_batching.custom_vmap
-def _mt_finish(zg: Array, d: Array, c: Array) -> Array:
-    """`zg` with its pending lanes (imaginary parts that are sign-flagged seeds) accepted: each
-    imaginary part then a Gamma(d + 1/3) value (the real parts pass through).
+def _mt_finish(zc: Array, d: Array, c: Array) -> Array:
+    """`zc` with its pending lanes (imaginary parts that are sign-flagged seeds) accepted: each
+    imaginary part then a 2 Gamma(d + 1/3) value (the real parts pass through).
 
     A custom vmap rule hands this the whole vmapped batch (`_mt_finish_vmap`): a masked loop
     over every lane would cost a full pass of hashes, normals and logs per round, although at
@@ -276,45 +283,45 @@ def _mt_finish(zg: Array, d: Array, c: Array) -> Array:
     lanes come first). A lane's rounds are numbered from 0 in every case (full rounds count
     them; a compacted lane continues from there), so its value depends on its seed alone.
     """
-    shape = zg.shape
+    shape = zc.shape
     n = math.prod(shape)
     if n <= _ROW * _ROWS:  # small batches: the masked loop is already cheap
-        return _mt_rounds(zg, d, c, jnp.int32(0), once=False)
+        return _mt_rounds(zc, d, c, jnp.int32(0), once=False)
     rows = -(-n // _ROW)
 
     def tiles(x, fill):  # [rows, _ROW], padded with lanes that are never pending
         x = jnp.broadcast_to(x, shape).reshape(-1)
         return jnp.pad(x, (0, rows * _ROW - n), constant_values=fill).reshape(rows, _ROW)
 
-    gs, ds, cs = tiles(zg, 0.0), tiles(d, 1.0), tiles(c, 1.0)
+    zcs, ds, cs = tiles(zc, 0.0), tiles(d, 1.0), tiles(c, 1.0)
 
     def step(carry):
-        r, gs = carry
-        busy = jnp.any(_is_pending(jnp.imag(gs)), axis=1)  # [rows]
+        r, zcs = carry
+        busy = jnp.any(_is_pending(jnp.imag(zcs)), axis=1)  # [rows]
 
-        def compact(gs):
+        def compact(zcs):
             idx = jnp.nonzero(busy, size=_ROWS, fill_value=rows)[0]  # rows: out of range
             take = lambda x, fill: jnp.take(x, idx, axis=0, mode="fill", fill_value=fill)  # noqa: E731
-            sub = _mt_rounds(take(gs, 0.0), take(ds, 1.0), take(cs, 1.0), r, once=False)
-            return r, gs.at[idx].set(sub, mode="drop")
+            sub = _mt_rounds(take(zcs, 0.0), take(ds, 1.0), take(cs, 1.0), r, once=False)
+            return r, zcs.at[idx].set(sub, mode="drop")
 
-        def full(gs):
-            return r + 1, _mt_rounds(gs, ds, cs, r, once=True)
+        def full(zcs):
+            return r + 1, _mt_rounds(zcs, ds, cs, r, once=True)
 
-        return jax.lax.cond(jnp.sum(busy) > 4 * _ROWS, full, compact, gs)
+        return jax.lax.cond(jnp.sum(busy) > 4 * _ROWS, full, compact, zcs)
 
     cond = lambda carry: jnp.any(_is_pending(jnp.imag(carry[1])))  # noqa: E731
-    _, gs = jax.lax.while_loop(cond, step, (jnp.int32(0), gs))
-    return gs.reshape(-1)[:n].reshape(shape)
+    _, zcs = jax.lax.while_loop(cond, step, (jnp.int32(0), zcs))
+    return zcs.reshape(-1)[:n].reshape(shape)
 
 
 @_mt_finish.def_vmap
-def _mt_finish_vmap(axis_size: int, in_batched: list[bool], zg, d, c) -> tuple[Array, bool]:
+def _mt_finish_vmap(axis_size: int, in_batched: list[bool], zc, d, c) -> tuple[Array, bool]:
     # Every argument batched, then `_mt_finish` itself on the larger arrays: an outer vmap
     # (generations around chains) reaches this rule again, so the function sees all lanes.
     args = [
         x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
-        for x, b in zip((zg, d, c), in_batched)
+        for x, b in zip((zc, d, c), in_batched)
     ]
     return _mt_finish(*args), True
 
