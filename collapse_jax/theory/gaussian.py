@@ -239,16 +239,16 @@ def _solve_live(factor: Array, b: Array) -> Array:
 def standard_normals(key: Array, num: int) -> Array:
     """`num` standard normals `[num]` (float32) from one key.
 
-    Threefry keys: by inversion (`samplers.normal_of_bits`, as `jax.random.normal` does) of
-    fused-hash words (`prng.word_pairs`: two words, so two normals, per hash). On CPU this is
-    ~1.4x the sample method's throughput with `jax.random.normal` under philox4x32 (threefry
-    there is slower still: XLA lowers its hash as a rolled loop). The inversion's erf_inv, not
-    the hash, is now most of the cost (Box-Muller with XLA's sin/cos was 2x slower). Other
-    PRNGs draw `jax.random.normal`.
+    Threefry keys: Box-Muller pairs (`samplers.normal_pair_of_bits`: one log, one square root
+    and two short polynomials per two normals; ~1/4 the cost per normal of the erf_inv
+    inversion `jax.random.normal` uses, and of XLA's own sin/cos) of fused-hash words
+    (`prng.word_pairs`: one hash per pair). Other PRNGs draw `jax.random.normal`.
     """
     if prng.is_threefry(key):
-        a, b = prng.word_pairs(key, (num + 1) // 2)
-        return samplers.normal_of_bits(jnp.concatenate([a, b])[:num])
+        # The key computed once per chain: else XLA fused its derivation (the loop's fold_in
+        # and split hashes) into every element of the draw.
+        a, b = prng.word_pairs(prng.materialize(key), (num + 1) // 2)
+        return jnp.concatenate(samplers.normal_pair_of_bits(a, b))[:num]
     return jax.random.normal(key, (num,), _F)
 
 
