@@ -242,7 +242,7 @@ def normal_and_chi_square(
     chi = jnp.where(alpha < 1.0, x * x, chi)  # df = 1: chi2(1) = x^2
     # z and chi travel as ONE complex64 array: XLA fuses the hashes into each array computed
     # from them, so two real outputs evaluated every hash (and the radius) twice.
-    zc = _mt_finish(jax.lax.complex(z, chi), d, c)
+    zc = _mt_finish(jax.lax.complex(z, chi), alpha)
     return zc if packed else (jnp.real(zc), jnp.imag(zc))
 
 
@@ -250,10 +250,13 @@ def _is_pending(chi: Array) -> Array:
     return jax.lax.bitcast_convert_type(chi, jnp.uint32) >= _SIGN
 
 
-def _mt_rounds(zc: Array, d: Array, c: Array, r0: Array, once: bool) -> Array:
+def _mt_rounds(zc: Array, alpha: Array, r0: Array, once: bool) -> Array:
     """Marsaglia-Tsang rounds r0, r0 + 1, ... for the pending lanes of chi = imag(zc) (a lane's
     round r hashes (seed, r) with `_FALLBACK_KEY`), masked: one round (`once`) or until none is
-    left; real(zc) is carried along unchanged."""
+    left; real(zc) is carried along unchanged. (d and c are computed here from the shape alpha
+    in every path, so a lane's value has the same bits whichever path finishes it.)"""
+    d = alpha - 1.0 / 3.0
+    c = 1.0 / jnp.sqrt(9.0 * d)
 
     def body(carry):
         r, zc = carry
@@ -271,9 +274,9 @@ def _mt_rounds(zc: Array, d: Array, c: Array, r0: Array, once: bool) -> Array:
 
 
 @jax.custom_batching.custom_vmap
-def _mt_finish(zc: Array, d: Array, c: Array) -> Array:
+def _mt_finish(zc: Array, alpha: Array) -> Array:
     """`zc` with its pending lanes (imaginary parts that are sign-flagged seeds) accepted: each
-    imaginary part then a 2 Gamma(d + 1/3) value (the real parts pass through).
+    imaginary part then a 2 Gamma(alpha) value (the real parts pass through).
 
     A custom vmap rule hands this the whole vmapped batch (`_mt_finish_vmap`): a masked loop
     over every lane would cost a full pass of hashes, normals and logs per round, although at
@@ -286,14 +289,14 @@ def _mt_finish(zc: Array, d: Array, c: Array) -> Array:
     shape = zc.shape
     n = math.prod(shape)
     if n <= _ROW * _ROWS:  # small batches: the masked loop is already cheap
-        return _mt_rounds(zc, d, c, jnp.int32(0), once=False)
+        return _mt_rounds(zc, alpha, jnp.int32(0), once=False)
     rows = -(-n // _ROW)
 
     def tiles(x, fill):  # [rows, _ROW], padded with lanes that are never pending
         x = jnp.broadcast_to(x, shape).reshape(-1)
         return jnp.pad(x, (0, rows * _ROW - n), constant_values=fill).reshape(rows, _ROW)
 
-    zcs, ds, cs = tiles(zc, 0.0), tiles(d, 1.0), tiles(c, 1.0)
+    zcs, alphas = tiles(zc, 0.0), tiles(alpha, 1.0)
 
     def step(carry):
         r, zcs = carry
@@ -302,11 +305,11 @@ def _mt_finish(zc: Array, d: Array, c: Array) -> Array:
         def compact(zcs):
             idx = jnp.nonzero(busy, size=_ROWS, fill_value=rows)[0]  # rows: out of range
             take = lambda x, fill: jnp.take(x, idx, axis=0, mode="fill", fill_value=fill)  # noqa: E731
-            sub = _mt_rounds(take(zcs, 0.0), take(ds, 1.0), take(cs, 1.0), r, once=False)
+            sub = _mt_rounds(take(zcs, 0.0), take(alphas, 1.0), r, once=False)
             return r, zcs.at[idx].set(sub, mode="drop")
 
         def full(zcs):
-            return r + 1, _mt_rounds(zcs, ds, cs, r, once=True)
+            return r + 1, _mt_rounds(zcs, alphas, r, once=True)
 
         return jax.lax.cond(jnp.sum(busy) > 4 * _ROWS, full, compact, zcs)
 
@@ -316,12 +319,12 @@ def _mt_finish(zc: Array, d: Array, c: Array) -> Array:
 
 
 @_mt_finish.def_vmap
-def _mt_finish_vmap(axis_size: int, in_batched: list[bool], zc, d, c) -> tuple[Array, bool]:
+def _mt_finish_vmap(axis_size: int, in_batched: list[bool], zc, alpha) -> tuple[Array, bool]:
     # Every argument batched, then `_mt_finish` itself on the larger arrays: an outer vmap
     # (generations around chains) reaches this rule again, so the function sees all lanes.
     args = [
         x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
-        for x, b in zip((zc, d, c), in_batched)
+        for x, b in zip((zc, alpha), in_batched)
     ]
     return _mt_finish(*args), True
 
