@@ -5,7 +5,8 @@ The old revision is exported with `git archive` into a temporary folder and impo
 `collapse_jax_old` (its imports rewritten), so both run side by side and see the same load.
 
 Usage: python benchmarks/bench_theory_ab.py --rev REV [--rounds 3] [--generations 200]
-Writes benchmarks/results/theory-ab-<platform>.json.
+  [--only gaussian_exact,gaussian_sample,discrete_exact]
+Writes benchmarks/results/theory-ab-<platform>.json (rows of measurements not re-run are kept).
 """
 
 from __future__ import annotations
@@ -73,6 +74,16 @@ def main() -> None:
                 old=lambda: old_g.simulate(key, chains=c, generations=g, sample_size=1000),
                 numpy=lambda: bench.numpy_gaussian_exact(rng, c, g, 1000),
             ),
+            "gaussian_sample": dict(
+                M=100,
+                new=lambda: gaussian.simulate(
+                    key, chains=c, generations=g, sample_size=100, method="sample"
+                ),
+                old=lambda: old_g.simulate(
+                    key, chains=c, generations=g, sample_size=100, method="sample"
+                ),
+                numpy=lambda: bench.numpy_gaussian_sample(rng, c, g, 100),
+            ),
             "discrete_exact": dict(
                 M=1000,
                 new=lambda: discrete.simulate(
@@ -105,6 +116,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     dev = jax.devices()[0].platform
     out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" / f"theory-ab-{dev}.json")
+    if out.exists():  # keep the rows of the measurements not re-run
+        done = {r["name"] for r in rows}
+        rows = [r for r in json.loads(out.read_text()) if r["name"] not in done] + rows
     out.write_text(json.dumps(rows, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -22,9 +22,11 @@ takes the base key directly. Chain `r` uses
 (`k_real` draws the real data of generation 0, `k_base` the learner's base init) and generation
 `n` of that chain uses `fold_in(k_gens, n)`, split into named keys (`generation_keys`). The
 training set of generation n >= 1 is drawn with generation n - 1's `sample` / `previous` /
-`real` keys (it is "generation n - 1's sample"). Results therefore depend neither on how many
-chains or generations were asked for, nor on chunking, nor on resumption. Held-out reference
-data use `fold_in(base, 2**31 - 1)`, which no chain index reaches.
+`real` keys (it is "generation n - 1's sample"; a learner with `sample_noise` draws that
+sample's noise from stream `NOISE_STREAM + n - 1` of `k_gens` instead of the `sample` key).
+Results therefore depend neither on how many chains or generations were asked for, nor on
+chunking, nor on resumption. Held-out reference data use `fold_in(base, 2**31 - 1)`, which no
+chain index reaches.
 
 Jittable learners run `R = num_trials` chains under `vmap`, `block_size` generations per
 `lax.scan`, `chunk_size` chains at a time; each finished block is committed to the run directory.

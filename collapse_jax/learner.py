@@ -157,10 +157,13 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     # -> params [R, ...], called from Python (outside jit) once per generation; it may run host
     # loops (GMM compacts converged chains). None: the loop vmaps `fit`.
     fit_chains: Any = None
-    # Optional split of `sample` for jittable learners: `sample_noise(key, num)` -> the pytree of
-    # random draws that `sample(key, params, num)` makes, independent of the params (or None
-    # where it does not apply); `sample(..., noise=that)` must then give what it draws itself.
-    # The scanned loop draws a whole block's noise ahead of the scan (vectorised, computed once).
+    # Optional split of `sample` for jittable learners: `sample_noise(key, num, stream=0)` -> the
+    # pytree of random draws that a synthetic draw makes, independent of the params, from the
+    # words of `key`'s stream `stream` (`prng.word_source`; stream 0: what `sample(key, params,
+    # num)` draws itself), or None where it does not apply; `sample(..., noise=that)` then uses
+    # it. The loop draws generation g's noise from the chain's k_gens, stream
+    # `generation.NOISE_STREAM + g` (no per-generation key derivation), a whole block of
+    # generations ahead of the scan (vectorised, computed once), in every entry point.
     sample_noise: Any = None
 
     @abc.abstractmethod
