@@ -97,7 +97,8 @@ def normal_pair_of_bits(a: Array, b: Array) -> tuple[Array, Array]:
     are short polynomials (XLA's sin/cos reduce arbitrary arguments and cost 2x the inversion);
     bit 0 swaps the pair and bits 1, 2 flip their signs, which maps phi to an angle uniform on
     the whole circle. Bits 3-8 of `b` are unused (callers may take them as further random
-    bits). About half the cost per normal of `normal_of_bits` (one log per two normals)."""
+    bits). ~1/4 the cost per normal of `normal_of_bits` (one log per two normals and no
+    erf_inv polynomials; 2-core CPU: 4 x 1.6M normals in 3.7 ms vs 14.4 ms)."""
     u = (a.astype(_F) + 0.5) * _F(2.0**-32)  # in (0, 1]: log(u) <= 0
     r = jnp.sqrt(-2.0 * jnp.log(u))
     phi = (_unit_open(b) - 0.5) * _F(np.pi / 2)
@@ -300,6 +301,9 @@ def _mt_finish(zc: Array, alpha: Array) -> Array:
 
     def step(carry):
         r, zcs = carry
+        # Recomputed from the loop's carry every step: carried along instead (updated by the
+        # branches), XLA fused the draws or a full round into that reduction and evaluated
+        # them twice (1.6-2x slower in all).
         busy = jnp.any(_is_pending(jnp.imag(zcs)), axis=1)  # [rows]
 
         def compact(zcs):
