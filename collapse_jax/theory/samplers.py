@@ -300,11 +300,12 @@ def _mt_finish(zc: Array, alpha: Array) -> Array:
     zcs, alphas = tiles(zc, 0.0), tiles(alpha, 1.0)
 
     def step(carry):
-        r, zcs = carry
+        r, zcs, _ = carry
         # Recomputed from the loop's carry every step: carried along instead (updated by the
         # branches), XLA fused the draws or a full round into that reduction and evaluated
         # them twice (1.6-2x slower in all).
         busy = jnp.any(_is_pending(jnp.imag(zcs)), axis=1)  # [rows]
+        count = jnp.sum(busy)
 
         def compact(zcs):
             idx = jnp.nonzero(busy, size=_ROWS, fill_value=rows)[0]  # rows: out of range
@@ -315,10 +316,12 @@ def _mt_finish(zc: Array, alpha: Array) -> Array:
         def full(zcs):
             return r + 1, _mt_rounds(zcs, alphas, r, once=True)
 
-        return jax.lax.cond(jnp.sum(busy) > 4 * _ROWS, full, compact, zcs)
+        r, zcs = jax.lax.cond(count > 4 * _ROWS, full, compact, zcs)
+        return r, zcs, count > _ROWS  # else the compaction took every busy row: done
 
-    cond = lambda carry: jnp.any(_is_pending(jnp.imag(carry[1])))  # noqa: E731
-    _, zcs = jax.lax.while_loop(cond, step, (jnp.int32(0), zcs))
+    # The loop tests a flag, not the lanes: one pass over them per step (the usual case at
+    # large shapes: one step, whose compaction finishes the few pending lanes).
+    _, zcs, _ = jax.lax.while_loop(lambda c: c[2], step, (jnp.int32(0), zcs, jnp.bool_(True)))
     return zcs.reshape(-1)[:n].reshape(shape)
 
 
