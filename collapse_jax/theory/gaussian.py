@@ -62,7 +62,7 @@ class GaussianConfig:
       method: "exact" (draw mean and Wishart scatter directly, cost independent of M) or
         "sample" (draw the M points).
       rng_impl: PRNG of the sample method's normals: "threefry2x32" (the default: the loop's
-        key hashed in fused code, `standard_normals`; the fastest on CPU, ~1.4x philox),
+        key hashed in fused code, `standard_normals`; the fastest on CPU, ~1.9x philox),
         "philox4x32" (`jax.random.normal` under philox), or "default" (the impl of the key
         passed in; a threefry key takes the fused path). Each gives different numbers with the
         same distribution. The exact method hashes the loop's own key (`collapse_jax.prng`,
