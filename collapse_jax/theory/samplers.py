@@ -339,9 +339,7 @@ def _binomial_broadcast(args, batched, axis_size: int) -> Array:
     k1, k2, x1, n, p = flat
     if n.size == 0:
         return jnp.zeros(lead + example, jnp.int32)
-    x = _binomial_lanes(
-        k1.astype(jnp.uint32), k2.astype(jnp.uint32), x1.astype(jnp.uint32), n, p
-    )
+    x = _binomial_lanes(k1.astype(jnp.uint32), k2.astype(jnp.uint32), x1.astype(jnp.uint32), n, p)
     return x.reshape(lead + example)
 
 
