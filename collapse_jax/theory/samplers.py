@@ -455,11 +455,14 @@ def _btrs_retry(k1, k2, x1, n, q, valid) -> Array:
 def _binomial_lanes(k1: Array, k2: Array, x1: Array, n: Array, p: Array) -> Array:
     """Binomial(n_j, p_j) for each lane j of `[L]` inputs (see `_binomial_words`).
 
-    The lanes are grouped by regime instead of evaluating every algorithm on every lane: BTRS's
-    first round runs at full width (the hash of round 0 also gives the inversion's uniform);
-    then the inversion lanes and the ~10% of BTRS lanes rejected in round 0 are gathered into
-    blocks (`_for_blocks`) that run their own loops. Lanes with n = 0 or q = 0 are exactly 0
-    (zero-mass states stay empty); p > 1/2 draws the complement (q = 1 - p).
+    The lanes are grouped by regime instead of evaluating every algorithm on every lane (which
+    cost ~700 ns per draw): BTRS's first two rounds run at full width (a vectorised pass each;
+    ~2% of its lanes are still rejected after them); then the inversion lanes and those
+    rejected lanes are gathered into blocks (`_for_blocks`) that run their own loops. Lanes with
+    n = 0 or q = 0 are exactly 0 (zero-mass states stay empty); p > 1/2 draws the complement.
+    Every output lane (x, a loop's result) is a buffer: XLA fuses cheap producers into each
+    consumer and recomputes them there, and a proposal fused into the ~2 log2(L) passes of the
+    prefix sum that reads the rejected-lane mask cost 300 ns per lane instead of 45.
     """
     n = n.astype(jnp.int32)
     p = jnp.clip(p.astype(_F), 0.0, 1.0)
@@ -470,21 +473,20 @@ def _binomial_lanes(k1: Array, k2: Array, x1: Array, n: Array, p: Array) -> Arra
     use_inv = live & (nf * q < _INVERSION_MEAN)
     use_btrs = live & ~use_inv
 
-    w_u, w_v = prng.threefry2x32(k1, k2, x1, jnp.uint32(0))  # round 0
     nb = jnp.where(use_btrs, nf, 64.0)  # a safe dummy where BTRS is not used
     qb = jnp.where(use_btrs, q, 0.5)
     setup = _btrs_setup(nb, qb)
-    x = _btrs_propose(setup, nb, w_u, w_v)
-    for r in range(1, _BTRS_ROUNDS):  # the first rounds at full width (acceptance ~0.85 each)
-        x = jnp.where(x < 0, _btrs_propose(setup, nb, *prng.threefry2x32(k1, k2, x1, _U(r))), x)
-    x = jnp.where(use_btrs, x, 0)
-    # Buffers, not fusions: XLA fuses cheap producers into every consumer and recomputes them
-    # there; the draw would be evaluated again in each of the prefix sum's ~2 log2(L) passes
-    # that read the rejected-lane mask (300 ns per lane instead of 45).
-    w_u, x = prng.materialize((w_u, x))
+
+    def round_(r, x):  # a loop, not unrolled: one compiled proposal (compile time), no slower
+        words = prng.threefry2x32(k1, k2, x1, r.astype(_U))
+        return jnp.where(x < 0, _btrs_propose(setup, nb, *words), x)
+
+    # The first rounds at full width (acceptance ~0.85 each); x = -1 marks a pending lane.
+    x = jax.lax.fori_loop(0, _BTRS_ROUNDS, round_, jnp.where(use_btrs, -1, 0))
 
     def inversion(lanes, valid):
-        return _inversion(nf[lanes], q[lanes], _unit_open(w_u[lanes]), valid)
+        u = _unit_open(prng.threefry2x32(k1[lanes], k2[lanes], x1[lanes], _U(0))[0])
+        return _inversion(nf[lanes], q[lanes], u, valid)
 
     def retry(lanes, valid):
         return _btrs_retry(k1[lanes], k2[lanes], x1[lanes], nf[lanes], q[lanes], valid)

@@ -73,6 +73,64 @@ def test_binomial_edge_cases():
     np.testing.assert_array_equal(x, [0, 0, 5, 0, 100, 2**23])
 
 
+def test_binomial_regimes_in_one_batch():
+    """One call whose lanes mix every regime (inversion, BTRS, the p > 1/2 flip, n q at the
+    cut-over 10 on both sides, n up to 2^24 - 1, tiny p, n = 0, p = 0 and p = 1): each group's
+    draws match SciPy. 20,000 lanes per group, so the inversion lanes fill 40 blocks and the BTRS
+    lanes rejected in their first two rounds (~2%) several blocks of the retry loop."""
+    cases = [
+        (9, 0.5),  # inversion, flip boundary
+        (21, 0.47),  # inversion, n q = 9.87 just below the cut-over
+        (20, 0.5),  # BTRS at n q = 10 exactly
+        (40, 0.75),  # BTRS after the flip
+        (2**24 - 1, 0.3),  # BTRS at the largest n
+        (2**24 - 1, 1e-7),  # inversion, n q = 1.7, tiny p
+    ]
+    per = 20000
+    n = np.concatenate([np.full(per, c[0]) for c in cases] + [np.array([0, 0, 7, 7, 2**24 - 1])])
+    p = np.concatenate([np.full(per, c[1]) for c in cases] + [np.array([0.3, 1.0, 0.0, 1.0, 1.0])])
+    x = np.asarray(
+        jax.jit(samplers.binomial)(
+            jax.random.key(5), jnp.asarray(n, jnp.int32), jnp.asarray(p, jnp.float32)
+        )
+    )
+    np.testing.assert_array_equal(x[-5:], [0, 0, 0, 7, 2**24 - 1])
+    for i, (ni, pi) in enumerate(cases):
+        xi = x[i * per : (i + 1) * per]
+        p32 = float(np.float32(pi))
+        lo = int(scipy.stats.binom.ppf(1e-9, ni, p32))
+        hi = int(scipy.stats.binom.isf(1e-9, ni, p32))
+        assert xi.min() >= lo and xi.max() <= hi, (ni, pi)
+        pmf = scipy.stats.binom.pmf(np.arange(lo, hi + 1), ni, p32)
+        assert _chi2_discrete(xi - lo, pmf / pmf.sum()) > P_MIN, (ni, pi)
+
+
+def test_multinomial_chain_does_not_depend_on_its_batch():
+    """Vmapped over chains, each state's binomials are drawn for all chains at once, grouped by
+    regime (a custom vmap rule): a chain's counts must still be the same whichever chains share
+    its batch, nested vmaps included, and equal the unbatched call's."""
+    probs = jnp.asarray([0.5, 0.2, 0.0, 0.25, 0.05], jnp.float32)
+    keys = jax.random.split(jax.random.key(12), 600)
+    ns = jnp.asarray(np.random.default_rng(0).integers(0, 3000, 600), jnp.int32)
+    draw = jax.vmap(samplers.multinomial, in_axes=(0, 0, None))
+    pick = np.array([3, 599, 17, 250])
+
+    @jax.jit  # one compile for the four batchings
+    def all_batchings(keys, ns):
+        nested = jax.vmap(draw, in_axes=(0, 0, None))(
+            keys.reshape(20, 30), ns.reshape(20, 30), probs
+        )
+        one = samplers.multinomial(keys[42], ns[42], probs)
+        return draw(keys, ns, probs), draw(keys[pick], ns[pick], probs), nested, one
+
+    big, few, nested, one = map(np.asarray, all_batchings(keys, ns))
+    assert np.all(big[:, 2] == 0)
+    np.testing.assert_array_equal(big.sum(1), ns)
+    np.testing.assert_array_equal(few, big[pick])
+    np.testing.assert_array_equal(nested.reshape(600, 5), big)
+    np.testing.assert_array_equal(one, big[42])
+
+
 def test_gamma_and_chi_square_match_scipy():
     alphas = np.array([0.3, 1.0, 4.5, 49.5, 5000.0], np.float32)
     a = np.repeat(alphas, 20000)
