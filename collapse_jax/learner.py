@@ -32,6 +32,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 import jax
 import numpy as np
 
+from collapse_jax import prng
+
 Params = TypeVar("Params")
 Data = TypeVar("Data")
 Metrics = dict[str, Any]
@@ -189,6 +191,8 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         leaves = [jax.tree.leaves(p) for p in parts]
         treedef = jax.tree.structure(parts[0])
         is_np = all(isinstance(x, np.ndarray) for ls in leaves for x in ls)
+        if not is_np:
+            leaves = _computed(leaves)
         cat = np.concatenate if is_np else jax.numpy.concatenate
         return jax.tree.unflatten(treedef, [cat(xs, axis=0) for xs in zip(*leaves)])
 
@@ -236,3 +240,34 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
         """Model-specific figures from a finished run (`records.Run`); returns the files."""
         return []
+
+
+def _computed(parts: list[list]) -> list[list]:
+    """The leaves of every part but the largest, computed into buffers before concatenation.
+
+    Fused into a concatenation (or a dynamic-update-slice), the parts' producers (a sampler's
+    hashes and transforms) cost LLVM ~30 s per compile on XLA's CPU backend (a 1-d Gaussian pool
+    of 20 points per chain); as outputs of `prng.materialize`'s once-run loop they compile in
+    well under a second. The largest part, typically the pool carried from the previous
+    generation and already a buffer, is left alone: copying it through the loop would double
+    the concatenation's memory traffic. 32-bit leaves travel as uint32 words; others as they are.
+    """
+    u32 = jax.numpy.uint32
+    sizes = [sum(x.size for x in ls) for ls in parts]
+    big = sizes.index(max(sizes))
+    where = [
+        (i, j)
+        for i, ls in enumerate(parts)
+        for j, x in enumerate(ls)
+        if i != big and x.dtype.itemsize == 4
+    ]
+    if not where:
+        return parts
+    words = [parts[i][j] for i, j in where]
+    done = prng.materialize(
+        [x if x.dtype == u32 else jax.lax.bitcast_convert_type(x, u32) for x in words]
+    )
+    out = [list(ls) for ls in parts]
+    for (i, j), x, w in zip(where, words, done):
+        out[i][j] = w if x.dtype == u32 else jax.lax.bitcast_convert_type(w, x.dtype)
+    return out
