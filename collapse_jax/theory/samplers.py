@@ -23,6 +23,7 @@ from jax import Array
 from collapse_jax import prng
 
 _F = jnp.float32
+_U = jnp.uint32
 
 
 def _uniform_open(key: Array, shape: tuple[int, ...]) -> Array:
@@ -356,35 +357,40 @@ _FC_TABLE = np.array(
 
 
 def _fc(k: Array) -> Array:
-    small = k <= 9
+    small = jnp.zeros_like(k)
     kc = jnp.clip(k, 0.0, 9.0)
+    # A chain of selects, not a table lookup: a gather in a fusion kept XLA from vectorising
+    # the whole fusion (BTRS's proposal ran 2x slower).
+    for j, c in enumerate(_FC_TABLE):
+        small = jnp.where(kc == j, c, small)
     r1 = 1.0 / (k + 1.0)  # one division (three, written as the series, cost ~20 % of BTRS)
     r2 = r1 * r1
     approx = r1 * (1.0 / 12.0 - r2 * (1.0 / 360.0 - r2 * (1.0 / 1260.0)))
-    return jnp.where(small, jnp.asarray(_FC_TABLE)[kc.astype(jnp.int32)], approx)
+    return jnp.where(k <= 9, small, approx)
 
 
-# BTRS rejection rounds drawn up front (acceptance ~0.9): with them the masked fallback loop
-# rarely runs even for 10^4 lanes; 2 rounds were 30 % slower than 4 (2-core CPU).
-_BTRS_ROUNDS = 4
-_BINOMIAL_UNIFORMS = 1 + 2 * _BTRS_ROUNDS
-# `multinomial`'s up-front BTRS rounds per state (its fallback loop is cheap: fused hashes).
-_MULTINOMIAL_UNIFORMS = 1 + 2 * 2
-
-# Below this mean the binomial is drawn by inversion over a fixed number of terms; above it BTRS.
+# Below this mean the binomial is drawn by inversion over at most 48 terms; above it BTRS.
 _INVERSION_MEAN = 10.0
 # P(Bin(n, q) >= 48 | n q < 10) < 4e-18, far below the 2^-24 resolution of a float32 uniform.
 _INVERSION_TERMS = 48
+# Inversion terms per iteration of its search loop (the loop stops once every lane is found).
+_INVERSION_CHUNK = 8
+# Lanes per block of the compacted passes (inversion lanes; BTRS lanes rejected in round 0).
+_INVERSION_BLOCK = 512
+_FALLBACK_BLOCK = 64
+# BTRS rounds run at full width before the rejected lanes are gathered into blocks.
+_BTRS_ROUNDS = 2
 
 
 def binomial(key: Array, n: Array, p: Array) -> Array:
     """Binomial(n, p) draws, exact, vectorised over the broadcast shape of `n` and `p`.
 
-    Small means (n min(p, 1-p) < 10) use sequential-search inversion over 48 terms (branch-free;
-    the truncated tail has probability < 4e-18). Larger means use Hoermann's (1993) transformed
-    rejection BTRS with a masked retry loop; its acceptance test is evaluated as log-ratios of
-    nearby factorials via `log1p` and Stirling remainders, so it stays accurate in float32 for
-    n up to 2^24 (JAX's own BTRS loses ~0.1 nats of accuracy at n = 10^6).
+    Small means (n min(p, 1-p) < 10) use sequential-search inversion (at most 48 terms; the
+    truncated tail has probability < 4e-18). Larger means use Hoermann's (1993) transformed
+    rejection BTRS; its acceptance test is evaluated as log-ratios of nearby factorials via
+    `log1p` and Stirling remainders, so it stays accurate in float32 for n up to 2^24 (JAX's
+    own BTRS loses ~0.1 nats of accuracy at n = 10^6). Lanes are processed by regime
+    (`_binomial_lanes`), so each pays for its own algorithm only.
 
     Args:
       key: a PRNG key.
@@ -396,78 +402,225 @@ def binomial(key: Array, n: Array, p: Array) -> Array:
     n = jnp.asarray(n)
     p = jnp.asarray(p, _F)
     shape = jnp.broadcast_shapes(n.shape, p.shape)
-    k_u, k_fb = jax.random.split(key)
-    u = _uniform_open(k_u, (_BINOMIAL_UNIFORMS, *shape))
-    return _binomial(lambda r: jax.random.fold_in(k_fb, r), n, p, u)
+    k1, k2 = _key_words(key)
+    # Lane j hashes the counter (WORDS + j, round): its own stream of uniforms.
+    lane = prng.WORDS + jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
+    return _binomial_words(k1, k2, lane, n, p)
 
 
-def _binomial(key_of_round, n: Array, p: Array, u: Array) -> Array:
-    """`binomial` from pre-drawn uniforms `u [1 + 2 * rounds, *shape]` (see `binomial`)."""
-    shape = u.shape[1:]
-    n = jnp.broadcast_to(n, shape).astype(jnp.int32)
-    p = jnp.clip(jnp.broadcast_to(p, shape), 0.0, 1.0)
+def _key_words(key: Array) -> tuple[Array, Array]:
+    """The two threefry key words the binomial lanes hash: a threefry key's own data, else
+    two words drawn from the key (any PRNG)."""
+    if prng.is_threefry(key):
+        kd = jax.random.key_data(key)
+        return kd[..., 0], kd[..., 1]
+    w = jax.random.bits(key, (2,), jnp.uint32)
+    return w[0], w[1]
+
+
+@jax.custom_batching.custom_vmap
+def _binomial_words(k1: Array, k2: Array, x1: Array, n: Array, p: Array) -> Array:
+    """Binomial(n, p) per lane of the broadcast shape; lane j draws its uniforms from the
+    threefry hashes of the counters (x1_j, round) under the key (k1_j, k2_j), so a lane's draw
+    depends on its own inputs only, never on the batch it is drawn in.
+
+    A custom vmap rule: vmapped over chains, the rule sees every chain's lane at once and
+    `_binomial_lanes` can group the lanes by regime (a plain vmap would evaluate every branch
+    and retry loop at full width)."""
+    return _binomial_broadcast((k1, k2, x1, n, p), (False,) * 5, 0)
+
+
+@_binomial_words.def_vmap
+def _binomial_words_vmap(axis_size: int, in_batched: list[bool], *args: Array):
+    return _binomial_broadcast(args, in_batched, axis_size), True
+
+
+def _binomial_broadcast(args, batched, axis_size: int) -> Array:
+    """Broadcasts the per-lane inputs (batched ones with their batch axis first), flattens them
+    into lanes for `_binomial_lanes`, and restores the shape."""
+    example = jnp.broadcast_shapes(*(a.shape[1:] if b else a.shape for a, b in zip(args, batched)))
+    lead = (axis_size,) if any(batched) else ()
+    flat = []
+    for a, b in zip(args, batched):
+        a = jnp.asarray(a)
+        if b:  # [axis, *s] -> [axis, 1.., *s], aligned on the example's trailing axes
+            a = a.reshape((axis_size,) + (1,) * (len(example) - a.ndim + 1) + a.shape[1:])
+        flat.append(jnp.broadcast_to(a, lead + example).reshape(-1))
+    k1, k2, x1, n, p = flat
+    if n.size == 0:
+        return jnp.zeros(lead + example, jnp.int32)
+    x = _binomial_lanes(k1.astype(jnp.uint32), k2.astype(jnp.uint32), x1.astype(jnp.uint32), n, p)
+    return x.reshape(lead + example)
+
+
+# Row length of `_prefix_count`'s blocked prefix sum.
+_PREFIX_ROW = 128
+
+
+def _prefix_count(mask: Array) -> Array:
+    """Inclusive prefix sums `[L]` int32 of a bool `[L]`: within rows of 128 as one product with
+    a triangular matrix (exact: sums <= 128 in float32), plus the rows' offsets. A handful of
+    kernels, where `jnp.cumsum` (a reduce-window on CPU, 15 ns per lane) or an associative scan
+    (~2 log2(L) small kernels) cost more to run or to compile (3 s more per multinomial)."""
+    size = mask.shape[0]
+    rows = -(-size // _PREFIX_ROW)
+    a = jnp.pad(mask.astype(_F), (0, rows * _PREFIX_ROW - size)).reshape(rows, _PREFIX_ROW)
+    upper = jnp.triu(jnp.ones((_PREFIX_ROW, _PREFIX_ROW), _F))  # [j, k] = 1 where j <= k
+    within = jnp.dot(a, upper, precision=jax.lax.Precision.HIGHEST)  # [rows, 128]
+    total = within[:, -1]
+    before = jnp.cumsum(total) - total  # [rows]
+    return (within + before[:, None]).reshape(-1)[:size].astype(jnp.int32)
+
+
+def _compact(mask: Array, block: int) -> tuple[Array, Array]:
+    """(indices of the True lanes of `mask [L]` in order, padded with L to whole blocks; their
+    count)."""
+    size = mask.shape[0]
+    padded = -(-size // block) * block
+    pos = _prefix_count(mask)  # inclusive
+    slot = jnp.where(mask, pos - 1, padded)  # padded: dropped
+    idx = jnp.full((padded,), size, jnp.int32)
+    idx = idx.at[slot].set(jnp.arange(size, dtype=jnp.int32), mode="drop")
+    return idx, pos[-1]
+
+
+def _for_blocks(mask: Array, block: int, fn, x: Array) -> Array:
+    """x with its `mask`ed lanes set to `fn(lanes [B], valid [B]) -> [B]`, evaluated on the
+    masked lanes only, gathered into blocks of B (the last block padded: `valid` False)."""
+    size = x.shape[0]
+    block = min(block, size)
+    idx, count = _compact(mask, block)
+
+    def body(j, x):
+        sel = jax.lax.dynamic_slice(idx, (j * block,), (block,))
+        valid = sel < size
+        return x.at[sel].set(fn(jnp.minimum(sel, size - 1), valid), mode="drop")
+
+    return jax.lax.fori_loop(0, (count + block - 1) // block, body, x)
+
+
+def _inversion(n: Array, q: Array, u: Array, valid: Array) -> Array:
+    """Bin(n, q) by sequential search: X = #{k < 48 : U > F(k)}, F the CDF, pmf by the
+    recursion f(k+1)/f(k) = (n - k) q / ((k + 1)(1 - q)); the terms run in chunks of 8 until no
+    valid lane is still searching (so a block of small means stops after a few terms)."""
+    r = q / (1.0 - q)
+    f = jnp.exp(n * jnp.log1p(-q))
+
+    def cond(c):
+        k, _, _, cdf = c
+        return (k < _INVERSION_TERMS) & jnp.any(valid & (u > cdf))
+
+    def body(c):
+        k, x, f, cdf = c
+        for j in range(_INVERSION_CHUNK):
+            kf = (k + j).astype(_F)
+            x = x + (u > cdf).astype(jnp.int32)
+            f = f * (jnp.maximum(n - kf, 0.0) * r) * (1.0 / (kf + 1.0))
+            cdf = cdf + f
+        return k + _INVERSION_CHUNK, x, f, cdf
+
+    init = (jnp.int32(0), jnp.zeros(u.shape, jnp.int32), f, f)
+    _, x, _, _ = jax.lax.while_loop(cond, body, init)
+    return jnp.minimum(x, n.astype(jnp.int32))
+
+
+def _btrs_setup(n: Array, q: Array) -> tuple[Array, ...]:
+    """BTRS's per-lane constants (Hoermann 1993, Algorithm BTRS) for n q >= 10, q <= 1/2."""
+    spq = jnp.sqrt(n * q * (1.0 - q))
+    b = 1.15 + 2.53 * spq
+    a = -0.0873 + 0.0248 * b + 0.01 * q
+    c = n * q + 0.5
+    v_r = 0.92 - 4.2 / b
+    alpha = (2.83 + 5.1 / b) * spq
+    m = jnp.floor((n + 1.0) * q)
+    # log of f(m+1)/f(m) * ... : (k - m) * log(r (n - m + 1) / (m + 1)), argument close to 1.
+    lmode = jnp.log1p((q * (n + 2.0) - (m + 1.0)) / ((1.0 - q) * (m + 1.0)))
+    fc_m = _fc(m) + _fc(n - m)
+    return a, b, c, v_r, alpha, m, lmode, fc_m
+
+
+def _btrs_propose(setup: tuple[Array, ...], n: Array, w_u: Array, w_v: Array) -> Array:
+    """One BTRS proposal from two uint32 words: k if accepted, else -1 (int32)."""
+    a, b, c, v_r, alpha, m, lmode, fc_m = setup
+    uu = _unit_open(w_u) - 0.5  # open: us = 0.5 - |uu| > 0
+    vv = _unit_open(w_v)
+    us = 0.5 - jnp.abs(uu)
+    kx = jnp.floor((2.0 * a / jnp.maximum(us, 1e-6) + b) * uu + c)
+    inside = (kx >= 0) & (kx <= n)
+    ks = jnp.clip(kx, 0.0, n)
+    accept1 = (us >= 0.07) & (vv <= v_r)
+    lv = jnp.log(vv * alpha / (a / (us * us) + b))
+    # log f(k)/f(m) = D(m, k) + D(n-m, n-k) + (k-m) log(q/(1-q)), D(a, b) = log a! - log b!
+    # = (k+1/2) log1p((m-k)/(k+1)) + (n-k+1/2) log1p((k-m)/(n-k+1)) + (k-m) lmode + fc terms
+    ub = (
+        (ks + 0.5) * jnp.log1p((m - ks) / (ks + 1.0))
+        + (n - ks + 0.5) * jnp.log1p((ks - m) / (n - ks + 1.0))
+        + (ks - m) * lmode
+        + fc_m
+        - _fc(ks)
+        - _fc(n - ks)
+    )
+    # One output (not a value and a flag): XLA fuses a producer into each of its consumers and
+    # evaluates it in every one, so two outputs computed the whole proposal twice.
+    return jnp.where(inside & (accept1 | (lv <= ub)), ks.astype(jnp.int32), -1)
+
+
+def _btrs_retry(k1, k2, x1, n, q, valid) -> Array:
+    """BTRS from round 1 on for lanes whose round-0 proposal was rejected: rounds until every
+    valid lane accepts (round r hashes the counter (x1, r)). The loop carries one array, the
+    draw or -1 while pending (see `_btrs_propose`)."""
+    setup = _btrs_setup(n, q)
+
+    def body(c):
+        r, x = c
+        k = _btrs_propose(setup, n, *prng.threefry2x32(k1, k2, x1, r.astype(jnp.uint32)))
+        return r + 1, jnp.where(x < 0, k, x)
+
+    init = (jnp.int32(_BTRS_ROUNDS), jnp.where(valid, -1, 0))
+    return jax.lax.while_loop(lambda c: jnp.any(c[1] < 0), body, init)[1]
+
+
+def _binomial_lanes(k1: Array, k2: Array, x1: Array, n: Array, p: Array) -> Array:
+    """Binomial(n_j, p_j) for each lane j of `[L]` inputs (see `_binomial_words`).
+
+    The lanes are grouped by regime instead of evaluating every algorithm on every lane (which
+    cost ~700 ns per draw): BTRS's first two rounds run at full width (a vectorised pass each;
+    ~2% of its lanes are still rejected after them); then the inversion lanes and those
+    rejected lanes are gathered into blocks (`_for_blocks`) that run their own loops. Lanes with
+    n = 0 or q = 0 are exactly 0 (zero-mass states stay empty); p > 1/2 draws the complement.
+    Every output lane (x, a loop's result) is a buffer: XLA fuses cheap producers into each
+    consumer and recomputes them there, and a proposal fused into the ~2 log2(L) passes of the
+    prefix sum that reads the rejected-lane mask cost 300 ns per lane instead of 45.
+    """
+    n = n.astype(jnp.int32)
+    p = jnp.clip(p.astype(_F), 0.0, 1.0)
     flip = p > 0.5
     q = jnp.where(flip, 1.0 - p, p)  # q <= 1/2
     nf = n.astype(_F)
-    use_inv = nf * q < _INVERSION_MEAN
+    live = (n > 0) & (q > 0.0)
+    use_inv = live & (nf * q < _INVERSION_MEAN)
+    use_btrs = live & ~use_inv
 
-    # --- inversion: X = #{k : U > F(k)}, F the CDF, pmf by the recursion f(k+1)/f(k).
-    qi = jnp.where(use_inv, q, 0.0)
-    ni = jnp.where(use_inv, nf, 0.0)
-    r = qi / (1.0 - qi)
-    u_inv = u[0]
-    f = jnp.exp(ni * jnp.log1p(-qi))
-    cdf = f
+    nb = jnp.where(use_btrs, nf, 64.0)  # a safe dummy where BTRS is not used
+    qb = jnp.where(use_btrs, q, 0.5)
+    setup = _btrs_setup(nb, qb)
 
-    # Unrolled (one fused pass; as a loop: 48 tiny iterations per state and generation), with
-    # k static, so 1 / (k + 1) is a constant factor instead of a division per term.
-    x_inv = jnp.zeros(shape, jnp.int32)
-    for k in range(_INVERSION_TERMS):
-        x_inv = x_inv + (u_inv > cdf).astype(jnp.int32)
-        f = f * (jnp.maximum(ni - k, 0.0) * r) * _F(1.0 / (k + 1))
-        cdf = cdf + f
-    x_inv = jnp.minimum(x_inv, n)
+    def round_(r, x):  # a loop, not unrolled: one compiled proposal (compile time), no slower
+        words = prng.threefry2x32(k1, k2, x1, r.astype(_U))
+        return jnp.where(x < 0, _btrs_propose(setup, nb, *words), x)
 
-    # --- BTRS (Hoermann 1993, Algorithm BTRS), on lanes with a safe dummy where inversion is used.
-    qb = jnp.where(use_inv, 0.5, q)
-    nb = jnp.where(use_inv, 64.0, nf)
-    spq = jnp.sqrt(nb * qb * (1.0 - qb))
-    b = 1.15 + 2.53 * spq
-    a = -0.0873 + 0.0248 * b + 0.01 * qb
-    c = nb * qb + 0.5
-    v_r = 0.92 - 4.2 / b
-    alpha = (2.83 + 5.1 / b) * spq
-    m = jnp.floor((nb + 1.0) * qb)
-    # log of f(m+1)/f(m) * ... : (k - m) * log(r (n - m + 1) / (m + 1)), argument close to 1.
-    lmode = jnp.log1p((qb * (nb + 2.0) - (m + 1.0)) / ((1.0 - qb) * (m + 1.0)))
-    fc_m = _fc(m) + _fc(nb - m)
+    # The first rounds at full width (acceptance ~0.85 each); x = -1 marks a pending lane.
+    x = jax.lax.fori_loop(0, _BTRS_ROUNDS, round_, jnp.where(use_btrs, -1, 0))
 
-    def propose(both):
-        uu = both[0] - 0.5  # open: us = 0.5 - |uu| > 0
-        vv = both[1]
-        us = 0.5 - jnp.abs(uu)
-        kx = jnp.floor((2.0 * a / jnp.maximum(us, 1e-6) + b) * uu + c)
-        inside = (kx >= 0) & (kx <= nb)
-        ks = jnp.clip(kx, 0.0, nb)
-        accept1 = (us >= 0.07) & (vv <= v_r)
-        lv = jnp.log(vv * alpha / (a / (us * us) + b))
-        # log f(k)/f(m) = D(m, k) + D(n-m, n-k) + (k-m) log(q/(1-q)), D(a, b) = log a! - log b!
-        # = (k+1/2) log1p((m-k)/(k+1)) + (n-k+1/2) log1p((k-m)/(n-k+1)) + (k-m) lmode + fc terms
-        ub = (
-            (ks + 0.5) * jnp.log1p((m - ks) / (ks + 1.0))
-            + (nb - ks + 0.5) * jnp.log1p((ks - m) / (nb - ks + 1.0))
-            + (ks - m) * lmode
-            + fc_m
-            - _fc(ks)
-            - _fc(nb - ks)
-        )
-        ok = inside & (accept1 | (lv <= ub))
-        return ks, ok
+    def inversion(lanes, valid):
+        u = _unit_open(prng.threefry2x32(k1[lanes], k2[lanes], x1[lanes], _U(0))[0])
+        return _inversion(nf[lanes], q[lanes], u, valid)
 
-    pre = jnp.reshape(u[1:], ((u.shape[0] - 1) // 2, 2, *shape))
-    x_btrs = _masked_rejection(key_of_round, shape, propose, pre, done0=use_inv)
-    x_btrs = x_btrs.astype(jnp.int32)
-    x = jnp.where(use_inv, x_inv, x_btrs)
+    def retry(lanes, valid):
+        return _btrs_retry(k1[lanes], k2[lanes], x1[lanes], nf[lanes], q[lanes], valid)
+
+    x = _for_blocks(use_inv, _INVERSION_BLOCK, inversion, x)
+    x = _for_blocks(x < 0, _FALLBACK_BLOCK, retry, x)
     return jnp.where(flip, n - x, x)
 
 
@@ -475,40 +628,36 @@ def multinomial(key: Array, n: Array, probs: Array) -> Array:
     """Multinomial(n, probs) counts `[K]` for one chain, exact, at a cost independent of n.
 
     Conditional binomials in a `lax.scan` over the states: X_i ~ Bin(n - sum_{j<i} X_j,
-    p_i / sum_{j>=i} p_j). The remaining masses are suffix sums (accurate for tiny tail
-    probabilities, unlike 1 - cumsum). Sequential over K but, vmapped over chains, every step is a
-    full-width vector operation: K binomials per chain and one compiled binomial. States of zero
-    probability always get zero counts (absorption is exact). The uniforms are fused-hash words
-    of `key` (`prng.random_words`: 5 per state, the inversion's and two BTRS rounds').
+    p_i / sum_{j>=i} p_j), and the last state takes what is left. The remaining masses are
+    suffix sums (accurate for tiny tail probabilities, unlike 1 - cumsum); the last positive
+    state's ratio is exactly 1, so states of zero probability always get zero counts
+    (absorption is exact). Vmapped over chains, each state's binomials are one batched call
+    (`_binomial_words`' vmap rule), grouped by regime across the chains. State i hashes the
+    counters (WORDS + i, round) under the chain's key.
 
     Args:
       key: a PRNG key.
       n: int scalar, the number of draws (may be traced).
       probs: [K] non-negative weights (normalised internally).
     Returns:
-      int32 [K] counts summing to n.
+      int32 [K] counts summing to n (if any weight is positive).
     """
     probs = jnp.asarray(probs, _F)
     (num_states,) = probs.shape
     rem = jnp.cumsum(probs[::-1])[::-1]  # [K] mass of states i..K-1
     cond = jnp.where(rem > 0, probs / jnp.where(rem > 0, rem, 1.0), 0.0)
-    cond = cond.at[-1].set(jnp.where(probs[-1] > 0, 1.0, 0.0))
-
-    # Every state's uniforms in one draw of fused-hash words (threefry keys: `prng`), and the
-    # rare fallback rounds' keys by fused fold_in: `jax.random.uniform` / `fold_in` here, vmapped
-    # inside the generational scan, cost ~20x NumPy's whole multinomial.
-    k_u, k_fb = prng.split(key, 2)
-    words = prng.random_words(k_u, num_states * _MULTINOMIAL_UNIFORMS)
-    us = _unit_open(words).reshape(num_states, _MULTINOMIAL_UNIFORMS)
+    k1, k2 = _key_words(key)
 
     def body(left, x):
-        i, p, u = x
-        draw = _binomial(lambda r: prng.fold_in(k_fb, i * 4096 + r), left, p, u)
+        stream, p = x
+        draw = _binomial_words(k1, k2, stream, left, p)
         return left - draw, draw
 
-    xs = (jnp.arange(num_states, dtype=jnp.int32), jnp.minimum(cond, 1.0), us)
-    _, counts = jax.lax.scan(body, jnp.asarray(n, jnp.int32), xs)
-    return counts
+    streams = prng.WORDS + jnp.arange(num_states - 1, dtype=jnp.uint32)
+    xs = (streams, jnp.minimum(cond[:-1], 1.0))
+    left, counts = jax.lax.scan(body, jnp.asarray(n, jnp.int32), xs)
+    last = jnp.where(probs[-1] > 0, left, 0)
+    return jnp.concatenate([counts, last[None]])
 
 
 def wishart_bartlett_factor(key: Array, df: Array, dim: int) -> Array:

@@ -40,37 +40,71 @@ def _chi2_discrete(x: np.ndarray, pmf: np.ndarray) -> float:
     return float(scipy.stats.chisquare(o, e).pvalue)
 
 
-_binomial = jax.jit(jax.vmap(samplers.binomial, in_axes=(0, None, None)))
+def test_binomial_edge_cases():
+    n = jnp.array([0, 5, 5, 100, 100, 2**23], jnp.int32)
+    p = jnp.array([0.4, 0.0, 1.0, 0.0, 1.0, 1.0], jnp.float32)
+    x = np.asarray(jax.jit(samplers.binomial)(jax.random.key(3), n, p))
+    np.testing.assert_array_equal(x, [0, 0, 5, 0, 100, 2**23])
 
 
-@pytest.mark.parametrize(
-    "n,p",
-    [
+def test_binomial_matches_scipy_in_every_regime():
+    """One call whose lanes mix every regime (inversion, BTRS, the p > 1/2 flip, n q at the
+    cut-over 10 on both sides, n up to 2^24 - 1, tiny p, n = 0, p = 0 and p = 1): each group's
+    draws match SciPy. 20,000 lanes per group, so the inversion lanes fill many blocks and the
+    BTRS lanes rejected in their first two rounds (~2%) several blocks of the retry loop."""
+    cases = [
         (7, 0.3),  # inversion
         (40, 0.2),  # inversion, n p = 8
         (50, 0.7),  # BTRS after the p > 1/2 flip (n q = 15)
         (1000, 0.5),  # BTRS
         (1_000_000, 0.01),  # BTRS at large n: needs the accurate acceptance test
         (3_000_000, 2e-6),  # inversion at large n, tiny p
-    ],
-)
-def test_binomial_matches_scipy(n, p):
-    keys = jax.random.split(jax.random.key(n), 20000)
-    x = np.asarray(_binomial(keys, jnp.int32(n), jnp.float32(p)))
-    assert x.min() >= 0 and x.max() <= n
-    p32 = float(np.float32(p))
-    lo, hi = int(scipy.stats.binom.ppf(1e-9, n, p32)), int(scipy.stats.binom.isf(1e-9, n, p32))
-    support = np.arange(lo, hi + 1)
-    pmf = scipy.stats.binom.pmf(support, n, p32)
-    assert x.min() >= lo and x.max() <= hi
-    assert _chi2_discrete(x - lo, pmf / pmf.sum()) > P_MIN
+        (9, 0.5),  # inversion, flip boundary
+        (21, 0.47),  # inversion, n q = 9.87 just below the cut-over
+        (20, 0.5),  # BTRS at n q = 10 exactly
+        (40, 0.75),  # BTRS after the flip
+        (2**24 - 1, 0.3),  # BTRS at the largest n
+        (2**24 - 1, 1e-7),  # inversion, n q = 1.7, tiny p
+    ]
+    per = 20000
+    n = np.concatenate([np.full(per, c[0]) for c in cases] + [np.array([0, 0, 7, 7, 2**24 - 1])])
+    p = np.concatenate([np.full(per, c[1]) for c in cases] + [np.array([0.3, 1.0, 0.0, 1.0, 1.0])])
+    x = np.asarray(
+        jax.jit(samplers.binomial)(
+            jax.random.key(5), jnp.asarray(n, jnp.int32), jnp.asarray(p, jnp.float32)
+        )
+    )
+    np.testing.assert_array_equal(x[-5:], [0, 0, 0, 7, 2**24 - 1])
+    for i, (ni, pi) in enumerate(cases):
+        xi = x[i * per : (i + 1) * per]
+        p32 = float(np.float32(pi))
+        lo = int(scipy.stats.binom.ppf(1e-9, ni, p32))
+        hi = int(scipy.stats.binom.isf(1e-9, ni, p32))
+        assert xi.min() >= lo and xi.max() <= hi, (ni, pi)
+        pmf = scipy.stats.binom.pmf(np.arange(lo, hi + 1), ni, p32)
+        assert _chi2_discrete(xi - lo, pmf / pmf.sum()) > P_MIN, (ni, pi)
 
 
-def test_binomial_edge_cases():
-    n = jnp.array([0, 5, 5, 100, 100, 2**23], jnp.int32)
-    p = jnp.array([0.4, 0.0, 1.0, 0.0, 1.0, 1.0], jnp.float32)
-    x = np.asarray(jax.jit(samplers.binomial)(jax.random.key(3), n, p))
-    np.testing.assert_array_equal(x, [0, 0, 5, 0, 100, 2**23])
+def test_multinomial_chain_does_not_depend_on_its_batch():
+    """Vmapped over chains, each state's binomials are drawn for all chains at once, grouped by
+    regime (a custom vmap rule): a chain's counts must still be the same whichever chains share
+    its batch, and equal the unbatched call's."""
+    probs = jnp.asarray([0.5, 0.2, 0.0, 0.25, 0.05], jnp.float32)
+    keys = jax.random.split(jax.random.key(12), 600)
+    ns = jnp.asarray(np.random.default_rng(0).integers(0, 3000, 600), jnp.int32)
+    draw = jax.vmap(samplers.multinomial, in_axes=(0, 0, None))
+    pick = np.array([3, 599, 17, 250])
+
+    @jax.jit  # one compile for the three batchings
+    def all_batchings(keys, ns):
+        one = samplers.multinomial(keys[42], ns[42], probs)
+        return draw(keys, ns, probs), draw(keys[pick], ns[pick], probs), one
+
+    big, few, one = map(np.asarray, all_batchings(keys, ns))
+    assert np.all(big[:, 2] == 0)
+    np.testing.assert_array_equal(big.sum(1), ns)
+    np.testing.assert_array_equal(few, big[pick])
+    np.testing.assert_array_equal(one, big[42])
 
 
 def test_gamma_and_chi_square_match_scipy():
