@@ -308,9 +308,8 @@ def simulate(
         sizes=sizes,
         measure=_record,
         chunk_size=chunk_size,
+        initial=np.asarray(learner.truth),  # index 0: the original distribution
     )
-    p0 = np.asarray(learner.truth)
-    p = np.concatenate([np.broadcast_to(p0, (1, *p.shape[1:])), p])
     return DiscreteSimulation(probs=p, sample_sizes=np.asarray(sizes))
 
 
