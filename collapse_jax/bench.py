@@ -282,44 +282,64 @@ def random_blocks(rows: int, vocab: int, length: int = BLOCK, seed: int = 0) -> 
     return ids
 
 
+def _trajectory(generations: int, first: np.ndarray) -> np.ndarray:
+    """The float32 array [G + 1, ...] of every generation's state, row 0 = `first`: what the
+    `simulate` functions return, so the NumPy baselines produce the same output (on a VM that
+    hands freed memory back to its host, first touching such an array costs as much as a
+    fraction of the run, on either side)."""
+    out = np.empty((generations + 1, *first.shape), np.float32)
+    out[0] = first
+    return out
+
+
 def numpy_gaussian_sample(rng, chains: int, generations: int, m: int):
-    """The sample method in NumPy: draw m points per chain and refit (d = 1, unbiased)."""
+    """The sample method in NumPy: draw m points per chain and refit (d = 1, unbiased); returns
+    the trajectories of the means and variances [G + 1, chains]."""
     mu, var = np.zeros(chains), np.ones(chains)
-    for _ in range(generations):
+    mus, vs = _trajectory(generations, mu), _trajectory(generations, var)
+    for g in range(generations):
         x = mu[:, None] + np.sqrt(var)[:, None] * rng.standard_normal((chains, m))
         mu, var = x.mean(1), x.var(1, ddof=1)
-    return mu, var
+        mus[g + 1], vs[g + 1] = mu, var
+    return mus, vs
 
 
 def numpy_gaussian_exact(rng, chains: int, generations: int, m: int):
-    """The exact method in NumPy: the sufficient statistics (normal mean, chi-square scatter)."""
+    """The exact method in NumPy: the sufficient statistics (normal mean, chi-square scatter);
+    returns the trajectories of the means and variances [G + 1, chains]."""
     mu, var = np.zeros(chains), np.ones(chains)
-    for _ in range(generations):
+    mus, vs = _trajectory(generations, mu), _trajectory(generations, var)
+    for g in range(generations):
         mu = mu + np.sqrt(var / m) * rng.standard_normal(chains)
         var = var * rng.chisquare(m - 1, chains) / (m - 1)
-    return mu, var
+        mus[g + 1], vs[g + 1] = mu, var
+    return mus, vs
 
 
 def numpy_discrete_sample(rng, probs: np.ndarray, chains: int, generations: int, m: int):
-    """The sample method in NumPy: m inverse-CDF draws per chain, then counts."""
+    """The sample method in NumPy: m inverse-CDF draws per chain, then counts; returns the
+    trajectory of the distributions [G + 1, chains, K]."""
     k = probs.size
     p = np.broadcast_to(probs, (chains, k)).copy()
+    ps = _trajectory(generations, p)
     offs = (np.arange(chains) * k)[:, None]
-    for _ in range(generations):
+    for g in range(generations):
         cdf = np.cumsum(p, axis=1)
         u = rng.random((chains, m)) * cdf[:, -1:]
         idx = (u[:, :, None] >= cdf[:, None, :]).sum(-1)
         counts = np.bincount((idx + offs).ravel(), minlength=chains * k).reshape(chains, k)
-        p = counts / m
-    return p
+        p = ps[g + 1] = counts / m
+    return ps
 
 
 def numpy_discrete_exact(rng, probs: np.ndarray, chains: int, generations: int, m: int):
-    """The exact method in NumPy: `Generator.multinomial` (C-level conditional binomials)."""
+    """The exact method in NumPy: `Generator.multinomial` (C-level conditional binomials);
+    returns the trajectory of the distributions [G + 1, chains, K]."""
     p = np.broadcast_to(probs, (chains, probs.size)).copy()
-    for _ in range(generations):
-        p = rng.multinomial(m, p) / m
-    return p
+    ps = _trajectory(generations, p)
+    for g in range(generations):
+        p = ps[g + 1] = rng.multinomial(m, p) / m
+    return ps
 
 
 def zipf_probs(k: int = 10) -> np.ndarray:
