@@ -253,9 +253,8 @@ def _computed(parts: list[list]) -> list[list]:
     of 20 points per chain); as outputs of `prng.materialize`'s once-run loop they compile in
     well under a second. The largest part, typically the pool carried from the previous
     generation and already a buffer, is left alone: copying it through the loop would double
-    the concatenation's memory traffic. 32-bit leaves travel as uint32 words; others as they are.
+    the concatenation's memory traffic. Only 32-bit leaves (what `materialize` carries) go through.
     """
-    u32 = jax.numpy.uint32
     sizes = [sum(x.size for x in ls) for ls in parts]
     big = sizes.index(max(sizes))
     where = [
@@ -266,11 +265,8 @@ def _computed(parts: list[list]) -> list[list]:
     ]
     if not where:
         return parts
-    words = [parts[i][j] for i, j in where]
-    done = prng.materialize(
-        [x if x.dtype == u32 else jax.lax.bitcast_convert_type(x, u32) for x in words]
-    )
+    done = prng.materialize([parts[i][j] for i, j in where])
     out = [list(ls) for ls in parts]
-    for (i, j), x, w in zip(where, words, done):
-        out[i][j] = w if x.dtype == u32 else jax.lax.bitcast_convert_type(w, x.dtype)
+    for (i, j), x in zip(where, done):
+        out[i][j] = x
     return out

@@ -45,7 +45,7 @@ def threefry2x32(k1: Array, k2: Array, x1: Array, x2: Array) -> tuple[Array, Arr
 
 
 def materialize(x: Any) -> Any:
-    """`x` (a pytree of uint32 arrays or keys), computed into buffers once.
+    """`x` (a pytree of keys or of 32-bit arrays), computed into buffers once.
 
     XLA fuses cheap element-wise producers, hashes included, into EVERY consumer fusion and
     recomputes them there (per output array, and per element of a broadcast); the outputs of a
@@ -54,7 +54,11 @@ def materialize(x: Any) -> Any:
     """
     leaves, tree = jax.tree.flatten(x)
     is_key = [jnp.issubdtype(v.dtype, jax.dtypes.prng_key) for v in leaves]
-    data = [jax.random.key_data(v) if k else v for v, k in zip(leaves, is_key)]
+    # The loop carries uint32 words: key data, or other 32-bit values reinterpreted.
+    data = [
+        jax.random.key_data(v) if k else jax.lax.bitcast_convert_type(v, _U)
+        for v, k in zip(leaves, is_key)
+    ]
 
     def body(c):
         _, vals = c
@@ -63,7 +67,9 @@ def materialize(x: Any) -> Any:
 
     _, out = jax.lax.while_loop(lambda c: ~c[0], body, (jnp.zeros((), bool), data))
     out = [
-        jax.random.wrap_key_data(o, impl=str(jax.random.key_impl(v))) if k else o
+        jax.random.wrap_key_data(o, impl=str(jax.random.key_impl(v)))
+        if k
+        else jax.lax.bitcast_convert_type(o, v.dtype)
         for o, v, k in zip(out, leaves, is_key)
     ]
     return jax.tree.unflatten(tree, out)
