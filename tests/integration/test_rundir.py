@@ -19,7 +19,7 @@ import yaml
 from collapse_jax import cli, plots, records, rundir
 from collapse_jax import config as config_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
