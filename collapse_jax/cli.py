@@ -55,9 +55,9 @@ def _default_out(cfg) -> pathlib.Path:
 def _run_experiment(
     exp: config_lib.ExperimentConfig, run_dir: pathlib.Path, progress: bool, repair: bool = False
 ):
-    from collapse_jax import generation, plots, records
+    from collapse_jax import loop, plots, records
 
-    learner = generation.make_learner(exp)  # validates the inputs before the run dir is touched
+    learner = loop.make_learner(exp)  # validates the inputs before the run dir is touched
     # The lock covers the whole run, figures and summary included (the loop re-enters it).
     with rundir.RunLock(run_dir):
         if repair:
@@ -65,7 +65,7 @@ def _run_experiment(
             if restart is not None:
                 print(f"{run_dir}: repaired; resuming at generation {restart}", file=sys.stderr)
         log.info("%s: running in %s", exp.name, run_dir)
-        result = generation.run_generations(exp, run_dir, learner=learner, progress=progress)
+        result = loop.run_generations(exp, run_dir, learner=learner, progress=progress)
         run = records.Run(run_dir)
         files = plots.make_figures(run, learner)
         table = plots.summary_table(result.rows)
@@ -104,11 +104,11 @@ def _cmd_sweep(args) -> int:
 
 def _print_plans(cfg) -> None:
     """`--dry-run`: each learner's own estimate of what the run will do (`learner.plan(cfg)`)."""
-    from collapse_jax import generation
+    from collapse_jax import loop
 
     experiments = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
     for exp in experiments:
-        learner = generation.make_learner(exp)
+        learner = loop.make_learner(exp)
         plan = learner.plan(exp) if hasattr(learner, "plan") else None
         if plan:
             disk = plan.get("disk_bytes_estimate")
@@ -124,7 +124,7 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from collapse_jax import generation, plots, records
+    from collapse_jax import loop, plots, records
 
     run = records.Run(args.run_dir)
     # Plotting never needs the lock (committed files are never rewritten), so a running
@@ -136,7 +136,7 @@ def _cmd_plot(args) -> int:
                 run.path, problems, "Resume the run with --repair to recompute it."
             )
         )
-    files = plots.make_figures(run, generation.make_learner(run.config))
+    files = plots.make_figures(run, loop.make_learner(run.config))
     print("\n".join(str(f) for f in files))
     return 0
 

@@ -89,7 +89,7 @@ def learner_class(kind: str) -> type:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class SelectionConfig:
-    """Selection of synthetic data (Feng et al. 2024), applied by `collapse_jax.selection`.
+    """Selection of synthetic data (Feng et al. 2024), applied by `collapse_jax.loop.selection`.
 
     Attributes:
       rho: keep ratio in (0, 1]: each generation draws ceil(M / rho) candidates and keeps the M

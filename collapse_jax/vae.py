@@ -32,7 +32,7 @@ from flax import nnx
 
 from collapse_jax import convs, mnist, records
 from collapse_jax.config import ConfigError
-from collapse_jax.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner
 
 Params = dict[str, Any]  # a pure dict of arrays (`nnx.split` state as plain dicts)
 

@@ -30,7 +30,7 @@ from collapse_jax.gmm.em import (
     moments,
     sample,
 )
-from collapse_jax.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -314,7 +314,7 @@ def replay_chain(
     learner: GMMLearner, seed: int, generations: list[int], generation: Any = None
 ) -> dict[int, np.ndarray]:
     """Training data of chain 0 at the given generations, recomputed by the loop core with the
-    run's keys (`generation.replay_data`): the run need not store every generation's data.
+    run's keys (`loop.replay_data`): the run need not store every generation's data.
 
     Args:
       learner: the run's learner; seed: the run's seed; generations: indices (0 = real data).
@@ -323,7 +323,7 @@ def replay_chain(
       {generation: [M_g, d] points}.
     """
     from collapse_jax import config as config_lib
-    from collapse_jax import generation as gen_lib
+    from collapse_jax import loop
 
     gcfg = config_lib.GenerationConfig() if generation is None else generation
-    return gen_lib.replay_data(learner, gcfg, seed, generations)
+    return loop.replay_data(learner, gcfg, seed, generations)

@@ -36,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import config as config_lib
-from collapse_jax.learner import AbstractLearner
 from collapse_jax.lm.data import LMCorpus, WikiTextConfig
 from collapse_jax.lm.decode import DecodeSettings
 from collapse_jax.lm.source import SourceDataConfig
 from collapse_jax.lm.train import TrainConfig
+from collapse_jax.loop.learner import AbstractLearner
 
 # Data sources of the LM experiment: `data.kind` -> "module:ConfigClass"; each class is a frozen
 # config with a `load() -> lm.data.LMCorpus` method (a ground-truth language plugs in here).

@@ -11,7 +11,7 @@ delta at state i with probability p_0(i); low-probability states are lost first 
   multivariate hypergeometric draws, exact as well.
 
 `simulate` runs many independent chains (vmap) over generations (lax.scan), chunked over chains;
-`DiscreteLearner` is the same model for the model-agnostic loop in `collapse_jax.generation`.
+`DiscreteLearner` is the same model for the model-agnostic loop in `collapse_jax.loop`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from collapse_jax import generation, metrics
+from collapse_jax import loop, metrics
 from collapse_jax.config import ConfigError, GenerationConfig
-from collapse_jax.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.theory import analytic, samplers
 from collapse_jax.theory.gaussian import RngImpl, _count, _with_impl, sample_size_schedule
 
@@ -256,7 +256,7 @@ class DiscreteSimulation:
 
 
 def _record(learner: Any, key: Array, params: Array, reference: Any) -> Array:
-    """What `simulate` keeps per generation (a `generation.simulate_chains` measure)."""
+    """What `simulate` keeps per generation (a `loop.simulate_chains` measure)."""
     return params
 
 
@@ -300,9 +300,9 @@ def simulate(
     except ConfigError as e:
         raise ValueError(str(e)) from None
     learner = DiscreteLearner(cfg)
-    p = generation.simulate_chains(
+    p = loop.simulate_chains(
         learner,
-        generation.Policy(policy, alpha, beta, gamma),
+        loop.Policy(policy, alpha, beta, gamma),
         key,
         chains=chains,
         sizes=sizes,

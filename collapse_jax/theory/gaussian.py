@@ -10,7 +10,7 @@ covariance. Two ways to draw a generation, equal in distribution:
   decomposition), independent (Cochran). Data = `GaussianStats(n, mean, scatter)`.
 
 `simulate` runs many independent chains (vmap) over generations (lax.scan), chunked over chains;
-`GaussianLearner` is the same model for the model-agnostic loop in `collapse_jax.generation`.
+`GaussianLearner` is the same model for the model-agnostic loop in `collapse_jax.loop`.
 
 Singular fits and the float32 floor (d > 1). Every draw uses a factor L with L L^T = Sigma that
 exists for positive SEMI-definite Sigma (`_chol`: LAPACK's Cholesky, `psd_cholesky` where that
@@ -39,9 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from collapse_jax import generation, metrics, prng
+from collapse_jax import loop, metrics, prng
 from collapse_jax.config import ConfigError, GenerationConfig
-from collapse_jax.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.theory import analytic, samplers
 
 _F = jnp.float32
@@ -572,7 +572,7 @@ class GaussianSimulation:
 
 
 def _record(learner: Any, key: Array, params: GaussianParams, reference: Any) -> tuple:
-    """What `simulate` keeps per generation (a `generation.simulate_chains` measure)."""
+    """What `simulate` keeps per generation (a `loop.simulate_chains` measure)."""
     return params.mean, params.cov
 
 
@@ -613,7 +613,7 @@ def simulate(
 
     Args:
       key: the base PRNG key; chain r and generation g draw with the keys of the generational
-        loop (`collapse_jax.generation`), so `simulate(jax.random.key(s), ...)` gives chain by
+        loop (`collapse_jax.loop`), so `simulate(jax.random.key(s), ...)` gives chain by
         chain the numbers of `collapse-jax run` with seed s (and nothing depends on chunking).
       chains: R, number of independent chains.
       generations: G, number of refits.
@@ -659,9 +659,9 @@ def simulate(
         raise ValueError(str(e)) from None
     learner = GaussianLearner(cfg)
     t = learner.truth
-    m, c = generation.simulate_chains(
+    m, c = loop.simulate_chains(
         learner,
-        generation.Policy(policy, alpha, beta, gamma),
+        loop.Policy(policy, alpha, beta, gamma),
         key,
         chains=chains,
         sizes=sizes,
