@@ -427,7 +427,7 @@ def bench_train(suite: Suite, ctx: dict) -> list[dict]:
     """The train step as `finetune` runs it (`prepare_training`), bf16 compute."""
     from flax import nnx
 
-    from collapse_jax import sharding
+    from collapse_jax.jaxtools import sharding
     from collapse_jax.lm import data as data_lib
     from collapse_jax.lm import train
 
@@ -576,7 +576,7 @@ def bench_decode(suite: Suite, ctx: dict) -> list[dict]:
 
 def bench_paper_generation(suite: Suite, ctx: dict) -> list[dict]:
     """One generation of the paper's LM loop, from measured slices (train, eval, regenerate)."""
-    from collapse_jax import sharding
+    from collapse_jax.jaxtools import sharding
     from collapse_jax.lm import train
 
     if "train_seconds_per_token" not in ctx:
@@ -752,7 +752,8 @@ def _mnist_or_random(n: int) -> tuple[np.ndarray, str]:
 def bench_vae(suite: Suite, ctx: dict) -> list[dict]:
     """Training epochs of the paper's VAE (Adam 1e-3, weight decay 1e-5) as `vae.train` runs
     them, against the same network in PyTorch."""
-    from collapse_jax import convs, vae
+    from collapse_jax import vae
+    from collapse_jax.jaxtools import convs
 
     images, source = _mnist_or_random(suite.vae_images)
     cfg = vae.VAEConfig(batch_size=suite.vae_batch, epochs=1)

@@ -239,7 +239,7 @@ class OPTLearner(AbstractLearner):
         if self.mesh_config is None:
             return None
         if "mesh" not in self._cache:
-            from collapse_jax import sharding
+            from collapse_jax.jaxtools import sharding
 
             self._cache["mesh"] = sharding.make_mesh(self.mesh_config.shape())
         return self._cache["mesh"]
