@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import records
+from collapse_jax.rundir import fileio
 
 # bf16 dense tensor-core / MXU peaks, TFLOP/s per chip (vendor datasheets, no sparsity), matched
 # in order as substrings of the lower-cased `device_kind` (more specific names first).
@@ -911,10 +911,10 @@ def run(
             progress(f"bench {name} ({suite.name}) ...")
         report["rows"].extend(BENCHES[name](suite, ctx))
         if out is not None:  # finished rows are never lost
-            records.atomic_write_text(pathlib.Path(out), json.dumps(report, indent=1) + "\n")
+            fileio.atomic_write_text(pathlib.Path(out), json.dumps(report, indent=1) + "\n")
     report["seconds"] = time.perf_counter() - t0
     if out is not None:
-        records.atomic_write_text(pathlib.Path(out), json.dumps(report, indent=1) + "\n")
+        fileio.atomic_write_text(pathlib.Path(out), json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -41,6 +41,7 @@ from collapse_jax.lm.data import LMCorpus, WikiTextConfig
 from collapse_jax.lm.decode import DecodeSettings
 from collapse_jax.lm.source import SourceDataConfig
 from collapse_jax.lm.train import TrainConfig
+from collapse_jax.rundir import fileio
 
 # Data sources of the LM experiment: `data.kind` -> "module:ConfigClass"; each class is a frozen
 # config with a `load() -> lm.data.LMCorpus` method (a ground-truth language plugs in here).
@@ -500,11 +501,10 @@ class OPTLearner(AbstractLearner):
 
     # --- persistence -----------------------------------------------------------------------
     def save_params(self, path: pathlib.Path, params: LMParams) -> None:
-        from collapse_jax import records
         from collapse_jax.lm import opt
 
         opt.save_pretrained(params.model, path)
-        records.atomic_write_json(path / "fit_info.json", params.info)
+        fileio.atomic_write_json(path / "fit_info.json", params.info)
         vocab = self.vocab()
         if vocab is not None:
             np.save(path / "token_ids.npy", vocab.ids)
