@@ -13,19 +13,19 @@ import re
 import shutil
 from collections.abc import Callable
 
-from collapse_jax import records, rundir
+from collapse_jax.rundir import fileio, guard
 
 
 def commit_generation(run_dir: pathlib.Path, g: int, row: dict, arrays: dict) -> None:
     """Writes generation g's per-chain arrays, then its summary row."""
-    records.save_npz(run_dir / "arrays" / f"gen_{g:05d}.npz", arrays)
-    records.atomic_write_json(run_dir / "generations" / f"gen_{g:05d}.json", row)
+    fileio.save_npz(run_dir / "arrays" / f"gen_{g:05d}.npz", arrays)
+    fileio.atomic_write_json(run_dir / "generations" / f"gen_{g:05d}.json", row)
 
 
 def commit_state(run_dir: pathlib.Path, next_generation: int, write: Callable) -> None:
     """Replaces `state/` by a folder that `write(tmp)` fills, plus meta.json and the manifest of
-    committed files (the commit; `rundir.commit_state`)."""
-    rundir.commit_state(run_dir, next_generation, write)
+    committed files (the commit; `rundir.guard.commit_state`)."""
+    guard.commit_state(run_dir, next_generation, write)
 
 
 def prune_params(folder: pathlib.Path, gcfg, newest: int) -> None:

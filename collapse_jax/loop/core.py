@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import config as config_lib
-from collapse_jax import prng
+from collapse_jax.jaxtools import prng
 from collapse_jax.loop.keys import chain_keys, generation_keys, vmapped_keys
 from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.loop.policy import (

@@ -15,12 +15,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+from tqdm.auto import tqdm
 
 from collapse_jax import config as config_lib
-from collapse_jax import records, rundir
 from collapse_jax.loop.jittable import batch_key, run_jittable, run_jittable_points
 from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.loop.sequential import run_sequential
+from collapse_jax.rundir import guard, reader
 
 Callback = Callable[[int, dict[str, Any]], None]
 
@@ -64,8 +65,8 @@ def _env_info() -> dict[str, Any]:
 def prepare_run_dir(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path) -> int:
     """Creates or checks `run_dir` (with its lock held); returns the first generation still to
     run. A run directory may be resumed with the same config, or with more generations; see
-    `collapse_jax.rundir.prepare`."""
-    return rundir.prepare(cfg, run_dir, _env_info)
+    `collapse_jax.rundir.guard.prepare`."""
+    return guard.prepare(cfg, run_dir, _env_info)
 
 
 def make_learner(cfg: config_lib.ExperimentConfig) -> AbstractLearner:
@@ -96,7 +97,7 @@ def run_generations(
     """
     run_dir = pathlib.Path(run_dir)
     learner = make_learner(cfg) if learner is None else learner
-    with rundir.RunLock(run_dir):  # one process per run directory, for the whole run
+    with guard.RunLock(run_dir):  # one process per run directory, for the whole run
         return _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after)
 
 
@@ -118,7 +119,7 @@ def run_batch(
     if len(cfgs) > 1 and key0 is not None and all(batch_key(c, learner) == key0 for c in cfgs):
         with contextlib.ExitStack() as locks:
             for d in run_dirs:
-                locks.enter_context(rundir.RunLock(d))
+                locks.enter_context(guard.RunLock(d))
             starts = [prepare_run_dir(c, d) for c, d in zip(cfgs, run_dirs)]
             if len(set(starts)) == 1:
                 for d in run_dirs:
@@ -128,8 +129,8 @@ def run_batch(
                     run_jittable_points(cfgs, learner, run_dirs, starts[0], noop, None)
                 out = []
                 for d in run_dirs:
-                    rows = records.Run(d).rows()
-                    records.write_tables(d, rows)
+                    rows = reader.Run(d).rows()
+                    reader.write_tables(d, rows)
                     out.append(Result(rows=rows, run_dir=d))
                 return out
     return [run_generations(c, d, learner=learner) for c, d in zip(cfgs, run_dirs)]
@@ -142,8 +143,6 @@ def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> R
     driver = run_jittable if learner.jittable else run_sequential
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=gcfg.num_generations, initial=start, desc=cfg.name, unit="gen")
 
     def committed(g: int, row: dict[str, Any]) -> None:
@@ -160,7 +159,7 @@ def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> R
     finally:
         if bar is not None:
             bar.close()
-    run = records.Run(run_dir)
+    run = reader.Run(run_dir)
     rows = run.rows()
-    records.write_tables(run_dir, rows)
+    reader.write_tables(run_dir, rows)
     return Result(rows=rows, run_dir=run_dir)

@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import config as config_lib
-from collapse_jax import records, rundir
-from collapse_jax import sharding as sharding_lib
+from collapse_jax.jaxtools import sharding as sharding_lib
 from collapse_jax.loop.blocks import advance, pad_rows, segments, shape_invariant
 from collapse_jax.loop.commit import commit_generation, commit_state, prune_params
 from collapse_jax.loop.core import evaluate, one_generation
@@ -23,6 +22,7 @@ from collapse_jax.loop.keys import base_key, reference_key
 from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.loop.policy import Policy, requested_real_size
 from collapse_jax.loop.summary import row_and_arrays
+from collapse_jax.rundir import fileio, guard
 
 
 def batch_key(cfg: config_lib.ExperimentConfig, learner: AbstractLearner) -> Any:
@@ -136,7 +136,7 @@ def run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) -
                 references[0],
             )[0]
         )
-        loaded = [records.load_tree(d / "state" / "carry.npz", template) for d in run_dirs]
+        loaded = [fileio.load_tree(d / "state" / "carry.npz", template) for d in run_dirs]
         carry = jax.tree.map(lambda *xs: np.stack(xs), *loaded) if batched else loaded[0]
     done = 0
     blocks = segments(
@@ -207,19 +207,19 @@ def _commit_block(gcfg, learner, run_dir, a, b, real_size, carry, metrics, commi
     """Commits generations [a, b) of one run: rows and arrays, kept params, then state/."""
     for i, g in enumerate(range(a, b)):
         per_chain = {k: v[i] for k, v in metrics.items()}
-        rundir.check_finite(g, per_chain, learner.infinite_metrics)  # before the commit
+        guard.check_finite(g, per_chain, learner.infinite_metrics)  # before the commit
         row, arrays = row_and_arrays(gcfg, g, real_size, per_chain)
         commit_generation(run_dir, g, row, arrays)
         if gcfg.keep_params != "last" and g == b - 1:
             # Only the block's last params exist on the host (use block_size: 1 for all).
             pdir = run_dir / "params" / f"gen_{g:05d}"
-            tmp = records.fresh_dir(pdir.parent, pdir.name)
-            records.save_tree(tmp / "params.npz", carry.params)
-            records.replace_dir(tmp, pdir)
+            tmp = fileio.fresh_dir(pdir.parent, pdir.name)
+            fileio.save_tree(tmp / "params.npz", carry.params)
+            fileio.replace_dir(tmp, pdir)
             prune_params(pdir.parent, gcfg, g)
 
     def write(tmp, carry=carry):
-        records.save_tree(tmp / "carry.npz", carry)
+        fileio.save_tree(tmp / "carry.npz", carry)
 
     commit_state(run_dir, b, write)
     for g in range(a, b):
@@ -236,5 +236,5 @@ def _check_memory(learner, reference, real_size, chains: int, block: int) -> Non
     data = jax.eval_shape(lambda: learner.real_data(k, real_size))
     measured = jax.eval_shape(lambda p: learner.evaluate(k, p, reference), params)
     # The carry: held, chunk outputs, concatenation, padding; the metrics of a block, twice.
-    per_chain = 4 * rundir.tree_bytes((params, data)) + 2 * block * rundir.tree_bytes(measured)
-    rundir.check_memory(per_chain, chains, "generation.num_trials")
+    per_chain = 4 * guard.tree_bytes((params, data)) + 2 * block * guard.tree_bytes(measured)
+    guard.check_memory(per_chain, chains, "generation.num_trials")

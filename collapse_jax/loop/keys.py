@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import prng
+from collapse_jax.jaxtools import prng
 
 # The reference (held-out) data's key: fold_in(base, REFERENCE_INDEX), beyond every chain index.
 REFERENCE_INDEX = 2**31 - 1

@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from collapse_jax import records, rundir
 from collapse_jax.loop.commit import commit_generation, commit_state, prune_params
 from collapse_jax.loop.keys import base_key, chain_keys, generation_keys, reference_key
 from collapse_jax.loop.policy import (
@@ -37,6 +36,7 @@ from collapse_jax.loop.policy import (
     training_set,
 )
 from collapse_jax.loop.summary import row_and_arrays
+from collapse_jax.rundir import fileio, guard
 
 
 def chain_dir(folder: pathlib.Path, r: int) -> pathlib.Path:
@@ -78,14 +78,14 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
                 pool = None
                 if not train_path.exists():
                     real = learner.real_data(k_real, real_size)
-                    records.save_npz(train_path, _data_arrays(real))
+                    fileio.save_npz(train_path, _data_arrays(real))
             else:
                 pool = _load_data(state / "data.npz")  # the data set next_data built
                 if not train_path.exists():
                     m_g = gcfg.sample_size(g, real_size)
                     prev = generation_keys(k_gens, g - 1)
                     train = training_set(learner, policy, prev, pool, m_g)
-                    records.save_npz(train_path, _data_arrays(train))
+                    fileio.save_npz(train_path, _data_arrays(train))
             data = _load_data(train_path)
             pool = data if pool is None else pool
             keys = generation_keys(k_gens, g)
@@ -98,20 +98,20 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
                     previous = learner.load_params(state / "params", params_template(r))
                 init = start_params(learner, policy, keys, k_base, previous)
                 params = learner.fit(keys["fit"], data, init, workdir=wdir / "fit")
-                tmp = records.fresh_dir(wdir, "fitted")
+                tmp = fileio.fresh_dir(wdir, "fitted")
                 learner.save_params(tmp, params)
                 (tmp / "DONE").write_text("ok\n")
-                records.replace_dir(tmp, fitted_dir)
+                fileio.replace_dir(tmp, fitted_dir)
             metrics_path = wdir / "metrics.npz"
             if metrics_path.exists():
-                m = records.load_npz(metrics_path)
+                m = fileio.load_npz(metrics_path)
             else:
                 m = {
                     **learner.evaluate(keys["eval"], params, reference),
                     **learner.data_metrics(data),
                 }
                 m = {k: np.asarray(v) for k, v in m.items()}
-                records.save_npz(metrics_path, m)
+                fileio.save_npz(metrics_path, m)
             per_chain.append(m)
             if not (wdir / "next.npz").exists():
                 counts = gcfg.shares(gcfg.sample_size(g + 1, real_size))
@@ -125,21 +125,21 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
                 new = next_data(
                     learner, policy, keys, pool, params, counts, real, workdir=wdir / "sample"
                 )
-                records.save_npz(wdir / "next.npz", _data_arrays(new))
+                fileio.save_npz(wdir / "next.npz", _data_arrays(new))
             del data, pool, params
         # Every chain has finished generation g: commit it.
         for r in range(R):
             wdir = chain_dir(work, r)
             dst = chain_dir(run_dir / "data", r) / f"gen_{g:05d}.npz"
-            records.save_npz(dst, records.load_npz(wdir / "train.npz"))
+            fileio.save_npz(dst, fileio.load_npz(wdir / "train.npz"))
             if gcfg.keep_params != "last":
                 pdir = chain_dir(run_dir / "params", r) / f"gen_{g:05d}"
-                tmp = records.fresh_dir(pdir.parent, pdir.name)
+                tmp = fileio.fresh_dir(pdir.parent, pdir.name)
                 shutil.copytree(wdir / "fitted", tmp, dirs_exist_ok=True)
-                records.replace_dir(tmp, pdir)
+                fileio.replace_dir(tmp, pdir)
                 prune_params(pdir.parent, gcfg, g)
         stacked = {k: np.stack([m[k] for m in per_chain]) for k in per_chain[0]}
-        rundir.check_finite(g, stacked, learner.infinite_metrics)  # before the commit
+        guard.check_finite(g, stacked, learner.infinite_metrics)  # before the commit
         row, arrays = row_and_arrays(gcfg, g, real_size, stacked)
         commit_generation(run_dir, g, row, arrays)
 
@@ -166,4 +166,4 @@ def _data_arrays(data: Any) -> dict[str, np.ndarray]:
 
 
 def _load_data(path: pathlib.Path) -> np.ndarray:
-    return records.load_npz(path)["data"]
+    return fileio.load_npz(path)["data"]
