@@ -191,44 +191,7 @@ class GenerationConfig:
                 "generation.sample_schedule",
                 "every sample size must be >= 2",
             )
-        for name in ("alpha", "beta", "gamma"):
-            v = getattr(self, name)
-            require(0.0 <= v <= 1.0, f"generation.{name}", f"must lie in [0, 1] (got {v})")
-        require(
-            self.policy in ("replace", "mix", "accumulate", "accumulate_subsample"),
-            "generation.policy",
-            f"{self.policy!r} is not replace, mix, accumulate or accumulate_subsample",
-        )
-        require(
-            self.real_data in ("fixed", "fresh"),
-            "generation.real_data",
-            f"{self.real_data!r} is not fixed or fresh",
-        )
-        if self.policy == "replace":
-            # alpha/beta/gamma only act under "mix": given with "replace" they would be ignored.
-            ignored = [
-                f"{n}={getattr(self, n)}"
-                for n, default in (("alpha", 1.0), ("beta", 0.0), ("gamma", 0.0))
-                if getattr(self, n) != default
-            ]
-            require(
-                not ignored,
-                "generation.policy",
-                f"is 'replace' (train on synthetic data only), which ignores {', '.join(ignored)};"
-                " use policy: mix to mix data",
-            )
-        if self.policy == "mix":
-            total = self.alpha + self.beta + self.gamma
-            require(
-                abs(total - 1.0) < 1e-9,
-                "generation.alpha/beta/gamma",
-                f"must sum to 1 (got {self.alpha} + {self.beta} + {self.gamma} = {total})",
-            )
-            require(
-                self.alpha > 0,
-                "generation.alpha",
-                "must be > 0: a generation without synthetic data does not chain models",
-            )
+        check_policy(self.policy, self.alpha, self.beta, self.gamma, self.real_data)
         require(self.num_trials >= 1, "generation.num_trials", "must be >= 1")
         require(self.chunk_size >= 1, "generation.chunk_size", "must be >= 1")
         require(self.block_size >= 1, "generation.block_size", "must be >= 1")
@@ -250,6 +213,49 @@ class GenerationConfig:
     def shares(self, num: int) -> tuple[int, int, int]:
         """Splits `num` points into (synthetic, previous, real) counts by largest remainder."""
         return split_shares(num, self.policy, (self.alpha, self.beta, self.gamma))
+
+
+def check_policy(policy: str, alpha: float, beta: float, gamma: float, real_data: str) -> None:
+    """Checks a mixing policy and its shares (`GenerationConfig`'s fields of the same names);
+    raises `ConfigError` naming the offending field."""
+    shares = {"alpha": alpha, "beta": beta, "gamma": gamma}
+    for name, v in shares.items():
+        require(0.0 <= v <= 1.0, f"generation.{name}", f"must lie in [0, 1] (got {v})")
+    require(
+        policy in ("replace", "mix", "accumulate", "accumulate_subsample"),
+        "generation.policy",
+        f"{policy!r} is not replace, mix, accumulate or accumulate_subsample",
+    )
+    require(
+        real_data in ("fixed", "fresh"),
+        "generation.real_data",
+        f"{real_data!r} is not fixed or fresh",
+    )
+    if policy == "replace":
+        # alpha/beta/gamma only act under "mix": given with "replace" they would be ignored.
+        ignored = [
+            f"{n}={shares[n]}"
+            for n, default in (("alpha", 1.0), ("beta", 0.0), ("gamma", 0.0))
+            if shares[n] != default
+        ]
+        require(
+            not ignored,
+            "generation.policy",
+            f"is 'replace' (train on synthetic data only), which ignores {', '.join(ignored)};"
+            " use policy: mix to mix data",
+        )
+    if policy == "mix":
+        total = alpha + beta + gamma
+        require(
+            abs(total - 1.0) < 1e-9,
+            "generation.alpha/beta/gamma",
+            f"must sum to 1 (got {alpha} + {beta} + {gamma} = {total})",
+        )
+        require(
+            alpha > 0,
+            "generation.alpha",
+            "must be > 0: a generation without synthetic data does not chain models",
+        )
 
 
 def split_shares(num: int, policy: str, fracs: tuple[float, float, float]) -> tuple[int, int, int]:

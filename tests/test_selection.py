@@ -110,13 +110,12 @@ def _gaussian_chains(scorer, rho, chains=4000, gens=5, m=20):
     from collapse_jax.theory import gaussian
 
     learner = gaussian.GaussianLearner(gaussian.GaussianConfig(method="sample"))
-    policy = loop.Policy(selection=SelectionConfig(rho=rho, scorer=scorer))
+    schedule = loop.Schedule.build([m] * gens, selection=SelectionConfig(rho=rho, scorer=scorer))
     mean, cov = loop.simulate_chains(
         learner,
-        policy,
+        schedule,
         jax.random.key(7),
         chains=chains,
-        sizes=[m] * gens,
         measure=gaussian._record,
         chunk_size=chains,
     )

@@ -9,18 +9,21 @@ for n in 0..G-1:
 ```
 
 Modules, in import order: `learner` (what the loop needs from a model family), `keys` (one key
-derivation everywhere), `selection` and `policy` (how a generation's training set is built),
-`core` (one generation of one chain, `chain_generation`, and of a batch of chains), `blocks`
+derivation everywhere), `schedule` (the `Schedule` of a run: its static `Policy` and its sizes),
+`selection` and `policy` (how a generation's training set is built), `core` (one generation of
+one chain in two halves, `build_data` and `finish`, and of a batch of chains), `blocks`
 (blocks of generations of a chunk of chains; `simulate_chains`), `summary` and `commit` (rows,
 arrays and the commit to a run directory), `jittable` and `sequential` (the two run drivers) and
 `driver` (`run_generations`, `run_batch`).
 
-The jittable entry points (`run_generations` for jittable learners, every `theory.*.simulate`
-through `simulate_chains`, the GMM figure replay through `replay_data`) go through
-`chain_generation`, so the same key gives the same per-chain numbers whichever ran them (up to
-float rounding of batched versus single-chain arithmetic). The loop alone owns the schedule: the
-mixing policy (`Policy`), the sample sizes and the keys; learners are told how many points to
-draw (see `collapse_jax.loop.learner`).
+Every entry point goes through the core's steps (`draw_pool`, `build_data`, the fit,
+`finish`): the jittable run driver and `simulate_chains` (every `theory.*.simulate`) through
+`chain_generation` inside the vmapped, scanned `core.block`, a learner's batched fit through
+`core.one_generation`, the GMM figure replay through `replay_data` and the sequential driver
+around its own persistence. The same key therefore gives the same per-chain numbers whichever
+ran them (up to float rounding of batched versus single-chain arithmetic). The loop alone owns
+the schedule (`Schedule`: the mixing policy and the sample sizes) and the keys; learners are
+told how many points to draw (see `collapse_jax.loop.learner`).
 
 Jittable learners run `R = num_trials` chains under `vmap`, `block_size` generations per
 `lax.scan`, `chunk_size` chains at a time; each finished block is committed to the run directory.
@@ -32,7 +35,14 @@ keeping each chain's fit and sample resumable inside `work/gen_XXXXX/[chain_XXXX
 """
 
 from collapse_jax.loop.blocks import SCAN_BLOCK, simulate_chains
-from collapse_jax.loop.core import chain_generation, one_generation, replay_data
+from collapse_jax.loop.core import (
+    build_data,
+    chain_generation,
+    draw_pool,
+    finish,
+    one_generation,
+    replay_data,
+)
 from collapse_jax.loop.driver import (
     Result,
     make_learner,
@@ -49,7 +59,8 @@ from collapse_jax.loop.keys import (
     reference_key,
 )
 from collapse_jax.loop.learner import AbstractLearner
-from collapse_jax.loop.policy import Carry, Policy
+from collapse_jax.loop.policy import Carry
+from collapse_jax.loop.schedule import Policy, Schedule
 from collapse_jax.loop.summary import summarize
 
 __all__ = [
@@ -59,10 +70,14 @@ __all__ = [
     "Carry",
     "Policy",
     "Result",
+    "Schedule",
     "base_key",
     "batch_key",
+    "build_data",
     "chain_generation",
     "chain_keys",
+    "draw_pool",
+    "finish",
     "generation_keys",
     "make_learner",
     "one_generation",

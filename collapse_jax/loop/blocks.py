@@ -1,12 +1,13 @@
-"""Driving blocks of generations for a chunk of chains (shared by the run driver and
-`simulate_chains`): the segmentation of generations into blocks, the shape check that decides
-whether a block can be one `lax.scan`, and `advance` over a block.
+"""Driving blocks of generations for a chunk of chains: the segmentation of generations into
+blocks, the shape check that decides whether a block can be one `lax.scan`, `advance` over a
+block, and `iter_blocks`, which both `simulate_chains` (in memory) and the jittable run driver
+(`loop.jittable`, which commits every block) consume.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ import numpy as np
 from collapse_jax.loop.core import block, one_generation
 from collapse_jax.loop.keys import base_key, reference_key
 from collapse_jax.loop.learner import AbstractLearner
-from collapse_jax.loop.policy import Policy
+from collapse_jax.loop.schedule import Policy, Schedule
 
 # Generations per compiled scan of `simulate_chains` (traced sizes: one compile for any G).
 SCAN_BLOCK = 16
@@ -98,7 +99,6 @@ def advance(
     *,
     scan: bool,
     pad_to: int | None = None,
-    points: bool = False,
     knobs: Any = None,
 ):
     """Generations [a, b) of a chunk of chains; returns (carry, measured [b - a, R, ...]).
@@ -106,27 +106,9 @@ def advance(
     `pad_to` (only where the caller discards the carry afterwards) pads a traced-count scan to a
     fixed length by repeating the last generation, so every block shares one compilation.
     `knobs`: traced values of the learner's `knob_fields` ({name: scalar}) or None.
-    `points`: a sweep batch (`_advance_points`): `key`, `carry`, `reference` and `knobs` have a
-    leading point axis P, `counts_of(g)` is a list over the points, and measured is
-    [P, b - a, R, ...].
     """
     static = learner.static_sample_size
     first = a == 0
-    if points:
-        return _advance_points(
-            learner,
-            policy,
-            measure,
-            key,
-            chains,
-            a,
-            b,
-            carry,
-            reference,
-            counts_of,
-            knobs,
-            scan=scan,
-        )
     if learner.fit_chains is not None or not scan:
         outs = []
         for g in range(a, b):
@@ -173,59 +155,85 @@ def advance(
     return carry, jax.tree.map(lambda x: x[:n], out)
 
 
-def _advance_points(
-    learner, policy, measure, keys, chains, a, b, carry, reference, counts_of, knobs, *, scan
-):
-    """`advance` for a sweep batch of P points (see there): each point runs `advance` itself,
-    with its own key, carry, reference, counts and knobs, all traced. The points therefore share
-    ONE compiled program per block (the static arguments are equal) and each gets exactly a
-    separate run's numbers: a separate run executes the very same program. (Points inside one
-    program, by `vmap` or `lax.map`, changed float32 results in the last bit: XLA fuses the
-    extra loop's body differently, e.g. for the "mix" policy.)"""
-    outs, carries = [], []
-    for p in range(keys.shape[0]):
-        at = lambda x, p=p: x[p]  # noqa: E731
-        c, out = advance(
+def iter_blocks(
+    learner: AbstractLearner,
+    policy: Policy,
+    measure: Callable,
+    key: jax.Array,
+    chains: jax.Array,
+    carry: Any,
+    reference: Any,
+    counts_of: Callable[[int], Any],
+    *,
+    start: int,
+    stop: int,
+    block_size: int,
+    knobs: Any = None,
+    put: Callable | None = None,
+    keep: Callable | None = None,
+    pad_last: int | None = None,
+) -> Iterator[tuple[int, int, Any, Any]]:
+    """Generations [start, stop) of one chunk of chains, a block at a time (`segments`; a
+    block is one scan where the carry keeps its shapes, `shape_invariant`).
+
+    Args:
+      key: the run's base key; chains: [R] uint32 chain indices (a padded chunk).
+      carry: generation start - 1's carry of these chains (None when start = 0).
+      counts_of: g -> generation g's counts (`Schedule.counts`).
+      knobs: traced values of the learner's `knob_fields` ({name: scalar}) or None.
+      put: applied to every leaf of the carry before each block (e.g. placing it on a mesh).
+      keep: applied to every leaf of the carry after each block (e.g. `np.asarray`: between
+        blocks the carry waits on the host, so the device holds one chunk's at a time).
+      pad_last: pad the last block's traced-count scan to this length (its carry is then
+        garbage; for callers that discard the final carry).
+    Yields:
+      (a, b, carry, measured): generations [a, b), the carry after b - 1, and measured leaves
+      [b - a, R, ...].
+    """
+    for a, b in segments(start, stop, block_size, counts_of, learner.static_sample_size):
+        if put is not None and carry is not None:
+            carry = jax.tree.map(put, carry)
+        scan = a > 0 and shape_invariant(
+            learner, policy, measure, key, chains, carry, reference, a, counts_of(a)
+        )
+        carry, measured = advance(
             learner,
             policy,
             measure,
-            keys[p],
+            key,
             chains,
             a,
             b,
-            None if carry is None else jax.tree.map(at, carry),
-            jax.tree.map(at, reference),
-            lambda g, p=p: counts_of(g)[p],
+            carry,
+            reference,
+            counts_of,
             scan=scan,
-            knobs=jax.tree.map(at, knobs),
+            pad_to=pad_last if b == stop else None,
+            knobs=knobs,
         )
-        carries.append(c)
-        outs.append(out)
-    stack = lambda *xs: jnp.stack(xs)  # noqa: E731
-    return jax.tree.map(stack, *carries), jax.tree.map(stack, *outs)
+        if keep is not None:
+            carry = jax.tree.map(keep, carry)
+        yield a, b, carry, measured
 
 
 def simulate_chains(
     learner: AbstractLearner,
-    policy: Policy,
+    schedule: Schedule,
     key: jax.Array,
     *,
     chains: int,
-    sizes: Sequence[int],
     measure: Callable,
     chunk_size: int,
     initial: Any = None,
 ) -> Any:
-    """Runs `chains` chains for `len(sizes)` generations in memory (the `simulate` functions).
+    """Runs `chains` chains for the schedule's G generations in memory (the `simulate` functions).
 
     Chain r and generation g draw exactly what `collapse-jax run` draws with the base key
     `key(seed)`: `simulate(key=jax.random.key(seed))` and the CLI agree chain by chain.
 
     Args:
-      learner: a jittable learner; policy: the mixing policy.
+      learner: a jittable learner; schedule: the policy and the G generations' sizes.
       key: the base key; chains: R.
-      sizes: [G] training-set sizes: sizes[0] real points, sizes[g] the size of generation g's
-        training set (accumulate: the number of synthetic points added).
       measure: `measure(learner, key, params, reference)` -> pytree kept per generation (a
         hashable, module-level function).
       chunk_size: chains per batch (bounds memory).
@@ -239,14 +247,11 @@ def simulate_chains(
         raise ValueError(f"chains must be >= 1, got {chains}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    gens = len(sizes)
+    gens = schedule.num_generations
     if gens < 1:
         raise ValueError("generations must be >= 1")
     key = base_key(key)
-    static = learner.static_sample_size
-
-    def counts_of(g: int) -> Any:
-        return int(sizes[0]) if g == 0 else policy.shares(int(sizes[g]))
+    policy, counts_of = schedule.policy, schedule.counts
 
     size = min(chunk_size, chains)
     reference = learner.reference(reference_key(key))
@@ -254,26 +259,21 @@ def simulate_chains(
     for start in range(0, chains, size):
         # The last chunk is padded with further chain indices (computed, then dropped).
         idx = jnp.arange(start, start + size, dtype=jnp.uint32)
-        carry, parts = None, []
-        for a, b in segments(0, gens, SCAN_BLOCK, counts_of, static):
-            scan = a > 0 and shape_invariant(
-                learner, policy, measure, key, idx, carry, reference, a, counts_of(a)
-            )
-            carry, part = advance(
-                learner,
-                policy,
-                measure,
-                key,
-                idx,
-                a,
-                b,
-                carry,
-                reference,
-                counts_of,
-                scan=scan,
-                pad_to=SCAN_BLOCK if b == gens else None,
-            )
-            parts.append((a, part))
+        blocks = iter_blocks(
+            learner,
+            policy,
+            measure,
+            key,
+            idx,
+            None,
+            reference,
+            counts_of,
+            start=0,
+            stop=gens,
+            block_size=SCAN_BLOCK,
+            pad_last=SCAN_BLOCK,
+        )
+        parts = [(a, part) for a, _, _, part in blocks]
         # Each block's rows copied once, straight into place (fetched only now, so the device
         # ran ahead of this Python loop); the last chunk's padding chains are dropped.
         lead = 0 if initial is None else 1

@@ -28,12 +28,12 @@ def commit_state(run_dir: pathlib.Path, next_generation: int, write: Callable) -
     guard.commit_state(run_dir, next_generation, write)
 
 
-def prune_params(folder: pathlib.Path, gcfg, newest: int) -> None:
+def prune_params(folder: pathlib.Path, keep_params: str, newest: int) -> None:
     """`keep_params: first_last`: drop kept parameters other than the first kept generation's
     (generation 0; for jittable learners, whose parameters reach the host only at the end of a
     block, the first block's last) and the newest. Runs after the newest is committed, so a kill
     in between leaves one folder too many, never one too few."""
-    if gcfg.keep_params != "first_last":
+    if keep_params != "first_last":
         return
     kept = []
     for p in folder.glob("gen_*"):

@@ -1,9 +1,16 @@
-"""The loop core: one generation of one chain (`chain_generation`), a block of generations of a
-chunk of chains (`block`: vmap over chains, scan over generations), and one generation of a
-batch of chains (`one_generation`, which uses a learner's batched fit where it has one).
+"""The loop core. One generation of one chain is
 
-Every entry point (the run drivers, `simulate_chains`, `replay_data`) goes through
-`chain_generation`, so the same key gives the same per-chain numbers whichever ran them.
+    pool = draw_pool(...)                     # real data, or generation g - 1's sample, mixed
+    data, start = build_data(..., pool, ...)  # the training set and where the fit starts
+    params = learner.fit(keys["fit"], data, start)
+    carry, measured = finish(...)             # what g + 1 needs, and what is kept of g
+
+(`chain_generation`). The jitted `block` runs it vmapped over a chunk of chains and scanned over
+a block of generations; `one_generation` runs one generation of a chunk, with the learner's
+batched fit where it has one (`prepare_chunk`, `fit_chains`, `finish_chunk`); `replay_data`
+reruns one chain; the sequential driver (`loop.sequential`) calls the same four steps with its
+persistence around each. The same key therefore gives the same per-chain numbers whichever
+entry point ran them.
 """
 
 from __future__ import annotations
@@ -22,24 +29,127 @@ from collapse_jax.loop.keys import chain_keys, generation_keys, vmapped_keys
 from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.loop.policy import (
     Carry,
-    Policy,
     carry_of,
     next_data,
-    requested_real_size,
     start_params,
     synthetic_noise,
     training_set,
 )
+from collapse_jax.loop.schedule import Policy, Schedule, requested_real_size
 
 
-def evaluate(learner: AbstractLearner, key, params, reference) -> dict[str, Any]:
-    """The default `measure` of a generation: the learner's metrics."""
-    return learner.evaluate(key, params, reference)
+def evaluate(learner: AbstractLearner, key, params, reference, data) -> dict[str, Any]:
+    """The default `measure` of a generation: the learner's metrics of its fitted model, then
+    those of its training data (`data_metrics`)."""
+    return {**learner.evaluate(key, params, reference), **learner.data_metrics(data)}
 
 
-def nothing(learner, key, params, reference) -> tuple:
+def nothing(learner, key, params, reference, data) -> tuple:
     """A `measure` that keeps nothing."""
     return ()
+
+
+def draw_pool(
+    learner: AbstractLearner,
+    policy: Policy,
+    ks: tuple[jax.Array, jax.Array, jax.Array],
+    g: jax.Array | int,
+    carry: Carry | None,
+    counts: Any,
+    noise: Any = None,
+    **kw: Any,
+) -> Any:
+    """The data set generation `g` of one chain draws its training set from: for g = 0 (`carry`
+    None) the chain's real data, later generation g - 1's sample mixed by the policy (the pool
+    of all data so far for the accumulate policies).
+
+    Args:
+      ks: the chain's (k_real, k_base, k_gens) (`chain_keys`).
+      carry: generation g - 1's `Carry`; None for generation 0.
+      counts: generation 0: M_0, the number of real points; later: (synthetic, previous, real).
+      noise: `synthetic_noise(learner, policy, k_gens, g - 1, counts[0])`, drawn ahead by the
+        caller (`block`, for a block of generations at once); None: drawn here (the same
+        numbers), and passed to `learner.sample`.
+      kw: passed to `learner.sample` (the sequential driver: `workdir`).
+    """
+    k_real, _, k_gens = ks
+    if carry is None:
+        return learner.real_data(k_real, counts)
+    # Generation g's data is generation g - 1's sample: drawn with ITS keys.
+    prev_keys = generation_keys(k_gens, g - 1)
+    if noise is None:
+        noise = synthetic_noise(learner, policy, k_gens, g - 1, counts[0])
+    if noise is not None:
+        kw = {**kw, "noise": noise}
+    return next_data(
+        learner,
+        policy,
+        prev_keys,
+        carry.data,
+        carry.params,
+        counts,
+        real=carry.real,
+        anchor=carry.anchor,
+        **kw,
+    )
+
+
+def build_data(
+    learner: AbstractLearner,
+    policy: Policy,
+    ks: tuple[jax.Array, jax.Array, jax.Array],
+    g: jax.Array | int,
+    keys: dict[str, jax.Array],
+    carry: Carry | None,
+    pool: Any,
+    counts: Any,
+) -> tuple[Any, Any]:
+    """The first half of generation `g` of one chain, from its `draw_pool`: what it fits (the
+    pool itself, or for accumulate_subsample a random subset of it) and where its fit starts.
+
+    Args:
+      keys: generation g's `generation_keys`; carry: generation g - 1's (None for g = 0).
+      counts: as `draw_pool`'s.
+    Returns:
+      (data, start).
+    """
+    _, k_base, k_gens = ks
+    if carry is None:
+        data, previous = pool, None
+    else:
+        data = training_set(learner, policy, generation_keys(k_gens, g - 1), pool, counts[0])
+        previous = carry.params
+    return data, start_params(learner, policy, keys, k_base, previous)
+
+
+def finish(
+    learner: AbstractLearner,
+    policy: Policy,
+    keys: dict[str, jax.Array],
+    carry: Carry | None,
+    data: Any,
+    pool: Any,
+    params: Any,
+    reference: Any = None,
+    measure: Callable = evaluate,
+) -> tuple[Carry, Any]:
+    """The second half of generation g of one chain, after its fit: what it hands to g + 1 and
+    what is kept of it.
+
+    Args:
+      keys: generation g's `generation_keys`; carry: generation g - 1's (None for g = 0).
+      data, pool: what generation g fitted and its pool (`build_data`, `draw_pool`).
+      params: the fitted model.
+      measure: `measure(learner, key, params, reference, data)` -> pytree kept per generation.
+    Returns:
+      (carry, measured).
+    """
+    if carry is None:  # generation 0: its data are the chain's real data, its fit the anchor
+        real, anchor = pool, None
+    else:
+        real, anchor = carry.real, carry.anchor
+    out = measure(learner, keys["eval"], params, reference, data)
+    return carry_of(policy, params, pool, real, anchor), out
 
 
 def chain_generation(
@@ -51,56 +161,20 @@ def chain_generation(
     counts: Any,
     reference: Any = None,
     measure: Callable = evaluate,
-    fit: bool = True,
     noise: Any = None,
 ) -> tuple[Any, Carry, Any]:
-    """Generation `g` of one chain: build its training set, fit, measure.
+    """Generation `g` of one chain: `draw_pool`, `build_data`, fit, `finish` (arguments as
+    there).
 
-    Args:
-      ks: the chain's (k_real, k_base, k_gens) (`chain_keys`).
-      g: the generation index.
-      carry: generation g - 1's `Carry`; None for generation 0 (whose data is real).
-      counts: generation 0: M_0, the number of real points; later: (synthetic, previous, real).
-      measure: `measure(learner, key, params, reference)` -> pytree kept per generation.
-      fit: False stops after building the data and the fit's starting params (for learners
-        whose fit runs batched over chains outside this function).
-      noise: `synthetic_noise(learner, policy, k_gens, g - 1, counts[0])`, drawn ahead by the
-        caller (`block`, for a block of generations at once); None: drawn here (the same
-        numbers), and passed to `learner.sample`.
     Returns:
-      (data, carry, measured): data is what generation g fits; with `fit=False`,
-      ((data, pool, real, anchor), start params, fit key) instead (anchor: None at g = 0).
+      (data, carry, measured): data is what generation g fits.
     """
-    k_real, k_base, k_gens = ks
-    if carry is None:
-        data = pool = real = learner.real_data(k_real, counts)
-        previous = anchor = None
-    else:
-        # Generation g's data is generation g - 1's sample: drawn with ITS keys, so a run that
-        # persists the next data at the end of g - 1 (the non-jittable path) draws the same.
-        prev_keys = generation_keys(k_gens, g - 1)
-        if noise is None:
-            noise = synthetic_noise(learner, policy, k_gens, g - 1, counts[0])
-        pool = next_data(
-            learner,
-            policy,
-            prev_keys,
-            carry.data,
-            carry.params,
-            counts,
-            real=carry.real,
-            anchor=carry.anchor,
-            **({} if noise is None else {"noise": noise}),
-        )
-        data = training_set(learner, policy, prev_keys, pool, counts[0])
-        previous, real, anchor = carry.params, carry.real, carry.anchor
-    keys = generation_keys(k_gens, g)
-    init = start_params(learner, policy, keys, k_base, previous)
-    if not fit:
-        return (data, pool, real, anchor), init, keys["fit"]
-    params = learner.fit(keys["fit"], data, init)
-    out = measure(learner, keys["eval"], params, reference)
-    return data, carry_of(policy, params, pool, real, anchor), out
+    keys = generation_keys(ks[2], g)
+    pool = draw_pool(learner, policy, ks, g, carry, counts, noise)
+    data, start = build_data(learner, policy, ks, g, keys, carry, pool, counts)
+    params = learner.fit(keys["fit"], data, start)
+    carry, out = finish(learner, policy, keys, carry, data, pool, params, reference, measure)
+    return data, carry, out
 
 
 @functools.partial(
@@ -189,30 +263,33 @@ def _block_noise(learner, policy, k_gens, gens, counts_arr, cnt_of) -> Any:
 
 
 @functools.partial(jax.jit, static_argnames=("learner", "policy", "counts", "first"))
-def prepare(learner, policy, key, chains, g, carry, counts_arr, *, counts, first):
-    """Data, fit starts and fit keys of generation g for a chunk (learners with `fit_chains`)."""
+def prepare_chunk(learner, policy, key, chains, g, carry, counts_arr, *, counts, first):
+    """`draw_pool` and `build_data` of generation g for a chunk of chains (learners with
+    `fit_chains`): their (data, pool, start) and fit keys."""
 
     def one(chain_ks, carry):
         if counts is not None:
             cnt = counts
         else:
             cnt = counts_arr[0] if first else (counts_arr[0], counts_arr[1], counts_arr[2])
-        return chain_generation(
-            learner, policy, chain_ks, g, None if first else carry, cnt, fit=False
-        )
+        keys = generation_keys(chain_ks[2], g)
+        carry = None if first else carry
+        pool = draw_pool(learner, policy, chain_ks, g, carry, cnt)
+        data, start = build_data(learner, policy, chain_ks, g, keys, carry, pool, cnt)
+        return (data, pool, start), keys["fit"]
 
     return jax.vmap(one)(vmapped_keys(key, chains), carry)
 
 
 @functools.partial(jax.jit, static_argnames=("learner", "policy", "measure"))
-def finish(learner, policy, measure, key, chains, g, sets, params, reference):
-    def one(chain_ks, sets, params):
-        keys = generation_keys(chain_ks[2], g)
-        out = measure(learner, keys["eval"], params, reference)
-        _, pool, real, anchor = sets
-        return carry_of(policy, params, pool, real, anchor), out
+def finish_chunk(learner, policy, measure, key, chains, g, carry, data, pool, params, reference):
+    """`finish` of generation g for a chunk of chains (learners with `fit_chains`)."""
 
-    return jax.vmap(one)(vmapped_keys(key, chains), sets, params)
+    def one(chain_ks, carry, data, pool, params):
+        keys = generation_keys(chain_ks[2], g)
+        return finish(learner, policy, keys, carry, data, pool, params, reference, measure)
+
+    return jax.vmap(one)(vmapped_keys(key, chains), carry, data, pool, params)
 
 
 def one_generation(
@@ -265,11 +342,13 @@ def one_generation(
             knobs=knobs,
         )
         return carry, jax.tree.map(lambda x: x[0], out)
-    sets, init, fit_keys = prepare(
+    (data, pool, start), fit_keys = prepare_chunk(
         learner, policy, key, chains, jnp.int32(g), carry, c_arr, counts=cnt, first=first
     )
-    params = learner.fit_chains(fit_keys, sets[0], init)
-    return finish(learner, policy, measure, key, chains, jnp.int32(g), sets, params, reference)
+    params = learner.fit_chains(fit_keys, data, start)
+    return finish_chunk(
+        learner, policy, measure, key, chains, jnp.int32(g), carry, data, pool, params, reference
+    )
 
 
 def replay_data(
@@ -287,24 +366,25 @@ def replay_data(
     Returns:
       {generation: data} with NumPy leaves.
     """
-    policy = Policy.of(gcfg)
     ks = chain_keys(seed_or_key, chain)
     wanted = sorted(set(generations))
     real_size = learner.real_size(requested_real_size(gcfg))
+    schedule = Schedule.of(gcfg, real_size, max(wanted, default=-1) + 1)
+    policy = schedule.policy
     static = learner.static_sample_size
 
-    @functools.partial(jax.jit, static_argnums=(2,))
-    def step(g, carry, counts, counts_arr):
+    @functools.partial(jax.jit, static_argnames=("counts",))
+    def step(g, carry, counts_arr, *, counts):
         cnt = counts if static else counts_arr
         data, carry, _ = chain_generation(learner, policy, ks, g, carry, cnt, None, nothing)
         return data, carry
 
     out: dict[int, Any] = {}
     carry = None
-    for g in range(max(wanted, default=-1) + 1):
-        counts = real_size if g == 0 else gcfg.shares(gcfg.sample_size(g, real_size))
+    for g in range(schedule.num_generations):
+        counts = schedule.counts(g)
         arr = jax.tree.map(jnp.int32, counts)
-        data, carry = step(jnp.int32(g), carry, counts if static else None, arr)
+        data, carry = step(jnp.int32(g), carry, arr, counts=counts if static else None)
         if g in wanted:
             out[g] = jax.tree.map(np.asarray, data)
     return out

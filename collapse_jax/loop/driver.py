@@ -110,7 +110,7 @@ def run_batch(
     """Runs (or resumes) several experiments of equal `batch_key` on ONE compiled program per
     block of generations (a sweep's grid points that differ only in seed, knobs such as lambda,
     or traced sample sizes and mix shares), each committed to its own run directory with the
-    numbers a run of its own gives (`_advance_points`). Falls back to one run after
+    numbers a run of its own gives (`jittable.run_jittable_points`). Falls back to one run after
     the other when they cannot be batched or stand at different generations (a resumed sweep).
     """
     run_dirs = [pathlib.Path(d) for d in run_dirs]

@@ -27,14 +27,10 @@ import jax
 import numpy as np
 
 from collapse_jax.loop.commit import commit_generation, commit_state, prune_params
+from collapse_jax.loop.core import build_data, draw_pool, finish, nothing
 from collapse_jax.loop.keys import base_key, chain_keys, generation_keys, reference_key
-from collapse_jax.loop.policy import (
-    Policy,
-    next_data,
-    requested_real_size,
-    start_params,
-    training_set,
-)
+from collapse_jax.loop.policy import Carry
+from collapse_jax.loop.schedule import Schedule, requested_real_size
 from collapse_jax.loop.summary import row_and_arrays
 from collapse_jax.rundir import fileio, guard
 
@@ -44,8 +40,17 @@ def chain_dir(folder: pathlib.Path, r: int) -> pathlib.Path:
 
 
 def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
+    """Runs (or resumes) generations [start, G) of a non-jittable learner in `run_dir` (locked
+    and prepared by the caller): the core's steps (`draw_pool`, `build_data`, fit, `finish`)
+    for every chain, each step's result persisted in work/ so that a killed run resumes within
+    a generation, then the generation's commit."""
     gcfg = cfg.generation
-    policy = Policy.of(gcfg)
+    real_size = learner.real_size(requested_real_size(gcfg))
+    # Generation g's pool is drawn at the end of generation g - 1 (state/data.npz), so the
+    # schedule reaches one generation beyond the run where the config defines its size.
+    more = gcfg.sample_schedule is None or len(gcfg.sample_schedule) > gcfg.num_generations
+    schedule = Schedule.of(gcfg, real_size, gcfg.num_generations + int(more))
+    policy = schedule.policy
     if policy.keeps_anchor:  # refused before any fit, not at the end of generation 0
         raise ValueError(
             f"generation.selection.scorer: 'generation0' needs a jittable learner "
@@ -53,7 +58,6 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
         )
     key, R = base_key(cfg.seed), gcfg.num_trials
     reference = learner.reference(reference_key(key))
-    real_size = learner.real_size(requested_real_size(gcfg))
     ks = [chain_keys(key, r) for r in range(R)]
     template: list[Any] = [None] * R
 
@@ -62,71 +66,76 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
             template[r] = learner.init(ks[r][1])
         return template[r]
 
+    def previous_carry(r: int, g: int) -> Carry | None:
+        """What `build_data` and `finish` read of generation g - 1's carry (None at g = 0): its
+        params where the fit starts from them, the chain's fixed real set."""
+        if g == 0:
+            return None
+        params = real = None
+        if policy.init_from == "previous":
+            params = learner.load_params(
+                chain_dir(run_dir / "state", r) / "params", params_template(r)
+            )
+        if policy.keeps_real:  # the chain's fixed real set: its generation-0 data
+            real = _load_data(chain_dir(run_dir / "data", r) / "gen_00000.npz")
+        return Carry(params, None, real)
+
     done = 0
     for g in range(start, gcfg.num_generations):
         work = run_dir / "work" / f"gen_{g:05d}"
+        counts = schedule.counts(g)
         per_chain = []
         for r in range(R):
-            k_real, k_base, k_gens = ks[r]
             state = chain_dir(run_dir / "state", r)
             wdir = chain_dir(work, r)
             wdir.mkdir(parents=True, exist_ok=True)
+            keys = generation_keys(ks[r][2], g)
+            carry = previous_carry(r, g)
             # The training set passes through work/ (generation 0's real data too), so a resumed
             # run trains on exactly the bytes the committed data/gen_XXXXX holds.
             train_path = wdir / "train.npz"
             if g == 0:
-                pool = None
                 if not train_path.exists():
-                    real = learner.real_data(k_real, real_size)
+                    real = draw_pool(learner, policy, ks[r], g, None, counts)
                     fileio.save_npz(train_path, _data_arrays(real))
+                pool = _load_data(train_path)
             else:
-                pool = _load_data(state / "data.npz")  # the data set next_data built
-                if not train_path.exists():
-                    m_g = gcfg.sample_size(g, real_size)
-                    prev = generation_keys(k_gens, g - 1)
-                    train = training_set(learner, policy, prev, pool, m_g)
-                    fileio.save_npz(train_path, _data_arrays(train))
+                pool = _load_data(state / "data.npz")  # drawn at the end of generation g - 1
+            data, init = build_data(learner, policy, ks[r], g, keys, carry, pool, counts)
+            if not train_path.exists():
+                fileio.save_npz(train_path, _data_arrays(data))
             data = _load_data(train_path)
-            pool = data if pool is None else pool
-            keys = generation_keys(k_gens, g)
             fitted_dir = wdir / "fitted"
             if (fitted_dir / "DONE").exists():
                 params = learner.load_params(fitted_dir, params_template(r))
             else:
-                previous = None
-                if g > 0 and policy.init_from == "previous":
-                    previous = learner.load_params(state / "params", params_template(r))
-                init = start_params(learner, policy, keys, k_base, previous)
                 params = learner.fit(keys["fit"], data, init, workdir=wdir / "fit")
                 tmp = fileio.fresh_dir(wdir, "fitted")
                 learner.save_params(tmp, params)
                 (tmp / "DONE").write_text("ok\n")
                 fileio.replace_dir(tmp, fitted_dir)
+            del init
             metrics_path = wdir / "metrics.npz"
             if metrics_path.exists():
                 m = fileio.load_npz(metrics_path)
+                new, _ = finish(learner, policy, keys, carry, data, pool, params, measure=nothing)
             else:
-                m = {
-                    **learner.evaluate(keys["eval"], params, reference),
-                    **learner.data_metrics(data),
-                }
+                new, m = finish(learner, policy, keys, carry, data, pool, params, reference)
                 m = {k: np.asarray(v) for k, v in m.items()}
                 fileio.save_npz(metrics_path, m)
             per_chain.append(m)
-            if not (wdir / "next.npz").exists():
-                counts = gcfg.shares(gcfg.sample_size(g + 1, real_size))
-                real = None
-                if policy.keeps_real:  # the chain's fixed real set: its generation-0 data
-                    real = (
-                        data
-                        if g == 0
-                        else _load_data(chain_dir(run_dir / "data", r) / "gen_00000.npz")
-                    )
-                new = next_data(
-                    learner, policy, keys, pool, params, counts, real, workdir=wdir / "sample"
+            if g + 1 < schedule.num_generations and not (wdir / "next.npz").exists():
+                nxt = draw_pool(
+                    learner,
+                    policy,
+                    ks[r],
+                    g + 1,
+                    new,
+                    schedule.counts(g + 1),
+                    workdir=wdir / "sample",
                 )
-                fileio.save_npz(wdir / "next.npz", _data_arrays(new))
-            del data, pool, params
+                fileio.save_npz(wdir / "next.npz", _data_arrays(nxt))
+            del data, pool, params, new, carry
         # Every chain has finished generation g: commit it.
         for r in range(R):
             wdir = chain_dir(work, r)
@@ -137,17 +146,18 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
                 tmp = fileio.fresh_dir(pdir.parent, pdir.name)
                 shutil.copytree(wdir / "fitted", tmp, dirs_exist_ok=True)
                 fileio.replace_dir(tmp, pdir)
-                prune_params(pdir.parent, gcfg, g)
+                prune_params(pdir.parent, gcfg.keep_params, g)
         stacked = {k: np.stack([m[k] for m in per_chain]) for k in per_chain[0]}
         guard.check_finite(g, stacked, learner.infinite_metrics)  # before the commit
-        row, arrays = row_and_arrays(gcfg, g, real_size, stacked)
+        row, arrays = row_and_arrays(schedule, g, stacked, gcfg.record_trials)
         commit_generation(run_dir, g, row, arrays)
 
         def write(tmp, work=work):
             for r in range(R):
                 wdir, sdir = chain_dir(work, r), chain_dir(tmp, r)
                 sdir.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(wdir / "next.npz", sdir / "data.npz")
+                if (wdir / "next.npz").exists():
+                    shutil.copyfile(wdir / "next.npz", sdir / "data.npz")
                 shutil.copytree(wdir / "fitted", sdir / "params")
 
         commit_state(run_dir, g + 1, write)

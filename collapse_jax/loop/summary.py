@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from collapse_jax.loop.schedule import Schedule
+
 
 def summarize(metrics: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Chain statistics of one generation's metrics.
@@ -39,17 +41,13 @@ def _summarize_one(name: str, v: np.ndarray, row: dict, means: dict) -> None:
         row[f"{name}_q05"], row[f"{name}_q50"], row[f"{name}_q95"] = map(float, q)
 
 
-def row_and_arrays(gcfg, g: int, real_size: int, per_chain: dict) -> tuple[dict, dict]:
-    """A generation's summary row and arrays from its per-chain metrics {name: [R, ...]}."""
+def row_and_arrays(
+    schedule: Schedule, g: int, per_chain: dict, record_trials: int
+) -> tuple[dict, dict]:
+    """A generation's summary row and arrays from its per-chain metrics {name: [R, ...]}
+    (`record_trials`: how many chains' values the arrays keep)."""
     row, means = summarize(per_chain)
-    row = {"generation": g, "sample_size": size_of(gcfg, g, real_size), **row}
-    arrays = {f"trials/{k}": np.asarray(v)[: gcfg.record_trials] for k, v in per_chain.items()}
+    row = {"generation": g, "sample_size": schedule.fitted_size(g), **row}
+    arrays = {f"trials/{k}": np.asarray(v)[:record_trials] for k, v in per_chain.items()}
     arrays.update({f"mean/{k}": v for k, v in means.items()})
     return row, arrays
-
-
-def size_of(gcfg, g: int, real_size: int) -> int:
-    """Number of points generation g is fitted to (accumulate: all generations' data)."""
-    if gcfg.policy == "accumulate":  # (accumulate_subsample fits M_n of the pool)
-        return real_size + sum(gcfg.sample_size(k, real_size) for k in range(1, g + 1))
-    return real_size if g == 0 else gcfg.sample_size(g, real_size)

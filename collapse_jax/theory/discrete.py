@@ -27,7 +27,7 @@ import numpy as np
 from jax import Array
 
 from collapse_jax import loop, metrics
-from collapse_jax.config import ConfigError, GenerationConfig
+from collapse_jax.config import ConfigError
 from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.theory import analytic, samplers
 from collapse_jax.theory.gaussian import RngImpl, _count, _with_impl, sample_size_schedule
@@ -255,7 +255,7 @@ class DiscreteSimulation:
     sample_sizes: np.ndarray
 
 
-def _record(learner: Any, key: Array, params: Array, reference: Any) -> Array:
+def _record(learner: Any, key: Array, params: Array, reference: Any, data: Any) -> Array:
     """What `simulate` keeps per generation (a `loop.simulate_chains` measure)."""
     return params
 
@@ -296,16 +296,15 @@ def simulate(
             method=method,
             rng_impl=rng_impl,
         )
-        GenerationConfig(policy=policy, alpha=alpha, beta=beta, gamma=gamma)  # validates
+        schedule = loop.Schedule.build(sizes, mode=policy, alpha=alpha, beta=beta, gamma=gamma)
     except ConfigError as e:
         raise ValueError(str(e)) from None
     learner = DiscreteLearner(cfg)
     p = loop.simulate_chains(
         learner,
-        loop.Policy(policy, alpha, beta, gamma),
+        schedule,
         key,
         chains=chains,
-        sizes=sizes,
         measure=_record,
         chunk_size=chunk_size,
         initial=np.asarray(learner.truth),  # index 0: the original distribution

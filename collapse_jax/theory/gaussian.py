@@ -40,7 +40,7 @@ import numpy as np
 from jax import Array
 
 from collapse_jax import loop, metrics
-from collapse_jax.config import ConfigError, GenerationConfig
+from collapse_jax.config import ConfigError
 from collapse_jax.jaxtools import prng
 from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.theory import analytic, samplers
@@ -572,7 +572,7 @@ class GaussianSimulation:
     sample_sizes: np.ndarray
 
 
-def _record(learner: Any, key: Array, params: GaussianParams, reference: Any) -> tuple:
+def _record(learner: Any, key: Array, params: GaussianParams, reference: Any, data: Any) -> tuple:
     """What `simulate` keeps per generation (a `loop.simulate_chains` measure)."""
     return params.mean, params.cov
 
@@ -655,17 +655,16 @@ def simulate(
             rng_impl=rng_impl,
             sampling_bias=sampling_bias,
         )
-        GenerationConfig(policy=policy, alpha=alpha, beta=beta, gamma=gamma)  # validates
+        schedule = loop.Schedule.build(sizes, mode=policy, alpha=alpha, beta=beta, gamma=gamma)
     except ConfigError as e:
         raise ValueError(str(e)) from None
     learner = GaussianLearner(cfg)
     t = learner.truth
     m, c = loop.simulate_chains(
         learner,
-        loop.Policy(policy, alpha, beta, gamma),
+        schedule,
         key,
         chains=chains,
-        sizes=sizes,
         measure=_record,
         chunk_size=chunk_size,
         initial=(np.asarray(t.mean), np.asarray(t.cov)),  # index 0: the original distribution
