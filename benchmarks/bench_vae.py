@@ -4,7 +4,7 @@ The paper's network (conv 64/128, latent 20) and optimiser (Adam 1e-3, weight de
 256, on real MNIST images. Variants, timed in this process one epoch each per round,
 interleaved (so a change of load hits all of them alike):
 
-- `cpu`: `vae.model._train_step` with the package's CPU convolutions (the default on CPU);
+- `cpu`: `vae.model._train_step` with jaxtools/convs.py's CPU convolutions (the default on CPU);
 - `lax`: the same step with XLA's convolutions and JAX's own gradients (`COLLAPSE_JAX_CONV=lax`);
 - `old` (with `--old DIR`): another checkout's VAE step and convolutions (before/after);
 - `torch`: the same network in PyTorch, the usual eager loop over the same batches.
@@ -31,7 +31,8 @@ import time
 import jax
 import numpy as np
 
-from collapse_jax import bench, convs
+from collapse_jax import bench
+from collapse_jax.jaxtools import convs
 from collapse_jax.vae import mnist
 from collapse_jax.vae import model as vae
 

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import records
 from collapse_jax.learner import AbstractLearner
+from collapse_jax.rundir import fileio
 from collapse_jax.vae import mnist
 from collapse_jax.vae.model import (
     Params,
@@ -92,10 +92,10 @@ class VAELearner(AbstractLearner[Params, np.ndarray]):
         return evaluate_elbo(key, params, reference, self.config)
 
     def save_params(self, path: pathlib.Path, params: Params) -> None:
-        records.save_tree(path / "params.npz", params)
+        fileio.save_tree(path / "params.npz", params)
 
     def load_params(self, path: pathlib.Path, template: Params) -> Params:
-        return jax.tree.map(jnp.asarray, records.load_tree(path / "params.npz", template))
+        return jax.tree.map(jnp.asarray, fileio.load_tree(path / "params.npz", template))
 
     def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
         return vae_figures(self, run, out_dir)
@@ -155,7 +155,7 @@ def vae_figures(learner: VAELearner, run: Any, out_dir: pathlib.Path) -> list[pa
         for label, path in sets:
             if path is None or not pathlib.Path(path).is_file():
                 continue
-            images = records.load_npz(path)["data"][: cfg.probe_size]
+            images = fileio.load_npz(path)["data"][: cfg.probe_size]
             mu = encode_means(enc, images, cfg)
             spreads[label] = latent_spread(mu)
             hist, edges = np.histogram(mu.ravel(), bins=80, range=(-4, 4), density=True)
@@ -170,6 +170,6 @@ def vae_figures(learner: VAELearner, run: Any, out_dir: pathlib.Path) -> list[pa
         fig.savefig(path, dpi=120)
         plt.close(fig)
         files.append(path)
-        records.atomic_write_json(out_dir / "latent_spread.json", spreads)
+        fileio.atomic_write_json(out_dir / "latent_spread.json", spreads)
         files.append(out_dir / "latent_spread.json")
     return files

@@ -30,8 +30,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from collapse_jax import convs, records
 from collapse_jax.config import ConfigError
+from collapse_jax.jaxtools import convs
+from collapse_jax.rundir import fileio
 
 Params = dict[str, Any]  # a pure dict of arrays (`nnx.split` state as plain dicts)
 
@@ -68,7 +69,7 @@ class VAE(nnx.Module):
 
 
 # The layers' parameters are those of nnx.Conv / nnx.ConvTranspose (kernel [4, 4, in, out]), applied
-# through collapse_jax/convs.py: the same convolutions, with gradients that stay on XLA:CPU's fast
+# through jaxtools/convs.py: the same convolutions, with gradients that stay on XLA:CPU's fast
 # paths (JAX's own gradient of the transposed convolution's kernel ran on a slow generic path and
 # took most of the training step). tests/test_vae.py compares them with the Flax layers.
 _PAD = ((1, 1), (1, 1))  # PyTorch Conv2d(padding=1)
@@ -298,8 +299,8 @@ def train(
     start = 0
     ckpt = None if workdir is None else pathlib.Path(workdir) / "train_state.npz"
     if ckpt is not None and ckpt.is_file():
-        meta = records.load_json(ckpt.parent / "train_state.json")
-        params, opt_state = records.load_tree(ckpt, (params, opt_state))
+        meta = fileio.load_json(ckpt.parent / "train_state.json")
+        params, opt_state = fileio.load_tree(ckpt, (params, opt_state))
         params, opt_state = jax.tree.map(jnp.asarray, (params, opt_state))
         start, history = meta["epoch"] + 1, meta["history"]
     for epoch in range(start, cfg.epochs):
@@ -315,8 +316,8 @@ def train(
         )
         history.append(float(total) / n)
         if ckpt is not None:
-            records.save_tree(ckpt, (params, opt_state))
-            records.atomic_write_json(
+            fileio.save_tree(ckpt, (params, opt_state))
+            fileio.atomic_write_json(
                 ckpt.parent / "train_state.json", {"epoch": epoch, "history": history}
             )
     return params, history
