@@ -44,11 +44,11 @@ MODEL_REGISTRY: dict[str, tuple[str, str]] = {
     ),
     "gmm": ("collapse_jax.gmm:GMMConfig", "collapse_jax.gmm:GMMLearner"),
     "linear_regression": (
-        "collapse_jax.linreg:LinearRegressionConfig",
-        "collapse_jax.linreg:LinearRegressionLearner",
+        "collapse_jax.linreg.learner:LinearRegressionConfig",
+        "collapse_jax.linreg.learner:LinearRegressionLearner",
     ),
-    "kde": ("collapse_jax.kde:KDEConfig", "collapse_jax.kde:KDELearner"),
-    "vae": ("collapse_jax.vae:VAEConfig", "collapse_jax.vae:VAELearner"),
+    "kde": ("collapse_jax.kde.learner:KDEConfig", "collapse_jax.kde.learner:KDELearner"),
+    "vae": ("collapse_jax.vae.model:VAEConfig", "collapse_jax.vae.learner:VAELearner"),
     "opt": (
         "collapse_jax.lm.experiment:OPTExperimentConfig",
         "collapse_jax.lm.experiment:OPTLearner",

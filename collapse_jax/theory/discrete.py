@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from collapse_jax import loop, metrics
+from collapse_jax import loop
 from collapse_jax.config import ConfigError, GenerationConfig
 from collapse_jax.loop.learner import AbstractLearner
-from collapse_jax.theory import analytic, samplers
+from collapse_jax.theory import analytic, metrics, samplers
 from collapse_jax.theory.gaussian import RngImpl, _count, _with_impl, sample_size_schedule
 
 _F = jnp.float32

@@ -39,11 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from collapse_jax import loop, metrics
+from collapse_jax import loop
 from collapse_jax.config import ConfigError, GenerationConfig
 from collapse_jax.jaxtools import prng
 from collapse_jax.loop.learner import AbstractLearner
-from collapse_jax.theory import analytic, samplers
+from collapse_jax.theory import analytic, metrics, samplers
 
 _F = jnp.float32
 RngImpl = Literal["default", "threefry2x32", "philox4x32"]
