@@ -41,7 +41,7 @@ from jax import Array
 
 from collapse_jax import generation, metrics
 from collapse_jax.config import ConfigError, GenerationConfig
-from collapse_jax.jaxtools import prng
+from collapse_jax.jaxtools import lanes, prng
 from collapse_jax.learner import AbstractLearner
 from collapse_jax.theory import analytic, samplers
 
@@ -156,18 +156,22 @@ def _chol(cov: Array) -> Array:
     d = 1: the square root. d > 1: LAPACK's Cholesky where it succeeds, `psd_cholesky` where it
     fails, so a singular fit (M <= d points) or a covariance collapsed below float32's resolution
     still samples correctly: any L with L L^T = Sigma gives mean + L z ~ N(mean, Sigma) and
-    L W L^T ~ Wishart(n, Sigma) (`_factor`).
+    L W L^T ~ Wishart(n, Sigma) (`_factor_lanes`).
     """
     if cov.shape[-1] == 1:
         return jnp.sqrt(jnp.maximum(cov, 0.0))
     return _factor(cov)
 
 
-def _factor_batch(a: Array) -> Array:
-    """`_factor` of matrices `[..., d, d]`: each matrix takes LAPACK's factor when it is finite,
-    else `psd_cholesky`'s. The choice is per matrix, so a chain's factor never depends on the
-    other chains in its batch; the batch-wide `cond` only skips computing `psd_cholesky`
-    (~5-10x LAPACK's time at d >= 31) when no matrix needs it, the usual case."""
+def _factor_lanes(a: Array) -> Array:
+    """Lower-triangular L `[L, d, d]` with L L^T = a for PSD matrices `a [L, d, d]`, never NaN:
+    each matrix takes LAPACK's factor when it is finite, else `psd_cholesky`'s. The choice is
+    per matrix, so a chain's factor never depends on the other chains in its batch.
+
+    `_factor` (`lanes.whole_batch`) hands this every matrix of a vmapped batch at once, so
+    the batch-wide `cond` can skip computing `psd_cholesky` (several times LAPACK's cost at
+    d >= 31) when no matrix needs it, the usual case; a plain vmap would turn that `cond` into
+    a select that always computes both factors."""
     chol = jnp.linalg.cholesky(a)
     ok = jnp.all(jnp.isfinite(chol), axis=(-2, -1))
 
@@ -178,19 +182,7 @@ def _factor_batch(a: Array) -> Array:
     return jax.lax.cond(jnp.all(ok), lambda _: chol, repair, None)
 
 
-@jax.custom_batching.custom_vmap
-def _factor(a: Array) -> Array:
-    """Lower-triangular L with L L^T = a `[d, d]` (PSD), never NaN; see `_factor_batch`. A
-    custom vmap rule so that the chains' vmap sees the whole batch (a plain vmap would turn the
-    batch-wide `cond` into a select that always computes both factors)."""
-    return _factor_batch(a)
-
-
-@_factor.def_vmap
-def _factor_vmap(axis_size: int, in_batched: list[bool], a: Array) -> tuple[Array, bool]:
-    if not in_batched[0]:
-        return _factor(a), False
-    return _factor_batch(a), True
+_factor = lanes.whole_batch(_factor_lanes, core_ndims=(2,))
 
 
 def psd_cholesky(a: Array) -> Array:
