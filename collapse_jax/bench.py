@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import records
+from collapse_jax.rundir import fileio
 
 # bf16 dense tensor-core / MXU peaks, TFLOP/s per chip (vendor datasheets, no sparsity), matched
 # in order as substrings of the lower-cased `device_kind` (more specific names first).
@@ -430,6 +430,7 @@ def bench_train(suite: Suite, ctx: dict) -> list[dict]:
     from collapse_jax.jaxtools import sharding
     from collapse_jax.lm import data as data_lib
     from collapse_jax.lm import train
+    from collapse_jax.lm.train_config import TrainConfig
 
     cfg = opt_config(suite.opt_layers, dropout=0.1, width=suite.opt_width)
     with_torch = suite.baselines and _installed("torch") and _installed("transformers")
@@ -443,7 +444,7 @@ def bench_train(suite: Suite, ctx: dict) -> list[dict]:
     b = suite.train_batch
     blocks = random_blocks(b, cfg.vocab_size)
     mesh = sharding.make_mesh({"data": 1}, devices=[device])
-    tcfg = train.TrainConfig(
+    tcfg = TrainConfig(
         epochs=1, batch_size=b, learning_rate=2e-5, compute_dtype="bfloat16", dropout=True
     )
     prep = train.prepare_training(model, tcfg, mesh=mesh, steps_per_epoch=1_000_000)
@@ -911,10 +912,10 @@ def run(
             progress(f"bench {name} ({suite.name}) ...")
         report["rows"].extend(BENCHES[name](suite, ctx))
         if out is not None:  # finished rows are never lost
-            records.atomic_write_text(pathlib.Path(out), json.dumps(report, indent=1) + "\n")
+            fileio.atomic_write_text(pathlib.Path(out), json.dumps(report, indent=1) + "\n")
     report["seconds"] = time.perf_counter() - t0
     if out is not None:
-        records.atomic_write_text(pathlib.Path(out), json.dumps(report, indent=1) + "\n")
+        fileio.atomic_write_text(pathlib.Path(out), json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from collapse_jax import records
+from collapse_jax.rundir import fileio
 
 SPLITS: dict[str, str] = {
     "train": "train",
@@ -335,7 +335,7 @@ def _first(blocks: np.ndarray, limit: int | None, what: str) -> np.ndarray:
 
 def save_blocks(path: str | os.PathLike, blocks: np.ndarray) -> None:
     """Writes blocks as `.npy` (atomically), so `np.load(path, mmap_mode="r")` can map them."""
-    with records.atomic_path(path, suffix=".npy") as tmp:
+    with fileio.atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, np.asarray(blocks, dtype=np.int32))
 
 
