@@ -42,13 +42,14 @@ def _masked_rejection(
     """Rejection sampling with `propose(uniforms [2, *shape]) -> (value, accept)`.
 
     The first rounds use the pre-drawn uniforms `pre [rounds, 2, *shape]`, vectorised over
-    rounds (random draws inside a vmapped while loop cost ~4x more on CPU, and pre-drawing lets
-    callers draw everything in one call); a lane keeps its first accepted value. The few lanes
+    rounds (random draws inside a vmapped while loop are not fused with their consumers on
+    CPU, and pre-drawing lets callers draw everything in one call); a lane keeps its first
+    accepted value. The few lanes
     still rejected continue in a masked while loop whose round r draws from `key_of_round(r)`
     (evaluated only inside the loop).
     """
     # Rounds unrolled, the first accepted value kept by a chain of selects (a vmap over rounds
-    # with argmax + take_along_axis gathered, ~2x slower on CPU).
+    # with argmax + take_along_axis is a gather, which XLA:CPU does not vectorise).
     value = jnp.zeros(shape, _F)
     done = jnp.zeros(shape, bool)
     for r in reversed(range(pre.shape[0])):
@@ -96,11 +97,12 @@ def normal_pair_of_bits(a: Array, b: Array) -> tuple[Array, Array]:
     """Two independent standard normals from two uint32 words, by Box-Muller: radius
     sqrt(-2 log U) from all 32 bits of `a` (U's relative resolution 2^-24 near 0, so the radius
     reaches 6.8), angle from `b`: 23 bits give phi uniform on (-pi/4, pi/4), whose sin and cos
-    are short polynomials (XLA's sin/cos reduce arbitrary arguments and cost 2x the inversion);
-    bit 0 swaps the pair and bits 1, 2 flip their signs, which maps phi to an angle uniform on
-    the whole circle. Bits 3-8 of `b` are unused (callers may take them as further random
-    bits). ~1/4 the cost per normal of `normal_of_bits` (one log per two normals and no
-    erf_inv polynomials; 2-core CPU: 4 x 1.6M normals in 3.7 ms vs 14.4 ms)."""
+    are short polynomials (XLA's sin/cos reduce arbitrary arguments, a longer computation
+    than the whole inversion); bit 0 swaps the pair and bits 1, 2 flip their signs, which maps
+    phi to an angle uniform on the whole circle. Bits 3-8 of `b` are unused (callers may take
+    them as further random bits). Cheaper per normal than `normal_of_bits` (one log per two
+    normals and no erf_inv polynomials): benchmarks/results/xla_tricks-cpu.json, row
+    box_muller."""
     u = (a.astype(_F) + 0.5) * _F(2.0**-32)  # in (0, 1]: log(u) <= 0
     r = jnp.sqrt(-2.0 * jnp.log(u))
     phi = (_unit_open(b) - 0.5) * _F(np.pi / 2)
@@ -156,8 +158,8 @@ def _gamma_loop(source, alpha: Array, extra: int) -> tuple[Array, tuple[Array, .
 
     Everything random happens INSIDE the loop on purpose: XLA materialises a loop's outputs
     once, whereas a hash computed before the loop was duplicated into every fusion that
-    consumed its words (the carry, the stacked outputs, the loop's inputs), 4-8x the work per
-    generation in the scanned chains. Later rounds only run while some lane was rejected
+    consumed its words (the carry, the stacked outputs, the loop's inputs), several times the
+    work per generation in the scanned chains. Later rounds only run while some lane was rejected
     (4.8 % per round at a = 1, 5e-5 at a = 500).
     """
     shape = alpha.shape
@@ -294,9 +296,10 @@ def _mt_finish_lanes(
     `_mt_finish` (`lanes.whole_batch`) hands this the whole vmapped batch. A masked loop over
     every lane costs a full pass of hashes, normals and logs per round, although at large
     shapes only ~5e-5 of the lanes are pending; on CPU (`compact`), the pending lanes are
-    gathered instead (`_mt_compacted`). Other platforms run the masked loop. A lane's rounds
-    are numbered from 0 in every case, so its value depends on its seed alone, whichever path
-    finishes it.
+    gathered instead (`_mt_compacted`). Other platforms run the masked loop
+    (benchmarks/results/xla_tricks-cpu.json, row chi_square_compaction, times both on CPU). A
+    lane's rounds are numbered from 0 in every case, so its value depends on its seed alone,
+    whichever path finishes it.
     """
     plain = lambda zc, alpha: _mt_rounds(zc, alpha, jnp.int32(0), once=False)  # noqa: E731
     if zc.shape[0] <= row * rows or compact is False:  # small batches: already cheap
@@ -372,10 +375,10 @@ def _fc(k: Array) -> Array:
     small = jnp.zeros_like(k)
     kc = jnp.clip(k, 0.0, 9.0)
     # A chain of selects, not a table lookup: a gather in a fusion kept XLA from vectorising
-    # the whole fusion (BTRS's proposal ran 2x slower).
+    # the whole fusion (BTRS's proposal among it).
     for j, c in enumerate(_FC_TABLE):
         small = jnp.where(kc == j, c, small)
-    r1 = 1.0 / (k + 1.0)  # one division (three, written as the series, cost ~20 % of BTRS)
+    r1 = 1.0 / (k + 1.0)  # one division (three, written as the series, slowed BTRS down)
     r2 = r1 * r1
     approx = r1 * (1.0 / 12.0 - r2 * (1.0 / 360.0 - r2 * (1.0 / 1260.0)))
     return jnp.where(k <= 9, small, approx)
@@ -444,8 +447,8 @@ _PREFIX_ROW = 128
 def _prefix_count(mask: Array) -> Array:
     """Inclusive prefix sums `[L]` int32 of a bool `[L]`: within rows of 128 as one product with
     a triangular matrix (exact: sums <= 128 in float32), plus the rows' offsets. A handful of
-    kernels, where `jnp.cumsum` (a reduce-window on CPU, 15 ns per lane) or an associative scan
-    (~2 log2(L) small kernels) cost more to run or to compile (3 s more per multinomial)."""
+    kernels, where `jnp.cumsum` (a reduce-window on CPU) or an associative scan (~2 log2(L)
+    small kernels) cost more to run or to compile (the multinomial's compile time)."""
     size = mask.shape[0]
     rows = -(-size // _PREFIX_ROW)
     a = jnp.pad(mask.astype(_F), (0, rows * _PREFIX_ROW - size)).reshape(rows, _PREFIX_ROW)
@@ -587,7 +590,8 @@ def _binomial_lanes(
     (`compact`; None: CPU only, a traced per-platform choice), the inversion lanes and those
     rejected lanes are gathered into blocks of `inversion_block` / `retry_block` lanes
     (`_for_blocks`) that run their own loops; other platforms run those loops masked at full
-    width. Lanes with n = 0 or q = 0 are exactly 0 (zero-mass states stay empty); p > 1/2
+    width (benchmarks/results/xla_tricks-cpu.json, row binomial_compaction, times both on
+    CPU). Lanes with n = 0 or q = 0 are exactly 0 (zero-mass states stay empty); p > 1/2
     draws the complement. Every output lane (x, a loop's result) is a buffer: XLA fuses cheap
     producers into each consumer and recomputes them there, and a proposal fused into the
     ~2 log2(L) passes of the prefix sum that reads the rejected-lane mask cost several times
