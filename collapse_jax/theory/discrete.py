@@ -142,6 +142,9 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
         super().__init__(config, mesh)
         self.static_sample_size = config.method == "sample"
         self._p0 = config.probs_array()
+        # Under a mesh the chains are sharded: the binomials' lanes then run masked at full
+        # width (the same draws), not compacted across every chain (a gather from all devices).
+        self._compact = None if mesh is None else False
 
     @property
     def num_states(self) -> int:
@@ -155,8 +158,9 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
         if self.config.method == "sample":
             return sample_labels(_with_impl(key, self.config.rng_impl), probs, num)
         # The exact method draws words from the loop's own (threefry) key, hashed in fused code
-        # (`jaxtools.prng`): wrapped for another impl, `jax.random` made it ~20x slower.
-        return samplers.multinomial(key, num, probs)
+        # (`jaxtools.prng`): wrapped for another impl, `jax.random` would hash it in its own
+        # rolled threefry loop on CPU, far more slowly.
+        return samplers.multinomial(key, num, probs, compact=self._compact)
 
     def draw_real(self, key: Array, num: int | Array) -> Array:
         return self._draw(key, self.truth, num)
