@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from collapse_jax import records, sharding
 from collapse_jax.lm import decode
+from collapse_jax.lm.settings import DecodeSettings
 from collapse_jax.lm.tokenizer import check_token_ids
 
 _TOKENS = "tokens.npy"
@@ -44,7 +45,7 @@ def regenerate(
     *,
     batch_size: int,
     mesh: Mesh | None = None,
-    settings: decode.DecodeSettings | None = None,
+    settings: DecodeSettings | None = None,
     seed: int = 0,
     progress: bool = True,
     **decode_kwargs: Any,
