@@ -9,7 +9,7 @@ import pytest
 from collapse_jax import config as config_lib
 from collapse_jax import generation, plots, records
 from collapse_jax.lm import evaluate
-from collapse_jax.lm.experiment import Vocab
+from collapse_jax.lm.vocab import Vocab
 
 
 def _cfg(data_dir, *overrides):

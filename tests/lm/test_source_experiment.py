@@ -11,7 +11,7 @@ import pytest
 
 from collapse_jax import config as config_lib
 from collapse_jax import generation, records
-from collapse_jax.lm import opt, source, train, truth
+from collapse_jax.lm import figures, opt, source, train, truth
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_default_config_runs_end_to_end(full_run):
 
     out = full.run_dir / "figures"
     out.mkdir(exist_ok=True)
-    files = truth.figures(run, out, src, load_model, learner.corpus().eval, 2)
+    files = figures.truth_figures(run, out, src, load_model, learner.corpus().eval, 2)
     assert [f.name for f in files] == [
         "truth_metrics.png",
         "truth_nll_histograms.png",
