@@ -173,7 +173,8 @@ def main() -> None:
     ]
     config = REPO / "configs" / "theory_gaussian.yaml"
     out = pathlib.Path(tempfile.mkdtemp(prefix="bench_sweep_"))
-    from collapse_jax import generation, rundir
+    from collapse_jax import generation
+    from collapse_jax.rundir import commits
 
     sw = sweep.Sweep(config, sweep.parse_axes(axes), out / "sweep")
     if args.baseline_only:
@@ -207,7 +208,7 @@ def main() -> None:
         tb = time.perf_counter()
         try:
             generation.run_batch(cfgs, [sw.point_dir(i) for i in batch])
-        except rundir.NonFiniteMetric as e:
+        except commits.NonFiniteMetric as e:
             failures.append({"points": [sw.points[i]["dir"] for i in batch], "error": str(e)})
         per_batch.append(
             {

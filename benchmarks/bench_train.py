@@ -40,7 +40,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from collapse_jax import bench, sharding  # noqa: E402
+from collapse_jax import bench  # noqa: E402
+from collapse_jax.jaxtools import sharding  # noqa: E402
 from collapse_jax.lm import data as data_lib  # noqa: E402
 from collapse_jax.lm import train  # noqa: E402
 from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM, state_from_hf  # noqa: E402

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import records
+from collapse_jax.rundir import fileio
 
 # bf16 dense tensor-core / MXU peaks, TFLOP/s per chip (vendor datasheets, no sparsity), matched
 # in order as substrings of the lower-cased `device_kind` (more specific names first).
@@ -427,7 +427,7 @@ def bench_train(suite: Suite, ctx: dict) -> list[dict]:
     """The train step as `finetune` runs it (`prepare_training`), bf16 compute."""
     from flax import nnx
 
-    from collapse_jax import sharding
+    from collapse_jax.jaxtools import sharding
     from collapse_jax.lm import data as data_lib
     from collapse_jax.lm import train
     from collapse_jax.lm.train_config import TrainConfig
@@ -577,7 +577,7 @@ def bench_decode(suite: Suite, ctx: dict) -> list[dict]:
 
 def bench_paper_generation(suite: Suite, ctx: dict) -> list[dict]:
     """One generation of the paper's LM loop, from measured slices (train, eval, regenerate)."""
-    from collapse_jax import sharding
+    from collapse_jax.jaxtools import sharding
     from collapse_jax.lm import train
 
     if "train_seconds_per_token" not in ctx:
@@ -753,7 +753,8 @@ def _mnist_or_random(n: int) -> tuple[np.ndarray, str]:
 def bench_vae(suite: Suite, ctx: dict) -> list[dict]:
     """Training epochs of the paper's VAE (Adam 1e-3, weight decay 1e-5) as `vae.train` runs
     them, against the same network in PyTorch."""
-    from collapse_jax import convs, vae
+    from collapse_jax import vae
+    from collapse_jax.jaxtools import convs
 
     images, source = _mnist_or_random(suite.vae_images)
     cfg = vae.VAEConfig(batch_size=suite.vae_batch, epochs=1)
@@ -911,10 +912,10 @@ def run(
             progress(f"bench {name} ({suite.name}) ...")
         report["rows"].extend(BENCHES[name](suite, ctx))
         if out is not None:  # finished rows are never lost
-            records.atomic_write_text(pathlib.Path(out), json.dumps(report, indent=1) + "\n")
+            fileio.atomic_write_text(pathlib.Path(out), json.dumps(report, indent=1) + "\n")
     report["seconds"] = time.perf_counter() - t0
     if out is not None:
-        records.atomic_write_text(pathlib.Path(out), json.dumps(report, indent=1) + "\n")
+        fileio.atomic_write_text(pathlib.Path(out), json.dumps(report, indent=1) + "\n")
     return report
 
 

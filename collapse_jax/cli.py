@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Sequence
 
 from collapse_jax import config as config_lib
-from collapse_jax import rundir
+from collapse_jax.rundir import commits, fileio, guard, reader
 
 log = logging.getLogger("collapse_jax")
 
@@ -55,21 +55,20 @@ def _default_out(cfg) -> pathlib.Path:
 def _run_experiment(
     exp: config_lib.ExperimentConfig, run_dir: pathlib.Path, progress: bool, repair: bool = False
 ):
-    from collapse_jax import generation, plots, records
-
+    from collapse_jax import generation, plots
     learner = generation.make_learner(exp)  # validates the inputs before the run dir is touched
     # The lock covers the whole run, figures and summary included (the loop re-enters it).
-    with rundir.RunLock(run_dir):
+    with guard.RunLock(run_dir):
         if repair:
-            restart = rundir.repair(run_dir)
+            restart = guard.repair(run_dir)
             if restart is not None:
                 print(f"{run_dir}: repaired; resuming at generation {restart}", file=sys.stderr)
         log.info("%s: running in %s", exp.name, run_dir)
         result = generation.run_generations(exp, run_dir, learner=learner, progress=progress)
-        run = records.Run(run_dir)
+        run = reader.Run(run_dir)
         files = plots.make_figures(run, learner)
         table = plots.summary_table(result.rows)
-        records.atomic_write_text(run_dir / "summary.txt", table + "\n")
+        fileio.atomic_write_text(run_dir / "summary.txt", table + "\n")
     print(f"\n== {exp.name} ({run_dir})\n{table}")
     print(f"metrics: {run_dir / 'metrics.json'}  figures: {len(files)} in {run_dir / 'figures'}")
 
@@ -124,15 +123,14 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from collapse_jax import generation, plots, records
-
-    run = records.Run(args.run_dir)
+    from collapse_jax import generation, plots
+    run = reader.Run(args.run_dir)
     # Plotting never needs the lock (committed files are never rewritten), so a running
     # experiment can be plotted; but it must not plot damaged files.
-    problems = rundir.verify(run.path)
+    problems = commits.verify(run.path)
     if problems:
-        raise rundir.RunDirDamaged(
-            rundir.damage_message(
+        raise commits.RunDirDamaged(
+            commits.damage_message(
                 run.path, problems, "Resume the run with --repair to recompute it."
             )
         )
@@ -267,9 +265,9 @@ def describe_failure(e: BaseException) -> tuple[int, str] | None:
         return 1, "interrupted; finished generations are kept: run the same command to resume"
     if isinstance(e, config_lib.ConfigError):
         return 2, _one_line(e)
-    if isinstance(e, rundir.RunDirError):
+    if isinstance(e, commits.RunDirError):
         return e.exit_code, _one_line(e)
-    if isinstance(e, rundir.NonFiniteMetric):
+    if isinstance(e, commits.NonFiniteMetric):
         return 1, _one_line(e)
     if isinstance(e, MemoryError):
         return 1, "out of memory; lower generation.num_trials or generation.chunk_size"

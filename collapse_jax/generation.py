@@ -56,8 +56,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import config as config_lib
-from collapse_jax import prng, records, rundir, selection
+from collapse_jax import selection
+from collapse_jax.jaxtools import prng
 from collapse_jax.learner import AbstractLearner
+from collapse_jax.rundir import fileio, guard, reader
 
 log = logging.getLogger(__name__)
 
@@ -921,8 +923,8 @@ def _env_info() -> dict[str, Any]:
 def prepare_run_dir(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path) -> int:
     """Creates or checks `run_dir` (with its lock held); returns the first generation still to
     run. A run directory may be resumed with the same config, or with more generations; see
-    `collapse_jax.rundir.prepare`."""
-    return rundir.prepare(cfg, run_dir, _env_info)
+    `collapse_jax.rundir.guard.prepare`."""
+    return guard.prepare(cfg, run_dir, _env_info)
 
 
 def make_learner(cfg: config_lib.ExperimentConfig) -> AbstractLearner:
@@ -953,7 +955,7 @@ def run_generations(
     """
     run_dir = pathlib.Path(run_dir)
     learner = make_learner(cfg) if learner is None else learner
-    with rundir.RunLock(run_dir):  # one process per run directory, for the whole run
+    with guard.RunLock(run_dir):  # one process per run directory, for the whole run
         return _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after)
 
 
@@ -1000,7 +1002,7 @@ def run_batch(
     if len(cfgs) > 1 and key0 is not None and all(batch_key(c, learner) == key0 for c in cfgs):
         with contextlib.ExitStack() as locks:
             for d in run_dirs:
-                locks.enter_context(rundir.RunLock(d))
+                locks.enter_context(guard.RunLock(d))
             starts = [prepare_run_dir(c, d) for c, d in zip(cfgs, run_dirs)]
             if len(set(starts)) == 1:
                 for d in run_dirs:
@@ -1010,8 +1012,8 @@ def run_batch(
                     _run_jittable_points(cfgs, learner, run_dirs, starts[0], noop, None)
                 out = []
                 for d in run_dirs:
-                    rows = records.Run(d).rows()
-                    records.write_tables(d, rows)
+                    rows = reader.Run(d).rows()
+                    reader.write_tables(d, rows)
                     out.append(Result(rows=rows, run_dir=d))
                 return out
     return [run_generations(c, d, learner=learner) for c, d in zip(cfgs, run_dirs)]
@@ -1042,9 +1044,9 @@ def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> R
     finally:
         if bar is not None:
             bar.close()
-    run = records.Run(run_dir)
+    run = reader.Run(run_dir)
     rows = run.rows()
-    records.write_tables(run_dir, rows)
+    reader.write_tables(run_dir, rows)
     return Result(rows=rows, run_dir=run_dir)
 
 
@@ -1057,14 +1059,14 @@ def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> R
 
 def _commit_generation(run_dir: pathlib.Path, g: int, row: dict, arrays: dict) -> None:
     """Writes generation g's per-chain arrays, then its summary row."""
-    records.save_npz(run_dir / "arrays" / f"gen_{g:05d}.npz", arrays)
-    records.atomic_write_json(run_dir / "generations" / f"gen_{g:05d}.json", row)
+    fileio.save_npz(run_dir / "arrays" / f"gen_{g:05d}.npz", arrays)
+    fileio.atomic_write_json(run_dir / "generations" / f"gen_{g:05d}.json", row)
 
 
 def _commit_state(run_dir: pathlib.Path, next_generation: int, write: Callable) -> None:
     """Replaces `state/` by a folder that `write(tmp)` fills, plus meta.json and the manifest of
-    committed files (the commit; `rundir.commit_state`)."""
-    rundir.commit_state(run_dir, next_generation, write)
+    committed files (the commit; `rundir.guard.commit_state`)."""
+    guard.commit_state(run_dir, next_generation, write)
 
 
 def _row_and_arrays(gcfg, g: int, real_size: int, per_chain: dict) -> tuple[dict, dict]:
@@ -1105,7 +1107,7 @@ def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) 
     n_chunks = -(-R // chunk)
     sharding = None
     if cfgs[0].mesh is not None and not batched:
-        from collapse_jax import sharding as sharding_lib
+        from collapse_jax.jaxtools import sharding as sharding_lib
 
         mesh = sharding_lib.make_mesh(cfgs[0].mesh.shape())
         if chunk % sharding_lib.data_parallel_size(mesh) == 0:
@@ -1175,7 +1177,7 @@ def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) 
                 references[0],
             )[0]
         )
-        loaded = [records.load_tree(d / "state" / "carry.npz", template) for d in run_dirs]
+        loaded = [fileio.load_tree(d / "state" / "carry.npz", template) for d in run_dirs]
         carry = jax.tree.map(lambda *xs: np.stack(xs), *loaded) if batched else loaded[0]
     done = 0
     segments = _segments(
@@ -1246,19 +1248,19 @@ def _commit_block(gcfg, learner, run_dir, a, b, real_size, carry, metrics, commi
     """Commits generations [a, b) of one run: rows and arrays, kept params, then state/."""
     for i, g in enumerate(range(a, b)):
         per_chain = {k: v[i] for k, v in metrics.items()}
-        rundir.check_finite(g, per_chain, learner.infinite_metrics)  # before the commit
+        guard.check_finite(g, per_chain, learner.infinite_metrics)  # before the commit
         row, arrays = _row_and_arrays(gcfg, g, real_size, per_chain)
         _commit_generation(run_dir, g, row, arrays)
         if gcfg.keep_params != "last" and g == b - 1:
             # Only the block's last params exist on the host (use block_size: 1 for all).
             pdir = run_dir / "params" / f"gen_{g:05d}"
-            tmp = records.fresh_dir(pdir.parent, pdir.name)
-            records.save_tree(tmp / "params.npz", carry.params)
-            records.replace_dir(tmp, pdir)
+            tmp = fileio.fresh_dir(pdir.parent, pdir.name)
+            fileio.save_tree(tmp / "params.npz", carry.params)
+            fileio.replace_dir(tmp, pdir)
             _prune_params(pdir.parent, gcfg, g)
 
     def write(tmp, carry=carry):
-        records.save_tree(tmp / "carry.npz", carry)
+        fileio.save_tree(tmp / "carry.npz", carry)
 
     _commit_state(run_dir, b, write)
     for g in range(a, b):
@@ -1275,8 +1277,8 @@ def _check_memory(learner, reference, real_size, chains: int, block: int) -> Non
     data = jax.eval_shape(lambda: learner.real_data(k, real_size))
     measured = jax.eval_shape(lambda p: learner.evaluate(k, p, reference), params)
     # The carry: held, chunk outputs, concatenation, padding; the metrics of a block, twice.
-    per_chain = 4 * rundir.tree_bytes((params, data)) + 2 * block * rundir.tree_bytes(measured)
-    rundir.check_memory(per_chain, chains, "generation.num_trials")
+    per_chain = 4 * guard.tree_bytes((params, data)) + 2 * block * guard.tree_bytes(measured)
+    guard.check_memory(per_chain, chains, "generation.num_trials")
 
 
 def _pad_rows(x: np.ndarray, n: int) -> np.ndarray:
@@ -1347,14 +1349,14 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
                 pool = None
                 if not train_path.exists():
                     real = learner.real_data(k_real, real_size)
-                    records.save_npz(train_path, _data_arrays(real))
+                    fileio.save_npz(train_path, _data_arrays(real))
             else:
                 pool = _load_data(state / "data.npz")  # the data set next_data built
                 if not train_path.exists():
                     m_g = gcfg.sample_size(g, real_size)
                     prev = generation_keys(k_gens, g - 1)
                     train = training_set(learner, policy, prev, pool, m_g)
-                    records.save_npz(train_path, _data_arrays(train))
+                    fileio.save_npz(train_path, _data_arrays(train))
             data = _load_data(train_path)
             pool = data if pool is None else pool
             keys = generation_keys(k_gens, g)
@@ -1367,20 +1369,20 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
                     previous = learner.load_params(state / "params", params_template(r))
                 init = start_params(learner, policy, keys, k_base, previous)
                 params = learner.fit(keys["fit"], data, init, workdir=wdir / "fit")
-                tmp = records.fresh_dir(wdir, "fitted")
+                tmp = fileio.fresh_dir(wdir, "fitted")
                 learner.save_params(tmp, params)
                 (tmp / "DONE").write_text("ok\n")
-                records.replace_dir(tmp, fitted_dir)
+                fileio.replace_dir(tmp, fitted_dir)
             metrics_path = wdir / "metrics.npz"
             if metrics_path.exists():
-                m = records.load_npz(metrics_path)
+                m = fileio.load_npz(metrics_path)
             else:
                 m = {
                     **learner.evaluate(keys["eval"], params, reference),
                     **learner.data_metrics(data),
                 }
                 m = {k: np.asarray(v) for k, v in m.items()}
-                records.save_npz(metrics_path, m)
+                fileio.save_npz(metrics_path, m)
             per_chain.append(m)
             if not (wdir / "next.npz").exists():
                 counts = gcfg.shares(gcfg.sample_size(g + 1, real_size))
@@ -1394,21 +1396,21 @@ def _run_python(cfg, learner, run_dir, start, committed, stop_after) -> None:
                 new = next_data(
                     learner, policy, keys, pool, params, counts, real, workdir=wdir / "sample"
                 )
-                records.save_npz(wdir / "next.npz", _data_arrays(new))
+                fileio.save_npz(wdir / "next.npz", _data_arrays(new))
             del data, pool, params
         # Every chain has finished generation g: commit it.
         for r in range(R):
             wdir = _chain_dir(work, r)
             dst = _chain_dir(run_dir / "data", r) / f"gen_{g:05d}.npz"
-            records.save_npz(dst, records.load_npz(wdir / "train.npz"))
+            fileio.save_npz(dst, fileio.load_npz(wdir / "train.npz"))
             if gcfg.keep_params != "last":
                 pdir = _chain_dir(run_dir / "params", r) / f"gen_{g:05d}"
-                tmp = records.fresh_dir(pdir.parent, pdir.name)
+                tmp = fileio.fresh_dir(pdir.parent, pdir.name)
                 shutil.copytree(wdir / "fitted", tmp, dirs_exist_ok=True)
-                records.replace_dir(tmp, pdir)
+                fileio.replace_dir(tmp, pdir)
                 _prune_params(pdir.parent, gcfg, g)
         stacked = {k: np.stack([m[k] for m in per_chain]) for k in per_chain[0]}
-        rundir.check_finite(g, stacked, learner.infinite_metrics)  # before the commit
+        guard.check_finite(g, stacked, learner.infinite_metrics)  # before the commit
         row, arrays = _row_and_arrays(gcfg, g, real_size, stacked)
         _commit_generation(run_dir, g, row, arrays)
 
@@ -1453,4 +1455,4 @@ def _data_arrays(data: Any) -> dict[str, np.ndarray]:
 
 
 def _load_data(path: pathlib.Path) -> np.ndarray:
-    return records.load_npz(path)["data"]
+    return fileio.load_npz(path)["data"]

@@ -34,6 +34,7 @@ from jax import Array
 
 from collapse_jax.config import require
 from collapse_jax.learner import AbstractLearner
+from collapse_jax.rundir import fileio
 
 _F = jnp.float32
 Dataset = Literal["gaussian", "two_moons", "circles"]
@@ -322,8 +323,6 @@ class KDELearner(AbstractLearner[KDEParams, Array]):
         parameters the run kept (`keep_params: all` keeps the last of every block)."""
         import matplotlib.pyplot as plt
 
-        from collapse_jax import records
-
         saved = sorted(p / "params.npz" for p in (run.path / "params").glob("gen_*"))
         # The loop's committed state holds Carry(params, data): the params' leaves come first.
         if not saved and (run.path / "state" / "carry.npz").exists():
@@ -334,7 +333,7 @@ class KDELearner(AbstractLearner[KDEParams, Array]):
         pick = [saved[i] for i in np.unique(np.linspace(0, len(saved) - 1, 4).round().astype(int))]
         fits = []
         for p in pick:
-            leaves = records.load_npz(p)
+            leaves = fileio.load_npz(p)
             gen = "last" if p.parent.name == "state" else str(int(p.parent.name.split("_")[1]))
             centers, chol = leaves["leaf_00000"][0], leaves["leaf_00001"][0]  # chain 0
             fits.append((gen, KDEParams(jnp.asarray(centers), jnp.asarray(chol))))

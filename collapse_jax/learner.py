@@ -32,7 +32,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 import jax
 import numpy as np
 
-from collapse_jax import prng
+from collapse_jax.jaxtools import prng
+from collapse_jax.rundir import fileio
 
 Params = TypeVar("Params")
 Data = TypeVar("Data")
@@ -55,7 +56,7 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     jittable: ClassVar[bool] = False
     static_sample_size: ClassVar[bool] = True
     # Metrics that may legitimately be +-inf (a collapsed chain's log-determinant); any other
-    # non-finite metric stops the run (`rundir.check_finite`).
+    # non-finite metric stops the run (`rundir.guard.check_finite`).
     infinite_metrics: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: Any, mesh: Any = None):
@@ -216,15 +217,11 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     # --- persistence and reporting (optional) ------------------------------------------------
     def save_params(self, path: pathlib.Path, params: Params) -> None:
         """Writes `params` into the (new, empty) folder `path`. Default: one .npz of the leaves."""
-        from collapse_jax import records
-
-        records.save_tree(path / "params.npz", params)
+        fileio.save_tree(path / "params.npz", params)
 
     def load_params(self, path: pathlib.Path, template: Params) -> Params:
         """Reads what `save_params` wrote; `template` has the right tree structure."""
-        from collapse_jax import records
-
-        return records.load_tree(path / "params.npz", template)
+        return fileio.load_tree(path / "params.npz", template)
 
     def expected_curves(
         self, sample_sizes: np.ndarray, generation: Any = None
@@ -241,7 +238,7 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         return {}
 
     def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        """Model-specific figures from a finished run (`records.Run`); returns the files."""
+        """Model-specific figures from a finished run (`rundir.reader.Run`); returns the files."""
         return []
 
 

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from collapse_jax import records  # noqa: E402
+from collapse_jax.rundir import fileio, reader  # noqa: E402
 
 _SUFFIXES = ("_se", "_std", "_q05", "_q50", "_q95")
 
@@ -35,7 +35,7 @@ def scalar_metrics(rows: list[dict]) -> list[str]:
     return names
 
 
-def metric_figure(run: records.Run, name: str, expected: np.ndarray | None, path: pathlib.Path):
+def metric_figure(run: reader.Run, name: str, expected: np.ndarray | None, path: pathlib.Path):
     g = run.series("generation")
     mean = run.series(name)
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
@@ -62,12 +62,12 @@ def metric_figure(run: records.Run, name: str, expected: np.ndarray | None, path
     plt.close(fig)
 
 
-def make_figures(run: records.Run, learner=None) -> list[pathlib.Path]:
+def make_figures(run: reader.Run, learner=None) -> list[pathlib.Path]:
     """Writes `figures/*.png` for a run; returns the files written.
 
     Figures are drawn into a temporary folder and each is renamed into `figures/` when all are
     done, so a kill while plotting leaves the previous figures, never an empty or torn PNG (the
-    temporary folder is removed here or by the next run's `rundir.clean_temporaries`).
+    temporary folder is removed here or by the next run's `rundir.guard.clean_temporaries`).
     """
     out = run.path / "figures"
     rows = run.rows()
@@ -77,7 +77,7 @@ def make_figures(run: records.Run, learner=None) -> list[pathlib.Path]:
     if learner is not None:
         sizes = np.array([r["sample_size"] for r in rows])
         expected = learner.expected_curves(sizes, run.config.generation)
-    tmp = records.fresh_dir(run.path, "figures")
+    tmp = fileio.fresh_dir(run.path, "figures")
     try:
         drawn = []
         for name in scalar_metrics(rows):

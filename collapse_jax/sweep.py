@@ -44,7 +44,7 @@ import numpy as np
 import yaml
 
 from collapse_jax import config as config_lib
-from collapse_jax import records
+from collapse_jax.rundir import fileio, reader
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class Sweep:
         path = self.out / "sweep.json"
         spec = self.spec()
         if path.exists():
-            stored = records.load_json(path)  # a corrupt file is named
+            stored = fileio.load_json(path)  # a corrupt file is named
             same = stored.get("axes") == json.loads(json.dumps(spec["axes"])) and [
                 p["dir"] for p in stored.get("points", [])
             ] == [p["dir"] for p in spec["points"]]
@@ -169,7 +169,7 @@ class Sweep:
                     f"{self.out} holds a sweep of a different grid ({path}); use another --out"
                 )
         self.out.mkdir(parents=True, exist_ok=True)
-        records.atomic_write_json(path, spec)
+        fileio.atomic_write_json(path, spec)
 
 
 def run_sweep(
@@ -251,7 +251,7 @@ def point_rows(sweep: Sweep) -> list[list[dict[str, Any]]]:
     out = []
     for i in range(len(sweep.points)):
         d = sweep.point_dir(i)
-        out.append(records.Run(d).rows() if (d / "config.yaml").exists() else [])
+        out.append(reader.Run(d).rows() if (d / "config.yaml").exists() else [])
     return out
 
 
@@ -281,7 +281,7 @@ def write_table(sweep: Sweep) -> pathlib.Path:
     w.writeheader()
     w.writerows(table)
     path = sweep.out / "sweep.csv"
-    records.atomic_write_text(path, buf.getvalue())
+    fileio.atomic_write_text(path, buf.getvalue())
     return path
 
 

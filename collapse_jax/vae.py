@@ -30,9 +30,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from collapse_jax import convs, mnist, records
+from collapse_jax import mnist
 from collapse_jax.config import ConfigError
+from collapse_jax.jaxtools import convs
 from collapse_jax.learner import AbstractLearner
+from collapse_jax.rundir import fileio
 
 Params = dict[str, Any]  # a pure dict of arrays (`nnx.split` state as plain dicts)
 
@@ -69,7 +71,7 @@ class VAE(nnx.Module):
 
 
 # The layers' parameters are those of nnx.Conv / nnx.ConvTranspose (kernel [4, 4, in, out]), applied
-# through collapse_jax/convs.py: the same convolutions, with gradients that stay on XLA:CPU's fast
+# through jaxtools/convs.py: the same convolutions, with gradients that stay on XLA:CPU's fast
 # paths (JAX's own gradient of the transposed convolution's kernel ran on a slow generic path and
 # took most of the training step). tests/test_vae.py compares them with the Flax layers.
 _PAD = ((1, 1), (1, 1))  # PyTorch Conv2d(padding=1)
@@ -299,8 +301,8 @@ def train(
     start = 0
     ckpt = None if workdir is None else pathlib.Path(workdir) / "train_state.npz"
     if ckpt is not None and ckpt.is_file():
-        meta = records.load_json(ckpt.parent / "train_state.json")
-        params, opt_state = records.load_tree(ckpt, (params, opt_state))
+        meta = fileio.load_json(ckpt.parent / "train_state.json")
+        params, opt_state = fileio.load_tree(ckpt, (params, opt_state))
         params, opt_state = jax.tree.map(jnp.asarray, (params, opt_state))
         start, history = meta["epoch"] + 1, meta["history"]
     for epoch in range(start, cfg.epochs):
@@ -316,8 +318,8 @@ def train(
         )
         history.append(float(total) / n)
         if ckpt is not None:
-            records.save_tree(ckpt, (params, opt_state))
-            records.atomic_write_json(
+            fileio.save_tree(ckpt, (params, opt_state))
+            fileio.atomic_write_json(
                 ckpt.parent / "train_state.json", {"epoch": epoch, "history": history}
             )
     return params, history
@@ -475,10 +477,10 @@ class VAELearner(AbstractLearner[Params, np.ndarray]):
         return evaluate_elbo(key, params, reference, self.config)
 
     def save_params(self, path: pathlib.Path, params: Params) -> None:
-        records.save_tree(path / "params.npz", params)
+        fileio.save_tree(path / "params.npz", params)
 
     def load_params(self, path: pathlib.Path, template: Params) -> Params:
-        return jax.tree.map(jnp.asarray, records.load_tree(path / "params.npz", template))
+        return jax.tree.map(jnp.asarray, fileio.load_tree(path / "params.npz", template))
 
     def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
         return vae_figures(self, run, out_dir)
@@ -538,7 +540,7 @@ def vae_figures(learner: VAELearner, run: Any, out_dir: pathlib.Path) -> list[pa
         for label, path in sets:
             if path is None or not pathlib.Path(path).is_file():
                 continue
-            images = records.load_npz(path)["data"][: cfg.probe_size]
+            images = fileio.load_npz(path)["data"][: cfg.probe_size]
             mu = encode_means(enc, images, cfg)
             spreads[label] = latent_spread(mu)
             hist, edges = np.histogram(mu.ravel(), bins=80, range=(-4, 4), density=True)
@@ -553,6 +555,6 @@ def vae_figures(learner: VAELearner, run: Any, out_dir: pathlib.Path) -> list[pa
         fig.savefig(path, dpi=120)
         plt.close(fig)
         files.append(path)
-        records.atomic_write_json(out_dir / "latent_spread.json", spreads)
+        fileio.atomic_write_json(out_dir / "latent_spread.json", spreads)
         files.append(out_dir / "latent_spread.json")
     return files

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from collapse_jax import generation, records
+from collapse_jax import generation
 from collapse_jax.config import ExperimentConfig, GenerationConfig
 from collapse_jax.learner import AbstractLearner
+from collapse_jax.rundir import fileio, reader
 from tests.helpers import ToyConfig, ToyGaussianLearner, ToyNumpyLearner
 
 
@@ -36,14 +37,14 @@ def test_resume_after_kill_is_identical(tmp_path):
     ).read_bytes()
     assert resumed.rows == full.rows
     for g in range(6):
-        a, b = records.Run(full.run_dir).arrays(g), records.Run(resumed.run_dir).arrays(g)
+        a, b = reader.Run(full.run_dir).arrays(g), reader.Run(resumed.run_dir).arrays(g)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_chains_do_not_depend_on_chunking_or_count(tmp_path):
     a = _run(_cfg(num_trials=30, chunk_size=7), tmp_path / "a")
     b = _run(_cfg(num_trials=50, chunk_size=50, block_size=3), tmp_path / "b")
-    ra, rb = records.Run(a.run_dir), records.Run(b.run_dir)
+    ra, rb = reader.Run(a.run_dir), reader.Run(b.run_dir)
     va, vb = ra.trial_series("var"), rb.trial_series("var")
     np.testing.assert_allclose(va, vb[:, :30], rtol=1e-6)
 
@@ -54,7 +55,7 @@ def test_vmapped_scan_equals_python_loop_over_chains(tmp_path):
     cfg = _cfg(num_trials=5, block_size=4, policy="mix", alpha=0.5, beta=0.25, gamma=0.25)
     learner = ToyGaussianLearner(cfg.model)
     res = generation.run_generations(cfg, tmp_path, learner=learner)
-    got = records.Run(res.run_dir).trial_series("var")  # [G, R]
+    got = reader.Run(res.run_dir).trial_series("var")  # [G, R]
     policy = generation.Policy.of(cfg.generation)
     counts = cfg.generation.shares(12)
     step = jax.jit(
@@ -108,7 +109,7 @@ def test_mix_policy_shares(tmp_path):
         gamma=0.2,
     )
     res = _run(cfg, tmp_path, learner_cls=TagLearner)
-    frac = records.Run(res.run_dir).trial_series("synthetic_fraction")
+    frac = reader.Run(res.run_dir).trial_series("synthetic_fraction")
     assert np.all(frac[0] == 0) and np.all(frac[1] == 0.5)
     # Later: 5 new synthetic + 3 of the previous set (which held 5 synthetic of 10) + 2 real.
     assert np.all((frac[2:] >= 0.5) & (frac[2:] <= 0.8))
@@ -124,9 +125,9 @@ def test_python_learner_resume_and_workdirs(tmp_path):
     assert all(c[1] is not None and "work/gen_" in str(c[1]) for c in ToyNumpyLearner.calls)
     resumed = _run(cfg, tmp_path / "part", learner_cls=ToyNumpyLearner)
     assert resumed.rows == full.rows
-    run = records.Run(resumed.run_dir)
+    run = reader.Run(resumed.run_dir)
     assert len(run.finished_generations()) == 6
-    assert records.load_npz(run.data_path(0))["data"].shape == (12,)
+    assert fileio.load_npz(run.data_path(0))["data"].shape == (12,)
 
 
 class FlakySampler(ToyNumpyLearner):
@@ -166,7 +167,7 @@ def test_corrupt_state_gives_a_clear_error(tmp_path):
     # The manifest catches it before anything is computed, and names the file.
     with pytest.raises(ValueError, match="damaged: state/carry.npz has changed"):
         _run(cfg, tmp_path)
-    assert records.Run(tmp_path).finished_generations() == [0]  # finished work is kept
+    assert reader.Run(tmp_path).finished_generations() == [0]  # finished work is kept
 
 
 def test_summarize_statistics():
@@ -210,23 +211,23 @@ def test_python_learner_runs_several_chains_and_resumes_mid_generation(tmp_path)
     ToyNumpyLearner.calls.clear()
     with pytest.raises(KeyboardInterrupt):
         _run(cfg, tmp_path / "part", learner_cls=KilledOnce)
-    assert records.Run(tmp_path / "part").finished_generations() == [0]
+    assert reader.Run(tmp_path / "part").finished_generations() == [0]
     ToyNumpyLearner.calls.clear()
     resumed = _run(cfg, tmp_path / "part", learner_cls=KilledOnce)
     # Only chain 1's generation 1 is left: its fit and sample.
     assert [c[0] for c in ToyNumpyLearner.calls] == ["fit", "sample"]
     assert resumed.rows == full.rows
-    a, b = records.Run(full.run_dir), records.Run(resumed.run_dir)
+    a, b = reader.Run(full.run_dir), reader.Run(resumed.run_dir)
     for g in range(2):
         assert a.arrays(g)["trials/var"].shape == (2,)
         np.testing.assert_array_equal(a.arrays(g)["trials/var"], b.arrays(g)["trials/var"])
     # Each chain keeps its own data; the chains differ (their own keys).
-    d0 = records.load_npz(tmp_path / "full" / "data" / "gen_00001.npz")["data"]
-    d1 = records.load_npz(tmp_path / "full" / "data" / "chain_00001" / "gen_00001.npz")["data"]
+    d0 = fileio.load_npz(tmp_path / "full" / "data" / "gen_00001.npz")["data"]
+    d1 = fileio.load_npz(tmp_path / "full" / "data" / "chain_00001" / "gen_00001.npz")["data"]
     assert d0.shape == d1.shape == (12,) and not np.array_equal(d0, d1)
     # Chain r of the Python path draws its real data with chain r's key, as the vmapped path.
     k_real = generation.chain_keys(cfg.seed, 1)[0]
-    d = records.load_npz(tmp_path / "full" / "data" / "chain_00001" / "gen_00000.npz")["data"]
+    d = fileio.load_npz(tmp_path / "full" / "data" / "chain_00001" / "gen_00000.npz")["data"]
     np.testing.assert_array_equal(d, ToyNumpyLearner(cfg.model).real_data(k_real, 12))
 
 
@@ -242,6 +243,6 @@ def test_real_share_fixed_or_fresh(tmp_path, real_data):
     data = generation.replay_data(learner, cfg.generation, cfg.seed, [0, 2])
     assert np.isin(data[2], data[0]).sum() == want
     _run(cfg, tmp_path, learner_cls=ToyNumpyLearner)
-    d0 = records.load_npz(tmp_path / "data" / "gen_00000.npz")["data"]
-    d2 = records.load_npz(tmp_path / "data" / "gen_00002.npz")["data"]
+    d0 = fileio.load_npz(tmp_path / "data" / "gen_00000.npz")["data"]
+    d2 = fileio.load_npz(tmp_path / "data" / "gen_00002.npz")["data"]
     assert np.isin(d2, d0).sum() == want

@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from collapse_jax import generation, gmm, records
+from collapse_jax import generation, gmm
 from collapse_jax.config import ConfigError, ExperimentConfig, GenerationConfig
+from collapse_jax.rundir import reader
 
 
 def test_variance_shrinks_and_l2_grows_over_generations(tmp_path):
@@ -37,7 +38,7 @@ def test_variance_shrinks_and_l2_grows_over_generations(tmp_path):
         ),
     )
     res = generation.run_generations(cfg, tmp_path / "run")
-    run = records.Run(res.run_dir)
+    run = reader.Run(res.run_dir)
     trace = run.trial_series("cov_trace")  # [G, R]
     assert trace.shape == (12, 256)
     learner = generation.make_learner(cfg)

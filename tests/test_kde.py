@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation, plots, records
+from collapse_jax import generation, plots
 from collapse_jax.kde import (
     KDEConfig,
     KDELearner,
@@ -19,6 +19,7 @@ from collapse_jax.kde import (
     kde_variance,
     truth_log_prob,
 )
+from collapse_jax.rundir import reader
 
 Z = 4.5  # two-sided normal tail 6.8e-6 per comparison
 
@@ -92,7 +93,7 @@ def test_variance_recursion_through_the_loop(tmp_path, bandwidth):
     np.testing.assert_allclose(curves["variance"], want)
     assert rows[-1]["heldout_nll"] > 0 and np.isfinite(rows[-1]["heldout_nll"])
     if bandwidth == 0.5:  # the figures (closed form overlaid on `variance`; the density)
-        files = plots.make_figures(records.Run(tmp_path), generation.make_learner(cfg))
+        files = plots.make_figures(reader.Run(tmp_path), generation.make_learner(cfg))
         assert {"variance.png", "kde_density.png"} <= {f.name for f in files}
 
 

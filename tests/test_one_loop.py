@@ -5,8 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from collapse_jax import generation, gmm, records
+from collapse_jax import generation, gmm
 from collapse_jax.config import ExperimentConfig, GenerationConfig
+from collapse_jax.rundir import reader
 from collapse_jax.theory import discrete, gaussian
 
 
@@ -14,7 +15,7 @@ def _run(tmp_path, model, **gen):
     g = GenerationConfig(record_trials=1000, **gen)
     cfg = ExperimentConfig(name="same", seed=11, model=model, generation=g)
     res = generation.run_generations(cfg, tmp_path)
-    return records.Run(res.run_dir)
+    return reader.Run(res.run_dir)
 
 
 @pytest.mark.parametrize(

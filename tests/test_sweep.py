@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from collapse_jax import cli, generation, records, sweep
+from collapse_jax import cli, generation, sweep
 from collapse_jax import config as config_lib
+from collapse_jax.rundir import reader
 from tests.conftest import REPO
 
 CONFIG = REPO / "configs" / "theory_gaussian.yaml"
@@ -57,7 +58,7 @@ def test_sweep_equals_separate_runs_and_resumes(tmp_path):
     s.prepare()
     generation.run_generations(s.configs[0], s.point_dir(0))
     generation.run_generations(s.configs[1], s.point_dir(1), stop_after=2)
-    assert len(records.Run(s.point_dir(1)).rows()) == 2
+    assert len(reader.Run(s.point_dir(1)).rows()) == 2
     sweep.run_sweep(CONFIG, axes, tmp_path / "killed", figures=False)
     for p in spec["points"]:
         a = (out / p["dir"] / "metrics.json").read_bytes()

@@ -34,10 +34,10 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from collapse_jax import records
 from collapse_jax.config import expand_env
 from collapse_jax.lm import hub
 from collapse_jax.lm.tokenizer import load_tokenizer
+from collapse_jax.rundir import fileio
 
 SPLITS: dict[str, str] = {
     "train": "train",
@@ -331,7 +331,7 @@ def _first(blocks: np.ndarray, limit: int | None, what: str) -> np.ndarray:
 
 def save_blocks(path: str | os.PathLike, blocks: np.ndarray) -> None:
     """Writes blocks as `.npy` (atomically), so `np.load(path, mmap_mode="r")` can map them."""
-    with records.atomic_path(path, suffix=".npy") as tmp:
+    with fileio.atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, np.asarray(blocks, dtype=np.int32))
 
 

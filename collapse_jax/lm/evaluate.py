@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from collapse_jax import sharding
+from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import data as data_lib
 from collapse_jax.lm.placement import (
     cached,

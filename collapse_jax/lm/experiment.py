@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from collapse_jax import config as config_lib
-from collapse_jax import records, sharding
+from collapse_jax.jaxtools import sharding
 from collapse_jax.learner import AbstractLearner
 from collapse_jax.lm import decode, hub, opt, truth
 from collapse_jax.lm import source as source_lib
@@ -50,6 +50,7 @@ from collapse_jax.lm.settings import DecodeSettings
 from collapse_jax.lm.source import SourceDataConfig
 from collapse_jax.lm.train_config import TrainConfig
 from collapse_jax.lm.vocab import Vocab
+from collapse_jax.rundir import fileio
 
 # Data sources of the LM experiment: `data.kind` -> "module:ConfigClass"; each class is a frozen
 # config with a `load() -> lm.data.LMCorpus` method (a ground-truth language plugs in here).
@@ -456,7 +457,7 @@ class OPTLearner(AbstractLearner):
     # --- persistence -----------------------------------------------------------------------
     def save_params(self, path: pathlib.Path, params: LMParams) -> None:
         opt.save_pretrained(params.model, path)
-        records.atomic_write_json(path / "fit_info.json", params.info)
+        fileio.atomic_write_json(path / "fit_info.json", params.info)
         vocab = self.vocab()
         if vocab is not None:
             np.save(path / "token_ids.npy", vocab.ids)

@@ -23,16 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from collapse_jax import records
 from collapse_jax.lm import evaluate, truth
 from collapse_jax.lm.source import GroundTruthSource, to_source_ids
 from collapse_jax.lm.vocab import Vocab
+from collapse_jax.rundir import fileio, reader
 
 # The generations the paper's Fig. 1 histograms show.
 HISTOGRAM_GENERATIONS = (0, 1, 2, 3, 5, 9)
 
 
-def make_figures(learner: Any, run: records.Run, out_dir: pathlib.Path) -> list[pathlib.Path]:
+def make_figures(learner: Any, run: reader.Run, out_dir: pathlib.Path) -> list[pathlib.Path]:
     """Writes every LM figure that the run's contents allow; returns the files written."""
     import matplotlib
 
@@ -67,7 +67,7 @@ def make_figures(learner: Any, run: records.Run, out_dir: pathlib.Path) -> list[
     return files
 
 
-def _trials(run: records.Run, gens: list[int], name: str) -> np.ndarray | None:
+def _trials(run: reader.Run, gens: list[int], name: str) -> np.ndarray | None:
     """[G, R] per-run values of a scalar metric (None when absent)."""
     vals = []
     for g in gens:
@@ -79,7 +79,7 @@ def _trials(run: records.Run, gens: list[int], name: str) -> np.ndarray | None:
     return np.stack([v[:r] for v in vals])
 
 
-def _perplexity_figure(run: records.Run, gens: list[int], path: pathlib.Path) -> bool:
+def _perplexity_figure(run: reader.Run, gens: list[int], path: pathlib.Path) -> bool:
     import matplotlib.pyplot as plt
 
     ppl = _trials(run, gens, "ppl")
@@ -185,11 +185,11 @@ def _chain(folder: pathlib.Path, r: int) -> pathlib.Path:
     return folder if r == 0 else folder / f"chain_{r:05d}"
 
 
-def _num_runs(run: records.Run) -> int:
+def _num_runs(run: reader.Run) -> int:
     return 1 + len(list((run.path / "data").glob("chain_*")))
 
 
-def train_perplexity_under_gen0(learner: Any, run: records.Run) -> list[tuple[int, np.ndarray]]:
+def train_perplexity_under_gen0(learner: Any, run: reader.Run) -> list[tuple[int, np.ndarray]]:
     """[(g, per-block perplexity of generation g's training data under the generation-0 model)],
     every run scored by its own generation-0 model and pooled; needs generation 0's parameters
     (`keep_params: all` or `first_last`)."""
@@ -197,7 +197,7 @@ def train_perplexity_under_gen0(learner: Any, run: records.Run) -> list[tuple[in
     for g in run.finished_generations():
         cache = run.path / "analysis" / f"train_ppl_under_gen0_{g:05d}.npz"
         if cache.is_file():
-            out.append((g, records.load_npz(cache)["ppl"]))
+            out.append((g, fileio.load_npz(cache)["ppl"]))
             continue
         pieces = []
         for r in range(_num_runs(run)):
@@ -206,7 +206,7 @@ def train_perplexity_under_gen0(learner: Any, run: records.Run) -> list[tuple[in
             if not ((p0 / "config.json").is_file() and data.is_file()):
                 continue
             model0 = learner.load_params(p0, None).model
-            blocks = _vocab_map(p0)(records.load_npz(data)["data"])
+            blocks = _vocab_map(p0)(fileio.load_npz(data)["data"])
             pieces.append(
                 evaluate.perplexity(
                     model0,
@@ -220,7 +220,7 @@ def train_perplexity_under_gen0(learner: Any, run: records.Run) -> list[tuple[in
         if not pieces:
             continue
         ppl = np.concatenate(pieces)
-        records.save_npz(cache, {"ppl": ppl})
+        fileio.save_npz(cache, {"ppl": ppl})
         out.append((g, ppl))
     return out
 
@@ -235,7 +235,7 @@ def _vocab_map(params_dir: pathlib.Path):
     return vocab.to_model
 
 
-def write_examples(learner: Any, run: records.Run) -> pathlib.Path | None:
+def write_examples(learner: Any, run: reader.Run) -> pathlib.Path | None:
     """`example_continuations.txt`: the example prompt and every generation's continuation."""
     gens = run.finished_generations()
     conts = [(g, run.arrays(g).get("trials/example_continuation")) for g in gens]
@@ -264,7 +264,7 @@ def write_examples(learner: Any, run: records.Run) -> pathlib.Path | None:
             lines.append(f"{who}: " + decode(tokens).strip().replace("\n", " "))
         lines.append("")
     path = run.path / "example_continuations.txt"
-    records.atomic_write_text(path, "\n".join(lines))
+    fileio.atomic_write_text(path, "\n".join(lines))
     return path
 
 

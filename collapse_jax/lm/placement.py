@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from collapse_jax import sharding
+from collapse_jax.jaxtools import sharding
 
 
 def default_mesh() -> Mesh:

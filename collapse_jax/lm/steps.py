@@ -2,7 +2,7 @@
 
 `train_step` is `(state, rest, batch, key, hparams) -> (state, metrics)` (STYLE.md 3.3): the
 model is merged from its graph definition inside the step, parameters and AdamW moments follow
-the logical-axis rules of `collapse_jax.sharding`, and batches are split over ("data", "fsdp")
+the logical-axis rules of `jaxtools.sharding`, and batches are split over ("data", "fsdp")
 (`lm.placement` places them). `lm.train` jits it with explicit shardings and the state donated;
 `lm.evaluate` jits `eval_step`.
 """

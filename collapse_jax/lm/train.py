@@ -13,7 +13,7 @@ non-masked targets of the batch) and perplexity is exp(mean loss).
 Design (STYLE.md 3.3/3.5): the model is split once (`nnx.split`) into a graph definition and
 parameter state; the train step is a pure function `(state, batch, key) -> (state, metrics)`
 merged back inside `jax.jit` with explicit in/out shardings and the state donated. Parameters and
-AdamW moments follow the logical-axis rules of `collapse_jax.sharding` (FSDP over "fsdp", tensor
+AdamW moments follow the logical-axis rules of `jaxtools.sharding` (FSDP over "fsdp", tensor
 parallelism over "tensor"); batches are split over ("data", "fsdp"). Everything random is a
 function of the seed and the step (shuffling: NumPy on the host per epoch; dropout:
 `fold_in(key, step)` with partitionable threefry), never of the mesh, so every mesh shape and
@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from collapse_jax import sharding
+from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import checkpoint as ckpt_lib
 from collapse_jax.lm import data as data_lib
 from collapse_jax.lm.evaluate import Evaluator

@@ -1,4 +1,4 @@
-"""Paper-style figures of the theory models from a run directory (`records.Run`).
+"""Paper-style figures of the theory models from a run directory (`rundir.reader.Run`).
 
 Gaussian: fitted densities drifting over generations (Shumailov et al. 2024, Fig. 2-like) and
 per-chain covariance trajectories with the closed-form mean (flat for the unbiased estimator)

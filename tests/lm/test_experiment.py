@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation, plots, records
+from collapse_jax import generation, plots
 from collapse_jax.lm import evaluate
 from collapse_jax.lm.vocab import Vocab
+from collapse_jax.rundir import fileio, reader
 
 
 def _cfg(data_dir, *overrides):
@@ -55,13 +56,13 @@ def test_two_runs_two_generations_resume_identically(data_dir, tmp_path):
         assert np.isfinite(r["ppl"]) and r["ppl"] > 1
         assert r["unigram_ppl"] == full.rows[0]["unigram_ppl"] > 1
         assert r["selected_epoch"] in (1.0, 2.0, 1.5)  # the mean over the two runs
-    run = records.Run(full.run_dir)
-    data0 = records.load_npz(run.data_path(0))["data"]
-    data1 = records.load_npz(run.data_path(1))["data"]
+    run = reader.Run(full.run_dir)
+    data0 = fileio.load_npz(run.data_path(0))["data"]
+    data1 = fileio.load_npz(run.data_path(1))["data"]
     # Run 1 lives in chain_00001/ with its own seed: the same real data, its own regeneration.
-    other1 = records.load_npz(full.run_dir / "data" / "chain_00001" / "gen_00001.npz")["data"]
+    other1 = fileio.load_npz(full.run_dir / "data" / "chain_00001" / "gen_00001.npz")["data"]
     assert np.array_equal(
-        records.load_npz(full.run_dir / "data" / "chain_00001" / "gen_00000.npz")["data"], data0
+        fileio.load_npz(full.run_dir / "data" / "chain_00001" / "gen_00000.npz")["data"], data0
     )
     assert other1.shape == data1.shape and not np.array_equal(other1, data1)
     # Each run trains from its own random init: the runs' perplexities differ.
@@ -93,7 +94,7 @@ def test_two_runs_two_generations_resume_identically(data_dir, tmp_path):
     text = (full.run_dir / "example_continuations.txt").read_text()
     assert "Input: " in text and "Gen 0, run 1: " in text and "Gen 1, run 2: " in text
     under0 = [
-        records.load_npz(full.run_dir / "analysis" / f"train_ppl_under_gen0_{g:05d}.npz")["ppl"]
+        fileio.load_npz(full.run_dir / "analysis" / f"train_ppl_under_gen0_{g:05d}.npz")["ppl"]
         for g in (0, 1)
     ]
     assert under0[0].shape == under0[1].shape == (24,)  # both runs' blocks, pooled
@@ -109,10 +110,10 @@ def test_two_runs_two_generations_resume_identically(data_dir, tmp_path):
     part = json.loads((tmp_path / "part" / "metrics.json").read_text())
     assert strip(part) == strip(full.rows)
     assert np.array_equal(
-        records.load_npz(records.Run(tmp_path / "part").data_path(1))["data"], data1
+        fileio.load_npz(reader.Run(tmp_path / "part").data_path(1))["data"], data1
     )
     assert np.array_equal(
-        records.load_npz(tmp_path / "part" / "data" / "chain_00001" / "gen_00001.npz")["data"],
+        fileio.load_npz(tmp_path / "part" / "data" / "chain_00001" / "gen_00001.npz")["data"],
         other1,
     )
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation, records
+from collapse_jax import generation
 from collapse_jax.lm import figures, opt, source, train, truth
+from collapse_jax.rundir import fileio, reader
 
 pytestmark = pytest.mark.slow
 
@@ -49,8 +50,8 @@ def test_default_config_runs_end_to_end(full_run):
         assert 0 <= r["support_coverage"] <= 1 and 0 <= r["lost_mass"] <= 1
     # Generation 0 trains on the real blocks: no impossible tokens, true NLL near the rate.
     assert rows[0]["data_invalid_rate"] == 0.0
-    run = records.Run(full.run_dir)
-    data0 = records.load_npz(run.data_path(0))["data"]
+    run = reader.Run(full.run_dir)
+    data0 = fileio.load_npz(run.data_path(0))["data"]
     np.testing.assert_array_equal(data0, cfg.model.data.blocks("train"))
     assert data0.min() >= source.TOKEN_OFFSET and data0.max() < 12 + source.TOKEN_OFFSET
     per_block = run.arrays(1)["trials/data_true_nll_per_block"]
@@ -85,8 +86,8 @@ def test_killed_run_resumes_to_identical_metrics(full_run, tmp_path):
     assert untimed(resumed) == untimed(full.rows)
     assert "kl_to_truth" in resumed[1]
     for g in (0, 1):
-        a = records.Run(tmp_path / "part").arrays(g)
-        b = records.Run(full.run_dir).arrays(g)
+        a = reader.Run(tmp_path / "part").arrays(g)
+        b = reader.Run(full.run_dir).arrays(g)
         assert a.keys() == b.keys()
         for k in a:
             if "_seconds" not in k:

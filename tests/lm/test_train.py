@@ -16,7 +16,7 @@ import optax
 import pytest
 from flax import nnx
 
-from collapse_jax import sharding
+from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import data, schedule, steps, train
 from collapse_jax.lm.train_config import TrainConfig
 from tests.lm.multihost_worker import tiny_blocks, tiny_model

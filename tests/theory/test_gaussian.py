@@ -231,9 +231,10 @@ def test_learner_in_generational_loop(tmp_path):
         for r, want in zip(rows, curves[name]):
             assert abs(r[name] - want) < Z * r[f"{name}_se"], (name, r["generation"])
     assert all(0 <= r["w2"] ** 2 <= r["w2_squared"] + 1e-6 for r in rows)  # Jensen
-    from collapse_jax import plots, records
+    from collapse_jax import plots
+    from collapse_jax.rundir import reader
 
-    files = plots.make_figures(records.Run(res.run_dir), learner)
+    files = plots.make_figures(reader.Run(res.run_dir), learner)
     names = {f.name for f in files}
     assert {"gaussian_drift.png", "gaussian_trajectories.png", "trace_cov.png"} <= names
     assert all(f.stat().st_size > 1000 for f in files)

@@ -1,31 +1,13 @@
-"""The run directory: resolved config, per-generation metrics and arrays, resumable state.
+"""Atomic file I/O of a run directory: every file is written to a temporary name in its folder and
+renamed, so a killed writer leaves either the old or the new version, never a torn one.
 
-Layout of one experiment's run directory:
-
-```
-config.yaml                 the resolved config, written first
-env.json                    versions, devices, git revision
-generations/gen_00007.json  one summary row per finished generation (chain mean, SE, quantiles)
-arrays/gen_00007.npz        per-chain values of the first `record_trials` chains, and chain means
-                            of vector-valued metrics ("mean/<metric>")
-state/                      what the next generation needs (data, params, next generation index)
-params/gen_00007/           fitted parameters of every generation (keep_params: all)
-data/gen_00007.npz          training data of non-jittable learners' generations
-work/gen_00007/             a non-jittable learner's resumable scratch (checkpoints, ...)
-metrics.json, metrics.csv   all summary rows; summary.txt; figures/*.png
-.lock                       held (flock) by the process working in the directory
-state/manifest.json         size and SHA-256 of every committed file (see `collapse_jax.rundir`)
-```
-
-Every file is written to a temporary name and renamed, so a killed run leaves either the old or
-the new version, never a torn one. `state/` is the commit point of a generation: it is replaced
-only after the generation's rows and arrays are on disk.
+Temporaries are named `.<name>.<random>.tmp` (see `TEMPORARY`); readers of JSON and .npz files
+name the file in every error (`CorruptFileError`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import os
@@ -185,81 +167,3 @@ def load_json(path: str | os.PathLike) -> Any:
 
 class CorruptFileError(ValueError):
     """A file exists but cannot be read as what it should be; the message names it."""
-
-
-class Run:
-    """Read access to one experiment's run directory (what `plots` and learners' figures use).
-
-    Attributes:
-      path: the run directory.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path)
-        if not self.path.is_dir():
-            raise FileNotFoundError(f"run directory not found: {self.path}")
-        if not (self.path / "config.yaml").is_file():
-            raise FileNotFoundError(f"{self.path} is not a run directory (no config.yaml)")
-
-    @property
-    def config(self):
-        from collapse_jax import config as config_lib
-
-        return config_lib.load_config(self.path / "config.yaml")
-
-    def finished_generations(self) -> list[int]:
-        """The committed generations (by the run's commit record; files of a generation that was
-        being committed when the run was killed are not among them)."""
-        from collapse_jax import rundir
-
-        n = rundir.committed_generations(self.path)
-        if n is not None:
-            return list(range(n))
-        return sorted(  # nothing committed yet, or a bare folder of rows
-            int(p.stem.split("_")[1]) for p in (self.path / "generations").glob("gen_*.json")
-        )
-
-    def rows(self) -> list[dict[str, Any]]:
-        """Summary rows of every finished generation, in order."""
-        return [
-            load_json(self.path / "generations" / f"gen_{g:05d}.json")
-            for g in self.finished_generations()
-        ]
-
-    def series(self, name: str) -> np.ndarray:
-        """[G] one summary column (e.g. "w2", "w2_se", "w2_q50"); NaN where absent."""
-        return np.array([r.get(name, np.nan) for r in self.rows()], dtype=np.float64)
-
-    def arrays(self, generation: int) -> dict[str, np.ndarray]:
-        """Per-chain values ("trials/<m>": [record_trials, ...]) and chain means of vector
-        metrics ("mean/<m>") of one generation."""
-        return load_npz(self.path / "arrays" / f"gen_{generation:05d}.npz")
-
-    def trial_series(self, name: str) -> np.ndarray:
-        """[G, record_trials, ...] per-chain values of metric `name` over all generations."""
-        return np.stack([self.arrays(g)[f"trials/{name}"] for g in self.finished_generations()])
-
-    def mean_series(self, name: str) -> np.ndarray:
-        """[G, ...] chain mean of a vector-valued metric over generations."""
-        return np.stack([self.arrays(g)[f"mean/{name}"] for g in self.finished_generations()])
-
-    def params_dir(self, generation: int) -> pathlib.Path:
-        return self.path / "params" / f"gen_{generation:05d}"
-
-    def data_path(self, generation: int) -> pathlib.Path:
-        """Training data that generation `generation` was fitted on (non-jittable learners)."""
-        return self.path / "data" / f"gen_{generation:05d}.npz"
-
-
-def write_tables(run_dir: pathlib.Path, rows: list[dict[str, Any]]) -> None:
-    """metrics.json and metrics.csv with every summary row."""
-    atomic_write_json(run_dir / "metrics.json", rows)
-    columns: list[str] = []
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, restval="")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
