@@ -18,6 +18,7 @@ the field's type; a key overridden twice is an error. String values may use `${V
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import math
@@ -66,7 +67,8 @@ def require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _import(path: str) -> Any:
+def import_object(path: str) -> Any:
+    """The object a "module:attribute" path names (the form of `MODEL_REGISTRY`), imported."""
     module, attr = path.split(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -74,13 +76,13 @@ def _import(path: str) -> Any:
 def model_config_class(kind: str) -> type:
     if kind not in MODEL_REGISTRY:
         raise ConfigError(f"unknown model kind {kind!r}; valid kinds: {sorted(MODEL_REGISTRY)}")
-    return _import(MODEL_REGISTRY[kind][0])
+    return import_object(MODEL_REGISTRY[kind][0])
 
 
 def learner_class(kind: str) -> type:
     if kind not in MODEL_REGISTRY:
         raise ConfigError(f"unknown model kind {kind!r}; valid kinds: {sorted(MODEL_REGISTRY)}")
-    return _import(MODEL_REGISTRY[kind][1])
+    return import_object(MODEL_REGISTRY[kind][1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,7 +442,11 @@ class Expanded(str):
         return (Expanded, (str(self), self.template))
 
 
-def _expand_env(value: str, where: str) -> str:
+def expand_env(value: str, where: str) -> str:
+    """`value` with every `${VAR}` / `${VAR:-default}` replaced from the environment (an
+    `Expanded` string when anything changed); an unset variable without a default is a
+    ConfigError naming `where`."""
+
     def sub(m: re.Match) -> str:
         var, default = m.group(1), m.group(2)
         if var in os.environ:
@@ -519,7 +525,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return _expand_env(value, where)
+        return expand_env(value, where)
     raise ConfigError(f"{where}: unsupported field type {tp}")
 
 
@@ -724,8 +730,6 @@ def load_raw(path: str | os.PathLike) -> dict:
 
 def from_dict(raw: dict, overrides: Sequence[str] = ()) -> ExperimentConfig | SuiteConfig:
     """Builds an experiment (or suite) config from a plain dict plus `a.b=value` overrides."""
-    import copy
-
     raw = copy.deepcopy(raw)
     parsed = parse_overrides(overrides)
     if "experiments" in raw:

@@ -30,7 +30,8 @@ from collapse_jax import loop
 from collapse_jax.config import ConfigError, GenerationConfig
 from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.theory import analytic, metrics, samplers
-from collapse_jax.theory.gaussian import RngImpl, _count, _with_impl, sample_size_schedule
+from collapse_jax.theory.common import data_count, with_impl
+from collapse_jax.theory.gaussian import RngImpl, sample_size_schedule
 
 _F = jnp.float32
 # Per-chain distributions are reported as a metric (kept for `record_trials` chains) up to this K.
@@ -156,7 +157,7 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
 
     def _draw(self, key: Array, probs: Array, num: Any) -> Array:
         if self.config.method == "sample":
-            return sample_labels(_with_impl(key, self.config.rng_impl), probs, num)
+            return sample_labels(with_impl(key, self.config.rng_impl), probs, num)
         # The exact method draws words from the loop's own (threefry) key, hashed in fused code
         # (`jaxtools.prng`): wrapped for another impl, `jax.random` would hash it in its own
         # rolled threefry loop on CPU, far more slowly.
@@ -219,13 +220,13 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
         subset's counts are one exact multivariate hypergeometric draw, so the policies that
         subsample (`accumulate_subsample`, `mix` with beta > 0 or a fixed real set) stay exact."""
         if self.config.method == "exact":
-            key = _with_impl(key, self.config.rng_impl)
+            key = with_impl(key, self.config.rng_impl)
             return samplers.multivariate_hypergeometric(key, data, num)
         return super().subset(key, data, num)
 
     def num_samples(self, data: Array) -> Any:
         if self.config.method == "exact":
-            return _count(jnp.sum(data))
+            return data_count(jnp.sum(data))
         return super().num_samples(data)
 
     def expected_curves(

@@ -45,6 +45,7 @@ from collapse_jax.config import ConfigError, GenerationConfig
 from collapse_jax.jaxtools import lanes, prng
 from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.theory import analytic, metrics, samplers
+from collapse_jax.theory.common import data_count, with_impl
 
 _F = jnp.float32
 RngImpl = Literal["default", "threefry2x32", "philox4x32"]
@@ -143,13 +144,6 @@ class GaussianStats(NamedTuple):
     n: Array
     mean: Array
     scatter: Array
-
-
-def _with_impl(key: Array, impl: str) -> Array:
-    """Re-reads a key's bits as a key of `impl` (deterministic; no-op for "default")."""
-    if impl == "default" or str(jax.random.key_impl(key)) == impl:
-        return key
-    return jax.random.wrap_key_data(jax.random.key_data(key), impl=impl)
 
 
 def _chol(cov: Array) -> Array:
@@ -428,11 +422,6 @@ def fit_stats(stats: GaussianStats, estimator: str) -> GaussianParams:
     return GaussianParams(stats.mean, stats.scatter / denom)
 
 
-def _count(n: Any) -> Any:
-    """A data set's size from its (possibly traced) count."""
-    return n if isinstance(n, jax.core.Tracer) else int(n)
-
-
 class GaussianLearner(AbstractLearner[GaussianParams, Any]):
     """The Gaussian model for the generational loop (one chain per call; final class).
 
@@ -460,7 +449,7 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
 
     def _draw(self, key: Array, params: GaussianParams, num: Any, noise: Any = None) -> Any:
         if self.config.method == "sample":
-            return sample_points(_with_impl(key, self.config.rng_impl), params, num)
+            return sample_points(with_impl(key, self.config.rng_impl), params, num)
         # The exact method draws a few words per chain from the loop's own (threefry) key,
         # hashed in fused code (`prng.random_words`); re-wrapping it for another impl would
         # only make `jax.random` hash it more slowly.
@@ -540,7 +529,7 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
 
     def num_samples(self, data: Any) -> Any:
         if self.config.method == "exact":
-            return _count(data.n)
+            return data_count(data.n)
         return super().num_samples(data)
 
     def expected_curves(
