@@ -427,9 +427,10 @@ def bench_train(suite: Suite, ctx: dict) -> list[dict]:
     """The train step as `finetune` runs it (`prepare_training`), bf16 compute."""
     from flax import nnx
 
-    from collapse_jax import sharding
+    from collapse_jax.jaxtools import sharding
     from collapse_jax.lm import data as data_lib
     from collapse_jax.lm import train
+    from collapse_jax.lm.train_config import TrainConfig
 
     cfg = opt_config(suite.opt_layers, dropout=0.1, width=suite.opt_width)
     with_torch = suite.baselines and _installed("torch") and _installed("transformers")
@@ -443,7 +444,7 @@ def bench_train(suite: Suite, ctx: dict) -> list[dict]:
     b = suite.train_batch
     blocks = random_blocks(b, cfg.vocab_size)
     mesh = sharding.make_mesh({"data": 1}, devices=[device])
-    tcfg = train.TrainConfig(
+    tcfg = TrainConfig(
         epochs=1, batch_size=b, learning_rate=2e-5, compute_dtype="bfloat16", dropout=True
     )
     prep = train.prepare_training(model, tcfg, mesh=mesh, steps_per_epoch=1_000_000)
@@ -576,7 +577,7 @@ def bench_decode(suite: Suite, ctx: dict) -> list[dict]:
 
 def bench_paper_generation(suite: Suite, ctx: dict) -> list[dict]:
     """One generation of the paper's LM loop, from measured slices (train, eval, regenerate)."""
-    from collapse_jax import sharding
+    from collapse_jax.jaxtools import sharding
     from collapse_jax.lm import train
 
     if "train_seconds_per_token" not in ctx:
@@ -752,7 +753,8 @@ def _mnist_or_random(n: int) -> tuple[np.ndarray, str]:
 def bench_vae(suite: Suite, ctx: dict) -> list[dict]:
     """Training epochs of the paper's VAE (Adam 1e-3, weight decay 1e-5) as `vae.train` runs
     them, against the same network in PyTorch."""
-    from collapse_jax import convs, vae
+    from collapse_jax import vae
+    from collapse_jax.jaxtools import convs
 
     images, source = _mnist_or_random(suite.vae_images)
     cfg = vae.VAEConfig(batch_size=suite.vae_batch, epochs=1)

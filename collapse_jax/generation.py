@@ -56,7 +56,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import config as config_lib
-from collapse_jax import prng, selection
+from collapse_jax import selection
+from collapse_jax.jaxtools import prng
 from collapse_jax.learner import AbstractLearner
 from collapse_jax.rundir import fileio, guard, reader
 
@@ -1106,7 +1107,7 @@ def _run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) 
     n_chunks = -(-R // chunk)
     sharding = None
     if cfgs[0].mesh is not None and not batched:
-        from collapse_jax import sharding as sharding_lib
+        from collapse_jax.jaxtools import sharding as sharding_lib
 
         mesh = sharding_lib.make_mesh(cfgs[0].mesh.shape())
         if chunk % sharding_lib.data_parallel_size(mesh) == 0:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 import jax
 import numpy as np
 
-from collapse_jax import prng
+from collapse_jax.jaxtools import prng
 from collapse_jax.rundir import fileio
 
 Params = TypeVar("Params")

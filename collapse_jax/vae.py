@@ -30,8 +30,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from collapse_jax import convs, mnist
+from collapse_jax import mnist
 from collapse_jax.config import ConfigError
+from collapse_jax.jaxtools import convs
 from collapse_jax.learner import AbstractLearner
 from collapse_jax.rundir import fileio
 
@@ -70,7 +71,7 @@ class VAE(nnx.Module):
 
 
 # The layers' parameters are those of nnx.Conv / nnx.ConvTranspose (kernel [4, 4, in, out]), applied
-# through collapse_jax/convs.py: the same convolutions, with gradients that stay on XLA:CPU's fast
+# through jaxtools/convs.py: the same convolutions, with gradients that stay on XLA:CPU's fast
 # paths (JAX's own gradient of the transposed convolution's kernel ran on a slow generic path and
 # took most of the training step). tests/test_vae.py compares them with the Flax layers.
 _PAD = ((1, 1), (1, 1))  # PyTorch Conv2d(padding=1)

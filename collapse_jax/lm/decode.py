@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from collapse_jax import sharding
+from collapse_jax.jaxtools import sharding
 from collapse_jax.lm.cache import KVCache
 from collapse_jax.lm.processors import (
     process_scores,

@@ -13,7 +13,7 @@ Every generation (Shumailov et al. 2024, "Language models" section, and its code
 
 The config nests its blocks and hands them down whole: the model (a pretrained folder or hub id,
 or `random_init`), `data:` (a data source picked by `kind`, `DATA_KINDS`), `train:`
-(`lm.train.TrainConfig`) and `decode:` (`lm.decode.DecodeSettings`).
+(`lm.train_config.TrainConfig`) and `decode:` (`lm.decode.DecodeSettings`).
 
 Data are int32 blocks [N, T] of the data source's token ids everywhere the loop sees them (run
 directories hold OPT ids). With `vocabulary: corpus` the model's vocabulary is restricted to the
@@ -40,7 +40,7 @@ from collapse_jax.learner import AbstractLearner
 from collapse_jax.lm.data import LMCorpus, WikiTextConfig
 from collapse_jax.lm.decode import DecodeSettings
 from collapse_jax.lm.source import SourceDataConfig
-from collapse_jax.lm.train import TrainConfig
+from collapse_jax.lm.train_config import TrainConfig
 from collapse_jax.rundir import fileio
 
 # Data sources of the LM experiment: `data.kind` -> "module:ConfigClass"; each class is a frozen
@@ -63,7 +63,7 @@ def paper_decode() -> DecodeSettings:
 
 
 def paper_train() -> TrainConfig:
-    """The paper's fine-tuning (lm.train.TrainConfig defaults) keeping the best epoch."""
+    """The paper's fine-tuning (lm.train_config.TrainConfig defaults) keeping the best epoch."""
     return TrainConfig(keep_best=True)
 
 
@@ -118,7 +118,7 @@ class OPTExperimentConfig:
       param_dtype: dtype of the parameters ("float32" or "bfloat16").
       data: the data source, a block with a `kind` (default `wikitext`, `lm.data.WikiTextConfig`:
         source, tokenizer_path, train/valid/eval splits, block_size, ...).
-      train: the fine-tuning settings (`lm.train.TrainConfig`: epochs, batch_size,
+      train: the fine-tuning settings (`lm.train_config.TrainConfig`: epochs, batch_size,
         learning_rate, schedule, compute_dtype, keep_best, ...); `pad_token_id` is the model's.
       decode: the regeneration settings (`lm.decode.DecodeSettings`: max_new_tokens,
         min_new_tokens, num_beams, repetition_penalty, do_sample, ...). Empty `eos_token_ids`
@@ -240,7 +240,7 @@ class OPTLearner(AbstractLearner):
         if self.mesh_config is None:
             return None
         if "mesh" not in self._cache:
-            from collapse_jax import sharding
+            from collapse_jax.jaxtools import sharding
 
             self._cache["mesh"] = sharding.make_mesh(self.mesh_config.shape())
         return self._cache["mesh"]

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from collapse_jax import sharding
+from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import decode
 from collapse_jax.lm.tokenizer import check_token_ids
 from collapse_jax.rundir import fileio
@@ -59,7 +59,7 @@ def regenerate(
         same directory and arguments resumes after the last finished batch (or just loads).
       batch_size: prompts per compiled call; rounded up to a multiple of the mesh's data-parallel
         size. Results do not depend on it (up to float rounding of batched matmuls).
-      mesh: a `collapse_jax.sharding.make_mesh` mesh; the batch is split over its data-parallel
+      mesh: a `jaxtools.sharding.make_mesh` mesh; the batch is split over its data-parallel
         axes and parameters are replicated. None: all local devices on "data".
       settings: the resolved decode settings as one object (e.g. the experiment's `decode:`
         block); given together with keyword settings, a ValueError.

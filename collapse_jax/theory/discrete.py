@@ -51,7 +51,7 @@ class DiscreteConfig:
         "sample" (the M categorical draws).
       rng_impl: PRNG of the sample method's draws (and of the exact method's subsets):
         "philox4x32", "threefry2x32", or "default" (the key's own). The exact method's
-        multinomial hashes the loop's own key (`collapse_jax.prng`, fused threefry) whatever
+        multinomial hashes the loop's own key (`jaxtools.prng`, fused threefry) whatever
         this is.
       truncation: top-k truncation of the sampler (None: off): synthetic data are drawn from
         the fit restricted to its k most probable states, renormalised (the tail cut-off of
@@ -155,7 +155,7 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
         if self.config.method == "sample":
             return sample_labels(_with_impl(key, self.config.rng_impl), probs, num)
         # The exact method draws words from the loop's own (threefry) key, hashed in fused code
-        # (`collapse_jax.prng`): wrapped for another impl, `jax.random` made it ~20x slower.
+        # (`jaxtools.prng`): wrapped for another impl, `jax.random` made it ~20x slower.
         return samplers.multinomial(key, num, probs)
 
     def draw_real(self, key: Array, num: int | Array) -> Array:

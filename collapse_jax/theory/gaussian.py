@@ -39,8 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from collapse_jax import generation, metrics, prng
+from collapse_jax import generation, metrics
 from collapse_jax.config import ConfigError, GenerationConfig
+from collapse_jax.jaxtools import prng
 from collapse_jax.learner import AbstractLearner
 from collapse_jax.theory import analytic, samplers
 
@@ -65,7 +66,7 @@ class GaussianConfig:
         key hashed in fused code, `standard_normals`; the fastest on CPU, ~1.9x philox),
         "philox4x32" (`jax.random.normal` under philox), or "default" (the impl of the key
         passed in; a threefry key takes the fused path). Each gives different numbers with the
-        same distribution. The exact method hashes the loop's own key (`collapse_jax.prng`,
+        same distribution. The exact method hashes the loop's own key (`collapse_jax.jaxtools.prng`,
         fused threefry) whatever this is.
       sampling_bias: lambda > 0: synthetic data are drawn from N(mu, lambda Sigma) of the fit
         (lambda < 1 under-disperses, as a low sampling temperature); real data never are.
@@ -630,7 +631,7 @@ def simulate(
       chunk_size: chains per batch (bounds memory for 10^6+ chains).
       rng_impl: PRNG of the sample method's normals (`GaussianConfig.rng_impl`: "threefry2x32",
         fused and fastest; "philox4x32"; or "default", the key's own); the exact method hashes
-        the loop's keys (`collapse_jax.prng`) whatever this is.
+        the loop's keys (`collapse_jax.jaxtools.prng`) whatever this is.
       sampling_bias: lambda: each generation's synthetic data come from N(mu, lambda Sigma).
     Returns:
       GaussianSimulation with `.mean [G + 1, R, d]` and `.cov [G + 1, R, d, d]`.

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from collapse_jax import prng
+from collapse_jax.jaxtools import prng
 
 _F = jnp.float32
 _U = jnp.uint32
