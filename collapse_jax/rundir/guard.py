@@ -107,7 +107,10 @@ def _alive(pid: int) -> bool:
 
 
 class RunLock:
-    """Exclusive lock on a run directory for as long as the `with` block runs (re-entrant)."""
+    """Exclusive lock on a run directory for as long as the `with` block runs (re-entrant).
+
+    Taking it creates the folder if needed and `claim`s it: a non-empty folder that is not a run
+    directory is refused before anything is written into it."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = pathlib.Path(run_dir)
@@ -153,6 +156,12 @@ class RunLock:
         else:
             os.close(fd)
             raise RunDirBusy(f"{self.run_dir} keeps being replaced while it is locked")
+        try:
+            claim(self.run_dir)  # before anything is written: refuses a folder not ours
+        except BaseException:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise
         previous = _read_holder(self.path)
         host = socket.gethostname()
         if previous.get("host") not in (None, host):
