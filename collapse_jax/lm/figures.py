@@ -197,8 +197,11 @@ def train_perplexity_under_gen0(learner: Any, run: reader.Run) -> list[tuple[int
     for g in run.finished_generations():
         cache = run.path / "analysis" / f"train_ppl_under_gen0_{g:05d}.npz"
         if cache.is_file():
-            out.append((g, fileio.load_npz(cache)["ppl"]))
-            continue
+            try:
+                out.append((g, fileio.load_npz(cache)["ppl"]))
+                continue
+            except (fileio.CorruptFileError, KeyError):
+                pass  # a derived cache: recomputed below and rewritten
         pieces = []
         for r in range(_num_runs(run)):
             p0 = _chain(run.path / "params", r) / "gen_00000"

@@ -136,7 +136,9 @@ def run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) -
                 references[0],
             )[0]
         )
-        loaded = [fileio.load_tree(d / "state" / "carry.npz", template) for d in run_dirs]
+        loaded = [
+            fileio.load_tree(d / "state" / "carry.npz", template, leading=R) for d in run_dirs
+        ]
         carry = jax.tree.map(lambda *xs: np.stack(xs), *loaded) if batched else loaded[0]
     done = 0
     blocks = segments(

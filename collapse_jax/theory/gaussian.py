@@ -51,6 +51,12 @@ _F = jnp.float32
 RngImpl = Literal["default", "threefry2x32", "philox4x32"]
 
 
+# Largest |mean| / standard deviation (and square root of the covariance's condition number) whose
+# float32 computation keeps the measured quantities: float32's spacing 2^-23 * |mean| stays below
+# 1/1000 of a standard deviation.
+MAX_FLOAT32_RATIO = 1e-3 * 2.0**23
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class GaussianConfig:
     """The original distribution N(mean, cov) and how each generation refits it.
@@ -109,6 +115,26 @@ class GaussianConfig:
                 np.linalg.cholesky(c)
             except np.linalg.LinAlgError:
                 raise ConfigError("model.cov: must be positive definite") from None
+            eig = np.linalg.eigvalsh(c)
+            if eig[-1] > MAX_FLOAT32_RATIO**2 * eig[0]:
+                raise ConfigError(
+                    f"model.cov: its largest variance is {eig[-1] / eig[0]:.3g} times its "
+                    "smallest; float32 (about 7 digits) loses the smallest direction beside the "
+                    f"largest (the limit is {MAX_FLOAT32_RATIO**2:.3g}); rescale the coordinates"
+                )
+        if self.mean is not None:
+            # The generations' mean drift is measured in float32, whose spacing at |mean| is
+            # |mean| * 2^-23: it must stay well below a standard deviation, or mean_dist2 and the
+            # mean part of w2 come out exactly 0.
+            var = self.cov if isinstance(self.cov, (int, float)) else np.diag(self.cov).min()
+            ratio = float(np.max(np.abs(self.mean))) / float(np.sqrt(var))
+            if ratio > MAX_FLOAT32_RATIO:
+                raise ConfigError(
+                    f"model.mean: |mean| is {ratio:.3g} standard deviations; in float32 the "
+                    f"drift of the mean between generations is lost beyond "
+                    f"{MAX_FLOAT32_RATIO:.0f}; centre the distribution (subtract the mean, "
+                    "which changes no metric) or rescale it"
+                )
         if self.estimator not in ("unbiased", "mle"):
             raise ConfigError(f"model.estimator: {self.estimator!r} is not 'unbiased' or 'mle'")
         if self.method not in ("exact", "sample"):
