@@ -96,8 +96,7 @@ def factor_ab(repeats: int = 9) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from collapse_jax import metrics
-    from collapse_jax.theory import gaussian
+    from collapse_jax.theory import gaussian, metrics
 
     robust = gaussian._chol
     out = {}

@@ -737,7 +737,7 @@ def bench_gmm(suite: Suite, ctx: dict) -> list[dict]:
 
 def _mnist_or_random(n: int) -> tuple[np.ndarray, str]:
     """n MNIST training images if the data folder has them, else random binary images."""
-    from collapse_jax import mnist
+    from collapse_jax.vae import mnist
 
     root = pathlib.Path(os.environ.get("COLLAPSE_JAX_DATA", "data")) / "mnist"
     try:
@@ -753,8 +753,8 @@ def _mnist_or_random(n: int) -> tuple[np.ndarray, str]:
 def bench_vae(suite: Suite, ctx: dict) -> list[dict]:
     """Training epochs of the paper's VAE (Adam 1e-3, weight decay 1e-5) as `vae.train` runs
     them, against the same network in PyTorch."""
-    from collapse_jax import vae
     from collapse_jax.jaxtools import convs
+    from collapse_jax.vae import model as vae
 
     images, source = _mnist_or_random(suite.vae_images)
     cfg = vae.VAEConfig(batch_size=suite.vae_batch, epochs=1)

@@ -11,11 +11,12 @@ import os
 import pathlib
 import shutil
 
-import matplotlib
+# A plotting module, imported only to draw figures: matplotlib at its top (TID253 lists it).
+import matplotlib  # noqa: TID253
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402, TID253
 import numpy as np  # noqa: E402
 
 from collapse_jax.rundir import fileio, reader  # noqa: E402

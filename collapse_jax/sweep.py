@@ -74,7 +74,9 @@ def parse_axes(args: Sequence[str]) -> list[Axis]:
     seen: set[str] = set()
     for item in args:
         if "=" not in item:
-            raise config_lib.ConfigError(f"sweep axis {item!r} is not of the form key=v1,v2,...")
+            raise config_lib.ConfigError(
+                f"sweep axis {config_lib.short(item)} is not of the form key=v1,v2,..."
+            )
         key, text = item.split("=", 1)
         key = key.strip()
         if key in seen:
@@ -82,13 +84,15 @@ def parse_axes(args: Sequence[str]) -> list[Axis]:
         seen.add(key)
         texts = split_values(text)
         if any(t == "" for t in texts):
-            raise config_lib.ConfigError(f"sweep axis {key}: empty value in {text!r}")
-        try:
-            values = [yaml.safe_load(t) for t in texts]
-        except yaml.YAMLError as e:
-            raise config_lib.ConfigError(f"sweep axis {key}: cannot parse {text!r}: {e}") from None
+            raise config_lib.ConfigError(
+                f"sweep axis {key}: empty value in {config_lib.short(text)}"
+            )
+        # parse_yaml limits aliases and names the axis in its errors
+        values = [config_lib.parse_yaml(t, f"sweep axis {key}") for t in texts]
         if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
-            raise config_lib.ConfigError(f"sweep axis {key}: repeated value in {text!r}")
+            raise config_lib.ConfigError(
+                f"sweep axis {key}: repeated value in {config_lib.short(text)}"
+            )
         axes.append((key, values))
     return axes
 

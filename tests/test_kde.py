@@ -9,7 +9,7 @@ from scipy import stats
 
 from collapse_jax import config as config_lib
 from collapse_jax import loop, plots
-from collapse_jax.kde import (
+from collapse_jax.kde.learner import (
     KDEConfig,
     KDELearner,
     draw_truth,

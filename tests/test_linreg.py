@@ -9,7 +9,7 @@ from scipy import stats
 
 from collapse_jax import config as config_lib
 from collapse_jax import loop
-from collapse_jax.linreg import (
+from collapse_jax.linreg.learner import (
     LinearRegressionConfig,
     LinearRegressionLearner,
     expected_param_error,

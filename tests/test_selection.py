@@ -9,7 +9,7 @@ import pytest
 from collapse_jax import config as config_lib
 from collapse_jax import loop
 from collapse_jax.config import SelectionConfig
-from collapse_jax.kde import KDEConfig, KDELearner
+from collapse_jax.kde.learner import KDEConfig, KDELearner
 from collapse_jax.loop import selection
 
 

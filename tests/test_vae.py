@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from collapse_jax import loop, mnist, vae
+from collapse_jax import loop
 from collapse_jax.config import ConfigError, ExperimentConfig, GenerationConfig
 from collapse_jax.rundir import fileio, reader
+from collapse_jax.vae import mnist
+from collapse_jax.vae import model as vae
 
 # Tests train a narrow version of the paper's network (same layers, fewer channels) on CPU.
 SMALL = dict(channels=(8, 16), batch_size=32, eval_batch_size=64, probe_size=64, grid_size=2)

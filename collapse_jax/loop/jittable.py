@@ -113,7 +113,9 @@ def run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) -
                 references[0],
             )[0]
         )
-        carries = [fileio.load_tree(d / "state" / "carry.npz", template) for d in run_dirs]
+        carries = [
+            fileio.load_tree(d / "state" / "carry.npz", template, leading=R) for d in run_dirs
+        ]
     rows = [slice(c * chunk, min((c + 1) * chunk, R)) for c in range(n_chunks)]
 
     def stream(p: int, c: int):

@@ -9,7 +9,7 @@ import pytest
 from collapse_jax import config as config_lib
 from collapse_jax import loop, plots
 from collapse_jax.lm import evaluate
-from collapse_jax.lm.experiment import Vocab
+from collapse_jax.lm.vocab import Vocab
 from collapse_jax.rundir import fileio, reader
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from collapse_jax import config as config_lib
 from collapse_jax import loop
-from collapse_jax.lm import opt, source, train, truth
+from collapse_jax.lm import figures, opt, source, train, truth
 from collapse_jax.rundir import fileio, reader
 
 pytestmark = pytest.mark.slow
@@ -66,7 +66,7 @@ def test_default_config_runs_end_to_end(full_run):
 
     out = full.run_dir / "figures"
     out.mkdir(exist_ok=True)
-    files = truth.figures(run, out, src, load_model, learner.corpus().eval, 2)
+    files = figures.truth_figures(run, out, src, load_model, learner.corpus().eval, 2)
     assert [f.name for f in files] == [
         "truth_metrics.png",
         "truth_nll_histograms.png",
