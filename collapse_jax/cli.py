@@ -146,7 +146,12 @@ def _cmd_show(args) -> int:
 def _cmd_plot(args) -> int:
     from collapse_jax import loop, plots
 
-    run = reader.Run(args.run_dir)
+    path = pathlib.Path(args.run_dir)
+    if path.is_dir() and not commits.is_run_dir(path):
+        raise commits.NotARunDir(
+            f"{path} is not a collapse-jax run directory (no {commits.MARKER})"
+        )
+    run = reader.Run(path)
     # Plotting never needs the lock (committed files are never rewritten), so a running
     # experiment can be plotted; but it must not plot damaged files.
     problems = commits.verify_snapshot(run.path)  # retried if the run commits meanwhile
