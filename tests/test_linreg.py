@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation, plots
+from collapse_jax import loop, plots
 from collapse_jax.linreg.learner import (
     LinearRegressionConfig,
     LinearRegressionLearner,
@@ -37,7 +37,7 @@ def _run(tmp_path, policy, gens, **model):
         },
     }
     cfg = config_lib.from_dict(raw)
-    return cfg, generation.run_generations(cfg, tmp_path / policy).rows
+    return cfg, loop.run_generations(cfg, tmp_path / policy).rows
 
 
 @pytest.mark.parametrize("policy,gens,lam", [("replace", 4, 0.5), ("accumulate", 3, 1.0)])
@@ -108,7 +108,7 @@ def test_mixed_policy_runs_and_stays_bounded(tmp_path):
             "num_trials": 2000,
         },
     }
-    rows = generation.run_generations(config_lib.from_dict(raw), tmp_path).rows
+    rows = loop.run_generations(config_lib.from_dict(raw), tmp_path).rows
     replace = expected_param_error("replace", 6, dim=3, num_points=20, noise_std=1.0)
     assert rows[-1]["param_error"] < 0.5 * replace[-1]
     cfg = config_lib.from_dict(raw)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from collapse_jax import generation as gen_lib
+from collapse_jax import loop
 from collapse_jax.config import GenerationConfig
 from collapse_jax.gmm.em import moments
 from collapse_jax.gmm.learner import GMMConfig, GMMLearner
@@ -19,7 +19,7 @@ def replay_chain(
     learner: GMMLearner, seed: int, generations: list[int], generation: Any = None
 ) -> dict[int, np.ndarray]:
     """Training data of chain 0 at the given generations, recomputed by the loop core with the
-    run's keys (`generation.replay_data`): the run need not store every generation's data.
+    run's keys (`loop.replay_data`): the run need not store every generation's data.
 
     Args:
       learner: the run's learner; seed: the run's seed; generations: indices (0 = real data).
@@ -28,7 +28,7 @@ def replay_chain(
       {generation: [M_g, d] points}.
     """
     gcfg = GenerationConfig() if generation is None else generation
-    return gen_lib.replay_data(learner, gcfg, seed, generations)
+    return loop.replay_data(learner, gcfg, seed, generations)
 
 
 def expected_curves(

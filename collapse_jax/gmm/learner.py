@@ -22,14 +22,14 @@ from collapse_jax.gmm.em import (
     EMResult,
     GMMParams,
     InitMethod,
-    _em_one,
-    _fit_one,
-    _weighted_log_prob,
+    em_chain,
+    fit_chain,
     l2_distance,
     moments,
     sample,
+    weighted_log_prob,
 )
-from collapse_jax.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -189,8 +189,8 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
         tol = jnp.asarray(cfg.tol, jnp.float32)
         reg = jnp.asarray(cfg.reg_covar, jnp.float32)
         if cfg.warm_start:
-            return _em_one(data, em._as_params(params), tol, reg, cfg.max_iter, False)
-        return _fit_one(
+            return em_chain(data, em.as_params(params), tol, reg, cfg.max_iter, False)
+        return fit_chain(
             data,
             key,
             None,
@@ -217,7 +217,7 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
         return em.fit_em(
             jnp.asarray(data, jnp.float32),
             n_components=cfg.n_components,
-            init=em._as_params(params) if warm else None,
+            init=em.as_params(params) if warm else None,
             key=None if warm else keys,
             tol=cfg.tol,
             max_iter=cfg.max_iter,
@@ -263,7 +263,7 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
         true_mean, _ = moments(true)
         # Nearest real component of every fitted mean, by the real components' Mahalanobis
         # distance (plus their log-determinant: the most likely real component).
-        owner = jnp.argmax(_weighted_log_prob(p.means, true), axis=1)  # [C]
+        owner = jnp.argmax(weighted_log_prob(p.means, true), axis=1)  # [C]
         owned = jax.nn.one_hot(owner, true.weights.shape[0], dtype=p.weights.dtype)
         metrics = {
             "l2": l2_distance(p, true),
@@ -278,5 +278,5 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
             "lower_bound": params.lower_bound,
         }
         if reference is not None:
-            metrics["log_lik"] = jnp.mean(logsumexp(_weighted_log_prob(reference, p), axis=1))
+            metrics["log_lik"] = jnp.mean(logsumexp(weighted_log_prob(reference, p), axis=1))
         return metrics

@@ -40,7 +40,7 @@ import numpy as np
 from jax import Array
 
 from collapse_jax.config import require
-from collapse_jax.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner
 
 _F = jnp.float32
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
-import matplotlib  # noqa: TID253 - this module is imported only to draw
+# A plotting module, imported only to draw figures: matplotlib at its top (TID253 lists it).
+import matplotlib  # noqa: TID253
 
 matplotlib.use("Agg")
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.rundir import fileio
 from collapse_jax.vae import mnist
 from collapse_jax.vae.model import (

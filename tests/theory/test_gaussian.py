@@ -11,7 +11,7 @@ import pytest
 import scipy.stats
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation, plots
+from collapse_jax import loop, plots
 from collapse_jax.config import ConfigError
 from collapse_jax.rundir import reader
 from collapse_jax.theory import analytic, gaussian
@@ -224,10 +224,10 @@ def test_learner_in_generational_loop(tmp_path):
         },
     }
     cfg = config_lib.from_dict(raw)
-    res = generation.run_generations(cfg, tmp_path / "run")
+    res = loop.run_generations(cfg, tmp_path / "run")
     rows = res.rows
     assert [r["generation"] for r in rows] == [0, 1, 2, 3]
-    learner = generation.make_learner(cfg)
+    learner = loop.make_learner(cfg)
     curves = plots.expected_curves(cfg, np.array([r["sample_size"] for r in rows]))
     for name in ("trace_cov", "logdet_cov", "mean_dist2"):
         for r, want in zip(rows, curves[name]):
@@ -247,7 +247,7 @@ def test_yaml_configs_build_learners():
     assert len(paths) >= 2
     for p in paths:
         cfg = config_lib.load_config(p)
-        learner = generation.make_learner(cfg)
+        learner = loop.make_learner(cfg)
         assert isinstance(learner, gaussian.GaussianLearner)
 
 

@@ -2,7 +2,7 @@
 
 A learner holds only its frozen config (it is hashable, so it can be a static argument of `jax.jit`)
 and exposes pure functions of `(key, data, params)`. It knows nothing of generations; the loop in
-`collapse_jax.generation` knows nothing of any model (Equinox's abstract/final pattern: concrete
+`collapse_jax.loop` knows nothing of any model (Equinox's abstract/final pattern: concrete
 learners are final and implement every abstract method).
 
 Every method works on ONE chain. For `jittable` learners the loop vmaps the methods over
@@ -71,7 +71,7 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     # --- scalars that may differ between the points of one sweep batch ---------------------
     # Config fields (e.g. "sampling_bias") that reach the computation only through `knobs()`:
     # points of a sweep that differ in them share one compiled program, each point's knobs
-    # passed as traced float32 scalars (`generation.run_batch`, `bind`).
+    # passed as traced float32 scalars (`loop.run_batch`, `bind`).
     knob_fields: ClassVar[frozenset[str]] = frozenset()
 
     def knobs(self) -> dict[str, float]:
@@ -165,7 +165,7 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     # words of `key`'s stream `stream` (`prng.word_source`; stream 0: what `sample(key, params,
     # num)` draws itself), or None where it does not apply; `sample(..., noise=that)` then uses
     # it. The loop draws generation g's noise from the chain's k_gens, stream
-    # `generation.NOISE_STREAM + g` (no per-generation key derivation), a whole block of
+    # `loop.keys.NOISE_STREAM + g` (no per-generation key derivation), a whole block of
     # generations ahead of the scan (vectorised, computed once), in every entry point.
     sample_noise: Any = None
 
