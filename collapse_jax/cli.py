@@ -169,24 +169,27 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from collapse_jax import bench
+    from collapse_jax.bench import harness, suites
 
     only = [n for n in args.only.split(",") if n] if args.only else None
-    known = {*bench.BENCHES, *bench.THEORY_ROWS}
+    known = {*suites.BENCHES, *suites.THEORY_ROWS}
     for n in only or ():
         if n not in known:
             raise config_lib.ConfigError(
                 f"--only: unknown benchmark {n!r}; choose from {sorted(known)}"
             )
-    out = pathlib.Path(args.out) if args.out else bench.default_out(bench.device_info(), args.suite)
-    report = bench.run(
+    if args.out:
+        out = pathlib.Path(args.out)
+    else:
+        out = harness.default_out(harness.device_info(), args.suite)
+    report = suites.run(
         args.suite,
         only=only,
         out=out,
         peak_tflops=args.peak_tflops,
         progress=lambda line: print(line, flush=True),
     )
-    print(bench.format_table(report))
+    print(harness.format_table(report))
     print(f"wrote {out} ({report['seconds']:.0f} s)")
     return 0
 

@@ -44,6 +44,7 @@ import numpy as np
 import yaml
 
 from collapse_jax import config as config_lib
+from collapse_jax import plots
 from collapse_jax.rundir import fileio, reader
 
 log = logging.getLogger(__name__)
@@ -261,8 +262,6 @@ def point_rows(sweep: Sweep) -> list[list[dict[str, Any]]]:
 
 def write_table(sweep: Sweep) -> pathlib.Path:
     """`sweep.csv`: per point, its axis values and its last generation's summary row."""
-    from collapse_jax import plots
-
     rows = point_rows(sweep)
     table = []
     for p, r in zip(sweep.points, rows):
@@ -302,8 +301,6 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from collapse_jax import plots
-
     rows = point_rows(sweep)
     done = [r for r in rows if r]
     if not done:
@@ -317,7 +314,11 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
     def value_of(i: int, key: str) -> str:
         return _value_text(sweep.points[i]["overrides"][key])
 
-    expected = [_expected_curves(cfg, r) for cfg, r in zip(sweep.configs, rows)]
+    # Each point's closed-form chain means (its kind's reporting module; none for a point not run).
+    expected = [
+        plots.expected_curves(cfg, np.array([x["sample_size"] for x in r])) if r else {}
+        for cfg, r in zip(sweep.configs, rows)
+    ]
 
     # --- curves: facets = combinations of all varying axes but the last --------------------
     last = vary[-1] if vary else None
@@ -409,16 +410,6 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
             plt.close(fig)
             files.append(path)
     return files
-
-
-def _expected_curves(cfg: config_lib.ExperimentConfig, rows: list[dict]) -> dict[str, Any]:
-    """The learner's closed-form chain means for a point's run (empty if none or not run)."""
-    if not rows:
-        return {}
-    from collapse_jax import loop
-
-    sizes = np.array([r["sample_size"] for r in rows])
-    return loop.make_learner(cfg).expected_curves(sizes, cfg.generation)
 
 
 def _positive(rows: list[list[dict]], idx: list[int], name: str) -> bool:

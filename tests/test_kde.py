@@ -89,7 +89,7 @@ def test_variance_recursion_through_the_loop(tmp_path, bandwidth):
     want = expected_variance(4, num_points=16, bandwidth=bandwidth)
     for row, w in zip(rows, want):
         assert abs(row["variance"] - w) < Z * row["variance_se"], (row["generation"], w)
-    curves = loop.make_learner(cfg).expected_curves(np.full(4, 16), cfg.generation)
+    curves = plots.expected_curves(cfg, np.full(4, 16))
     np.testing.assert_allclose(curves["variance"], want)
     assert rows[-1]["heldout_nll"] > 0 and np.isfinite(rows[-1]["heldout_nll"])
     if bandwidth == 0.5:  # the figures (closed form overlaid on `variance`; the density)

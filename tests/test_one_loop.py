@@ -7,6 +7,7 @@ import pytest
 
 from collapse_jax import gmm, loop
 from collapse_jax.config import ExperimentConfig, GenerationConfig
+from collapse_jax.gmm import figures as gmm_figures
 from collapse_jax.rundir import reader
 from collapse_jax.theory import discrete, gaussian
 
@@ -92,7 +93,7 @@ def test_gmm_run_uses_the_batched_fit(tmp_path, monkeypatch):
         run = _run(tmp_path / "a", model, **gen)
     assert calls["chains"] == 3
     learner = gmm.GMMLearner(model)
-    replay = gmm.replay_chain(learner, 11, [0, 1], run.config.generation)
+    replay = gmm_figures.replay_chain(learner, 11, [0, 1], run.config.generation)
     k_real, _, k_gens = loop.chain_keys(11, 0)
     np.testing.assert_array_equal(replay[0], learner.real_data(k_real, 30))
     # Refitting chain 0's replayed generation-1 data with the per-chain fit and the loop's key

@@ -11,6 +11,7 @@ from flax import nnx
 from collapse_jax import loop
 from collapse_jax.config import ConfigError, ExperimentConfig, GenerationConfig
 from collapse_jax.rundir import fileio, reader
+from collapse_jax.vae import figures as vae_figures
 from collapse_jax.vae import mnist
 from collapse_jax.vae import model as vae
 
@@ -107,7 +108,7 @@ def test_two_generations_end_to_end(data_dir, tmp_path):
     data1 = fileio.load_npz(run.data_path(1))["data"]
     assert data1.shape == (128, 28, 28) and data1.dtype == np.uint8
     learner = loop.make_learner(cfg)
-    files = learner.figures(run, tmp_path / "figs")
+    files = vae_figures.figures(learner, run, tmp_path / "figs")
     assert {f.name for f in files} == {
         "vae_samples.png",
         "vae_latent_density.png",

@@ -11,7 +11,7 @@ import pytest
 import scipy.stats
 
 from collapse_jax import config as config_lib
-from collapse_jax import loop
+from collapse_jax import loop, plots
 from collapse_jax.config import ConfigError
 from collapse_jax.rundir import reader
 from collapse_jax.theory import analytic, discrete
@@ -198,7 +198,7 @@ def test_learner_in_generational_loop(tmp_path):
     res = loop.run_generations(cfg, tmp_path / "run")
     rows = res.rows
     learner = loop.make_learner(cfg)
-    curves = learner.expected_curves(np.array([r["sample_size"] for r in rows]))
+    curves = plots.expected_curves(cfg, np.array([r["sample_size"] for r in rows]))
     for name in ("support_size", "lost_tail_mass", "gini_simpson", "absorbed"):
         for r, want in zip(rows, curves[name]):
             se = max(r[f"{name}_se"], 1 / 4096)
@@ -209,9 +209,6 @@ def test_learner_in_generational_loop(tmp_path):
     means = reader.Run(run).mean_series("probs")
     assert means.shape == (4, P0.size)
     assert np.all(np.abs(means - P0) < 0.05)
-    from collapse_jax import plots
-    from collapse_jax.rundir import reader
-
     files = plots.make_figures(reader.Run(res.run_dir), learner)
     names = {f.name for f in files}
     assert {
