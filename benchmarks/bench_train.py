@@ -40,13 +40,16 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from collapse_jax import bench, sharding  # noqa: E402
+from collapse_jax.bench import harness  # noqa: E402
+from collapse_jax.bench import lm as bench_lm  # noqa: E402
+from collapse_jax.jaxtools import sharding  # noqa: E402
 from collapse_jax.lm import data as data_lib  # noqa: E402
 from collapse_jax.lm import train  # noqa: E402
 from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM, state_from_hf  # noqa: E402
+from collapse_jax.lm.train_config import TrainConfig  # noqa: E402
 
-measured_peak_flops = bench.measured_matmul_flops  # fp32 2048^3, best of 5
-flops_per_token = bench.opt_flops_per_token
+measured_peak_flops = harness.measured_matmul_flops  # fp32 2048^3, best of 5
+flops_per_token = bench_lm.opt_flops_per_token
 
 
 def main() -> None:
@@ -85,7 +88,7 @@ def main() -> None:
 
     # JAX: exactly finetune's step.
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    config = train.TrainConfig(epochs=1, batch_size=args.batch, learning_rate=2e-5)
+    config = TrainConfig(epochs=1, batch_size=args.batch, learning_rate=2e-5)
     t0 = time.perf_counter()
     prep = train.prepare_training(model, config, mesh=mesh, steps_per_epoch=1_000_000)
     batch = data_lib.global_batch(blocks, np.arange(args.batch), prep.batch)

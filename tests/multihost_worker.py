@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
             initialization_timeout=60,
         )
     )
-    from collapse_jax import sharding
+    from collapse_jax.jaxtools import sharding
     from collapse_jax.lm import train
 
     assert jax.process_count() == nproc and jax.local_device_count() == 2

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from collapse_jax import records
+from collapse_jax.rundir import fileio
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -330,9 +330,9 @@ def write_directory(
     from safetensors.numpy import save
 
     directory = pathlib.Path(path)
-    records.atomic_write_bytes(
+    fileio.atomic_write_bytes(
         directory / SAFETENSORS_NAME, save(dict(tensors), metadata={"format": "pt"})
     )
-    records.atomic_write_text(
+    fileio.atomic_write_text(
         directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n"
     )

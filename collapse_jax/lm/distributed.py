@@ -1,7 +1,7 @@
 """Multi-process (multi-host) start-up: `jax.distributed.initialize` from a config or the cluster.
 
 After `initialize`, `jax.devices()` lists every process's devices, so
-`collapse_jax.sharding.make_mesh` builds a global mesh, and `collapse_jax.lm.train` feeds each
+`jaxtools.sharding.make_mesh` builds a global mesh, and `collapse_jax.lm.train` feeds each
 process only the rows of its own devices' batch shards (`jax.make_array_from_callback`). Every
 process must run the same program with the same data and seed.
 

@@ -12,20 +12,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from collapse_jax import sharding
+from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import data as data_lib
-from collapse_jax.lm.steps import (
-    _cached,
-    _check_blocks,
-    _local_value,
-    _pad_rows,
-    _padded_batch,
-    _signature,
-    _split,
-    _to_global,
+from collapse_jax.lm.placement import (
+    cached,
+    check_blocks,
     default_mesh,
-    eval_step,
+    local_value,
+    pad_rows,
+    padded_batch,
+    shape_signature,
+    split_model,
+    to_global,
 )
+from collapse_jax.lm.steps import eval_step
 from collapse_jax.lm.tokenizer import check_token_ids
 
 # ----------------------------------------------------------------------------------------------
@@ -49,7 +49,7 @@ class Evaluator:
     ):
         self.mesh = mesh
         self.batch_size = batch_size
-        self.padded_batch_size = _padded_batch(mesh, batch_size)
+        self.padded_batch_size = padded_batch(mesh, batch_size)
         self.pad_token_id = pad_token_id
         self.batch_sharding = sharding.batch_sharding(mesh)
         rep = sharding.replicated(mesh)
@@ -68,7 +68,7 @@ class Evaluator:
         def batches() -> Iterator[tuple[int, dict[str, jax.Array]]]:
             for i in range(steps):
                 rows = data_lib.batch_rows(0, 0, i, n, self.batch_size, shuffle=False)
-                rows = _pad_rows(rows, self.padded_batch_size)
+                rows = pad_rows(rows, self.padded_batch_size)
                 yield (
                     int((rows >= 0).sum()),
                     data_lib.global_batch(
@@ -79,8 +79,8 @@ class Evaluator:
         with data_lib.Prefetcher(batches(), depth=2) as it:
             for real, batch in it:
                 s, c = self._fn(params, rest, batch)
-                sums.append(_local_value(s)[:real])
-                counts.append(_local_value(c)[:real])
+                sums.append(local_value(s)[:real])
+                counts.append(local_value(c)[:real])
         if not sums:
             return np.zeros(0), np.zeros(0)
         return np.concatenate(sums).astype(np.float64), np.concatenate(counts).astype(np.float64)
@@ -116,15 +116,15 @@ def perplexity(
       per_sequence=True: float64 [N], exp of each block's mean NLL over its T-1 predicted
         tokens (the quantity of the paper's perplexity histograms).
     """
-    blocks = _check_blocks(blocks, "blocks")
+    blocks = check_blocks(blocks, "blocks")
     check_token_ids(blocks, model, "blocks")
     mesh = default_mesh() if mesh is None else sharding.with_auto_axes(mesh)
-    graphdef, params, rest = _split(model)
+    graphdef, params, rest = split_model(model)
     p_shard = sharding.logical_to_sharding(params, mesh)
     r_shard = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
     dtype = jnp.dtype(compute_dtype) if compute_dtype else None
-    ev = _cached(
-        ("eval", graphdef, _signature(params), mesh, batch_size, dtype, pad_token_id),
+    ev = cached(
+        ("eval", graphdef, shape_signature(params), mesh, batch_size, dtype, pad_token_id),
         lambda: Evaluator(
             graphdef,
             mesh,
@@ -135,8 +135,8 @@ def perplexity(
             pad_token_id=pad_token_id,
         ),
     )
-    params = _to_global(params, p_shard)
-    rest = _to_global(rest, r_shard)
+    params = to_global(params, p_shard)
+    rest = to_global(rest, r_shard)
     sums, counts = ev.row_nll(params, rest, blocks)
     if per_sequence:
         return np.exp(sums / np.maximum(counts, 1.0))

@@ -8,7 +8,7 @@ before the dot product, softmax runs in float32, LayerNorm eps is 1e-5, position
 Shape legend: B batch, T query length, S key/cache length, D hidden_size, E word_embed_proj_dim,
 N heads, H head_dim, F ffn_dim, V vocab, L layers, P max_position_embeddings + 2.
 
-Parameter layout and logical sharding axes (`nnx.with_partitioning`; `collapse_jax.sharding` maps
+Parameter layout and logical sharding axes (`nnx.with_partitioning`; `jaxtools.sharding` maps
 them onto mesh axes; None = replicated):
 
   model.decoder.embed_tokens.embedding         [V, E]     ("vocab", "embed")

@@ -29,9 +29,11 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from collapse_jax import records, sharding
+from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import decode
+from collapse_jax.lm.settings import DecodeSettings
 from collapse_jax.lm.tokenizer import check_token_ids
+from collapse_jax.rundir import fileio
 
 _TOKENS = "tokens.npy"
 _PROGRESS = "progress.json"
@@ -44,7 +46,7 @@ def regenerate(
     *,
     batch_size: int,
     mesh: Mesh | None = None,
-    settings: decode.DecodeSettings | None = None,
+    settings: DecodeSettings | None = None,
     seed: int = 0,
     progress: bool = True,
     **decode_kwargs: Any,
@@ -58,7 +60,7 @@ def regenerate(
         same directory and arguments resumes after the last finished batch (or just loads).
       batch_size: prompts per compiled call; rounded up to a multiple of the mesh's data-parallel
         size. Results do not depend on it (up to float rounding of batched matmuls).
-      mesh: a `collapse_jax.sharding.make_mesh` mesh; the batch is split over its data-parallel
+      mesh: a `jaxtools.sharding.make_mesh` mesh; the batch is split over its data-parallel
         axes and parameters are replicated. None: all local devices on "data".
       settings: the resolved decode settings as one object (e.g. the experiment's `decode:`
         block); given together with keyword settings, a ValueError.
@@ -128,7 +130,7 @@ def regenerate(
                 tokens[rows_done:stop] = new
                 tokens.flush()
                 rows_done = stop
-                records.atomic_write_json(out_dir / _PROGRESS, {**meta, "rows_done": rows_done})
+                fileio.atomic_write_json(out_dir / _PROGRESS, {**meta, "rows_done": rows_done})
                 bar.update(len(new))
         finally:
             bar.close()
@@ -140,7 +142,7 @@ def _open_store(out_dir: pathlib.Path, meta: dict, shape: tuple[int, int]) -> tu
     progress_file = out_dir / _PROGRESS
     tokens_file = out_dir / _TOKENS
     if progress_file.exists():
-        saved = records.load_json(progress_file)  # a corrupt file is named
+        saved = fileio.load_json(progress_file)  # a corrupt file is named
         rows_done = int(saved.pop("rows_done", 0))
         # JSON turns tuples into lists: compare through a JSON round trip.
         expected = json.loads(json.dumps(meta))
@@ -155,11 +157,11 @@ def _open_store(out_dir: pathlib.Path, meta: dict, shape: tuple[int, int]) -> tu
         try:
             tokens = np.load(tokens_file, mmap_mode="r+")
         except (OSError, ValueError, EOFError) as e:
-            raise records.CorruptFileError(f"corrupt token file {tokens_file}: {e}") from None
+            raise fileio.CorruptFileError(f"corrupt token file {tokens_file}: {e}") from None
         if tokens.shape != shape:
             raise ValueError(f"{tokens_file} has shape {tokens.shape}, expected {shape}")
         return tokens, rows_done
     tokens = np.lib.format.open_memmap(tokens_file, mode="w+", dtype=np.int32, shape=shape)
     tokens.flush()
-    records.atomic_write_json(progress_file, {**meta, "rows_done": 0})
+    fileio.atomic_write_json(progress_file, {**meta, "rows_done": 0})
     return tokens, 0

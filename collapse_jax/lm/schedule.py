@@ -8,18 +8,14 @@ settings are runtime values, so a new learning rate or data-set size never recom
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import optax
 
-if TYPE_CHECKING:
-    from collapse_jax.lm.train import TrainConfig
+from collapse_jax.lm.train_config import SCHEDULES, TrainConfig
 
 Schedule = Callable[[jax.Array | int], jax.Array]
-
-SCHEDULES = ("paper_cosine", "warmup_cosine", "constant")
 
 
 def learning_rate_at(
@@ -78,7 +74,8 @@ def paper_cosine_schedule(
     return lambda step: learning_rate_at(step, hp, kind="paper_cosine")
 
 
-def _hparams(config: TrainConfig, steps_per_epoch: int) -> dict[str, float | int]:
+def schedule_hparams(config: TrainConfig, steps_per_epoch: int) -> dict[str, float | int]:
+    """The runtime values of `learning_rate_at` (its `hparams`) for `config`."""
     return {
         "learning_rate": config.learning_rate,
         "eta_min": config.eta_min,
@@ -90,7 +87,7 @@ def _hparams(config: TrainConfig, steps_per_epoch: int) -> dict[str, float | int
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> Schedule:
     """The learning-rate schedule named by `config.schedule`, as a function of the opt. step."""
-    hp = _hparams(config, steps_per_epoch)
+    hp = schedule_hparams(config, steps_per_epoch)
     return lambda step: learning_rate_at(step, hp, kind=config.schedule)
 
 

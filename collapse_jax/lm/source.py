@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import config as config_lib
+from collapse_jax.lm.data import LMCorpus
+from collapse_jax.rundir import fileio
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -566,11 +568,9 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
 
 def save_source(source: GroundTruthSource, folder: pathlib.Path) -> None:
     """Writes `source.json` (config, entropy rate, checksum) and `source.npz` into `folder`."""
-    from collapse_jax import records
-
     folder = pathlib.Path(folder)
-    records.save_npz(folder / "source.npz", source.arrays())
-    records.atomic_write_json(folder / "source.json", source.summary())
+    fileio.save_npz(folder / "source.npz", source.arrays())
+    fileio.atomic_write_json(folder / "source.json", source.summary())
 
 
 def load_source(folder: pathlib.Path) -> GroundTruthSource:
@@ -652,8 +652,6 @@ class SourceDataConfig:
 
     def load(self):
         """The experiment's corpus (`lm.data.LMCorpus`)."""
-        from collapse_jax.lm.data import LMCorpus
-
         v = self.source.vocab_size
         return LMCorpus(
             train=self.blocks("train"),

@@ -1,26 +1,22 @@
-"""The pure train and evaluation steps of OPT fine-tuning, and their placement on a mesh.
+"""The pure train and evaluation steps of OPT fine-tuning.
 
 `train_step` is `(state, rest, batch, key, hparams) -> (state, metrics)` (STYLE.md 3.3): the
 model is merged from its graph definition inside the step, parameters and AdamW moments follow
-the logical-axis rules of `collapse_jax.sharding`, and batches are split over ("data", "fsdp").
-`lm.train` jits it with explicit shardings and the state donated; `lm.evaluate` jits `eval_step`.
+the logical-axis rules of `jaxtools.sharding`, and batches are split over ("data", "fsdp")
+(`lm.placement` places them). `lm.train` jits it with explicit shardings and the state donated;
+`lm.evaluate` jits `eval_step`.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-
-from collapse_jax import sharding
 
 # ----------------------------------------------------------------------------------------------
 # Loss
@@ -59,7 +55,8 @@ class TrainState(NamedTuple):
     opt_state: Any  # optax state
 
 
-def _cast_floating(tree: Any, dtype: Any) -> Any:
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """Every floating leaf of `tree` cast to `dtype` (None: unchanged); other leaves as they are."""
     if dtype is None:
         return tree
     return jax.tree.map(
@@ -67,7 +64,7 @@ def _cast_floating(tree: Any, dtype: Any) -> Any:
     )
 
 
-def _forward_sums(
+def forward_sums(
     params: Any,
     rest: Any,
     batch: dict[str, jax.Array],
@@ -78,7 +75,7 @@ def _forward_sums(
     compute_dtype: Any,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """Summed NLL over the batch, (token count, per-row NLL sums [B], per-row counts [B])."""
-    model = nnx.merge(graphdef, _cast_floating(params, compute_dtype), rest)
+    model = nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
     logits = model(
         batch["input_ids"],
         batch["attention_mask"],
@@ -126,7 +123,7 @@ def train_step(
     step_key = jax.random.fold_in(key, state.step)
     grad_fn = jax.value_and_grad(
         functools.partial(
-            _forward_sums,
+            forward_sums,
             graphdef=graphdef,
             deterministic=deterministic,
             compute_dtype=compute_dtype,
@@ -189,7 +186,7 @@ def eval_step(
     compute_dtype: Any,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-row NLL sums [B] and counted targets [B] (pure; jitted by `Evaluator`)."""
-    _, (_, row_nll, row_count) = _forward_sums(
+    _, (_, row_nll, row_count) = forward_sums(
         params,
         rest,
         batch,
@@ -199,116 +196,3 @@ def eval_step(
         compute_dtype=compute_dtype,
     )
     return row_nll, row_count
-
-
-# ----------------------------------------------------------------------------------------------
-# Placement helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def default_mesh() -> Mesh:
-    """All devices on "data" (all local devices on one host; the global devices after
-    `jax.distributed.initialize`)."""
-    return sharding.make_mesh({"data": -1})
-
-
-def _padded_batch(mesh: Mesh, batch_size: int, multiple: int = 1) -> int:
-    """The batch size actually run: `batch_size` rounded up to a multiple of the mesh's
-    data-parallel size (times `multiple`, the accumulation steps).
-
-    The extra rows are filler with zero loss weight, so the step equals one on exactly
-    `batch_size` blocks; any batch size runs on any number of devices.
-    """
-    sharding.validate_mesh(mesh)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    m = sharding.data_parallel_size(mesh) * multiple
-    return -(-batch_size // m) * m
-
-
-def _pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
-    return np.concatenate([rows, np.full(size - len(rows), -1, dtype=rows.dtype)])
-
-
-def _to_global(tree: Any, shardings: Any) -> Any:
-    """Places host-visible arrays onto (possibly multi-process) shardings as fresh buffers.
-
-    Goes through NumPy, so the caller's arrays are never aliased (they stay valid after the
-    train step donates the state) and every process contributes only its addressable shards.
-    """
-
-    def put(x: Any, s: NamedSharding) -> jax.Array:
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return jax.jit(jnp.copy, out_shardings=s)(x)
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
-
-    return jax.tree.map(put, tree, shardings)
-
-
-def opt_state_shardings(opt_shape: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
-    """Shardings of an optax state: a leaf whose path ends with a parameter's path and has its
-    shape (AdamW's mu / nu) is sharded like that parameter; everything else is replicated."""
-    by_path = {}
-    p_leaves = jax.tree_util.tree_leaves_with_path(params)
-    s_leaves = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    for (path, leaf), s in zip(p_leaves, s_leaves, strict=True):
-        by_path[tuple(path)] = (np.shape(leaf), s)
-    depths = sorted({len(p) for p in by_path}, reverse=True)
-
-    def one(path: tuple, leaf: Any) -> NamedSharding:
-        for d in depths:
-            hit = by_path.get(tuple(path[-d:])) if len(path) >= d else None
-            if hit is not None and hit[0] == tuple(np.shape(leaf)):
-                return hit[1]
-        return sharding.replicated(mesh)
-
-    return jax.tree_util.tree_map_with_path(one, opt_shape)
-
-
-def _scalar(x: jax.Array) -> float:
-    """A replicated scalar as a Python float (works when the array spans several processes)."""
-    return float(np.asarray(x.addressable_data(0)))
-
-
-def _local_value(x: jax.Array) -> np.ndarray:
-    return np.asarray(x.addressable_data(0))
-
-
-# Compiled steps are reused across calls with the same model structure, mesh and settings (e.g.
-# every generation of the paper's loop), so only the first call pays for XLA compilation.
-_COMPILED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
-_COMPILED_MAX = 8
-
-
-def _cached(key: Any, build: Callable[[], Any]) -> Any:
-    if key in _COMPILED:
-        _COMPILED.move_to_end(key)
-        return _COMPILED[key]
-    value = build()
-    _COMPILED[key] = value
-    while len(_COMPILED) > _COMPILED_MAX:
-        _COMPILED.popitem(last=False)
-    return value
-
-
-def _signature(tree: Any) -> tuple:
-    return tuple(
-        (jax.tree_util.keystr(p), tuple(np.shape(x)), str(x.dtype))
-        for p, x in jax.tree_util.tree_leaves_with_path(tree)
-    )
-
-
-def _check_blocks(blocks: Any, name: str) -> np.ndarray:
-    if not hasattr(blocks, "shape") or len(blocks.shape) != 2:
-        raise ValueError(f"{name} must be an int array [N, T], got shape {np.shape(blocks)}")
-    if not np.issubdtype(blocks.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer token ids, got dtype {blocks.dtype}")
-    if blocks.shape[0] < 1 or blocks.shape[1] < 2:
-        raise ValueError(f"{name} needs at least one block of >= 2 tokens, got {blocks.shape}")
-    return blocks
-
-
-def _split(model: nnx.Module) -> tuple[Any, Any, Any]:
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, params, rest

@@ -13,7 +13,7 @@ non-masked targets of the batch) and perplexity is exp(mean loss).
 Design (STYLE.md 3.3/3.5): the model is split once (`nnx.split`) into a graph definition and
 parameter state; the train step is a pure function `(state, batch, key) -> (state, metrics)`
 merged back inside `jax.jit` with explicit in/out shardings and the state donated. Parameters and
-AdamW moments follow the logical-axis rules of `collapse_jax.sharding` (FSDP over "fsdp", tensor
+AdamW moments follow the logical-axis rules of `jaxtools.sharding` (FSDP over "fsdp", tensor
 parallelism over "tensor"); batches are split over ("data", "fsdp"). Everything random is a
 function of the seed and the step (shuffling: NumPy on the host per epoch; dropout:
 `fold_in(key, step)` with partitionable threefry), never of the mesh, so every mesh shape and
@@ -35,122 +35,33 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from collapse_jax import sharding
+from collapse_jax.jaxtools import sharding
+from collapse_jax.lm import checkpoint as ckpt_lib
 from collapse_jax.lm import data as data_lib
+from collapse_jax.lm.evaluate import Evaluator
 
-# The pieces live in their own modules; these names stay importable from `lm.train`.
-from collapse_jax.lm.evaluate import Evaluator, perplexity  # noqa: F401
-from collapse_jax.lm.schedule import (  # noqa: F401
-    SCHEDULES,
-    Schedule,
-    _hparams,
-    learning_rate_at,
-    make_optimizer,
-    make_schedule,
-    paper_cosine_schedule,
-)
-from collapse_jax.lm.steps import (  # noqa: F401
-    TrainState,
-    _cached,
-    _cast_floating,
-    _check_blocks,
-    _forward_sums,
-    _pad_rows,
-    _padded_batch,
-    _scalar,
-    _signature,
-    _split,
-    _to_global,
+# Part of this module's public API (DESIGN.md): the paper's evaluation next to its training.
+from collapse_jax.lm.evaluate import perplexity as perplexity
+from collapse_jax.lm.placement import (
+    cached,
+    check_blocks,
     default_mesh,
-    eval_step,
     opt_state_shardings,
-    token_nll,
-    train_step,
+    pad_rows,
+    padded_batch,
+    scalar,
+    shape_signature,
+    split_model,
+    to_global,
 )
+from collapse_jax.lm.schedule import learning_rate_at, make_optimizer, schedule_hparams
+from collapse_jax.lm.steps import TrainState, train_step
 from collapse_jax.lm.tokenizer import check_token_ids
+from collapse_jax.lm.train_config import TrainConfig
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss or gradient; the state of the step before is kept."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class TrainConfig:
-    """Hyper-parameters of `fit` / `finetune` (defaults: the paper's code where it sets them).
-
-    This is also the `train:` block of the language-model experiment config, handed down whole.
-
-    Attributes:
-      epochs: passes over the training blocks (the paper: 5).
-      batch_size: blocks per optimizer step (global, over all devices and processes; paper 128).
-      learning_rate: peak learning rate (the paper: 2e-5).
-      schedule: "paper_cosine" (cosine annealing per epoch, T_max = epochs), "warmup_cosine"
-        (linear warmup over `warmup_steps`, then cosine per step down to `eta_min`) or "constant".
-      eta_min: final learning rate of the cosine schedules (the paper: 1e-6).
-      warmup_steps: warmup length of "warmup_cosine".
-      weight_decay, b1, b2, eps: AdamW (torch's defaults).
-      max_grad_norm: clip the global gradient norm to this (None = no clipping, as the paper).
-      grad_accum_steps: split each batch into this many micro-batches (same result, less memory).
-      compute_dtype: dtype of the forward/backward pass ("bfloat16"); parameters and optimizer
-        state stay in their own dtype (fp32 master weights). None = the parameters' dtype.
-      dropout: apply the model's dropout during training (the model's own rates).
-      shuffle: reshuffle the blocks every epoch (as the paper's DataLoader).
-      drop_last: drop a last partial batch (the paper keeps it).
-      pad_token_id: token id treated as padding (masked from attention and loss); None = every
-        token is real (the paper's blocks have no padding).
-      eval_batch_size: batch size of the per-epoch validation (default `batch_size`).
-      save_every_steps: save a checkpoint every this many optimizer steps (and at every epoch
-        end); None = only at epoch ends.
-      keep_checkpoints: how many recent step checkpoints to keep.
-      prefetch: batches prepared ahead of the running step.
-      keep_best: return the parameters of the epoch with the lowest validation loss instead of
-        the last epoch's (the paper's `ModelCheckpoint(monitor="val_loss")`); needs validation
-        blocks (without them the last epoch is returned).
-    """
-
-    epochs: int = 5
-    batch_size: int = 128
-    learning_rate: float = 2e-5
-    schedule: str = "paper_cosine"
-    eta_min: float = 1e-6
-    warmup_steps: int = 0
-    weight_decay: float = 0.01
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float | None = None
-    grad_accum_steps: int = 1
-    compute_dtype: str | None = None
-    dropout: bool = True
-    shuffle: bool = True
-    drop_last: bool = False
-    pad_token_id: int | None = None
-    eval_batch_size: int | None = None
-    save_every_steps: int | None = None
-    keep_checkpoints: int = 2
-    prefetch: int = 2
-    keep_best: bool = False
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {SCHEDULES}")
-        if self.grad_accum_steps < 1 or self.batch_size % self.grad_accum_steps:
-            raise ValueError(
-                f"grad_accum_steps={self.grad_accum_steps} must be >= 1 and divide "
-                f"batch_size={self.batch_size}"
-            )
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
-        if self.save_every_steps is not None and self.save_every_steps < 1:
-            raise ValueError(f"save_every_steps must be >= 1, got {self.save_every_steps}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 class _Compiled(NamedTuple):
@@ -195,7 +106,7 @@ def prepare_training(
     lr_schedule = functools.partial(learning_rate_at, kind=config.schedule)
     tx = make_optimizer(config)
     compute_dtype = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
-    graphdef, params, rest = _split(model)
+    graphdef, params, rest = split_model(model)
 
     def build() -> _Compiled:
         p_shard = sharding.logical_to_sharding(params, mesh)
@@ -237,16 +148,16 @@ def prepare_training(
         drop_last=False,
         pad_token_id=None,
     )
-    key = ("train", graphdef, _signature(params), mesh, step_config)
-    fns = _cached(key, build)
+    key = ("train", graphdef, shape_signature(params), mesh, step_config)
+    fns = cached(key, build)
     rep = sharding.replicated(mesh)
     hparams = {
         k: np.asarray(v, np.int32 if k in ("steps_per_epoch", "warmup_steps") else np.float32)
-        for k, v in _hparams(config, steps_per_epoch).items()
+        for k, v in schedule_hparams(config, steps_per_epoch).items()
     }
-    params_g = _to_global(params, fns.state_shardings.params)
-    rest_g = _to_global(rest, fns.rest_shardings)
-    state = TrainState(_to_global(np.zeros((), np.int32), rep), params_g, fns.init(params_g))
+    params_g = to_global(params, fns.state_shardings.params)
+    rest_g = to_global(rest, fns.rest_shardings)
+    state = TrainState(to_global(np.zeros((), np.int32), rep), params_g, fns.init(params_g))
     return PreparedTraining(
         graphdef,
         params,
@@ -257,7 +168,7 @@ def prepare_training(
         fns.rest_shardings,
         fns.batch,
         lr_schedule,
-        _to_global(hparams, {k: rep for k in hparams}),
+        to_global(hparams, {k: rep for k in hparams}),
         compute_dtype,
     )
 
@@ -344,15 +255,13 @@ def fit(
         checkpoints written before stay the last good ones).
       ValueError: bad blocks, mesh / batch size mismatch, a checkpoint of another model or run.
     """
-    from collapse_jax.lm import checkpoint as ckpt_lib
-
-    train_blocks = _check_blocks(train_blocks, "train_blocks")
+    train_blocks = check_blocks(train_blocks, "train_blocks")
     check_token_ids(train_blocks, model, "train_blocks")
     if valid_blocks is not None:
-        valid_blocks = _check_blocks(valid_blocks, "valid_blocks")
+        valid_blocks = check_blocks(valid_blocks, "valid_blocks")
         check_token_ids(valid_blocks, model, "valid_blocks")
     mesh = default_mesh() if mesh is None else sharding.with_auto_axes(mesh)
-    padded = _padded_batch(mesh, config.batch_size, config.grad_accum_steps)
+    padded = padded_batch(mesh, config.batch_size, config.grad_accum_steps)
     n_blocks = train_blocks.shape[0]
     spe = data_lib.steps_per_epoch(n_blocks, config.batch_size, config.drop_last)
     if spe < 1:
@@ -368,11 +277,11 @@ def fit(
         prep.step,
     )
     state_shard, rest_shard, batch_shard = prep.state_shardings, prep.rest_shardings, prep.batch
-    compute_dtype, sig = prep.compute_dtype, _signature(params)
+    compute_dtype, sig = prep.compute_dtype, shape_signature(params)
     evaluator = None
     if valid_blocks is not None:
         eval_bs = config.eval_batch_size or config.batch_size
-        evaluator = _cached(
+        evaluator = cached(
             ("eval", graphdef, sig, mesh, eval_bs, compute_dtype, config.pad_token_id),
             lambda: Evaluator(
                 graphdef,
@@ -435,7 +344,7 @@ def fit(
 
     best_params = None
     rep = sharding.replicated(mesh)
-    key = _to_global(np.asarray(jax.random.key_data(jax.random.key(seed))), rep)
+    key = to_global(np.asarray(jax.random.key_data(jax.random.key(seed))), rep)
     key = jax.random.wrap_key_data(key)
 
     def batches(first: int) -> Iterator[tuple[int, dict[str, jax.Array]]]:
@@ -444,7 +353,7 @@ def fit(
             rows = data_lib.batch_rows(
                 seed, epoch, i, n_blocks, config.batch_size, shuffle=config.shuffle
             )
-            rows = _pad_rows(rows, padded)
+            rows = pad_rows(rows, padded)
             yield (
                 step,
                 data_lib.global_batch(
@@ -453,7 +362,7 @@ def fit(
             )
 
     def record(step: int, metrics: dict[str, jax.Array]) -> None:
-        m = {k: _scalar(v) for k, v in metrics.items()}
+        m = {k: scalar(v) for k, v in metrics.items()}
         if not m["finite"]:
             if ckpt is not None:
                 ckpt.wait()
@@ -532,8 +441,6 @@ def fit(
 
 def _restore_best(checkpoint_dir: Any, params: Any, shardings: Any) -> Any:
     """The parameters of the `best/` checkpoint that `fit` wrote into `checkpoint_dir`."""
-    from collapse_jax.lm import checkpoint as ckpt_lib
-
     ck = ckpt_lib.TrainCheckpointer(checkpoint_dir)
     try:
         step = ck.best_step()
@@ -565,10 +472,8 @@ def load_checkpoint(
       FileNotFoundError: no checkpoint in the directory.
       ValueError: a corrupt checkpoint, or one of another model.
     """
-    from collapse_jax.lm import checkpoint as ckpt_lib
-
     mesh = default_mesh() if mesh is None else sharding.with_auto_axes(mesh)
-    graphdef, params, rest = _split(model)
+    graphdef, params, rest = split_model(model)
     p_shard = sharding.logical_to_sharding(params, mesh)
     path = pathlib.Path(checkpoint_dir)
     if not path.is_dir():
@@ -592,5 +497,5 @@ def load_checkpoint(
     return nnx.merge(
         graphdef,
         restored,
-        _to_global(rest, jax.tree.map(lambda _: sharding.replicated(mesh), rest)),
+        to_global(rest, jax.tree.map(lambda _: sharding.replicated(mesh), rest)),
     )

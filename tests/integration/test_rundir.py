@@ -16,8 +16,9 @@ import time
 import pytest
 import yaml
 
-from collapse_jax import cli, plots, records, rundir
+from collapse_jax import cli, plots
 from collapse_jax import config as config_lib
+from collapse_jax.rundir import commits, fileio, guard, reader
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -87,6 +88,13 @@ def _worker(*argv, **kw) -> subprocess.Popen:
     )
 
 
+def _dead_pid() -> int:
+    """The PID of a process that has exited (the owner of a killed writer's temporaries)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
 def _wait_for(predicate, timeout=120.0, proc=None):
     t0 = time.monotonic()
     while not predicate():
@@ -124,13 +132,13 @@ def test_two_processes_racing_on_one_out(tmp_path):
 def test_a_dead_holders_lock_is_taken_over(tmp_path, caplog):
     out = tmp_path / "run"
     code = (
-        "import os, signal, sys; from collapse_jax import rundir; "
-        "rundir.RunLock(sys.argv[1]).__enter__(); os.kill(os.getpid(), signal.SIGKILL)"
+        "import os, signal, sys; from collapse_jax.rundir import guard; "
+        "guard.RunLock(sys.argv[1]).__enter__(); os.kill(os.getpid(), signal.SIGKILL)"
     )
     dead = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=REPO)
     assert dead.wait(timeout=120) == -signal.SIGKILL
     assert json.loads((out / ".lock").read_text())["pid"] == dead.pid  # left behind
-    with rundir.RunLock(out), rundir.RunLock(out):  # re-entrant in one process
+    with guard.RunLock(out), guard.RunLock(out):  # re-entrant in one process
         assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
     assert "which is no longer running" in caplog.text
 
@@ -150,15 +158,15 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes_to_identical_results(tmp_path,
     gate.touch()
     assert proc.returncode == 1
     assert "interrupted" in _one_error_line(err) and "resume" in err
-    assert records.Run(out).finished_generations() == [0, 1]
+    assert reader.Run(out).finished_generations() == [0, 1]
     assert cli.main(["run", str(cfg), "--out", str(out), "--no-progress"]) == 0
     ref = tmp_path / "ref"
     assert cli.main(["run", str(cfg), "--out", str(ref), "--no-progress"]) == 0
     assert (out / "metrics.json").read_bytes() == (ref / "metrics.json").read_bytes()
     for g in range(6):
         name = f"data/gen_{g:05d}.npz"
-        assert records.load_npz(out / name)["data"].tobytes() == (
-            records.load_npz(ref / name)["data"].tobytes()
+        assert fileio.load_npz(out / name)["data"].tobytes() == (
+            fileio.load_npz(ref / name)["data"].tobytes()
         )
 
 
@@ -208,7 +216,7 @@ def test_damage_is_named_and_repair_recomputes_it(tmp_path, capsys, damage):
     assert _cli(capsys, "run", cfg, "--out", out, "--repair")[0] == 0
     assert (out / "metrics.json").read_bytes() == good
     assert list(out.glob("damaged-*"))  # nothing thrown away
-    assert rundir.verify(out) == []
+    assert commits.verify(out) == []
 
 
 def test_deleted_config_does_not_let_another_config_continue(tmp_path, capsys):
@@ -239,15 +247,16 @@ def test_uncommitted_leftovers_and_temporaries_are_cleaned(tmp_path, capsys):
     cfg, out = _toy(tmp_path, num_generations=6), tmp_path / "run"
     assert _cli(capsys, "run", cfg, "generation.num_generations=4", "--out", out)[0] == 0
     # What a kill leaves: temp files/folders, a half-replaced folder, a row not yet committed.
-    (out / ".state.abcd1234.tmp").mkdir()
-    (out / "generations" / ".gen_00004.json.zz99zz99.tmp").write_text("{")
-    (out / "figures" / ".w.png.abcdefgh.png").write_bytes(b"")
+    dead = _dead_pid()
+    (out / f".state.cjx{dead}-abcd1234.tmp").mkdir()
+    (out / "generations" / f".gen_00004.json.cjx{dead}-zz99zz99.tmp").write_text("{")
+    (out / "figures" / f".w.png.cjx{dead}-abcdefgh.png").write_bytes(b"")
     (out / "generations" / "gen_00004.json").write_text("{broken")
-    assert records.Run(out).finished_generations() == [0, 1, 2, 3]
+    assert reader.Run(out).finished_generations() == [0, 1, 2, 3]
     assert _cli(capsys, "run", cfg, "--out", out)[0] == 0
-    leftovers = [p for p in out.rglob(".*") if p.name != ".lock"]
+    leftovers = [p for p in out.rglob(".*") if p.name not in (".lock", commits.MARKER)]
     assert leftovers == []
-    assert records.Run(out).finished_generations() == list(range(6))
+    assert reader.Run(out).finished_generations() == list(range(6))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +284,7 @@ def test_paths_from_env_vars_are_stored_unexpanded(tmp_path, capsys, monkeypatch
     assert "${CJ_TEST_DATA}/mean.txt" in (out / "config.yaml").read_text()
     monkeypatch.setenv("CJ_TEST_DATA", str(tmp_path / "b"))  # the data folder moved
     assert _cli(capsys, "run", cfg, "--out", out)[0] == 0
-    assert len(records.Run(out).rows()) == 3
+    assert len(reader.Run(out).rows()) == 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +303,7 @@ def test_a_non_finite_metric_stops_the_run_naming_generation_and_metric(tmp_path
     line = _one_error_line(err)
     assert code == 1 and "generation 0: metric " in line and "infinite in 16 of 16 chain" in line
     assert "var" in line
-    assert records.Run(out).finished_generations() == []
+    assert reader.Run(out).finished_generations() == []
 
 
 def test_chain_counts_beyond_memory_are_refused_before_allocating(tmp_path, capsys):
@@ -397,7 +406,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 # Smaller things.
 
 
-def test_result_files_have_normal_modes_and_figures_are_atomic(tmp_path, capsys):
+def test_result_files_have_normal_modes_and_figures_are_atomic(tmp_path, capsys, monkeypatch):
     old = os.umask(0o022)
     try:
         cfg, out = _toy(tmp_path), tmp_path / "run"
@@ -415,15 +424,16 @@ def test_result_files_have_normal_modes_and_figures_are_atomic(tmp_path, capsys)
     class Killed(Exception):
         pass
 
-    class DiesWhilePlotting:
-        def expected_curves(self, sizes, generation):
+    class DiesWhilePlotting:  # the toy kind's reporting module, killed in its own figures
+        def expected_curves(self, config, mode, sample_sizes, *, selection=False):
             return {}
 
-        def figures(self, run, out_dir):
+        def figures(self, learner, run, out_dir):
             raise Killed
 
     before = (out / "figures" / "var.png").read_bytes()
+    monkeypatch.setattr(config_lib, "reporting_module", lambda kind: DiesWhilePlotting())
     with pytest.raises(Killed):
-        plots.make_figures(records.Run(out), DiesWhilePlotting())
+        plots.make_figures(reader.Run(out), learner=object())
     assert (out / "figures" / "var.png").read_bytes() == before
     assert [p.name for p in out.iterdir() if p.name.startswith(".figures")] == []

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from collapse_jax import convs
+from collapse_jax.jaxtools import convs
 
 # (x shape, kernel shape, strides, padding). Thin layers (one channel, more taps' worth of
 # channels on the other side) take the patch-matmul paths, as the VAE's first and last layers:

@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from collapse_jax import generation, records
+from collapse_jax import loop
 from collapse_jax.config import ExperimentConfig, GenerationConfig
-from collapse_jax.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.rundir import fileio, reader
 from tests.helpers import ToyConfig, ToyGaussianLearner, ToyNumpyLearner
 
 
@@ -20,7 +21,7 @@ def _cfg(**gen):
 
 
 def _run(cfg, path, learner_cls=ToyGaussianLearner, **kw):
-    return generation.run_generations(cfg, path, learner=learner_cls(cfg.model), **kw)
+    return loop.run_generations(cfg, path, learner=learner_cls(cfg.model), **kw)
 
 
 def test_resume_after_kill_is_identical(tmp_path):
@@ -36,14 +37,14 @@ def test_resume_after_kill_is_identical(tmp_path):
     ).read_bytes()
     assert resumed.rows == full.rows
     for g in range(6):
-        a, b = records.Run(full.run_dir).arrays(g), records.Run(resumed.run_dir).arrays(g)
+        a, b = reader.Run(full.run_dir).arrays(g), reader.Run(resumed.run_dir).arrays(g)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
 def test_chains_do_not_depend_on_chunking_or_count(tmp_path):
     a = _run(_cfg(num_trials=30, chunk_size=7), tmp_path / "a")
     b = _run(_cfg(num_trials=50, chunk_size=50, block_size=3), tmp_path / "b")
-    ra, rb = records.Run(a.run_dir), records.Run(b.run_dir)
+    ra, rb = reader.Run(a.run_dir), reader.Run(b.run_dir)
     va, vb = ra.trial_series("var"), rb.trial_series("var")
     np.testing.assert_allclose(va, vb[:, :30], rtol=1e-6)
 
@@ -53,18 +54,16 @@ def test_vmapped_scan_equals_python_loop_over_chains(tmp_path):
     generation (the same keys and the same policy)."""
     cfg = _cfg(num_trials=5, block_size=4, policy="mix", alpha=0.5, beta=0.25, gamma=0.25)
     learner = ToyGaussianLearner(cfg.model)
-    res = generation.run_generations(cfg, tmp_path, learner=learner)
-    got = records.Run(res.run_dir).trial_series("var")  # [G, R]
-    policy = generation.Policy.of(cfg.generation)
+    res = loop.run_generations(cfg, tmp_path, learner=learner)
+    got = reader.Run(res.run_dir).trial_series("var")  # [G, R]
+    policy = loop.Policy.of(cfg.generation)
     counts = cfg.generation.shares(12)
     step = jax.jit(
-        lambda ks, g, carry, cnt: generation.chain_generation(learner, policy, ks, g, carry, cnt)[
-            1:
-        ],
+        lambda ks, g, carry, cnt: loop.chain_generation(learner, policy, ks, g, carry, cnt)[1:],
         static_argnums=(3,),
     )
     for r in range(5):
-        ks = generation.chain_keys(cfg.seed, r)
+        ks = loop.chain_keys(cfg.seed, r)
         carry = None
         for g in range(6):
             carry, m = step(ks, g, carry, 12 if g == 0 else counts)
@@ -108,7 +107,7 @@ def test_mix_policy_shares(tmp_path):
         gamma=0.2,
     )
     res = _run(cfg, tmp_path, learner_cls=TagLearner)
-    frac = records.Run(res.run_dir).trial_series("synthetic_fraction")
+    frac = reader.Run(res.run_dir).trial_series("synthetic_fraction")
     assert np.all(frac[0] == 0) and np.all(frac[1] == 0.5)
     # Later: 5 new synthetic + 3 of the previous set (which held 5 synthetic of 10) + 2 real.
     assert np.all((frac[2:] >= 0.5) & (frac[2:] <= 0.8))
@@ -124,9 +123,9 @@ def test_python_learner_resume_and_workdirs(tmp_path):
     assert all(c[1] is not None and "work/gen_" in str(c[1]) for c in ToyNumpyLearner.calls)
     resumed = _run(cfg, tmp_path / "part", learner_cls=ToyNumpyLearner)
     assert resumed.rows == full.rows
-    run = records.Run(resumed.run_dir)
+    run = reader.Run(resumed.run_dir)
     assert len(run.finished_generations()) == 6
-    assert records.load_npz(run.data_path(0))["data"].shape == (12,)
+    assert fileio.load_npz(run.data_path(0))["data"].shape == (12,)
 
 
 class FlakySampler(ToyNumpyLearner):
@@ -166,22 +165,22 @@ def test_corrupt_state_gives_a_clear_error(tmp_path):
     # The manifest catches it before anything is computed, and names the file.
     with pytest.raises(ValueError, match="damaged: state/carry.npz has changed"):
         _run(cfg, tmp_path)
-    assert records.Run(tmp_path).finished_generations() == [0]  # finished work is kept
+    assert reader.Run(tmp_path).finished_generations() == [0]  # finished work is kept
 
 
 def test_summarize_statistics():
     v = np.array([1.0, 2.0, 3.0, 4.0])
-    row, means = generation.summarize({"m": v, "vec": np.eye(4)})
+    row, means = loop.summarize({"m": v, "vec": np.eye(4)})
     assert row["m"] == 2.5 and row["m_se"] == pytest.approx(v.std(ddof=1) / 2)
     np.testing.assert_allclose(means["vec"], np.full(4, 0.25))
 
 
 def test_keys_are_independent_of_everything_but_seed_chain_generation():
-    _, _, kg = generation.chain_keys(1, 3)
-    a = generation.generation_keys(kg, 5)
-    b = generation.generation_keys(generation.chain_keys(1, 3)[2], 5)
+    _, _, kg = loop.chain_keys(1, 3)
+    a = loop.generation_keys(kg, 5)
+    b = loop.generation_keys(loop.chain_keys(1, 3)[2], 5)
     assert all(jnp.array_equal(jax.random.key_data(a[k]), jax.random.key_data(b[k])) for k in a)
-    c = generation.generation_keys(generation.chain_keys(1, 4)[2], 5)
+    c = loop.generation_keys(loop.chain_keys(1, 4)[2], 5)
     assert not jnp.array_equal(jax.random.key_data(a["fit"]), jax.random.key_data(c["fit"]))
     assert json.dumps(sorted(a)) == json.dumps(
         ["eval", "fit", "init", "previous", "real", "sample"]
@@ -210,23 +209,23 @@ def test_python_learner_runs_several_chains_and_resumes_mid_generation(tmp_path)
     ToyNumpyLearner.calls.clear()
     with pytest.raises(KeyboardInterrupt):
         _run(cfg, tmp_path / "part", learner_cls=KilledOnce)
-    assert records.Run(tmp_path / "part").finished_generations() == [0]
+    assert reader.Run(tmp_path / "part").finished_generations() == [0]
     ToyNumpyLearner.calls.clear()
     resumed = _run(cfg, tmp_path / "part", learner_cls=KilledOnce)
     # Only chain 1's generation 1 is left: its fit and sample.
     assert [c[0] for c in ToyNumpyLearner.calls] == ["fit", "sample"]
     assert resumed.rows == full.rows
-    a, b = records.Run(full.run_dir), records.Run(resumed.run_dir)
+    a, b = reader.Run(full.run_dir), reader.Run(resumed.run_dir)
     for g in range(2):
         assert a.arrays(g)["trials/var"].shape == (2,)
         np.testing.assert_array_equal(a.arrays(g)["trials/var"], b.arrays(g)["trials/var"])
     # Each chain keeps its own data; the chains differ (their own keys).
-    d0 = records.load_npz(tmp_path / "full" / "data" / "gen_00001.npz")["data"]
-    d1 = records.load_npz(tmp_path / "full" / "data" / "chain_00001" / "gen_00001.npz")["data"]
+    d0 = fileio.load_npz(tmp_path / "full" / "data" / "gen_00001.npz")["data"]
+    d1 = fileio.load_npz(tmp_path / "full" / "data" / "chain_00001" / "gen_00001.npz")["data"]
     assert d0.shape == d1.shape == (12,) and not np.array_equal(d0, d1)
     # Chain r of the Python path draws its real data with chain r's key, as the vmapped path.
-    k_real = generation.chain_keys(cfg.seed, 1)[0]
-    d = records.load_npz(tmp_path / "full" / "data" / "chain_00001" / "gen_00000.npz")["data"]
+    k_real = loop.chain_keys(cfg.seed, 1)[0]
+    d = fileio.load_npz(tmp_path / "full" / "data" / "chain_00001" / "gen_00000.npz")["data"]
     np.testing.assert_array_equal(d, ToyNumpyLearner(cfg.model).real_data(k_real, 12))
 
 
@@ -239,9 +238,9 @@ def test_real_share_fixed_or_fresh(tmp_path, real_data):
     cfg = _cfg(policy="mix", alpha=0.5, gamma=0.5, real_data=real_data, num_generations=3)
     want = 6 if real_data == "fixed" else 0  # of the 12 points of generation 2
     learner = ToyGaussianLearner(cfg.model)
-    data = generation.replay_data(learner, cfg.generation, cfg.seed, [0, 2])
+    data = loop.replay_data(learner, cfg.generation, cfg.seed, [0, 2])
     assert np.isin(data[2], data[0]).sum() == want
     _run(cfg, tmp_path, learner_cls=ToyNumpyLearner)
-    d0 = records.load_npz(tmp_path / "data" / "gen_00000.npz")["data"]
-    d2 = records.load_npz(tmp_path / "data" / "gen_00002.npz")["data"]
+    d0 = fileio.load_npz(tmp_path / "data" / "gen_00000.npz")["data"]
+    d2 = fileio.load_npz(tmp_path / "data" / "gen_00002.npz")["data"]
     assert np.isin(d2, d0).sum() == want

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax import prng
+from collapse_jax.jaxtools import prng
 
 
 def _data(k):

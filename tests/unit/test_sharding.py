@@ -9,7 +9,7 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from collapse_jax import sharding
+from collapse_jax.jaxtools import sharding
 
 
 def test_make_mesh_shapes():

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation, plots, records
+from collapse_jax import loop, plots
 from collapse_jax.lm import evaluate
-from collapse_jax.lm.experiment import Vocab
+from collapse_jax.lm.vocab import Vocab
+from collapse_jax.rundir import fileio, reader
 
 
 def _cfg(data_dir, *overrides):
@@ -49,19 +50,19 @@ def test_two_runs_two_generations_resume_identically(data_dir, tmp_path):
     # Partial blocks lie over the paper's defaults, not over the class defaults.
     assert cfg.model.decode.repetition_penalty == 3.0 and cfg.model.decode.num_beams == 2
     assert cfg.model.decode.min_new_tokens == 64 and cfg.model.train.keep_best
-    full = generation.run_generations(cfg, tmp_path / "full")
+    full = loop.run_generations(cfg, tmp_path / "full")
     assert [r["generation"] for r in full.rows] == [0, 1]
     for r in full.rows:
         assert np.isfinite(r["ppl"]) and r["ppl"] > 1
         assert r["unigram_ppl"] == full.rows[0]["unigram_ppl"] > 1
         assert r["selected_epoch"] in (1.0, 2.0, 1.5)  # the mean over the two runs
-    run = records.Run(full.run_dir)
-    data0 = records.load_npz(run.data_path(0))["data"]
-    data1 = records.load_npz(run.data_path(1))["data"]
+    run = reader.Run(full.run_dir)
+    data0 = fileio.load_npz(run.data_path(0))["data"]
+    data1 = fileio.load_npz(run.data_path(1))["data"]
     # Run 1 lives in chain_00001/ with its own seed: the same real data, its own regeneration.
-    other1 = records.load_npz(full.run_dir / "data" / "chain_00001" / "gen_00001.npz")["data"]
+    other1 = fileio.load_npz(full.run_dir / "data" / "chain_00001" / "gen_00001.npz")["data"]
     assert np.array_equal(
-        records.load_npz(full.run_dir / "data" / "chain_00001" / "gen_00000.npz")["data"], data0
+        fileio.load_npz(full.run_dir / "data" / "chain_00001" / "gen_00000.npz")["data"], data0
     )
     assert other1.shape == data1.shape and not np.array_equal(other1, data1)
     # Each run trains from its own random init: the runs' perplexities differ.
@@ -82,7 +83,7 @@ def test_two_runs_two_generations_resume_identically(data_dir, tmp_path):
     assert arrays["trials/valid_ppl_curve"].shape == (2, 2)
     assert arrays["trials/example_continuation"].shape == (2, 64)
     # The paper's figures and Example 1.
-    files = plots.make_figures(run, generation.make_learner(cfg))
+    files = plots.make_figures(run, loop.make_learner(cfg))
     assert {f.name for f in files} >= {
         "lm_test_perplexity.png",
         "perplexity_histograms.png",
@@ -93,15 +94,15 @@ def test_two_runs_two_generations_resume_identically(data_dir, tmp_path):
     text = (full.run_dir / "example_continuations.txt").read_text()
     assert "Input: " in text and "Gen 0, run 1: " in text and "Gen 1, run 2: " in text
     under0 = [
-        records.load_npz(full.run_dir / "analysis" / f"train_ppl_under_gen0_{g:05d}.npz")["ppl"]
+        fileio.load_npz(full.run_dir / "analysis" / f"train_ppl_under_gen0_{g:05d}.npz")["ppl"]
         for g in (0, 1)
     ]
     assert under0[0].shape == under0[1].shape == (24,)  # both runs' blocks, pooled
     assert np.all(np.isfinite(under0[1])) and np.all(under0[1] > 1)
 
     # Killed after generation 0, then resumed: the same metrics, byte for byte (timings aside).
-    generation.run_generations(cfg, tmp_path / "part", stop_after=1)
-    generation.run_generations(cfg, tmp_path / "part")
+    loop.run_generations(cfg, tmp_path / "part", stop_after=1)
+    loop.run_generations(cfg, tmp_path / "part")
 
     def strip(rows):
         return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
@@ -109,10 +110,10 @@ def test_two_runs_two_generations_resume_identically(data_dir, tmp_path):
     part = json.loads((tmp_path / "part" / "metrics.json").read_text())
     assert strip(part) == strip(full.rows)
     assert np.array_equal(
-        records.load_npz(records.Run(tmp_path / "part").data_path(1))["data"], data1
+        fileio.load_npz(reader.Run(tmp_path / "part").data_path(1))["data"], data1
     )
     assert np.array_equal(
-        records.load_npz(tmp_path / "part" / "data" / "chain_00001" / "gen_00001.npz")["data"],
+        fileio.load_npz(tmp_path / "part" / "data" / "chain_00001" / "gen_00001.npz")["data"],
         other1,
     )
 
@@ -120,7 +121,7 @@ def test_two_runs_two_generations_resume_identically(data_dir, tmp_path):
 def test_bad_paths_are_named(data_dir, tmp_path):
     cfg = _cfg(data_dir, f"model.data.source={tmp_path / 'nowhere'}")
     with pytest.raises(FileNotFoundError, match="nowhere.*COLLAPSE_JAX_DATA"):
-        generation.run_generations(cfg, tmp_path / "run")
+        loop.run_generations(cfg, tmp_path / "run")
 
 
 def test_config_blocks_name_bad_keys():

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from collapse_jax import sharding
+from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import train
 from tests.multihost_worker import MULTIHOST_RUN, tiny_blocks, tiny_model
 

@@ -368,7 +368,7 @@ def test_logical_axis_annotations(key):
 
 def test_sharded_forward_matches(key):
     """On the (2, 2, 2) data x fsdp x tensor CPU mesh, sharded params give the same logits."""
-    from collapse_jax import sharding
+    from collapse_jax.jaxtools import sharding
 
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake) devices")

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from collapse_jax import sharding
+from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import decode, opt, regenerate
 
 T = 8

@@ -16,8 +16,9 @@ import optax
 import pytest
 from flax import nnx
 
-from collapse_jax import sharding
-from collapse_jax.lm import data, train
+from collapse_jax.jaxtools import sharding
+from collapse_jax.lm import data, schedule, steps, train
+from collapse_jax.lm.train_config import TrainConfig
 from tests.multihost_worker import tiny_blocks, tiny_model
 
 RUN = dict(epochs=2, batch_size=8, learning_rate=1e-2, seed=1)
@@ -36,7 +37,7 @@ def _mesh(shape):
 def test_paper_schedule_matches_formula_and_torch():
     torch = pytest.importorskip("torch")
     lr0, eta_min, epochs, spe = 2e-5, 1e-6, 5, 3
-    f = train.paper_cosine_schedule(lr0, epochs, spe, eta_min)
+    f = schedule.paper_cosine_schedule(lr0, epochs, spe, eta_min)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lr0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs, eta_min=eta_min)
     ours = np.asarray(f(jnp.arange(epochs * spe)))
@@ -49,15 +50,15 @@ def test_paper_schedule_matches_formula_and_torch():
 
 
 def test_warmup_cosine_and_constant():
-    cfg = train.TrainConfig(
+    cfg = TrainConfig(
         epochs=2, batch_size=4, learning_rate=1.0, schedule="warmup_cosine", warmup_steps=4
     )
-    f = train.make_schedule(cfg, steps_per_epoch=10)
+    f = schedule.make_schedule(cfg, steps_per_epoch=10)
     assert float(f(0)) == 0.0 and float(f(2)) == pytest.approx(0.5)
     assert float(f(4)) == pytest.approx(1.0)
     assert float(f(20)) == pytest.approx(cfg.eta_min, abs=1e-7)
-    const = train.make_schedule(
-        train.TrainConfig(epochs=1, batch_size=1, learning_rate=0.3, schedule="constant"), 5
+    const = schedule.make_schedule(
+        TrainConfig(epochs=1, batch_size=1, learning_rate=0.3, schedule="constant"), 5
     )
     assert float(const(4)) == pytest.approx(0.3)
     ref = optax.warmup_cosine_decay_schedule(0.0, 1.0, 4, 20, cfg.eta_min)
@@ -71,7 +72,7 @@ def test_token_nll_is_hf_causal_loss_with_masks():
     ids = rng.integers(0, 7, size=(2, 5)).astype(np.int32)
     attn = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int32)
     loss_mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1]], np.int32)
-    nll, w = train.token_nll(jnp.asarray(logits), ids, attn, loss_mask)
+    nll, w = steps.token_nll(jnp.asarray(logits), ids, attn, loss_mask)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
     np.testing.assert_array_equal(np.asarray(w), [[1, 1, 1, 1], [1, 1, 0, 0]])
@@ -98,7 +99,7 @@ def _loss_and_grads_on(mesh):
 
     def f(params, rest, batch, key):
         fwd = functools.partial(
-            train._forward_sums, graphdef=graphdef, deterministic=False, compute_dtype=None
+            steps.forward_sums, graphdef=graphdef, deterministic=False, compute_dtype=None
         )
         (s, (n, _, _)), g = jax.value_and_grad(fwd, has_aux=True)(params, rest, batch, key)
         return s / n, jax.tree.map(lambda x: x / n, g)
@@ -142,13 +143,13 @@ def test_grad_accumulation_equals_full_batch():
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(jnp.asarray, params)
     tx = optax.sgd(1.0)  # new params = params - grads: compares the gradients themselves
-    state = train.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     batch = data.host_batch(blocks, np.concatenate([rows, [-1, -1]]))  # 8 real + 2 filler rows
     outs = []
     for k in (1, 2):
         step = jax.jit(
             functools.partial(
-                train.train_step,
+                steps.train_step,
                 graphdef=graphdef,
                 tx=tx,
                 schedule=lambda step, hp: hp["learning_rate"],

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from collapse_jax import sharding
+from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import evaluate, train
 from tests.multihost_worker import TINY, tiny_blocks, tiny_model
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from collapse_jax import sharding
+from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import train
 from tests.multihost_worker import tiny_blocks, tiny_model
 
