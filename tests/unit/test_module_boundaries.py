@@ -21,7 +21,7 @@ import pathlib
 import subprocess
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = "collapse_jax"
 ROOT = REPO / PACKAGE
 
