@@ -129,7 +129,7 @@ def _print_plans(cfg) -> None:
     experiments = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
     for exp in experiments:
         learner = loop.make_learner(exp)
-        plan = learner.plan(exp) if hasattr(learner, "plan") else None
+        plan = learner.plan(exp) if isinstance(learner, loop.Plannable) else None
         if plan:
             disk = plan.get("disk_bytes_estimate")
             extra = f", ~{disk / 1e9:.2f} GB on disk" if disk is not None else ""

@@ -33,7 +33,7 @@ import numpy as np
 from jax import Array
 
 from collapse_jax.config import require
-from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.loop.learner import KnobbedLearner
 from collapse_jax.rundir import fileio
 
 _F = jnp.float32
@@ -222,7 +222,7 @@ def expected_variance(
     return np.array(out)
 
 
-class KDELearner(AbstractLearner[KDEParams, Array]):
+class KDELearner(KnobbedLearner[KDEParams, Array]):
     """Gaussian KDE refitted on its own samples (jittable; data = points [N, D])."""
 
     jittable: ClassVar[bool] = True

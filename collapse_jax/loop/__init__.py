@@ -58,7 +58,15 @@ from collapse_jax.loop.keys import (
     generation_keys,
     reference_key,
 )
-from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.loop.learner import (
+    AbstractLearner,
+    BatchedFit,
+    Knobbed,
+    KnobbedLearner,
+    Plannable,
+    PresampledNoise,
+    Scorable,
+)
 from collapse_jax.loop.policy import Carry
 from collapse_jax.loop.schedule import Policy, Schedule
 from collapse_jax.loop.summary import summarize
@@ -67,10 +75,16 @@ __all__ = [
     "NOISE_STREAM",
     "SCAN_BLOCK",
     "AbstractLearner",
+    "BatchedFit",
     "Carry",
+    "Knobbed",
+    "KnobbedLearner",
+    "Plannable",
     "Policy",
+    "PresampledNoise",
     "Result",
     "Schedule",
+    "Scorable",
     "base_key",
     "batch_key",
     "build_data",
