@@ -373,7 +373,7 @@ def test_an_out_that_cannot_be_a_folder_gets_one_line(tmp_path, capsys, kind):
 
 def test_plot_of_a_running_experiment_succeeds_and_keeps_its_temporaries(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["run", GAUSS, "generation.num_generations=1500", "generation.num_trials=20"]
+    argv = ["run", GAUSS, "generation.num_generations=300", "generation.num_trials=20"]
     argv += ["generation.block_size=1", "--out", out, "--no-progress"]
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     running = _worker("tests.cli_worker", *argv)
@@ -383,7 +383,7 @@ def test_plot_of_a_running_experiment_succeeds_and_keeps_its_temporaries(tmp_pat
         theirs = out / f".figures.cjx{sleeper.pid}-abcdefgh.tmp"
         theirs.mkdir()
         checks = 0
-        while running.poll() is None and checks < 40:
+        while running.poll() is None and checks < 20:
             assert commits.verify_snapshot(out) == []
             checks += 1
         for _ in range(3):
