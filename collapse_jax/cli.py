@@ -75,9 +75,9 @@ def _runtime(run_dir: pathlib.Path) -> Iterator[None]:
 def _run_experiment(
     exp: config_lib.ExperimentConfig, run_dir: pathlib.Path, progress: bool, repair: bool = False
 ):
-    from collapse_jax import generation, plots
+    from collapse_jax import loop, plots
 
-    learner = generation.make_learner(exp)  # validates the inputs before the run dir is touched
+    learner = loop.make_learner(exp)  # validates the inputs before the run dir is touched
     # The lock covers the whole run, figures and summary included (the loop re-enters it).
     with _runtime(run_dir), guard.RunLock(run_dir):
         if repair:
@@ -85,7 +85,7 @@ def _run_experiment(
             if restart is not None:
                 print(f"{run_dir}: repaired; resuming at generation {restart}", file=sys.stderr)
         log.info("%s: running in %s", exp.name, run_dir)
-        result = generation.run_generations(exp, run_dir, learner=learner, progress=progress)
+        result = loop.run_generations(exp, run_dir, learner=learner, progress=progress)
         run = reader.Run(run_dir)
         files = plots.make_figures(run, learner)
         table = plots.summary_table(result.rows)
@@ -124,11 +124,11 @@ def _cmd_sweep(args) -> int:
 
 def _print_plans(cfg) -> None:
     """`--dry-run`: each learner's own estimate of what the run will do (`learner.plan(cfg)`)."""
-    from collapse_jax import generation
+    from collapse_jax import loop
 
     experiments = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
     for exp in experiments:
-        learner = generation.make_learner(exp)
+        learner = loop.make_learner(exp)
         plan = learner.plan(exp) if hasattr(learner, "plan") else None
         if plan:
             disk = plan.get("disk_bytes_estimate")
@@ -144,7 +144,7 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from collapse_jax import generation, plots
+    from collapse_jax import loop, plots
 
     path = pathlib.Path(args.run_dir)
     if path.is_dir() and not commits.is_run_dir(path):
@@ -161,7 +161,7 @@ def _cmd_plot(args) -> int:
                 run.path, problems, "Resume the run with --repair to recompute it."
             )
         )
-    learner = generation.make_learner(run.config)
+    learner = loop.make_learner(run.config)
     with _runtime(run.path):
         files = plots.make_figures(run, learner)
     print("\n".join(str(f) for f in files))
@@ -169,24 +169,27 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from collapse_jax import bench
+    from collapse_jax.bench import harness, suites
 
     only = [n for n in args.only.split(",") if n] if args.only else None
-    known = {*bench.BENCHES, *bench.THEORY_ROWS}
+    known = {*suites.BENCHES, *suites.THEORY_ROWS}
     for n in only or ():
         if n not in known:
             raise config_lib.ConfigError(
                 f"--only: unknown benchmark {n!r}; choose from {sorted(known)}"
             )
-    out = pathlib.Path(args.out) if args.out else bench.default_out(bench.device_info(), args.suite)
-    report = bench.run(
+    if args.out:
+        out = pathlib.Path(args.out)
+    else:
+        out = harness.default_out(harness.device_info(), args.suite)
+    report = suites.run(
         args.suite,
         only=only,
         out=out,
         peak_tflops=args.peak_tflops,
         progress=lambda line: print(line, flush=True),
     )
-    print(bench.format_table(report))
+    print(harness.format_table(report))
     print(f"wrote {out} ({report['seconds']:.0f} s)")
     return 0
 

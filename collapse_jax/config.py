@@ -18,6 +18,7 @@ the field's type; a key overridden twice is an error. String values may use `${V
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import math
@@ -32,27 +33,45 @@ from typing import Any, Literal
 
 import yaml
 
-# kind -> (config class, learner class), as "module:attribute"; imported lazily so that a
-# theory-only run never imports Flax or transformers.
-MODEL_REGISTRY: dict[str, tuple[str, str]] = {
+# kind -> (config class, learner class, reporting module). The classes are "module:attribute"; the
+# reporting module draws the kind's own figures of a run and knows its closed-form curves
+# (`collapse_jax.plots` calls its `figures` and `expected_curves`). All are imported lazily, so a
+# theory-only run never imports Flax or transformers, and no run imports matplotlib before it plots.
+MODEL_REGISTRY: dict[str, tuple[str, ...]] = {
     "discrete": (
         "collapse_jax.theory.discrete:DiscreteConfig",
         "collapse_jax.theory.discrete:DiscreteLearner",
+        "collapse_jax.theory.figures",
     ),
     "gaussian": (
         "collapse_jax.theory.gaussian:GaussianConfig",
         "collapse_jax.theory.gaussian:GaussianLearner",
+        "collapse_jax.theory.figures",
     ),
-    "gmm": ("collapse_jax.gmm:GMMConfig", "collapse_jax.gmm:GMMLearner"),
+    "gmm": (
+        "collapse_jax.gmm:GMMConfig",
+        "collapse_jax.gmm:GMMLearner",
+        "collapse_jax.gmm.figures",
+    ),
     "linear_regression": (
-        "collapse_jax.linreg:LinearRegressionConfig",
-        "collapse_jax.linreg:LinearRegressionLearner",
+        "collapse_jax.linreg.learner:LinearRegressionConfig",
+        "collapse_jax.linreg.learner:LinearRegressionLearner",
+        "collapse_jax.linreg.figures",
     ),
-    "kde": ("collapse_jax.kde:KDEConfig", "collapse_jax.kde:KDELearner"),
-    "vae": ("collapse_jax.vae:VAEConfig", "collapse_jax.vae:VAELearner"),
+    "kde": (
+        "collapse_jax.kde.learner:KDEConfig",
+        "collapse_jax.kde.learner:KDELearner",
+        "collapse_jax.kde.figures",
+    ),
+    "vae": (
+        "collapse_jax.vae.model:VAEConfig",
+        "collapse_jax.vae.learner:VAELearner",
+        "collapse_jax.vae.figures",
+    ),
     "opt": (
         "collapse_jax.lm.experiment:OPTExperimentConfig",
         "collapse_jax.lm.experiment:OPTLearner",
+        "collapse_jax.lm.figures",
     ),
 }
 
@@ -67,7 +86,8 @@ def require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _import(path: str) -> Any:
+def import_object(path: str) -> Any:
+    """The object a "module:attribute" path names (the form of `MODEL_REGISTRY`), imported."""
     module, attr = path.split(":")
     return getattr(importlib.import_module(module), attr)
 
@@ -77,7 +97,7 @@ def model_config_class(kind: str) -> type:
         raise ConfigError(
             f"unknown model kind {short(kind)}; valid kinds: {sorted(MODEL_REGISTRY)}"
         )
-    return _import(MODEL_REGISTRY[kind][0])
+    return import_object(MODEL_REGISTRY[kind][0])
 
 
 def learner_class(kind: str) -> type:
@@ -85,7 +105,20 @@ def learner_class(kind: str) -> type:
         raise ConfigError(
             f"unknown model kind {short(kind)}; valid kinds: {sorted(MODEL_REGISTRY)}"
         )
-    return _import(MODEL_REGISTRY[kind][1])
+    return import_object(MODEL_REGISTRY[kind][1])
+
+
+def reporting_module(kind: str) -> types.ModuleType | None:
+    """The kind's reporting module, or None for a kind registered without one (a test's toy).
+
+    A reporting module defines `figures(learner, run, out_dir) -> list[Path]` (the kind's own
+    figures of a finished run) and `expected_curves(model_config, mode, sample_sizes, *,
+    selection=False) -> {metric: [G] array}` (closed-form chain means under the policy `mode`).
+    """
+    if kind not in MODEL_REGISTRY:
+        raise ConfigError(f"unknown model kind {kind!r}; valid kinds: {sorted(MODEL_REGISTRY)}")
+    entry = MODEL_REGISTRY[kind]
+    return importlib.import_module(entry[2]) if len(entry) > 2 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,7 +127,7 @@ def learner_class(kind: str) -> type:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class SelectionConfig:
-    """Selection of synthetic data (Feng et al. 2024), applied by `collapse_jax.selection`.
+    """Selection of synthetic data (Feng et al. 2024), applied by `collapse_jax.loop.selection`.
 
     Attributes:
       rho: keep ratio in (0, 1]: each generation draws ceil(M / rho) candidates and keeps the M
@@ -196,44 +229,7 @@ class GenerationConfig:
                 "generation.sample_schedule",
                 "every sample size must be >= 2",
             )
-        for name in ("alpha", "beta", "gamma"):
-            v = getattr(self, name)
-            require(0.0 <= v <= 1.0, f"generation.{name}", f"must lie in [0, 1] (got {v})")
-        require(
-            self.policy in ("replace", "mix", "accumulate", "accumulate_subsample"),
-            "generation.policy",
-            f"{short(self.policy)} is not replace, mix, accumulate or accumulate_subsample",
-        )
-        require(
-            self.real_data in ("fixed", "fresh"),
-            "generation.real_data",
-            f"{short(self.real_data)} is not fixed or fresh",
-        )
-        if self.policy == "replace":
-            # alpha/beta/gamma only act under "mix": given with "replace" they would be ignored.
-            ignored = [
-                f"{n}={getattr(self, n)}"
-                for n, default in (("alpha", 1.0), ("beta", 0.0), ("gamma", 0.0))
-                if getattr(self, n) != default
-            ]
-            require(
-                not ignored,
-                "generation.policy",
-                f"is 'replace' (train on synthetic data only), which ignores {', '.join(ignored)};"
-                " use policy: mix to mix data",
-            )
-        if self.policy == "mix":
-            total = self.alpha + self.beta + self.gamma
-            require(
-                abs(total - 1.0) < 1e-9,
-                "generation.alpha/beta/gamma",
-                f"must sum to 1 (got {self.alpha} + {self.beta} + {self.gamma} = {total})",
-            )
-            require(
-                self.alpha > 0,
-                "generation.alpha",
-                "must be > 0: a generation without synthetic data does not chain models",
-            )
+        check_policy(self.policy, self.alpha, self.beta, self.gamma, self.real_data)
         require(self.num_trials >= 1, "generation.num_trials", "must be >= 1")
         require(self.chunk_size >= 1, "generation.chunk_size", "must be >= 1")
         require(self.block_size >= 1, "generation.block_size", "must be >= 1")
@@ -255,6 +251,49 @@ class GenerationConfig:
     def shares(self, num: int) -> tuple[int, int, int]:
         """Splits `num` points into (synthetic, previous, real) counts by largest remainder."""
         return split_shares(num, self.policy, (self.alpha, self.beta, self.gamma))
+
+
+def check_policy(policy: str, alpha: float, beta: float, gamma: float, real_data: str) -> None:
+    """Checks a mixing policy and its shares (`GenerationConfig`'s fields of the same names);
+    raises `ConfigError` naming the offending field."""
+    shares = {"alpha": alpha, "beta": beta, "gamma": gamma}
+    for name, v in shares.items():
+        require(0.0 <= v <= 1.0, f"generation.{name}", f"must lie in [0, 1] (got {v})")
+    require(
+        policy in ("replace", "mix", "accumulate", "accumulate_subsample"),
+        "generation.policy",
+        f"{short(policy)} is not replace, mix, accumulate or accumulate_subsample",
+    )
+    require(
+        real_data in ("fixed", "fresh"),
+        "generation.real_data",
+        f"{short(real_data)} is not fixed or fresh",
+    )
+    if policy == "replace":
+        # alpha/beta/gamma only act under "mix": given with "replace" they would be ignored.
+        ignored = [
+            f"{n}={shares[n]}"
+            for n, default in (("alpha", 1.0), ("beta", 0.0), ("gamma", 0.0))
+            if shares[n] != default
+        ]
+        require(
+            not ignored,
+            "generation.policy",
+            f"is 'replace' (train on synthetic data only), which ignores {', '.join(ignored)};"
+            " use policy: mix to mix data",
+        )
+    if policy == "mix":
+        total = alpha + beta + gamma
+        require(
+            abs(total - 1.0) < 1e-9,
+            "generation.alpha/beta/gamma",
+            f"must sum to 1 (got {alpha} + {beta} + {gamma} = {total})",
+        )
+        require(
+            alpha > 0,
+            "generation.alpha",
+            "must be > 0: a generation without synthetic data does not chain models",
+        )
 
 
 def split_shares(num: int, policy: str, fracs: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -447,7 +486,11 @@ class Expanded(str):
         return (Expanded, (str(self), self.template))
 
 
-def _expand_env(value: str, where: str) -> str:
+def expand_env(value: str, where: str) -> str:
+    """`value` with every `${VAR}` / `${VAR:-default}` replaced from the environment (an
+    `Expanded` string when anything changed); an unset variable without a default is a
+    ConfigError naming `where`."""
+
     def sub(m: re.Match) -> str:
         var, default = m.group(1), m.group(2)
         if var in os.environ:
@@ -528,7 +571,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {short(value)}")
-        return _expand_env(value, where)
+        return expand_env(value, where)
     raise ConfigError(f"{where}: unsupported field type {tp}")
 
 
@@ -784,8 +827,6 @@ def load_raw(path: str | os.PathLike) -> dict:
 
 def from_dict(raw: dict, overrides: Sequence[str] = ()) -> ExperimentConfig | SuiteConfig:
     """Builds an experiment (or suite) config from a plain dict plus `a.b=value` overrides."""
-    import copy
-
     raw = copy.deepcopy(raw)
     parsed = parse_overrides(overrides)
     if "experiments" in raw:

@@ -406,7 +406,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 # Smaller things.
 
 
-def test_result_files_have_normal_modes_and_figures_are_atomic(tmp_path, capsys):
+def test_result_files_have_normal_modes_and_figures_are_atomic(tmp_path, capsys, monkeypatch):
     old = os.umask(0o022)
     try:
         cfg, out = _toy(tmp_path), tmp_path / "run"
@@ -424,15 +424,16 @@ def test_result_files_have_normal_modes_and_figures_are_atomic(tmp_path, capsys)
     class Killed(Exception):
         pass
 
-    class DiesWhilePlotting:
-        def expected_curves(self, sizes, generation):
+    class DiesWhilePlotting:  # the toy kind's reporting module, killed in its own figures
+        def expected_curves(self, config, mode, sample_sizes, *, selection=False):
             return {}
 
-        def figures(self, run, out_dir):
+        def figures(self, learner, run, out_dir):
             raise Killed
 
     before = (out / "figures" / "var.png").read_bytes()
+    monkeypatch.setattr(config_lib, "reporting_module", lambda kind: DiesWhilePlotting())
     with pytest.raises(Killed):
-        plots.make_figures(reader.Run(out), DiesWhilePlotting())
+        plots.make_figures(reader.Run(out), learner=object())
     assert (out / "figures" / "var.png").read_bytes() == before
     assert [p.name for p in out.iterdir() if p.name.startswith(".figures")] == []

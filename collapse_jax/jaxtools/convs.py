@@ -2,21 +2,20 @@
 
 XLA's CPU backend runs the paper's VAE's stride-2 convolution, its input gradient and its kernel
 gradient near matmul speed. But JAX's automatic gradient of a *transposed* convolution (the
-decoder) asks for a kernel gradient in a form that XLA:CPU runs on a slow generic path: 1.2 s for
-the VAE's 128 -> 64 layer at batch 256, 10x the same-sized strided convolution's kernel gradient
-(issue 12; with it the VAE trained at 0.26-0.35x PyTorch). A transposed
-convolution is the input gradient of a strided convolution, so on CPU `conv_transpose` carries
-its own gradient: that strided convolution (for the input) and its kernel gradient (for the
-kernel), both fast. Thin layers (one channel, as the VAE's first and last layers) get their
-kernel gradient and transposed convolution as a matrix product over patches, which XLA:CPU's
-convolutions run 3-4x slower: that is decided per layer by the size of the patch tensor.
-On GPUs and TPUs `lax` convolutions and JAX's own gradients are what cuDNN / the MXU are built for,
-so they are used there unchanged.
+decoder) asks for a kernel gradient in a form that XLA:CPU runs on a slow generic path, an order
+of magnitude slower than the same-sized strided convolution's kernel gradient (issue 12; it took
+most of the VAE's training step). A transposed convolution is the input gradient of a strided
+convolution, so on CPU `conv_transpose` carries its own gradient: that strided convolution (for
+the input) and its kernel gradient (for the kernel), both fast. Thin layers (one channel, as the
+VAE's first and last layers) get their kernel gradient and transposed convolution as a matrix
+product over patches, which XLA:CPU's convolutions run slower: that is decided per layer by the
+size of the patch tensor. On GPUs and TPUs `lax` convolutions and JAX's own gradients are what
+cuDNN / the MXU are built for, so they are used there unchanged.
 
-Measured in one process, interleaved, batch 256, 1024 MNIST images per epoch, under contention
-(load 4.5-7 on 2 cores, two runs; benchmarks/bench_vae.py -> results/vae_conv_ab-cpu.json): 198
-images/s, against 52 with JAX's own gradients of XLA's convolutions, 138-142 with the previous
-patch-matmul convolutions, and 147-168 for the same network in PyTorch (1.18-1.34x PyTorch).
+benchmarks/bench_vae.py measures the training step with these convolutions, with JAX's own
+gradients of XLA's convolutions, with the previous patch-matmul convolutions and in PyTorch,
+interleaved in one process: benchmarks/results/vae_conv_ab-cpu.json (`images_per_s`,
+`ratio_vs_torch_median`).
 
 Layout: NHWC inputs, HWIO kernels (Flax's); padding as explicit (low, high) pairs per spatial
 dimension.
@@ -111,7 +110,7 @@ def _lax_conv(x, kernel, strides, padding):
 def _thin(patch_elems: int, *activation_elems: int) -> bool:
     """Whether a patch (im2col) or overlap-add (col2im) tensor of `patch_elems` elements is
     no larger than the layer's largest activation: then a matmul over it is cheap, and beats
-    XLA:CPU's convolution for one-channel layers by 3-4x (it loses 1.5-2x on wide ones)."""
+    XLA:CPU's convolution for one-channel layers (it loses on wide ones)."""
     return patch_elems <= max(activation_elems)
 
 

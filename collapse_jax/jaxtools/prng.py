@@ -6,7 +6,10 @@ every `fold_in` / `split` then becomes a loop of its own with its intermediates 
 and deriving the per-generation keys cost about as much as the theory models' draws themselves.
 The unrolled hash below is 20 add/rotate/xor rounds that XLA fuses with whatever consumes the
 key, and only the keys that are used are computed (a `split` into 6 computes one hash per key
-actually read).
+actually read). benchmarks/results/xla_tricks-cpu.json, row prng_impl, times the loop's key
+work this way against `jax.random` (and against an unrolled threefry registered with
+`jax.extend.random.define_prng_impl`); tests/test_xla_tricks.py checks that no loop is left
+and that unused keys cost nothing.
 
 Everything here equals `jax.random` exactly for threefry keys with `jax_threefry_partitionable`
 (JAX's default): tests/test_prng.py checks `fold_in`, `split` and `random_words`' domain. Other
@@ -45,27 +48,30 @@ def threefry2x32(k1: Array, k2: Array, x1: Array, x2: Array) -> tuple[Array, Arr
 
 
 def materialize(x: Any) -> Any:
-    """`x` (a pytree of keys or of 32-bit arrays), computed into buffers once.
+    """`x` (a pytree of keys or of 32-bit arrays), computed into buffers once, on CPU.
 
-    XLA fuses cheap element-wise producers, hashes included, into EVERY consumer fusion and
+    XLA:CPU fuses cheap element-wise producers, hashes included, into EVERY consumer fusion and
     recomputes them there (per output array, and per element of a broadcast); the outputs of a
     while loop are buffers instead. The loop runs once and returns its input, but XLA can prove
-    neither: its condition and body read a word of `x` (`w | 1 != 0` always holds).
+    neither: its condition and body read a word of `x` (`w | 1 != 0` always holds). A
+    `lax.optimization_barrier` does not do this: XLA:CPU drops the barrier after fusion and
+    still evaluates the hash inside every consumer.
+
+    The loop is a CPU trick: it is chosen inside the traced program
+    (`jax.lax.platform_dependent`), and other platforms get `x` itself. tests/test_xla_tricks.py
+    checks on the compiled CPU program that the loop survives and the hash is computed once,
+    and on programs exported for CUDA and TPU that no loop is left.
     """
     leaves, tree = jax.tree.flatten(x)
+    if not leaves:
+        return x
     is_key = [jnp.issubdtype(v.dtype, jax.dtypes.prng_key) for v in leaves]
     # The loop carries uint32 words: key data, or other 32-bit values reinterpreted.
     data = [
         jax.random.key_data(v) if k else jax.lax.bitcast_convert_type(v, _U)
         for v, k in zip(leaves, is_key)
     ]
-
-    def body(c):
-        _, vals = c
-        keep = (jnp.ravel(vals[0])[0] | _U(1)) != _U(0)  # always true
-        return keep, [jnp.where(keep, v, ~v) for v in vals]
-
-    _, out = jax.lax.while_loop(lambda c: ~c[0], body, (jnp.zeros((), bool), data))
+    out = jax.lax.platform_dependent(data, cpu=_once, default=lambda d: d)
     out = [
         jax.random.wrap_key_data(o, impl=str(jax.random.key_impl(v)))
         if k
@@ -73,6 +79,17 @@ def materialize(x: Any) -> Any:
         for o, v, k in zip(out, leaves, is_key)
     ]
     return jax.tree.unflatten(tree, out)
+
+
+def _once(data: list[Array]) -> list[Array]:
+    """`data` (uint32 arrays) as the outputs of a while loop that runs once."""
+
+    def body(c):
+        _, vals = c
+        keep = (jnp.ravel(vals[0])[0] | _U(1)) != _U(0)  # always true
+        return keep, [jnp.where(keep, v, ~v) for v in vals]
+
+    return jax.lax.while_loop(lambda c: ~c[0], body, (jnp.zeros((), bool), data))[1]
 
 
 def is_threefry(key: Array) -> bool:
@@ -119,7 +136,8 @@ def split(key: Array, num: int) -> tuple[Array, ...]:
 def fold_in_split(key: Array, data: Array | int, num: int) -> tuple[Array, ...]:
     """`split(fold_in(key, data), num)` without materialising the folded key: interleaving its
     two words into key data and reading them back (a concatenate XLA fused into the hash, which
-    it then evaluated per output word, unvectorised) made this 3-4x slower inside a loop."""
+    it then evaluated per output word, unvectorised) made this several times slower inside a
+    loop."""
     if not is_threefry(key):
         return tuple(jax.random.split(jax.random.fold_in(key, data), num))
     f = threefry2x32(*_pair(key), _U(0), jnp.asarray(data, _U))
@@ -134,8 +152,8 @@ def word_source(key: Array):
     """`words(num, stream=0)` -> the words of `random_words(key, num, stream)`.
 
     Up to 8 words come as a tuple of separate arrays of the key's batch shape, never stacked:
-    stacked, XLA fused the hash into the stack and evaluated it once per output word (2x the
-    work, unvectorised; ~4x slower in a scanned loop). More words come as one array `[num]`
+    stacked, XLA fused the hash into the stack and evaluated it once per output word (twice the
+    work, unvectorised). More words come as one array `[num]`
     (hashes vectorised over counters; an unbatched key only). The key's data are read once
     here, so a loop that draws from the source closes over two uint32 words per lane.
     """
@@ -165,7 +183,7 @@ def word_pairs(key: Array, num: int, stream: Array | int = 0) -> tuple[Array, Ar
     """The two output words `[num]` each of the hashes j < `num` behind `random_words(key,
     2 num, stream)` (which interleaves them), for a consumer that treats the two halves alike:
     left apart, XLA fuses each half into the consumer without re-evaluating the hash per word
-    (interleaving them costs ~20% in the Gaussian sample method on CPU)."""
+    (interleaved, the Gaussian sample method evaluated it once per word)."""
     if not is_threefry(key):
         w = random_words(key, 2 * num, stream)
         return w[0::2], w[1::2]

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from collapse_jax import config as config_lib
@@ -214,7 +215,6 @@ def logical_to_sharding(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) ->
       A pytree of the same structure as `state` (Variables keep their metadata and hold a
       `NamedSharding` as value), usable as `jax.jit` in/out shardings and `jax.device_put` target.
     """
-    from flax import nnx  # local: sharding.py is also imported by theory code without flax
 
     def one(x: Any) -> Any:
         if isinstance(x, nnx.Variable):
@@ -234,8 +234,6 @@ def unmatched_logical_names(state: Any, rules: Rules = DEFAULT_RULES) -> dict[st
     An empty result means every parameter is placed by an explicit rule (no silent
     catch-all as in path-regex schemes).
     """
-    from flax import nnx
-
     covered = {logical for logical, _ in rules}
     bad: dict[str, tuple] = {}
     leaves = jax.tree_util.tree_leaves_with_path(

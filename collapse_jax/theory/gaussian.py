@@ -10,7 +10,7 @@ covariance. Two ways to draw a generation, equal in distribution:
   decomposition), independent (Cochran). Data = `GaussianStats(n, mean, scatter)`.
 
 `simulate` runs many independent chains (vmap) over generations (lax.scan), chunked over chains;
-`GaussianLearner` is the same model for the model-agnostic loop in `collapse_jax.generation`.
+`GaussianLearner` is the same model for the model-agnostic loop in `collapse_jax.loop`.
 
 Singular fits and the float32 floor (d > 1). Every draw uses a factor L with L L^T = Sigma that
 exists for positive SEMI-definite Sigma (`_chol`: LAPACK's Cholesky, `psd_cholesky` where that
@@ -30,7 +30,6 @@ fails), so the collapse runs to its end instead of stopping on NaN:
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -38,12 +37,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+from jax.scipy.linalg import solve_triangular
 
-from collapse_jax import generation, metrics
-from collapse_jax.config import ConfigError, GenerationConfig
-from collapse_jax.jaxtools import prng
-from collapse_jax.learner import AbstractLearner
-from collapse_jax.theory import analytic, samplers
+from collapse_jax import loop
+from collapse_jax.config import ConfigError
+from collapse_jax.jaxtools import lanes, prng
+from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.theory import metrics, samplers
+from collapse_jax.theory.common import data_count, with_impl
 
 _F = jnp.float32
 RngImpl = Literal["default", "threefry2x32", "philox4x32"]
@@ -69,11 +70,12 @@ class GaussianConfig:
       method: "exact" (draw mean and Wishart scatter directly, cost independent of M) or
         "sample" (draw the M points).
       rng_impl: PRNG of the sample method's normals: "threefry2x32" (the default: the loop's
-        key hashed in fused code, `standard_normals`; the fastest on CPU, ~1.9x philox),
+        key hashed in fused code, `standard_normals`; the fastest on CPU:
+        benchmarks/results/theory-cpu.json, row gaussian_sample, `speedup_vs_philox_path`),
         "philox4x32" (`jax.random.normal` under philox), or "default" (the impl of the key
         passed in; a threefry key takes the fused path). Each gives different numbers with the
-        same distribution. The exact method hashes the loop's own key (`collapse_jax.jaxtools.prng`,
-        fused threefry) whatever this is.
+        same distribution. The exact method hashes the loop's own key (`jaxtools.prng`, fused
+        threefry) whatever this is.
       sampling_bias: lambda > 0: synthetic data are drawn from N(mu, lambda Sigma) of the fit
         (lambda < 1 under-disperses, as a low sampling temperature); real data never are.
     """
@@ -169,31 +171,28 @@ class GaussianStats(NamedTuple):
     scatter: Array
 
 
-def _with_impl(key: Array, impl: str) -> Array:
-    """Re-reads a key's bits as a key of `impl` (deterministic; no-op for "default")."""
-    if impl == "default" or str(jax.random.key_impl(key)) == impl:
-        return key
-    return jax.random.wrap_key_data(jax.random.key_data(key), impl=impl)
-
-
 def _chol(cov: Array) -> Array:
     """A factor L `[d, d]` with L L^T = cov for a positive SEMI-definite covariance (never NaN).
 
     d = 1: the square root. d > 1: LAPACK's Cholesky where it succeeds, `psd_cholesky` where it
     fails, so a singular fit (M <= d points) or a covariance collapsed below float32's resolution
     still samples correctly: any L with L L^T = Sigma gives mean + L z ~ N(mean, Sigma) and
-    L W L^T ~ Wishart(n, Sigma) (`_factor`).
+    L W L^T ~ Wishart(n, Sigma) (`_factor_lanes`).
     """
     if cov.shape[-1] == 1:
         return jnp.sqrt(jnp.maximum(cov, 0.0))
     return _factor(cov)
 
 
-def _factor_batch(a: Array) -> Array:
-    """`_factor` of matrices `[..., d, d]`: each matrix takes LAPACK's factor when it is finite,
-    else `psd_cholesky`'s. The choice is per matrix, so a chain's factor never depends on the
-    other chains in its batch; the batch-wide `cond` only skips computing `psd_cholesky`
-    (~5-10x LAPACK's time at d >= 31) when no matrix needs it, the usual case."""
+def _factor_lanes(a: Array) -> Array:
+    """Lower-triangular L `[L, d, d]` with L L^T = a for PSD matrices `a [L, d, d]`, never NaN:
+    each matrix takes LAPACK's factor when it is finite, else `psd_cholesky`'s. The choice is
+    per matrix, so a chain's factor never depends on the other chains in its batch.
+
+    `_factor` (`lanes.whole_batch`) hands this every matrix of a vmapped batch at once, so
+    the batch-wide `cond` can skip computing `psd_cholesky` (several times LAPACK's cost at
+    d >= 31) when no matrix needs it, the usual case; a plain vmap would turn that `cond` into
+    a select that always computes both factors."""
     chol = jnp.linalg.cholesky(a)
     ok = jnp.all(jnp.isfinite(chol), axis=(-2, -1))
 
@@ -204,19 +203,7 @@ def _factor_batch(a: Array) -> Array:
     return jax.lax.cond(jnp.all(ok), lambda _: chol, repair, None)
 
 
-@jax.custom_batching.custom_vmap
-def _factor(a: Array) -> Array:
-    """Lower-triangular L with L L^T = a `[d, d]` (PSD), never NaN; see `_factor_batch`. A
-    custom vmap rule so that the chains' vmap sees the whole batch (a plain vmap would turn the
-    batch-wide `cond` into a select that always computes both factors)."""
-    return _factor_batch(a)
-
-
-@_factor.def_vmap
-def _factor_vmap(axis_size: int, in_batched: list[bool], a: Array) -> tuple[Array, bool]:
-    if not in_batched[0]:
-        return _factor(a), False
-    return _factor_batch(a), True
+_factor = lanes.whole_batch(_factor_lanes, core_ndims=(2,))
 
 
 def psd_cholesky(a: Array) -> Array:
@@ -232,9 +219,10 @@ def psd_cholesky(a: Array) -> Array:
     sqrt(rounding noise)). L's zero columns mark the directions without variance, so
     rank(L) is the numerical rank of `a` and `a == 0` gives L == 0.
 
-    The columns are a `lax.scan` of rank-1 updates (one compile for any d); measured on 500
-    matrices, on a 2-core CPU: 1x LAPACK's time at d <= 10, 5x at d = 31, 10x at d = 100 (where
-    the W2 metric's eigendecomposition costs 10x this again).
+    The columns are a `lax.scan` of rank-1 updates (one compile for any d): as fast as LAPACK
+    at small d, several times slower at d >= 31, which is why `_factor_lanes` calls it only
+    for the matrices LAPACK fails on (benchmarks/results/sweep-cpu.json, row gaussian_factor_ab,
+    measures the generation with this fallback in place against LAPACK alone).
     """
     d = a.shape[-1]
     tol = (d + 1) * jnp.finfo(a.dtype).eps * jnp.diagonal(a)  # [d]
@@ -256,8 +244,6 @@ def psd_cholesky(a: Array) -> Array:
 def _solve_live(factor: Array, b: Array) -> Array:
     """x with factor_KK x_K = b_K on the live (non-zero) columns K of a `psd_cholesky` factor and
     x = 0 elsewhere: the triangular solve restricted to the factor's support. b: [d] or [d, k]."""
-    from jax.scipy.linalg import solve_triangular
-
     dead = jnp.diagonal(factor) == 0.0
     x = solve_triangular(factor + jnp.diag(dead.astype(factor.dtype)), b, lower=True)
     return jnp.where(dead.reshape(dead.shape + (1,) * (b.ndim - 1)), 0.0, x)
@@ -291,17 +277,26 @@ def sample_points(key: Array, params: GaussianParams, num: int) -> Array:
     return params.mean[None, :] + z @ _chol(params.cov).T
 
 
-def stats_noise(key: Array, num: int | Array, stream: Array | int = 0) -> Array:
+def stats_noise(
+    key: Array, num: int | Array, stream: Array | int = 0, *, compact: bool | None = None
+) -> Array:
     """The randomness of `sample_stats` for d = 1: a standard normal z and a chi-square(num - 1)
     draw (chi-square(1) where num < 2, unused there), independent of the fitted params, from
     the words of `key`'s stream `stream` (`samplers.normal_and_chi_square`), as ONE complex64
-    z + i chi (the scanned loop slices it per generation and splits it in the step's fusion)."""
+    z + i chi (the scanned loop slices it per generation and splits it in the step's fusion).
+    `compact`: how rejected lanes finish (`samplers.normal_and_chi_square`; the same draws)."""
     df = jnp.maximum(jnp.asarray(num, jnp.int32).astype(_F) - 1.0, 0.0)
-    return samplers.normal_and_chi_square(key, jnp.where(df > 0, df, 1.0), stream, packed=True)
+    df = jnp.where(df > 0, df, 1.0)
+    return samplers.normal_and_chi_square(key, df, stream, packed=True, compact=compact)
 
 
 def sample_stats(
-    key: Array, params: GaussianParams, num: int | Array, noise: Any = None
+    key: Array,
+    params: GaussianParams,
+    num: int | Array,
+    noise: Any = None,
+    *,
+    compact: bool | None = None,
 ) -> GaussianStats:
     """Sufficient statistics of `num` points from N(mean, cov), drawn without the points.
 
@@ -312,6 +307,7 @@ def sample_stats(
       key: PRNG key; params: mean [d], cov [d, d]; num: int or traced int32 scalar (>= 0).
       noise: d = 1 only: `stats_noise(key, num)` drawn ahead (the generational loop draws a
         block of generations' noise at once); None draws it here.
+      compact: passed to `stats_noise` (the same draws whatever it is).
     """
     d = params.mean.shape[-1]
     num = jnp.asarray(num, jnp.int32)
@@ -319,7 +315,7 @@ def sample_stats(
     chol = _chol(params.cov)
     if d == 1:  # both draws from one call for random words (no key splits: the hot path)
         df = jnp.maximum(nf - 1.0, 0.0)
-        noise = stats_noise(key, num) if noise is None else noise
+        noise = stats_noise(key, num, compact=compact) if noise is None else noise
         z, chi = jnp.real(noise), jnp.imag(noise)
         sd = chol[0, 0]
         mean = params.mean + sd * z / jnp.sqrt(jnp.maximum(nf, 1.0))
@@ -451,11 +447,6 @@ def fit_stats(stats: GaussianStats, estimator: str) -> GaussianParams:
     return GaussianParams(stats.mean, stats.scatter / denom)
 
 
-def _count(n: Any) -> Any:
-    """A data set's size from its (possibly traced) count."""
-    return n if isinstance(n, jax.core.Tracer) else int(n)
-
-
 class GaussianLearner(AbstractLearner[GaussianParams, Any]):
     """The Gaussian model for the generational loop (one chain per call; final class).
 
@@ -471,6 +462,10 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
         self.static_sample_size = config.method == "sample"
         self._mean0 = config.mean_array()
         self._cov0 = config.cov_array()
+        # Under a mesh the chains are sharded: the exact sampler's rejected lanes then finish in
+        # masked full-width rounds (the same draws), not by a compaction across every chain,
+        # which would gather lanes from all devices.
+        self._compact = None if mesh is None else False
 
     @property
     def truth(self) -> GaussianParams:
@@ -479,11 +474,11 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
 
     def _draw(self, key: Array, params: GaussianParams, num: Any, noise: Any = None) -> Any:
         if self.config.method == "sample":
-            return sample_points(_with_impl(key, self.config.rng_impl), params, num)
+            return sample_points(with_impl(key, self.config.rng_impl), params, num)
         # The exact method draws a few words per chain from the loop's own (threefry) key,
         # hashed in fused code (`prng.random_words`); re-wrapping it for another impl would
         # only make `jax.random` hash it more slowly.
-        return sample_stats(key, params, num, noise)
+        return sample_stats(key, params, num, noise, compact=self._compact)
 
     def sample_noise(self, key: Array, num: int | Array, stream: Array | int = 0) -> Any:
         """The randomness of a synthetic draw, independent of the params (the exact method for
@@ -492,7 +487,7 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
         generations; None for the other configurations."""
         if self.config.method != "exact" or self.config.dim != 1:
             return None
-        return stats_noise(key, num, stream)
+        return stats_noise(key, num, stream, compact=self._compact)
 
     def draw_real(self, key: Array, num: int | Array) -> Any:
         return self._draw(key, self.truth, num)
@@ -559,28 +554,8 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
 
     def num_samples(self, data: Any) -> Any:
         if self.config.method == "exact":
-            return _count(data.n)
+            return data_count(data.n)
         return super().num_samples(data)
-
-    def expected_curves(
-        self, sample_sizes: np.ndarray, generation: Any = None
-    ) -> dict[str, np.ndarray]:
-        """Closed-form chain means of `trace_cov`, `logdet_cov`, `mean_dist2` (and `w2_squared`
-        for d = 1) per generation, for the "replace" policy (else empty)."""
-        if generation is not None and generation.policy != "replace":
-            return {}
-        return analytic.gaussian_expectations(
-            np.asarray(sample_sizes),
-            self._mean0,
-            self._cov0,
-            self.config.estimator,
-            self.config.sampling_bias,
-        )
-
-    def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        from collapse_jax.theory import figures
-
-        return figures.gaussian_figures(self, run, out_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -598,8 +573,8 @@ class GaussianSimulation:
     sample_sizes: np.ndarray
 
 
-def _record(learner: Any, key: Array, params: GaussianParams, reference: Any) -> tuple:
-    """What `simulate` keeps per generation (a `generation.simulate_chains` measure)."""
+def _record(learner: Any, key: Array, params: GaussianParams, reference: Any, data: Any) -> tuple:
+    """What `simulate` keeps per generation (a `loop.simulate_chains` measure)."""
     return params.mean, params.cov
 
 
@@ -640,7 +615,7 @@ def simulate(
 
     Args:
       key: the base PRNG key; chain r and generation g draw with the keys of the generational
-        loop (`collapse_jax.generation`), so `simulate(jax.random.key(s), ...)` gives chain by
+        loop (`collapse_jax.loop`), so `simulate(jax.random.key(s), ...)` gives chain by
         chain the numbers of `collapse-jax run` with seed s (and nothing depends on chunking).
       chains: R, number of independent chains.
       generations: G, number of refits.
@@ -681,17 +656,16 @@ def simulate(
             rng_impl=rng_impl,
             sampling_bias=sampling_bias,
         )
-        GenerationConfig(policy=policy, alpha=alpha, beta=beta, gamma=gamma)  # validates
+        schedule = loop.Schedule.build(sizes, mode=policy, alpha=alpha, beta=beta, gamma=gamma)
     except ConfigError as e:
         raise ValueError(str(e)) from None
     learner = GaussianLearner(cfg)
     t = learner.truth
-    m, c = generation.simulate_chains(
+    m, c = loop.simulate_chains(
         learner,
-        generation.Policy(policy, alpha, beta, gamma),
+        schedule,
         key,
         chains=chains,
-        sizes=sizes,
         measure=_record,
         chunk_size=chunk_size,
         initial=(np.asarray(t.mean), np.asarray(t.cov)),  # index 0: the original distribution

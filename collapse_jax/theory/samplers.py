@@ -11,6 +11,7 @@ distribution up to float32 rounding of the uniforms (resolution 2^-24).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from collapse_jax.jaxtools import prng
+from collapse_jax.jaxtools import lanes, prng
 
 _F = jnp.float32
 _U = jnp.uint32
@@ -41,13 +42,14 @@ def _masked_rejection(
     """Rejection sampling with `propose(uniforms [2, *shape]) -> (value, accept)`.
 
     The first rounds use the pre-drawn uniforms `pre [rounds, 2, *shape]`, vectorised over
-    rounds (random draws inside a vmapped while loop cost ~4x more on CPU, and pre-drawing lets
-    callers draw everything in one call); a lane keeps its first accepted value. The few lanes
+    rounds (random draws inside a vmapped while loop are not fused with their consumers on
+    CPU, and pre-drawing lets callers draw everything in one call); a lane keeps its first
+    accepted value. The few lanes
     still rejected continue in a masked while loop whose round r draws from `key_of_round(r)`
     (evaluated only inside the loop).
     """
     # Rounds unrolled, the first accepted value kept by a chain of selects (a vmap over rounds
-    # with argmax + take_along_axis gathered, ~2x slower on CPU).
+    # with argmax + take_along_axis is a gather, which XLA:CPU does not vectorise).
     value = jnp.zeros(shape, _F)
     done = jnp.zeros(shape, bool)
     for r in reversed(range(pre.shape[0])):
@@ -95,11 +97,12 @@ def normal_pair_of_bits(a: Array, b: Array) -> tuple[Array, Array]:
     """Two independent standard normals from two uint32 words, by Box-Muller: radius
     sqrt(-2 log U) from all 32 bits of `a` (U's relative resolution 2^-24 near 0, so the radius
     reaches 6.8), angle from `b`: 23 bits give phi uniform on (-pi/4, pi/4), whose sin and cos
-    are short polynomials (XLA's sin/cos reduce arbitrary arguments and cost 2x the inversion);
-    bit 0 swaps the pair and bits 1, 2 flip their signs, which maps phi to an angle uniform on
-    the whole circle. Bits 3-8 of `b` are unused (callers may take them as further random
-    bits). ~1/4 the cost per normal of `normal_of_bits` (one log per two normals and no
-    erf_inv polynomials; 2-core CPU: 4 x 1.6M normals in 3.7 ms vs 14.4 ms)."""
+    are short polynomials (XLA's sin/cos reduce arbitrary arguments, a longer computation
+    than the whole inversion); bit 0 swaps the pair and bits 1, 2 flip their signs, which maps
+    phi to an angle uniform on the whole circle. Bits 3-8 of `b` are unused (callers may take
+    them as further random bits). Cheaper per normal than `normal_of_bits` (one log per two
+    normals and no erf_inv polynomials): benchmarks/results/xla_tricks-cpu.json, row
+    box_muller."""
     u = (a.astype(_F) + 0.5) * _F(2.0**-32)  # in (0, 1]: log(u) <= 0
     r = jnp.sqrt(-2.0 * jnp.log(u))
     phi = (_unit_open(b) - 0.5) * _F(np.pi / 2)
@@ -155,8 +158,8 @@ def _gamma_loop(source, alpha: Array, extra: int) -> tuple[Array, tuple[Array, .
 
     Everything random happens INSIDE the loop on purpose: XLA materialises a loop's outputs
     once, whereas a hash computed before the loop was duplicated into every fusion that
-    consumed its words (the carry, the stacked outputs, the loop's inputs), 4-8x the work per
-    generation in the scanned chains. Later rounds only run while some lane was rejected
+    consumed its words (the carry, the stacked outputs, the loop's inputs), several times the
+    work per generation in the scanned chains. Later rounds only run while some lane was rejected
     (4.8 % per round at a = 1, 5e-5 at a = 500).
     """
     shape = alpha.shape
@@ -197,20 +200,20 @@ def chi_square(key: Array, df: Array) -> Array:
     return 2.0 * standard_gamma(key, 0.5 * jnp.asarray(df, _F))
 
 
-# Marsaglia-Tsang candidates drawn up front by `normal_and_chi_square` (0 or 1; 0 sends every
-# lane through the fallback, for tests). One is rejected with probability 4.8 % at shape 1 and
-# ~5e-5 at shape 500; the rare rejected lanes finish in `_mt_finish`.
-_MT_CANDIDATES = 1
 # Key word of the fallback rounds' hashes (any constant: the other word is the lane's seed).
 _FALLBACK_KEY = np.uint32(0x5EED5EED)
-# `_mt_finish` compacts rejected lanes by rows of _ROW lanes, up to _ROWS rows per pass; while
-# more than 4 * _ROWS rows hold rejected lanes it runs masked rounds over all lanes instead.
-_ROW = 64
-_ROWS = 32
 
 
 def normal_and_chi_square(
-    key: Array, df: Array, stream: Array | int = 0, packed: bool = False
+    key: Array,
+    df: Array,
+    stream: Array | int = 0,
+    packed: bool = False,
+    *,
+    candidates: int = 1,
+    row: int = 64,
+    rows: int = 32,
+    compact: bool | None = None,
 ) -> tuple[Array, Array] | Array:
     """One standard normal and one chi-square(df) draw (scalars), independent, all from the
     words of `key`'s stream `stream` (`prng.word_source`: no key derivation at all; the
@@ -226,6 +229,15 @@ def normal_and_chi_square(
     not depend on the batch; two rejected lanes with equal 30-bit seeds (probability
     ~ r^2 / 2^31 for r rejected lanes) would share their further candidates.
 
+    Args:
+      key: a PRNG key (one lane's); df: its degrees of freedom; stream: the word stream.
+      packed: return one complex64 array (below).
+      candidates: Marsaglia-Tsang candidates drawn up front (1; or 0, which sends every lane
+        through the fallback: for tests). One is rejected with probability 4.8 % at shape 1
+        and ~5e-5 at shape 500; the rare rejected lanes finish in `_mt_finish`.
+      row, rows, compact: how `_mt_finish` finishes the rejected lanes: rows of `row` lanes, up
+        to `rows` rows per compacted pass; `compact` None compacts on CPU only (a traced
+        per-platform choice), True / False force it. None of these changes a draw.
     Returns:
       (z, chi), or with `packed` the complex64 z + i chi (one array: a consumer that splits it
       inside its own fusion saves two passes over the draws).
@@ -238,13 +250,13 @@ def normal_and_chi_square(
     z, x = normal_pair_of_bits(w[0], w[1])
     # Not accepted yet: the seed's 30 bits with the sign bit set (accepted values are >= +0).
     chi = jax.lax.bitcast_convert_type((w[3] >> 2) | _SIGN, _F)
-    if _MT_CANDIDATES:
+    if candidates:
         v, ok = _mt_propose(d, c, x, _unit_open(w[2]))
         chi = jnp.where(ok, 2.0 * v, chi)  # chi2(df) = 2 Gamma(df / 2)
     chi = jnp.where(alpha < 1.0, x * x, chi)  # df = 1: chi2(1) = x^2
     # z and chi travel as ONE complex64 array: XLA fuses the hashes into each array computed
     # from them, so two real outputs evaluated every hash (and the radius) twice.
-    zc = _mt_finish(jax.lax.complex(z, chi), alpha)
+    zc = _mt_finish(jax.lax.complex(z, chi), alpha, row=row, rows=rows, compact=compact)
     return zc if packed else (jnp.real(zc), jnp.imag(zc))
 
 
@@ -275,28 +287,42 @@ def _mt_rounds(zc: Array, alpha: Array, r0: Array, once: bool) -> Array:
     return jax.lax.while_loop(cond, body, (r0, zc))[1]
 
 
-@jax.custom_batching.custom_vmap
-def _mt_finish(zc: Array, alpha: Array) -> Array:
-    """`zc` with its pending lanes (imaginary parts that are sign-flagged seeds) accepted: each
-    imaginary part then a 2 Gamma(alpha) value (the real parts pass through).
+def _mt_finish_lanes(
+    zc: Array, alpha: Array, *, row: int, rows: int, compact: bool | None
+) -> Array:
+    """`zc [L]` with its pending lanes (imaginary parts that are sign-flagged seeds) accepted:
+    each imaginary part then a 2 Gamma(alpha) value (the real parts pass through).
 
-    A custom vmap rule hands this the whole vmapped batch (`_mt_finish_vmap`): a masked loop
-    over every lane would cost a full pass of hashes, normals and logs per round, although at
-    large shapes only ~5e-5 of the lanes are pending. Instead, the lanes are cut into rows of
-    `_ROW`; up to `_ROWS` rows holding pending lanes are gathered and run to acceptance, then
-    written back, until none is pending (while many rows are pending, masked rounds over all
-    lanes come first). A lane's rounds are numbered from 0 in every case (full rounds count
-    them; a compacted lane continues from there), so its value depends on its seed alone.
+    `_mt_finish` (`lanes.whole_batch`) hands this the whole vmapped batch. A masked loop over
+    every lane costs a full pass of hashes, normals and logs per round, although at large
+    shapes only ~5e-5 of the lanes are pending; on CPU (`compact`), the pending lanes are
+    gathered instead (`_mt_compacted`). Other platforms run the masked loop
+    (benchmarks/results/xla_tricks-cpu.json, row chi_square_compaction, times both on CPU). A
+    lane's rounds are numbered from 0 in every case, so its value depends on its seed alone,
+    whichever path finishes it.
     """
-    shape = zc.shape
-    n = math.prod(shape)
-    if n <= _ROW * _ROWS:  # small batches: the masked loop is already cheap
-        return _mt_rounds(zc, alpha, jnp.int32(0), once=False)
-    rows = -(-n // _ROW)
+    plain = lambda zc, alpha: _mt_rounds(zc, alpha, jnp.int32(0), once=False)  # noqa: E731
+    if zc.shape[0] <= row * rows or compact is False:  # small batches: already cheap
+        return plain(zc, alpha)
+    compacted = functools.partial(_mt_compacted, row=row, rows=rows)
+    if compact:
+        return compacted(zc, alpha)
+    return jax.lax.platform_dependent(zc, alpha, cpu=compacted, default=plain)
 
-    def tiles(x, fill):  # [rows, _ROW], padded with lanes that are never pending
-        x = jnp.broadcast_to(x, shape).reshape(-1)
-        return jnp.pad(x, (0, rows * _ROW - n), constant_values=fill).reshape(rows, _ROW)
+
+_mt_finish = lanes.whole_batch(_mt_finish_lanes)
+
+
+def _mt_compacted(zc: Array, alpha: Array, *, row: int, rows: int) -> Array:
+    """`_mt_finish_lanes` by compaction: the lanes `[L]` are cut into rows of `row`; up to
+    `rows` rows holding pending lanes are gathered and run to acceptance, then written back,
+    until none is pending (while more than 4 * `rows` rows are pending, masked rounds over all
+    lanes come first)."""
+    (n,) = zc.shape
+    num_rows = -(-n // row)
+
+    def tiles(x, fill):  # [num_rows, row], padded with lanes that are never pending
+        return jnp.pad(x, (0, num_rows * row - n), constant_values=fill).reshape(num_rows, row)
 
     zcs, alphas = tiles(zc, 0.0), tiles(alpha, 1.0)
 
@@ -304,12 +330,12 @@ def _mt_finish(zc: Array, alpha: Array) -> Array:
         r, zcs, _ = carry
         # Recomputed from the loop's carry every step: carried along instead (updated by the
         # branches), XLA fused the draws or a full round into that reduction and evaluated
-        # them twice (1.6-2x slower in all).
-        busy = jnp.any(_is_pending(jnp.imag(zcs)), axis=1)  # [rows]
+        # them twice.
+        busy = jnp.any(_is_pending(jnp.imag(zcs)), axis=1)  # [num_rows]
         count = jnp.sum(busy)
 
         def compact(zcs):
-            idx = jnp.nonzero(busy, size=_ROWS, fill_value=rows)[0]  # rows: out of range
+            idx = jnp.nonzero(busy, size=rows, fill_value=num_rows)[0]  # num_rows: out of range
             take = lambda x, fill: jnp.take(x, idx, axis=0, mode="fill", fill_value=fill)  # noqa: E731
             sub = _mt_rounds(take(zcs, 0.0), take(alphas, 1.0), r, once=False)
             return r, zcs.at[idx].set(sub, mode="drop")
@@ -317,24 +343,13 @@ def _mt_finish(zc: Array, alpha: Array) -> Array:
         def full(zcs):
             return r + 1, _mt_rounds(zcs, alphas, r, once=True)
 
-        r, zcs = jax.lax.cond(count > 4 * _ROWS, full, compact, zcs)
-        return r, zcs, count > _ROWS  # else the compaction took every busy row: done
+        r, zcs = jax.lax.cond(count > 4 * rows, full, compact, zcs)
+        return r, zcs, count > rows  # else the compaction took every busy row: done
 
     # The loop tests a flag, not the lanes: one pass over them per step (the usual case at
     # large shapes: one step, whose compaction finishes the few pending lanes).
     _, zcs, _ = jax.lax.while_loop(lambda c: c[2], step, (jnp.int32(0), zcs, jnp.bool_(True)))
-    return zcs.reshape(-1)[:n].reshape(shape)
-
-
-@_mt_finish.def_vmap
-def _mt_finish_vmap(axis_size: int, in_batched: list[bool], zc, alpha) -> tuple[Array, bool]:
-    # Every argument batched, then `_mt_finish` itself on the larger arrays: an outer vmap
-    # (generations around chains) reaches this rule again, so the function sees all lanes.
-    args = [
-        x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
-        for x, b in zip((zc, alpha), in_batched)
-    ]
-    return _mt_finish(*args), True
+    return zcs.reshape(-1)[:n]
 
 
 # Stirling-series remainders fc(k) = log k! - [(k + 1/2) log(k + 1) - (k + 1) + log(2 pi)/2],
@@ -360,10 +375,10 @@ def _fc(k: Array) -> Array:
     small = jnp.zeros_like(k)
     kc = jnp.clip(k, 0.0, 9.0)
     # A chain of selects, not a table lookup: a gather in a fusion kept XLA from vectorising
-    # the whole fusion (BTRS's proposal ran 2x slower).
+    # the whole fusion (BTRS's proposal among it).
     for j, c in enumerate(_FC_TABLE):
         small = jnp.where(kc == j, c, small)
-    r1 = 1.0 / (k + 1.0)  # one division (three, written as the series, cost ~20 % of BTRS)
+    r1 = 1.0 / (k + 1.0)  # one division (three, written as the series, slowed BTRS down)
     r2 = r1 * r1
     approx = r1 * (1.0 / 12.0 - r2 * (1.0 / 360.0 - r2 * (1.0 / 1260.0)))
     return jnp.where(k <= 9, small, approx)
@@ -375,14 +390,18 @@ _INVERSION_MEAN = 10.0
 _INVERSION_TERMS = 48
 # Inversion terms per iteration of its search loop (the loop stops once every lane is found).
 _INVERSION_CHUNK = 8
-# Lanes per block of the compacted passes (inversion lanes; BTRS lanes rejected in round 0).
-_INVERSION_BLOCK = 512
-_FALLBACK_BLOCK = 64
-# BTRS rounds run at full width before the rejected lanes are gathered into blocks.
-_BTRS_ROUNDS = 2
 
 
-def binomial(key: Array, n: Array, p: Array) -> Array:
+def binomial(
+    key: Array,
+    n: Array,
+    p: Array,
+    *,
+    full_rounds: int = 2,
+    inversion_block: int = 512,
+    retry_block: int = 64,
+    compact: bool | None = None,
+) -> Array:
     """Binomial(n, p) draws, exact, vectorised over the broadcast shape of `n` and `p`.
 
     Small means (n min(p, 1-p) < 10) use sequential-search inversion (at most 48 terms; the
@@ -396,6 +415,8 @@ def binomial(key: Array, n: Array, p: Array) -> Array:
       key: a PRNG key.
       n: int array of trial counts (>= 0, < 2^24).
       p: float array of success probabilities in [0, 1].
+      full_rounds, inversion_block, retry_block, compact: how the lanes are grouped
+        (`_binomial_lanes`); none of them changes a draw.
     Returns:
       int32 array of the broadcast shape.
     """
@@ -405,7 +426,8 @@ def binomial(key: Array, n: Array, p: Array) -> Array:
     k1, k2 = _key_words(key)
     # Lane j hashes the counter (WORDS + j, round): its own stream of uniforms.
     lane = prng.WORDS + jnp.arange(math.prod(shape), dtype=jnp.uint32).reshape(shape)
-    return _binomial_words(k1, k2, lane, n, p)
+    tuning = dict(full_rounds=full_rounds, inversion_block=inversion_block)
+    return _binomial_words(k1, k2, lane, n, p, **tuning, retry_block=retry_block, compact=compact)
 
 
 def _key_words(key: Array) -> tuple[Array, Array]:
@@ -418,41 +440,6 @@ def _key_words(key: Array) -> tuple[Array, Array]:
     return w[0], w[1]
 
 
-@jax.custom_batching.custom_vmap
-def _binomial_words(k1: Array, k2: Array, x1: Array, n: Array, p: Array) -> Array:
-    """Binomial(n, p) per lane of the broadcast shape; lane j draws its uniforms from the
-    threefry hashes of the counters (x1_j, round) under the key (k1_j, k2_j), so a lane's draw
-    depends on its own inputs only, never on the batch it is drawn in.
-
-    A custom vmap rule: vmapped over chains, the rule sees every chain's lane at once and
-    `_binomial_lanes` can group the lanes by regime (a plain vmap would evaluate every branch
-    and retry loop at full width)."""
-    return _binomial_broadcast((k1, k2, x1, n, p), (False,) * 5, 0)
-
-
-@_binomial_words.def_vmap
-def _binomial_words_vmap(axis_size: int, in_batched: list[bool], *args: Array):
-    return _binomial_broadcast(args, in_batched, axis_size), True
-
-
-def _binomial_broadcast(args, batched, axis_size: int) -> Array:
-    """Broadcasts the per-lane inputs (batched ones with their batch axis first), flattens them
-    into lanes for `_binomial_lanes`, and restores the shape."""
-    example = jnp.broadcast_shapes(*(a.shape[1:] if b else a.shape for a, b in zip(args, batched)))
-    lead = (axis_size,) if any(batched) else ()
-    flat = []
-    for a, b in zip(args, batched):
-        a = jnp.asarray(a)
-        if b:  # [axis, *s] -> [axis, 1.., *s], aligned on the example's trailing axes
-            a = a.reshape((axis_size,) + (1,) * (len(example) - a.ndim + 1) + a.shape[1:])
-        flat.append(jnp.broadcast_to(a, lead + example).reshape(-1))
-    k1, k2, x1, n, p = flat
-    if n.size == 0:
-        return jnp.zeros(lead + example, jnp.int32)
-    x = _binomial_lanes(k1.astype(jnp.uint32), k2.astype(jnp.uint32), x1.astype(jnp.uint32), n, p)
-    return x.reshape(lead + example)
-
-
 # Row length of `_prefix_count`'s blocked prefix sum.
 _PREFIX_ROW = 128
 
@@ -460,8 +447,8 @@ _PREFIX_ROW = 128
 def _prefix_count(mask: Array) -> Array:
     """Inclusive prefix sums `[L]` int32 of a bool `[L]`: within rows of 128 as one product with
     a triangular matrix (exact: sums <= 128 in float32), plus the rows' offsets. A handful of
-    kernels, where `jnp.cumsum` (a reduce-window on CPU, 15 ns per lane) or an associative scan
-    (~2 log2(L) small kernels) cost more to run or to compile (3 s more per multinomial)."""
+    kernels, where `jnp.cumsum` (a reduce-window on CPU) or an associative scan (~2 log2(L)
+    small kernels) cost more to run or to compile (the multinomial's compile time)."""
     size = mask.shape[0]
     rows = -(-size // _PREFIX_ROW)
     a = jnp.pad(mask.astype(_F), (0, rows * _PREFIX_ROW - size)).reshape(rows, _PREFIX_ROW)
@@ -565,10 +552,10 @@ def _btrs_propose(setup: tuple[Array, ...], n: Array, w_u: Array, w_v: Array) ->
     return jnp.where(inside & (accept1 | (lv <= ub)), ks.astype(jnp.int32), -1)
 
 
-def _btrs_retry(k1, k2, x1, n, q, valid) -> Array:
+def _btrs_retry(k1, k2, x1, n, q, valid, first: int) -> Array:
     """BTRS from round 1 on for lanes whose round-0 proposal was rejected: rounds until every
-    valid lane accepts (round r hashes the counter (x1, r)). The loop carries one array, the
-    draw or -1 while pending (see `_btrs_propose`)."""
+    valid lane accepts (round r hashes the counter (x1, r), from r = `first`). The loop carries
+    one array, the draw or -1 while pending (see `_btrs_propose`)."""
     setup = _btrs_setup(n, q)
 
     def body(c):
@@ -576,22 +563,41 @@ def _btrs_retry(k1, k2, x1, n, q, valid) -> Array:
         k = _btrs_propose(setup, n, *prng.threefry2x32(k1, k2, x1, r.astype(jnp.uint32)))
         return r + 1, jnp.where(x < 0, k, x)
 
-    init = (jnp.int32(_BTRS_ROUNDS), jnp.where(valid, -1, 0))
+    init = (jnp.int32(first), jnp.where(valid, -1, 0))
     return jax.lax.while_loop(lambda c: jnp.any(c[1] < 0), body, init)[1]
 
 
-def _binomial_lanes(k1: Array, k2: Array, x1: Array, n: Array, p: Array) -> Array:
-    """Binomial(n_j, p_j) for each lane j of `[L]` inputs (see `_binomial_words`).
+def _binomial_lanes(
+    k1: Array,
+    k2: Array,
+    x1: Array,
+    n: Array,
+    p: Array,
+    *,
+    full_rounds: int,
+    inversion_block: int,
+    retry_block: int,
+    compact: bool | None,
+) -> Array:
+    """Binomial(n_j, p_j) for each lane j of `[L]` inputs; lane j draws its uniforms from the
+    threefry hashes of the counters (x1_j, round) under the key (k1_j, k2_j), so a lane's draw
+    depends on its own inputs only, never on the batch it is drawn in.
 
-    The lanes are grouped by regime instead of evaluating every algorithm on every lane (which
-    cost ~700 ns per draw): BTRS's first two rounds run at full width (a vectorised pass each;
-    ~2% of its lanes are still rejected after them); then the inversion lanes and those
-    rejected lanes are gathered into blocks (`_for_blocks`) that run their own loops. Lanes with
-    n = 0 or q = 0 are exactly 0 (zero-mass states stay empty); p > 1/2 draws the complement.
-    Every output lane (x, a loop's result) is a buffer: XLA fuses cheap producers into each
-    consumer and recomputes them there, and a proposal fused into the ~2 log2(L) passes of the
-    prefix sum that reads the rejected-lane mask cost 300 ns per lane instead of 45.
+    `_binomial_words` (`lanes.whole_batch`) hands this every lane of a vmapped batch at once,
+    so the lanes can be grouped by regime instead of evaluating every algorithm and retry loop
+    on every lane at full width: BTRS's first `full_rounds` rounds run at full width (a
+    vectorised pass each; ~2% of its lanes are still rejected after two); then, on CPU
+    (`compact`; None: CPU only, a traced per-platform choice), the inversion lanes and those
+    rejected lanes are gathered into blocks of `inversion_block` / `retry_block` lanes
+    (`_for_blocks`) that run their own loops; other platforms run those loops masked at full
+    width (benchmarks/results/xla_tricks-cpu.json, row binomial_compaction, times both on
+    CPU). Lanes with n = 0 or q = 0 are exactly 0 (zero-mass states stay empty); p > 1/2
+    draws the complement. Every output lane (x, a loop's result) is a buffer: XLA fuses cheap
+    producers into each consumer and recomputes them there, and a proposal fused into the
+    ~2 log2(L) passes of the prefix sum that reads the rejected-lane mask cost several times
+    the proposal itself.
     """
+    k1, k2, x1 = (w.astype(_U) for w in (k1, k2, x1))
     n = n.astype(jnp.int32)
     p = jnp.clip(p.astype(_F), 0.0, 1.0)
     flip = p > 0.5
@@ -610,21 +616,45 @@ def _binomial_lanes(k1: Array, k2: Array, x1: Array, n: Array, p: Array) -> Arra
         return jnp.where(x < 0, _btrs_propose(setup, nb, *words), x)
 
     # The first rounds at full width (acceptance ~0.85 each); x = -1 marks a pending lane.
-    x = jax.lax.fori_loop(0, _BTRS_ROUNDS, round_, jnp.where(use_btrs, -1, 0))
+    x = jax.lax.fori_loop(0, full_rounds, round_, jnp.where(use_btrs, -1, 0))
 
-    def inversion(lanes, valid):
-        u = _unit_open(prng.threefry2x32(k1[lanes], k2[lanes], x1[lanes], _U(0))[0])
-        return _inversion(nf[lanes], q[lanes], u, valid)
+    def inversion(lanes, valid):  # lanes: indices into the lanes, or None for all
+        at = (lambda a: a) if lanes is None else (lambda a: a[lanes])  # noqa: E731
+        u = _unit_open(prng.threefry2x32(at(k1), at(k2), at(x1), _U(0))[0])
+        return _inversion(at(nf), at(q), u, valid)
 
     def retry(lanes, valid):
-        return _btrs_retry(k1[lanes], k2[lanes], x1[lanes], nf[lanes], q[lanes], valid)
+        at = (lambda a: a) if lanes is None else (lambda a: a[lanes])  # noqa: E731
+        return _btrs_retry(at(k1), at(k2), at(x1), at(nf), at(q), valid, full_rounds)
 
-    x = _for_blocks(use_inv, _INVERSION_BLOCK, inversion, x)
-    x = _for_blocks(x < 0, _FALLBACK_BLOCK, retry, x)
+    def blocked(x):
+        x = _for_blocks(use_inv, inversion_block, inversion, x)
+        return _for_blocks(x < 0, retry_block, retry, x)
+
+    def masked(x):  # the same loops over every lane, the others masked
+        x = jnp.where(use_inv, inversion(None, use_inv), x)
+        return jnp.where(x < 0, retry(None, x < 0), x)
+
+    if compact is None:
+        x = jax.lax.platform_dependent(x, cpu=blocked, default=masked)
+    else:
+        x = blocked(x) if compact else masked(x)
     return jnp.where(flip, n - x, x)
 
 
-def multinomial(key: Array, n: Array, probs: Array) -> Array:
+_binomial_words = lanes.whole_batch(_binomial_lanes)
+
+
+def multinomial(
+    key: Array,
+    n: Array,
+    probs: Array,
+    *,
+    full_rounds: int = 2,
+    inversion_block: int = 512,
+    retry_block: int = 64,
+    compact: bool | None = None,
+) -> Array:
     """Multinomial(n, probs) counts `[K]` for one chain, exact, at a cost independent of n.
 
     Conditional binomials in a `lax.scan` over the states: X_i ~ Bin(n - sum_{j<i} X_j,
@@ -632,13 +662,14 @@ def multinomial(key: Array, n: Array, probs: Array) -> Array:
     suffix sums (accurate for tiny tail probabilities, unlike 1 - cumsum); the last positive
     state's ratio is exactly 1, so states of zero probability always get zero counts
     (absorption is exact). Vmapped over chains, each state's binomials are one batched call
-    (`_binomial_words`' vmap rule), grouped by regime across the chains. State i hashes the
-    counters (WORDS + i, round) under the chain's key.
+    (`_binomial_words`, a `lanes.whole_batch` function), grouped by regime across the chains.
+    State i hashes the counters (WORDS + i, round) under the chain's key.
 
     Args:
       key: a PRNG key.
       n: int scalar, the number of draws (may be traced).
       probs: [K] non-negative weights (normalised internally).
+      full_rounds, inversion_block, retry_block, compact: as in `binomial`.
     Returns:
       int32 [K] counts summing to n (if any weight is positive).
     """
@@ -647,10 +678,12 @@ def multinomial(key: Array, n: Array, probs: Array) -> Array:
     rem = jnp.cumsum(probs[::-1])[::-1]  # [K] mass of states i..K-1
     cond = jnp.where(rem > 0, probs / jnp.where(rem > 0, rem, 1.0), 0.0)
     k1, k2 = _key_words(key)
+    tuning = dict(full_rounds=full_rounds, inversion_block=inversion_block)
+    tuning.update(retry_block=retry_block, compact=compact)
 
     def body(left, x):
         stream, p = x
-        draw = _binomial_words(k1, k2, stream, left, p)
+        draw = _binomial_words(k1, k2, stream, left, p, **tuning)
         return left - draw, draw
 
     streams = prng.WORDS + jnp.arange(num_states - 1, dtype=jnp.uint32)

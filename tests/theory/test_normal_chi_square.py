@@ -5,6 +5,8 @@ KS tests reject at p < 1e-4, Pearson's |r| beyond 4.4 standard errors (p ~ 1e-5)
 sampler fails one of the 15 assertions with probability < 2e-3; the keys are fixed.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,12 +20,13 @@ DFS = (1.0, 2.0, 7.0, 999.0)  # chi2(1) = x^2; shapes 1 (most rejections), 3.5, 
 
 
 @pytest.mark.parametrize("candidates", [1, 0])  # 0: every lane goes through the fallback
-def test_normal_and_chi_square_match_scipy(monkeypatch, candidates):
-    monkeypatch.setattr(samplers, "_MT_CANDIDATES", candidates)
+def test_normal_and_chi_square_match_scipy(candidates):
     n = 20000
     df = np.repeat(np.asarray(DFS, np.float32), n)
     keys = jax.random.split(jax.random.key(candidates), df.size)
-    draw = jax.jit(jax.vmap(samplers.normal_and_chi_square))
+    draw = jax.jit(
+        jax.vmap(functools.partial(samplers.normal_and_chi_square, candidates=candidates))
+    )
     z, chi = (np.asarray(v, np.float64) for v in draw(keys, jnp.asarray(df)))
     assert np.all(np.isfinite(z)) and np.all(chi >= 0) and np.all(np.isfinite(chi))
     for d in DFS:
@@ -53,19 +56,20 @@ def test_box_muller_pair_matches_scipy():
 
 
 @pytest.mark.parametrize("candidates, df", [(0, 2.0), (1, 30.0)])
-def test_chi_square_fallback_does_not_depend_on_the_batch(monkeypatch, candidates, df):
+def test_chi_square_fallback_does_not_depend_on_the_batch(candidates, df):
     """A lane's draw is the same alone, in a small batch (masked loop), in a large flat batch
     and in a nested (generations x chains) vmap (`_mt_finish` compacting rejected rows, after
     full rounds while many are pending): the rejected lanes' further candidates come from their
     own seeds. candidates=0 sends every lane through the fallback (df = 2: ~5 % rejected per
     round, so full rounds, then compaction); candidates=1 at df = 30 leaves ~100 rejected lanes
-    (compaction alone, several passes of `_ROWS` rows)."""
-    monkeypatch.setattr(samplers, "_MT_CANDIDATES", candidates)
-    key, gens, chains = jax.random.key(3), 6, 3000  # 18,000 lanes > _ROW * _ROWS
+    (compaction alone, several passes of `rows` rows). On CPU the compaction runs; the masked
+    loop that other platforms run gives the same bits."""
+    key, gens, chains = jax.random.key(3), 6, 3000  # 18,000 lanes > row * rows
 
-    def one(g, c, df):  # df traced, as in the loop (a constant would fold differently)
+    def one(g, c, df, compact=None):  # df traced, as in the loop (a constant folds differently)
         k = jax.random.fold_in(key, c)
-        return samplers.normal_and_chi_square(k, df, g, packed=True)
+        draw = functools.partial(samplers.normal_and_chi_square, candidates=candidates)
+        return draw(k, df, g, packed=True, compact=compact)
 
     g_idx, c_idx = jnp.arange(gens, dtype=jnp.uint32), jnp.arange(chains, dtype=jnp.uint32)
     df = jnp.float32(df)
@@ -79,3 +83,6 @@ def test_chi_square_fallback_does_not_depend_on_the_batch(monkeypatch, candidate
     alone = jax.jit(one)(g_idx[2], c_idx[7], df)
     np.testing.assert_array_equal(np.asarray(alone), np.asarray(nested)[2, 7])
     assert np.all(np.imag(np.asarray(nested)) >= 0)  # nothing left pending
+    plain = jax.jit(jax.vmap(functools.partial(one, compact=False), (0, 0, None)))
+    masked = plain(jnp.repeat(g_idx, chains), jnp.tile(c_idx, gens), df)
+    np.testing.assert_array_equal(np.asarray(masked), np.asarray(flat))
