@@ -23,10 +23,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 _SNIPPET = """
 import json, sys, tempfile, time
-from collapse_jax import config, generation
+from collapse_jax import config, loop
 cfg = config.load_config(sys.argv[1], sys.argv[2:])
 ts = [time.perf_counter()]
-generation.run_generations(cfg, tempfile.mkdtemp(), on_generation=lambda g, r: ts.append(
+loop.run_generations(cfg, tempfile.mkdtemp(), on_generation=lambda g, r: ts.append(
     time.perf_counter()))
 print(json.dumps(ts))
 """

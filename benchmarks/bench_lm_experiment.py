@@ -74,7 +74,7 @@ def main() -> None:
     import jax
 
     from collapse_jax import config as config_lib
-    from collapse_jax import generation
+    from collapse_jax import loop
 
     if args.from_run is not None:
         run_dir = args.from_run
@@ -85,7 +85,7 @@ def main() -> None:
         )
         cfg_name = cfg.name
         run_dir = pathlib.Path(tempfile.mkdtemp(prefix="bench-lm-")) / cfg.name
-        generation.run_generations(cfg, run_dir)
+        loop.run_generations(cfg, run_dir)
     device = jax.devices()[0].platform
     result = {
         "name": "lm_experiment_generation",

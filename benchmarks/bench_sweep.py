@@ -96,8 +96,7 @@ def factor_ab(repeats: int = 9) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from collapse_jax import metrics
-    from collapse_jax.theory import gaussian
+    from collapse_jax.theory import gaussian, metrics
 
     robust = gaussian._chol
     out = {}
@@ -173,7 +172,7 @@ def main() -> None:
     ]
     config = REPO / "configs" / "theory_gaussian.yaml"
     out = pathlib.Path(tempfile.mkdtemp(prefix="bench_sweep_"))
-    from collapse_jax import generation
+    from collapse_jax import loop
     from collapse_jax.rundir import commits
 
     sw = sweep.Sweep(config, sweep.parse_axes(axes), out / "sweep")
@@ -207,7 +206,7 @@ def main() -> None:
         cfgs = [sw.configs[i] for i in batch]
         tb = time.perf_counter()
         try:
-            generation.run_batch(cfgs, [sw.point_dir(i) for i in batch])
+            loop.run_batch(cfgs, [sw.point_dir(i) for i in batch])
         except commits.NonFiniteMetric as e:
             failures.append({"points": [sw.points[i]["dir"] for i in batch], "error": str(e)})
         per_batch.append(
@@ -227,7 +226,7 @@ def main() -> None:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="bench_sweep_seq_"))
     t = time.perf_counter()
     for j, c in enumerate(first):
-        generation.run_generations(c, tmp / f"p{j}")
+        loop.run_generations(c, tmp / f"p{j}")
     sequential_first_s = time.perf_counter() - t
 
     sampled_s, per_point = numpy_baseline(sw.points, gens)

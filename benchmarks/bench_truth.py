@@ -1,7 +1,7 @@
 """Wall time per generation of the ground-truth LM experiment, split into its three phases.
 
 Runs a config (default: the LM quick start, `configs/lm/truth_markov_beam.yaml`) through the
-real loop (`generation.run_generations`) in a fresh run directory and records, per generation:
+real loop (`loop.run_generations`) in a fresh run directory and records, per generation:
 - fine-tune: the learner's `fit_seconds` (training from the base weights, best-epoch selection);
 - evaluate: the learner's `eval_seconds` (test perplexity and the exact metrics against the truth);
 - regenerate: the wall time of `sample` (beam search / sampling continuing every prompt block),
@@ -31,7 +31,7 @@ import time
 import jax
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation
+from collapse_jax import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -46,7 +46,7 @@ def main() -> None:
     cfg = config_lib.load_config(
         args.config, [*args.overrides, f"generation.num_generations={args.generations}"]
     )
-    learner = generation.make_learner(cfg)
+    learner = loop.make_learner(cfg)
     regen: list[float] = []
     sample = learner.sample
 
@@ -68,7 +68,7 @@ def main() -> None:
         print(f"gen {g}: {commits[-1] - commits[-2]:.1f} s  kl_to_truth={row.get('kl_to_truth')}")
 
     with tempfile.TemporaryDirectory(prefix="bench-truth-") as tmp:
-        result = generation.run_generations(
+        result = loop.run_generations(
             cfg, pathlib.Path(tmp) / "run", learner=learner, on_generation=on_generation
         )
     rows = []

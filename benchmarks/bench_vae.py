@@ -4,9 +4,9 @@ The paper's network (conv 64/128, latent 20) and optimiser (Adam 1e-3, weight de
 256, on real MNIST images. Variants, timed in this process one epoch each per round,
 interleaved (so a change of load hits all of them alike):
 
-- `cpu`: `vae._train_step` with jaxtools/convs.py's CPU convolutions (the default on CPU);
+- `cpu`: `vae.model._train_step` with jaxtools/convs.py's CPU convolutions (the default on CPU);
 - `lax`: the same step with XLA's convolutions and JAX's own gradients (`COLLAPSE_JAX_CONV=lax`);
-- `old` (with `--old DIR`): the step of another checkout's vae.py/convs.py (before/after);
+- `old` (with `--old DIR`): another checkout's VAE step and convolutions (before/after);
 - `torch`: the same network in PyTorch, the usual eager loop over the same batches.
 
 Writes `benchmarks/results/vae_conv_ab-<device>.json` (images/s per variant, min and median over
@@ -31,20 +31,23 @@ import time
 import jax
 import numpy as np
 
-from collapse_jax import bench, mnist, vae
+from collapse_jax.bench import baselines
 from collapse_jax.jaxtools import convs
+from collapse_jax.vae import mnist
+from collapse_jax.vae import model as vae
 
 
 def _load_old(root: pathlib.Path):
     """The vae module of another checkout, bound to that checkout's convs module."""
     mods = {}
-    # convs.py sits in collapse_jax/jaxtools/ since issue 20, at the package root before.
-    convs_path = root / "collapse_jax" / "jaxtools" / "convs.py"
-    if not convs_path.exists():
-        convs_path = root / "collapse_jax" / "convs.py"
-    paths = {"convs": convs_path, "vae": root / "collapse_jax" / "vae.py"}
-    for name in ("convs", "vae"):
-        spec = importlib.util.spec_from_file_location(f"old_{name}", paths[name])
+    # Each module where that checkout has it (the package layout moved them).
+    places = {
+        "convs": ("collapse_jax/jaxtools/convs.py", "collapse_jax/convs.py"),
+        "vae": ("collapse_jax/vae/model.py", "collapse_jax/vae.py"),
+    }
+    for name, paths in places.items():
+        path = next((root / p for p in paths if (root / p).is_file()), root / paths[-1])
+        spec = importlib.util.spec_from_file_location(f"old_{name}", path)
         mods[name] = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = mods[name]
         spec.loader.exec_module(mods[name])
@@ -111,7 +114,7 @@ def main() -> None:
         compile_s[name] = time.perf_counter() - t
 
     torch.manual_seed(0)
-    model = bench.torch_vae()
+    model = baselines.torch_vae()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
     xt = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
 

@@ -19,14 +19,17 @@ or config key; `--debug` shows the traceback as well.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import logging
 import os
 import pathlib
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from collapse_jax import config as config_lib
 from collapse_jax.rundir import commits, fileio, guard, reader
@@ -52,19 +55,37 @@ def _default_out(cfg) -> pathlib.Path:
     return pathlib.Path("runs") / f"{cfg.name}-{digest}"
 
 
+@contextlib.contextmanager
+def _runtime(run_dir: pathlib.Path) -> Iterator[None]:
+    """Marks a missing file of the run directory met from here on as a runtime failure (exit code
+    1: it disappeared while the tool worked), not a file the user named (exit code 2)."""
+    try:
+        yield
+    except FileNotFoundError as e:
+        try:
+            inside = pathlib.Path(os.path.abspath(e.filename)).is_relative_to(
+                os.path.abspath(run_dir)
+            )
+        except (TypeError, ValueError):
+            inside = False
+        e.runtime = inside
+        raise
+
+
 def _run_experiment(
     exp: config_lib.ExperimentConfig, run_dir: pathlib.Path, progress: bool, repair: bool = False
 ):
-    from collapse_jax import generation, plots
-    learner = generation.make_learner(exp)  # validates the inputs before the run dir is touched
+    from collapse_jax import loop, plots
+
+    learner = loop.make_learner(exp)  # validates the inputs before the run dir is touched
     # The lock covers the whole run, figures and summary included (the loop re-enters it).
-    with guard.RunLock(run_dir):
+    with _runtime(run_dir), guard.RunLock(run_dir):
         if repair:
             restart = guard.repair(run_dir)
             if restart is not None:
                 print(f"{run_dir}: repaired; resuming at generation {restart}", file=sys.stderr)
         log.info("%s: running in %s", exp.name, run_dir)
-        result = generation.run_generations(exp, run_dir, learner=learner, progress=progress)
+        result = loop.run_generations(exp, run_dir, learner=learner, progress=progress)
         run = reader.Run(run_dir)
         files = plots.make_figures(run, learner)
         table = plots.summary_table(result.rows)
@@ -103,11 +124,11 @@ def _cmd_sweep(args) -> int:
 
 def _print_plans(cfg) -> None:
     """`--dry-run`: each learner's own estimate of what the run will do (`learner.plan(cfg)`)."""
-    from collapse_jax import generation
+    from collapse_jax import loop
 
     experiments = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
     for exp in experiments:
-        learner = generation.make_learner(exp)
+        learner = loop.make_learner(exp)
         plan = learner.plan(exp) if hasattr(learner, "plan") else None
         if plan:
             disk = plan.get("disk_bytes_estimate")
@@ -123,41 +144,52 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from collapse_jax import generation, plots
-    run = reader.Run(args.run_dir)
+    from collapse_jax import loop, plots
+
+    path = pathlib.Path(args.run_dir)
+    if path.is_dir() and not commits.is_run_dir(path):
+        raise commits.NotARunDir(
+            f"{path} is not a collapse-jax run directory (no {commits.MARKER})"
+        )
+    run = reader.Run(path)
     # Plotting never needs the lock (committed files are never rewritten), so a running
     # experiment can be plotted; but it must not plot damaged files.
-    problems = commits.verify(run.path)
+    problems = commits.verify_snapshot(run.path)  # retried if the run commits meanwhile
     if problems:
         raise commits.RunDirDamaged(
             commits.damage_message(
                 run.path, problems, "Resume the run with --repair to recompute it."
             )
         )
-    files = plots.make_figures(run, generation.make_learner(run.config))
+    learner = loop.make_learner(run.config)
+    with _runtime(run.path):
+        files = plots.make_figures(run, learner)
     print("\n".join(str(f) for f in files))
     return 0
 
 
 def _cmd_bench(args) -> int:
-    from collapse_jax import bench
+    from collapse_jax.bench import harness, suites
 
     only = [n for n in args.only.split(",") if n] if args.only else None
-    known = {*bench.BENCHES, *bench.THEORY_ROWS}
+    known = {*suites.BENCHES, *suites.THEORY_ROWS}
     for n in only or ():
         if n not in known:
             raise config_lib.ConfigError(
                 f"--only: unknown benchmark {n!r}; choose from {sorted(known)}"
             )
-    out = pathlib.Path(args.out) if args.out else bench.default_out(bench.device_info(), args.suite)
-    report = bench.run(
+    if args.out:
+        out = pathlib.Path(args.out)
+    else:
+        out = harness.default_out(harness.device_info(), args.suite)
+    report = suites.run(
         args.suite,
         only=only,
         out=out,
         peak_tflops=args.peak_tflops,
         progress=lambda line: print(line, flush=True),
     )
-    print(bench.format_table(report))
+    print(harness.format_table(report))
     print(f"wrote {out} ({report['seconds']:.0f} s)")
     return 0
 
@@ -229,21 +261,52 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an interrupt so that every `finally` (checkpointers, temporaries,
+    the lock) runs as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `collapse-jax`; returns the process exit code."""
+    """Entry point of `collapse-jax`; returns the process exit code.
+
+    Called as the program (no `argv`), an interrupted run ends with `os._exit` once its clean-up
+    has run and the message is printed: background threads (orbax's asynchronous checkpointing,
+    XLA's runtime) are then not torn down by interpreter finalization, which could crash.
+    """
+    as_program = argv is None
+    sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        sigterm = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code, interrupted = _main(argv)
+    finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
+    if interrupted and as_program:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> tuple[int, bool]:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     level = getattr(logging, str(args.log_level).upper(), None)
     if not isinstance(level, int):
         print(f"collapse-jax: error: unknown --log-level {args.log_level}", file=sys.stderr)
-        return 2
+        return 2, False
     log.setLevel(level)  # our own messages; absl/orbax stay at WARNING
     # Hub ids download when online unless HF_HUB_OFFLINE=1 (lm/hub.py); transformers' advisory
     # "PyTorch was not found" line is noise in a JAX run.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
-        return args.fn(args)
+        return args.fn(args), False
     except BaseException as e:  # noqa: BLE001 (sorted below; the unexpected re-raised)
         failure = describe_failure(e)
         if failure is None:
@@ -252,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(f"collapse-jax: error: {message}", file=sys.stderr)
-        return code
+        return code, isinstance(e, KeyboardInterrupt)
 
 
 def describe_failure(e: BaseException) -> tuple[int, str] | None:
@@ -262,7 +325,8 @@ def describe_failure(e: BaseException) -> tuple[int, str] | None:
     their message, OSErrors carry the file name.
     """
     if isinstance(e, KeyboardInterrupt):
-        return 1, "interrupted; finished generations are kept: run the same command to resume"
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        return 1, f"{what}; finished generations are kept: run the same command to resume"
     if isinstance(e, config_lib.ConfigError):
         return 2, _one_line(e)
     if isinstance(e, commits.RunDirError):
@@ -272,8 +336,9 @@ def describe_failure(e: BaseException) -> tuple[int, str] | None:
     if isinstance(e, MemoryError):
         return 1, "out of memory; lower generation.num_trials or generation.chunk_size"
     if isinstance(e, OSError):
-        # A file named in the config that does not exist is a config error.
-        code = 2 if isinstance(e, FileNotFoundError) else 1
+        # A file named in the config or on the command line that does not exist is a usage
+        # error; a file that disappears while the tool works (`_runtime`) is a runtime failure.
+        code = 2 if isinstance(e, FileNotFoundError) and not getattr(e, "runtime", False) else 1
         if e.errno is None:  # raised by our own code with the file in the message
             return code, _one_line(e)
         what = {

@@ -18,12 +18,14 @@ the field's type; a key overridden twice is an error. String values may use `${V
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import math
 import os
 import pathlib
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -31,27 +33,45 @@ from typing import Any, Literal
 
 import yaml
 
-# kind -> (config class, learner class), as "module:attribute"; imported lazily so that a
-# theory-only run never imports Flax or transformers.
-MODEL_REGISTRY: dict[str, tuple[str, str]] = {
+# kind -> (config class, learner class, reporting module). The classes are "module:attribute"; the
+# reporting module draws the kind's own figures of a run and knows its closed-form curves
+# (`collapse_jax.plots` calls its `figures` and `expected_curves`). All are imported lazily, so a
+# theory-only run never imports Flax or transformers, and no run imports matplotlib before it plots.
+MODEL_REGISTRY: dict[str, tuple[str, ...]] = {
     "discrete": (
         "collapse_jax.theory.discrete:DiscreteConfig",
         "collapse_jax.theory.discrete:DiscreteLearner",
+        "collapse_jax.theory.figures",
     ),
     "gaussian": (
         "collapse_jax.theory.gaussian:GaussianConfig",
         "collapse_jax.theory.gaussian:GaussianLearner",
+        "collapse_jax.theory.figures",
     ),
-    "gmm": ("collapse_jax.gmm:GMMConfig", "collapse_jax.gmm:GMMLearner"),
+    "gmm": (
+        "collapse_jax.gmm:GMMConfig",
+        "collapse_jax.gmm:GMMLearner",
+        "collapse_jax.gmm.figures",
+    ),
     "linear_regression": (
-        "collapse_jax.linreg:LinearRegressionConfig",
-        "collapse_jax.linreg:LinearRegressionLearner",
+        "collapse_jax.linreg.learner:LinearRegressionConfig",
+        "collapse_jax.linreg.learner:LinearRegressionLearner",
+        "collapse_jax.linreg.figures",
     ),
-    "kde": ("collapse_jax.kde:KDEConfig", "collapse_jax.kde:KDELearner"),
-    "vae": ("collapse_jax.vae:VAEConfig", "collapse_jax.vae:VAELearner"),
+    "kde": (
+        "collapse_jax.kde.learner:KDEConfig",
+        "collapse_jax.kde.learner:KDELearner",
+        "collapse_jax.kde.figures",
+    ),
+    "vae": (
+        "collapse_jax.vae.model:VAEConfig",
+        "collapse_jax.vae.learner:VAELearner",
+        "collapse_jax.vae.figures",
+    ),
     "opt": (
         "collapse_jax.lm.experiment:OPTExperimentConfig",
         "collapse_jax.lm.experiment:OPTLearner",
+        "collapse_jax.lm.figures",
     ),
 }
 
@@ -66,21 +86,39 @@ def require(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _import(path: str) -> Any:
+def import_object(path: str) -> Any:
+    """The object a "module:attribute" path names (the form of `MODEL_REGISTRY`), imported."""
     module, attr = path.split(":")
     return getattr(importlib.import_module(module), attr)
 
 
 def model_config_class(kind: str) -> type:
     if kind not in MODEL_REGISTRY:
-        raise ConfigError(f"unknown model kind {kind!r}; valid kinds: {sorted(MODEL_REGISTRY)}")
-    return _import(MODEL_REGISTRY[kind][0])
+        raise ConfigError(
+            f"unknown model kind {short(kind)}; valid kinds: {sorted(MODEL_REGISTRY)}"
+        )
+    return import_object(MODEL_REGISTRY[kind][0])
 
 
 def learner_class(kind: str) -> type:
     if kind not in MODEL_REGISTRY:
+        raise ConfigError(
+            f"unknown model kind {short(kind)}; valid kinds: {sorted(MODEL_REGISTRY)}"
+        )
+    return import_object(MODEL_REGISTRY[kind][1])
+
+
+def reporting_module(kind: str) -> types.ModuleType | None:
+    """The kind's reporting module, or None for a kind registered without one (a test's toy).
+
+    A reporting module defines `figures(learner, run, out_dir) -> list[Path]` (the kind's own
+    figures of a finished run) and `expected_curves(model_config, mode, sample_sizes, *,
+    selection=False) -> {metric: [G] array}` (closed-form chain means under the policy `mode`).
+    """
+    if kind not in MODEL_REGISTRY:
         raise ConfigError(f"unknown model kind {kind!r}; valid kinds: {sorted(MODEL_REGISTRY)}")
-    return _import(MODEL_REGISTRY[kind][1])
+    entry = MODEL_REGISTRY[kind]
+    return importlib.import_module(entry[2]) if len(entry) > 2 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +127,7 @@ def learner_class(kind: str) -> type:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class SelectionConfig:
-    """Selection of synthetic data (Feng et al. 2024), applied by `collapse_jax.selection`.
+    """Selection of synthetic data (Feng et al. 2024), applied by `collapse_jax.loop.selection`.
 
     Attributes:
       rho: keep ratio in (0, 1]: each generation draws ceil(M / rho) candidates and keeps the M
@@ -111,7 +149,7 @@ class SelectionConfig:
         require(
             self.scorer in ("truth", "generation0"),
             "generation.selection.scorer",
-            f"{self.scorer!r} is not 'truth' or 'generation0'",
+            f"{short(self.scorer)} is not 'truth' or 'generation0'",
         )
 
 
@@ -191,44 +229,7 @@ class GenerationConfig:
                 "generation.sample_schedule",
                 "every sample size must be >= 2",
             )
-        for name in ("alpha", "beta", "gamma"):
-            v = getattr(self, name)
-            require(0.0 <= v <= 1.0, f"generation.{name}", f"must lie in [0, 1] (got {v})")
-        require(
-            self.policy in ("replace", "mix", "accumulate", "accumulate_subsample"),
-            "generation.policy",
-            f"{self.policy!r} is not replace, mix, accumulate or accumulate_subsample",
-        )
-        require(
-            self.real_data in ("fixed", "fresh"),
-            "generation.real_data",
-            f"{self.real_data!r} is not fixed or fresh",
-        )
-        if self.policy == "replace":
-            # alpha/beta/gamma only act under "mix": given with "replace" they would be ignored.
-            ignored = [
-                f"{n}={getattr(self, n)}"
-                for n, default in (("alpha", 1.0), ("beta", 0.0), ("gamma", 0.0))
-                if getattr(self, n) != default
-            ]
-            require(
-                not ignored,
-                "generation.policy",
-                f"is 'replace' (train on synthetic data only), which ignores {', '.join(ignored)};"
-                " use policy: mix to mix data",
-            )
-        if self.policy == "mix":
-            total = self.alpha + self.beta + self.gamma
-            require(
-                abs(total - 1.0) < 1e-9,
-                "generation.alpha/beta/gamma",
-                f"must sum to 1 (got {self.alpha} + {self.beta} + {self.gamma} = {total})",
-            )
-            require(
-                self.alpha > 0,
-                "generation.alpha",
-                "must be > 0: a generation without synthetic data does not chain models",
-            )
+        check_policy(self.policy, self.alpha, self.beta, self.gamma, self.real_data)
         require(self.num_trials >= 1, "generation.num_trials", "must be >= 1")
         require(self.chunk_size >= 1, "generation.chunk_size", "must be >= 1")
         require(self.block_size >= 1, "generation.block_size", "must be >= 1")
@@ -250,6 +251,49 @@ class GenerationConfig:
     def shares(self, num: int) -> tuple[int, int, int]:
         """Splits `num` points into (synthetic, previous, real) counts by largest remainder."""
         return split_shares(num, self.policy, (self.alpha, self.beta, self.gamma))
+
+
+def check_policy(policy: str, alpha: float, beta: float, gamma: float, real_data: str) -> None:
+    """Checks a mixing policy and its shares (`GenerationConfig`'s fields of the same names);
+    raises `ConfigError` naming the offending field."""
+    shares = {"alpha": alpha, "beta": beta, "gamma": gamma}
+    for name, v in shares.items():
+        require(0.0 <= v <= 1.0, f"generation.{name}", f"must lie in [0, 1] (got {v})")
+    require(
+        policy in ("replace", "mix", "accumulate", "accumulate_subsample"),
+        "generation.policy",
+        f"{short(policy)} is not replace, mix, accumulate or accumulate_subsample",
+    )
+    require(
+        real_data in ("fixed", "fresh"),
+        "generation.real_data",
+        f"{short(real_data)} is not fixed or fresh",
+    )
+    if policy == "replace":
+        # alpha/beta/gamma only act under "mix": given with "replace" they would be ignored.
+        ignored = [
+            f"{n}={shares[n]}"
+            for n, default in (("alpha", 1.0), ("beta", 0.0), ("gamma", 0.0))
+            if shares[n] != default
+        ]
+        require(
+            not ignored,
+            "generation.policy",
+            f"is 'replace' (train on synthetic data only), which ignores {', '.join(ignored)};"
+            " use policy: mix to mix data",
+        )
+    if policy == "mix":
+        total = alpha + beta + gamma
+        require(
+            abs(total - 1.0) < 1e-9,
+            "generation.alpha/beta/gamma",
+            f"must sum to 1 (got {alpha} + {beta} + {gamma} = {total})",
+        )
+        require(
+            alpha > 0,
+            "generation.alpha",
+            "must be > 0: a generation without synthetic data does not chain models",
+        )
 
 
 def split_shares(num: int, policy: str, fracs: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -308,9 +352,11 @@ class ExperimentConfig:
 
     def __post_init__(self):
         require(
-            bool(re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name)),
+            isinstance(self.name, str)
+            and bool(re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*", self.name)),
             "name",
-            f"must be a plain file name (letters, digits, _ . -), got {self.name!r}",
+            "must be a plain name (letters, digits, _ . -, not starting with a dot: it names a "
+            f"folder), got {short(self.name)}",
         )
         require(dataclasses.is_dataclass(self.model), "model", "must be a model config")
         require(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")
@@ -403,13 +449,13 @@ def check_float_range(model_cfg: Any, where: str = "model", dtype: str | None = 
             require(
                 math.isfinite(v) and abs(v) <= float(info.max),
                 key,
-                f"{v!r} is out of range for {field_dtype}, the dtype this model computes in "
+                f"{short(v)} is out of range for {field_dtype}, the dtype this model computes in "
                 f"(largest {float(info.max):.4g})",
             )
             require(
                 v == 0 or abs(v) >= float(info.tiny),
                 key,
-                f"{v!r} is below the smallest normal {field_dtype} number "
+                f"{short(v)} is below the smallest normal {field_dtype} number "
                 f"({float(info.tiny):.4g}): "
                 "it would lose precision or become 0",
             )
@@ -440,7 +486,11 @@ class Expanded(str):
         return (Expanded, (str(self), self.template))
 
 
-def _expand_env(value: str, where: str) -> str:
+def expand_env(value: str, where: str) -> str:
+    """`value` with every `${VAR}` / `${VAR:-default}` replaced from the environment (an
+    `Expanded` string when anything changed); an unset variable without a default is a
+    ConfigError naming `where`."""
+
     def sub(m: re.Match) -> str:
         var, default = m.group(1), m.group(2)
         if var in os.environ:
@@ -473,16 +523,18 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 return _coerce(a, value, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: invalid value {value!r}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{where}: invalid value {short(value)}"
+        )
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+            raise ConfigError(f"{where}: {short(value)} is not one of {list(choices)}")
         return value
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {short(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
@@ -495,7 +547,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {short(value)}")
     if tp is int:
         if (
             isinstance(value, bool)
@@ -503,7 +555,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             or not math.isfinite(value)  # int(.inf) would raise OverflowError
             or value != int(value)
         ):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {short(value)}")
         return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -512,14 +564,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                     return _coerce(float, float(value), where)
                 except ValueError:
                     pass
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {short(value)}")
         if math.isnan(value):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {short(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return _expand_env(value, where)
+            raise ConfigError(f"{where}: expected a string, got {short(value)}")
+        return expand_env(value, where)
     raise ConfigError(f"{where}: unsupported field type {tp}")
 
 
@@ -528,7 +580,7 @@ def build(cls: type, raw: Mapping[str, Any] | None, where: str = "") -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a section (a mapping), got {raw!r}")
+        raise ConfigError(f"{where or 'config'}: expected a section (a mapping), got {short(raw)}")
     raw = dict(raw)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -647,11 +699,11 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"override {short(item)} is not of the form key=value")
         key, text = item.split("=", 1)
         key = key.strip()
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
-            raise ConfigError(f"override key {key!r} is not a dotted name")
+            raise ConfigError(f"override key {short(key)} is not a dotted name")
         if key in out:
             raise ConfigError(f"config key {key} is overridden twice")
         out[key] = parse_yaml(text, f"override {key}") if text.strip() else ""
@@ -681,6 +733,49 @@ class ConfigFileNotFound(ConfigError, FileNotFoundError):
     """The config file does not exist (a usage error: exit code 2)."""
 
 
+# Values shown in error messages are cut to a few dozen characters (a value may be huge, e.g.
+# the expansion of YAML aliases).
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxlevel = 3
+
+
+def short(value: Any) -> str:
+    """`repr(value)`, truncated for an error message."""
+    return _SHORT.repr(value)
+
+
+# A config expands to at most this many YAML nodes once aliases are resolved: a few aliases are
+# fine, an "alias bomb" (each level repeating the one before) is refused before it is built.
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], visiting: set[int], where: str) -> int:
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in visiting:
+        raise ConfigError(f"{where}: a YAML alias refers to itself (a recursive structure)")
+    visiting.add(id(node))
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    for child in children:
+        size += _expanded_size(child, memo, visiting, where)
+        if size > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{where}: its YAML aliases expand to more than {MAX_YAML_NODES} values; "
+                "write the values out instead of repeating aliases"
+            )
+    visiting.discard(id(node))
+    memo[id(node)] = size
+    return size
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last)."""
 
@@ -690,7 +785,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if key in seen:
-                raise ConfigError(f"key {key!r} is given twice (lines {seen[key]} and {line})")
+                raise ConfigError(f"key {short(key)} is given twice (lines {seen[key]} and {line})")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -698,7 +793,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def parse_yaml(text: str, where: str) -> Any:
     """YAML text -> plain data; duplicate keys and syntax errors are ConfigErrors naming `where`."""
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        loader = _UniqueKeyLoader(text)
+        try:
+            node = loader.get_single_node()  # the node graph: an alias is one shared node
+            if node is None:
+                return None
+            _expanded_size(node, {}, set(), where)  # before anything is expanded
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
     except ConfigError as e:
@@ -724,8 +827,6 @@ def load_raw(path: str | os.PathLike) -> dict:
 
 def from_dict(raw: dict, overrides: Sequence[str] = ()) -> ExperimentConfig | SuiteConfig:
     """Builds an experiment (or suite) config from a plain dict plus `a.b=value` overrides."""
-    import copy
-
     raw = copy.deepcopy(raw)
     parsed = parse_overrides(overrides)
     if "experiments" in raw:

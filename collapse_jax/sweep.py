@@ -17,7 +17,7 @@ All points run in one process through the one loop. Points whose configs differ 
 the learner's knobs (`model.sampling_bias`, lambda) and, for learners with traced sizes (e.g. the
 exact Gaussian), the sample sizes and the mix shares alpha / beta / gamma (with the same shares
 > 0) form a batch (`batches`) that runs ONE compiled program per block of generations
-(`generation.run_batch`: every value that differs is a traced argument; each point executes the
+(`loop.run_batch`: every value that differs is a traced argument; each point executes the
 very program a separate run of it executes, so each point's numbers are bit-identical to a
 separate run's). Other points run one after the other; the loop's jitted core takes only the
 learner (model config) and the mixing `Policy` as static arguments, so they too share compiled
@@ -44,6 +44,7 @@ import numpy as np
 import yaml
 
 from collapse_jax import config as config_lib
+from collapse_jax import plots
 from collapse_jax.rundir import fileio, reader
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,9 @@ def parse_axes(args: Sequence[str]) -> list[Axis]:
     seen: set[str] = set()
     for item in args:
         if "=" not in item:
-            raise config_lib.ConfigError(f"sweep axis {item!r} is not of the form key=v1,v2,...")
+            raise config_lib.ConfigError(
+                f"sweep axis {config_lib.short(item)} is not of the form key=v1,v2,..."
+            )
         key, text = item.split("=", 1)
         key = key.strip()
         if key in seen:
@@ -82,13 +85,15 @@ def parse_axes(args: Sequence[str]) -> list[Axis]:
         seen.add(key)
         texts = split_values(text)
         if any(t == "" for t in texts):
-            raise config_lib.ConfigError(f"sweep axis {key}: empty value in {text!r}")
-        try:
-            values = [yaml.safe_load(t) for t in texts]
-        except yaml.YAMLError as e:
-            raise config_lib.ConfigError(f"sweep axis {key}: cannot parse {text!r}: {e}") from None
+            raise config_lib.ConfigError(
+                f"sweep axis {key}: empty value in {config_lib.short(text)}"
+            )
+        # parse_yaml limits aliases and names the axis in its errors
+        values = [config_lib.parse_yaml(t, f"sweep axis {key}") for t in texts]
         if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
-            raise config_lib.ConfigError(f"sweep axis {key}: repeated value in {text!r}")
+            raise config_lib.ConfigError(
+                f"sweep axis {key}: repeated value in {config_lib.short(text)}"
+            )
         axes.append((key, values))
     return axes
 
@@ -192,7 +197,7 @@ def run_sweep(
       figures: draw the combined figures at the end (a point's own figures: `collapse-jax plot
         OUT/points/<point>`; drawing them for every point of a large grid would dominate).
     """
-    from collapse_jax import generation
+    from collapse_jax import loop
 
     sweep = Sweep(config_path, parse_axes(axis_args), out)
     sweep.prepare()
@@ -200,16 +205,16 @@ def run_sweep(
         cfgs = [sweep.configs[i] for i in batch]
         names = ", ".join(sweep.points[i]["dir"] for i in batch)
         log.info("sweep points %s/%d: %s", batch[-1] + 1, len(sweep.configs), names)
-        learner = generation.make_learner(cfgs[0])
+        learner = loop.make_learner(cfgs[0])
         if len(batch) == 1:
             results = [
-                generation.run_generations(
+                loop.run_generations(
                     cfgs[0], sweep.point_dir(batch[0]), learner=learner, progress=progress
                 )
             ]
         else:
             dirs = [sweep.point_dir(i) for i in batch]
-            results = generation.run_batch(cfgs, dirs, learner=learner)
+            results = loop.run_batch(cfgs, dirs, learner=learner)
         if on_point is not None:
             for i, res in zip(batch, results):
                 on_point(i, res.rows)
@@ -220,16 +225,16 @@ def run_sweep(
 
 
 def batches(sweep: Sweep) -> list[list[int]]:
-    """The grid's points grouped into batches (`generation.run_batch`): points of equal
-    `generation.batch_key` (differing only in traced values: seed, knobs such as lambda and, for
+    """The grid's points grouped into batches (`loop.run_batch`): points of equal
+    `loop.batch_key` (differing only in traced values: seed, knobs such as lambda and, for
     learners with traced sample sizes, sample sizes and mix shares), in grid order, at most
     `chunk_size` chains (all points' together) per batch."""
-    from collapse_jax import generation
+    from collapse_jax import loop
 
     groups: dict[Any, list[int]] = {}
     out: list[list[int]] = []
     for i, cfg in enumerate(sweep.configs):
-        key = generation.batch_key(cfg, generation.make_learner(cfg))
+        key = loop.batch_key(cfg, loop.make_learner(cfg))
         if key is None:
             out.append([i])
             continue
@@ -257,8 +262,6 @@ def point_rows(sweep: Sweep) -> list[list[dict[str, Any]]]:
 
 def write_table(sweep: Sweep) -> pathlib.Path:
     """`sweep.csv`: per point, its axis values and its last generation's summary row."""
-    from collapse_jax import plots
-
     rows = point_rows(sweep)
     table = []
     for p, r in zip(sweep.points, rows):
@@ -298,8 +301,6 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from collapse_jax import plots
-
     rows = point_rows(sweep)
     done = [r for r in rows if r]
     if not done:
@@ -313,7 +314,11 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
     def value_of(i: int, key: str) -> str:
         return _value_text(sweep.points[i]["overrides"][key])
 
-    expected = [_expected_curves(cfg, r) for cfg, r in zip(sweep.configs, rows)]
+    # Each point's closed-form chain means (its kind's reporting module; none for a point not run).
+    expected = [
+        plots.expected_curves(cfg, np.array([x["sample_size"] for x in r])) if r else {}
+        for cfg, r in zip(sweep.configs, rows)
+    ]
 
     # --- curves: facets = combinations of all varying axes but the last --------------------
     last = vary[-1] if vary else None
@@ -405,16 +410,6 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
             plt.close(fig)
             files.append(path)
     return files
-
-
-def _expected_curves(cfg: config_lib.ExperimentConfig, rows: list[dict]) -> dict[str, Any]:
-    """The learner's closed-form chain means for a point's run (empty if none or not run)."""
-    if not rows:
-        return {}
-    from collapse_jax import generation
-
-    sizes = np.array([r["sample_size"] for r in rows])
-    return generation.make_learner(cfg).expected_curves(sizes, cfg.generation)
 
 
 def _positive(rows: list[list[dict]], idx: list[int], name: str) -> bool:

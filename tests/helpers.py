@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from collapse_jax.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

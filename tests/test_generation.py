@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from collapse_jax import generation
+from collapse_jax import loop
 from collapse_jax.config import ExperimentConfig, GenerationConfig
-from collapse_jax.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.rundir import fileio, reader
 from tests.helpers import ToyConfig, ToyGaussianLearner, ToyNumpyLearner
 
@@ -21,7 +21,7 @@ def _cfg(**gen):
 
 
 def _run(cfg, path, learner_cls=ToyGaussianLearner, **kw):
-    return generation.run_generations(cfg, path, learner=learner_cls(cfg.model), **kw)
+    return loop.run_generations(cfg, path, learner=learner_cls(cfg.model), **kw)
 
 
 def test_resume_after_kill_is_identical(tmp_path):
@@ -54,18 +54,16 @@ def test_vmapped_scan_equals_python_loop_over_chains(tmp_path):
     generation (the same keys and the same policy)."""
     cfg = _cfg(num_trials=5, block_size=4, policy="mix", alpha=0.5, beta=0.25, gamma=0.25)
     learner = ToyGaussianLearner(cfg.model)
-    res = generation.run_generations(cfg, tmp_path, learner=learner)
+    res = loop.run_generations(cfg, tmp_path, learner=learner)
     got = reader.Run(res.run_dir).trial_series("var")  # [G, R]
-    policy = generation.Policy.of(cfg.generation)
+    policy = loop.Policy.of(cfg.generation)
     counts = cfg.generation.shares(12)
     step = jax.jit(
-        lambda ks, g, carry, cnt: generation.chain_generation(learner, policy, ks, g, carry, cnt)[
-            1:
-        ],
+        lambda ks, g, carry, cnt: loop.chain_generation(learner, policy, ks, g, carry, cnt)[1:],
         static_argnums=(3,),
     )
     for r in range(5):
-        ks = generation.chain_keys(cfg.seed, r)
+        ks = loop.chain_keys(cfg.seed, r)
         carry = None
         for g in range(6):
             carry, m = step(ks, g, carry, 12 if g == 0 else counts)
@@ -172,17 +170,17 @@ def test_corrupt_state_gives_a_clear_error(tmp_path):
 
 def test_summarize_statistics():
     v = np.array([1.0, 2.0, 3.0, 4.0])
-    row, means = generation.summarize({"m": v, "vec": np.eye(4)})
+    row, means = loop.summarize({"m": v, "vec": np.eye(4)})
     assert row["m"] == 2.5 and row["m_se"] == pytest.approx(v.std(ddof=1) / 2)
     np.testing.assert_allclose(means["vec"], np.full(4, 0.25))
 
 
 def test_keys_are_independent_of_everything_but_seed_chain_generation():
-    _, _, kg = generation.chain_keys(1, 3)
-    a = generation.generation_keys(kg, 5)
-    b = generation.generation_keys(generation.chain_keys(1, 3)[2], 5)
+    _, _, kg = loop.chain_keys(1, 3)
+    a = loop.generation_keys(kg, 5)
+    b = loop.generation_keys(loop.chain_keys(1, 3)[2], 5)
     assert all(jnp.array_equal(jax.random.key_data(a[k]), jax.random.key_data(b[k])) for k in a)
-    c = generation.generation_keys(generation.chain_keys(1, 4)[2], 5)
+    c = loop.generation_keys(loop.chain_keys(1, 4)[2], 5)
     assert not jnp.array_equal(jax.random.key_data(a["fit"]), jax.random.key_data(c["fit"]))
     assert json.dumps(sorted(a)) == json.dumps(
         ["eval", "fit", "init", "previous", "real", "sample"]
@@ -226,7 +224,7 @@ def test_python_learner_runs_several_chains_and_resumes_mid_generation(tmp_path)
     d1 = fileio.load_npz(tmp_path / "full" / "data" / "chain_00001" / "gen_00001.npz")["data"]
     assert d0.shape == d1.shape == (12,) and not np.array_equal(d0, d1)
     # Chain r of the Python path draws its real data with chain r's key, as the vmapped path.
-    k_real = generation.chain_keys(cfg.seed, 1)[0]
+    k_real = loop.chain_keys(cfg.seed, 1)[0]
     d = fileio.load_npz(tmp_path / "full" / "data" / "chain_00001" / "gen_00000.npz")["data"]
     np.testing.assert_array_equal(d, ToyNumpyLearner(cfg.model).real_data(k_real, 12))
 
@@ -240,7 +238,7 @@ def test_real_share_fixed_or_fresh(tmp_path, real_data):
     cfg = _cfg(policy="mix", alpha=0.5, gamma=0.5, real_data=real_data, num_generations=3)
     want = 6 if real_data == "fixed" else 0  # of the 12 points of generation 2
     learner = ToyGaussianLearner(cfg.model)
-    data = generation.replay_data(learner, cfg.generation, cfg.seed, [0, 2])
+    data = loop.replay_data(learner, cfg.generation, cfg.seed, [0, 2])
     assert np.isin(data[2], data[0]).sum() == want
     _run(cfg, tmp_path, learner_cls=ToyNumpyLearner)
     d0 = fileio.load_npz(tmp_path / "data" / "gen_00000.npz")["data"]

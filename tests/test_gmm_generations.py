@@ -4,8 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from collapse_jax import generation, gmm
+from collapse_jax import gmm, loop
 from collapse_jax.config import ConfigError, ExperimentConfig, GenerationConfig
+from collapse_jax.gmm import figures as gmm_figures
 from collapse_jax.rundir import reader
 
 
@@ -37,12 +38,13 @@ def test_variance_shrinks_and_l2_grows_over_generations(tmp_path):
             init_from="scratch",
         ),
     )
-    res = generation.run_generations(cfg, tmp_path / "run")
+    res = loop.run_generations(cfg, tmp_path / "run")
     run = reader.Run(res.run_dir)
     trace = run.trial_series("cov_trace")  # [G, R]
     assert trace.shape == (12, 256)
-    learner = generation.make_learner(cfg)
-    expected = learner.expected_curves(np.array([r["sample_size"] for r in res.rows]))
+    learner = loop.make_learner(cfg)
+    sizes = np.array([r["sample_size"] for r in res.rows])
+    expected = gmm_figures.expected_curves(learner.config, "replace", sizes)
     se = trace.std(axis=1, ddof=1) / np.sqrt(trace.shape[1])
     assert np.all(np.abs(trace.mean(axis=1) - expected["cov_trace"]) < 5 * se)
     assert trace.mean(axis=1)[-1] < trace.mean(axis=1)[0]
@@ -60,11 +62,11 @@ def test_variance_shrinks_and_l2_grows_over_generations(tmp_path):
     np.testing.assert_allclose(w.sum(axis=1), 1.0, rtol=1e-5)
     assert np.all(w[:, 0] >= w[:, 1])
     # The figure replay reproduces chain 0's data (same keys as the loop).
-    replay = gmm.replay_chain(learner, cfg.seed, [0, 3], cfg.generation)
-    k_real, _, _ = generation.chain_keys(cfg.seed, 0)
+    replay = gmm_figures.replay_chain(learner, cfg.seed, [0, 3], cfg.generation)
+    k_real, _, _ = loop.chain_keys(cfg.seed, 0)
     np.testing.assert_allclose(replay[0], learner.real_data(k_real, 50))
     assert replay[3].shape == (50, 2)
-    files = learner.figures(run, tmp_path / "figs")
+    files = gmm_figures.figures(learner, run, tmp_path / "figs")
     assert {f.name for f in files} == {"gmm_l2.png", "gmm_scatter.png"}
 
 

@@ -8,8 +8,8 @@ import pytest
 from scipy import stats
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation, plots
-from collapse_jax.kde import (
+from collapse_jax import loop, plots
+from collapse_jax.kde.learner import (
     KDEConfig,
     KDELearner,
     draw_truth,
@@ -85,15 +85,15 @@ def test_variance_recursion_through_the_loop(tmp_path, bandwidth):
         "generation": {"num_generations": 4, "samples_per_generation": None, "num_trials": 10_000},
     }
     cfg = config_lib.from_dict(raw)
-    rows = generation.run_generations(cfg, tmp_path).rows
+    rows = loop.run_generations(cfg, tmp_path).rows
     want = expected_variance(4, num_points=16, bandwidth=bandwidth)
     for row, w in zip(rows, want):
         assert abs(row["variance"] - w) < Z * row["variance_se"], (row["generation"], w)
-    curves = generation.make_learner(cfg).expected_curves(np.full(4, 16), cfg.generation)
+    curves = plots.expected_curves(cfg, np.full(4, 16))
     np.testing.assert_allclose(curves["variance"], want)
     assert rows[-1]["heldout_nll"] > 0 and np.isfinite(rows[-1]["heldout_nll"])
     if bandwidth == 0.5:  # the figures (closed form overlaid on `variance`; the density)
-        files = plots.make_figures(reader.Run(tmp_path), generation.make_learner(cfg))
+        files = plots.make_figures(reader.Run(tmp_path), loop.make_learner(cfg))
         assert {"variance.png", "kde_density.png"} <= {f.name for f in files}
 
 

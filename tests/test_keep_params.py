@@ -1,7 +1,7 @@
 """`generation.keep_params: first_last`: a run directory keeps generation 0's and the newest."""
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation
+from collapse_jax import loop
 
 
 def test_first_last_keeps_generation_0_and_the_newest(tmp_path):
@@ -18,6 +18,6 @@ def test_first_last_keeps_generation_0_and_the_newest(tmp_path):
             },
         }
     )
-    generation.run_generations(cfg, tmp_path)
+    loop.run_generations(cfg, tmp_path)
     kept = sorted(int(p.name[4:]) for p in (tmp_path / "params").glob("gen_*"))
     assert kept == [0, 3]

@@ -8,8 +8,8 @@ import pytest
 from scipy import stats
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation
-from collapse_jax.linreg import (
+from collapse_jax import loop, plots
+from collapse_jax.linreg.learner import (
     LinearRegressionConfig,
     LinearRegressionLearner,
     expected_param_error,
@@ -37,7 +37,7 @@ def _run(tmp_path, policy, gens, **model):
         },
     }
     cfg = config_lib.from_dict(raw)
-    return cfg, generation.run_generations(cfg, tmp_path / policy).rows
+    return cfg, loop.run_generations(cfg, tmp_path / policy).rows
 
 
 @pytest.mark.parametrize("policy,gens,lam", [("replace", 4, 0.5), ("accumulate", 3, 1.0)])
@@ -54,8 +54,7 @@ def test_param_error_matches_closed_form(tmp_path, policy, gens, lam):
         assert abs(row["param_error"] - w) < Z * row["param_error_se"], (row["generation"], w)
         # test MSE on fresh inputs = param error + sigma^2 in expectation (8 test points/chain)
         assert abs(row["test_mse"] - w - 0.49) < Z * row["test_mse_se"]
-    learner = generation.make_learner(cfg)
-    curves = learner.expected_curves(np.array([r["sample_size"] for r in rows]), cfg.generation)
+    curves = plots.expected_curves(cfg, np.array([r["sample_size"] for r in rows]))
     np.testing.assert_allclose(curves["param_error"], want)
     assert policy != "accumulate" or rows[-1]["sample_size"] == 3 * 20
 
@@ -109,11 +108,11 @@ def test_mixed_policy_runs_and_stays_bounded(tmp_path):
             "num_trials": 2000,
         },
     }
-    rows = generation.run_generations(config_lib.from_dict(raw), tmp_path).rows
+    rows = loop.run_generations(config_lib.from_dict(raw), tmp_path).rows
     replace = expected_param_error("replace", 6, dim=3, num_points=20, noise_std=1.0)
     assert rows[-1]["param_error"] < 0.5 * replace[-1]
     cfg = config_lib.from_dict(raw)
-    assert generation.make_learner(cfg).expected_curves(np.full(6, 20), cfg.generation) == {}
+    assert plots.expected_curves(cfg, np.full(6, 20)) == {}
 
 
 def test_config_errors_name_the_key():

@@ -5,7 +5,7 @@ import gzip
 import numpy as np
 import pytest
 
-from collapse_jax import mnist
+from collapse_jax.vae import mnist
 
 
 def _idx(array: np.ndarray) -> bytes:

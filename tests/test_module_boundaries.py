@@ -73,11 +73,11 @@ def _absolute(module: str, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def _imports(module: str) -> list[tuple[ast.AST, str, str | None]]:
-    """(node, imported module, imported name or None) of every import in `module`, resolved to
-    our own modules; `from pkg import sub` names the submodule when `sub` is one."""
+def _imports(module: str, tree: ast.Module) -> list[tuple[ast.AST, str, str | None]]:
+    """(node, imported module, imported name or None) of every import in `module` (parsed as
+    `tree`) of our own modules; `from pkg import sub` names the submodule when `sub` is one."""
     found = []
-    for node in ast.walk(_parse(module)):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] == PACKAGE:
@@ -99,7 +99,7 @@ def import_graph() -> dict[str, list[Edge]]:
     """Module -> the edges to the modules it imports (our own modules only)."""
     graph: dict[str, list[Edge]] = {m: [] for m in MODULES}
     for module in MODULES:
-        for node, target, _ in _imports(module):
+        for node, target, _ in _imports(module, _parse(module)):
             if target not in MODULES:
                 raise AssertionError(
                     f"{MODULES[module].relative_to(REPO)}:{node.lineno}: imports {target}, "
@@ -176,6 +176,24 @@ def test_graph_resolves_relative_and_function_level_imports():
     assert resolved == ["collapse_jax.lm", "collapse_jax", "collapse_jax.lm.data"]
 
 
+def test_cycle_check_finds_a_planted_cycle():
+    """a -> b -> c -> a (and c -> d, outside the cycle) is found, with every import's line."""
+    here = pathlib.Path(__file__)
+    graph = {
+        "a": [Edge("a", "b", here, 1)],
+        "b": [Edge("b", "c", here, 2)],
+        "c": [Edge("c", "a", here, 3), Edge("c", "d", here, 4)],
+        "d": [],
+    }
+    [component] = _strongly_connected(graph)
+    assert component == ["a", "b", "c"]
+    assert [(e.source, e.target, e.line) for e in _cycle_in(component, graph)] == [
+        ("a", "b", 1),
+        ("b", "c", 2),
+        ("c", "a", 3),
+    ]
+
+
 def test_no_import_cycle():
     graph = import_graph()
     problems = []
@@ -191,37 +209,63 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
+def _private_uses(module: str, tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, "module._name") of every private name of another of our modules that `module`
+    (parsed as `tree`) imports or reads as an attribute of a module it imported."""
+    found = []
+    bound = {}  # local name -> the module of ours it is bound to
+    for node, target, name in _imports(module, tree):
+        if name is not None and _private(name):
+            found.append((node.lineno, f"{target}.{name}"))
+        if name is None:
+            for alias in node.names:
+                if isinstance(node, ast.Import) and alias.asname is None:
+                    continue  # `import a.b` binds `a`: `a.b._x` is read as a dotted path below
+                if target == alias.name or target.endswith(f".{alias.name}"):
+                    bound[alias.asname or alias.name] = target
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and _private(node.attr)):
+            continue
+        dotted, value = [], node.value
+        while isinstance(value, ast.Attribute):
+            dotted.insert(0, value.attr)
+            value = value.value
+        if not isinstance(value, ast.Name):
+            continue
+        target = ".".join([bound.get(value.id, value.id), *dotted])
+        if target in MODULES and target != module:
+            found.append((node.lineno, f"{target}.{node.attr}"))
+    return found
+
+
+def test_private_check_sees_every_form():
+    """A planted module with each way of reaching a private name: every one is reported."""
+    tree = ast.parse(
+        "import collapse_jax.lm.data\n"
+        "import collapse_jax.lm.train as t\n"
+        "from collapse_jax import config as config_lib, lm\n"
+        "from collapse_jax.lm.steps import token_nll, _hidden\n"
+        "def f():\n"
+        "    from collapse_jax.lm import opt\n"
+        "    return config_lib._import, t._x, collapse_jax.lm.data._y, opt._z, t.fit\n"
+        "lm.search._w\n"
+    )
+    assert sorted(_private_uses("collapse_jax.cli", tree)) == [
+        (4, "collapse_jax.lm.steps._hidden"),
+        (7, "collapse_jax.config._import"),
+        (7, "collapse_jax.lm.data._y"),
+        (7, "collapse_jax.lm.opt._z"),
+        (7, "collapse_jax.lm.train._x"),
+        (8, "collapse_jax.lm.search._w"),
+    ]
+
+
 def test_no_private_names_across_modules():
-    problems = []
-    for module, path in MODULES.items():
-        where = path.relative_to(REPO)
-        bound = {}  # local name -> our module it is bound to
-        for node, target, name in _imports(module):
-            if name is not None and _private(name):
-                problems.append(f"{where}:{node.lineno}: imports {target}.{name}")
-            if name is None:
-                for alias in node.names:
-                    if isinstance(node, ast.Import) and alias.asname is None:
-                        continue  # `import a.b` binds `a`; `a.b._x` is caught through `b`
-                    local = alias.asname or alias.name
-                    if target.endswith(f".{alias.name}") or target == alias.name:
-                        bound[local] = target
-        for node in ast.walk(_parse(module)):
-            if not (isinstance(node, ast.Attribute) and _private(node.attr)):
-                continue
-            value = node.value
-            dotted = []
-            while isinstance(value, ast.Attribute):
-                dotted.insert(0, value.attr)
-                value = value.value
-            if not isinstance(value, ast.Name):
-                continue
-            dotted.insert(0, value.id)
-            target = ".".join(dotted)
-            if value.id in bound and len(dotted) == 1:
-                target = bound[value.id]
-            if target in MODULES and target != module:
-                problems.append(f"{where}:{node.lineno}: uses {target}.{node.attr}")
+    problems = [
+        f"{path.relative_to(REPO)}:{line}: uses {name}"
+        for module, path in MODULES.items()
+        for line, name in _private_uses(module, _parse(module))
+    ]
     assert not problems, "private names of other modules:\n" + "\n".join(problems)
 
 

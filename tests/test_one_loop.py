@@ -5,8 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from collapse_jax import generation, gmm
+from collapse_jax import gmm, loop
 from collapse_jax.config import ExperimentConfig, GenerationConfig
+from collapse_jax.gmm import figures as gmm_figures
 from collapse_jax.rundir import reader
 from collapse_jax.theory import discrete, gaussian
 
@@ -14,7 +15,7 @@ from collapse_jax.theory import discrete, gaussian
 def _run(tmp_path, model, **gen):
     g = GenerationConfig(record_trials=1000, **gen)
     cfg = ExperimentConfig(name="same", seed=11, model=model, generation=g)
-    res = generation.run_generations(cfg, tmp_path)
+    res = loop.run_generations(cfg, tmp_path)
     return reader.Run(res.run_dir)
 
 
@@ -92,12 +93,12 @@ def test_gmm_run_uses_the_batched_fit(tmp_path, monkeypatch):
         run = _run(tmp_path / "a", model, **gen)
     assert calls["chains"] == 3
     learner = gmm.GMMLearner(model)
-    replay = gmm.replay_chain(learner, 11, [0, 1], run.config.generation)
-    k_real, _, k_gens = generation.chain_keys(11, 0)
+    replay = gmm_figures.replay_chain(learner, 11, [0, 1], run.config.generation)
+    k_real, _, k_gens = loop.chain_keys(11, 0)
     np.testing.assert_array_equal(replay[0], learner.real_data(k_real, 30))
     # Refitting chain 0's replayed generation-1 data with the per-chain fit and the loop's key
     # gives the batched run's fit (up to float rounding of batched EM).
-    fit_key = generation.generation_keys(k_gens, 1)["fit"]
+    fit_key = loop.generation_keys(k_gens, 1)["fit"]
     p1 = learner.fit(fit_key, replay[1], learner.init(k_real))
     m1 = learner.evaluate(None, p1, None)
     np.testing.assert_allclose(m1["weights"], run.arrays(1)["trials/weights"][0], atol=1e-3)

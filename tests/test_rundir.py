@@ -88,6 +88,13 @@ def _worker(*argv, **kw) -> subprocess.Popen:
     )
 
 
+def _dead_pid() -> int:
+    """The PID of a process that has exited (the owner of a killed writer's temporaries)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
 def _wait_for(predicate, timeout=120.0, proc=None):
     t0 = time.monotonic()
     while not predicate():
@@ -240,13 +247,14 @@ def test_uncommitted_leftovers_and_temporaries_are_cleaned(tmp_path, capsys):
     cfg, out = _toy(tmp_path, num_generations=6), tmp_path / "run"
     assert _cli(capsys, "run", cfg, "generation.num_generations=4", "--out", out)[0] == 0
     # What a kill leaves: temp files/folders, a half-replaced folder, a row not yet committed.
-    (out / ".state.abcd1234.tmp").mkdir()
-    (out / "generations" / ".gen_00004.json.zz99zz99.tmp").write_text("{")
-    (out / "figures" / ".w.png.abcdefgh.png").write_bytes(b"")
+    dead = _dead_pid()
+    (out / f".state.cjx{dead}-abcd1234.tmp").mkdir()
+    (out / "generations" / f".gen_00004.json.cjx{dead}-zz99zz99.tmp").write_text("{")
+    (out / "figures" / f".w.png.cjx{dead}-abcdefgh.png").write_bytes(b"")
     (out / "generations" / "gen_00004.json").write_text("{broken")
     assert reader.Run(out).finished_generations() == [0, 1, 2, 3]
     assert _cli(capsys, "run", cfg, "--out", out)[0] == 0
-    leftovers = [p for p in out.rglob(".*") if p.name != ".lock"]
+    leftovers = [p for p in out.rglob(".*") if p.name not in (".lock", commits.MARKER)]
     assert leftovers == []
     assert reader.Run(out).finished_generations() == list(range(6))
 
@@ -398,7 +406,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 # Smaller things.
 
 
-def test_result_files_have_normal_modes_and_figures_are_atomic(tmp_path, capsys):
+def test_result_files_have_normal_modes_and_figures_are_atomic(tmp_path, capsys, monkeypatch):
     old = os.umask(0o022)
     try:
         cfg, out = _toy(tmp_path), tmp_path / "run"
@@ -416,15 +424,16 @@ def test_result_files_have_normal_modes_and_figures_are_atomic(tmp_path, capsys)
     class Killed(Exception):
         pass
 
-    class DiesWhilePlotting:
-        def expected_curves(self, sizes, generation):
+    class DiesWhilePlotting:  # the toy kind's reporting module, killed in its own figures
+        def expected_curves(self, config, mode, sample_sizes, *, selection=False):
             return {}
 
-        def figures(self, run, out_dir):
+        def figures(self, learner, run, out_dir):
             raise Killed
 
     before = (out / "figures" / "var.png").read_bytes()
+    monkeypatch.setattr(config_lib, "reporting_module", lambda kind: DiesWhilePlotting())
     with pytest.raises(Killed):
-        plots.make_figures(reader.Run(out), DiesWhilePlotting())
+        plots.make_figures(reader.Run(out), learner=object())
     assert (out / "figures" / "var.png").read_bytes() == before
     assert [p.name for p in out.iterdir() if p.name.startswith(".figures")] == []

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation, selection
+from collapse_jax import loop
 from collapse_jax.config import SelectionConfig
-from collapse_jax.kde import KDEConfig, KDELearner
+from collapse_jax.kde.learner import KDEConfig, KDELearner
+from collapse_jax.loop import selection
 
 
 def test_keeps_the_best_scored_candidates(key):
@@ -49,8 +50,8 @@ def test_selection_by_the_truth_slows_linear_regression_collapse(tmp_path):
     """Keeping the half of 2T relabelled rows most likely under w* pulls every refit towards w*:
     the last generation's mean error is far below replace without selection (whose mean over
     2000 chains is within ~3 % of 4 x gen 0)."""
-    plain = generation.run_generations(_linreg(1.0), tmp_path / "a").rows
-    sel = generation.run_generations(_linreg(0.5), tmp_path / "b").rows
+    plain = loop.run_generations(_linreg(1.0), tmp_path / "a").rows
+    sel = loop.run_generations(_linreg(0.5), tmp_path / "b").rows
     assert plain[0]["param_error"] == sel[0]["param_error"]  # same real data, same first fit
     assert sel[-1]["param_error"] < 0.5 * plain[-1]["param_error"]
 
@@ -65,7 +66,7 @@ def test_config_and_learner_errors():
             "generation": {"selection": {"rho": 0.5}},
         }
     )
-    learner = generation.make_learner(cfg)  # no likelihood of labels to score by
+    learner = loop.make_learner(cfg)  # no likelihood of labels to score by
     params = learner.init(jax.random.key(0))
     with pytest.raises(ValueError, match="scorer"):
         selection.sample(learner, cfg.generation.selection, jax.random.key(0), params, 10)
@@ -109,13 +110,12 @@ def _gaussian_chains(scorer, rho, chains=4000, gens=5, m=20):
     from collapse_jax.theory import gaussian
 
     learner = gaussian.GaussianLearner(gaussian.GaussianConfig(method="sample"))
-    policy = generation.Policy(selection=SelectionConfig(rho=rho, scorer=scorer))
-    mean, cov = generation.simulate_chains(
+    schedule = loop.Schedule.build([m] * gens, selection=SelectionConfig(rho=rho, scorer=scorer))
+    mean, cov = loop.simulate_chains(
         learner,
-        policy,
+        schedule,
         jax.random.key(7),
         chains=chains,
-        sizes=[m] * gens,
         measure=gaussian._record,
         chunk_size=chains,
     )

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from collapse_jax import cli, generation, sweep
+from collapse_jax import cli, loop, sweep
 from collapse_jax import config as config_lib
+from collapse_jax.loop import core
 from collapse_jax.rundir import reader
 from tests.conftest import REPO
 
@@ -26,7 +27,7 @@ def test_parse_axes_respects_brackets():
 def test_sweep_equals_separate_runs_and_resumes(tmp_path):
     axes = ["seed=0,5", "generation.samples_per_generation=10,40", *FIXED]
     out = tmp_path / "sw"
-    compiled = generation._block._cache_size()
+    compiled = core.block._cache_size()
     # seeds and (traced) sample sizes differ only in traced values: one batch of all 4 points
     assert sweep.batches(sweep.Sweep(CONFIG, sweep.parse_axes(axes), out)) == [[0, 1, 2, 3]]
     assert cli.main(["sweep", str(CONFIG), *axes, "--out", str(out), "--no-progress"]) == 0
@@ -34,7 +35,7 @@ def test_sweep_equals_separate_runs_and_resumes(tmp_path):
     assert len(spec["points"]) == 4
     # the batch runs as one compiled call per block: generation 0's, the later generations'
     # (block_size 2) and the shorter last block's
-    assert generation._block._cache_size() - compiled <= 3
+    assert core.block._cache_size() - compiled <= 3
     for p in spec["points"]:
         o = p["overrides"]
         sep = tmp_path / f"sep{p['index']}"
@@ -56,8 +57,8 @@ def test_sweep_equals_separate_runs_and_resumes(tmp_path):
     # both with the same numbers.
     s = sweep.Sweep(CONFIG, sweep.parse_axes(axes), tmp_path / "killed")
     s.prepare()
-    generation.run_generations(s.configs[0], s.point_dir(0))
-    generation.run_generations(s.configs[1], s.point_dir(1), stop_after=2)
+    loop.run_generations(s.configs[0], s.point_dir(0))
+    loop.run_generations(s.configs[1], s.point_dir(1), stop_after=2)
     assert len(reader.Run(s.point_dir(1)).rows()) == 2
     sweep.run_sweep(CONFIG, axes, tmp_path / "killed", figures=False)
     for p in spec["points"]:
@@ -99,19 +100,19 @@ def test_lambda_and_mix_shares_batch_with_separate_run_results(tmp_path):
         ["seed=3", "model.sampling_bias=0.6", "generation.alpha=0.8", "generation.gamma=0.2"],
     ]
     cfgs = [config_lib.load_config(CONFIG, [*base, *p]) for p in points]
-    learner = generation.make_learner(cfgs[0])
-    assert generation.batch_key(cfgs[0], learner) == generation.batch_key(cfgs[1], learner)
+    learner = loop.make_learner(cfgs[0])
+    assert loop.batch_key(cfgs[0], learner) == loop.batch_key(cfgs[1], learner)
     no_real = config_lib.load_config(
         CONFIG, [*base, "generation.alpha=0.6", "generation.beta=0.4", "generation.gamma=0"]
     )
-    assert generation.batch_key(no_real, learner) != generation.batch_key(cfgs[0], learner)
-    compiled = generation._block._cache_size()
+    assert loop.batch_key(no_real, learner) != loop.batch_key(cfgs[0], learner)
+    compiled = core.block._cache_size()
     dirs = [tmp_path / f"b{i}" for i in range(len(cfgs))]
-    generation.run_batch(cfgs, dirs)
-    assert generation._block._cache_size() - compiled <= 3
-    compiled = generation._block._cache_size()
+    loop.run_batch(cfgs, dirs)
+    assert core.block._cache_size() - compiled <= 3
+    compiled = core.block._cache_size()
     for i, cfg in enumerate(cfgs):
-        sep = generation.run_generations(cfg, tmp_path / f"s{i}").run_dir
+        sep = loop.run_generations(cfg, tmp_path / f"s{i}").run_dir
         assert (dirs[i] / "metrics.json").read_bytes() == (sep / "metrics.json").read_bytes(), i
     # separate runs differing in lambda and alpha reuse the batch's programs (traced knobs)
-    assert generation._block._cache_size() == compiled
+    assert core.block._cache_size() == compiled

@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from collapse_jax import generation, mnist, vae
+from collapse_jax import loop
 from collapse_jax.config import ConfigError, ExperimentConfig, GenerationConfig
 from collapse_jax.rundir import fileio, reader
+from collapse_jax.vae import figures as vae_figures
+from collapse_jax.vae import mnist
+from collapse_jax.vae import model as vae
 
 # Tests train a narrow version of the paper's network (same layers, fewer channels) on CPU.
 SMALL = dict(channels=(8, 16), batch_size=32, eval_batch_size=64, probe_size=64, grid_size=2)
@@ -97,15 +100,15 @@ def test_two_generations_end_to_end(data_dir, tmp_path):
             num_trials=2,  # two independent chains, one after the other
         ),
     )
-    res = generation.run_generations(cfg, tmp_path / "run")
+    res = loop.run_generations(cfg, tmp_path / "run")
     assert [r["generation"] for r in res.rows] == [0, 1]
     assert "test_loss_se" in res.rows[0]  # summarised over the two chains
     assert all(np.isfinite(r["test_loss"]) and r["test_kl"] > 0 for r in res.rows)
     run = reader.Run(res.run_dir)
     data1 = fileio.load_npz(run.data_path(1))["data"]
     assert data1.shape == (128, 28, 28) and data1.dtype == np.uint8
-    learner = generation.make_learner(cfg)
-    files = learner.figures(run, tmp_path / "figs")
+    learner = loop.make_learner(cfg)
+    files = vae_figures.figures(learner, run, tmp_path / "figs")
     assert {f.name for f in files} == {
         "vae_samples.png",
         "vae_latent_density.png",

@@ -93,7 +93,7 @@ def _log_gaussian(x: jax.Array, means: jax.Array, prec_chol: jax.Array) -> jax.A
     return -0.5 * (d * math.log(2 * math.pi) + jnp.sum(y * y, axis=-1)) + log_det[None, :]
 
 
-def _weighted_log_prob(x: jax.Array, params: GMMParams) -> jax.Array:
+def weighted_log_prob(x: jax.Array, params: GMMParams) -> jax.Array:
     """[N, C] log(w_c) + log N(x_n; mu_c, Sigma_c) for one chain."""
     lp = _log_gaussian(x, params.means, _precision_cholesky(params.covs))
     return lp + jnp.log(params.weights)[None, :]
@@ -108,7 +108,7 @@ def log_likelihood(params: GMMParams, x: jax.Array) -> jax.Array:
     Returns:
       [..., N] log p(x_n).
     """
-    fn = lambda p, xs: logsumexp(_weighted_log_prob(xs, p), axis=-1)
+    fn = lambda p, xs: logsumexp(weighted_log_prob(xs, p), axis=-1)
     return _map_chains(fn, params.weights.shape[:-1], params, x)
 
 
@@ -130,7 +130,7 @@ def _m_step(x: jax.Array, resp: jax.Array, reg_covar: jax.Array) -> GMMParams:
 
 def _e_step(x: jax.Array, params: GMMParams) -> tuple[jax.Array, jax.Array]:
     """(mean log-likelihood scalar, log responsibilities [N, C]) for one chain."""
-    wlp = _weighted_log_prob(x, params)  # [N, C]
+    wlp = weighted_log_prob(x, params)  # [N, C]
     lpn = logsumexp(wlp, axis=1)  # [N]
     return jnp.mean(lpn), wlp - lpn[:, None]
 
@@ -331,7 +331,7 @@ def _em_result(x: jax.Array, state: _EMState, trace: bool) -> EMResult:
     )
 
 
-def _em_one(
+def em_chain(
     x: jax.Array,
     params: GMMParams,
     tol: jax.Array,
@@ -345,7 +345,7 @@ def _em_one(
     return _em_result(x, state, trace)
 
 
-def _fit_one(
+def fit_chain(
     x: jax.Array,
     key: jax.Array,
     init: GMMParams | None,
@@ -358,7 +358,9 @@ def _fit_one(
     kmeans_max_iter: int,
     trace: bool,
 ) -> EMResult:
-    return _em_one(
+    """EM for one chain, x [N, d], from `init` or from a start drawn with `key` by `init_method`
+    (what `fit_em` vmaps over chains)."""
+    return em_chain(
         x,
         _start_params(x, key, init, reg_covar, n_components, init_method, kmeans_max_iter),
         tol,
@@ -613,7 +615,9 @@ def _map_chains(fn, batch: tuple[int, ...], *args):
     return jax.tree.map(lambda a: a.reshape(batch + a.shape[1:]), out)
 
 
-def _as_params(p: Any) -> GMMParams:
+def as_params(p: Any) -> GMMParams:
+    """`GMMParams` as JAX arrays from any object with `weights`, `means`, `covs` (an `EMResult`
+    gives its `params`)."""
     if isinstance(p, EMResult):
         p = p.params
     return GMMParams(jnp.asarray(p.weights), jnp.asarray(p.means), jnp.asarray(p.covs))
@@ -641,7 +645,7 @@ def l2_distance(p: GMMParams, q: GMMParams) -> jax.Array:
     Returns:
       [...] squared L2 distance (>= 0; exactly 0 for identical mixtures).
     """
-    p, q = _as_params(p), _as_params(q)
+    p, q = as_params(p), as_params(q)
     if p.means.shape[-1] != q.means.shape[-1]:
         raise ValueError(
             f"mixtures of different dimension: {p.means.shape[-1]} and {q.means.shape[-1]}"
@@ -675,7 +679,7 @@ def sample(key: jax.Array, params: GMMParams, num: int) -> jax.Array:
     Returns:
       [num, d] points.
     """
-    params = _as_params(params)
+    params = as_params(params)
     c, d = params.means.shape
     k_comp, k_z = jax.random.split(key)
     cdf = jnp.cumsum(params.weights)
@@ -688,7 +692,7 @@ def sample(key: jax.Array, params: GMMParams, num: int) -> jax.Array:
 
 def moments(params: GMMParams) -> tuple[jax.Array, jax.Array]:
     """Mean [..., d] and covariance [..., d, d] of the mixture as one distribution."""
-    params = _as_params(params)
+    params = as_params(params)
     w = params.weights[..., None]
     mean = jnp.sum(w * params.means, axis=-2)
     second = params.covs + params.means[..., :, None] * params.means[..., None, :]

@@ -2,14 +2,13 @@
 
 `GMMConfig` is the `model: {kind: gmm, ...}` block; `GMMLearner` fits a fresh mixture per chain
 and generation (or warm-starts), and offers the loop a batched fit over chains (`fit_chains`)
-that skips converged chains. `replay_chain` recomputes a chain's data for the figures.
+that skips converged chains.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 from typing import Any, ClassVar
 
 import jax
@@ -23,14 +22,14 @@ from collapse_jax.gmm.em import (
     EMResult,
     GMMParams,
     InitMethod,
-    _em_one,
-    _fit_one,
-    _weighted_log_prob,
+    em_chain,
+    fit_chain,
     l2_distance,
     moments,
     sample,
+    weighted_log_prob,
 )
-from collapse_jax.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -190,8 +189,8 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
         tol = jnp.asarray(cfg.tol, jnp.float32)
         reg = jnp.asarray(cfg.reg_covar, jnp.float32)
         if cfg.warm_start:
-            return _em_one(data, em._as_params(params), tol, reg, cfg.max_iter, False)
-        return _fit_one(
+            return em_chain(data, em.as_params(params), tol, reg, cfg.max_iter, False)
+        return fit_chain(
             data,
             key,
             None,
@@ -218,7 +217,7 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
         return em.fit_em(
             jnp.asarray(data, jnp.float32),
             n_components=cfg.n_components,
-            init=em._as_params(params) if warm else None,
+            init=em.as_params(params) if warm else None,
             key=None if warm else keys,
             tol=cfg.tol,
             max_iter=cfg.max_iter,
@@ -264,7 +263,7 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
         true_mean, _ = moments(true)
         # Nearest real component of every fitted mean, by the real components' Mahalanobis
         # distance (plus their log-determinant: the most likely real component).
-        owner = jnp.argmax(_weighted_log_prob(p.means, true), axis=1)  # [C]
+        owner = jnp.argmax(weighted_log_prob(p.means, true), axis=1)  # [C]
         owned = jax.nn.one_hot(owner, true.weights.shape[0], dtype=p.weights.dtype)
         metrics = {
             "l2": l2_distance(p, true),
@@ -279,51 +278,5 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
             "lower_bound": params.lower_bound,
         }
         if reference is not None:
-            metrics["log_lik"] = jnp.mean(logsumexp(_weighted_log_prob(reference, p), axis=1))
+            metrics["log_lik"] = jnp.mean(logsumexp(weighted_log_prob(reference, p), axis=1))
         return metrics
-
-    def expected_curves(
-        self, sample_sizes: np.ndarray, generation: Any = None
-    ) -> dict[str, np.ndarray]:
-        """E[cov_trace] per generation under the "replace" policy.
-
-        Every M-step matches the mixture's overall mean and covariance to the training data's
-        (plus reg_covar on the diagonal), so whatever the components do the overall covariance
-        follows the Gaussian MLE chain: E[Sigma_g] = (M_g - 1) / M_g * Sigma_{g-1} + reg * I.
-        """
-        if (generation is not None and generation.policy != "replace") or (
-            self.config.sampling_bias != 1.0
-        ):
-            return {}
-        _, cov = moments(self.config.true_mixture())
-        t = float(np.trace(np.asarray(cov, np.float64)))
-        out = []
-        for m in np.asarray(sample_sizes, dtype=np.float64):
-            t = (m - 1.0) / m * t + self.config.reg_covar * self.config.dim
-            out.append(t)
-        return {"cov_trace": np.asarray(out)}
-
-    def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        """Scatter plots of samples of chain 0 at `scatter_generations` (needs their params)."""
-        from collapse_jax.gmm import figures
-
-        return figures.scatter_figures(self, run, out_dir)
-
-
-def replay_chain(
-    learner: GMMLearner, seed: int, generations: list[int], generation: Any = None
-) -> dict[int, np.ndarray]:
-    """Training data of chain 0 at the given generations, recomputed by the loop core with the
-    run's keys (`generation.replay_data`): the run need not store every generation's data.
-
-    Args:
-      learner: the run's learner; seed: the run's seed; generations: indices (0 = real data).
-      generation: the run's `GenerationConfig` (policy and sizes; None: the defaults).
-    Returns:
-      {generation: [M_g, d] points}.
-    """
-    from collapse_jax import config as config_lib
-    from collapse_jax import generation as gen_lib
-
-    gcfg = config_lib.GenerationConfig() if generation is None else generation
-    return gen_lib.replay_data(learner, gcfg, seed, generations)

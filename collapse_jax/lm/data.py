@@ -34,6 +34,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from collapse_jax.config import expand_env
+from collapse_jax.lm import hub
+from collapse_jax.lm.tokenizer import load_tokenizer
 from collapse_jax.rundir import fileio
 
 SPLITS: dict[str, str] = {
@@ -200,8 +203,6 @@ def load_wikitext_blocks(
     """
     rows = load_wikitext_lines(source, split)
     if isinstance(tokenizer, str | os.PathLike):
-        from collapse_jax.lm.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(tokenizer)
     ids = tokenizer(rows)["input_ids"]
     return group_blocks(ids, block_size)
@@ -264,12 +265,10 @@ class WikiTextConfig:
     block_size: int = 64
 
     def __post_init__(self) -> None:
-        from collapse_jax.config import _expand_env
-
         # `config.build` expands ${VAR} in YAML strings; the defaults and configs made in code
         # are expanded here, so a config equals its YAML round trip.
         for name in ("source", "tokenizer_path"):
-            object.__setattr__(self, name, _expand_env(getattr(self, name), f"data.{name}"))
+            object.__setattr__(self, name, expand_env(getattr(self, name), f"data.{name}"))
         for name in ("train_split", "eval_split", "valid_split"):
             v = getattr(self, name)
             if v is not None and v not in SPLITS:
@@ -289,9 +288,6 @@ class WikiTextConfig:
                 raise ValueError(f"{name} must be >= 2 or null, got {v}")
 
     def load(self) -> LMCorpus:
-        from collapse_jax.lm import hub
-        from collapse_jax.lm.tokenizer import load_tokenizer
-
         source = self.source
         tokenizer = load_tokenizer(hub.resolve(self.tokenizer_path, what="tokenizer"))
         cache: dict[str, np.ndarray] = {}

@@ -4,6 +4,7 @@ For deterministic settings `generate` returns the same tokens as transformers'
 `OPTForCausalLM.generate(...)` with the same arguments (tests/lm/test_decode_hf.py). Decoding is
 split along its seams:
 
+  lm/settings.py    `DecodeSettings`, the static settings of one decoding program;
   lm/cache.py       the cache protocol a model's attention talks to, and the caches (slot cache,
                     the beam-aware prompt-sharing cache);
   lm/processors.py  logits processors (repetition penalty, min-new-tokens, temperature, top-k/p);
@@ -11,9 +12,6 @@ split along its seams:
   lm/decode.py      this entry point: transformers' argument defaults, one compiled program per
                     (model structure, settings, mesh) with parameters as arguments, not constants,
                     sharding over a mesh, and assembling the output as transformers does.
-
-The names of the other three modules are re-exported here, so `decode.search`,
-`decode.DecodeSettings`, `decode.prompt_seen`, ... keep working.
 """
 
 from __future__ import annotations
@@ -30,23 +28,13 @@ from jax.sharding import Mesh, PartitionSpec
 
 from collapse_jax.jaxtools import sharding
 from collapse_jax.lm.cache import KVCache
-from collapse_jax.lm.processors import (
-    process_scores,
-    prompt_seen,
-    repetition_penalty,
-    top_k_filter,
-    top_p_filter,
-    true_divide,
-)
 from collapse_jax.lm.search import (
-    HF_DEFAULT_TOP_K,
-    DecodeSettings,
     PromptSharingDecoder,
     SearchOutput,
     SlotCacheDecoder,
-    search,
     search_with,
 )
+from collapse_jax.lm.settings import HF_DEFAULT_TOP_K, DecodeSettings
 from collapse_jax.lm.tokenizer import check_token_ids
 
 Array = jax.Array
@@ -283,22 +271,10 @@ def generate(
 
 
 __all__ = [
-    "DecodeSettings",
-    "PromptSharingDecoder",
-    "SearchOutput",
-    "SlotCacheDecoder",
     "assemble",
     "compiled_search",
     "default_attention_mask",
     "generate",
-    "process_scores",
     "prompt_keys",
-    "prompt_seen",
-    "repetition_penalty",
     "resolve_settings",
-    "search",
-    "search_with",
-    "top_k_filter",
-    "top_p_filter",
-    "true_divide",
 ]

@@ -13,7 +13,7 @@ Every generation (Shumailov et al. 2024, "Language models" section, and its code
 
 The config nests its blocks and hands them down whole: the model (a pretrained folder or hub id,
 or `random_init`), `data:` (a data source picked by `kind`, `DATA_KINDS`), `train:`
-(`lm.train_config.TrainConfig`) and `decode:` (`lm.decode.DecodeSettings`).
+(`lm.train_config.TrainConfig`) and `decode:` (`lm.settings.DecodeSettings`).
 
 Data are int32 blocks [N, T] of the data source's token ids everywhere the loop sees them (run
 directories hold OPT ids). With `vocabulary: corpus` the model's vocabulary is restricted to the
@@ -28,19 +28,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import tempfile
 import time
 from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from collapse_jax import config as config_lib
-from collapse_jax.learner import AbstractLearner
+from collapse_jax.jaxtools import sharding
+from collapse_jax.lm import decode, hub, opt, truth
+from collapse_jax.lm import source as source_lib
+from collapse_jax.lm import train as train_lib
 from collapse_jax.lm.data import LMCorpus, WikiTextConfig
-from collapse_jax.lm.decode import DecodeSettings
+from collapse_jax.lm.evaluate import perplexity, unigram_perplexity
+from collapse_jax.lm.regenerate import regenerate
+from collapse_jax.lm.settings import DecodeSettings
 from collapse_jax.lm.source import SourceDataConfig
 from collapse_jax.lm.train_config import TrainConfig
+from collapse_jax.lm.vocab import Vocab
+from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.rundir import fileio
 
 # Data sources of the LM experiment: `data.kind` -> "module:ConfigClass"; each class is a frozen
@@ -120,7 +129,7 @@ class OPTExperimentConfig:
         source, tokenizer_path, train/valid/eval splits, block_size, ...).
       train: the fine-tuning settings (`lm.train_config.TrainConfig`: epochs, batch_size,
         learning_rate, schedule, compute_dtype, keep_best, ...); `pad_token_id` is the model's.
-      decode: the regeneration settings (`lm.decode.DecodeSettings`: max_new_tokens,
+      decode: the regeneration settings (`lm.settings.DecodeSettings`: max_new_tokens,
         min_new_tokens, num_beams, repetition_penalty, do_sample, ...). Empty `eos_token_ids`
         and null `pad_token_id` take the model's ids.
       generate_batch_size: prompt blocks per compiled beam-search call.
@@ -183,7 +192,7 @@ def build_data_config(raw: dict) -> Any:
         raise config_lib.ConfigError(
             f"model.data.kind: unknown data source {kind!r}; valid kinds: {sorted(DATA_KINDS)}"
         )
-    return config_lib.build(config_lib._import(DATA_KINDS[kind]), raw, "model.data")
+    return config_lib.build(config_lib.import_object(DATA_KINDS[kind]), raw, "model.data")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,32 +209,6 @@ class LMParams:
     info: dict = dataclasses.field(default_factory=dict)
 
 
-class Vocab:
-    """The map between a data source's token ids and a model's compact ids (`vocabulary: corpus`).
-
-    `ids[c]` is the source id of compact id `c`; ids are sorted, so special ids smaller than
-    every text id (OPT: <s>=0, <pad>=1, </s>=2, <unk>=3) keep their values.
-    """
-
-    def __init__(self, ids: np.ndarray, source_size: int):
-        self.ids = np.asarray(ids, np.int32)
-        self.lookup = np.full(max(source_size, int(self.ids.max()) + 1), -1, np.int32)
-        self.lookup[self.ids] = np.arange(len(self.ids), dtype=np.int32)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def to_model(self, blocks: np.ndarray) -> np.ndarray:
-        out = self.lookup[np.asarray(blocks)]
-        if (out < 0).any():
-            bad = np.asarray(blocks)[out < 0][:5]
-            raise ValueError(f"token ids {bad.tolist()} are not in the corpus vocabulary")
-        return out
-
-    def to_source(self, blocks: np.ndarray) -> np.ndarray:
-        return self.ids[np.asarray(blocks)]
-
-
 class OPTLearner(AbstractLearner):
     """Fine-tune OPT / regenerate token blocks by beam search (non-jittable; one chain a call)."""
 
@@ -240,8 +223,6 @@ class OPTLearner(AbstractLearner):
         if self.mesh_config is None:
             return None
         if "mesh" not in self._cache:
-            from collapse_jax.jaxtools import sharding
-
             self._cache["mesh"] = sharding.make_mesh(self.mesh_config.shape())
         return self._cache["mesh"]
 
@@ -296,8 +277,6 @@ class OPTLearner(AbstractLearner):
 
     # --- model -----------------------------------------------------------------------------
     def init(self, key: jax.Array) -> LMParams:
-        from collapse_jax.lm import opt
-
         cfg = self.config
         param_dtype = jnp.dtype(cfg.param_dtype)
         if cfg.model_path is not None:
@@ -325,11 +304,9 @@ class OPTLearner(AbstractLearner):
         return dataclasses.replace(self.config.train, pad_token_id=model.config.pad_token_id)
 
     def fit(self, key: jax.Array, data: np.ndarray, params: LMParams, *, workdir=None, **kw):
-        from collapse_jax.lm import train
-
         start = time.perf_counter()
         valid = self.corpus().valid
-        model, history = train.fit(
+        model, history = train_lib.fit(
             params.model,
             self._to_model(data),
             self._train_config(params.model),
@@ -349,11 +326,9 @@ class OPTLearner(AbstractLearner):
         return LMParams(model, info)
 
     def evaluate(self, key: jax.Array, params: LMParams, reference: np.ndarray) -> dict[str, Any]:
-        from collapse_jax.lm import evaluate
-
         start = time.perf_counter()
         model = params.model
-        per_seq = evaluate.perplexity(
+        per_seq = perplexity(
             model,
             self._to_model(reference),
             batch_size=self.config.eval_batch_size,
@@ -381,8 +356,6 @@ class OPTLearner(AbstractLearner):
             out["fit_seconds"] = float(info["fit_seconds"])
         truth_source = self.ground_truth()
         if truth_source is not None:  # exact metrics against the known language
-            from collapse_jax.lm import truth
-
             out.update(truth.evaluate_model(
                 model, truth_source, self._to_model(reference),
                 batch_size=self.config.eval_batch_size, q=self.config.data.tail_mass,
@@ -396,37 +369,29 @@ class OPTLearner(AbstractLearner):
         """The ground-truth source of `data: {kind: source}` (`lm.source`), else None."""
         if not isinstance(self.config.data, SourceDataConfig):
             return None
-        from collapse_jax.lm import source
-
-        return source.build_source(self.config.data.source)
+        return source_lib.build_source(self.config.data.source)
 
     def data_metrics(self, data: np.ndarray) -> dict[str, Any]:
         """Exact metrics of a generation's training data under the ground truth (if any)."""
         src = self.ground_truth()
         if src is None:
             return {}
-        from collapse_jax.lm import source, truth
-
-        return truth.data_metrics(src, source.to_source_ids(data, src.vocab_size))
+        return truth.data_metrics(src, source_lib.to_source_ids(data, src.vocab_size))
 
     def prepare(self, run_dir: pathlib.Path) -> None:
         """Saves the ground-truth source in the run directory (checks it when resuming)."""
         src = self.ground_truth()
         if src is None:
             return
-        from collapse_jax.lm import source
-
         folder = pathlib.Path(run_dir) / "source"
         if (folder / "source.json").is_file():
-            source.load_source(folder)  # raises if the saved source differs
+            source_lib.load_source(folder)  # raises if the saved source differs
         else:
-            source.save_source(src, folder)
+            source_lib.save_source(src, folder)
 
     def unigram_ppl(self) -> float:
         """Test perplexity of an add-one unigram model of the training split (the baseline)."""
         if "unigram" not in self._cache:
-            from collapse_jax.lm.evaluate import unigram_perplexity
-
             c = self.corpus()
             vocab = self.vocab()
             size = len(vocab) if vocab is not None else self._model_vocab_size()
@@ -440,8 +405,6 @@ class OPTLearner(AbstractLearner):
             if isinstance(self.config.data, SourceDataConfig):  # V + pad/bos/eos, not 50272
                 return self.config.data.model_vocab_size
             return self.config.random_init.vocab_size
-        from collapse_jax.lm import hub
-
         cfg = json.loads((hub.resolve(self.config.model_path) / "config.json").read_text())
         return int(cfg["vocab_size"])
 
@@ -455,10 +418,6 @@ class OPTLearner(AbstractLearner):
 
     def _continue_example(self, model) -> np.ndarray:
         """This model's continuation of the example prompt (source ids), the paper's Example 1."""
-        from flax import nnx
-
-        from collapse_jax.lm import decode
-
         train = self.corpus().train
         i = min(self.config.example_prompt, len(train) - 1)
         settings = self._decode_settings(model)
@@ -470,8 +429,6 @@ class OPTLearner(AbstractLearner):
         return self._to_source(np.asarray(out.tokens)[0])
 
     def sample(self, key: jax.Array, params: LMParams, num: int, *, workdir=None, **kw):
-        from collapse_jax.lm.regenerate import regenerate
-
         cfg = self.config
         model = params.model
         prompts = self.corpus().train
@@ -483,8 +440,6 @@ class OPTLearner(AbstractLearner):
             raise ValueError(f"cannot regenerate {num} blocks from {len(prompts)} prompts")
         out = pathlib.Path(workdir) / "regenerated" if workdir is not None else None
         if out is None:
-            import tempfile
-
             out = pathlib.Path(tempfile.mkdtemp(prefix="collapse-jax-regen-"))
         new = regenerate(
             model,
@@ -501,8 +456,6 @@ class OPTLearner(AbstractLearner):
 
     # --- persistence -----------------------------------------------------------------------
     def save_params(self, path: pathlib.Path, params: LMParams) -> None:
-        from collapse_jax.lm import opt
-
         opt.save_pretrained(params.model, path)
         fileio.atomic_write_json(path / "fit_info.json", params.info)
         vocab = self.vocab()
@@ -510,8 +463,6 @@ class OPTLearner(AbstractLearner):
             np.save(path / "token_ids.npy", vocab.ids)
 
     def load_params(self, path: pathlib.Path, template) -> LMParams:
-        from collapse_jax.lm import opt
-
         dtype = jnp.dtype(self.config.param_dtype)
         model = opt.load_pretrained(path, dtype=dtype, param_dtype=dtype)
         info_file = pathlib.Path(path) / "fit_info.json"
@@ -529,8 +480,6 @@ class OPTLearner(AbstractLearner):
         twice per generation (training set and regenerated set); the generation in progress
         also holds its checkpoints (the best and the latest model with Adam's two moments).
         """
-        from collapse_jax.lm import opt
-
         c = self.config
         gen = cfg.generation
         if c.model_path is None:
@@ -575,24 +524,6 @@ class OPTLearner(AbstractLearner):
             + checkpoints,
         }
 
-    # --- figures ---------------------------------------------------------------------------
-    def figures(self, run, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        from collapse_jax.lm import figures
-
-        files = figures.make_figures(self, run, out_dir)
-        src = self.ground_truth()
-        if src is not None:
-            from collapse_jax.lm import truth
-
-            def load_model(g):
-                p = run.params_dir(g)
-                return self.load_params(p, None).model if (p / "config.json").is_file() else None
-
-            files += truth.figures(
-                run, out_dir, src, load_model, self.corpus().eval, self.config.data.ranked_contexts
-            )
-        return files
-
 
 # The size of a corpus vocabulary for dry-run estimates (WikiText-2 valid + test: 24.6k ids).
 _CORPUS_VOCAB_ESTIMATE = 24_600
@@ -601,8 +532,6 @@ _OPT125M_PARAMS = 125_239_296
 
 def _cached_model_config(model_path: str) -> tuple[dict, str] | None:
     """(config.json's dictionary, where it was found) when it is at hand without a download."""
-    from collapse_jax.lm import hub
-
     found = hub.cached_file(model_path, "config.json")
     if found is None:
         return None

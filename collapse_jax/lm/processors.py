@@ -9,13 +9,10 @@ on next-token scores [R, V] (R rows, V vocabulary) and is traceable; the search 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import jax
 import jax.numpy as jnp
 
-if TYPE_CHECKING:
-    from collapse_jax.lm.search import DecodeSettings
+from collapse_jax.lm.settings import DecodeSettings
 
 Array = jax.Array
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import decode
+from collapse_jax.lm.settings import DecodeSettings
 from collapse_jax.lm.tokenizer import check_token_ids
 from collapse_jax.rundir import fileio
 
@@ -45,7 +46,7 @@ def regenerate(
     *,
     batch_size: int,
     mesh: Mesh | None = None,
-    settings: decode.DecodeSettings | None = None,
+    settings: DecodeSettings | None = None,
     seed: int = 0,
     progress: bool = True,
     **decode_kwargs: Any,

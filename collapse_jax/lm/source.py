@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax import config as config_lib
+from collapse_jax.lm.data import LMCorpus
 from collapse_jax.rundir import fileio
 
 
@@ -651,8 +652,6 @@ class SourceDataConfig:
 
     def load(self):
         """The experiment's corpus (`lm.data.LMCorpus`)."""
-        from collapse_jax.lm.data import LMCorpus
-
         v = self.source.vocab_size
         return LMCorpus(
             train=self.blocks("train"),

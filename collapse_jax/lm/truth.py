@@ -25,8 +25,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from collapse_jax.lm.source import GroundTruthSource
+from collapse_jax.lm.source import TOKEN_OFFSET, GroundTruthSource, to_source_ids
 
 
 def _xlogy(p: jax.Array, y: jax.Array) -> jax.Array:
@@ -255,10 +256,6 @@ def model_log_probs(model: Any, ids: np.ndarray, vocab_size: int) -> jax.Array:
       position t - 1 (row 0 is 0: a block's first token has no prediction and is never scored).
       Not renormalised over the source tokens (see `kl_to_truth`).
     """
-    from flax import nnx
-
-    from collapse_jax.lm.source import TOKEN_OFFSET
-
     graphdef, state = nnx.split(model)
     fn = _FORWARD_CACHE.get((graphdef, vocab_size))
     if fn is None:
@@ -286,8 +283,6 @@ def evaluate_model(
       `summarize_contexts`' metrics plus "entropy_rate" (the source's; "_se" when estimated) and
       "per_context_kl" / "per_context_retention" [N, T-1] arrays.
     """
-    from collapse_jax.lm.source import to_source_ids
-
     ids = np.asarray(ids, np.int32)
     tokens = to_source_ids(ids, source.vocab_size)
     parts: dict[str, list[np.ndarray]] = {}
@@ -306,167 +301,3 @@ def evaluate_model(
     out["per_context_kl"] = values["kl"].astype(np.float32)
     out["per_context_retention"] = values["retention"].astype(np.float32)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Figures of a run on a ground-truth source.
-
-
-def figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model: Any,
-            eval_ids: np.ndarray, num_contexts: int = 4) -> list[Any]:  # fmt: skip
-    """The ground-truth figures of a finished (or partial) run.
-
-    - `truth_metrics.png`: kl_to_truth, tail_retention (10-90% of contexts shaded),
-      data_true_nll (5-95% of blocks shaded, entropy rate dashed), support coverage / lost
-      mass, entropy and repetition of the data, against generation;
-    - `truth_nll_histograms.png`: per-block true NLL of generations 0, 1, 2, 3, 5, 9's training
-      data on a shared axis, the entropy rate marked;
-    - `truth_ranked_conditionals.png`: true vs model conditional probabilities ranked by true
-      probability, for a few held-out contexts, at generation 0 and the last generation with
-      saved parameters (`load_model(g)` returns the model or None).
-    """
-    import pathlib
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = pathlib.Path(out_dir)
-    gens = run.finished_generations()
-    if not gens:
-        return []
-    files = []
-    h, _ = source.entropy_rate
-    series = {name: run.series(name) for name in (
-        "kl_to_truth", "tail_retention", "tail_retention_p10", "tail_retention_p50",
-        "tail_retention_p90",
-        "data_true_nll", "support_coverage", "lost_mass", "data_entropy", "data_repetition",
-        "data_invalid_rate",
-    )}  # fmt: skip
-    g = run.series("generation")
-    per_block = {}
-    for gen in gens:
-        v = run.arrays(gen).get("trials/data_true_nll_per_block")
-        if v is not None:
-            per_block[gen] = v.reshape(-1)[np.isfinite(v.reshape(-1))]
-
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), dpi=100)
-    ax = axes[0, 0]
-    ax.plot(g, series["kl_to_truth"], "o-", color="C3")
-    ax.set_ylabel("nats")
-    ax.set_title("kl_to_truth (held-out contexts)")
-    ax = axes[0, 1]
-    ax.fill_between(g, series["tail_retention_p10"], series["tail_retention_p90"], color="C0",
-                    alpha=0.2, lw=0, label="10-90% of contexts")  # fmt: skip
-    ax.plot(g, series["tail_retention"], "o-", color="C0", label="mean")
-    ax.plot(g, series["tail_retention_p50"], ":", color="C0", label="median")
-    ax.axhline(1.0, color="k", ls="--", lw=0.8, label="truth")
-    ax.set_title("tail_retention (least probable 10%)")
-    ax.legend(fontsize=7, frameon=False)
-    ax = axes[0, 2]
-    if per_block:
-        lo = [np.quantile(per_block[x], 0.05) if x in per_block else np.nan for x in g]
-        hi = [np.quantile(per_block[x], 0.95) if x in per_block else np.nan for x in g]
-        ax.fill_between(g, lo, hi, color="C2", alpha=0.2, lw=0, label="5-95% of blocks")
-    ax.plot(g, series["data_true_nll"], "o-", color="C2", label="mean (valid tokens)")
-    ax.axhline(h, color="k", ls="--", lw=0.8, label="entropy rate")
-    ax.set_title("data_true_nll of each generation's data")
-    ax.set_ylabel("nats / token")
-    ax.legend(fontsize=7, frameon=False)
-    ax = axes[1, 0]
-    ax.plot(g, series["support_coverage"], "o-", label="support_coverage")
-    ax.plot(g, series["lost_mass"], "s-", label="lost_mass")
-    ax.set_title("true transitions in the data")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7, frameon=False)
-    ax = axes[1, 1]
-    ax.plot(g, series["data_entropy"], "o-", color="C4", label="unigram entropy of data")
-    ax.axhline(float(-(source.unigram[source.unigram > 0]
-                       * np.log(source.unigram[source.unigram > 0])).sum()),
-               color="C4", ls="--", lw=0.8, label="truth")  # fmt: skip
-    ax.set_title("data_entropy (nats)")
-    ax.legend(fontsize=7, frameon=False)
-    ax = axes[1, 2]
-    ax.plot(g, series["data_repetition"], "o-", color="C5", label="repeated 4-grams")
-    ax.plot(g, series["data_invalid_rate"], "s-", color="C7", label="impossible tokens")
-    ax.set_title("data_repetition, data_invalid_rate")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7, frameon=False)
-    for a in axes.flat:
-        a.set_xlabel("generation")
-    fig.suptitle(f"{run.path.name}: collapse against the ground truth "
-                 f"(entropy rate {h:.3f} nats/token)")  # fmt: skip
-    fig.tight_layout()
-    path = out_dir / "truth_metrics.png"
-    fig.savefig(path)
-    plt.close(fig)
-    files.append(path)
-
-    from collapse_jax.lm.figures import HISTOGRAM_GENERATIONS  # as the paper's Fig. 1
-
-    shown = [x for x in HISTOGRAM_GENERATIONS if x in per_block and len(per_block[x])]
-    if shown:
-        allv = np.concatenate([per_block[x] for x in shown])
-        bins = np.linspace(min(allv.min(), h) - 0.05, max(allv.max(), h) + 0.05, 90)
-        fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
-        cmap = plt.get_cmap("viridis")
-        for i, x in enumerate(shown):
-            ax.hist(per_block[x], bins=bins, histtype="step", density=True, lw=1.4,
-                    color=cmap(i / max(1, len(shown) - 1)), label=f"gen {x}")  # fmt: skip
-        ax.axvline(h, color="k", ls="--", lw=0.9, label="entropy rate")
-        ax.set_xlabel("true NLL per token of a training block (nats)")
-        ax.set_ylabel("density")
-        ax.set_title("Training data scored by the truth")
-        ax.legend(fontsize=7, frameon=False)
-        fig.tight_layout()
-        path = out_dir / "truth_nll_histograms.png"
-        fig.savefig(path)
-        plt.close(fig)
-        files.append(path)
-
-    models = [(x, load_model(x)) for x in dict.fromkeys([gens[0], gens[-1]])]
-    models = [(x, m) for x, m in models if m is not None]
-    if models:
-        path = out_dir / "truth_ranked_conditionals.png"
-        _ranked_figure(source, models, eval_ids, num_contexts, path)
-        files.append(path)
-    return files
-
-
-def _ranked_figure(source, models, eval_ids, num_contexts, path) -> None:
-    import matplotlib.pyplot as plt
-
-    from collapse_jax.lm.source import to_source_ids
-
-    ids = np.asarray(eval_ids[:num_contexts], np.int32)
-    tokens = to_source_ids(ids, source.vocab_size)
-    t = ids.shape[1] // 2  # a context of half a block, the same for every panel
-    p = np.asarray(source.next_token_probs(tokens))[:, t]  # [C, V]
-    qs = [
-        (g, np.exp(np.asarray(model_log_probs(m, ids, source.vocab_size)))[:, t]) for g, m in models
-    ]
-    fig, axes = plt.subplots(1, num_contexts, figsize=(3.3 * num_contexts, 3.4), dpi=100,
-                             squeeze=False)  # fmt: skip
-    for c, ax in enumerate(axes[0]):
-        order = np.argsort(-p[c])
-        live = int((p[c] > 0).sum())
-        r = np.arange(1, len(order) + 1)
-        ax.plot(r[:live], p[c][order][:live], "k-", lw=1.8, label="truth")  # its support only
-        for i, (g, q) in enumerate(qs):
-            ax.plot(r, q[c][order], "o-" if i == 0 else "s-", ms=3, lw=1, color=f"C{i}",
-                    label=f"model gen {g}")  # fmt: skip
-        ax.axvline(live + 0.5, color="gray", lw=0.6, ls=":")
-        ax.set_yscale("log")
-        ax.set_ylim(1e-6, 1.2)
-        ax.set_xlabel("token rank by true probability")
-        ax.set_title(f"context {c}: ..{' '.join(map(str, tokens[c, max(0, t - 3) : t]))}",
-                     fontsize=9)  # fmt: skip
-        if c == 0:
-            ax.set_ylabel("p(next token | context)")
-            ax.legend(fontsize=7, frameon=False)
-    fig.suptitle("True vs model conditionals, ranked by true probability (dotted line: end of "
-                 "the true support; beyond it the truth is 0)", fontsize=10)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -1,13 +1,19 @@
 """Atomic file I/O of a run directory: every file is written to a temporary name in its folder and
 renamed, so a killed writer leaves either the old or the new version, never a torn one.
 
-Temporaries are named `.<name>.<random>.tmp` (see `TEMPORARY`); readers of JSON and .npz files
-name the file in every error (`CorruptFileError`).
+Every temporary carries this tool's marker and the writing process's id:
+`.<name>.cjx<pid>-<random>.tmp` for files and folders, `.<name>.cjx<pid>-old` for the folder that
+`replace_dir` sets aside (see `TEMPORARY`, `temporary_owner`). Clean-up after a killed writer
+removes only such names, and only those of a process that is no longer running, so a user's
+files (`notes.old/`, `.backup.20261201.tar`) and a concurrent reader's temporaries (a `plot` of
+a running experiment) are never touched. Readers of JSON and .npz files name the file in every
+error (`CorruptFileError`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -56,7 +62,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[pa
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path.name), suffix=suffix)
     try:
         _normal_mode(fd)
         os.close(fd)
@@ -100,7 +106,7 @@ def save_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
 def load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"missing array file {path}")
+        raise FileNotFoundError(errno.ENOENT, "missing array file", str(path))
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -114,22 +120,72 @@ def save_tree(path: pathlib.Path, tree: Any) -> None:
     save_npz(path, {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)})
 
 
-def load_tree(path: pathlib.Path, template: Any) -> Any:
-    """Inverse of `save_tree`; `template` (arrays or ShapeDtypeStructs) gives the structure."""
+def load_tree(path: pathlib.Path, template: Any, *, leading: int | None = None) -> Any:
+    """Inverse of `save_tree`; `template` (arrays or ShapeDtypeStructs) gives the structure.
+
+    Args:
+      leading: check every leaf against the template (a file written by another model, or
+        altered, is named): `leading` rows, the template leaf's number of axes and its dtype.
+        For a template built for one chain, whose other axes may differ from the state's (data
+        that grows with the generations). Without it only the number of leaves is checked
+        (learners' parameter files, whose templates may differ in dtype).
+    """
     arrays = load_npz(path)
     treedef = jax.tree.structure(template)
     if len(arrays) != treedef.num_leaves:
-        raise ValueError(
+        raise CorruptFileError(
             f"{path} holds {len(arrays)} arrays but the expected structure has "
             f"{treedef.num_leaves} leaves: it was written by a different model"
         )
-    leaves = [arrays[f"leaf_{i:05d}"] for i in range(len(arrays))]
+    leaves = []
+    for i, want in enumerate(jax.tree.leaves(template)):
+        got = arrays.get(f"leaf_{i:05d}")
+        if got is None:
+            raise CorruptFileError(f"{path} has no array leaf_{i:05d}: not a saved pytree")
+        if leading is not None:
+            ndim = len(want.shape)
+            rows_ok = ndim == 0 or (got.ndim > 0 and got.shape[0] == leading)
+            if got.ndim != ndim or not rows_ok or got.dtype != np.dtype(want.dtype):
+                shape = [leading, *["*"] * (ndim - 1)] if ndim else []
+                raise CorruptFileError(
+                    f"{path}: array leaf_{i:05d} is {got.dtype}{list(got.shape)} where this run "
+                    f"expects {np.dtype(want.dtype)}{shape}: it was written by a different "
+                    "model or altered"
+                )
+        leaves.append(got)
     return jax.tree.unflatten(treedef, leaves)
 
 
+TOOL_MARK = "cjx"  # in every temporary name this package writes
+# Temporaries of `atomic_path` and `fresh_dir` (".<name>.cjx<pid>-<random>.<ending>") and the
+# folder `replace_dir` sets aside (".<name>.cjx<pid>-old").
+TEMPORARY = re.compile(
+    rf"^\.(?P<name>.+)\.{TOOL_MARK}(?P<pid>\d+)-(?:(?P<old>old)|[a-z0-9_]{{8}}\.[A-Za-z0-9]+)$"
+)
+
+
+def _prefix(name: str) -> str:
+    return f".{name}.{TOOL_MARK}{os.getpid()}-"
+
+
+def temporary_owner(name: str) -> int | None:
+    """The PID of the process that made temporary `name` (None: not a temporary of this tool)."""
+    m = TEMPORARY.match(name)
+    return int(m.group("pid")) if m else None
+
+
+def aside_target(name: str) -> str | None:
+    """For the folder `replace_dir` set aside (`.<name>.cjx<pid>-old`), the name it replaced."""
+    m = TEMPORARY.match(name)
+    return m.group("name") if m and m.group("old") else None
+
+
 def replace_dir(src: pathlib.Path, dst: pathlib.Path) -> None:
-    """Replaces folder `dst` by folder `src` (same file system) with renames only."""
-    old = dst.with_name(dst.name + ".old")
+    """Replaces folder `dst` by folder `src` (same file system) with renames only.
+
+    A kill between the two renames leaves `dst` set aside as `.<dst>.cjx<pid>-old`, which the
+    owner's clean-up (`rundir.guard.clean_leftovers`) puts back."""
+    old = dst.with_name(f"{_prefix(dst.name)}old")
     if old.exists():
         shutil.rmtree(old)
     if dst.exists():
@@ -142,23 +198,19 @@ def replace_dir(src: pathlib.Path, dst: pathlib.Path) -> None:
 def fresh_dir(parent: pathlib.Path, name: str) -> pathlib.Path:
     """A new empty temporary folder under `parent` (to be renamed into place).
 
-    Its name matches `TEMPORARY` so that a run killed before the rename leaves nothing that
-    `rundir.clean_temporaries` does not remove on the next start."""
+    Its name matches `TEMPORARY`, so a run killed before the rename leaves nothing that the next
+    start's clean-up (`rundir.guard.clean_leftovers`) does not remove."""
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.", suffix=".tmp")
+    tmp = tempfile.mkdtemp(dir=parent, prefix=_prefix(name), suffix=".tmp")
     _normal_mode(tmp, folder=True)
     return pathlib.Path(tmp)
-
-
-# Names of the temporary files and folders above (".<name>.<random>.tmp"/".npy" etc.).
-TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.[A-Za-z0-9]+$")
 
 
 def load_json(path: str | os.PathLike) -> Any:
     """Reads a JSON file; a missing or corrupt file raises an error naming it."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"missing file {path}")
+        raise FileNotFoundError(errno.ENOENT, "missing file", str(path))
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:

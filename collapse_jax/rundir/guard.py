@@ -1,17 +1,22 @@
-"""Guards of a run directory: one process at a time, a manifest of what is committed, the stored
-config compared as data, and a way back from damage.
+"""Guards of a run directory: one writer at a time, nothing touched that the tool did not write,
+every commit resumable, and a way back from damage.
 
-- **Lock.** `RunLock(run_dir)` holds `flock` on `run_dir/.lock` for the whole run and writes the
-  holder's PID, host and start time into it. A second process is refused at once with that
-  information. The kernel drops the lock when its holder dies, however it dies, so a lock left by a
-  killed process is simply taken over (with a log line naming the dead holder).
-- **Manifest.** Every commit of the loop (`state/` replaced by a new version, the commit point that
-  already existed) carries `state/manifest.json` (`commits`). On resume and on `plot` the
-  directory is checked against it (`commits.verify`); any missing or altered file is named, and
-  `repair` moves the
-  damaged generations aside so the next run recomputes them from the last intact generation
-  (results are a function of seed, chain and generation only, so the recomputed files are the
-  same).
+- **Lock.** `RunLock(run_dir)` holds `flock` on the run directory itself for the whole run, so
+  no file can be deleted or swapped to let a second writer in; a second process is refused at
+  once, named from `.lock`, where the holder records its PID, host and start time (written by
+  rename: a symlink there is replaced, never followed). The kernel drops the lock when its holder
+  dies, however it dies, so a lock left by a killed process is taken over (with a log line naming
+  it), unless the record names another host: `flock` may not reach across hosts on a network file
+  system, so such a holder may still be running and the run is refused.
+- **Identity and clean-up.** A directory is a run directory only with its identity file
+  (`commits.MARKER`); a non-empty `--out` without one is refused before anything is written.
+  Clean-up after a killed writer (`clean_leftovers`) looks only in the folders the tool writes and
+  removes only its own temporaries (`fileio.TEMPORARY`) of processes no longer running.
+- **Commits.** `prepare` makes the first commit (no generation yet) when it creates a directory,
+  so a kill at any point leaves a resumable directory; `commit_state` makes every later one.
+- **Repair.** `repair` moves damaged files aside into `damaged-<time>/` (nothing is deleted or
+  overwritten) so the next run recomputes them; results are a function of seed, chain and
+  generation only, so the recomputed files are the same.
 - **Config.** The config is stored as written (`${VAR}` templates kept, see `config.Expanded`) and
   compared only after the caller has validated its inputs (`prepare`); a directory whose start
   failed before any work was done is not bound to the config of that failed start. A refusal names
@@ -20,7 +25,6 @@ config compared as data, and a way back from damage.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import errno
 import fcntl
@@ -28,11 +32,13 @@ import json
 import logging
 import os
 import pathlib
+import secrets
 import shutil
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from collapse_jax import config as config_lib
@@ -41,54 +47,137 @@ from collapse_jax.rundir.commits import (
     CONFIG_NAME,
     DAMAGED_PREFIX,
     NonFiniteMetric,
+    NotARunDir,
     RunDirBusy,
     RunDirConflict,
     RunDirDamaged,
+    RunDirError,
 )
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".lock"
-
+LOCK_NAME = ".lock"  # the holder's record (the lock itself is on the folder)
 
 # ----------------------------------------------------------------------------------------------
 # The lock.
 
-_held: dict[pathlib.Path, list] = {}  # run dir -> [fd, depth]: re-entrant within one process
+_held: dict[tuple[int, int], list] = {}  # (device, inode) -> [fd, depth]: re-entrant in a process
 
 
-def _check_is_folder(run_dir: pathlib.Path) -> None:
+def _not_a_folder(run_dir: pathlib.Path) -> str | None:
+    """Why `run_dir` cannot be a run directory's folder (None when it can)."""
+    if run_dir.is_symlink():
+        try:
+            os.stat(run_dir)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return "is a symbolic link loop"
+            return f"is a dangling symbolic link (to {os.readlink(run_dir)})"
     if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirConflict(f"{run_dir} is a file, not a run directory; choose another --out")
+        return "is a file, not a run directory"
+    return None
+
+
+def _open_folder(run_dir: pathlib.Path) -> int:
+    """Creates `run_dir` if needed and opens the folder itself (a symlinked --out is followed)."""
+    why = _not_a_folder(run_dir)
+    if why is None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileExistsError, NotADirectoryError) as e:
+            why = f"cannot be a folder ({e.strerror})"
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            why = "is a symbolic link loop"
+    raise RunDirConflict(f"--out {run_dir} {why}; choose another --out")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, run by another user
+        return True
+    return True
 
 
 class RunLock:
-    """Exclusive lock on a run directory for as long as the `with` block runs (re-entrant)."""
+    """Exclusive lock on a run directory for as long as the `with` block runs (re-entrant).
+
+    Taking it creates the folder if needed and `claim`s it: a non-empty folder that is not a run
+    directory is refused before anything is written into it."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = pathlib.Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
+        self._key: tuple[int, int] | None = None
 
     def __enter__(self) -> RunLock:
-        key = self.run_dir.resolve()
-        if key in _held:
-            _held[key][1] += 1
-            return self
-        _check_is_folder(self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = _describe(_read_holder(fd))
+        fd = _open_folder(self.run_dir)
+        for _ in range(5):
+            st = os.fstat(fd)
+            key = (st.st_dev, st.st_ino)
+            if key in _held:
+                os.close(fd)
+                _held[key][1] += 1
+                self._key = key
+                return self
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                    holder = _describe(_read_holder(self.path))
+                    raise RunDirBusy(
+                        f"{self.run_dir} is in use by {holder}; wait for it to finish or use "
+                        "another --out"
+                    ) from None
+                raise RunDirError(
+                    f"cannot lock {self.run_dir} ({e.strerror}): its file system does not "
+                    "support locks on folders; use a folder on a local disk as --out"
+                ) from None
+            # The path may have been renamed or replaced between open and flock: the lock must
+            # be on the folder the path names now.
+            try:
+                now = os.stat(self.run_dir)
+                same = (now.st_dev, now.st_ino) == key
+            except OSError:
+                same = False
+            if same:
+                break
+            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-                raise
+            fd = _open_folder(self.run_dir)
+        else:
+            os.close(fd)
+            raise RunDirBusy(f"{self.run_dir} keeps being replaced while it is locked")
+        try:
+            self._take()
+        except BaseException:  # refused, or interrupted: the folder is not left locked
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise
+        _held[key] = [fd, 1]
+        self._key = key
+        return self
+
+    def _take(self) -> None:
+        """With the folder locked: claims it, checks and replaces the holder's record."""
+        claim(self.run_dir)  # before anything is written: refuses a folder not ours
+        previous = _read_holder(self.path)
+        host = socket.gethostname()
+        if previous.get("host") not in (None, host):
             raise RunDirBusy(
-                f"{self.run_dir} is in use by {holder}; wait for it to finish or use another --out"
-            ) from None
-        previous = _read_holder(fd)
-        if previous:  # a holder that released normally empties the file
+                f"{self.run_dir} is locked by {_describe(previous)}, another host, where it may "
+                "still be running (a lock may not reach across hosts on a network file system); "
+                f"if it has stopped, delete {self.path} and run again"
+            )
+        if previous:  # a holder that released normally empties the record
             log.warning(
                 "%s: taking over the lock of %s, which is no longer running",
                 self.run_dir,
@@ -96,91 +185,159 @@ class RunLock:
             )
         info = {
             "pid": os.getpid(),
-            "host": socket.gethostname(),
+            "host": host,
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        _held[key] = [fd, 1]
-        return self
+        _write_holder(self.path, json.dumps(info) + "\n")
 
     def __exit__(self, *exc: Any) -> None:
-        key = self.run_dir.resolve()
-        entry = _held[key]
+        entry = _held[self._key]
         entry[1] -= 1
         if entry[1] == 0:
-            del _held[key]
-            fd = entry[0]
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)  # "released normally": the next holder has nothing to report
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            del _held[self._key]
+            try:
+                _write_holder(self.path, "")  # "released normally": nothing for the next to report
+            finally:
+                fcntl.flock(entry[0], fcntl.LOCK_UN)
+                os.close(entry[0])
 
 
-def _read_holder(fd: int) -> dict[str, Any]:
+def _write_holder(path: pathlib.Path, text: str) -> None:
+    """The holder's record, by rename (a symlink at `path` is replaced, its target untouched)."""
     try:
-        text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-        return json.loads(text) if text else {}
+        fileio.atomic_write_text(path, text)
+    except OSError as e:  # the record is information only; the lock is on the folder
+        log.warning("%s: cannot record the lock's holder (%s)", path, e.strerror)
+
+
+def _read_holder(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {}
+    except OSError:
+        return {"pid": "?"}  # a symlink or a folder: not a record this tool wrote
+    try:
+        text = os.read(fd, 4096).decode(errors="replace").strip()
+        holder = json.loads(text) if text else {}
+        return holder if isinstance(holder, dict) else {"pid": "?"}
     except (OSError, ValueError):
         return {"pid": "?"}
+    finally:
+        os.close(fd)
 
 
 def _describe(holder: Mapping[str, Any]) -> str:
     if not holder:
         return "another process"
     return (
-        f"PID {holder.get('pid', '?')} on {holder.get('host', '?')} "
-        f"(started {holder.get('started', '?')})"
+        f"PID {str(holder.get('pid', '?'))[:12]} on {str(holder.get('host', '?'))[:64]} "
+        f"(started {str(holder.get('started', '?'))[:32]})"
     )
 
 
 # ----------------------------------------------------------------------------------------------
-# Leftovers of killed writers.
+# Identity and leftovers of killed writers.
 
 
-def clean_temporaries(run_dir: pathlib.Path) -> None:
-    """Finishes or undoes what a killed process left half-done (call with the lock held).
+def _transient(name: str) -> bool:
+    """Entries that do not make a folder a non-empty one: the lock record, our temporaries."""
+    return name == LOCK_NAME or fileio.temporary_owner(name) is not None
 
-    `fileio.replace_dir` renames `dst` to `dst.old` and the new folder to `dst`: a kill between
-    the two renames leaves only `dst.old`, which is put back; temporary files and folders of
-    `fileio.atomic_path`/`fresh_dir` are removed.
+
+def claim(run_dir: pathlib.Path) -> None:
+    """Makes sure `run_dir` (locked, existing) is a run directory of this tool: writes the
+    identity file into an empty folder (or one with a commit record from before identity files
+    existed) and refuses any other non-empty folder, before anything is written there."""
+    if commits.read_marker(run_dir) is not None:
+        return
+    if not commits.is_run_dir(run_dir):
+        other = sorted(n for n in os.listdir(run_dir) if not _transient(n))
+        if other:
+            shown = ", ".join(n[:40] for n in other[:3]) + (", ..." if len(other) > 3 else "")
+            raise NotARunDir(
+                f"--out {run_dir} is not empty ({shown}) and is not a collapse-jax run "
+                f"directory (no {commits.MARKER}); choose a new or empty folder as --out"
+            )
+    marker = {
+        "tool": commits.TOOL,
+        "run_id": secrets.token_hex(8),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    fileio.atomic_write_json(run_dir / commits.MARKER, marker)
+
+
+def _stale(name: str) -> bool:
+    pid = fileio.temporary_owner(name)
+    # Our own PID counts as dead: the caller holds the lock and has nothing in flight.
+    return pid is not None and (pid == os.getpid() or not _alive(pid))
+
+
+def _remove(path: pathlib.Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _clean_folder(folder: pathlib.Path) -> None:
+    names = sorted(os.listdir(folder))
+    for name in names:  # first put back what `replace_dir` set aside
+        target = fileio.aside_target(name)
+        if target is None or not _stale(name):
+            continue
+        live = folder / target
+        if live.exists() or live.is_symlink():
+            _remove(folder / name)
+        else:
+            os.replace(folder / name, live)
+            log.info("%s: restored from an interrupted replacement", live)
+    for name in names:
+        if fileio.aside_target(name) is None and _stale(name):
+            _remove(folder / name)
+
+
+def clean_leftovers(run_dir: pathlib.Path) -> None:
+    """Finishes or undoes what a killed writer left half-done (call with the lock held).
+
+    Looks only at the run directory's top level and inside the folders this tool writes
+    (`commits.TOOL_FOLDERS`, symlinks not followed), and touches only this tool's temporaries
+    (`fileio.TEMPORARY`) whose writer is no longer running: a folder `fileio.replace_dir` set
+    aside is put back (or removed when its replacement is in place), other temporaries removed.
     """
     if not run_dir.is_dir():
         return
-    for dirpath, dirnames, filenames in os.walk(run_dir, topdown=True):
-        here = pathlib.Path(dirpath)
-        for name in list(dirnames):
-            p = here / name
-            if name.endswith(".old"):
-                dirnames.remove(name)
-                live = p.with_name(name[: -len(".old")])
-                if live.exists():
-                    shutil.rmtree(p)
-                else:
-                    os.replace(p, live)
-                    log.info("%s: restored from an interrupted replacement", live)
-            elif fileio.TEMPORARY.match(name):
-                dirnames.remove(name)
-                shutil.rmtree(p, ignore_errors=True)
-        for name in filenames:
-            if fileio.TEMPORARY.match(name):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(here / name)
+    _clean_folder(run_dir)
+    for top in commits.TOOL_FOLDERS:
+        root = run_dir / top
+        if root.is_symlink() or not root.is_dir():
+            continue
+        for dirpath, dirnames, _ in os.walk(root):
+            _clean_folder(pathlib.Path(dirpath))
+            dirnames[:] = [d for d in dirnames if fileio.temporary_owner(d) is None]
 
 
 # ----------------------------------------------------------------------------------------------
-# The stored config.
+# Starting, resuming and committing.
 
 
 def _has_work(run_dir: pathlib.Path) -> bool:
-    """Whether a run directory holds results or resumable work (then its config is binding)."""
-    if (run_dir / "state").exists():
-        return True
-    if any(True for _ in commits.committed_files(run_dir, None)):
-        return True
-    # Resumable scratch counts only once a file is in it (a start that failed while reading
-    # its inputs may have created empty folders).
-    return any(files for _, _, files in os.walk(run_dir / "work"))
+    """Whether a run directory holds results or resumable work (then its config is binding).
+
+    Files of generations at or beyond the committed count are uncommitted leftovers (redone on
+    resume), not work; a non-jittable learner's scratch counts once a file is in it (a start
+    that failed while reading its inputs may have created empty folders)."""
+    try:
+        n = commits.committed_generations(run_dir)
+    except (OSError, ValueError):
+        return True  # an unreadable commit record: `verify` names it
+    work = any(files for _, _, files in os.walk(run_dir / "work"))
+    if n is None:  # no commit record: results without one are damage (deleted state/?)
+        return work or any(True for _ in commits.committed_files(run_dir, None))
+    return n > 0 or work
 
 
 def prepare(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path, env_info) -> int:
@@ -189,33 +346,33 @@ def prepare(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path, env_info) -
     Call it with the lock held and after the experiment's inputs are validated. A directory with
     committed generations must pass `verify`, hold the same config (only
     `generation.num_generations` may change, and not below what is committed); a directory with
-    neither results nor resumable work takes the new config.
+    neither results nor resumable work takes the new config, and gets its first commit (no
+    generation yet), so it is resumable whenever the run stops.
 
     Args:
       env_info: a callable returning the `env.json` contents (written once).
     """
-    _check_is_folder(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    clean_temporaries(run_dir)
+    claim(run_dir)
+    clean_leftovers(run_dir)
     wanted = config_lib.to_dict(cfg, expand=False)
     start = 0
     cfg_path = run_dir / CONFIG_NAME
     if _has_work(run_dir):
-        manifest = commits.read_manifest(run_dir)
-        problems = commits.verify(run_dir, manifest)
+        problems = commits.verify(run_dir)
         if problems:
             raise RunDirDamaged(
                 commits.damage_message(
                     run_dir,
                     problems,
-                    "Run again with --repair to move the damaged generations aside and "
-                    "recompute them (from generation 0: the loop keeps only the newest state; "
-                    "results are identical), or use another --out.",
+                    "Run again with --repair to move the damaged files aside and recompute "
+                    "them (from generation 0: the loop keeps only the newest state; results are "
+                    "identical), or use another --out.",
                 )
             )
+        manifest = commits.read_manifest(run_dir)
         if manifest is not None:
             stored, start = manifest["config"], manifest["next_generation"]
-        else:  # resumable work but nothing committed yet, or a run from before manifests
+        else:  # a run from before manifests
             if not cfg_path.is_file():
                 raise RunDirDamaged(
                     f"run directory {run_dir} holds work but no {CONFIG_NAME}; use another --out"
@@ -238,15 +395,28 @@ def prepare(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path, env_info) -
     fileio.atomic_write_text(cfg_path, config_lib.dump(cfg, expand=False))
     if not (run_dir / "env.json").exists():
         fileio.atomic_write_json(run_dir / "env.json", env_info())
+    if not _has_work(run_dir):  # the first commit, after the files it covers
+        commit_state(run_dir, 0, lambda tmp: None, config=wanted)
     return start
 
 
-def commit_state(run_dir: pathlib.Path, next_generation: int, write) -> None:
+def commit_state(
+    run_dir: pathlib.Path,
+    next_generation: int,
+    write: Callable[[pathlib.Path], None],
+    *,
+    config: Mapping | None = None,
+) -> None:
     """Replaces `state/` by a new version holding what `write(folder)` puts there, the state's
-    meta data and the manifest: the commit point of every generation. The manifest stores the
-    config that `prepare` wrote (the lock keeps anyone else from writing it meanwhile)."""
-    cfg_path = run_dir / CONFIG_NAME
-    config = config_lib.parse_yaml(cfg_path.read_text(), str(cfg_path))
+    meta data and the manifest: the commit point of every generation.
+
+    Args:
+      config: the config the manifest stores (default: the config.yaml `prepare` wrote; the lock
+        keeps anyone else from writing it meanwhile).
+    """
+    if config is None:
+        cfg_path = run_dir / CONFIG_NAME
+        config = config_lib.parse_yaml(cfg_path.read_text(), str(cfg_path))
     tmp = fileio.fresh_dir(run_dir, "state")
     write(tmp)
     meta = {"next_generation": next_generation, "manifest": True}
@@ -259,36 +429,61 @@ def commit_state(run_dir: pathlib.Path, next_generation: int, write) -> None:
 # Repair.
 
 
+def _aside_folder(run_dir: pathlib.Path) -> pathlib.Path:
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+    aside, i = run_dir / f"{DAMAGED_PREFIX}{stamp}", 1
+    while aside.exists():
+        i += 1
+        aside = run_dir / f"{DAMAGED_PREFIX}{stamp}-{i}"
+    aside.mkdir()
+    return aside
+
+
 def repair(run_dir: pathlib.Path) -> int | None:
     """Makes a damaged run directory resumable; returns the generation it restarts at (None when
     nothing was damaged). Call with the lock held.
 
-    A missing or edited config.yaml is rewritten from the manifest. Damaged generations can only
-    be recomputed from a point whose complete state is on disk: the newest state is the only one
-    the loop keeps, so the run restarts at generation 0 (every result is a function of seed, chain
-    and generation, so the recomputed files equal the lost ones). Nothing is deleted: the
-    committed files are moved to `damaged-<time>/` inside the run directory.
+    Only what this tool wrote is touched, and nothing is deleted or overwritten: damaged files
+    are moved to `damaged-<time>/` inside the run directory. A missing or edited config.yaml is
+    set aside and written anew from the manifest. Damaged generations can only be recomputed
+    from a point whose complete state is on disk: the newest state is the only one the loop
+    keeps, so the run restarts at generation 0 (every result is a function of seed, chain and
+    generation, so the recomputed files equal the lost ones); an unreadable or foreign manifest
+    is rebuilt the same way.
     """
-    clean_temporaries(run_dir)
-    manifest = commits.read_manifest(run_dir) if (run_dir / "state").exists() else None
-    problems = commits.verify(run_dir, manifest)
+    if not run_dir.is_dir():
+        return None
+    claim(run_dir)  # refuses a folder that is not a run directory
+    clean_leftovers(run_dir)
+    problems = commits.verify(run_dir)
     if not problems:
         return None
-    config_only = manifest is not None and all(p.startswith(CONFIG_NAME) for p in problems)
-    if config_only:
+    try:
+        manifest = commits.read_manifest(run_dir)
+    except RunDirDamaged:
+        manifest = None
+    aside = _aside_folder(run_dir)
+    cfg_path = run_dir / CONFIG_NAME
+    config_bad = any(p.startswith(CONFIG_NAME) for p in problems)
+    if config_bad and cfg_path.exists():
+        os.replace(cfg_path, aside / CONFIG_NAME)
+    if manifest is not None and all(p.startswith(CONFIG_NAME) for p in problems):
         fileio.atomic_write_text(
-            run_dir / CONFIG_NAME,
-            config_lib.dump(config_lib.from_dict(manifest["config"]), expand=False),
+            cfg_path, config_lib.dump(config_lib.from_dict(manifest["config"]), expand=False)
         )
-        log.warning("%s: restored %s from the manifest", run_dir, CONFIG_NAME)
+        log.warning(
+            "%s: restored %s from the manifest (the old one is in %s)",
+            run_dir,
+            CONFIG_NAME,
+            aside.name,
+        )
         return manifest["next_generation"]
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
-    aside = run_dir / f"{DAMAGED_PREFIX}{stamp}"
-    aside.mkdir()
-    for top in sorted(run_dir.iterdir()):
-        skip = top.name.startswith((".", DAMAGED_PREFIX)) or top.name == "figures"
-        if top.is_dir() and not skip:
-            os.replace(top, aside / top.name)
+    # Derived outputs (figures, cached analyses) stay: they are redrawn, and not committed.
+    for name in (*commits.RESULT_FOLDERS, "state", "work", *commits.TOP_FILES):
+        p = run_dir / name
+        damaged = p.is_dir() or any(q.startswith(name) for q in problems)
+        if (p.exists() or p.is_symlink()) and damaged:
+            os.replace(p, aside / name)
     log.warning(
         "%s: %s; moved the committed generations to %s, the run restarts at generation 0",
         run_dir,
@@ -330,8 +525,6 @@ def check_finite(generation: int, per_chain: Mapping[str, Any], allowed=frozense
 
 def tree_bytes(tree: Any) -> int:
     """Bytes of a pytree of arrays or `jax.ShapeDtypeStruct`s."""
-    import jax
-
     return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 

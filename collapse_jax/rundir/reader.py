@@ -17,6 +17,10 @@ from collapse_jax.rundir import commits, fileio
 class Run:
     """Read access to one experiment's run directory (what `plots` and learners' figures use).
 
+    A snapshot: the committed generations are read once, at the first use, and so are the
+    summary rows, so a reader of a running experiment sees one consistent set of generations
+    however many the run commits meanwhile (committed files are never rewritten).
+
     Attributes:
       path: the run directory.
     """
@@ -27,6 +31,8 @@ class Run:
             raise FileNotFoundError(f"run directory not found: {self.path}")
         if not (self.path / "config.yaml").is_file():
             raise FileNotFoundError(f"{self.path} is not a run directory (no config.yaml)")
+        self._generations: list[int] | None = None
+        self._rows: list[dict[str, Any]] | None = None
 
     @property
     def config(self):
@@ -35,19 +41,25 @@ class Run:
     def finished_generations(self) -> list[int]:
         """The committed generations (by the run's commit record; files of a generation that was
         being committed when the run was killed are not among them)."""
-        n = commits.committed_generations(self.path)
-        if n is not None:
-            return list(range(n))
-        return sorted(  # nothing committed yet, or a bare folder of rows
-            int(p.stem.split("_")[1]) for p in (self.path / "generations").glob("gen_*.json")
-        )
+        if self._generations is None:
+            n = commits.committed_generations(self.path)
+            if n is not None:
+                self._generations = list(range(n))
+            else:  # a bare folder of rows
+                self._generations = sorted(
+                    int(p.stem.split("_")[1])
+                    for p in (self.path / "generations").glob("gen_*.json")
+                )
+        return list(self._generations)
 
     def rows(self) -> list[dict[str, Any]]:
         """Summary rows of every finished generation, in order."""
-        return [
-            fileio.load_json(self.path / "generations" / f"gen_{g:05d}.json")
-            for g in self.finished_generations()
-        ]
+        if self._rows is None:
+            self._rows = [
+                fileio.load_json(self.path / "generations" / f"gen_{g:05d}.json")
+                for g in self.finished_generations()
+            ]
+        return list(self._rows)
 
     def series(self, name: str) -> np.ndarray:
         """[G] one summary column (e.g. "w2", "w2_se", "w2_q50"); NaN where absent."""
@@ -60,11 +72,22 @@ class Run:
 
     def trial_series(self, name: str) -> np.ndarray:
         """[G, record_trials, ...] per-chain values of metric `name` over all generations."""
-        return np.stack([self.arrays(g)[f"trials/{name}"] for g in self.finished_generations()])
+        return self._stack(f"trials/{name}")
 
     def mean_series(self, name: str) -> np.ndarray:
         """[G, ...] chain mean of a vector-valued metric over generations."""
-        return np.stack([self.arrays(g)[f"mean/{name}"] for g in self.finished_generations()])
+        return self._stack(f"mean/{name}")
+
+    def _stack(self, key: str) -> np.ndarray:
+        parts = [self.arrays(g)[key] for g in self.finished_generations()]
+        for g, x in zip(self.finished_generations(), parts):
+            if x.shape != parts[0].shape:
+                raise fileio.CorruptFileError(
+                    f"{self.path / 'arrays' / f'gen_{g:05d}.npz'}: {key} has shape "
+                    f"{list(x.shape)} where generation {self.finished_generations()[0]} has "
+                    f"{list(parts[0].shape)}"
+                )
+        return np.stack(parts)
 
     def params_dir(self, generation: int) -> pathlib.Path:
         return self.path / "params" / f"gen_{generation:05d}"

@@ -11,13 +11,12 @@ delta at state i with probability p_0(i); low-probability states are lost first 
   multivariate hypergeometric draws, exact as well.
 
 `simulate` runs many independent chains (vmap) over generations (lax.scan), chunked over chains;
-`DiscreteLearner` is the same model for the model-agnostic loop in `collapse_jax.generation`.
+`DiscreteLearner` is the same model for the model-agnostic loop in `collapse_jax.loop`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
@@ -26,11 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from collapse_jax import generation, metrics
-from collapse_jax.config import ConfigError, GenerationConfig
-from collapse_jax.learner import AbstractLearner
-from collapse_jax.theory import analytic, samplers
-from collapse_jax.theory.gaussian import RngImpl, _count, _with_impl, sample_size_schedule
+from collapse_jax import loop
+from collapse_jax.config import ConfigError
+from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.theory import metrics, samplers
+from collapse_jax.theory.common import data_count, with_impl
+from collapse_jax.theory.gaussian import RngImpl, sample_size_schedule
 
 _F = jnp.float32
 # Per-chain distributions are reported as a metric (kept for `record_trials` chains) up to this K.
@@ -156,7 +156,7 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
 
     def _draw(self, key: Array, probs: Array, num: Any) -> Array:
         if self.config.method == "sample":
-            return sample_labels(_with_impl(key, self.config.rng_impl), probs, num)
+            return sample_labels(with_impl(key, self.config.rng_impl), probs, num)
         # The exact method draws words from the loop's own (threefry) key, hashed in fused code
         # (`jaxtools.prng`): wrapped for another impl, `jax.random` would hash it in its own
         # rolled threefry loop on CPU, far more slowly.
@@ -219,31 +219,14 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
         subset's counts are one exact multivariate hypergeometric draw, so the policies that
         subsample (`accumulate_subsample`, `mix` with beta > 0 or a fixed real set) stay exact."""
         if self.config.method == "exact":
-            key = _with_impl(key, self.config.rng_impl)
+            key = with_impl(key, self.config.rng_impl)
             return samplers.multivariate_hypergeometric(key, data, num)
         return super().subset(key, data, num)
 
     def num_samples(self, data: Array) -> Any:
         if self.config.method == "exact":
-            return _count(jnp.sum(data))
+            return data_count(jnp.sum(data))
         return super().num_samples(data)
-
-    def expected_curves(
-        self, sample_sizes: np.ndarray, generation: Any = None
-    ) -> dict[str, np.ndarray]:
-        """Closed-form / exactly propagated chain means per generation ("replace" policy)."""
-        if (generation is not None and generation.policy != "replace") or (
-            self.config.truncation is not None
-        ):
-            return {}
-        out = analytic.discrete_expectations(self._p0, np.asarray(sample_sizes))
-        out.pop("absorbed_at", None)
-        return out
-
-    def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        from collapse_jax.theory import figures
-
-        return figures.discrete_figures(self, run, out_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,8 +242,8 @@ class DiscreteSimulation:
     sample_sizes: np.ndarray
 
 
-def _record(learner: Any, key: Array, params: Array, reference: Any) -> Array:
-    """What `simulate` keeps per generation (a `generation.simulate_chains` measure)."""
+def _record(learner: Any, key: Array, params: Array, reference: Any, data: Any) -> Array:
+    """What `simulate` keeps per generation (a `loop.simulate_chains` measure)."""
     return params
 
 
@@ -300,16 +283,15 @@ def simulate(
             method=method,
             rng_impl=rng_impl,
         )
-        GenerationConfig(policy=policy, alpha=alpha, beta=beta, gamma=gamma)  # validates
+        schedule = loop.Schedule.build(sizes, mode=policy, alpha=alpha, beta=beta, gamma=gamma)
     except ConfigError as e:
         raise ValueError(str(e)) from None
     learner = DiscreteLearner(cfg)
-    p = generation.simulate_chains(
+    p = loop.simulate_chains(
         learner,
-        generation.Policy(policy, alpha, beta, gamma),
+        schedule,
         key,
         chains=chains,
-        sizes=sizes,
         measure=_record,
         chunk_size=chunk_size,
         initial=np.asarray(learner.truth),  # index 0: the original distribution

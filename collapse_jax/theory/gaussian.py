@@ -10,7 +10,7 @@ covariance. Two ways to draw a generation, equal in distribution:
   decomposition), independent (Cochran). Data = `GaussianStats(n, mean, scatter)`.
 
 `simulate` runs many independent chains (vmap) over generations (lax.scan), chunked over chains;
-`GaussianLearner` is the same model for the model-agnostic loop in `collapse_jax.generation`.
+`GaussianLearner` is the same model for the model-agnostic loop in `collapse_jax.loop`.
 
 Singular fits and the float32 floor (d > 1). Every draw uses a factor L with L L^T = Sigma that
 exists for positive SEMI-definite Sigma (`_chol`: LAPACK's Cholesky, `psd_cholesky` where that
@@ -30,7 +30,6 @@ fails), so the collapse runs to its end instead of stopping on NaN:
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -40,14 +39,21 @@ import numpy as np
 from jax import Array
 from jax.scipy.linalg import solve_triangular
 
-from collapse_jax import generation, metrics
-from collapse_jax.config import ConfigError, GenerationConfig
+from collapse_jax import loop
+from collapse_jax.config import ConfigError
 from collapse_jax.jaxtools import lanes, prng
-from collapse_jax.learner import AbstractLearner
-from collapse_jax.theory import analytic, samplers
+from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.theory import metrics, samplers
+from collapse_jax.theory.common import data_count, with_impl
 
 _F = jnp.float32
 RngImpl = Literal["default", "threefry2x32", "philox4x32"]
+
+
+# Largest |mean| / standard deviation (and square root of the covariance's condition number) whose
+# float32 computation keeps the measured quantities: float32's spacing 2^-23 * |mean| stays below
+# 1/1000 of a standard deviation.
+MAX_FLOAT32_RATIO = 1e-3 * 2.0**23
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -108,6 +114,26 @@ class GaussianConfig:
                 np.linalg.cholesky(c)
             except np.linalg.LinAlgError:
                 raise ConfigError("model.cov: must be positive definite") from None
+            eig = np.linalg.eigvalsh(c)
+            if eig[-1] > MAX_FLOAT32_RATIO**2 * eig[0]:
+                raise ConfigError(
+                    f"model.cov: its largest variance is {eig[-1] / eig[0]:.3g} times its "
+                    "smallest; float32 (about 7 digits) loses the smallest direction beside the "
+                    f"largest (the limit is {MAX_FLOAT32_RATIO**2:.3g}); rescale the coordinates"
+                )
+        if self.mean is not None:
+            # The generations' mean drift is measured in float32, whose spacing at |mean| is
+            # |mean| * 2^-23: it must stay well below a standard deviation, or mean_dist2 and the
+            # mean part of w2 come out exactly 0.
+            var = self.cov if isinstance(self.cov, (int, float)) else np.diag(self.cov).min()
+            ratio = float(np.max(np.abs(self.mean))) / float(np.sqrt(var))
+            if ratio > MAX_FLOAT32_RATIO:
+                raise ConfigError(
+                    f"model.mean: |mean| is {ratio:.3g} standard deviations; in float32 the "
+                    f"drift of the mean between generations is lost beyond "
+                    f"{MAX_FLOAT32_RATIO:.0f}; centre the distribution (subtract the mean, "
+                    "which changes no metric) or rescale it"
+                )
         if self.estimator not in ("unbiased", "mle"):
             raise ConfigError(f"model.estimator: {self.estimator!r} is not 'unbiased' or 'mle'")
         if self.method not in ("exact", "sample"):
@@ -143,13 +169,6 @@ class GaussianStats(NamedTuple):
     n: Array
     mean: Array
     scatter: Array
-
-
-def _with_impl(key: Array, impl: str) -> Array:
-    """Re-reads a key's bits as a key of `impl` (deterministic; no-op for "default")."""
-    if impl == "default" or str(jax.random.key_impl(key)) == impl:
-        return key
-    return jax.random.wrap_key_data(jax.random.key_data(key), impl=impl)
 
 
 def _chol(cov: Array) -> Array:
@@ -428,11 +447,6 @@ def fit_stats(stats: GaussianStats, estimator: str) -> GaussianParams:
     return GaussianParams(stats.mean, stats.scatter / denom)
 
 
-def _count(n: Any) -> Any:
-    """A data set's size from its (possibly traced) count."""
-    return n if isinstance(n, jax.core.Tracer) else int(n)
-
-
 class GaussianLearner(AbstractLearner[GaussianParams, Any]):
     """The Gaussian model for the generational loop (one chain per call; final class).
 
@@ -460,7 +474,7 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
 
     def _draw(self, key: Array, params: GaussianParams, num: Any, noise: Any = None) -> Any:
         if self.config.method == "sample":
-            return sample_points(_with_impl(key, self.config.rng_impl), params, num)
+            return sample_points(with_impl(key, self.config.rng_impl), params, num)
         # The exact method draws a few words per chain from the loop's own (threefry) key,
         # hashed in fused code (`prng.random_words`); re-wrapping it for another impl would
         # only make `jax.random` hash it more slowly.
@@ -540,28 +554,8 @@ class GaussianLearner(AbstractLearner[GaussianParams, Any]):
 
     def num_samples(self, data: Any) -> Any:
         if self.config.method == "exact":
-            return _count(data.n)
+            return data_count(data.n)
         return super().num_samples(data)
-
-    def expected_curves(
-        self, sample_sizes: np.ndarray, generation: Any = None
-    ) -> dict[str, np.ndarray]:
-        """Closed-form chain means of `trace_cov`, `logdet_cov`, `mean_dist2` (and `w2_squared`
-        for d = 1) per generation, for the "replace" policy (else empty)."""
-        if generation is not None and generation.policy != "replace":
-            return {}
-        return analytic.gaussian_expectations(
-            np.asarray(sample_sizes),
-            self._mean0,
-            self._cov0,
-            self.config.estimator,
-            self.config.sampling_bias,
-        )
-
-    def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        from collapse_jax.theory import figures
-
-        return figures.gaussian_figures(self, run, out_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -579,8 +573,8 @@ class GaussianSimulation:
     sample_sizes: np.ndarray
 
 
-def _record(learner: Any, key: Array, params: GaussianParams, reference: Any) -> tuple:
-    """What `simulate` keeps per generation (a `generation.simulate_chains` measure)."""
+def _record(learner: Any, key: Array, params: GaussianParams, reference: Any, data: Any) -> tuple:
+    """What `simulate` keeps per generation (a `loop.simulate_chains` measure)."""
     return params.mean, params.cov
 
 
@@ -621,7 +615,7 @@ def simulate(
 
     Args:
       key: the base PRNG key; chain r and generation g draw with the keys of the generational
-        loop (`collapse_jax.generation`), so `simulate(jax.random.key(s), ...)` gives chain by
+        loop (`collapse_jax.loop`), so `simulate(jax.random.key(s), ...)` gives chain by
         chain the numbers of `collapse-jax run` with seed s (and nothing depends on chunking).
       chains: R, number of independent chains.
       generations: G, number of refits.
@@ -662,17 +656,16 @@ def simulate(
             rng_impl=rng_impl,
             sampling_bias=sampling_bias,
         )
-        GenerationConfig(policy=policy, alpha=alpha, beta=beta, gamma=gamma)  # validates
+        schedule = loop.Schedule.build(sizes, mode=policy, alpha=alpha, beta=beta, gamma=gamma)
     except ConfigError as e:
         raise ValueError(str(e)) from None
     learner = GaussianLearner(cfg)
     t = learner.truth
-    m, c = generation.simulate_chains(
+    m, c = loop.simulate_chains(
         learner,
-        generation.Policy(policy, alpha, beta, gamma),
+        schedule,
         key,
         chains=chains,
-        sizes=sizes,
         measure=_record,
         chunk_size=chunk_size,
         initial=(np.asarray(t.mean), np.asarray(t.cov)),  # index 0: the original distribution

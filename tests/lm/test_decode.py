@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from collapse_jax.lm import decode, opt
-from collapse_jax.lm.decode import DecodeSettings
+from collapse_jax.lm import decode, opt, processors, search
+from collapse_jax.lm.settings import DecodeSettings
 
 
 class ToyCache(NamedTuple):
@@ -50,7 +50,7 @@ def run(table, ids, settings, mask=None, keys=None, jit=True):
     mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask, jnp.int32)
     if settings.do_sample and keys is None:
         keys = decode.prompt_keys(0, np.arange(ids.shape[0]))
-    fn = lambda i, m, k: decode.search(step_fn, init_cache, i, m, settings, row_keys=k)
+    fn = lambda i, m, k: search.search(step_fn, init_cache, i, m, settings, row_keys=k)
     out = (jax.jit(fn) if jit else fn)(ids, mask, keys)
     return jax.tree.map(np.asarray, out)
 
@@ -163,13 +163,13 @@ def test_repetition_penalty_constructed_example():
         # row 0: the 4s are left padding -> not penalised; row 1: 4 is in the prompt.
         np.testing.assert_array_equal(out.tokens[:, 0], [4, 5, 4])
     np.testing.assert_array_equal(
-        decode.prompt_seen(jnp.asarray(ids), jnp.asarray(mask), v),
+        processors.prompt_seen(jnp.asarray(ids), jnp.asarray(mask), v),
         [[0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 0, 1, 0], [0, 0, 1, 0, 0, 0, 1, 0]],
     )
     scores = jnp.asarray([[2.0, -1.0, 0.5]])
     seen = jnp.asarray([[True, True, False]])
     np.testing.assert_array_equal(
-        decode.repetition_penalty(scores, seen, 3.0), np.float32([[2.0 / 3.0, -3.0, 0.5]])
+        processors.repetition_penalty(scores, seen, 3.0), np.float32([[2.0 / 3.0, -3.0, 0.5]])
     )
 
 

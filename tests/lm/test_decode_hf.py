@@ -19,7 +19,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from collapse_jax.lm import decode, opt  # noqa: E402
+from collapse_jax.lm import decode, opt, processors  # noqa: E402
+from collapse_jax.lm.settings import DecodeSettings  # noqa: E402
 from tests.helpers_opt import load_hf_model, make_hf_opt_dir, random_batch  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -203,20 +204,24 @@ def test_processors_match_hf_exactly():
     t_ids, t_scores = torch.as_tensor(ids), torch.as_tensor(scores)
     import jax.numpy as jnp
 
-    seen = decode.prompt_seen(jnp.asarray(ids), jnp.asarray(mask), v)
+    seen = processors.prompt_seen(jnp.asarray(ids), jnp.asarray(mask), v)
     ref = lp.RepetitionPenaltyLogitsProcessor(2.5, prompt_ignore_length=pad_len)(t_ids, t_scores)
-    np.testing.assert_array_equal(decode.repetition_penalty(jnp.asarray(scores), seen, 2.5), ref)
+    np.testing.assert_array_equal(
+        processors.repetition_penalty(jnp.asarray(scores), seen, 2.5), ref
+    )
     for k, keep in [(5, 1), (1, 2), (v + 3, 1)]:
         ref = lp.TopKLogitsWarper(k, min_tokens_to_keep=keep)(t_ids, t_scores.clone())
-        np.testing.assert_array_equal(decode.top_k_filter(jnp.asarray(scores), k, keep), ref)
+        np.testing.assert_array_equal(processors.top_k_filter(jnp.asarray(scores), k, keep), ref)
     for top_p, keep in [(0.9, 1), (0.5, 1), (0.05, 2), (1.0, 1)]:
         ref = lp.TopPLogitsWarper(top_p, min_tokens_to_keep=keep)(t_ids, t_scores.clone())
-        np.testing.assert_array_equal(decode.top_p_filter(jnp.asarray(scores), top_p, keep), ref)
-    s = decode.DecodeSettings(max_new_tokens=1, do_sample=True, temperature=0.7, top_k=7, top_p=0.8)
+        np.testing.assert_array_equal(
+            processors.top_p_filter(jnp.asarray(scores), top_p, keep), ref
+        )
+    s = DecodeSettings(max_new_tokens=1, do_sample=True, temperature=0.7, top_k=7, top_p=0.8)
     procs = lp.LogitsProcessorList(
         [lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(7), lp.TopPLogitsWarper(0.8)]
     )
     np.testing.assert_array_equal(
-        decode.process_scores(jnp.asarray(scores), seen, jnp.int32(0), s),
+        processors.process_scores(jnp.asarray(scores), seen, jnp.int32(0), s),
         procs(t_ids, t_scores.clone()),
     )

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation, plots
+from collapse_jax import loop, plots
 from collapse_jax.lm import evaluate
-from collapse_jax.lm.experiment import Vocab
+from collapse_jax.lm.vocab import Vocab
 from collapse_jax.rundir import fileio, reader
 
 
@@ -50,7 +50,7 @@ def test_two_runs_two_generations_resume_identically(data_dir, tmp_path):
     # Partial blocks lie over the paper's defaults, not over the class defaults.
     assert cfg.model.decode.repetition_penalty == 3.0 and cfg.model.decode.num_beams == 2
     assert cfg.model.decode.min_new_tokens == 64 and cfg.model.train.keep_best
-    full = generation.run_generations(cfg, tmp_path / "full")
+    full = loop.run_generations(cfg, tmp_path / "full")
     assert [r["generation"] for r in full.rows] == [0, 1]
     for r in full.rows:
         assert np.isfinite(r["ppl"]) and r["ppl"] > 1
@@ -83,7 +83,7 @@ def test_two_runs_two_generations_resume_identically(data_dir, tmp_path):
     assert arrays["trials/valid_ppl_curve"].shape == (2, 2)
     assert arrays["trials/example_continuation"].shape == (2, 64)
     # The paper's figures and Example 1.
-    files = plots.make_figures(run, generation.make_learner(cfg))
+    files = plots.make_figures(run, loop.make_learner(cfg))
     assert {f.name for f in files} >= {
         "lm_test_perplexity.png",
         "perplexity_histograms.png",
@@ -101,8 +101,8 @@ def test_two_runs_two_generations_resume_identically(data_dir, tmp_path):
     assert np.all(np.isfinite(under0[1])) and np.all(under0[1] > 1)
 
     # Killed after generation 0, then resumed: the same metrics, byte for byte (timings aside).
-    generation.run_generations(cfg, tmp_path / "part", stop_after=1)
-    generation.run_generations(cfg, tmp_path / "part")
+    loop.run_generations(cfg, tmp_path / "part", stop_after=1)
+    loop.run_generations(cfg, tmp_path / "part")
 
     def strip(rows):
         return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
@@ -121,7 +121,7 @@ def test_two_runs_two_generations_resume_identically(data_dir, tmp_path):
 def test_bad_paths_are_named(data_dir, tmp_path):
     cfg = _cfg(data_dir, f"model.data.source={tmp_path / 'nowhere'}")
     with pytest.raises(FileNotFoundError, match="nowhere.*COLLAPSE_JAX_DATA"):
-        generation.run_generations(cfg, tmp_path / "run")
+        loop.run_generations(cfg, tmp_path / "run")
 
 
 def test_config_blocks_name_bad_keys():

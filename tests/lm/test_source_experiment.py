@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation
-from collapse_jax.lm import opt, source, train, truth
+from collapse_jax import loop
+from collapse_jax.lm import figures, opt, source, train, truth
 from collapse_jax.rundir import fileio, reader
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ SHRINK = [
 def full_run(tmp_path_factory):
     cfg = config_lib.load_config(DEFAULT, SHRINK)
     out = tmp_path_factory.mktemp("truth") / "full"
-    return cfg, generation.run_generations(cfg, out)
+    return cfg, loop.run_generations(cfg, out)
 
 
 def test_default_config_runs_end_to_end(full_run):
@@ -59,14 +59,14 @@ def test_default_config_runs_end_to_end(full_run):
     # The source is saved in the run directory and rebuilds identically.
     assert source.load_source(full.run_dir / "source").summary() == src.summary()
     # The ground-truth figures (the generic and WikiText figures have their own tests).
-    learner = generation.make_learner(cfg)
+    learner = loop.make_learner(cfg)
 
     def load_model(g):
         return learner.load_params(run.params_dir(g), None).model
 
     out = full.run_dir / "figures"
     out.mkdir(exist_ok=True)
-    files = truth.figures(run, out, src, load_model, learner.corpus().eval, 2)
+    files = figures.truth_figures(run, out, src, load_model, learner.corpus().eval, 2)
     assert [f.name for f in files] == [
         "truth_metrics.png",
         "truth_nll_histograms.png",
@@ -76,8 +76,8 @@ def test_default_config_runs_end_to_end(full_run):
 
 def test_killed_run_resumes_to_identical_metrics(full_run, tmp_path):
     cfg, full = full_run
-    generation.run_generations(cfg, tmp_path / "part", stop_after=1)  # killed after gen 0
-    generation.run_generations(cfg, tmp_path / "part")
+    loop.run_generations(cfg, tmp_path / "part", stop_after=1)  # killed after gen 0
+    loop.run_generations(cfg, tmp_path / "part")
 
     def untimed(rows):  # wall-clock timings (fit_seconds, eval_seconds) differ between runs
         return [{k: v for k, v in r.items() if "_seconds" not in k} for r in rows]
@@ -100,7 +100,7 @@ def test_resuming_with_a_changed_source_is_refused(full_run, tmp_path):
     (tmp_path / "source").mkdir()
     saved["checksum"] = "0" * 16
     (tmp_path / "source" / "source.json").write_text(json.dumps(saved))
-    learner = generation.make_learner(cfg)
+    learner = loop.make_learner(cfg)
     with pytest.raises(ValueError, match="source.json"):
         learner.prepare(tmp_path)
 

@@ -11,7 +11,7 @@ import pytest
 import scipy.stats
 
 from collapse_jax import config as config_lib
-from collapse_jax import generation
+from collapse_jax import loop, plots
 from collapse_jax.config import ConfigError
 from collapse_jax.rundir import reader
 from collapse_jax.theory import analytic, discrete
@@ -195,10 +195,10 @@ def test_learner_in_generational_loop(tmp_path):
         },
     }
     cfg = config_lib.from_dict(raw)
-    res = generation.run_generations(cfg, tmp_path / "run")
+    res = loop.run_generations(cfg, tmp_path / "run")
     rows = res.rows
-    learner = generation.make_learner(cfg)
-    curves = learner.expected_curves(np.array([r["sample_size"] for r in rows]))
+    learner = loop.make_learner(cfg)
+    curves = plots.expected_curves(cfg, np.array([r["sample_size"] for r in rows]))
     for name in ("support_size", "lost_tail_mass", "gini_simpson", "absorbed"):
         for r, want in zip(rows, curves[name]):
             se = max(r[f"{name}_se"], 1 / 4096)
@@ -209,9 +209,6 @@ def test_learner_in_generational_loop(tmp_path):
     means = reader.Run(run).mean_series("probs")
     assert means.shape == (4, P0.size)
     assert np.all(np.abs(means - P0) < 0.05)
-    from collapse_jax import plots
-    from collapse_jax.rundir import reader
-
     files = plots.make_figures(reader.Run(res.run_dir), learner)
     names = {f.name for f in files}
     assert {
@@ -230,7 +227,7 @@ def test_yaml_configs_build_learners():
     paths = [root / "theory_discrete.yaml", *sorted((root / "theory").glob("discrete*.yaml"))]
     for p in paths:
         cfg = config_lib.load_config(p)
-        assert isinstance(generation.make_learner(cfg), discrete.DiscreteLearner)
+        assert isinstance(loop.make_learner(cfg), discrete.DiscreteLearner)
 
 
 def test_truncation_loses_exactly_the_truncated_states_mass(tmp_path):
@@ -246,7 +243,7 @@ def test_truncation_loses_exactly_the_truncated_states_mass(tmp_path):
             "generation": {"num_generations": 3, "samples_per_generation": 4000, "num_trials": 64},
         }
     )
-    run = reader.Run(generation.run_generations(cfg, tmp_path).run_dir)
+    run = reader.Run(loop.run_generations(cfg, tmp_path).run_dir)
     lost, cut = run.trial_series("lost_tail_mass"), run.trial_series("truncated_mass")
     probs = run.trial_series("probs")  # [G, R, K]
     assert np.all(lost[0] == 0) and np.all(cut[0] > 0)

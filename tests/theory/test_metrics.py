@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from collapse_jax import metrics
+from collapse_jax.theory import metrics
 
 
 def _w2sq_reference(m1, c1, m2, c2):

@@ -1,4 +1,4 @@
-"""Pure metric functions shared by the learners (Shumailov et al., Nature 2024, Figs. 2-4).
+"""Pure metric functions of the theory models (Shumailov et al., Nature 2024, Figs. 2-4).
 
 Every function works on arrays with arbitrary leading (batch) axes, e.g. `[chains, K]` or
 `[chains, d, d]`, is jittable, and never reads global state. Distances to the original

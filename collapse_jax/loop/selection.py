@@ -12,7 +12,7 @@ Scorers (a learner opts in by implementing the method):
   trims the tails, so it may narrow a density even as it removes the model's errors (the KDE and
   linear-regression configs `configs/*_selection.yaml` show both effects).
 - "generation0": `learner.log_prob(data, params) -> [N]` under the chain's generation-0 fitted
-  model (the loop carries it: `generation.Carry.anchor`), the verifier that needs no access to
+  model (the loop carries it: `loop.policy.Carry.anchor`), the verifier that needs no access to
   the real distribution beyond the first fit. It anchors every later generation to that fit:
   the drift away from it stops, but its own estimation error is kept
   (`configs/gaussian_selection.yaml` compares the two scorers).

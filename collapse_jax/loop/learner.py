@@ -2,7 +2,7 @@
 
 A learner holds only its frozen config (it is hashable, so it can be a static argument of `jax.jit`)
 and exposes pure functions of `(key, data, params)`. It knows nothing of generations; the loop in
-`collapse_jax.generation` knows nothing of any model (Equinox's abstract/final pattern: concrete
+`collapse_jax.loop` knows nothing of any model (Equinox's abstract/final pattern: concrete
 learners are final and implement every abstract method).
 
 Every method works on ONE chain. For `jittable` learners the loop vmaps the methods over
@@ -71,7 +71,7 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     # --- scalars that may differ between the points of one sweep batch ---------------------
     # Config fields (e.g. "sampling_bias") that reach the computation only through `knobs()`:
     # points of a sweep that differ in them share one compiled program, each point's knobs
-    # passed as traced float32 scalars (`generation.run_batch`, `bind`).
+    # passed as traced float32 scalars (`loop.run_batch`, `bind`).
     knob_fields: ClassVar[frozenset[str]] = frozenset()
 
     def knobs(self) -> dict[str, float]:
@@ -165,7 +165,7 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     # words of `key`'s stream `stream` (`prng.word_source`; stream 0: what `sample(key, params,
     # num)` draws itself), or None where it does not apply; `sample(..., noise=that)` then uses
     # it. The loop draws generation g's noise from the chain's k_gens, stream
-    # `generation.NOISE_STREAM + g` (no per-generation key derivation), a whole block of
+    # `loop.keys.NOISE_STREAM + g` (no per-generation key derivation), a whole block of
     # generations ahead of the scan (vectorised, computed once), in every entry point.
     sample_noise: Any = None
 
@@ -214,7 +214,7 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         metrics; called for non-jittable learners). Default: none."""
         return {}
 
-    # --- persistence and reporting (optional) ------------------------------------------------
+    # --- persistence (optional) ------------------------------------------------
     def save_params(self, path: pathlib.Path, params: Params) -> None:
         """Writes `params` into the (new, empty) folder `path`. Default: one .npz of the leaves."""
         fileio.save_tree(path / "params.npz", params)
@@ -222,24 +222,6 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     def load_params(self, path: pathlib.Path, template: Params) -> Params:
         """Reads what `save_params` wrote; `template` has the right tree structure."""
         return fileio.load_tree(path / "params.npz", template)
-
-    def expected_curves(
-        self, sample_sizes: np.ndarray, generation: Any = None
-    ) -> dict[str, np.ndarray]:
-        """Closed-form expectations of scalar metrics per generation (overlaid on the plots).
-
-        Args:
-          sample_sizes: [G] the training-set size of each generation (index 0 = real data).
-          generation: the run's `GenerationConfig` (its policy decides which curves are known);
-            None means the "replace" policy.
-        Returns:
-          {metric name: [G] expected chain-mean of that metric}; empty when none is known.
-        """
-        return {}
-
-    def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        """Model-specific figures from a finished run (`rundir.reader.Run`); returns the files."""
-        return []
 
 
 def _computed(parts: list[list]) -> list[list]:
