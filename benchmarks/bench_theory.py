@@ -23,38 +23,12 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
-import time
 
 import jax
 import numpy as np
 
-from collapse_jax import bench
+from collapse_jax.bench import baselines, harness
 from collapse_jax.theory import discrete, gaussian
-
-_time = bench.timeit
-numpy_gaussian_sample = bench.numpy_gaussian_sample
-numpy_gaussian_exact = bench.numpy_gaussian_exact
-numpy_discrete_sample = bench.numpy_discrete_sample
-numpy_discrete_exact = bench.numpy_discrete_exact
-
-
-def _interleaved(fns: dict, repeats: int) -> tuple[dict, dict]:
-    """(compile seconds, median seconds) of each function, timed in interleaved rounds after a
-    first call each, so that all of them see the same load (our benchmark convention)."""
-    first = {}
-    for k, f in fns.items():
-        t0 = time.perf_counter()
-        f()
-        first[k] = time.perf_counter() - t0
-    times = {k: [] for k in fns}
-    for _ in range(max(1, repeats)):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {k: max(first[k] - med[k], 0.0) for k in fns}, med
 
 
 def bench_gaussian_sample(key, rng, chains, gens, repeats, quick, record):
@@ -69,14 +43,14 @@ def bench_gaussian_sample(key, rng, chains, gens, repeats, quick, record):
         )
         for impl in ("threefry2x32", "philox4x32")
     }
-    runs["numpy"] = lambda: numpy_gaussian_sample(rng, chains, gens, m)
-    compile_s, med = _interleaved(runs, repeats)  # all three see the same machine load
+    runs["numpy"] = lambda: baselines.numpy_gaussian_sample(rng, chains, gens, m)
+    compile_s, med = harness.interleaved(runs, repeats)  # all three see the same machine load
     t, t_old, t_np = med["threefry2x32"], med["philox4x32"], med["numpy"]
     pkey = jax.random.key(0, impl="philox4x32")
     raw = jax.jit(lambda k: jax.random.normal(k, (chains, m)).sum())
-    _, t_raw = _time(lambda: raw(pkey).block_until_ready(), 5)
+    _, t_raw = harness.timeit(lambda: raw(pkey).block_until_ready(), 5)
     fused = jax.jit(lambda k: gaussian.standard_normals(k, chains * m).sum())
-    _, t_fused = _time(lambda: fused(key).block_until_ready(), 5)
+    _, t_fused = harness.timeit(lambda: fused(key).block_until_ready(), 5)
     fused_rate = chains * m / t_fused
     record(
         "gaussian_sample",
@@ -99,18 +73,18 @@ def bench_gaussian_sample(key, rng, chains, gens, repeats, quick, record):
 def bench_gaussian_exact(key, rng, chains, gens, repeats, quick, record):
     m = 1000
     cg = chains * gens
-    cs, ts = _interleaved(
+    cs, ts = harness.interleaved(
         {
             "jax": lambda: gaussian.simulate(
                 key, chains=chains, generations=gens, sample_size=m, method="exact"
             ),
-            "numpy": lambda: numpy_gaussian_exact(rng, chains, gens, m),
+            "numpy": lambda: baselines.numpy_gaussian_exact(rng, chains, gens, m),
         },
         repeats + 2,
     )
     c, t, t_npx = cs["jax"], ts["jax"], ts["numpy"]
     np_gens = 5 if quick else 10  # NumPy drawing 10^7 points per generation is slow
-    _, t_np = _time(lambda: numpy_gaussian_sample(rng, chains, np_gens, m), 1)
+    _, t_np = harness.timeit(lambda: baselines.numpy_gaussian_sample(rng, chains, np_gens, m), 1)
     record(
         "gaussian_exact",
         dict(chains=chains, generations=gens, M=m, d=1),
@@ -127,20 +101,22 @@ def bench_gaussian_exact(key, rng, chains, gens, repeats, quick, record):
 
 
 def _zipf10():
-    return bench.zipf_probs(10)
+    return baselines.zipf_probs(10)
 
 
 def bench_discrete_sample(key, rng, chains, gens, repeats, quick, record):
     probs, m = _zipf10(), 100
     n_samples = chains * gens * m
-    c, t = _time(
+    c, t = harness.timeit(
         lambda: discrete.simulate(
             key, probs=probs, chains=chains, generations=gens, sample_size=m, method="sample"
         ),
         repeats,
     )
     np_gens = max(1, gens // 4)
-    _, t_np = _time(lambda: numpy_discrete_sample(rng, probs, chains, np_gens, m), 1)
+    _, t_np = harness.timeit(
+        lambda: baselines.numpy_discrete_sample(rng, probs, chains, np_gens, m), 1
+    )
     np_rate = chains * np_gens * m / t_np
     record(
         "discrete_sample",
@@ -158,17 +134,17 @@ def bench_discrete_sample(key, rng, chains, gens, repeats, quick, record):
 def bench_discrete_exact(key, rng, chains, gens, repeats, quick, record):
     probs, m = _zipf10(), 1000
     cg = chains * gens
-    cs, ts = _interleaved(
+    cs, ts = harness.interleaved(
         {
             "jax": lambda: discrete.simulate(
                 key, probs=probs, chains=chains, generations=gens, sample_size=m, method="exact"
             ),
-            "numpy": lambda: numpy_discrete_exact(rng, probs, chains, gens, m),
+            "numpy": lambda: baselines.numpy_discrete_exact(rng, probs, chains, gens, m),
         },
         repeats,
     )
     c, t, t_npx = cs["jax"], ts["jax"], ts["numpy"]
-    _, t_np = _time(lambda: numpy_discrete_sample(rng, probs, chains, 2, m), 1)
+    _, t_np = harness.timeit(lambda: baselines.numpy_discrete_sample(rng, probs, chains, 2, m), 1)
     record(
         "discrete_exact",
         dict(chains=chains, generations=gens, M=m, K=10),
@@ -191,11 +167,11 @@ def bench_rng_normals(key, rng, chains, gens, repeats, quick, record):
     "chain i gives the same result whatever the batch" (NOTES.md), so the chains cannot use them.
     """
     n = chains * 100
-    _, t_np = _time(lambda: rng.standard_normal(n).sum(), repeats + 2)
+    _, t_np = harness.timeit(lambda: rng.standard_normal(n).sum(), repeats + 2)
     for impl in ("threefry2x32", "philox4x32", "rbg", "unsafe_rbg"):
         k = jax.random.key(0, impl=impl)
         f = jax.jit(lambda k: jax.random.normal(k, (n,)).sum())
-        c, t = _time(lambda f=f, k=k: f(k).block_until_ready(), repeats + 2)
+        c, t = harness.timeit(lambda f=f, k=k: f(k).block_until_ready(), repeats + 2)
         record(
             f"rng_normals_{impl}",
             dict(normals=n),
@@ -258,11 +234,8 @@ def main() -> None:
         if args.out
         else (pathlib.Path(__file__).parent / "results" / f"theory-{dev.platform}.json")
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if args.only and out.exists():  # keep the other measurements of an earlier full run
-        done = {r["name"] for r in results}
-        results = [r for r in json.loads(out.read_text()) if r["name"] not in done] + results
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    # --only keeps the other measurements of an earlier full run.
+    harness.write_rows(out, results, keep_others=bool(args.only))
     print(f"wrote {out}")
 
 

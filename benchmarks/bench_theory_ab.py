@@ -23,9 +23,8 @@ import tempfile
 
 import jax
 import numpy as np
-from bench_theory import _interleaved  # this folder: run as a script
 
-from collapse_jax import bench
+from collapse_jax.bench import baselines, harness
 from collapse_jax.theory import discrete, gaussian
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -64,7 +63,7 @@ def main() -> None:
     c, g = args.chains, args.generations
     key = jax.random.key(0)
     rng = np.random.default_rng(0)
-    probs = bench.zipf_probs(10)
+    probs = baselines.zipf_probs(10)
     with tempfile.TemporaryDirectory() as tmp:
         old_g, old_d = import_old(args.rev, pathlib.Path(tmp))
         cases = {
@@ -72,7 +71,7 @@ def main() -> None:
                 M=1000,
                 new=lambda: gaussian.simulate(key, chains=c, generations=g, sample_size=1000),
                 old=lambda: old_g.simulate(key, chains=c, generations=g, sample_size=1000),
-                numpy=lambda: bench.numpy_gaussian_exact(rng, c, g, 1000),
+                numpy=lambda: baselines.numpy_gaussian_exact(rng, c, g, 1000),
             ),
             "gaussian_sample": dict(
                 M=100,
@@ -82,7 +81,7 @@ def main() -> None:
                 old=lambda: old_g.simulate(
                     key, chains=c, generations=g, sample_size=100, method="sample"
                 ),
-                numpy=lambda: bench.numpy_gaussian_sample(rng, c, g, 100),
+                numpy=lambda: baselines.numpy_gaussian_sample(rng, c, g, 100),
             ),
             "discrete_exact": dict(
                 M=1000,
@@ -92,14 +91,14 @@ def main() -> None:
                 old=lambda: old_d.simulate(
                     key, probs=probs, chains=c, generations=g, sample_size=1000
                 ),
-                numpy=lambda: bench.numpy_discrete_exact(rng, probs, c, g, 1000),
+                numpy=lambda: baselines.numpy_discrete_exact(rng, probs, c, g, 1000),
             ),
         }
         rows = []
         for name in args.only.split(","):
             case = cases[name]
             runs = {k: case[k] for k in ("old", "new", "numpy")}
-            compile_s, med = _interleaved(runs, args.rounds)  # all see the same load
+            compile_s, med = harness.interleaved(runs, args.rounds)  # all see the same load
             row = dict(
                 name=name,
                 config=dict(chains=c, generations=g, M=case["M"]),
@@ -116,10 +115,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     dev = jax.devices()[0].platform
     out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" / f"theory-ab-{dev}.json")
-    if out.exists():  # keep the rows of the measurements not re-run
-        done = {r["name"] for r in rows}
-        rows = [r for r in json.loads(out.read_text()) if r["name"] not in done] + rows
-    out.write_text(json.dumps(rows, indent=1) + "\n")
+    harness.write_rows(out, rows, keep_others=True)  # keeps the rows not re-run
     print(f"wrote {out}")
 
 

@@ -40,15 +40,16 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from collapse_jax import bench  # noqa: E402
+from collapse_jax.bench import harness  # noqa: E402
+from collapse_jax.bench import lm as bench_lm  # noqa: E402
 from collapse_jax.jaxtools import sharding  # noqa: E402
 from collapse_jax.lm import data as data_lib  # noqa: E402
 from collapse_jax.lm import train  # noqa: E402
 from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM, state_from_hf  # noqa: E402
 from collapse_jax.lm.train_config import TrainConfig  # noqa: E402
 
-measured_peak_flops = bench.measured_matmul_flops  # fp32 2048^3, best of 5
-flops_per_token = bench.opt_flops_per_token
+measured_peak_flops = harness.measured_matmul_flops  # fp32 2048^3, best of 5
+flops_per_token = bench_lm.opt_flops_per_token
 
 
 def main() -> None:

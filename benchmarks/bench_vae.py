@@ -31,7 +31,7 @@ import time
 import jax
 import numpy as np
 
-from collapse_jax import bench
+from collapse_jax.bench import baselines
 from collapse_jax.jaxtools import convs
 from collapse_jax.vae import mnist
 from collapse_jax.vae import model as vae
@@ -114,7 +114,7 @@ def main() -> None:
         compile_s[name] = time.perf_counter() - t
 
     torch.manual_seed(0)
-    model = bench.torch_vae()
+    model = baselines.torch_vae()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-5)
     xt = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
 

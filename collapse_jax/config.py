@@ -33,27 +33,45 @@ from typing import Any, Literal
 
 import yaml
 
-# kind -> (config class, learner class), as "module:attribute"; imported lazily so that a
-# theory-only run never imports Flax or transformers.
-MODEL_REGISTRY: dict[str, tuple[str, str]] = {
+# kind -> (config class, learner class, reporting module). The classes are "module:attribute"; the
+# reporting module draws the kind's own figures of a run and knows its closed-form curves
+# (`collapse_jax.plots` calls its `figures` and `expected_curves`). All are imported lazily, so a
+# theory-only run never imports Flax or transformers, and no run imports matplotlib before it plots.
+MODEL_REGISTRY: dict[str, tuple[str, ...]] = {
     "discrete": (
         "collapse_jax.theory.discrete:DiscreteConfig",
         "collapse_jax.theory.discrete:DiscreteLearner",
+        "collapse_jax.theory.figures",
     ),
     "gaussian": (
         "collapse_jax.theory.gaussian:GaussianConfig",
         "collapse_jax.theory.gaussian:GaussianLearner",
+        "collapse_jax.theory.figures",
     ),
-    "gmm": ("collapse_jax.gmm:GMMConfig", "collapse_jax.gmm:GMMLearner"),
+    "gmm": (
+        "collapse_jax.gmm:GMMConfig",
+        "collapse_jax.gmm:GMMLearner",
+        "collapse_jax.gmm.figures",
+    ),
     "linear_regression": (
         "collapse_jax.linreg.learner:LinearRegressionConfig",
         "collapse_jax.linreg.learner:LinearRegressionLearner",
+        "collapse_jax.linreg.figures",
     ),
-    "kde": ("collapse_jax.kde.learner:KDEConfig", "collapse_jax.kde.learner:KDELearner"),
-    "vae": ("collapse_jax.vae.model:VAEConfig", "collapse_jax.vae.learner:VAELearner"),
+    "kde": (
+        "collapse_jax.kde.learner:KDEConfig",
+        "collapse_jax.kde.learner:KDELearner",
+        "collapse_jax.kde.figures",
+    ),
+    "vae": (
+        "collapse_jax.vae.model:VAEConfig",
+        "collapse_jax.vae.learner:VAELearner",
+        "collapse_jax.vae.figures",
+    ),
     "opt": (
         "collapse_jax.lm.experiment:OPTExperimentConfig",
         "collapse_jax.lm.experiment:OPTLearner",
+        "collapse_jax.lm.figures",
     ),
 }
 
@@ -88,6 +106,19 @@ def learner_class(kind: str) -> type:
             f"unknown model kind {short(kind)}; valid kinds: {sorted(MODEL_REGISTRY)}"
         )
     return import_object(MODEL_REGISTRY[kind][1])
+
+
+def reporting_module(kind: str) -> types.ModuleType | None:
+    """The kind's reporting module, or None for a kind registered without one (a test's toy).
+
+    A reporting module defines `figures(learner, run, out_dir) -> list[Path]` (the kind's own
+    figures of a finished run) and `expected_curves(model_config, mode, sample_sizes, *,
+    selection=False) -> {metric: [G] array}` (closed-form chain means under the policy `mode`).
+    """
+    if kind not in MODEL_REGISTRY:
+        raise ConfigError(f"unknown model kind {kind!r}; valid kinds: {sorted(MODEL_REGISTRY)}")
+    entry = MODEL_REGISTRY[kind]
+    return importlib.import_module(entry[2]) if len(entry) > 2 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,8 +355,8 @@ class ExperimentConfig:
             isinstance(self.name, str)
             and bool(re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*", self.name)),
             "name",
-            "must be a plain name (letters, digits, _ . -, not starting with a dot: it names a "
-            f"folder), got {short(self.name)}",
+            "must be a plain file name (letters, digits, _ . -, not starting with a dot: it "
+            f"names a folder), got {short(self.name)}",
         )
         require(dataclasses.is_dataclass(self.model), "model", "must be a model config")
         require(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")

@@ -1,8 +1,10 @@
-"""Figures from a run directory: every metric against generations, plus the learner's own figures.
+"""Figures from a run directory: every metric against generations, plus the kind's own figures.
 
 The generic figure of a scalar metric shows the chain mean with a +-2 SE band and the 5-95 %
-chain quantiles, with the learner's closed-form expectation overlaid where it has one (e.g. the
-variance of the MLE Gaussian chain, ((M-1)/M)^n sigma_0^2).
+chain quantiles, with the closed-form expectation overlaid where the kind has one (e.g. the
+variance of the MLE Gaussian chain, ((M-1)/M)^n sigma_0^2). The kind's own figures and its
+closed forms come from its reporting module, found through `config.MODEL_REGISTRY`
+(`config.reporting_module`): learners draw nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402, TID253
 import numpy as np  # noqa: E402
 
+from collapse_jax import config as config_lib  # noqa: E402
 from collapse_jax.rundir import fileio, reader  # noqa: E402
 
 _SUFFIXES = ("_se", "_std", "_q05", "_q50", "_q95")
@@ -63,21 +66,44 @@ def metric_figure(run: reader.Run, name: str, expected: np.ndarray | None, path:
     plt.close(fig)
 
 
+def expected_curves(
+    cfg: config_lib.ExperimentConfig, sample_sizes: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Closed-form chain means of a run's metrics per generation, from its kind's reporting
+    module (`config.reporting_module`): {metric: [G] array}; empty when none is known.
+
+    Args:
+      cfg: the run's experiment config (its model block and its policy decide the curves).
+      sample_sizes: [G] the training-set size of each generation (index 0 = real data).
+    """
+    reporting = config_lib.reporting_module(cfg.kind)
+    if reporting is None:
+        return {}
+    g = cfg.generation
+    return reporting.expected_curves(
+        cfg.model, g.policy, np.asarray(sample_sizes), selection=g.selection is not None
+    )
+
+
 def make_figures(run: reader.Run, learner=None) -> list[pathlib.Path]:
     """Writes `figures/*.png` for a run; returns the files written.
 
+    With the run's `learner`, the closed-form curves are overlaid and the kind's reporting
+    module draws its own figures too (`figures(learner, run, out_dir)`).
+
     Figures are drawn into a temporary folder and each is renamed into `figures/` when all are
     done, so a kill while plotting leaves the previous figures, never an empty or torn PNG (the
-    temporary folder is removed here or by the next run's `rundir.guard.clean_temporaries`).
+    temporary folder is removed here or by the next run's `rundir.guard.clean_leftovers`).
     """
     out = run.path / "figures"
     rows = run.rows()
     if not rows:
         return []
     expected = {}
+    reporting = None
     if learner is not None:
-        sizes = np.array([r["sample_size"] for r in rows])
-        expected = learner.expected_curves(sizes, run.config.generation)
+        expected = expected_curves(run.config, np.array([r["sample_size"] for r in rows]))
+        reporting = config_lib.reporting_module(run.config.kind)
     tmp = fileio.fresh_dir(run.path, "figures")
     try:
         drawn = []
@@ -85,12 +111,12 @@ def make_figures(run: reader.Run, learner=None) -> list[pathlib.Path]:
             path = tmp / f"{name}.png"
             metric_figure(run, name, expected.get(name), path)
             drawn.append(path)
-        if learner is not None:
-            drawn += learner.figures(run, tmp)
+        if reporting is not None:
+            drawn += reporting.figures(learner, run, tmp)
         out.mkdir(exist_ok=True)
         files = []
         for path in map(pathlib.Path, drawn):
-            if not path.is_relative_to(tmp):  # a learner's file outside figures/ (run-dir text)
+            if not path.is_relative_to(tmp):  # a kind's file outside figures/ (run-dir text)
                 files.append(path)
                 continue
             rel = path.relative_to(tmp)

@@ -44,6 +44,7 @@ import numpy as np
 import yaml
 
 from collapse_jax import config as config_lib
+from collapse_jax import loop, plots
 from collapse_jax.rundir import fileio, reader
 
 log = logging.getLogger(__name__)
@@ -196,8 +197,6 @@ def run_sweep(
       figures: draw the combined figures at the end (a point's own figures: `collapse-jax plot
         OUT/points/<point>`; drawing them for every point of a large grid would dominate).
     """
-    from collapse_jax import loop
-
     sweep = Sweep(config_path, parse_axes(axis_args), out)
     sweep.prepare()
     for batch in batches(sweep):
@@ -228,8 +227,6 @@ def batches(sweep: Sweep) -> list[list[int]]:
     `loop.batch_key` (differing only in traced values: seed, knobs such as lambda and, for
     learners with traced sample sizes, sample sizes and mix shares), in grid order, at most
     `chunk_size` chains (all points' together) per batch."""
-    from collapse_jax import loop
-
     groups: dict[Any, list[int]] = {}
     out: list[list[int]] = []
     for i, cfg in enumerate(sweep.configs):
@@ -261,8 +258,6 @@ def point_rows(sweep: Sweep) -> list[list[dict[str, Any]]]:
 
 def write_table(sweep: Sweep) -> pathlib.Path:
     """`sweep.csv`: per point, its axis values and its last generation's summary row."""
-    from collapse_jax import plots
-
     rows = point_rows(sweep)
     table = []
     for p, r in zip(sweep.points, rows):
@@ -302,8 +297,6 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from collapse_jax import plots
-
     rows = point_rows(sweep)
     done = [r for r in rows if r]
     if not done:
@@ -317,7 +310,11 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
     def value_of(i: int, key: str) -> str:
         return _value_text(sweep.points[i]["overrides"][key])
 
-    expected = [_expected_curves(cfg, r) for cfg, r in zip(sweep.configs, rows)]
+    # Each point's closed-form chain means (its kind's reporting module; none for a point not run).
+    expected = [
+        plots.expected_curves(cfg, np.array([x["sample_size"] for x in r])) if r else {}
+        for cfg, r in zip(sweep.configs, rows)
+    ]
 
     # --- curves: facets = combinations of all varying axes but the last --------------------
     last = vary[-1] if vary else None
@@ -409,16 +406,6 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
             plt.close(fig)
             files.append(path)
     return files
-
-
-def _expected_curves(cfg: config_lib.ExperimentConfig, rows: list[dict]) -> dict[str, Any]:
-    """The learner's closed-form chain means for a point's run (empty if none or not run)."""
-    if not rows:
-        return {}
-    from collapse_jax import loop
-
-    sizes = np.array([r["sample_size"] for r in rows])
-    return loop.make_learner(cfg).expected_curves(sizes, cfg.generation)
 
 
 def _positive(rows: list[list[dict]], idx: list[int], name: str) -> bool:

@@ -1,8 +1,9 @@
 """Gaussian mixtures fitted by EM, vmapped over chains (the paper's GMM experiment).
 
 Split along its seams: `em` (the EM library: `fit`, `fit_em`, `l2_distance`, `sample`, ...),
-`learner` (`GMMConfig`, `GMMLearner` for the generational loop, `replay_chain`) and `figures`.
-Every public name stays importable from `collapse_jax.gmm`.
+`learner` (`GMMConfig`, `GMMLearner` for the generational loop) and `figures` (the run's figures
+and closed-form curves, `replay_chain`).
+The public names of `em` and `learner` are importable from `collapse_jax.gmm`.
 """
 
 from collapse_jax.gmm.em import (
@@ -17,7 +18,7 @@ from collapse_jax.gmm.em import (
     moments,
     sample,
 )
-from collapse_jax.gmm.learner import GMMConfig, GMMLearner, replay_chain
+from collapse_jax.gmm.learner import GMMConfig, GMMLearner
 
 __all__ = [
     "INIT_METHODS",
@@ -31,6 +32,5 @@ __all__ = [
     "l2_distance",
     "log_likelihood",
     "moments",
-    "replay_chain",
     "sample",
 ]

@@ -1,5 +1,6 @@
-"""Figures of GMM runs: chain 0's samples at chosen generations (the paper's panels) and the
-chain means of the L2 distance and of the fitted covariance's trace."""
+"""Reporting of GMM runs (`kind: gmm`): chain 0's samples at chosen generations (the paper's
+panels), the chain means of the L2 distance and of the fitted covariance's trace, and the
+closed-form mean of that trace. Chain 0's data are recomputed by the loop core (`replay_chain`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,56 @@ from typing import Any
 
 import numpy as np
 
-from collapse_jax.gmm.learner import replay_chain
+from collapse_jax import loop
+from collapse_jax.config import GenerationConfig
+from collapse_jax.gmm.em import moments
+from collapse_jax.gmm.learner import GMMConfig, GMMLearner
 
 
-def scatter_figures(learner: Any, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
-    """The paper's GMM panels: chain 0's training data at `scatter_generations`, and the chain
-    mean of the L2 distance and of the fitted covariance's trace over generations."""
+def replay_chain(
+    learner: GMMLearner, seed: int, generations: list[int], generation: Any = None
+) -> dict[int, np.ndarray]:
+    """Training data of chain 0 at the given generations, recomputed by the loop core with the
+    run's keys (`loop.replay_data`): the run need not store every generation's data.
+
+    Args:
+      learner: the run's learner; seed: the run's seed; generations: indices (0 = real data).
+      generation: the run's `GenerationConfig` (policy and sizes; None: the defaults).
+    Returns:
+      {generation: [M_g, d] points}.
+    """
+    gcfg = GenerationConfig() if generation is None else generation
+    return loop.replay_data(learner, gcfg, seed, generations)
+
+
+def expected_curves(
+    config: GMMConfig, mode: str, sample_sizes: np.ndarray, *, selection: bool = False
+) -> dict[str, np.ndarray]:
+    """E[cov_trace] per generation under the "replace" policy without sampling bias (else empty).
+
+    Every M-step matches the mixture's overall mean and covariance to the training data's
+    (plus reg_covar on the diagonal), so whatever the components do the overall covariance
+    follows the Gaussian MLE chain: E[Sigma_g] = (M_g - 1) / M_g * Sigma_{g-1} + reg * I.
+
+    Args:
+      config: the run's model config; mode: its policy; sample_sizes: [G] training-set sizes.
+      selection: whether the run selects synthetic data (not used by this curve).
+    """
+    if mode != "replace" or config.sampling_bias != 1.0:
+        return {}
+    _, cov = moments(config.true_mixture())
+    t = float(np.trace(np.asarray(cov, np.float64)))
+    out = []
+    for m in np.asarray(sample_sizes, dtype=np.float64):
+        t = (m - 1.0) / m * t + config.reg_covar * config.dim
+        out.append(t)
+    return {"cov_trace": np.asarray(out)}
+
+
+def figures(learner: GMMLearner, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The paper's GMM panels: chain 0's training data at `scatter_generations` (gmm_scatter.png),
+    and the chain mean of the L2 distance and of the fitted covariance's trace over generations
+    (gmm_l2.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,7 +101,9 @@ def scatter_figures(learner: Any, run: Any, out_dir: pathlib.Path) -> list[pathl
         axes[0].set_ylabel("squared L2 to the real distribution")
         axes[1].plot(run.series("cov_trace"), label="chain mean")
         sizes = np.array([r["sample_size"] for r in run.rows()])
-        expected = learner.expected_curves(sizes, gcfg).get("cov_trace")
+        expected = expected_curves(
+            cfg, gcfg.policy, sizes, selection=gcfg.selection is not None
+        ).get("cov_trace")
         if expected is not None:
             axes[1].plot(expected, "--", label="expected (Gaussian MLE chain)")
         axes[1].set_xlabel("generation")

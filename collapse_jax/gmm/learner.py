@@ -2,14 +2,13 @@
 
 `GMMConfig` is the `model: {kind: gmm, ...}` block; `GMMLearner` fits a fresh mixture per chain
 and generation (or warm-starts), and offers the loop a batched fit over chains (`fit_chains`)
-that skips converged chains. `replay_chain` recomputes a chain's data for the figures.
+that skips converged chains.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import pathlib
 from typing import Any, ClassVar
 
 import jax
@@ -17,8 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from collapse_jax import config as config_lib
-from collapse_jax import loop
 from collapse_jax.config import ConfigError
 from collapse_jax.gmm import em
 from collapse_jax.gmm.em import (
@@ -283,46 +280,3 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
         if reference is not None:
             metrics["log_lik"] = jnp.mean(logsumexp(weighted_log_prob(reference, p), axis=1))
         return metrics
-
-    def expected_curves(
-        self, sample_sizes: np.ndarray, generation: Any = None
-    ) -> dict[str, np.ndarray]:
-        """E[cov_trace] per generation under the "replace" policy.
-
-        Every M-step matches the mixture's overall mean and covariance to the training data's
-        (plus reg_covar on the diagonal), so whatever the components do the overall covariance
-        follows the Gaussian MLE chain: E[Sigma_g] = (M_g - 1) / M_g * Sigma_{g-1} + reg * I.
-        """
-        if (generation is not None and generation.policy != "replace") or (
-            self.config.sampling_bias != 1.0
-        ):
-            return {}
-        _, cov = moments(self.config.true_mixture())
-        t = float(np.trace(np.asarray(cov, np.float64)))
-        out = []
-        for m in np.asarray(sample_sizes, dtype=np.float64):
-            t = (m - 1.0) / m * t + self.config.reg_covar * self.config.dim
-            out.append(t)
-        return {"cov_trace": np.asarray(out)}
-
-    def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        """Scatter plots of samples of chain 0 at `scatter_generations` (needs their params)."""
-        from collapse_jax.gmm import figures
-
-        return figures.scatter_figures(self, run, out_dir)
-
-
-def replay_chain(
-    learner: GMMLearner, seed: int, generations: list[int], generation: Any = None
-) -> dict[int, np.ndarray]:
-    """Training data of chain 0 at the given generations, recomputed by the loop core with the
-    run's keys (`loop.replay_data`): the run need not store every generation's data.
-
-    Args:
-      learner: the run's learner; seed: the run's seed; generations: indices (0 = real data).
-      generation: the run's `GenerationConfig` (policy and sizes; None: the defaults).
-    Returns:
-      {generation: [M_g, d] points}.
-    """
-    gcfg = config_lib.GenerationConfig() if generation is None else generation
-    return loop.replay_data(learner, gcfg, seed, generations)

@@ -280,32 +280,3 @@ class LinearRegressionLearner(KnobbedLearner[LinRegParams, LinRegData]):
 
     def num_samples(self, data: LinRegData) -> int:
         return int(data.row.shape[0])
-
-    # --- reporting ---------------------------------------------------------------------------
-    def expected_curves(
-        self, sample_sizes: np.ndarray, generation: Any = None
-    ) -> dict[str, np.ndarray]:
-        """Closed-form chain means of `param_error` and `test_mse` for OLS when every generation
-        relabels the whole design once: replace (all sizes T) or accumulate (sizes (n + 1) T)."""
-        c = self.config
-        if c.ridge != 0:
-            return {}
-        policy = "replace" if generation is None else generation.policy
-        if generation is not None and generation.selection is not None:
-            return {}
-        sizes = np.asarray(sample_sizes)
-        g = np.arange(1, len(sizes) + 1)
-        if not (
-            (policy == "replace" and np.all(sizes == c.num_points))
-            or (policy == "accumulate" and np.all(sizes == g * c.num_points))
-        ):
-            return {}
-        pe = expected_param_error(
-            policy,
-            len(sizes),
-            dim=c.dim,
-            num_points=c.num_points,
-            noise_std=c.noise_std,
-            sampling_bias=c.sampling_bias,
-        )
-        return {"param_error": pe, "test_mse": pe + c.noise_std**2}

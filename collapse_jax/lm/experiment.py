@@ -524,23 +524,6 @@ class OPTLearner(AbstractLearner):
             + checkpoints,
         }
 
-    # --- figures ---------------------------------------------------------------------------
-    def figures(self, run, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        from collapse_jax.lm import figures
-
-        files = figures.make_figures(self, run, out_dir)
-        src = self.ground_truth()
-        if src is not None:
-
-            def load_model(g):
-                p = run.params_dir(g)
-                return self.load_params(p, None).model if (p / "config.json").is_file() else None
-
-            files += figures.truth_figures(
-                run, out_dir, src, load_model, self.corpus().eval, self.config.data.ranked_contexts
-            )
-        return files
-
 
 # The size of a corpus vocabulary for dry-run estimates (WikiText-2 valid + test: 24.6k ids).
 _CORPUS_VOCAB_ESTIMATE = 24_600

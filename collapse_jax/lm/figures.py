@@ -1,4 +1,5 @@
-"""The paper's language-model figures from a run directory (Shumailov et al. 2024, Fig. 1).
+"""The paper's language-model figures from a run directory (Shumailov et al. 2024, Fig. 1): the
+reporting module of `kind: opt` (`figures`, `expected_curves`).
 
 - `lm_test_perplexity.png`: test perplexity per generation, every run as a thin line and the
   mean +- std over runs as a band, with the unigram baseline on the same tokens;
@@ -30,6 +31,35 @@ from collapse_jax.rundir import fileio, reader
 
 # The generations the paper's Fig. 1 histograms show.
 HISTOGRAM_GENERATIONS = (0, 1, 2, 3, 5, 9)
+
+
+def figures(learner: Any, run: reader.Run, out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Every figure of an LM run (`kind: opt`): `make_figures`, and for a known language
+    (`data: {kind: source}`) the ground-truth figures (`truth_figures`)."""
+    files = make_figures(learner, run, out_dir)
+    src = learner.ground_truth()
+    if src is not None:
+
+        def load_model(g):
+            p = run.params_dir(g)
+            return learner.load_params(p, None).model if (p / "config.json").is_file() else None
+
+        files += truth_figures(
+            run,
+            out_dir,
+            src,
+            load_model,
+            learner.corpus().eval,
+            learner.config.data.ranked_contexts,
+        )
+    return files
+
+
+def expected_curves(
+    config: Any, mode: str, sample_sizes: np.ndarray, *, selection: bool = False
+) -> dict[str, np.ndarray]:
+    """None is known for language models."""
+    return {}
 
 
 def make_figures(learner: Any, run: reader.Run, out_dir: pathlib.Path) -> list[pathlib.Path]:

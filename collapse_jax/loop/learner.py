@@ -181,7 +181,7 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         metrics; called for non-jittable learners). Default: none."""
         return {}
 
-    # --- persistence and reporting (optional) ------------------------------------------------
+    # --- persistence (optional) ------------------------------------------------
     def save_params(self, path: pathlib.Path, params: Params) -> None:
         """Writes `params` into the (new, empty) folder `path`. Default: one .npz of the leaves."""
         fileio.save_tree(path / "params.npz", params)
@@ -189,24 +189,6 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     def load_params(self, path: pathlib.Path, template: Params) -> Params:
         """Reads what `save_params` wrote; `template` has the right tree structure."""
         return fileio.load_tree(path / "params.npz", template)
-
-    def expected_curves(
-        self, sample_sizes: np.ndarray, generation: Any = None
-    ) -> dict[str, np.ndarray]:
-        """Closed-form expectations of scalar metrics per generation (overlaid on the plots).
-
-        Args:
-          sample_sizes: [G] the training-set size of each generation (index 0 = real data).
-          generation: the run's `GenerationConfig` (its policy decides which curves are known);
-            None means the "replace" policy.
-        Returns:
-          {metric name: [G] expected chain-mean of that metric}; empty when none is known.
-        """
-        return {}
-
-    def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        """Model-specific figures from a finished run (`rundir.reader.Run`); returns the files."""
-        return []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -110,6 +110,24 @@ def is_run_dir(run_dir: pathlib.Path) -> bool:
 # Committed files.
 
 
+def state_folder(run_dir: pathlib.Path) -> pathlib.Path:
+    """`state/`, or, while a commit replaces it (or when its writer was killed between the two
+    renames of `fileio.replace_dir`), the previous commit's folder set aside, which is what the
+    writer's clean-up puts back."""
+    state = run_dir / "state"
+    if state.exists() or not run_dir.is_dir():
+        return state
+    aside = sorted(p for p in run_dir.iterdir() if fileio.aside_target(p.name) == "state")
+    return aside[0] if aside else state
+
+
+def _path(run_dir: pathlib.Path, rel: str) -> pathlib.Path:
+    """Where committed file `rel` is now (`state/...` may be set aside mid-commit)."""
+    if rel.startswith("state/"):
+        return state_folder(run_dir) / rel[len("state/") :]
+    return run_dir / rel
+
+
 def file_digest(path: pathlib.Path) -> dict[str, Any]:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -143,16 +161,6 @@ def committed_files(run_dir: pathlib.Path, generations: range | None) -> Iterato
     for rel in _result_files(run_dir):
         g = generation_of(rel)
         if g is not None and (generations is None or g in generations):
-            yield rel
-
-
-def run_wide_files(run_dir: pathlib.Path) -> Iterator[str]:
-    """Relative paths of committed files that belong to no generation (env.json, source/)."""
-    for name in TOP_FILES:
-        if (run_dir / name).is_file():
-            yield name
-    for rel in _result_files(run_dir):
-        if generation_of(rel) is None:
             yield rel
 
 
@@ -201,7 +209,7 @@ def _structure_problem(m: Any) -> str | None:
 def read_manifest(run_dir: pathlib.Path) -> dict[str, Any] | None:
     """The manifest of the last commit (None when there is none); an unreadable one raises
     `RunDirDamaged` naming it."""
-    path = run_dir / "state" / MANIFEST
+    path = state_folder(run_dir) / MANIFEST
     if not path.exists():
         return None
     try:
@@ -235,11 +243,14 @@ def write_manifest(
             and (generation_of(k) if generation_of(k) is not None else -1) < before
             and not (pruned_by_policy(k, config) and not (run_dir / k).exists())
         }
-    for rel in committed_files(run_dir, range(before, next_generation)):
-        files[rel] = file_digest(run_dir / rel)
-    for rel in run_wide_files(run_dir):
-        if rel not in files or rel in TOP_FILES:
+    new = range(before, next_generation)
+    for rel in _result_files(run_dir):  # one walk: this commit's generations, new run-wide files
+        g = generation_of(rel)
+        if (g in new) if g is not None else rel not in files:
             files[rel] = file_digest(run_dir / rel)
+    for name in TOP_FILES:
+        if (run_dir / name).is_file():
+            files[name] = file_digest(run_dir / name)
     for dirpath, _, filenames in os.walk(state_tmp):
         for name in sorted(filenames):
             p = pathlib.Path(dirpath) / name
@@ -265,7 +276,7 @@ def _consistency(run_dir: pathlib.Path, manifest: Mapping[str, Any]) -> list[str
             f"{MANIFEST_REL} belongs to another run directory (run id "
             f"{str(manifest['run_id'])[:16]}, this one's is {str(marker.get('run_id'))[:16]})"
         )
-    meta_path = run_dir / "state" / "meta.json"
+    meta_path = state_folder(run_dir) / "meta.json"
     try:
         meta = fileio.load_json(meta_path)
         meta_n = meta.get("next_generation") if isinstance(meta, dict) else None
@@ -308,9 +319,9 @@ def verify(run_dir: pathlib.Path, manifest: Mapping[str, Any] | None = None) -> 
             return [str(e)]
     if manifest is None:
         # No commit record: generations without one cannot be trusted (deleted state/?).
-        if (run_dir / "state" / "meta.json").exists():
+        if (state_folder(run_dir) / "meta.json").exists():
             try:
-                meta = fileio.load_json(run_dir / "state" / "meta.json")
+                meta = fileio.load_json(state_folder(run_dir) / "meta.json")
             except (OSError, ValueError):
                 return ["state/meta.json is unreadable"]
             if not isinstance(meta, dict) or meta.get("manifest", False):
@@ -321,7 +332,7 @@ def verify(run_dir: pathlib.Path, manifest: Mapping[str, Any] | None = None) -> 
         return problems
     problems += _consistency(run_dir, manifest)
     for rel, want in manifest["files"].items():
-        p = run_dir / rel
+        p = _path(run_dir, rel)
         if not p.is_file():
             if not pruned_by_policy(rel, manifest["config"]):
                 problems.append(f"{rel} is missing")
@@ -358,8 +369,8 @@ def verify(run_dir: pathlib.Path, manifest: Mapping[str, Any] | None = None) -> 
 def _commit_token(run_dir: pathlib.Path) -> tuple | None:
     """What changes with every commit: the state folder's inode and the manifest's bytes."""
     try:
-        ino = os.stat(run_dir / "state").st_ino
-        return ino, (run_dir / "state" / MANIFEST).read_bytes()
+        state = state_folder(run_dir)
+        return os.stat(state).st_ino, (state / MANIFEST).read_bytes()
     except OSError:
         return None  # no commit record, or state/ is being replaced right now
 
@@ -383,7 +394,7 @@ def committed_generations(run_dir: pathlib.Path) -> int | None:
     manifest = read_manifest(run_dir)
     if manifest is not None:
         return int(manifest["next_generation"])
-    meta = run_dir / "state" / "meta.json"
+    meta = state_folder(run_dir) / "meta.json"
     return int(fileio.load_json(meta)["next_generation"]) if meta.exists() else None
 
 

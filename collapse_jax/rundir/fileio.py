@@ -121,14 +121,14 @@ def save_tree(path: pathlib.Path, tree: Any) -> None:
 
 
 def load_tree(path: pathlib.Path, template: Any, *, leading: int | None = None) -> Any:
-    """Inverse of `save_tree`; `template` (arrays or ShapeDtypeStructs) gives the structure, and
-    every leaf must have the template leaf's shape and dtype (a file written by another model, or
-    altered, is named).
+    """Inverse of `save_tree`; `template` (arrays or ShapeDtypeStructs) gives the structure.
 
     Args:
-      leading: for a template built for one chain whose other axes may differ from the state's
-        (data that grows with the generations): every leaf must instead have `leading` rows,
-        the template leaf's number of axes and its dtype.
+      leading: check every leaf against the template (a file written by another model, or
+        altered, is named): `leading` rows, the template leaf's number of axes and its dtype.
+        For a template built for one chain, whose other axes may differ from the state's (data
+        that grows with the generations). Without it only the number of leaves is checked
+        (learners' parameter files, whose templates may differ in dtype).
     """
     arrays = load_npz(path)
     treedef = jax.tree.structure(template)
@@ -142,18 +142,16 @@ def load_tree(path: pathlib.Path, template: Any, *, leading: int | None = None) 
         got = arrays.get(f"leaf_{i:05d}")
         if got is None:
             raise CorruptFileError(f"{path} has no array leaf_{i:05d}: not a saved pytree")
-        shape = tuple(want.shape)
-        if leading is None:
-            ok = got.shape == shape
-        else:
-            ok = got.ndim == len(shape) and (not shape or got.shape[0] == leading)
-            shape = (leading, *("*" * (len(shape) - 1))) if shape else shape
-        if not ok or got.dtype != np.dtype(want.dtype):
-            raise CorruptFileError(
-                f"{path}: array leaf_{i:05d} is {got.dtype}{list(got.shape)} where this run "
-                f"expects {np.dtype(want.dtype)}{list(shape)}: it was written by a different "
-                "model or altered"
-            )
+        if leading is not None:
+            ndim = len(want.shape)
+            rows_ok = ndim == 0 or (got.ndim > 0 and got.shape[0] == leading)
+            if got.ndim != ndim or not rows_ok or got.dtype != np.dtype(want.dtype):
+                shape = [leading, *["*"] * (ndim - 1)] if ndim else []
+                raise CorruptFileError(
+                    f"{path}: array leaf_{i:05d} is {got.dtype}{list(got.shape)} where this run "
+                    f"expects {np.dtype(want.dtype)}{shape}: it was written by a different "
+                    "model or altered"
+                )
         leaves.append(got)
     return jax.tree.unflatten(treedef, leaves)
 

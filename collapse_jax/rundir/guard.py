@@ -157,16 +157,21 @@ class RunLock:
             os.close(fd)
             raise RunDirBusy(f"{self.run_dir} keeps being replaced while it is locked")
         try:
-            claim(self.run_dir)  # before anything is written: refuses a folder not ours
-        except BaseException:
+            self._take()
+        except BaseException:  # refused, or interrupted: the folder is not left locked
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
             raise
+        _held[key] = [fd, 1]
+        self._key = key
+        return self
+
+    def _take(self) -> None:
+        """With the folder locked: claims it, checks and replaces the holder's record."""
+        claim(self.run_dir)  # before anything is written: refuses a folder not ours
         previous = _read_holder(self.path)
         host = socket.gethostname()
         if previous.get("host") not in (None, host):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
             raise RunDirBusy(
                 f"{self.run_dir} is locked by {_describe(previous)}, another host, where it may "
                 "still be running (a lock may not reach across hosts on a network file system); "
@@ -184,18 +189,17 @@ class RunLock:
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         _write_holder(self.path, json.dumps(info) + "\n")
-        _held[key] = [fd, 1]
-        self._key = key
-        return self
 
     def __exit__(self, *exc: Any) -> None:
         entry = _held[self._key]
         entry[1] -= 1
         if entry[1] == 0:
             del _held[self._key]
-            _write_holder(self.path, "")  # "released normally": nothing for the next to report
-            fcntl.flock(entry[0], fcntl.LOCK_UN)
-            os.close(entry[0])
+            try:
+                _write_holder(self.path, "")  # "released normally": nothing for the next to report
+            finally:
+                fcntl.flock(entry[0], fcntl.LOCK_UN)
+                os.close(entry[0])
 
 
 def _write_holder(path: pathlib.Path, text: str) -> None:
@@ -388,11 +392,11 @@ def prepare(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path, env_info) -
                 f"{start} generations already committed in {run_dir}; ask for at least {start} "
                 "or use another --out"
             )
-    else:
-        commit_state(run_dir, 0, lambda tmp: None, config=wanted)
     fileio.atomic_write_text(cfg_path, config_lib.dump(cfg, expand=False))
     if not (run_dir / "env.json").exists():
         fileio.atomic_write_json(run_dir / "env.json", env_info())
+    if not _has_work(run_dir):  # the first commit, after the files it covers
+        commit_state(run_dir, 0, lambda tmp: None, config=wanted)
     return start
 
 
@@ -474,9 +478,8 @@ def repair(run_dir: pathlib.Path) -> int | None:
             aside.name,
         )
         return manifest["next_generation"]
-    for name in (*commits.TOOL_FOLDERS, *commits.TOP_FILES):
-        if name == "figures":
-            continue
+    # Derived outputs (figures, cached analyses) stay: they are redrawn, and not committed.
+    for name in (*commits.RESULT_FOLDERS, "state", "work", *commits.TOP_FILES):
         p = run_dir / name
         damaged = p.is_dir() or any(q.startswith(name) for q in problems)
         if (p.exists() or p.is_symlink()) and damaged:
@@ -552,5 +555,6 @@ def check_memory(bytes_per_chain: int, chains: int, key: str, *, copies: int = 4
         raise config_lib.ConfigError(
             f"{key}={chains}: the chains' state needs about {need / 2**30:.1f} GiB of memory "
             f"({bytes_per_chain} bytes per chain, {copies} copies) but {avail / 2**30:.1f} GiB "
-            "are available; lower it or split the run"
+            "are available; lower it, or make one chain's state smaller (the model's size, e.g. "
+            "model.dim, or generation.samples_per_generation)"
         )

@@ -17,7 +17,6 @@ delta at state i with probability p_0(i); low-probability states are lost first 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
@@ -29,7 +28,7 @@ from jax import Array
 from collapse_jax import loop
 from collapse_jax.config import ConfigError
 from collapse_jax.loop.learner import AbstractLearner
-from collapse_jax.theory import analytic, metrics, samplers
+from collapse_jax.theory import metrics, samplers
 from collapse_jax.theory.common import data_count, with_impl
 from collapse_jax.theory.gaussian import RngImpl, sample_size_schedule
 
@@ -228,23 +227,6 @@ class DiscreteLearner(AbstractLearner[Array, Array]):
         if self.config.method == "exact":
             return data_count(jnp.sum(data))
         return super().num_samples(data)
-
-    def expected_curves(
-        self, sample_sizes: np.ndarray, generation: Any = None
-    ) -> dict[str, np.ndarray]:
-        """Closed-form / exactly propagated chain means per generation ("replace" policy)."""
-        if (generation is not None and generation.policy != "replace") or (
-            self.config.truncation is not None
-        ):
-            return {}
-        out = analytic.discrete_expectations(self._p0, np.asarray(sample_sizes))
-        out.pop("absorbed_at", None)
-        return out
-
-    def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        from collapse_jax.theory import figures
-
-        return figures.discrete_figures(self, run, out_dir)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Paper-style figures of the theory models from a run directory (`rundir.reader.Run`).
+"""Reporting of the theory models (`kind: gaussian`, `kind: discrete`): their closed-form chain
+means and paper-style figures from a run directory (`rundir.reader.Run`).
 
 Gaussian: fitted densities drifting over generations (Shumailov et al. 2024, Fig. 2-like) and
 per-chain covariance trajectories with the closed-form mean (flat for the unbiased estimator)
@@ -20,9 +21,55 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402, TID253
 import numpy as np  # noqa: E402
 
+from collapse_jax.theory import analytic  # noqa: E402
+from collapse_jax.theory.discrete import DiscreteConfig  # noqa: E402
+from collapse_jax.theory.gaussian import GaussianConfig  # noqa: E402
 
-def _sizes(run: Any) -> np.ndarray:
-    return np.array([r["sample_size"] for r in run.rows()])
+
+def expected_curves(
+    config: GaussianConfig | DiscreteConfig,
+    mode: str,
+    sample_sizes: np.ndarray,
+    *,
+    selection: bool = False,
+) -> dict[str, np.ndarray]:
+    """Closed-form chain means per generation under the "replace" policy (else empty).
+
+    Gaussian: `trace_cov`, `logdet_cov`, `mean_dist2` (and `w2_squared` for d = 1). Discrete
+    (without truncation): the exactly propagated `support_size`, `lost_tail_mass`,
+    `gini_simpson`, `absorbed`, ... of `analytic.discrete_expectations`.
+
+    Args:
+      config: the run's model config.
+      mode: the run's policy ("replace", "mix", "accumulate", "accumulate_subsample").
+      sample_sizes: [G] the training-set size of each generation (index 0 = real data).
+      selection: whether the run selects synthetic data (not used by these curves).
+    """
+    if mode != "replace":
+        return {}
+    sizes = np.asarray(sample_sizes)
+    if isinstance(config, GaussianConfig):
+        return analytic.gaussian_expectations(
+            sizes, config.mean_array(), config.cov_array(), config.estimator, config.sampling_bias
+        )
+    if config.truncation is not None:
+        return {}
+    out = analytic.discrete_expectations(config.probs_array(), sizes)
+    out.pop("absorbed_at", None)
+    return out
+
+
+def figures(learner: Any, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The figures of a Gaussian or discrete run (`gaussian_figures`, `discrete_figures`)."""
+    if isinstance(learner.config, GaussianConfig):
+        return gaussian_figures(learner, run, out_dir)
+    return discrete_figures(learner, run, out_dir)
+
+
+def _curves(learner: Any, run: Any) -> dict[str, np.ndarray]:
+    g = run.config.generation
+    sizes = np.array([r["sample_size"] for r in run.rows()])
+    return expected_curves(learner.config, g.policy, sizes, selection=g.selection is not None)
 
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
@@ -82,7 +129,7 @@ def gaussian_figures(learner: Any, run: Any, out_dir: pathlib.Path) -> list[path
     ax.semilogy(gens, tr[:, :50], color="C0", alpha=0.15, lw=0.6)
     ax.semilogy(gens, run.series("trace_cov"), color="C0", lw=2, label="chain mean")
     ax.semilogy(gens, run.series("trace_cov_q50"), color="C2", lw=1.5, label="chain median")
-    curves = learner.expected_curves(_sizes(run), run.config.generation)
+    curves = _curves(learner, run)
     if "trace_cov" in curves:
         ax.semilogy(gens, curves["trace_cov"], "r--", lw=1.2, label="E[tr Sigma_n] (closed form)")
     if "logdet_cov" in curves and learner.config.dim == 1:
@@ -109,7 +156,7 @@ def discrete_figures(learner: Any, run: Any, out_dir: pathlib.Path) -> list[path
         return []
     files = []
     gens = np.array([r["generation"] for r in rows])
-    curves = learner.expected_curves(_sizes(run), run.config.generation)
+    curves = _curves(learner, run)
     fig, ax = plt.subplots(figsize=(5.8, 3.8), dpi=110)
     ax.plot(gens, run.series("support_size"), color="C0", lw=1.8, label="support size (mean)")
     if "support_size" in curves:

@@ -30,7 +30,6 @@ fails), so the collapse runs to its end instead of stopping on NaN:
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -44,7 +43,7 @@ from collapse_jax import loop
 from collapse_jax.config import ConfigError
 from collapse_jax.jaxtools import lanes, prng
 from collapse_jax.loop.learner import KnobbedLearner
-from collapse_jax.theory import analytic, metrics, samplers
+from collapse_jax.theory import metrics, samplers
 from collapse_jax.theory.common import data_count, with_impl
 
 _F = jnp.float32
@@ -557,26 +556,6 @@ class GaussianLearner(KnobbedLearner[GaussianParams, Any]):
         if self.config.method == "exact":
             return data_count(data.n)
         return super().num_samples(data)
-
-    def expected_curves(
-        self, sample_sizes: np.ndarray, generation: Any = None
-    ) -> dict[str, np.ndarray]:
-        """Closed-form chain means of `trace_cov`, `logdet_cov`, `mean_dist2` (and `w2_squared`
-        for d = 1) per generation, for the "replace" policy (else empty)."""
-        if generation is not None and generation.policy != "replace":
-            return {}
-        return analytic.gaussian_expectations(
-            np.asarray(sample_sizes),
-            self._mean0,
-            self._cov0,
-            self.config.estimator,
-            self.config.sampling_bias,
-        )
-
-    def figures(self, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]:
-        from collapse_jax.theory import figures
-
-        return figures.gaussian_figures(self, run, out_dir)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -270,6 +270,28 @@ def _train_epoch(params, opt_state, images, key, *, arch, batch_size, lr, wd):
     return params, opt_state, total
 
 
+def init_optimizer(params: Params, cfg: VAEConfig) -> Any:
+    """The optimizer state of `cfg`'s Adam (with PyTorch-style weight decay) for `params`."""
+    return _optimizer(cfg.learning_rate, cfg.weight_decay).init(params)
+
+
+def train_epoch(
+    params: Params, opt_state: Any, images: jax.Array, key: jax.Array, cfg: VAEConfig
+) -> tuple[Params, Any, jax.Array]:
+    """One epoch of `train` (shuffled with `key`) on images [N, 28, 28]; `params` and
+    `opt_state` are donated. Returns (params, opt_state, loss summed over the epoch)."""
+    return _train_epoch(
+        params,
+        opt_state,
+        images,
+        key,
+        arch=_arch(cfg),
+        batch_size=cfg.batch_size,
+        lr=cfg.learning_rate,
+        wd=cfg.weight_decay,
+    )
+
+
 def train(
     key: jax.Array,
     images: jax.Array | np.ndarray,
@@ -294,7 +316,7 @@ def train(
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise ValueError(f"VAE images must have shape [N, 28, 28], got {images.shape}")
     n = images.shape[0]
-    opt_state = _optimizer(cfg.learning_rate, cfg.weight_decay).init(params)
+    opt_state = init_optimizer(params, cfg)
     history: list[float] = []
     start = 0
     ckpt = None if workdir is None else pathlib.Path(workdir) / "train_state.npz"
@@ -304,15 +326,8 @@ def train(
         params, opt_state = jax.tree.map(jnp.asarray, (params, opt_state))
         start, history = meta["epoch"] + 1, meta["history"]
     for epoch in range(start, cfg.epochs):
-        params, opt_state, total = _train_epoch(
-            params,
-            opt_state,
-            images,
-            jax.random.fold_in(key, epoch),
-            arch=_arch(cfg),
-            batch_size=cfg.batch_size,
-            lr=cfg.learning_rate,
-            wd=cfg.weight_decay,
+        params, opt_state, total = train_epoch(
+            params, opt_state, images, jax.random.fold_in(key, epoch), cfg
         )
         history.append(float(total) / n)
         if ckpt is not None:

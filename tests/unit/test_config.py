@@ -1,0 +1,130 @@
+"""Config loading, overrides and validation."""
+
+import pathlib
+
+import pytest
+
+from collapse_jax import config as config_lib
+from collapse_jax.config import ConfigError, GenerationConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def toy_kind(monkeypatch):
+    monkeypatch.setitem(
+        config_lib.MODEL_REGISTRY,
+        "toy",
+        ("tests.helpers:ToyConfig", "tests.helpers:ToyGaussianLearner"),
+    )
+
+
+def _raw():
+    return {
+        "name": "t",
+        "seed": 3,
+        "model": {"kind": "toy", "mean": 1.0},
+        "generation": {"num_generations": 4, "samples_per_generation": 10},
+    }
+
+
+def test_build_and_roundtrip(toy_kind, tmp_path):
+    cfg = config_lib.from_dict(_raw())
+    assert cfg.model.mean == 1.0 and cfg.generation.num_generations == 4 and cfg.seed == 3
+    p = tmp_path / "c.yaml"
+    p.write_text(config_lib.dump(cfg))
+    assert config_lib.load_config(p) == cfg
+
+
+def test_overrides_are_coerced(toy_kind):
+    cfg = config_lib.from_dict(
+        _raw(), ["generation.num_generations=7", "model.std=2", "generation.policy=accumulate"]
+    )
+    assert cfg.generation.num_generations == 7
+    assert cfg.model.std == 2.0 and isinstance(cfg.model.std, float)
+    assert cfg.generation.policy == "accumulate"
+
+
+def test_override_twice_is_an_error(toy_kind):
+    with pytest.raises(ConfigError, match="overridden twice"):
+        config_lib.from_dict(_raw(), ["seed=1", "seed=2"])
+
+
+def test_unknown_key_names_key_and_valid_ones(toy_kind):
+    raw = _raw()
+    raw["generation"]["num_generatons"] = 3
+    with pytest.raises(ConfigError) as e:
+        config_lib.from_dict(raw)
+    assert "generation.num_generatons" in str(e.value) and "num_generations" in str(e.value)
+    with pytest.raises(ConfigError, match="model.colour"):
+        config_lib.from_dict(_raw(), ["model.colour=3"])
+
+
+def test_unknown_kind():
+    raw = _raw()
+    raw["model"]["kind"] = "nope"
+    with pytest.raises(ConfigError, match="unknown model kind 'nope'"):
+        config_lib.from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["generation.policy=mix", "generation.alpha=0.5", "generation.gamma=0.1"], "sum to 1"),
+        (["generation.samples_per_generation=1"], ">= 2"),
+        (["generation.gamma=-0.1"], r"\[0, 1\]"),
+        (["generation.num_generations=0"], ">= 1"),
+        (["generation.num_trials=2.5"], "integer"),
+        (["generation.policy=merge"], "not one of"),
+        (["seed=abc"], "integer"),
+        (["name=a/b"], "plain file name"),
+    ],
+)
+def test_validation_errors(toy_kind, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        config_lib.from_dict(_raw(), overrides)
+
+
+def test_shares_and_schedule():
+    g = GenerationConfig(policy="mix", alpha=0.9, beta=0.0, gamma=0.1)
+    assert g.shares(100) == (90, 0, 10)
+    assert sum(g.shares(7)) == 7
+    g = GenerationConfig(policy="mix", alpha=1 / 3, beta=1 / 3, gamma=1 / 3)
+    assert sorted(g.shares(10)) == [3, 3, 4]
+    g = GenerationConfig(samples_per_generation=10, sample_growth=2.0)
+    assert [g.sample_size(n, 0) for n in range(4)] == [10, 40, 90, 160]
+    g = GenerationConfig(num_generations=2, sample_schedule=(5, 6, 7))
+    assert g.sample_size(1, 0) == 6
+    with pytest.raises(ConfigError, match="sample_schedule"):
+        GenerationConfig(num_generations=4, sample_schedule=(5, 6))
+
+
+def test_env_expansion(toy_kind, monkeypatch):
+    monkeypatch.setenv("CJ_TEST_NAME", "fromenv")
+    raw = _raw()
+    raw["name"] = "${CJ_TEST_NAME}"
+    assert config_lib.from_dict(raw).name == "fromenv"
+    raw["name"] = "${CJ_UNSET_VAR:-fallback}"
+    assert config_lib.from_dict(raw).name == "fallback"
+    raw["name"] = "${CJ_UNSET_VAR}"
+    with pytest.raises(ConfigError, match="CJ_UNSET_VAR"):
+        config_lib.from_dict(raw)
+
+
+def test_suite_overrides_apply_to_every_experiment(toy_kind):
+    raw = {"name": "s", "experiments": [_raw(), {**_raw(), "name": "u"}]}
+    cfg = config_lib.from_dict(raw, ["generation.num_generations=2"])
+    assert [e.generation.num_generations for e in cfg.experiments] == [2, 2]
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        config_lib.load_config("/nonexistent/x.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = config_lib.load_config(path)
+    exps = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
+    for e in exps:
+        assert config_lib.learner_class(e.kind) is not None
