@@ -7,7 +7,7 @@ import pytest
 from collapse_jax import config as config_lib
 from collapse_jax.config import ConfigError, GenerationConfig
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

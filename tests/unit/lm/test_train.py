@@ -19,7 +19,7 @@ from flax import nnx
 from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import data, schedule, steps, train
 from collapse_jax.lm.train_config import TrainConfig
-from tests.lm.multihost_worker import tiny_blocks, tiny_model
+from tests.multihost_worker import tiny_blocks, tiny_model
 
 RUN = dict(epochs=2, batch_size=8, learning_rate=1e-2, seed=1)
 

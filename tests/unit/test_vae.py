@@ -42,7 +42,7 @@ def test_paper_architecture_shapes():
 
 def test_strided_conv_rewrites_equal_flax_layers():
     """The VAE's 4x4 stride-2 (transposed) convolutions, applied through jaxtools/convs.py,
-    equal the Flax layers whose parameters they use (gradients: tests/test_convs.py)."""
+    equal the Flax layers whose parameters they use (gradients: tests/unit/test_convs.py)."""
     rngs = nnx.Rngs(0)
     x = jax.random.normal(jax.random.key(1), (2, 10, 6, 3))
     down = nnx.Conv(3, 5, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), rngs=rngs)

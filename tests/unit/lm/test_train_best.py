@@ -10,7 +10,7 @@ import pytest
 
 from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import evaluate, train
-from tests.lm.multihost_worker import TINY, tiny_blocks, tiny_model
+from tests.multihost_worker import TINY, tiny_blocks, tiny_model
 
 
 def _mesh():

@@ -11,7 +11,7 @@ import pytest
 
 from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import train
-from tests.lm.multihost_worker import tiny_blocks, tiny_model
+from tests.multihost_worker import tiny_blocks, tiny_model
 
 # Same model, mesh and settings as test_train.py's reference run, so the compiled step is reused.
 RUN = dict(epochs=2, batch_size=8, learning_rate=1e-2, seed=1)

@@ -16,10 +16,10 @@ import pytest
 
 from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import train
-from tests.lm.multihost_worker import MULTIHOST_RUN, tiny_blocks, tiny_model
+from tests.multihost_worker import MULTIHOST_RUN, tiny_blocks, tiny_model
 
-WORKER = pathlib.Path(__file__).with_name("multihost_worker.py")
-REPO = pathlib.Path(__file__).resolve().parents[2]
+WORKER = pathlib.Path(__file__).resolve().parents[2] / "multihost_worker.py"
+REPO = pathlib.Path(__file__).resolve().parents[3]
 TIMEOUT_S = 240
 
 

@@ -14,8 +14,8 @@ import pytest
 import scipy.stats
 
 from collapse_jax.theory import discrete, samplers
-from tests.theory.test_discrete import P0, _check_mean
-from tests.theory.test_samplers import P_MIN, _chi2_discrete
+from tests.unit.theory.test_discrete import P0, _check_mean
+from tests.unit.theory.test_samplers import P_MIN, _chi2_discrete
 
 DRAWS = 20000
 

@@ -17,7 +17,7 @@ def _cfg(data_dir, *overrides):
     """configs/lm/opt_wikitext_cpu_keep10.yaml, shrunk to seconds (its own shipped blocks)."""
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[2] / "configs/lm/opt_wikitext_cpu_keep10.yaml"
+    path = pathlib.Path(__file__).resolve().parents[3] / "configs/lm/opt_wikitext_cpu_keep10.yaml"
     base = dict(
         o.split("=", 1)
         for o in [

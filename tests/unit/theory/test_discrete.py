@@ -223,7 +223,7 @@ def test_learner_in_generational_loop(tmp_path):
 def test_yaml_configs_build_learners():
     import pathlib
 
-    root = pathlib.Path(__file__).resolve().parents[2] / "configs"
+    root = pathlib.Path(__file__).resolve().parents[3] / "configs"
     paths = [root / "theory_discrete.yaml", *sorted((root / "theory").glob("discrete*.yaml"))]
     for p in paths:
         cfg = config_lib.load_config(p)

@@ -20,7 +20,7 @@ from collapse_jax import cli, plots
 from collapse_jax import config as config_lib
 from collapse_jax.rundir import commits, fileio, guard, reader
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import pytest
 from collapse_jax import config as config_lib
 from collapse_jax import loop
 from collapse_jax.rundir import commits, fileio
-from tests.lm.test_source_experiment import DEFAULT, SHRINK
+from tests.integration.lm.test_source_experiment import DEFAULT, SHRINK
 
 
 def _rows(out: pathlib.Path) -> list[dict]:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from collapse_jax.lm import hub, opt
-from tests.lm.multihost_worker import tiny_model
+from tests.multihost_worker import tiny_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
