@@ -587,3 +587,17 @@ def test_sigterm_exits_1_with_one_line(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "terminated (SIGTERM)" in _one_error_line(err)
     assert commits.verify(out) == []
+
+
+def test_ctrl_c_of_the_program_exits_1_with_one_line(tmp_path):
+    """`python -m collapse_jax` (no argv given to main): the interrupt is reported, the clean-up
+    has run, and the process ends without interpreter finalization (D9)."""
+    out = tmp_path / "run"
+    argv = ["run", GAUSS, "generation.num_generations=2000", "generation.num_trials=20"]
+    proc = _worker("collapse_jax", *argv, "generation.block_size=1", "--out", out, "--no-progress")
+    _wait_for(lambda: (out / "generations" / "gen_00001.json").exists(), proc=proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "interrupted" in _one_error_line(err)
+    assert commits.verify(out) == []
+    assert [p.name for p in out.glob(".*.cjx*")] == []  # its temporaries removed
