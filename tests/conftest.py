@@ -1,4 +1,10 @@
-"""Test-wide JAX settings: 8 fake CPU devices, strict rank promotion, a key fixture."""
+"""Test-wide JAX settings (8 fake CPU devices, strict rank promotion), the tiers, a key fixture.
+
+Tiers by folder: tests/unit (the default run), tests/integration (whole runs, resume, sweeps,
+bench, the golden record; marked `slow` here) and tests/parity (torch, scikit-learn and SciPy
+references; marked `parity` here). pyproject's addopts deselect `slow`, `parity` and
+`multiprocess`; `-m ''` runs everything (CI). A default-tier test slower than
+SLOW_UNIT_SECONDS is named at the end of the run: move it to integration or shrink it."""
 
 import os
 
@@ -18,6 +24,47 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+TIER_MARKS = {"integration": "slow", "parity": "parity"}
+SLOW_UNIT_SECONDS = 10.0
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks every test under tests/integration `slow` and under tests/parity `parity`."""
+    for item in items:
+        path = pathlib.Path(str(item.path)).resolve()
+        if TESTS in path.parents:
+            mark = TIER_MARKS.get(path.relative_to(TESTS).parts[0])
+            if mark is not None:
+                item.add_marker(mark)
+
+
+_slow_unit: list[tuple[float, str]] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.duration > SLOW_UNIT_SECONDS:
+        if not any(item.iter_markers(m) for m in ("slow", "parity", "multiprocess")):
+            report.user_properties.append(("slow_unit", report.duration))
+
+
+def pytest_runtest_logreport(report):
+    # Runs in the controlling process under xdist too (reports travel with user_properties).
+    for name, value in report.user_properties:
+        if name == "slow_unit":
+            _slow_unit.append((value, report.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Names default-tier tests over SLOW_UNIT_SECONDS (a report, not a failure: a loaded
+    machine can slow any test, and a timed failure would make CI flaky)."""
+    if _slow_unit:
+        terminalreporter.section(f"default-tier tests over {SLOW_UNIT_SECONDS:.0f} s")
+        for seconds, nodeid in sorted(_slow_unit, reverse=True):
+            terminalreporter.write_line(f"{seconds:7.1f} s  {nodeid}")
 
 
 def _data_dir() -> pathlib.Path | None:

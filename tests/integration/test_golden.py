@@ -20,7 +20,7 @@ def test_every_shipped_config_has_a_golden_case(data_dir):
     assert set(golden_runs.cases(data_dir)) == set(CASES), "cases and golden.json disagree"
 
 
-def _diff(case: str, want: dict, got: dict) -> list[str]:
+def diff(case: str, want: dict, got: dict) -> list[str]:
     """One line per difference, naming the case, run, generation and metric or array."""
     problems = []
     for run in sorted(set(want) | set(got)):
@@ -56,5 +56,5 @@ def test_results_match_golden_record(case, data_dir, tmp_path):
             f"golden record taken with {GOLDEN['versions']}, this is {golden_runs.versions()}"
         )
     got = golden_runs.record(golden_runs.cases(data_dir)[case], tmp_path / "run")
-    problems = _diff(case, GOLDEN["cases"][case], got)
+    problems = diff(case, GOLDEN["cases"][case], got)
     assert not problems, "\n".join(problems[:40])
