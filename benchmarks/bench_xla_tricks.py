@@ -4,13 +4,16 @@ Every row times the trick against the plain version of the same program, interle
 process (both see the same load; this 2-core VM's absolute timings move 2x with load, the ratio
 much less), and checks that both give the same bits. Rows:
 
-- prng_impl: the generational loop's key work (fold_in per generation, split into 6, 4 random
-  words from one of them; 10^4 chains x 100 generations) through `jaxtools.prng` on threefry
+- prng_impl: the generational loop's key derivation (fold_in per generation, split into 6, one
+  of them read; 10^4 chains x 100 generations) through `jaxtools.prng` on threefry
   keys, through `jax.random` on keys of an "unrolled threefry" implementation registered with
   `jax.extend.random.define_prng_impl` (the same bits), and through `jax.random` on JAX's own
   threefry keys (a rolled loop per hash on CPU).
-- materialize: one hash of 2^22 counters read by two outputs, with and without
-  `prng.materialize`.
+- materialize: with and without `prng.materialize`: 10^4 chain keys read by 200 generations
+  each, and one hash of 2^22 counters read by two reductions (micro-programs: XLA duplicates
+  the hash, which costs less here than the buffer would).
+- materialize_in_loop: `gaussian.simulate`, exact and sample methods, with and without
+  `prng.materialize` (each variant in a process of its own, alternating): where it matters.
 - chi_square_compaction: `samplers.normal_and_chi_square` over 10^6 lanes (df 2 and 999),
   rejected lanes compacted (CPU) or finished in masked full-width rounds (other platforms).
 - binomial_compaction: `samplers.binomial` over 10^6 lanes of mixed regimes, compacted blocks
@@ -29,6 +32,8 @@ import json
 import os
 import pathlib
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -37,7 +42,7 @@ import numpy as np
 from jax.extend import random as jex_random
 
 from collapse_jax.jaxtools import prng
-from collapse_jax.theory import samplers
+from collapse_jax.theory import gaussian, samplers
 
 _U = jnp.uint32
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -82,18 +87,34 @@ def _counters(shape) -> tuple[jax.Array, jax.Array]:
     return jnp.zeros(shape, _U), lo
 
 
+def _words(key) -> tuple[jax.Array, jax.Array]:
+    # Static slices and a concatenate of unit axes (as `prng` does): XLA then folds a key's
+    # words back into the hash that made it instead of materialising the key.
+    return tuple(jax.lax.index_in_dim(key, i, 0, keepdims=False) for i in (0, 1))
+
+
+def _key(a, b):
+    a, b = (jax.lax.expand_dims(x, (x.ndim,)) for x in (a, b))
+    return jax.lax.concatenate([a, b], a.ndim - 1)
+
+
 def _split(key, shape):
-    a, b = prng.threefry2x32(key[0], key[1], *_counters(shape))
-    return jnp.stack([a, b], axis=-1)
+    k = _words(key)
+    size = int(np.prod(shape, dtype=np.int64))
+    if size > 8:  # vectorised over the counters
+        return _key(*prng.threefry2x32(*k, *_counters(shape)))
+    # One hash per key, concatenated: XLA folds slice(concatenate) to the key read, so keys
+    # never read are never hashed (a vectorised hash is computed for every counter).
+    keys = [_key(*prng.threefry2x32(*k, _U(0), _U(i)))[None] for i in range(size)]
+    return jax.lax.concatenate(keys, 0).reshape(*shape, 2)
 
 
 def _fold_in(key, data):
-    a, b = prng.threefry2x32(key[0], key[1], _U(0), jnp.asarray(data, _U))
-    return jnp.stack([a, b])
+    return _key(*prng.threefry2x32(*_words(key), _U(0), jnp.asarray(data, _U)))
 
 
 def _random_bits(key, bit_width, shape):
-    a, b = prng.threefry2x32(key[0], key[1], *_counters(shape))
+    a, b = prng.threefry2x32(*_words(key), *_counters(shape))
     if bit_width == 64:
         return (a.astype(jnp.uint64) << jnp.uint64(32)) | b.astype(jnp.uint64)
     bits = a ^ b
@@ -112,11 +133,11 @@ UNROLLED = jex_random.define_prng_impl(
 
 
 def _loop(derive, chain_keys, gens: int):
-    """Per chain and generation: derive(key, g) -> 4 words; their sum, scanned."""
+    """Per chain and generation: derive(key, g) -> a key; the sum of its words, scanned."""
 
     def chain(key):
         def step(acc, g):
-            return acc + jnp.sum(derive(key, g)), None
+            return acc + jnp.sum(jax.random.key_data(derive(key, g))), None
 
         return jax.lax.scan(step, _U(0), jnp.arange(gens, dtype=_U))[0]
 
@@ -124,13 +145,11 @@ def _loop(derive, chain_keys, gens: int):
 
 
 def _via_prng(key, g):
-    k = prng.fold_in_split(key, g, 6)[2]
-    return jnp.stack(prng.word_source(k)(4))
+    return prng.fold_in_split(key, g, 6)[2]
 
 
 def _via_jax_random(key, g):
-    k = jax.random.split(jax.random.fold_in(key, g), 6)[2]
-    return jax.random.bits(jax.random.fold_in(k, prng.WORDS), (4,), _U)
+    return jax.random.split(jax.random.fold_in(key, g), 6)[2]
 
 
 def bench_prng_impl(repeats: int) -> dict:
@@ -148,7 +167,7 @@ def bench_prng_impl(repeats: int) -> dict:
     )
     med = _interleaved(runs, repeats)
     return dict(
-        config=dict(chains=chains, generations=gens, derive="fold_in, split 6, 4 words"),
+        config=dict(chains=chains, generations=gens, derive="fold_in, split 6, read 1"),
         bits_equal=all(_same(outs["prng"], o) for o in outs.values()),
         median_s={k: round(v, 4) for k, v in med.items()},
         ratio_define_prng_impl_over_prng=round(med["define_prng_impl"] / med["prng"], 3),
@@ -157,23 +176,83 @@ def bench_prng_impl(repeats: int) -> dict:
 
 
 def bench_materialize(repeats: int) -> dict:
-    x = jnp.arange(2**22, dtype=_U)
+    """Two uses: per-chain keys read by every generation (a broadcast: the loop's use in
+    `_block_noise`), and one hash read by two outputs (the pattern the HLO test pins)."""
+    chains, gens = 10_000, 200
+    base = jax.random.key(0)
+
+    def broadcast(c, mat):
+        keys = jax.vmap(lambda i: prng.fold_in(base, i))(c)  # [R] chain keys
+        keys = prng.materialize(keys) if mat else keys
+        k1, k2 = (jax.random.key_data(keys)[:, i, None] for i in (0, 1))
+        a, b = prng.threefry2x32(k1, k2, _U(0), jnp.arange(gens, dtype=_U)[None, :])  # [R, G]
+        return jnp.sum(a ^ b)
 
     def two(x, mat):
         h = prng.threefry2x32(_U(7), _U(9), _U(0), x)[0]
         h = prng.materialize(h) if mat else h
         return jnp.sum((h >> _U(9)).astype(jnp.float32)), jnp.sum(h * _U(5) + _U(1))
 
-    runs, outs = {}, {}
-    for name, mat in (("materialize", True), ("plain", False)):
-        runs[name], outs[name] = _ready(functools.partial(two, mat=mat), x)
-    med = _interleaved(runs, repeats)
-    return dict(
-        config=dict(counters=x.size, consumers=2),
-        bits_equal=_same(outs["materialize"], outs["plain"]),
-        median_s={k: round(v, 4) for k, v in med.items()},
-        ratio_plain_over_materialize=round(med["plain"] / med["materialize"], 3),
-    )
+    row = {}
+    cases = {
+        "broadcast": (broadcast, jnp.arange(chains, dtype=_U)),
+        "two_consumers": (two, jnp.arange(2**22, dtype=_U)),
+    }
+    for case, (f, x) in cases.items():
+        runs, outs = {}, {}
+        for name, mat in (("materialize", True), ("plain", False)):
+            runs[name], outs[name] = _ready(functools.partial(f, mat=mat), x)
+        med = _interleaved(runs, repeats)
+        row[case] = dict(
+            bits_equal=_same(outs["materialize"], outs["plain"]),
+            median_s={k: round(v, 4) for k, v in med.items()},
+            ratio_plain_over_materialize=round(med["plain"] / med["materialize"], 3),
+        )
+    return dict(config=dict(chains=chains, generations=gens, two_consumers_counters=2**22), **row)
+
+
+def _simulate_worker(variant: str, method: str, repeats: int) -> None:
+    """Child process of `bench_materialize_in_loop`: times `gaussian.simulate` with
+    `prng.materialize` as it is ("on") or replaced by the identity ("off"), prints JSON."""
+    if variant == "off":  # only this process: its programs are traced without the loop
+        prng.materialize = lambda x: x
+    key = jax.random.key(0)
+    size = 1000 if method == "exact" else 100
+
+    def run():
+        sim = gaussian.simulate(key, chains=4000, generations=50, sample_size=size, method=method)
+        return float(np.asarray(sim.cov).sum())
+
+    check = run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps(dict(median_s=statistics.median(times), check=check)))
+
+
+def bench_materialize_in_loop(repeats: int) -> dict:
+    """`gaussian.simulate` (4000 chains x 50 generations; exact at M = 1000, sample at M = 100)
+    with and without `prng.materialize`. Its compiled programs are cached per learner, so each
+    variant runs in a process of its own, the two alternating (two rounds each)."""
+    row = {}
+    for method in ("exact", "sample"):
+        times: dict = {"materialize": [], "plain": []}
+        checks = set()
+        for _ in range(2):
+            for name, variant in (("materialize", "on"), ("plain", "off")):
+                cmd = [sys.executable, __file__, "--worker", variant, method, str(repeats)]
+                res = json.loads(subprocess.run(cmd, check=True, capture_output=True).stdout)
+                times[name].append(res["median_s"])
+                checks.add(res["check"])
+        med = {k: statistics.median(v) for k, v in times.items()}
+        row[method] = dict(
+            same_result=len(checks) == 1,
+            median_s={k: round(v, 4) for k, v in med.items()},
+            ratio_plain_over_materialize=round(med["plain"] / med["materialize"], 3),
+        )
+    return dict(config=dict(chains=4000, generations=50), **row)
 
 
 def bench_chi_square_compaction(repeats: int) -> dict:
@@ -232,6 +311,7 @@ def bench_box_muller(repeats: int) -> dict:
 BENCHES = {
     "prng_impl": bench_prng_impl,
     "materialize": bench_materialize,
+    "materialize_in_loop": bench_materialize_in_loop,
     "chi_square_compaction": bench_chi_square_compaction,
     "binomial_compaction": bench_binomial_compaction,
     "box_muller": bench_box_muller,
@@ -242,7 +322,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", default=",".join(BENCHES))
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        variant, method, repeats = args.worker
+        return _simulate_worker(variant, method, int(repeats))
     platform = jax.default_backend()
     out = RESULTS / f"xla_tricks-{platform}.json"
     rows = json.loads(out.read_text()) if out.exists() else {}

@@ -32,6 +32,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 
 from collapse_jax import config as config_lib
+from collapse_jax import loop
 from collapse_jax.rundir import commits, fileio, guard, reader
 
 log = logging.getLogger("collapse_jax")
@@ -75,7 +76,8 @@ def _runtime(run_dir: pathlib.Path) -> Iterator[None]:
 def _run_experiment(
     exp: config_lib.ExperimentConfig, run_dir: pathlib.Path, progress: bool, repair: bool = False
 ):
-    from collapse_jax import loop, plots
+    # Imported here: a run loads matplotlib only once it draws (see config.MODEL_REGISTRY).
+    from collapse_jax import plots  # noqa: PLC0415
 
     learner = loop.make_learner(exp)  # validates the inputs before the run dir is touched
     # The lock covers the whole run, figures and summary included (the loop re-enters it).
@@ -110,7 +112,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from collapse_jax import sweep
+    from collapse_jax import sweep  # noqa: PLC0415 (imports plots: matplotlib only for a sweep)
 
     path = _resolve_config_path(args.config)
     digest = hashlib.sha256(" ".join([path.read_text(), *args.axes]).encode()).hexdigest()[:8]
@@ -124,12 +126,10 @@ def _cmd_sweep(args) -> int:
 
 def _print_plans(cfg) -> None:
     """`--dry-run`: each learner's own estimate of what the run will do (`learner.plan(cfg)`)."""
-    from collapse_jax import loop
-
     experiments = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
     for exp in experiments:
         learner = loop.make_learner(exp)
-        plan = learner.plan(exp) if hasattr(learner, "plan") else None
+        plan = learner.plan(exp) if isinstance(learner, loop.Plannable) else None
         if plan:
             disk = plan.get("disk_bytes_estimate")
             extra = f", ~{disk / 1e9:.2f} GB on disk" if disk is not None else ""
@@ -144,7 +144,7 @@ def _cmd_show(args) -> int:
 
 
 def _cmd_plot(args) -> int:
-    from collapse_jax import loop, plots
+    from collapse_jax import plots  # noqa: PLC0415 (matplotlib only for the commands that draw)
 
     path = pathlib.Path(args.run_dir)
     if path.is_dir() and not commits.is_run_dir(path):
@@ -169,7 +169,8 @@ def _cmd_plot(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from collapse_jax.bench import harness, suites
+    # The benchmarks stay out of the package's import path: loaded for this command only.
+    from collapse_jax.bench import harness, suites  # noqa: PLC0415
 
     only = [n for n in args.only.split(",") if n] if args.only else None
     known = {*suites.BENCHES, *suites.THEORY_ROWS}

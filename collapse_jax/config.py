@@ -355,8 +355,8 @@ class ExperimentConfig:
             isinstance(self.name, str)
             and bool(re.fullmatch(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*", self.name)),
             "name",
-            "must be a plain name (letters, digits, _ . -, not starting with a dot: it names a "
-            f"folder), got {short(self.name)}",
+            "must be a plain file name (letters, digits, _ . -, not starting with a dot: it "
+            f"names a folder), got {short(self.name)}",
         )
         require(dataclasses.is_dataclass(self.model), "model", "must be a model config")
         require(0 <= self.seed < 2**63, "seed", "must be a non-negative integer")

@@ -93,7 +93,7 @@ def make_figures(run: reader.Run, learner=None) -> list[pathlib.Path]:
 
     Figures are drawn into a temporary folder and each is renamed into `figures/` when all are
     done, so a kill while plotting leaves the previous figures, never an empty or torn PNG (the
-    temporary folder is removed here or by the next run's `rundir.guard.clean_temporaries`).
+    temporary folder is removed here or by the next run's `rundir.guard.clean_leftovers`).
     """
     out = run.path / "figures"
     rows = run.rows()

@@ -44,7 +44,7 @@ import numpy as np
 import yaml
 
 from collapse_jax import config as config_lib
-from collapse_jax import plots
+from collapse_jax import loop, plots
 from collapse_jax.rundir import fileio, reader
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,6 @@ def run_sweep(
       figures: draw the combined figures at the end (a point's own figures: `collapse-jax plot
         OUT/points/<point>`; drawing them for every point of a large grid would dominate).
     """
-    from collapse_jax import loop
-
     sweep = Sweep(config_path, parse_axes(axis_args), out)
     sweep.prepare()
     for batch in batches(sweep):
@@ -229,8 +227,6 @@ def batches(sweep: Sweep) -> list[list[int]]:
     `loop.batch_key` (differing only in traced values: seed, knobs such as lambda and, for
     learners with traced sample sizes, sample sizes and mix shares), in grid order, at most
     `chunk_size` chains (all points' together) per batch."""
-    from collapse_jax import loop
-
     groups: dict[Any, list[int]] = {}
     out: list[list[int]] = []
     for i, cfg in enumerate(sweep.configs):

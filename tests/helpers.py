@@ -56,7 +56,8 @@ class ToyNumpyLearner(AbstractLearner):
         return np.asarray(self.config.mean + self.config.std * jax.random.normal(key, (num,)))
 
     def init(self, key):
-        return {"mu": np.zeros(()), "var": np.ones(())}
+        # float32, as `fit` returns: a resumed run loads fitted params with this as template
+        return {"mu": np.zeros((), np.float32), "var": np.ones((), np.float32)}
 
     def fit(self, key, data, params, *, workdir=None):
         ToyNumpyLearner.calls.append(("fit", workdir))

@@ -60,7 +60,10 @@ def materialize(x: Any) -> Any:
     The loop is a CPU trick: it is chosen inside the traced program
     (`jax.lax.platform_dependent`), and other platforms get `x` itself. tests/test_xla_tricks.py
     checks on the compiled CPU program that the loop survives and the hash is computed once,
-    and on programs exported for CUDA and TPU that no loop is left.
+    and on programs exported for CUDA and TPU that no loop is left. It pays where a key's
+    hash would be recomputed per element of a large draw: benchmarks/results/
+    xla_tricks-cpu.json, row materialize_in_loop, times the Gaussian sample method with and
+    without it (row materialize: small programs where recomputing costs less than a buffer).
     """
     leaves, tree = jax.tree.flatten(x)
     if not leaves:

@@ -32,7 +32,7 @@ import numpy as np
 from jax import Array
 
 from collapse_jax.config import require
-from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.loop.learner import KnobbedLearner
 
 _F = jnp.float32
 Dataset = Literal["gaussian", "two_moons", "circles"]
@@ -220,7 +220,7 @@ def expected_variance(
     return np.array(out)
 
 
-class KDELearner(AbstractLearner[KDEParams, Array]):
+class KDELearner(KnobbedLearner[KDEParams, Array]):
     """Gaussian KDE refitted on its own samples (jittable; data = points [N, D])."""
 
     jittable: ClassVar[bool] = True

@@ -40,7 +40,7 @@ import numpy as np
 from jax import Array
 
 from collapse_jax.config import require
-from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.loop.learner import KnobbedLearner
 
 _F = jnp.float32
 
@@ -149,7 +149,7 @@ def expected_param_error(
     raise ValueError(f"no closed form for policy {policy!r}")
 
 
-class LinearRegressionLearner(AbstractLearner[LinRegParams, LinRegData]):
+class LinearRegressionLearner(KnobbedLearner[LinRegParams, LinRegData]):
     """OLS / ridge refitted on its own relabelled design (jittable; one chain per call)."""
 
     jittable: ClassVar[bool] = True

@@ -11,10 +11,11 @@ for n in 0..G-1:
 Modules, in import order: `learner` (what the loop needs from a model family), `keys` (one key
 derivation everywhere), `schedule` (the `Schedule` of a run: its static `Policy` and its sizes),
 `selection` and `policy` (how a generation's training set is built), `core` (one generation of
-one chain in two halves, `build_data` and `finish`, and of a batch of chains), `blocks`
-(blocks of generations of a chunk of chains; `simulate_chains`), `summary` and `commit` (rows,
-arrays and the commit to a run directory), `jittable` and `sequential` (the two run drivers) and
-`driver` (`run_generations`, `run_batch`).
+one chain in steps, `draw_pool`, `build_data`, the fit and `finish`, and of a batch of chains),
+`blocks` (blocks of generations of a chunk of chains: `iter_blocks`, which `simulate_chains` and
+the jittable run driver both consume), `summary` and `commit` (rows, arrays and the commit to a
+run directory), `jittable` and `sequential` (the two run drivers; a sweep batch is one stream
+per point in the jittable one) and `driver` (`run_generations`, `run_batch`).
 
 Every entry point goes through the core's steps (`draw_pool`, `build_data`, the fit,
 `finish`): the jittable run driver and `simulate_chains` (every `theory.*.simulate`) through
@@ -27,7 +28,7 @@ told how many points to draw (see `collapse_jax.loop.learner`).
 
 Jittable learners run `R = num_trials` chains under `vmap`, `block_size` generations per
 `lax.scan`, `chunk_size` chains at a time; each finished block is committed to the run directory.
-A learner with a batched fit over chains (`fit_chains`, e.g. GMM's compaction of converged EM
+A learner with a batched fit over chains (`BatchedFit`, e.g. GMM's compaction of converged EM
 chains) is stepped one generation at a time from Python instead, its fit called on the whole
 chunk. Other learners (SGD, beam search) run their chains one after the other in Python, a
 generation of every chain before the next generation, committing after every generation and
@@ -58,7 +59,15 @@ from collapse_jax.loop.keys import (
     generation_keys,
     reference_key,
 )
-from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.loop.learner import (
+    AbstractLearner,
+    BatchedFit,
+    Knobbed,
+    KnobbedLearner,
+    Plannable,
+    PresampledNoise,
+    Scorable,
+)
 from collapse_jax.loop.policy import Carry
 from collapse_jax.loop.schedule import Policy, Schedule
 from collapse_jax.loop.summary import summarize
@@ -67,10 +76,16 @@ __all__ = [
     "NOISE_STREAM",
     "SCAN_BLOCK",
     "AbstractLearner",
+    "BatchedFit",
     "Carry",
+    "Knobbed",
+    "KnobbedLearner",
+    "Plannable",
     "Policy",
+    "PresampledNoise",
     "Result",
     "Schedule",
+    "Scorable",
     "base_key",
     "batch_key",
     "build_data",

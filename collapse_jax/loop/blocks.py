@@ -16,7 +16,7 @@ import numpy as np
 
 from collapse_jax.loop.core import block, one_generation
 from collapse_jax.loop.keys import base_key, reference_key
-from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner, BatchedFit
 from collapse_jax.loop.schedule import Policy, Schedule
 
 # Generations per compiled scan of `simulate_chains` (traced sizes: one compile for any G).
@@ -47,7 +47,7 @@ def shape_invariant(learner, policy, measure, key, chains, carry, reference, g, 
 
     Decided by tracing one generation abstractly; memoised on the shapes involved, since the
     answer does not depend on the generation index."""
-    if learner.fit_chains is not None:
+    if isinstance(learner, BatchedFit):
         return False
 
     def spec(tree):
@@ -109,7 +109,7 @@ def advance(
     """
     static = learner.static_sample_size
     first = a == 0
-    if learner.fit_chains is not None or not scan:
+    if isinstance(learner, BatchedFit) or not scan:
         outs = []
         for g in range(a, b):
             carry, out = one_generation(

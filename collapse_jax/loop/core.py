@@ -26,7 +26,7 @@ import numpy as np
 from collapse_jax import config as config_lib
 from collapse_jax.jaxtools import prng
 from collapse_jax.loop.keys import chain_keys, generation_keys, vmapped_keys
-from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner, BatchedFit
 from collapse_jax.loop.policy import (
     Carry,
     carry_of,
@@ -325,7 +325,7 @@ def one_generation(
     static = learner.static_sample_size
     c_arr = jnp.asarray(np.atleast_1d(np.asarray(counts, np.int32)))
     cnt = (int(counts) if first else tuple(int(c) for c in counts)) if static else None
-    if learner.fit_chains is None:
+    if not isinstance(learner, BatchedFit):
         carry, out = block(
             learner,
             policy,

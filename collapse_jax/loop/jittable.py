@@ -19,7 +19,7 @@ from collapse_jax.loop.blocks import iter_blocks, pad_rows
 from collapse_jax.loop.commit import commit_generation, commit_state, prune_params
 from collapse_jax.loop.core import evaluate, one_generation
 from collapse_jax.loop.keys import base_key, reference_key
-from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner, BatchedFit, Knobbed
 from collapse_jax.loop.schedule import Policy, Schedule, requested_real_size
 from collapse_jax.loop.summary import row_and_arrays
 from collapse_jax.rundir import fileio, guard
@@ -32,7 +32,7 @@ def batch_key(cfg: config_lib.ExperimentConfig, learner: AbstractLearner) -> Any
     scalars) and, for learners with traced sample sizes, the sample sizes and the mix shares
     alpha / beta / gamma (they only set the parts' traced sizes; which parts exist, i.e. which
     shares are > 0, is part of the compiled program and of the key)."""
-    if not learner.jittable or learner.fit_chains is not None or cfg.mesh is not None:
+    if not learner.jittable or isinstance(learner, BatchedFit) or cfg.mesh is not None:
         return None
     # The schedule's static part (`Policy`) is compiled in; with traced sizes the sizes and the
     # shares are values.
@@ -44,10 +44,11 @@ def batch_key(cfg: config_lib.ExperimentConfig, learner: AbstractLearner) -> Any
     fields = tuple(
         (f.name, getattr(gcfg, f.name)) for f in dataclasses.fields(gcfg) if f.name not in free
     )
+    knob_fields = learner.knob_fields if isinstance(learner, Knobbed) else frozenset()
     model = tuple(
         (f.name, getattr(cfg.model, f.name))
         for f in dataclasses.fields(cfg.model)
-        if f.name not in learner.knob_fields
+        if f.name not in knob_fields
     )
     return (type(cfg.model), model, fields, Policy.of(gcfg))
 
@@ -91,12 +92,15 @@ def run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) -
     _check_memory(learner, references[0], real_size, R * P, gcfg.block_size)
     # The learner's knobs (e.g. lambda) as traced float32 scalars, so that a separate run and a
     # batch's point execute the same program.
-    points = [learner] if P == 1 else [type(learner)(c.model, c.mesh) for c in cfgs]
-    knobs = [{k: jnp.float32(v) for k, v in pt.knobs().items()} or None for pt in points]
-    # The jitted core's static arguments keep only what shapes the program: the learner without
-    # its (traced) knobs and the schedule's `Policy` (which parts exist, not their sizes), so
-    # runs that differ in lambda or, with traced sizes, in alpha share compiled code.
-    learner = learner.canonical()
+    knobs: list[Any] = [None] * P
+    if isinstance(learner, Knobbed):
+        points = [learner] if P == 1 else [type(learner)(c.model, c.mesh) for c in cfgs]
+        knobs = [{k: jnp.float32(v) for k, v in pt.knobs().items()} or None for pt in points]
+        # The jitted core's static arguments keep only what shapes the program: the learner
+        # without its (traced) knobs and the schedule's `Policy` (which parts exist, not their
+        # sizes), so runs that differ in lambda or, with traced sizes, in alpha share compiled
+        # code.
+        learner = learner.canonical()
 
     carries: list[Any] = [None] * P  # [R, ...] on the host; None before generation 0
     if start > 0:

@@ -13,12 +13,19 @@ where they may keep resumable intermediate state (checkpoints, partially regener
 The contract (issue 9): a learner owns its model, never the schedule. It is built as
 `Learner(config, mesh=None)` and never sees the `GenerationConfig`: the loop alone owns the
 mixing policies, the sample sizes and the keys, and tells the learner how many points to draw
-(`real_data(key, num)`, `draw_real(key, num)`, `sample(key, params, num)`). A learner may offer a
-batched fit over chains (`fit_chains`), which the loop then uses instead of vmapping `fit`, and
-state-independent sampling noise (`sample_noise`), which the loop draws ahead for a block.
+(`real_data(key, num)`, `draw_real(key, num)`, `sample(key, params, num)`).
+
+`AbstractLearner` is the core every learner implements. What only some learners offer is a
+capability, declared by implementing a small protocol below, which the loop tests with
+`isinstance`: a batched fit over chains (`BatchedFit`), used instead of vmapping `fit`;
+state-independent sampling noise (`PresampledNoise`), drawn ahead for a block of generations;
+log-likelihoods that selection scores candidates by (`Scorable`); an estimate of a run's cost
+(`Plannable`, `collapse-jax run --dry-run`); config fields passed traced so that sweep points
+share compiled code (`Knobbed`, implemented by `KnobbedLearner`).
 
 `Data` is any pytree the learner understands; the mixing policies only use `sample`, `subset`,
-`draw_real` and `concat`, so a learner may represent data as raw points or as sufficient statistics.
+`draw_real`, `take` and `concat`, so a learner may represent data as raw points or as sufficient
+statistics.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import abc
 import copy
 import dataclasses
 import pathlib
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import jax
 import numpy as np
@@ -67,39 +74,6 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         """
         self.config = config
         self.mesh_config = mesh
-
-    # --- scalars that may differ between the points of one sweep batch ---------------------
-    # Config fields (e.g. "sampling_bias") that reach the computation only through `knobs()`:
-    # points of a sweep that differ in them share one compiled program, each point's knobs
-    # passed as traced float32 scalars (`loop.run_batch`, `bind`).
-    knob_fields: ClassVar[frozenset[str]] = frozenset()
-
-    def knobs(self) -> dict[str, float]:
-        """{name: value} of the float32 factors that `knob_fields` become, computed on the host
-        exactly as the learner's own constants (so a bound, traced value gives the same bits)."""
-        return {}
-
-    def bind(self, knobs: dict[str, Any]) -> AbstractLearner:
-        """A copy of this learner (used inside one trace only) whose `knob(name)` reads the
-        traced scalars `knobs` instead of its config's constants."""
-        new = copy.copy(self)
-        new._bound = dict(knobs)
-        return new
-
-    def canonical(self) -> AbstractLearner:
-        """This learner with its `knob_fields` at their defaults: the jitted core's static
-        argument when the knobs are passed traced, so runs that differ only in knobs share
-        compiled code (their numbers come from the traced knobs alone)."""
-        if not self.knob_fields:
-            return self
-        fields = dataclasses.fields(self.config)
-        defaults = {f.name: f.default for f in fields if f.name in self.knob_fields}
-        return type(self)(dataclasses.replace(self.config, **defaults), self.mesh_config)
-
-    def knob(self, name: str) -> Any:
-        """A knob's value: the traced scalar when bound (`bind`), else the Python constant."""
-        bound = getattr(self, "_bound", None)
-        return self.knobs()[name] if bound is None else bound[name]
 
     def _key(self) -> tuple:
         return (type(self), self.config, self.mesh_config)
@@ -156,19 +130,6 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         Non-jittable learners receive `workdir=pathlib.Path` in kwargs: a folder of their own for
         this generation's resumable state."""
 
-    # Optional batched fit over chains: `fit_chains(keys [R], data [R, ...], params [R, ...])`
-    # -> params [R, ...], called from Python (outside jit) once per generation; it may run host
-    # loops (GMM compacts converged chains). None: the loop vmaps `fit`.
-    fit_chains: Any = None
-    # Optional split of `sample` for jittable learners: `sample_noise(key, num, stream=0)` -> the
-    # pytree of random draws that a synthetic draw makes, independent of the params, from the
-    # words of `key`'s stream `stream` (`prng.word_source`; stream 0: what `sample(key, params,
-    # num)` draws itself), or None where it does not apply; `sample(..., noise=that)` then uses
-    # it. The loop draws generation g's noise from the chain's k_gens, stream
-    # `loop.keys.NOISE_STREAM + g` (no per-generation key derivation), a whole block of
-    # generations ahead of the scan (vectorised, computed once), in every entry point.
-    sample_noise: Any = None
-
     @abc.abstractmethod
     def evaluate(self, key: jax.Array, params: Params, reference: Any) -> Metrics:
         """Metrics of one chain's fitted model: a dict of scalars or fixed-shape arrays."""
@@ -186,6 +147,12 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         if isinstance(num, int) and num > n:
             raise ValueError(f"cannot take {num} points from a data set of {n}")
         idx = jax.random.permutation(key, n)[:num]
+        return jax.tree.map(lambda x: x[idx], data)
+
+    def take(self, data: Data, idx: jax.Array) -> Data:
+        """The points `idx` of `data` (selection keeps its best-scored candidates with it).
+
+        The default treats every leaf of `data` as an array of points along axis 0."""
         return jax.tree.map(lambda x: x[idx], data)
 
     def concat(self, parts: list[Data]) -> Data:
@@ -222,6 +189,106 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
     def load_params(self, path: pathlib.Path, template: Params) -> Params:
         """Reads what `save_params` wrote; `template` has the right tree structure."""
         return fileio.load_tree(path / "params.npz", template)
+
+
+# ----------------------------------------------------------------------------------------------
+# Capabilities: what only some learners offer. The loop tests them with `isinstance`.
+
+
+@runtime_checkable
+class BatchedFit(Protocol):
+    """A batched fit over chains, used instead of vmapping `fit` (GMM compacts converged EM
+    chains): called from Python (outside jit) once per generation; it may run host loops."""
+
+    def fit_chains(self, keys: jax.Array, data: Any, params: Any) -> Any:
+        """keys [R], data [R, ...], params [R, ...] (the fits' starts) -> params [R, ...]."""
+
+
+@runtime_checkable
+class PresampledNoise(Protocol):
+    """A jittable learner's `sample` split into state-independent noise and a cheap transform.
+
+    The loop draws generation g's noise from the chain's k_gens, stream
+    `loop.keys.NOISE_STREAM + g` (no per-generation key derivation), a whole block of
+    generations ahead of the scan (vectorised, computed once), in every entry point, and passes
+    it as `sample(..., noise=that)`."""
+
+    def sample_noise(self, key: jax.Array, num: int | jax.Array, stream: Any = 0) -> Any:
+        """The pytree of random draws a synthetic draw of `num` points makes, independent of the
+        params, from the words of `key`'s stream `stream` (`prng.word_source`; stream 0: what
+        `sample(key, params, num)` draws itself)."""
+
+
+@runtime_checkable
+class Scorable(Protocol):
+    """Log-likelihoods of data points, which selection (`generation.selection`) ranks synthetic
+    candidates by."""
+
+    def log_prob(self, data: Any, params: Any) -> jax.Array:
+        """[N] log-likelihood of each point under the fitted model `params` (the scorer
+        "generation0" scores under the chain's generation-0 fit)."""
+
+    def truth_log_prob(self, data: Any) -> jax.Array:
+        """[N] log-likelihood of each point under the real distribution (the scorer "truth")."""
+
+
+@runtime_checkable
+class Plannable(Protocol):
+    """An estimate of what a run will do (`collapse-jax run --dry-run`)."""
+
+    def plan(self, cfg: Any) -> dict[str, Any]:
+        """{name: value} for the experiment config `cfg` (e.g. "disk_bytes_estimate")."""
+
+
+@runtime_checkable
+class Knobbed(Protocol):
+    """Config fields passed to the computation as traced scalars (`KnobbedLearner`), so that
+    the points of a sweep batch that differ in them share one compiled program."""
+
+    knob_fields: ClassVar[frozenset[str]]
+
+    def knobs(self) -> dict[str, float]: ...
+
+    def bind(self, knobs: dict[str, Any]) -> Any: ...
+
+    def canonical(self) -> Any: ...
+
+
+class KnobbedLearner(AbstractLearner[Params, Data]):
+    """A learner with knobs (`Knobbed`): config fields (e.g. "sampling_bias") that reach its
+    computation only through `knob(name)`. Points of a sweep that differ in them share one
+    compiled program, each point's knobs passed as traced float32 scalars (`loop.run_batch`,
+    `bind`)."""
+
+    # Config fields (e.g. "sampling_bias") that reach the computation only through `knobs()`.
+    knob_fields: ClassVar[frozenset[str]] = frozenset()
+    _bound: dict[str, Any] | None = None  # the traced knobs of a bound copy (`bind`)
+
+    @abc.abstractmethod
+    def knobs(self) -> dict[str, float]:
+        """{name: value} of the float32 factors that `knob_fields` become, computed on the host
+        exactly as the learner's own constants (so a bound, traced value gives the same bits)."""
+
+    def bind(self, knobs: dict[str, Any]) -> KnobbedLearner:
+        """A copy of this learner (used inside one trace only) whose `knob(name)` reads the
+        traced scalars `knobs` instead of its config's constants."""
+        new = copy.copy(self)
+        new._bound = dict(knobs)
+        return new
+
+    def canonical(self) -> KnobbedLearner:
+        """This learner with its `knob_fields` at their defaults: the jitted core's static
+        argument when the knobs are passed traced, so runs that differ only in knobs share
+        compiled code (their numbers come from the traced knobs alone)."""
+        if not self.knob_fields:
+            return self
+        fields = dataclasses.fields(self.config)
+        defaults = {f.name: f.default for f in fields if f.name in self.knob_fields}
+        return type(self)(dataclasses.replace(self.config, **defaults), self.mesh_config)
+
+    def knob(self, name: str) -> Any:
+        """A knob's value: the traced scalar when bound (`bind`), else the Python constant."""
+        return self.knobs()[name] if self._bound is None else self._bound[name]
 
 
 def _computed(parts: list[list]) -> list[list]:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from collapse_jax.loop import selection
 from collapse_jax.loop.keys import NOISE_STREAM
-from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.loop.learner import AbstractLearner, PresampledNoise
 from collapse_jax.loop.schedule import Policy
 
 
@@ -94,11 +94,10 @@ def synthetic_noise(learner: AbstractLearner, policy: Policy, k_gens, g, num) ->
     chain's generation key; `learner.sample_noise` from stream NOISE_STREAM + g), or None where
     the learner draws it itself (no `sample_noise`, or selection, which draws extra candidates
     from the sample key)."""
-    sample_noise = getattr(learner, "sample_noise", None)
-    if sample_noise is None or policy.selects:
+    if not isinstance(learner, PresampledNoise) or policy.selects:
         return None
     stream = jnp.asarray(g, jnp.uint32) + jnp.uint32(NOISE_STREAM)
-    return sample_noise(k_gens, num, stream)
+    return learner.sample_noise(k_gens, num, stream)
 
 
 def carry_of(policy: Policy, params, pool, real, anchor) -> Carry:

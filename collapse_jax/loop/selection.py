@@ -5,7 +5,7 @@ Instead of training the next generation on M samples of the current model, draw 
 candidates and keep the M that a scorer ranks best. The loop calls `sample` below wherever it
 draws synthetic data, so selection applies to every policy (replace, mix, accumulate, ...).
 
-Scorers (a learner opts in by implementing the method):
+Scorers (a learner opts in by implementing `loop.learner.Scorable`):
 - "truth": `learner.truth_log_prob(data) -> [N]`, the log-likelihood of each candidate under the
   real distribution (known for the theory learners: the Gaussian, the GMM, the KDE data sets,
   the linear model's w*). It is the oracle verifier of Feng et al.; selecting by likelihood also
@@ -24,6 +24,8 @@ import math
 from typing import Any
 
 import jax
+
+from collapse_jax.loop.learner import Scorable
 
 
 def num_candidates(num: int, rho: float) -> int:
@@ -44,8 +46,8 @@ def sample(
     None) says; without selection exactly `learner.sample(key, params, num)`.
 
     Args:
-      learner: the learner (needs `truth_log_prob` for scorer "truth", `log_prob` for
-        "generation0"; `take(data, idx)` if its data are not plain arrays of points).
+      learner: the learner (`Scorable`: `truth_log_prob` for scorer "truth", `log_prob` for
+        "generation0"; its `take(data, idx)` keeps the selected points).
       selection: the experiment's `generation.selection`.
       num: a static int (the candidates' count must be known at trace time).
       anchor: the chain's generation-0 params (scorer "generation0").
@@ -58,10 +60,14 @@ def sample(
             f"generation.selection: {name} draws traced sample sizes; "
             "selection needs raw points (e.g. method: sample)"
         )
-    if selection.scorer == "generation0":
-        log_prob = getattr(learner, "log_prob", None)
-        if log_prob is None:
+    if not isinstance(learner, Scorable):
+        if selection.scorer == "generation0":
             raise ValueError(f"generation.selection.scorer: {name} has no 'log_prob' to score by")
+        raise ValueError(
+            f"generation.selection.scorer: {name} has no known real distribution to "
+            "score by ('truth')"
+        )
+    if selection.scorer == "generation0":
         if anchor is None:
             raise ValueError(
                 f"generation.selection.scorer: 'generation0' needs the loop to carry the "
@@ -69,17 +75,9 @@ def sample(
             )
 
         def scorer(data):
-            return log_prob(data, anchor)
+            return learner.log_prob(data, anchor)
     else:
-        scorer = getattr(learner, "truth_log_prob", None)
-        if scorer is None:
-            raise ValueError(
-                f"generation.selection.scorer: {name} has no known real distribution to "
-                "score by ('truth')"
-            )
+        scorer = learner.truth_log_prob
     candidates = learner.sample(key, params, num_candidates(num, selection.rho), **kw)
     _, idx = jax.lax.top_k(scorer(candidates), num)  # the num best-scored, best first
-    take = getattr(learner, "take", None)
-    if take is not None:
-        return take(candidates, idx)
-    return jax.tree.map(lambda x: x[idx], candidates)
+    return learner.take(candidates, idx)

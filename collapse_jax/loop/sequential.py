@@ -2,6 +2,14 @@
 after the other in Python, a generation of every chain before the next generation; every
 generation committed, each chain's fit and sample resumable.
 
+Each chain's generation is the core's step (`loop.core`: `draw_pool`, `build_data`, fit,
+`finish`, the default measure with the learner's `data_metrics`) with persistence around each
+part. One difference of timing only: generation g + 1's pool (the expensive synthetic draw) is
+drawn at the end of generation g, from the fitted params still in memory, and committed with it
+as `state/data.npz` (it is the next generation's input, and the last generation's samples are
+there for figures); `draw_pool` draws it with generation g's keys either way, so the numbers are
+those the jittable core draws at the start of generation g + 1.
+
 Chain r's files live in `chain_dir(folder, r)`: the folder itself for chain 0 (the layout of a
 single-chain run) and `folder/chain_XXXXX` for the others. Per generation g and chain r:
 

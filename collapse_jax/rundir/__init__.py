@@ -13,13 +13,18 @@ params/gen_00007/           fitted parameters of every generation (keep_params: 
 data/gen_00007.npz          training data of non-jittable learners' generations
 work/gen_00007/             a non-jittable learner's resumable scratch (checkpoints, ...)
 metrics.json, metrics.csv   all summary rows; summary.txt; figures/*.png
-.lock                       held (flock) by the process working in the directory
+source/, analysis/          run-wide inputs (committed), cached analyses (recomputed when lost)
+.collapse-jax               the identity of the run directory (this tool, the run's own id)
+.lock                       who holds the lock (flock on the folder itself) or held it last
 state/manifest.json         size and SHA-256 of every committed file (`commits`)
 ```
 
 Every file is written to a temporary name and renamed, so a killed run leaves either the old or
 the new version, never a torn one. `state/` is the commit point of a generation: it is replaced
-only after the generation's rows and arrays are on disk.
+only after the generation's rows and arrays are on disk; the first commit (no generation yet) is
+made when the directory is created, so it is resumable whenever a run stops. The tool touches only
+what it wrote: a non-empty `--out` that is not a run directory is refused, and clean-up removes
+only its own temporaries, named with its marker and the writer's PID.
 
 Modules, bottom up (none imports one above it):
 

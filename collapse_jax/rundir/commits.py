@@ -164,16 +164,6 @@ def committed_files(run_dir: pathlib.Path, generations: range | None) -> Iterato
             yield rel
 
 
-def run_wide_files(run_dir: pathlib.Path) -> Iterator[str]:
-    """Relative paths of committed files that belong to no generation (env.json, source/)."""
-    for name in TOP_FILES:
-        if (run_dir / name).is_file():
-            yield name
-    for rel in _result_files(run_dir):
-        if generation_of(rel) is None:
-            yield rel
-
-
 def pruned_by_policy(rel: str, config: Mapping) -> bool:
     """Whether a committed file may be deleted on purpose later: `keep_params: first_last`
     removes the parameters of older generations once a newer one is committed."""
@@ -253,11 +243,14 @@ def write_manifest(
             and (generation_of(k) if generation_of(k) is not None else -1) < before
             and not (pruned_by_policy(k, config) and not (run_dir / k).exists())
         }
-    for rel in committed_files(run_dir, range(before, next_generation)):
-        files[rel] = file_digest(run_dir / rel)
-    for rel in run_wide_files(run_dir):
-        if rel not in files or rel in TOP_FILES:
+    new = range(before, next_generation)
+    for rel in _result_files(run_dir):  # one walk: this commit's generations, new run-wide files
+        g = generation_of(rel)
+        if (g in new) if g is not None else rel not in files:
             files[rel] = file_digest(run_dir / rel)
+    for name in TOP_FILES:
+        if (run_dir / name).is_file():
+            files[name] = file_digest(run_dir / name)
     for dirpath, _, filenames in os.walk(state_tmp):
         for name in sorted(filenames):
             p = pathlib.Path(dirpath) / name

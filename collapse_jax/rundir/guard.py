@@ -555,5 +555,6 @@ def check_memory(bytes_per_chain: int, chains: int, key: str, *, copies: int = 4
         raise config_lib.ConfigError(
             f"{key}={chains}: the chains' state needs about {need / 2**30:.1f} GiB of memory "
             f"({bytes_per_chain} bytes per chain, {copies} copies) but {avail / 2**30:.1f} GiB "
-            "are available; lower it or split the run"
+            "are available; lower it, or make one chain's state smaller (the model's size, e.g. "
+            "model.dim, or generation.samples_per_generation)"
         )

@@ -42,7 +42,7 @@ from jax.scipy.linalg import solve_triangular
 from collapse_jax import loop
 from collapse_jax.config import ConfigError
 from collapse_jax.jaxtools import lanes, prng
-from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.loop.learner import KnobbedLearner
 from collapse_jax.theory import metrics, samplers
 from collapse_jax.theory.common import data_count, with_impl
 
@@ -447,7 +447,7 @@ def fit_stats(stats: GaussianStats, estimator: str) -> GaussianParams:
     return GaussianParams(stats.mean, stats.scatter / denom)
 
 
-class GaussianLearner(AbstractLearner[GaussianParams, Any]):
+class GaussianLearner(KnobbedLearner[GaussianParams, Any]):
     """The Gaussian model for the generational loop (one chain per call; final class).
 
     Data: raw points `[n, d]` for `method="sample"`, `GaussianStats` for `method="exact"`

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from collapse_jax import cli, generation
+from collapse_jax import cli, loop
 from collapse_jax import config as config_lib
 from collapse_jax.rundir import commits, fileio, guard, reader
 
@@ -111,7 +111,7 @@ def _gauss(generations: int = 3):
 @pytest.fixture(scope="module")
 def gauss_ref(tmp_path_factory) -> dict[str, bytes]:
     out = tmp_path_factory.mktemp("gauss") / "ref"
-    generation.run_generations(_gauss(), out)
+    loop.run_generations(_gauss(), out)
     return _results(out)
 
 
@@ -223,9 +223,9 @@ def test_an_interrupt_at_every_rename_resumes_identically(tmp_path, monkeypatch,
         with monkeypatch.context() as m:
             seen = _interrupt_at(m, n, when)
             with pytest.raises(KeyboardInterrupt):
-                generation.run_generations(_gauss(), out)
+                loop.run_generations(_gauss(), out)
         assert commits.verify(out) == [], (n, seen[-1])
-        generation.run_generations(_gauss(), out)  # the same command resumes
+        loop.run_generations(_gauss(), out)  # the same command resumes
         assert _results(out) == gauss_ref, (n, seen[-1])
         assert commits.verify(out) == []
         leftovers = [p.name for p in out.rglob(".*") if p.name not in (".lock", commits.MARKER)]
@@ -241,9 +241,9 @@ def test_a_full_disk_at_the_first_commit_resumes(tmp_path, monkeypatch, gauss_re
 
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(OSError):
-        generation.run_generations(_gauss(), out)
+        loop.run_generations(_gauss(), out)
     monkeypatch.setattr(os, "fsync", real)
-    generation.run_generations(_gauss(), out)
+    loop.run_generations(_gauss(), out)
     assert _results(out) == gauss_ref
 
 
@@ -274,7 +274,7 @@ def test_a_finished_fit_of_the_generation_in_progress_is_reused(tmp_path, monkey
     cfg = config_lib.from_dict(raw)
     learner = ToyNumpyLearner(cfg.model, cfg.mesh)
     ref = tmp_path / "ref"
-    generation.run_generations(cfg, ref, learner=learner)
+    loop.run_generations(cfg, ref, learner=learner)
     out = tmp_path / "run"
     real = os.replace
 
@@ -286,10 +286,10 @@ def test_a_finished_fit_of_the_generation_in_progress_is_reused(tmp_path, monkey
     with monkeypatch.context() as m:
         m.setattr(os, "replace", replace)
         with pytest.raises(KeyboardInterrupt):
-            generation.run_generations(cfg, out, learner=learner)
+            loop.run_generations(cfg, out, learner=learner)
     assert reader.Run(out).finished_generations() == []
     ToyNumpyLearner.calls.clear()
-    generation.run_generations(cfg, out, learner=learner)
+    loop.run_generations(cfg, out, learner=learner)
     fits = [str(w) for kind, w in ToyNumpyLearner.calls if kind == "fit"]
     assert not any("gen_00000" in w for w in fits) and len(fits) == 2  # generation 1 only
     assert _results(out) == _results(ref)
@@ -373,7 +373,7 @@ def test_an_out_that_cannot_be_a_folder_gets_one_line(tmp_path, capsys, kind):
 
 def test_plot_of_a_running_experiment_succeeds_and_keeps_its_temporaries(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["run", GAUSS, "generation.num_generations=1500", "generation.num_trials=20"]
+    argv = ["run", GAUSS, "generation.num_generations=300", "generation.num_trials=20"]
     argv += ["generation.block_size=1", "--out", out, "--no-progress"]
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     running = _worker("tests.cli_worker", *argv)
@@ -383,7 +383,7 @@ def test_plot_of_a_running_experiment_succeeds_and_keeps_its_temporaries(tmp_pat
         theirs = out / f".figures.cjx{sleeper.pid}-abcdefgh.tmp"
         theirs.mkdir()
         checks = 0
-        while running.poll() is None and checks < 40:
+        while running.poll() is None and checks < 20:
             assert commits.verify_snapshot(out) == []
             checks += 1
         for _ in range(3):
@@ -400,10 +400,10 @@ def test_plot_of_a_running_experiment_succeeds_and_keeps_its_temporaries(tmp_pat
 
 def test_a_run_reader_is_a_snapshot(tmp_path):
     out = tmp_path / "run"
-    generation.run_generations(_gauss(), out)
+    loop.run_generations(_gauss(), out)
     run = reader.Run(out)
     assert len(run.rows()) == 3
-    generation.run_generations(_gauss(5), out)
+    loop.run_generations(_gauss(5), out)
     assert len(run.rows()) == 3 and len(run.series("w2")) == 3  # the snapshot it started with
     assert len(reader.Run(out).rows()) == 5
 
@@ -415,7 +415,7 @@ def test_a_run_reader_is_a_snapshot(tmp_path):
 @pytest.fixture
 def finished(tmp_path) -> pathlib.Path:
     out = tmp_path / "run"
-    generation.run_generations(_gauss(), out)
+    loop.run_generations(_gauss(), out)
     return out
 
 
@@ -470,7 +470,7 @@ def test_a_corrupt_manifest_is_named_and_rebuilt_by_repair(
 
 def test_a_manifest_of_another_run_directory_is_refused(tmp_path, finished, capsys):
     other = tmp_path / "other"
-    generation.run_generations(_gauss(), other)
+    loop.run_generations(_gauss(), other)
     shutil.copy(other / "state" / "manifest.json", finished / "state" / "manifest.json")
     code, err = _cli(capsys, "run", GAUSS, *G, "--out", finished)
     assert code == 1 and "belongs to another run directory" in _one_error_line(err)
@@ -562,7 +562,7 @@ def test_a_run_directory_file_vanishing_mid_run_is_a_runtime_failure(finished, c
     def vanished(*args, **kwargs):
         raise FileNotFoundError(2, "No such file or directory", str(finished / "state/meta.json"))
 
-    monkeypatch.setattr(generation, "run_generations", vanished)
+    monkeypatch.setattr(loop, "run_generations", vanished)
     code, err = _run5(capsys, finished)
     assert code == 1 and "meta.json: not found" in _one_error_line(err)
 
@@ -587,3 +587,17 @@ def test_sigterm_exits_1_with_one_line(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "terminated (SIGTERM)" in _one_error_line(err)
     assert commits.verify(out) == []
+
+
+def test_ctrl_c_of_the_program_exits_1_with_one_line(tmp_path):
+    """`python -m collapse_jax` (no argv given to main): the interrupt is reported, the clean-up
+    has run, and the process ends without interpreter finalization (D9)."""
+    out = tmp_path / "run"
+    argv = ["run", GAUSS, "generation.num_generations=2000", "generation.num_trials=20"]
+    proc = _worker("collapse_jax", *argv, "generation.block_size=1", "--out", out, "--no-progress")
+    _wait_for(lambda: (out / "generations" / "gen_00001.json").exists(), proc=proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "interrupted" in _one_error_line(err)
+    assert commits.verify(out) == []
+    assert [p.name for p in out.glob(".*.cjx*")] == []  # its temporaries removed
