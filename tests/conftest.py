@@ -24,6 +24,20 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# A persistent compilation cache under .pytest_cache (COLLAPSE_JAX_TEST_COMPILE_CACHE: another
+# folder, or "off"). With the per-module jax.clear_caches() below, a program another module or an
+# earlier run compiled is read from disk instead of compiled again: a rerun of
+# tests/unit/test_generation.py took half the CPU time of a cold one
+# (benchmarks/results/test_compile_cache-cpu.json).
+_cache = os.environ.get(
+    "COLLAPSE_JAX_TEST_COMPILE_CACHE", str(REPO / ".pytest_cache" / "jax-compilation-cache")
+)
+if _cache != "off":
+    jax.config.update("jax_compilation_cache_dir", _cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 TESTS = REPO / "tests"
 TIER_MARKS = {"integration": "slow", "parity": "parity"}
 SLOW_UNIT_SECONDS = 10.0
