@@ -8,11 +8,11 @@ The unrolled hash below is 20 add/rotate/xor rounds that XLA fuses with whatever
 key, and only the keys that are used are computed (a `split` into 6 computes one hash per key
 actually read). benchmarks/results/xla_tricks-cpu.json, row prng_impl, times the loop's key
 work this way against `jax.random` (and against an unrolled threefry registered with
-`jax.extend.random.define_prng_impl`); tests/test_xla_tricks.py checks that no loop is left
+`jax.extend.random.define_prng_impl`); tests/unit/test_xla_tricks.py checks that no loop is left
 and that unused keys cost nothing.
 
 Everything here equals `jax.random` exactly for threefry keys with `jax_threefry_partitionable`
-(JAX's default): tests/test_prng.py checks `fold_in`, `split` and `random_words`' domain. Other
+(JAX's default): tests/unit/test_prng.py checks `fold_in`, `split` and `random_words`' domain. Other
 PRNG implementations fall back to `jax.random`.
 """
 
@@ -58,12 +58,13 @@ def materialize(x: Any) -> Any:
     still evaluates the hash inside every consumer.
 
     The loop is a CPU trick: it is chosen inside the traced program
-    (`jax.lax.platform_dependent`), and other platforms get `x` itself. tests/test_xla_tricks.py
-    checks on the compiled CPU program that the loop survives and the hash is computed once,
-    and on programs exported for CUDA and TPU that no loop is left. It pays where a key's
-    hash would be recomputed per element of a large draw: benchmarks/results/
-    xla_tricks-cpu.json, row materialize_in_loop, times the Gaussian sample method with and
-    without it (row materialize: small programs where recomputing costs less than a buffer).
+    (`jax.lax.platform_dependent`), and other platforms get `x` itself.
+    tests/unit/test_xla_tricks.py checks on the compiled CPU program that the loop survives and
+    the hash is computed once, and on programs exported for CUDA and TPU that no loop is left.
+    It pays where a key's hash would be recomputed per element of a large draw:
+    benchmarks/results/xla_tricks-cpu.json, row materialize_in_loop, times the Gaussian sample
+    method with and without it (row materialize: small programs where recomputing costs less
+    than a buffer).
     """
     leaves, tree = jax.tree.flatten(x)
     if not leaves:

@@ -40,7 +40,7 @@ Two implementations:
   3 (B n)(P + L_new) key/value rows (reorder gather, write, read) to B P + B n L_new. Its
   attention reads generated keys through the table, so it spells attention out itself in HF's
   numerics (fp32 scores and softmax, masked scores at the fp32 minimum); parity with
-  transformers is tested through `generate` (tests/lm/test_decode_hf.py).
+  transformers is tested through `generate` (tests/parity/lm/test_decode_hf.py).
 
 Shape legend: L layers, B batch (prompts), n rows per prompt, R = B * n rows, S slots, P prompt
 length, T new tokens in one call, N heads, H head_dim.

@@ -59,11 +59,11 @@ def _hf_row(line: str) -> str:
     return line if line.strip() else ""
 
 
-# The one data root of every shipped config: `${COLLAPSE_JAX_DATA:-data}` (README "Data").
+# The one data root of every shipped config: `${COLLAPSE_JAX_DATA:-data}` (docs/data.md).
 DATA_ROOT = "${COLLAPSE_JAX_DATA:-data}"
 MISSING_HINT = (
     "set COLLAPSE_JAX_DATA to the folder holding wikitext-2-raw/, opt-125m-tokenizer/ and mnist/ "
-    "(see README, Data), or name a downloadable source"
+    "(see docs/data.md), or name a downloadable source"
 )
 
 

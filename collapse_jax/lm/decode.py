@@ -1,8 +1,8 @@
 """`generate`: transformers' `model.generate(...)` for the package's causal LMs, compiled whole.
 
 For deterministic settings `generate` returns the same tokens as transformers'
-`OPTForCausalLM.generate(...)` with the same arguments (tests/lm/test_decode_hf.py). Decoding is
-split along its seams:
+`OPTForCausalLM.generate(...)` with the same arguments (tests/parity/lm/test_decode_hf.py).
+Decoding is split along its seams:
 
   lm/settings.py    `DecodeSettings`, the static settings of one decoding program;
   lm/cache.py       the cache protocol a model's attention talks to, and the caches (slot cache,

@@ -56,7 +56,7 @@ def load_mnist(source: str | os.PathLike, split: str = "train") -> tuple[np.ndar
     if not path.is_dir():
         raise FileNotFoundError(
             f"MNIST source not found: {path} (a folder of idx files or an npz); set "
-            "COLLAPSE_JAX_DATA to the folder holding mnist/ (README, Data), or use "
+            "COLLAPSE_JAX_DATA to the folder holding mnist/ (docs/data.md), or use "
             "data_dir: tfds (pip install 'collapse-jax[tfds]', downloads MNIST)"
         )
     if (path / "mnist.npz").is_file() and _find_idx(path, split, "images") is None:

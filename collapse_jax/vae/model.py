@@ -71,7 +71,7 @@ class VAE(nnx.Module):
 # The layers' parameters are those of nnx.Conv / nnx.ConvTranspose (kernel [4, 4, in, out]), applied
 # through jaxtools/convs.py: the same convolutions, with gradients that stay on XLA:CPU's fast
 # paths (JAX's own gradient of the transposed convolution's kernel ran on a slow generic path and
-# took most of the training step). tests/test_vae.py compares them with the Flax layers.
+# took most of the training step). tests/unit/test_vae.py compares them with the Flax layers.
 _PAD = ((1, 1), (1, 1))  # PyTorch Conv2d(padding=1)
 _TPAD = ((2, 2), (2, 2))  # PyTorch ConvTranspose2d(k=4, s=2, padding=1) == padding k - 1 - 1
 
