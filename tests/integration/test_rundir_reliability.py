@@ -23,7 +23,7 @@ from collapse_jax import cli, loop
 from collapse_jax import config as config_lib
 from collapse_jax.rundir import commits, fileio, guard, reader
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 GAUSS = str(REPO / "configs" / "theory_gaussian.yaml")
 BASE = ["generation.num_trials=20", "generation.block_size=1", "generation.record_trials=8"]
 G = ["generation.num_generations=3", *BASE]
