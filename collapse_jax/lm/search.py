@@ -21,8 +21,8 @@ at the last position, cache)`:
 - `PromptSharingDecoder`: models whose attention follows the cache protocol of
   `collapse_jax.lm.cache` (every causal LM of this package): the prompt is prefilled into the
   model's `KVCache` and handed to a `PromptSharingCache` (prompt keys stored once per prompt,
-  generated keys never moved, beams followed through an ancestry table), about 1.75x faster
-  than the gather on the CPU here (benchmarks/bench_decode.py).
+  generated keys never moved, beams followed through an ancestry table), faster than the
+  gather on CPU (benchmarks/bench_decode.py --old: benchmarks/results/decode_old_vs_new-cpu.json).
 
 Caches are preallocated, beams are flattened into the batch (row = b * K + k), nothing returns to
 the host before the end, and the repetition penalty keeps a per-row "seen" bitmap [R, V].

@@ -295,11 +295,12 @@ def _computed(parts: list[list]) -> list[list]:
     """The leaves of every part but the largest, computed into buffers before concatenation.
 
     Fused into a concatenation (or a dynamic-update-slice), the parts' producers (a sampler's
-    hashes and transforms) cost LLVM ~30 s per compile on XLA's CPU backend (a 1-d Gaussian pool
-    of 20 points per chain); as outputs of `prng.materialize`'s once-run loop they compile in
-    well under a second. The largest part, typically the pool carried from the previous
-    generation and already a buffer, is left alone: copying it through the loop would double
-    the concatenation's memory traffic. Only 32-bit leaves (what `materialize` carries) go through.
+    hashes and transforms) made LLVM's compile on XLA's CPU backend take tens of seconds (a 1-d
+    Gaussian pool of 20 points per chain); as outputs of `prng.materialize`'s once-run loop
+    they compile in well under a second (on other platforms `materialize` is the identity).
+    The largest part, typically the pool carried from the previous generation and already a
+    buffer, is left alone: copying it through the loop would double the concatenation's memory
+    traffic. Only 32-bit leaves (what `materialize` carries) go through.
     """
     sizes = [sum(x.size for x in ls) for ls in parts]
     big = sizes.index(max(sizes))

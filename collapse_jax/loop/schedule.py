@@ -114,7 +114,9 @@ class Schedule:
         points (`learner.real_size(requested_real_size(gcfg))`), for its `num_generations`
         generations (or as many as given)."""
         n = gcfg.num_generations if num_generations is None else num_generations
-        sizes = (int(real_size), *(gcfg.sample_size(g, real_size) for g in range(1, n)))
+        sizes = tuple(
+            int(real_size) if g == 0 else gcfg.sample_size(g, real_size) for g in range(n)
+        )
         return cls(Policy.of(gcfg), (gcfg.alpha, gcfg.beta, gcfg.gamma), sizes)
 
     @classmethod

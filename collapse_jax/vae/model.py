@@ -244,7 +244,7 @@ def _train_step(params, opt_state, x, mask, key, *, arch, lr, wd):
 def _train_epoch(params, opt_state, images, key, *, arch, batch_size, lr, wd):
     """One epoch: shuffle, then one jitted step per batch; the last batch is padded and masked,
     so every image counts once and the step compiles once. (A `lax.scan` over the batches was
-    ~10x slower on XLA's CPU backend: convolutions inside a loop body miss the fast path.)
+    much slower on XLA's CPU backend: convolutions inside a loop body miss the fast path.)
     Returns (params, opt_state, loss summed over the epoch)."""
     n, b = images.shape[0], batch_size
     k_perm, k_steps = jax.random.split(key)

@@ -21,7 +21,8 @@ import pathlib
 import subprocess
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+# The repository root: the first folder above this file with a pyproject.toml (tests move).
+REPO = next(p for p in pathlib.Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 PACKAGE = "collapse_jax"
 ROOT = REPO / PACKAGE
 
@@ -41,6 +42,7 @@ class Edge:
 
 def _module_files() -> dict[str, pathlib.Path]:
     """Dotted module name -> file, for every module of the package."""
+    assert (ROOT / "__init__.py").is_file(), f"no package at {ROOT}"
     modules = {}
     for path in sorted(ROOT.rglob("*.py")):
         parts = list(path.relative_to(REPO).with_suffix("").parts)

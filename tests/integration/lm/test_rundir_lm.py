@@ -54,4 +54,6 @@ def test_a_kill_before_the_first_commit_keeps_the_finished_fit(tmp_path, monkeyp
     for g in range(2):
         a = fileio.load_npz(out / "arrays" / f"gen_{g:05d}.npz")
         b = fileio.load_npz(ref / "arrays" / f"gen_{g:05d}.npz")
-        assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+        assert a.keys() == b.keys()
+        differ = [k for k in a if "seconds" not in k and a[k].tobytes() != b[k].tobytes()]
+        assert differ == [], (g, differ)
