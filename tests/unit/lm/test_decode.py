@@ -289,6 +289,7 @@ def tiny_opt(vocab=29, **kw):
     return opt.init_random(cfg, jax.random.key(0))
 
 
+@pytest.mark.slow  # compiles the decoder for many shapes: CI's full run (-m '')
 def test_generate_compiles_once_per_shape_and_settings():
     from flax import nnx
 

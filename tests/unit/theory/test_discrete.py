@@ -93,6 +93,7 @@ def test_exact_and_sample_agree(runs):
         _same_distribution((a.probs[n] > 0).sum(1), (b.probs[n] > 0).sum(1), f"support_{n}")
 
 
+@pytest.mark.slow  # a large Monte Carlo run: in CI's full run (-m ''), not the fast tier
 def test_long_run_absorption_at_p0():
     """Every chain is eventually absorbed in a delta, at state i with probability p_0(i)."""
     p0 = P0  # same model, chains and M as the `runs` fixture: shares its compiled scans
@@ -109,6 +110,7 @@ def test_long_run_absorption_at_p0():
         assert abs(fixed[i] - p0[i]) < 1e-3
 
 
+@pytest.mark.slow  # a large Monte Carlo run: in CI's full run (-m ''), not the fast tier
 @pytest.mark.parametrize(
     "policy",
     [dict(policy="mix", alpha=0.75, gamma=0.25)],
@@ -128,6 +130,7 @@ def test_exact_and_sample_agree_with_mixing(policy):
             _check_mean(a.probs[n, :, i].astype(np.float64), P0[i], f"E[p_{n}({i})]")
 
 
+@pytest.mark.slow  # a large Monte Carlo run: in CI's full run (-m ''), not the fast tier
 def test_mix_with_previous_data_matches_derivation():
     """mix with beta > 0 (a subset of the previous training set: exact hypergeometric counts for
     method "exact", a subset of the points for "sample"). With counts (S, B, Q) of M and

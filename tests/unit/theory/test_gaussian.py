@@ -79,6 +79,7 @@ def test_exact_and_sample_agree_1d(runs_1d):
         _ks(a.mean[n, :, 0], b.mean[n, :, 0], f"mu_{n}")
 
 
+@pytest.mark.slow  # a large Monte Carlo run: in CI's full run (-m ''), not the fast tier
 @pytest.mark.parametrize("method", ["exact", "sample"])
 def test_mle_1d_and_growing_schedule(method):
     """MLE: E[s_n^2] = prod_i (M_i - 1) / M_i, for a constant M and for a growing schedule."""
@@ -118,6 +119,7 @@ def runs_2d():
     }
 
 
+@pytest.mark.slow  # a large Monte Carlo run: in CI's full run (-m ''), not the fast tier
 @pytest.mark.parametrize("method", ["exact", "sample"])
 def test_2d_moments(runs_2d, method):
     """E[Sigma_n] = Sigma_0 (unbiased) and E[log det Sigma_n] in closed form (d = 2)."""
@@ -133,6 +135,7 @@ def test_2d_moments(runs_2d, method):
         _check_mean(np.linalg.slogdet(c)[1], want, f"E[logdet_{n}]")
 
 
+@pytest.mark.slow  # a large Monte Carlo run: in CI's full run (-m ''), not the fast tier
 def test_exact_and_sample_agree_2d(runs_2d):
     a, b = runs_2d["exact"], runs_2d["sample"]
     n = 5
@@ -141,6 +144,7 @@ def test_exact_and_sample_agree_2d(runs_2d):
     _ks(a.mean[n, :, 1], b.mean[n, :, 1], "mean[1]")
 
 
+@pytest.mark.slow  # a large Monte Carlo run: in CI's full run (-m ''), not the fast tier
 @pytest.mark.parametrize(
     "dim,policy",
     [
