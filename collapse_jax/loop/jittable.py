@@ -196,9 +196,8 @@ def _commit_block(gcfg, learner, run_dir, a, b, schedule, carry, metrics, commit
         if gcfg.keep_params != "last" and g == b - 1:
             # Only the block's last params exist on the host (use block_size: 1 for all).
             pdir = run_dir / "params" / f"gen_{g:05d}"
-            tmp = fileio.fresh_dir(pdir.parent, pdir.name)
-            fileio.save_tree(tmp / "params.npz", carry.params)
-            fileio.replace_dir(tmp, pdir)
+            with fileio.staged_dir(pdir) as tmp:
+                fileio.save_tree(tmp / "params.npz", carry.params)
             prune_params(pdir.parent, gcfg.keep_params, g)
 
     def write(tmp, carry=carry):

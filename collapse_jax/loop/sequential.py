@@ -118,10 +118,9 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
                 params = learner.load_params(fitted_dir, params_template(r))
             else:
                 params = learner.fit(keys["fit"], data, init, workdir=wdir / "fit")
-                tmp = fileio.fresh_dir(wdir, "fitted")
-                learner.save_params(tmp, params)
-                (tmp / "DONE").write_text("ok\n")
-                fileio.replace_dir(tmp, fitted_dir)
+                with fileio.staged_dir(fitted_dir) as tmp:
+                    learner.save_params(tmp, params)
+                    (tmp / "DONE").write_text("ok\n")
             del init
             metrics_path = wdir / "metrics.npz"
             if metrics_path.exists():
@@ -151,9 +150,8 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
             fileio.save_npz(dst, fileio.load_npz(wdir / "train.npz"))
             if gcfg.keep_params != "last":
                 pdir = chain_dir(run_dir / "params", r) / f"gen_{g:05d}"
-                tmp = fileio.fresh_dir(pdir.parent, pdir.name)
-                shutil.copytree(wdir / "fitted", tmp, dirs_exist_ok=True)
-                fileio.replace_dir(tmp, pdir)
+                with fileio.staged_dir(pdir) as tmp:
+                    shutil.copytree(wdir / "fitted", tmp, dirs_exist_ok=True)
                 prune_params(pdir.parent, gcfg.keep_params, g)
         stacked = {k: np.stack([m[k] for m in per_chain]) for k in per_chain[0]}
         guard.check_finite(g, stacked, learner.infinite_metrics)  # before the commit

@@ -195,6 +195,21 @@ def replace_dir(src: pathlib.Path, dst: pathlib.Path) -> None:
         shutil.rmtree(old)
 
 
+@contextlib.contextmanager
+def staged_dir(dst: pathlib.Path) -> Iterator[pathlib.Path]:
+    """Yields a fresh temporary folder beside `dst` that replaces `dst` when the block ends.
+
+    On any exception, an interrupt included, the temporary is removed and `dst` is left as it
+    was: an interrupted writer leaves none of its temporaries behind."""
+    tmp = fresh_dir(dst.parent, dst.name)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, dst)
+
+
 def fresh_dir(parent: pathlib.Path, name: str) -> pathlib.Path:
     """A new empty temporary folder under `parent` (to be renamed into place).
 

@@ -417,12 +417,11 @@ def commit_state(
     if config is None:
         cfg_path = run_dir / CONFIG_NAME
         config = config_lib.parse_yaml(cfg_path.read_text(), str(cfg_path))
-    tmp = fileio.fresh_dir(run_dir, "state")
-    write(tmp)
-    meta = {"next_generation": next_generation, "manifest": True}
-    fileio.atomic_write_json(tmp / "meta.json", meta)
-    commits.write_manifest(run_dir, tmp, next_generation, config)
-    fileio.replace_dir(tmp, run_dir / "state")
+    with fileio.staged_dir(run_dir / "state") as tmp:
+        write(tmp)
+        meta = {"next_generation": next_generation, "manifest": True}
+        fileio.atomic_write_json(tmp / "meta.json", meta)
+        commits.write_manifest(run_dir, tmp, next_generation, config)
 
 
 # ----------------------------------------------------------------------------------------------
