@@ -5,12 +5,9 @@ import sys
 
 from collapse_jax import cli
 from collapse_jax import config as config_lib
+from tests.helpers import TOY_KINDS
 
-config_lib.MODEL_REGISTRY["toy"] = ("tests.helpers:ToyConfig", "tests.helpers:ToyGaussianLearner")
-config_lib.MODEL_REGISTRY["slowtoy"] = (
-    "tests.helpers:SlowToyConfig",
-    "tests.helpers:SlowToyLearner",
-)
+config_lib.MODEL_REGISTRY.update(TOY_KINDS)
 
 if __name__ == "__main__":
     sys.exit(cli.main(sys.argv[1:]))

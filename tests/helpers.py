@@ -102,3 +102,10 @@ class SlowToyLearner(ToyNumpyLearner):
             while not pathlib.Path(self.config.gate).exists():
                 time.sleep(0.02)
         return super().fit(key, data, params, workdir=workdir)
+
+
+# The toy model kinds the run-directory tests register ("kind": ("config", "learner")).
+TOY_KINDS = {
+    "toy": ("tests.helpers:ToyConfig", "tests.helpers:ToyGaussianLearner"),
+    "slowtoy": ("tests.helpers:SlowToyConfig", "tests.helpers:SlowToyLearner"),
+}

@@ -19,22 +19,15 @@ import yaml
 from collapse_jax import cli, plots
 from collapse_jax import config as config_lib
 from collapse_jax.rundir import commits, fileio, guard, reader
+from tests.helpers import TOY_KINDS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
 def toy_kinds(monkeypatch):
-    monkeypatch.setitem(
-        config_lib.MODEL_REGISTRY,
-        "toy",
-        ("tests.helpers:ToyConfig", "tests.helpers:ToyGaussianLearner"),
-    )
-    monkeypatch.setitem(
-        config_lib.MODEL_REGISTRY,
-        "slowtoy",
-        ("tests.helpers:SlowToyConfig", "tests.helpers:SlowToyLearner"),
-    )
+    for kind, entry in TOY_KINDS.items():
+        monkeypatch.setitem(config_lib.MODEL_REGISTRY, kind, entry)
 
 
 def _write(path: pathlib.Path, raw: dict) -> pathlib.Path:

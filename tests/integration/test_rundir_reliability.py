@@ -22,6 +22,7 @@ import yaml
 from collapse_jax import cli, loop
 from collapse_jax import config as config_lib
 from collapse_jax.rundir import commits, fileio, guard, reader
+from tests.helpers import TOY_KINDS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 GAUSS = str(REPO / "configs" / "theory_gaussian.yaml")
@@ -35,16 +36,8 @@ TABLES = ("metrics.json", "metrics.csv")
 
 @pytest.fixture(autouse=True)
 def toy_kinds(monkeypatch):
-    monkeypatch.setitem(
-        config_lib.MODEL_REGISTRY,
-        "toy",
-        ("tests.helpers:ToyConfig", "tests.helpers:ToyGaussianLearner"),
-    )
-    monkeypatch.setitem(
-        config_lib.MODEL_REGISTRY,
-        "slowtoy",
-        ("tests.helpers:SlowToyConfig", "tests.helpers:SlowToyLearner"),
-    )
+    for kind, entry in TOY_KINDS.items():
+        monkeypatch.setitem(config_lib.MODEL_REGISTRY, kind, entry)
 
 
 def _cli(capsys, *argv) -> tuple[int, str]:
