@@ -184,15 +184,25 @@ def replace_dir(src: pathlib.Path, dst: pathlib.Path) -> None:
     """Replaces folder `dst` by folder `src` (same file system) with renames only.
 
     A kill between the two renames leaves `dst` set aside as `.<dst>.cjx<pid>-old`, which the
-    owner's clean-up (`rundir.guard.clean_leftovers`) puts back."""
+    next start's clean-up (`rundir.guard.clean_leftovers`) puts back. An exception raised in this
+    process (an interrupt) is cleaned up here: the folder set aside is put back if `src` did not
+    take its place yet, else removed."""
     old = dst.with_name(f"{_prefix(dst.name)}old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old.exists():
-        shutil.rmtree(old)
+    try:
+        if old.exists():
+            shutil.rmtree(old)
+        if dst.exists():
+            os.replace(dst, old)
+        os.replace(src, dst)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        if old.exists():
+            if dst.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, dst)
+        raise
 
 
 @contextlib.contextmanager
