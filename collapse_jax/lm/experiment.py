@@ -45,7 +45,7 @@ from collapse_jax.lm import train as train_lib
 from collapse_jax.lm.data import LMCorpus, WikiTextConfig
 from collapse_jax.lm.evaluate import perplexity, unigram_perplexity
 from collapse_jax.lm.regenerate import regenerate
-from collapse_jax.lm.settings import DecodeSettings
+from collapse_jax.lm.settings import DecodeSettings, resolve_decode_dtype
 from collapse_jax.lm.source import SourceDataConfig
 from collapse_jax.lm.train_config import TrainConfig
 from collapse_jax.lm.vocab import Vocab
@@ -67,8 +67,11 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 def paper_decode() -> DecodeSettings:
-    """The paper's regeneration: 5 beams, exactly 64 new tokens, repetition penalty 3.0."""
-    return DecodeSettings(max_new_tokens=64, min_new_tokens=64, num_beams=5, repetition_penalty=3.0)
+    """The paper's regeneration: 5 beams, exactly 64 new tokens, repetition penalty 3.0; in
+    bfloat16 on accelerators and float32 on CPU (`dtype: auto`)."""
+    return DecodeSettings(
+        max_new_tokens=64, min_new_tokens=64, num_beams=5, repetition_penalty=3.0, dtype="auto"
+    )
 
 
 def paper_train() -> TrainConfig:
@@ -131,8 +134,11 @@ class OPTExperimentConfig:
       train: the fine-tuning settings (`lm.train_config.TrainConfig`: epochs, batch_size,
         learning_rate, schedule, compute_dtype, keep_best, ...); `pad_token_id` is the model's.
       decode: the regeneration settings (`lm.settings.DecodeSettings`: max_new_tokens,
-        min_new_tokens, num_beams, repetition_penalty, do_sample, ...). Empty `eos_token_ids`
-        and null `pad_token_id` take the model's ids.
+        min_new_tokens, num_beams, repetition_penalty, do_sample, dtype, ...). Empty
+        `eos_token_ids` and null `pad_token_id` take the model's ids; `dtype` (default "auto":
+        bfloat16 on accelerators, float32 on CPU, decided when the run starts) is the compute
+        and KV-cache dtype of the regeneration and the example continuation, recorded in the
+        run directory's `decode.json`.
       generate_batch_size: prompt blocks per compiled beam-search call.
       eval_batch_size: blocks per evaluation forward pass (test split, figures).
       example_prompt: index of the training block whose continuation by every generation's
@@ -389,7 +395,10 @@ class OPTLearner(AbstractLearner):
         return truth.data_metrics(src, source_lib.to_source_ids(data, src.vocab_size))
 
     def prepare(self, run_dir: pathlib.Path) -> None:
-        """Saves the ground-truth source in the run directory (checks it when resuming)."""
+        """Records the decode dtype this process resolved (`decode.json`: the setting, the
+        backend and the dtype; one entry more when a resumed run resolves it differently) and
+        saves the ground-truth source in the run directory (checks it when resuming)."""
+        _record_decode_dtype(pathlib.Path(run_dir) / "decode.json", self.config.decode.dtype)
         src = self.ground_truth()
         if src is None:
             return
@@ -424,6 +433,7 @@ class OPTLearner(AbstractLearner):
             d,
             eos_token_ids=d.eos_token_ids or (int(mc.eos_token_id),),
             pad_token_id=mc.pad_token_id if d.pad_token_id is None else d.pad_token_id,
+            dtype=resolve_decode_dtype(d.dtype),
         )
 
     def _continue_example(self, model) -> np.ndarray:
@@ -537,6 +547,17 @@ class OPTLearner(AbstractLearner):
 # The size of a corpus vocabulary for dry-run estimates (WikiText-2 valid + test: 24.6k ids).
 _CORPUS_VOCAB_ESTIMATE = 24_600
 _OPT125M_PARAMS = 125_239_296
+
+
+def _record_decode_dtype(path: pathlib.Path, setting: str | None) -> None:
+    entry = {
+        "setting": setting,
+        "backend": jax.default_backend(),
+        "dtype": resolve_decode_dtype(setting) or "the model's own",
+    }
+    entries = fileio.load_json(path)["resolved"] if path.is_file() else []
+    if not entries or entries[-1] != entry:
+        fileio.atomic_write_json(path, {"resolved": [*entries, entry]})
 
 
 def _cached_model_config(model_path: str) -> tuple[dict, str] | None:
