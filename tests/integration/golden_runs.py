@@ -115,7 +115,8 @@ def _opt125m(data: pathlib.Path) -> list[str]:
 
 
 def cases(data: pathlib.Path) -> dict[str, tuple[str, list[str]]]:
-    """Case name -> (config path relative to collapse_jax/configs/, overrides). One case per shipped config."""
+    """Case name -> (config path relative to collapse_jax/configs/, overrides). One case per
+    shipped config."""
     out: dict[str, tuple[str, list[str]]] = {}
     out["quickstart"] = ("quickstart.yaml", _QUICKSTART)
     for name in ("theory_discrete", "theory_gaussian", "gaussian_selection"):
