@@ -38,7 +38,7 @@ import tempfile  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs"
+CONFIGS = REPO / "collapse_jax" / "configs"
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "golden.json"
 
 # Shrinks shared by families. Two generations in blocks of one cross a block boundary (the
@@ -115,7 +115,8 @@ def _opt125m(data: pathlib.Path) -> list[str]:
 
 
 def cases(data: pathlib.Path) -> dict[str, tuple[str, list[str]]]:
-    """Case name -> (config path relative to configs/, overrides). One case per shipped config."""
+    """Case name -> (config path relative to collapse_jax/configs/, overrides). One case per
+    shipped config."""
     out: dict[str, tuple[str, list[str]]] = {}
     out["quickstart"] = ("quickstart.yaml", _QUICKSTART)
     for name in ("theory_discrete", "theory_gaussian", "gaussian_selection"):
