@@ -51,7 +51,7 @@ from collapse_jax.loop.driver import (
     run_batch,
     run_generations,
 )
-from collapse_jax.loop.jittable import batch_key
+from collapse_jax.loop.jittable import batch_key, block_programs
 from collapse_jax.loop.keys import (
     NOISE_STREAM,
     base_key,
@@ -62,6 +62,7 @@ from collapse_jax.loop.keys import (
 from collapse_jax.loop.learner import (
     AbstractLearner,
     BatchedFit,
+    HasPrograms,
     Knobbed,
     KnobbedLearner,
     Plannable,
@@ -78,6 +79,7 @@ __all__ = [
     "AbstractLearner",
     "BatchedFit",
     "Carry",
+    "HasPrograms",
     "Knobbed",
     "KnobbedLearner",
     "Plannable",
@@ -88,6 +90,7 @@ __all__ = [
     "Scorable",
     "base_key",
     "batch_key",
+    "block_programs",
     "build_data",
     "chain_generation",
     "chain_keys",
