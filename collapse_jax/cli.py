@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 import jax
 
 from collapse_jax import config as config_lib
-from collapse_jax import loop
+from collapse_jax import loop, memplan
 from collapse_jax.jaxtools import processes
 from collapse_jax.lm import distributed
 from collapse_jax.rundir import commits, fileio, guard, reader
@@ -135,6 +135,7 @@ def _cmd_run(args) -> int:
         print(config_lib.dump(cfg))
         print(f"# would run in {out}")
         _print_plans(cfg)
+        print(memplan.format_table(memplan.plan(cfg)))
         return 0
     _join_cluster(args)
     experiments = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
@@ -253,7 +254,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="YAML config file (or a shipped config's name: quickstart)")
     r.add_argument("overrides", nargs="*", help="a.b=value overrides")
     r.add_argument("--out", help="run directory (default runs/<name>-<config hash>)")
-    r.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, the plan and each compiled program's memory; stop",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument(
         "--repair",

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import jax
@@ -40,10 +41,12 @@ from flax import nnx
 from collapse_jax import config as config_lib
 from collapse_jax.jaxtools import processes, sharding
 from collapse_jax.lm import decode, hub, opt, truth
+from collapse_jax.lm import programs as programs_lib
 from collapse_jax.lm import source as source_lib
 from collapse_jax.lm import train as train_lib
 from collapse_jax.lm.data import LMCorpus, WikiTextConfig
 from collapse_jax.lm.evaluate import perplexity, unigram_perplexity
+from collapse_jax.lm.placement import default_mesh
 from collapse_jax.lm.regenerate import regenerate
 from collapse_jax.lm.settings import DecodeSettings, resolve_decode_dtype
 from collapse_jax.lm.source import SourceDataConfig
@@ -488,6 +491,66 @@ class OPTLearner(AbstractLearner):
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         return LMParams(model, info)
 
+    def _planned_arch(self) -> tuple[opt.OPTConfig, str]:
+        """(the model's architecture, where it comes from) without loading weights or data:
+        `random_init`, the model's `config.json` when at hand without a download (a local
+        folder, or a hub id in the hub cache), else OPT-125m's (assumed); a corpus vocabulary
+        is estimated at WikiText-2's valid + test size."""
+        c = self.config
+        if c.model_path is None:
+            r = c.random_init
+            arch = opt.OPTConfig(
+                vocab_size=r.vocab_size if c.vocabulary == "full" else _CORPUS_VOCAB_ESTIMATE,
+                hidden_size=r.hidden_size,
+                num_hidden_layers=r.num_hidden_layers,
+                num_attention_heads=r.num_attention_heads,
+                ffn_dim=r.ffn_dim,
+                max_position_embeddings=r.max_position_embeddings,
+            )
+            return arch, "random_init"
+        found = _cached_model_config(c.model_path)
+        if found is None:
+            return opt.OPTConfig.opt_125m(), "assumed OPT-125m (config.json not at hand)"
+        return opt.OPTConfig.from_hf_dict(found[0]), found[1]
+
+    def programs(self, cfg: Any) -> list[tuple[str, Callable[[], Any]]]:
+        """A generation's compiled programs, lowered from abstract shapes (`lm.programs`; the
+        memory plan of `--dry-run`): the train step at `train.batch_size` and the
+        regeneration's search at `generate_batch_size`, on the experiment's mesh, with the
+        model built as `init` builds it (architecture as in `plan`)."""
+        c = self.config
+        arch, _ = self._planned_arch()
+        dtype = jnp.dtype(c.param_dtype)
+        model = programs_lib.abstract_model(arch, dtype=dtype, param_dtype=dtype)
+        mesh = self._mesh()
+        length = c.data.block_size
+        tcfg = self._train_config(model)
+        settings = self._decode_settings(model)
+        compute = tcfg.compute_dtype or dtype.name
+        train_name = f"train step ({tcfg.batch_size} x {length} tokens, {compute} compute)"
+        search_name = (
+            f"regeneration ({c.generate_batch_size} prompts x {settings.num_beams} beams, "
+            f"{settings.max_new_tokens} new tokens)"
+        )
+        return [
+            (
+                train_name,
+                lambda: programs_lib.lower_train_step(
+                    model, tcfg, mesh=mesh or default_mesh(), length=length
+                ),
+            ),
+            (
+                search_name,
+                lambda: programs_lib.lower_search(
+                    model,
+                    settings,
+                    mesh=mesh or sharding.make_mesh(),
+                    batch_size=c.generate_batch_size,
+                    length=length,
+                ),
+            ),
+        ]
+
     def plan(self, cfg: Any) -> dict[str, Any]:
         """What a run of `cfg` will do and write, for `--dry-run` (no data or weights loaded).
 
@@ -501,23 +564,8 @@ class OPTLearner(AbstractLearner):
         """
         c = self.config
         gen = cfg.generation
-        if c.model_path is None:
-            r = c.random_init
-            arch = opt.OPTConfig(
-                vocab_size=r.vocab_size if c.vocabulary == "full" else _CORPUS_VOCAB_ESTIMATE,
-                hidden_size=r.hidden_size,
-                num_hidden_layers=r.num_hidden_layers,
-                num_attention_heads=r.num_attention_heads,
-                ffn_dim=r.ffn_dim,
-                max_position_embeddings=r.max_position_embeddings,
-            )
-            n_params, source = _count_params(arch), "random_init"
-        else:
-            found = _cached_model_config(c.model_path)
-            if found is None:
-                n_params, source = _OPT125M_PARAMS, "assumed OPT-125m (config.json not at hand)"
-            else:
-                n_params, source = _count_params(opt.OPTConfig.from_hf_dict(found[0])), found[1]
+        arch, source = self._planned_arch()
+        n_params = _count_params(arch)
         bytes_per = 2 if c.param_dtype == "bfloat16" else 4
         kept = {
             "all": gen.num_generations,
@@ -546,7 +594,6 @@ class OPTLearner(AbstractLearner):
 
 # The size of a corpus vocabulary for dry-run estimates (WikiText-2 valid + test: 24.6k ids).
 _CORPUS_VOCAB_ESTIMATE = 24_600
-_OPT125M_PARAMS = 125_239_296
 
 
 def _record_decode_dtype(path: pathlib.Path, setting: str | None) -> None:
