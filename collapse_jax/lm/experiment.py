@@ -17,7 +17,8 @@ or `random_init`), `data:` (a data source picked by `kind`, `DATA_KINDS`), `trai
 
 Data are int32 blocks [N, T] of the data source's token ids everywhere the loop sees them (run
 directories hold OPT ids). With `vocabulary: corpus` the model's vocabulary is restricted to the
-ids that occur in the data source (plus the special ids): a much smaller output layer on a CPU.
+ids that occur in the training blocks (plus the special ids): a much smaller output layer on a
+CPU; ids of the validation and test blocks that training never saw map to the tokenizer's UNK id.
 Blocks are mapped to compact ids on the way into the model and back on the way out; the saved
 model then has `vocab_size` = the compact size and its folder holds `token_ids.npy`, the OPT id of
 every compact id (`token_ids[c]`), so transformers loads it and ids map with one lookup.
@@ -28,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import tempfile
 import time
 from typing import Any, ClassVar, Literal
 
@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from collapse_jax import config as config_lib
-from collapse_jax.jaxtools import sharding
+from collapse_jax.jaxtools import processes, sharding
 from collapse_jax.lm import decode, hub, opt, tables, truth
 from collapse_jax.lm import source as source_lib
 from collapse_jax.lm import train as train_lib
@@ -123,7 +123,8 @@ class OPTExperimentConfig:
         from `random_init`.
       random_init: architecture of the random OPT used when `model_path` is None.
       vocabulary: "full" (the model's own vocabulary) or "corpus" (random_init only: the ids
-        that occur in the data source plus the special ids; see the module docstring).
+        that occur in the training blocks plus the special ids, other ids -> UNK; see the
+        module docstring).
       param_dtype: dtype of the parameters ("float32" or "bfloat16").
       data: the data source, a block with a `kind` (default `wikitext`, `lm.data.WikiTextConfig`:
         source, tokenizer_path, train/valid/eval splits, block_size, ...).
@@ -263,12 +264,16 @@ class OPTLearner(AbstractLearner):
         if self.config.vocabulary != "corpus":
             return None
         if "vocab" not in self._cache:
+            # The training blocks only (and the special ids): the held-out validation and test
+            # blocks must not shape the model, so their unseen ids fall into the UNK bucket.
             c = self.corpus()
-            parts = [c.train, c.eval, np.asarray(c.special_ids, np.int32)]
-            if c.valid is not None:
-                parts.append(c.valid)
-            ids = np.unique(np.concatenate([np.asarray(p).reshape(-1) for p in parts]))
-            self._cache["vocab"] = Vocab(ids, c.vocab_size)
+            if c.unk_id is None:
+                raise ValueError(
+                    "model.vocabulary: 'corpus' needs a data source with an unknown-token id"
+                )
+            parts = [np.asarray(c.train).reshape(-1), np.asarray(c.special_ids, np.int32)]
+            ids = np.unique(np.concatenate([*parts, [c.unk_id]]))
+            self._cache["vocab"] = Vocab(ids, c.vocab_size, unk_id=c.unk_id)
         return self._cache["vocab"]
 
     def _to_model(self, blocks: np.ndarray) -> np.ndarray:
@@ -353,6 +358,9 @@ class OPTLearner(AbstractLearner):
             seed=_seed(key),
             checkpoint_dir=None if workdir is None else pathlib.Path(workdir) / "checkpoints",
         )
+        if processes.is_multiprocess():  # this process's own copy (saved, decoded locally)
+            graphdef, state = nnx.split(model)
+            model = nnx.merge(graphdef, processes.to_host_local(state))
         info = {
             "valid_loss": [float(v) for v in history["valid_loss"]],
             "selected_epoch": int(history["selected_epoch"][0]),
@@ -423,10 +431,12 @@ class OPTLearner(AbstractLearner):
         return source_lib.build_source(self.config.data.source)
 
     def data_metrics(self, data: np.ndarray) -> dict[str, Any]:
-        """Exact metrics of a generation's training data under the ground truth (if any)."""
+        """Metrics of a generation's training data: exact ones under the ground truth (if any);
+        on real text, the share of repeated 4-grams within a block (`data_repetition`,
+        seq-rep-4 of Welleck et al. 2020: what beam search does to the data)."""
         src = self.ground_truth()
         if src is None:
-            return {}
+            return {"data_repetition": truth.repetition_rate(data)}
         return truth.data_metrics(src, source_lib.to_source_ids(data, src.vocab_size))
 
     def prepare(self, run_dir: pathlib.Path) -> None:
@@ -502,9 +512,8 @@ class OPTLearner(AbstractLearner):
                 batch_size=cfg.generate_batch_size,
             )
             return self._to_source(_to_blocks(new, cfg.data.block_size, model.config.pad_token_id))
+        # Without a workdir (several processes: see loop.sequential) nothing is stored.
         out = pathlib.Path(workdir) / "regenerated" if workdir is not None else None
-        if out is None:
-            out = pathlib.Path(tempfile.mkdtemp(prefix="collapse-jax-regen-"))
         new = regenerate(
             model,
             self._to_model(prompts),
