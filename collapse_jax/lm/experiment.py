@@ -40,7 +40,7 @@ from flax import nnx
 
 from collapse_jax import config as config_lib
 from collapse_jax.jaxtools import processes, sharding
-from collapse_jax.lm import decode, hub, opt, truth
+from collapse_jax.lm import decode, hub, opt, tables, truth
 from collapse_jax.lm import programs as programs_lib
 from collapse_jax.lm import source as source_lib
 from collapse_jax.lm import train as train_lib
@@ -147,6 +147,13 @@ class OPTExperimentConfig:
       example_prompt: index of the training block whose continuation by every generation's
         model is written as text (the paper's Example 1); null = none.
       histogram_bins: bins of the per-sequence perplexity histograms.
+      learner: what is fitted every generation on a ground-truth source (`data: {kind:
+        source}`): "transformer" (the OPT above), "oracle" (the truth itself, never refitted:
+        the decoder's effect alone) or "counts" (the exact learner: the add-alpha count
+        estimate of a Markov source's transition table, refitted every generation; see
+        `lm.tables`). All three share the loop, the decoders and the metrics; the OPT fields
+        (`model_path`, `random_init`, `train`) are unused by the last two.
+      count_smoothing: alpha of the "counts" learner (> 0, so its KL to the truth is finite).
     """
 
     kind: ClassVar[str] = "opt"
@@ -161,6 +168,8 @@ class OPTExperimentConfig:
     eval_batch_size: int = 128
     example_prompt: int | None = 0
     histogram_bins: int = 60
+    learner: Literal["transformer", "oracle", "counts"] = "transformer"
+    count_smoothing: float = 0.01
 
     def __post_init__(self):
         if isinstance(self.data, dict):  # built from YAML: the class is picked by `kind`
@@ -187,6 +196,22 @@ class OPTExperimentConfig:
             "vocabulary",
             "a ground-truth source (data.kind: source) has its own small vocabulary: use 'full'",
         )
+        _check(
+            self.learner in ("transformer", "oracle", "counts"),
+            "learner",
+            f"must be 'transformer', 'oracle' or 'counts' (got {self.learner!r})",
+        )
+        _check(
+            self.learner == "transformer" or isinstance(self.data, SourceDataConfig),
+            "learner",
+            f"{self.learner!r} needs a ground-truth source (data.kind: source)",
+        )
+        _check(
+            self.learner != "counts" or self.data.source.kind == "markov",
+            "learner",
+            "'counts' estimates a Markov chain's transition table: it needs a markov source",
+        )
+        _check(self.count_smoothing > 0, "count_smoothing", "must be > 0")
         _check(
             self.decode.num_return_sequences == 1,
             "decode.num_return_sequences",
@@ -292,6 +317,10 @@ class OPTLearner(AbstractLearner):
     # --- model -----------------------------------------------------------------------------
     def init(self, key: jax.Array) -> LMParams:
         cfg = self.config
+        if cfg.learner == "oracle":
+            return LMParams(tables.oracle_table(self.ground_truth()))
+        if cfg.learner == "counts":  # no data yet: the smoothing alone (uniform)
+            return LMParams(self._count_table(np.zeros((0, cfg.data.block_size), np.int32)))
         param_dtype = jnp.dtype(cfg.param_dtype)
         if cfg.model_path is not None:
             model = opt.load_pretrained(cfg.model_path, dtype=param_dtype, param_dtype=param_dtype)
@@ -317,7 +346,16 @@ class OPTLearner(AbstractLearner):
         # Regenerated blocks that stopped at EOS are padded; padding is masked from the loss.
         return dataclasses.replace(self.config.train, pad_token_id=model.config.pad_token_id)
 
+    def _count_table(self, data: np.ndarray) -> tables.MarkovTable:
+        src = self.config.data.source
+        tokens = source_lib.to_source_ids(data, src.vocab_size)
+        return tables.fit_counts(tokens, src.order, src.vocab_size, self.config.count_smoothing)
+
     def fit(self, key: jax.Array, data: np.ndarray, params: LMParams, *, workdir=None, **kw):
+        if self.config.learner == "oracle":  # the truth: nothing to fit
+            return params
+        if self.config.learner == "counts":
+            return LMParams(self._count_table(data))
         start = time.perf_counter()
         valid = self.corpus().valid
         model, history = train_lib.fit(
@@ -345,7 +383,7 @@ class OPTLearner(AbstractLearner):
     def evaluate(self, key: jax.Array, params: LMParams, reference: np.ndarray) -> dict[str, Any]:
         start = time.perf_counter()
         model = params.model
-        per_seq = perplexity(
+        per_seq = self._table_perplexity(model, reference) if self._table() else perplexity(
             model,
             self._to_model(reference),
             batch_size=self.config.eval_batch_size,
@@ -353,7 +391,7 @@ class OPTLearner(AbstractLearner):
             mesh=self._mesh(),
             compute_dtype=self.config.train.compute_dtype,
             pad_token_id=model.config.pad_token_id,
-        )
+        )  # fmt: skip
         nll = np.log(per_seq)
         out: dict[str, Any] = {
             "ppl": float(np.exp(nll.mean())),  # exp of the mean token loss (full blocks)
@@ -381,6 +419,19 @@ class OPTLearner(AbstractLearner):
         if self.config.example_prompt is not None:
             out["example_continuation"] = self._continue_example(model)
         return out
+
+    def _table(self) -> bool:
+        """Whether the learner is a table model (`lm.tables`) rather than the transformer."""
+        return self.config.learner != "transformer"
+
+    def _table_perplexity(self, model: tables.TableModel, reference: np.ndarray) -> np.ndarray:
+        """Per-block perplexity of a table model (positions 1..T-1, as the transformer's)."""
+        ids = self._to_model(reference)
+        v = self.config.data.source.vocab_size
+        logq = truth.model_log_probs(model, ids, v)[:, 1:]  # [N, T-1, V]
+        x = source_lib.to_source_ids(ids, v)[:, 1:]
+        picked = np.take_along_axis(np.asarray(logq, np.float64), x[..., None], -1)[..., 0]
+        return np.exp(-picked.mean(1))
 
     def ground_truth(self):
         """The ground-truth source of `data: {kind: source}` (`lm.source`), else None."""
@@ -444,6 +495,10 @@ class OPTLearner(AbstractLearner):
         train = self.corpus().train
         i = min(self.config.example_prompt, len(train) - 1)
         settings = self._decode_settings(model)
+        if self._table():
+            ids = self._to_model(train[i : i + 1])
+            new = tables.generate(model, ids, settings, seed=0, batch_size=1)
+            return self._to_source(new[0])
         graphdef, state = nnx.split(model)
         ids = jnp.asarray(self._to_model(train[i : i + 1]))
         out = decode.compiled_search(graphdef, settings)(
@@ -461,6 +516,15 @@ class OPTLearner(AbstractLearner):
             prompts = prompts[np.sort(_choice(key, len(prompts), num))]
         elif num > len(prompts):
             raise ValueError(f"cannot regenerate {num} blocks from {len(prompts)} prompts")
+        if self._table():
+            new = tables.generate(
+                model,
+                self._to_model(prompts),
+                self._decode_settings(model),
+                seed=_seed(key),
+                batch_size=cfg.generate_batch_size,
+            )
+            return self._to_source(_to_blocks(new, cfg.data.block_size, model.config.pad_token_id))
         # Without a workdir (several processes: see loop.sequential) nothing is stored.
         out = pathlib.Path(workdir) / "regenerated" if workdir is not None else None
         new = regenerate(
@@ -478,6 +542,9 @@ class OPTLearner(AbstractLearner):
 
     # --- persistence -----------------------------------------------------------------------
     def save_params(self, path: pathlib.Path, params: LMParams) -> None:
+        if self._table():
+            tables.save_table(params.model, path)
+            return
         opt.save_pretrained(params.model, path)
         fileio.atomic_write_json(path / "fit_info.json", params.info)
         vocab = self.vocab()
@@ -485,6 +552,8 @@ class OPTLearner(AbstractLearner):
             np.save(path / "token_ids.npy", vocab.ids)
 
     def load_params(self, path: pathlib.Path, template) -> LMParams:
+        if self._table():
+            return LMParams(tables.load_table(path))
         dtype = jnp.dtype(self.config.param_dtype)
         model = opt.load_pretrained(path, dtype=dtype, param_dtype=dtype)
         info_file = pathlib.Path(path) / "fit_info.json"
