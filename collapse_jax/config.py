@@ -153,6 +153,34 @@ class SelectionConfig:
         )
 
 
+# The parts a `GenerationConfig` field can play in the loop's compiled program (`batch_role`):
+# "compiled" is compiled in (runs differing in it cannot share a program); "policy" is read only
+# through the schedule's `Policy` (which parts exist, itself part of the program); "size" sets
+# sample sizes or mix shares, traced values for learners whose sample sizes are traced and
+# compiled in otherwise.
+BATCH_ROLES = ("compiled", "policy", "size")
+
+
+def batch_role(role: str, default: Any) -> Any:
+    """A dataclass field with `default` whose part in the compiled program is `role` (one of
+    `BATCH_ROLES`), kept in the field's metadata under "batch"."""
+    if role not in BATCH_ROLES:
+        raise ValueError(f"batch role must be one of {BATCH_ROLES}, got {role!r}")
+    return dataclasses.field(default=default, metadata={"batch": role})
+
+
+def batch_roles(cls: type) -> dict[str, str]:
+    """{field name: batch role} of the dataclass `cls`; every field must declare one."""
+    roles = {f.name: f.metadata.get("batch") for f in dataclasses.fields(cls)}
+    missing = sorted(name for name, role in roles.items() if role is None)
+    if missing:
+        raise TypeError(
+            f"{cls.__name__} fields without a batch role (declare one with "
+            f"config.batch_role): {', '.join(missing)}"
+        )
+    return roles
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class GenerationConfig:
     """How generations are chained (DESIGN.md: fit -> evaluate -> sample -> mix).
@@ -187,22 +215,26 @@ class GenerationConfig:
       selection: keep the best-scored synthetic points (None: no selection).
     """
 
-    num_generations: int = 10
-    samples_per_generation: int | None = 100
-    sample_growth: float = 0.0
-    sample_schedule: tuple[int, ...] | None = None
-    policy: Literal["replace", "mix", "accumulate", "accumulate_subsample"] = "replace"
-    real_data: Literal["fixed", "fresh"] = "fresh"
-    alpha: float = 1.0
-    beta: float = 0.0
-    gamma: float = 0.0
-    num_trials: int = 1
-    chunk_size: int = 65536
-    block_size: int = 50
-    init_from: Literal["base", "previous", "scratch"] = "base"
-    record_trials: int = 256
-    keep_params: Literal["all", "first_last", "last"] = "last"
-    selection: SelectionConfig | None = None
+    # Each field declares its part in a compiled program (`batch_role`), which the sweep's
+    # `loop.batch_key` reads: a new field must say whether runs differing in it can share one.
+    num_generations: int = batch_role("compiled", 10)
+    samples_per_generation: int | None = batch_role("size", 100)
+    sample_growth: float = batch_role("size", 0.0)
+    sample_schedule: tuple[int, ...] | None = batch_role("size", None)
+    policy: Literal["replace", "mix", "accumulate", "accumulate_subsample"] = batch_role(
+        "policy", "replace"
+    )
+    real_data: Literal["fixed", "fresh"] = batch_role("policy", "fresh")
+    alpha: float = batch_role("size", 1.0)
+    beta: float = batch_role("size", 0.0)
+    gamma: float = batch_role("size", 0.0)
+    num_trials: int = batch_role("compiled", 1)
+    chunk_size: int = batch_role("compiled", 65536)
+    block_size: int = batch_role("compiled", 50)
+    init_from: Literal["base", "previous", "scratch"] = batch_role("policy", "base")
+    record_trials: int = batch_role("compiled", 256)
+    keep_params: Literal["all", "first_last", "last"] = batch_role("compiled", "last")
+    selection: SelectionConfig | None = batch_role("policy", None)
 
     def __post_init__(self):
         require(self.num_generations >= 1, "generation.num_generations", "must be >= 1")

@@ -122,7 +122,7 @@ def _hf_disk_lines(path: pathlib.Path, split: str) -> list[str]:
     except ImportError as e:
         raise ImportError(
             f"{path} is a Hugging Face save_to_disk directory; reading it needs the `datasets` "
-            "package (pip install datasets), or pass a directory with wiki.*.raw files"
+            "package: pip install 'collapse-jax[hf]' (or pass a directory with wiki.*.raw files)"
         ) from e
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
@@ -140,7 +140,7 @@ def _hf_hub_lines(name: str, split: str) -> list[str]:
         import datasets  # type: ignore[import-not-found]
     except ImportError as e:
         raise ImportError(
-            "data source 'hf' needs the `datasets` package (pip install collapse-jax[hf])"
+            "data source 'hf' needs the `datasets` package: pip install 'collapse-jax[hf]'"
         ) from e
     path, _, config = name.partition("/")
     ds = datasets.load_dataset(path, config or None, split=_HF_SPLIT[split])

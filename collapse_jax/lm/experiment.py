@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import tempfile
 import time
 from typing import Any, ClassVar, Literal
 
@@ -39,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from collapse_jax import config as config_lib
-from collapse_jax.jaxtools import sharding
+from collapse_jax.jaxtools import processes, sharding
 from collapse_jax.lm import base as base_lib
 from collapse_jax.lm import decode, hub, opt, truth
 from collapse_jax.lm import source as source_lib
@@ -359,6 +358,9 @@ class OPTLearner(AbstractLearner):
             seed=_seed(key),
             checkpoint_dir=None if workdir is None else pathlib.Path(workdir) / "checkpoints",
         )
+        if processes.is_multiprocess():  # this process's own copy (saved, decoded locally)
+            graphdef, state = nnx.split(model)
+            model = nnx.merge(graphdef, processes.to_host_local(state))
         info = {
             "valid_loss": [float(v) for v in history["valid_loss"]],
             "selected_epoch": int(history["selected_epoch"][0]),
@@ -490,9 +492,8 @@ class OPTLearner(AbstractLearner):
             prompts = prompts[np.sort(_choice(key, len(prompts), num))]
         elif num > len(prompts):
             raise ValueError(f"cannot regenerate {num} blocks from {len(prompts)} prompts")
+        # Without a workdir (several processes: see loop.sequential) nothing is stored.
         out = pathlib.Path(workdir) / "regenerated" if workdir is not None else None
-        if out is None:
-            out = pathlib.Path(tempfile.mkdtemp(prefix="collapse-jax-regen-"))
         new = regenerate(
             model,
             self._to_model(prompts),
