@@ -40,6 +40,7 @@ from flax import nnx
 
 from collapse_jax import config as config_lib
 from collapse_jax.jaxtools import processes, sharding
+from collapse_jax.lm import base as base_lib
 from collapse_jax.lm import decode, hub, opt, tables, truth
 from collapse_jax.lm import programs as programs_lib
 from collapse_jax.lm import source as source_lib
@@ -154,6 +155,9 @@ class OPTExperimentConfig:
         `lm.tables`). All three share the loop, the decoders and the metrics; the OPT fields
         (`model_path`, `random_init`, `train`) are unused by the last two.
       count_smoothing: alpha of the "counts" learner (> 0, so its KL to the truth is finite).
+      pretrain: a base pretrained once on a related language, which every generation starts
+        from (`lm.base.PretrainConfig`; `data: {kind: source}` and `random_init` only); null =
+        every generation starts from the random init.
     """
 
     kind: ClassVar[str] = "opt"
@@ -170,6 +174,7 @@ class OPTExperimentConfig:
     histogram_bins: int = 60
     learner: Literal["transformer", "oracle", "counts"] = "transformer"
     count_smoothing: float = 0.01
+    pretrain: base_lib.PretrainConfig | None = None
 
     def __post_init__(self):
         if isinstance(self.data, dict):  # built from YAML: the class is picked by `kind`
@@ -212,6 +217,18 @@ class OPTExperimentConfig:
             "'counts' estimates a Markov chain's transition table: it needs a markov source",
         )
         _check(self.count_smoothing > 0, "count_smoothing", "must be > 0")
+        _check(
+            self.pretrain is None
+            or (self.model_path is None and isinstance(self.data, SourceDataConfig)),
+            "pretrain",
+            "pretrains a random_init model on a related known language: needs model_path: null "
+            "and data.kind: source",
+        )
+        _check(
+            self.pretrain is None or self.learner == "transformer",
+            "pretrain",
+            f"pretrains the transformer; the {self.learner!r} learner has no base to pretrain",
+        )
         _check(
             self.decode.num_return_sequences == 1,
             "decode.num_return_sequences",
@@ -325,9 +342,17 @@ class OPTLearner(AbstractLearner):
         if cfg.model_path is not None:
             model = opt.load_pretrained(cfg.model_path, dtype=param_dtype, param_dtype=param_dtype)
             return LMParams(model)
-        r = cfg.random_init
+        if cfg.pretrain is not None:  # the pretrained base (`prepare` read or made it)
+            model, _ = self._cache.get("base") or self.base_model(None)
+            return LMParams(base_lib.fresh_copy(model))
+        # The "pretrained" base is fixed by random_init.seed, not by the chain key: every
+        # generation starts from the same weights, as when loading facebook/opt-125m.
+        return LMParams(self._random_model())
+
+    def _random_arch(self) -> opt.OPTConfig:
+        r = self.config.random_init
         vocab = self.vocab()
-        arch = opt.OPTConfig(
+        return opt.OPTConfig(
             vocab_size=self._model_vocab_size() if vocab is None else len(vocab),
             hidden_size=r.hidden_size,
             num_hidden_layers=r.num_hidden_layers,
@@ -335,12 +360,30 @@ class OPTLearner(AbstractLearner):
             ffn_dim=r.ffn_dim,
             max_position_embeddings=r.max_position_embeddings,
         )
-        # The "pretrained" base is fixed by random_init.seed, not by the chain key: every
-        # generation starts from the same weights, as when loading facebook/opt-125m.
-        model = opt.init_random(
-            arch, jax.random.key(r.seed), dtype=param_dtype, param_dtype=param_dtype
+
+    def _random_model(self):
+        dtype = jnp.dtype(self.config.param_dtype)
+        key = jax.random.key(self.config.random_init.seed)
+        return opt.init_random(self._random_arch(), key, dtype=dtype, param_dtype=dtype)
+
+    def base_model(self, run_dir: pathlib.Path | None) -> tuple[Any, dict[str, Any]]:
+        """The pretrained base of `pretrain:` and its record (`lm.base`): the run directory's
+        `base/` when it holds one (checked), else pretrained now and saved there."""
+        cfg = self.config
+        key = base_lib.fingerprint(
+            cfg.pretrain, cfg.data, self._random_arch(), cfg.random_init.seed
         )
-        return LMParams(model)
+        folder = None if run_dir is None else pathlib.Path(run_dir) / base_lib.BASE_DIR
+        found = base_lib.obtain(
+            folder,
+            key,
+            lambda: base_lib.pretrain(
+                self._random_model(), cfg.data, cfg.pretrain, mesh=self._mesh()
+            ),
+            dtype=jnp.dtype(cfg.param_dtype),
+        )
+        self._cache["base"] = found
+        return found
 
     def _train_config(self, model) -> TrainConfig:
         # Regenerated blocks that stopped at EOS are padded; padding is masked from the loss.
@@ -409,6 +452,9 @@ class OPTLearner(AbstractLearner):
             out["valid_ppl"] = float(curve[info["selected_epoch"] - 1])
         if "fit_seconds" in info:
             out["fit_seconds"] = float(info["fit_seconds"])
+        if self.config.pretrain is not None:  # where every generation started from
+            base_info = (self._cache.get("base") or self.base_model(None))[1]
+            out["base_kl_to_truth"] = float(base_info["kl_to_truth"])
         truth_source = self.ground_truth()
         if truth_source is not None:  # exact metrics against the known language
             out.update(truth.evaluate_model(
@@ -450,12 +496,15 @@ class OPTLearner(AbstractLearner):
 
     def prepare(self, run_dir: pathlib.Path) -> None:
         """Records the decode dtype this process resolved (`decode.json`: the setting, the
-        backend and the dtype; one entry more when a resumed run resolves it differently) and
-        saves the ground-truth source in the run directory (checks it when resuming)."""
+        backend and the dtype; one entry more when a resumed run resolves it differently), saves
+        the ground-truth source in the run directory (checks it when resuming), and with
+        `pretrain:` the pretrained base (`base/`; checked and reused when resuming)."""
         _record_decode_dtype(pathlib.Path(run_dir) / "decode.json", self.config.decode.dtype)
         src = self.ground_truth()
         if src is None:
             return
+        if self.config.pretrain is not None:
+            self.base_model(run_dir)
         folder = pathlib.Path(run_dir) / "source"
         if (folder / "source.json").is_file():
             source_lib.load_source(folder)  # raises if the saved source differs

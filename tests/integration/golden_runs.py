@@ -84,6 +84,12 @@ _TRUTH = [
 ]  # fmt: skip
 
 
+_PRETRAIN = [
+    "model.pretrain.num_blocks=48", "model.pretrain.train.epochs=1",
+    "model.pretrain.train.batch_size=12",
+]  # fmt: skip
+
+
 def _wikitext(data: pathlib.Path) -> list[str]:
     """The CPU WikiText configs' shrink (tests/lm/test_experiment.py's, smaller blocks)."""
     return [
@@ -96,7 +102,7 @@ def _wikitext(data: pathlib.Path) -> list[str]:
         "model.train.epochs=2", "model.train.batch_size=8", "model.eval_batch_size=8",
         "model.decode.num_beams=2", "model.decode.max_new_tokens=16",
         "model.decode.min_new_tokens=16", "model.generate_batch_size=12",
-        "generation.num_generations=2",
+        "generation.num_generations=2", "generation.num_trials=1",
     ]  # fmt: skip
 
 
@@ -133,8 +139,9 @@ def cases(data: pathlib.Path) -> dict[str, tuple[str, list[str]]]:
     for name in ("vae", "vae_cpu", "vae_mix"):
         out[name] = (f"{name}.yaml", [*_VAE, mnist])
     for p in sorted((CONFIGS / "lm").glob("truth_*.yaml")):
-        out[f"lm/{p.stem}"] = (f"lm/{p.name}", _TRUTH)
-    for name in ("opt_wikitext_cpu", "opt_wikitext_cpu_keep10"):
+        pretrained = "\n  pretrain:" in p.read_text()  # a pretrained base: shrink it too
+        out[f"lm/{p.stem}"] = (f"lm/{p.name}", [*_TRUTH, *(_PRETRAIN if pretrained else [])])
+    for name in ("opt_wikitext_cpu", "opt_wikitext_cpu_keep10", "opt_wikitext_cpu_sample"):
         out[f"lm/{name}"] = (f"lm/{name}.yaml", _wikitext(data))
     for name in ("opt125m_wikitext2", "opt125m_wikitext2_keep10"):
         out[f"lm/{name}"] = (f"lm/{name}.yaml", _opt125m(data))
