@@ -199,4 +199,3 @@ def test_under_a_mesh_the_theory_samplers_do_not_compact():
         np.testing.assert_array_equal(masked(keys, num), compacted(keys, num))
         assert _count(r"\bscatter\(", compacted.as_text()) > 0
         assert _count(r"\bscatter\(", masked.as_text()) == 0
-
