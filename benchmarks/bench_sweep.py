@@ -171,7 +171,7 @@ def main() -> None:
         "generation.record_trials=100",
         "model.mean=null",
     ]
-    config = REPO / "configs" / "theory_gaussian.yaml"
+    config = REPO / "collapse_jax" / "configs" / "theory_gaussian.yaml"
     out = pathlib.Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     from collapse_jax import loop
     from collapse_jax.rundir import commits
