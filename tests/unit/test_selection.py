@@ -46,6 +46,7 @@ def _linreg(rho, policy="replace"):
     )
 
 
+@pytest.mark.slow  # whole runs of 2000 chains: the integration tier (CI's -m '')
 def test_selection_by_the_truth_slows_linear_regression_collapse(tmp_path):
     """Keeping the half of 2T relabelled rows most likely under w* pulls every refit towards w*:
     the last generation's mean error is far below replace without selection (whose mean over

@@ -184,6 +184,7 @@ def test_named_families():
     np.testing.assert_allclose(u, 0.2)
 
 
+@pytest.mark.slow  # a whole run (test_smoke keeps a discrete one): integration tier (-m '')
 def test_learner_in_generational_loop(tmp_path):
     """The learner under the model-agnostic loop: metrics and the exact Wright-Fisher curves."""
     raw = {

@@ -214,6 +214,7 @@ def test_config_validation(fields, match):
         gaussian.GaussianConfig(**fields)
 
 
+@pytest.mark.slow  # a whole run (test_smoke keeps a Gaussian one): integration tier (-m '')
 def test_learner_in_generational_loop(tmp_path):
     """The learner under the model-agnostic loop: metrics, closed-form curves, W2 consistency."""
     raw = {
@@ -282,6 +283,7 @@ def test_sampling_bias_scales_the_variance_geometrically():
         gaussian.GaussianConfig(sampling_bias=0.0)
 
 
+@pytest.mark.slow  # a large Monte Carlo: the integration tier (CI's -m '')
 def test_accumulate_subsample_lies_between_replace_and_accumulate():
     """Drift of the fitted mean, E|mu_n - mu_0|^2: replace adds sigma^2 / M every generation
     (n sigma^2 / M), accumulate adds sigma^2 / (all data so far), and fitting a random subset of

@@ -122,6 +122,7 @@ def accumulate_subsample_drift(p0: np.ndarray, m: int, generations: int) -> np.n
     return np.array(out)
 
 
+@pytest.mark.slow  # a large Monte Carlo: the integration tier (CI's -m '')
 def test_discrete_exact_accumulate_subsample():
     """Exact method (hypergeometric subsets of the pool's counts): E||p_n - p_0||^2 matches the
     derivation above, and lies strictly between replace's closed form
