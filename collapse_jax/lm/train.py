@@ -94,6 +94,42 @@ class PreparedTraining(NamedTuple):
     compute_dtype: Any
 
 
+def jit_train_step(
+    graphdef: Any, params: Any, rest: Any, config: TrainConfig, mesh: Mesh
+) -> _Compiled:
+    """The jitted optimizer init and train step of a model structure on `mesh`.
+
+    `params` and `rest` (from `split_model`) supply only shapes, dtypes and logical axes: they
+    may be abstract (`nnx.eval_shape`), so the programs can be lowered or exported
+    (`jax.export`) for a model that was never allocated. The step has explicit in/out
+    shardings and donates the state.
+    """
+    tx = make_optimizer(config)
+    compute_dtype = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
+    p_shard = sharding.logical_to_sharding(params, mesh)
+    rest_shard = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
+    o_shard = opt_state_shardings(jax.eval_shape(tx.init, params), params, p_shard, mesh)
+    rep = sharding.replicated(mesh)
+    state_shard = TrainState(rep, p_shard, o_shard)
+    batch_shard = sharding.batch_sharding(mesh)
+    init = jax.jit(tx.init, in_shardings=(p_shard,), out_shardings=o_shard)
+    step = jax.jit(
+        functools.partial(
+            train_step,
+            graphdef=graphdef,
+            tx=tx,
+            schedule=functools.partial(learning_rate_at, kind=config.schedule),
+            grad_accum_steps=config.grad_accum_steps,
+            deterministic=not config.dropout,
+            compute_dtype=compute_dtype,
+        ),
+        in_shardings=(state_shard, rest_shard, batch_shard, rep, rep),
+        out_shardings=(state_shard, rep),
+        donate_argnums=(0,),
+    )
+    return _Compiled(init, step, state_shard, rest_shard, batch_shard)
+
+
 def prepare_training(
     model: nnx.Module, config: TrainConfig, *, mesh: Mesh, steps_per_epoch: int
 ) -> PreparedTraining:
@@ -104,33 +140,11 @@ def prepare_training(
     `finetune` is built on this; benchmarks call it to time the bare step.
     """
     lr_schedule = functools.partial(learning_rate_at, kind=config.schedule)
-    tx = make_optimizer(config)
     compute_dtype = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
     graphdef, params, rest = split_model(model)
 
     def build() -> _Compiled:
-        p_shard = sharding.logical_to_sharding(params, mesh)
-        rest_shard = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
-        o_shard = opt_state_shardings(jax.eval_shape(tx.init, params), params, p_shard, mesh)
-        rep = sharding.replicated(mesh)
-        state_shard = TrainState(rep, p_shard, o_shard)
-        batch_shard = sharding.batch_sharding(mesh)
-        init = jax.jit(tx.init, in_shardings=(p_shard,), out_shardings=o_shard)
-        step = jax.jit(
-            functools.partial(
-                train_step,
-                graphdef=graphdef,
-                tx=tx,
-                schedule=lr_schedule,
-                grad_accum_steps=config.grad_accum_steps,
-                deterministic=not config.dropout,
-                compute_dtype=compute_dtype,
-            ),
-            in_shardings=(state_shard, rest_shard, batch_shard, rep, rep),
-            out_shardings=(state_shard, rep),
-            donate_argnums=(0,),
-        )
-        return _Compiled(init, step, state_shard, rest_shard, batch_shard)
+        return jit_train_step(graphdef, params, rest, config, mesh)
 
     # Only the fields that change the compiled step belong in the cache key.
     step_config = dataclasses.replace(
