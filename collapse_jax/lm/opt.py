@@ -759,8 +759,8 @@ def load_pretrained(
 ) -> OPTForCausalLM:
     """Loads a Hugging Face OPT directory into the Flax port.
 
-    Reads `config.json` and `model.safetensors` (or a sharded `model.safetensors.index.json`, or
-    `pytorch_model.bin`, which needs torch).
+    Reads `config.json` and the weights, no torch needed: `model.safetensors` (or sharded), else
+    `flax_model.msgpack`, else `pytorch_model.bin` (see `lm.convert`).
 
     Args:
       path: the directory, or a Hugging Face hub id (`facebook/opt-125m`; see `lm.hub`).

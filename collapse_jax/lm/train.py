@@ -94,16 +94,13 @@ class PreparedTraining(NamedTuple):
     compute_dtype: Any
 
 
-def jit_train_step(
-    graphdef: Any, params: Any, rest: Any, config: TrainConfig, mesh: Mesh
+def compile_train_step(
+    graphdef: Any, params: Any, rest: Any, config: TrainConfig, *, mesh: Mesh
 ) -> _Compiled:
-    """The jitted optimizer init and train step of a model structure on `mesh`.
-
-    `params` and `rest` (from `split_model`) supply only shapes, dtypes and logical axes: they
-    may be abstract (`nnx.eval_shape`), so the programs can be lowered or exported
-    (`jax.export`) for a model that was never allocated. The step has explicit in/out
-    shardings and donates the state.
-    """
+    """The jitted AdamW init and train step of a split model on `mesh` (explicit in/out
+    shardings, the state donated), and their shardings. `params` and `rest` may be abstract
+    (`nnx.eval_shape`): only their structure, shapes and logical axes are read (the memory plan
+    of `collapse-jax run --dry-run` lowers the step without allocating a model)."""
     tx = make_optimizer(config)
     compute_dtype = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
     p_shard = sharding.logical_to_sharding(params, mesh)
@@ -135,16 +132,16 @@ def prepare_training(
 ) -> PreparedTraining:
     """Splits the model, places parameters and AdamW state on `mesh` and jits the train step.
 
-    The jitted step (explicit in/out shardings, state donated) is cached per model structure,
-    mesh and step-relevant settings, so later calls (e.g. the next generation) skip compilation.
-    `finetune` is built on this; benchmarks call it to time the bare step.
+    The jitted step (`compile_train_step`) is cached per model structure, mesh and step-relevant
+    settings, so later calls (e.g. the next generation) skip compilation. `finetune` is built on
+    this; benchmarks call it to time the bare step.
     """
     lr_schedule = functools.partial(learning_rate_at, kind=config.schedule)
     compute_dtype = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
     graphdef, params, rest = split_model(model)
 
     def build() -> _Compiled:
-        return jit_train_step(graphdef, params, rest, config, mesh)
+        return compile_train_step(graphdef, params, rest, config, mesh=mesh)
 
     # Only the fields that change the compiled step belong in the cache key.
     step_config = dataclasses.replace(

@@ -117,7 +117,7 @@ def test_opt125m_train_and_eval_steps_export_with_data_and_fsdp_shardings(opt125
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
     # configs/lm/opt125m_wikitext2.yaml: the paper's training in bf16 compute.
     cfg = dataclasses.replace(experiment.paper_train(), batch_size=128, compute_dtype="bfloat16")
-    fns = train.jit_train_step(graphdef, params, rest, cfg, mesh)
+    fns = train.compile_train_step(graphdef, params, rest, cfg, mesh=mesh)
     opt_state = jax.eval_shape(fns.init, params)
     state = _abstract(TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state),
                       fns.state_shardings)  # fmt: skip
