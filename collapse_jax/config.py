@@ -18,9 +18,13 @@ the field's type; a key overridden twice is an error. String values may use `${V
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
 import dataclasses
+import functools
 import importlib
+import importlib.resources
 import math
 import os
 import pathlib
@@ -874,10 +878,49 @@ def from_dict(raw: dict, overrides: Sequence[str] = ()) -> ExperimentConfig | Su
     return build(ExperimentConfig, raw)
 
 
+# Holds the shipped configs' folder open for the process (a no-op for an ordinary install, where
+# the folder is a real directory; importlib.resources extracts it otherwise).
+_RESOURCES = contextlib.ExitStack()
+atexit.register(_RESOURCES.close)
+
+
+@functools.cache
+def shipped_config_dir() -> pathlib.Path:
+    """The configs shipped inside the package (`collapse_jax/configs/`), as a folder."""
+    root = importlib.resources.files("collapse_jax").joinpath("configs")
+    return pathlib.Path(_RESOURCES.enter_context(importlib.resources.as_file(root)))
+
+
+def find_config(name: str | os.PathLike) -> pathlib.Path:
+    """The config file `name` names: a file path as given, else a shipped config.
+
+    A shipped config is named relative to `collapse_jax/configs/`, with or without `.yaml`
+    (`quickstart`, `lm/truth_markov_beam`); a leading `configs/` is dropped too, so the
+    repository paths of earlier versions (`configs/lm/truth_markov_beam.yaml`) work from any
+    directory.
+
+    Raises:
+      ConfigFileNotFound: neither exists (one line naming `name`).
+    """
+    path = pathlib.Path(name)
+    if path.is_file():
+        return path
+    rel = pathlib.PurePosixPath(path.as_posix())
+    if rel.parts[:1] == ("configs",) and len(rel.parts) > 1:
+        rel = pathlib.PurePosixPath(*rel.parts[1:])
+    if rel.parts and not rel.is_absolute() and ".." not in rel.parts:
+        root = shipped_config_dir()
+        for cand in (root.joinpath(*rel.parts), root.joinpath(*rel.parts[:-1], rel.name + ".yaml")):
+            if cand.is_file():
+                return cand
+    raise ConfigFileNotFound(f"config file not found: {name}")
+
+
 def load_config(
     path: str | os.PathLike, overrides: Sequence[str] = ()
 ) -> ExperimentConfig | SuiteConfig:
-    """Loads `configs/*.yaml` plus `a.b=value` overrides into frozen, validated dataclasses."""
+    """Loads a YAML config file (see `find_config` for shipped ones) plus `a.b=value` overrides
+    into frozen, validated dataclasses."""
     raw = load_raw(path)  # its errors name the file already
     try:
         return from_dict(raw, overrides)

@@ -35,6 +35,7 @@ import dataclasses
 import json
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import jax
@@ -44,13 +45,16 @@ from flax import nnx
 
 from collapse_jax import config as config_lib
 from collapse_jax.jaxtools import processes, sharding
+from collapse_jax.lm import base as base_lib
 from collapse_jax.lm import decode, hub, opt, tables, truth
+from collapse_jax.lm import programs as programs_lib
 from collapse_jax.lm import source as source_lib
 from collapse_jax.lm import train as train_lib
 from collapse_jax.lm.data import LMCorpus, WikiTextConfig
 from collapse_jax.lm.evaluate import perplexity, unigram_perplexity
+from collapse_jax.lm.placement import default_mesh
 from collapse_jax.lm.regenerate import regenerate
-from collapse_jax.lm.settings import DecodeSettings
+from collapse_jax.lm.settings import DecodeSettings, resolve_decode_dtype
 from collapse_jax.lm.source import SourceDataConfig
 from collapse_jax.lm.train_config import TrainConfig
 from collapse_jax.lm.vocab import Vocab
@@ -72,8 +76,11 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 def paper_decode() -> DecodeSettings:
-    """The paper's regeneration: 5 beams, exactly 64 new tokens, repetition penalty 3.0."""
-    return DecodeSettings(max_new_tokens=64, min_new_tokens=64, num_beams=5, repetition_penalty=3.0)
+    """The paper's regeneration: 5 beams, exactly 64 new tokens, repetition penalty 3.0; in
+    bfloat16 on accelerators and float32 on CPU (`dtype: auto`)."""
+    return DecodeSettings(
+        max_new_tokens=64, min_new_tokens=64, num_beams=5, repetition_penalty=3.0, dtype="auto"
+    )
 
 
 def paper_train() -> TrainConfig:
@@ -136,8 +143,11 @@ class OPTExperimentConfig:
       train: the fine-tuning settings (`lm.train_config.TrainConfig`: epochs, batch_size,
         learning_rate, schedule, compute_dtype, keep_best, ...); `pad_token_id` is the model's.
       decode: the regeneration settings (`lm.settings.DecodeSettings`: max_new_tokens,
-        min_new_tokens, num_beams, repetition_penalty, do_sample, ...). Empty `eos_token_ids`
-        and null `pad_token_id` take the model's ids.
+        min_new_tokens, num_beams, repetition_penalty, do_sample, dtype, ...). Empty
+        `eos_token_ids` and null `pad_token_id` take the model's ids; `dtype` (default "auto":
+        bfloat16 on accelerators, float32 on CPU, decided when the run starts) is the compute
+        and KV-cache dtype of the regeneration and the example continuation, recorded in the
+        run directory's `decode.json`.
       generate_batch_size: prompt blocks per compiled beam-search call.
       eval_batch_size: blocks per evaluation forward pass (test split, figures).
       example_prompt: index of the training block whose continuation by every generation's
@@ -150,6 +160,9 @@ class OPTExperimentConfig:
         `lm.tables`). All three share the loop, the decoders and the metrics; the OPT fields
         (`model_path`, `random_init`, `train`) are unused by the last two.
       count_smoothing: alpha of the "counts" learner (> 0, so its KL to the truth is finite).
+      pretrain: a base pretrained once on a related language, which every generation starts
+        from (`lm.base.PretrainConfig`; `data: {kind: source}` and `random_init` only); null =
+        every generation starts from the random init.
     """
 
     kind: ClassVar[str] = "opt"
@@ -166,6 +179,7 @@ class OPTExperimentConfig:
     histogram_bins: int = 60
     learner: Literal["transformer", "oracle", "counts"] = "transformer"
     count_smoothing: float = 0.01
+    pretrain: base_lib.PretrainConfig | None = None
 
     def __post_init__(self):
         if isinstance(self.data, dict):  # built from YAML: the class is picked by `kind`
@@ -208,6 +222,18 @@ class OPTExperimentConfig:
             "'counts' estimates a Markov chain's transition table: it needs a markov source",
         )
         _check(self.count_smoothing > 0, "count_smoothing", "must be > 0")
+        _check(
+            self.pretrain is None
+            or (self.model_path is None and isinstance(self.data, SourceDataConfig)),
+            "pretrain",
+            "pretrains a random_init model on a related known language: needs model_path: null "
+            "and data.kind: source",
+        )
+        _check(
+            self.pretrain is None or self.learner == "transformer",
+            "pretrain",
+            f"pretrains the transformer; the {self.learner!r} learner has no base to pretrain",
+        )
         _check(
             self.decode.num_return_sequences == 1,
             "decode.num_return_sequences",
@@ -350,9 +376,17 @@ class OPTLearner(AbstractLearner):
         if cfg.model_path is not None:
             model = opt.load_pretrained(cfg.model_path, dtype=param_dtype, param_dtype=param_dtype)
             return LMParams(model)
-        r = cfg.random_init
+        if cfg.pretrain is not None:  # the pretrained base (`prepare` read or made it)
+            model, _ = self._cache.get("base") or self.base_model(None)
+            return LMParams(base_lib.fresh_copy(model))
+        # The "pretrained" base is fixed by random_init.seed, not by the chain key: every
+        # generation starts from the same weights, as when loading facebook/opt-125m.
+        return LMParams(self._random_model())
+
+    def _random_arch(self) -> opt.OPTConfig:
+        r = self.config.random_init
         vocab = self.vocab()
-        arch = opt.OPTConfig(
+        return opt.OPTConfig(
             vocab_size=self._model_vocab_size() if vocab is None else len(vocab),
             hidden_size=r.hidden_size,
             num_hidden_layers=r.num_hidden_layers,
@@ -360,12 +394,30 @@ class OPTLearner(AbstractLearner):
             ffn_dim=r.ffn_dim,
             max_position_embeddings=r.max_position_embeddings,
         )
-        # The "pretrained" base is fixed by random_init.seed, not by the chain key: every
-        # generation starts from the same weights, as when loading facebook/opt-125m.
-        model = opt.init_random(
-            arch, jax.random.key(r.seed), dtype=param_dtype, param_dtype=param_dtype
+
+    def _random_model(self):
+        dtype = jnp.dtype(self.config.param_dtype)
+        key = jax.random.key(self.config.random_init.seed)
+        return opt.init_random(self._random_arch(), key, dtype=dtype, param_dtype=dtype)
+
+    def base_model(self, run_dir: pathlib.Path | None) -> tuple[Any, dict[str, Any]]:
+        """The pretrained base of `pretrain:` and its record (`lm.base`): the run directory's
+        `base/` when it holds one (checked), else pretrained now and saved there."""
+        cfg = self.config
+        key = base_lib.fingerprint(
+            cfg.pretrain, cfg.data, self._random_arch(), cfg.random_init.seed
         )
-        return LMParams(model)
+        folder = None if run_dir is None else pathlib.Path(run_dir) / base_lib.BASE_DIR
+        found = base_lib.obtain(
+            folder,
+            key,
+            lambda: base_lib.pretrain(
+                self._random_model(), cfg.data, cfg.pretrain, mesh=self._mesh()
+            ),
+            dtype=jnp.dtype(cfg.param_dtype),
+        )
+        self._cache["base"] = found
+        return found
 
     def _train_config(self, model) -> TrainConfig:
         # Regenerated blocks that stopped at EOS are padded; padding is masked from the loss.
@@ -435,6 +487,9 @@ class OPTLearner(AbstractLearner):
             out["valid_ppl"] = float(curve[info["selected_epoch"] - 1])
         if "fit_seconds" in info:
             out["fit_seconds"] = float(info["fit_seconds"])
+        if self.config.pretrain is not None:  # where every generation started from
+            base_info = (self._cache.get("base") or self.base_model(None))[1]
+            out["base_kl_to_truth"] = float(base_info["kl_to_truth"])
         truth_source = self.ground_truth()
         if truth_source is not None:  # exact metrics against the known language
             out.update(truth.evaluate_model(
@@ -492,10 +547,16 @@ class OPTLearner(AbstractLearner):
         return truth.data_metrics(src, source_lib.to_source_ids(blocks, src.vocab_size))
 
     def prepare(self, run_dir: pathlib.Path) -> None:
-        """Saves the ground-truth source in the run directory (checks it when resuming)."""
+        """Records the decode dtype this process resolved (`decode.json`: the setting, the
+        backend and the dtype; one entry more when a resumed run resolves it differently), saves
+        the ground-truth source in the run directory (checks it when resuming), and with
+        `pretrain:` the pretrained base (`base/`; checked and reused when resuming)."""
+        _record_decode_dtype(pathlib.Path(run_dir) / "decode.json", self.config.decode.dtype)
         src = self.ground_truth()
         if src is None:
             return
+        if self.config.pretrain is not None:
+            self.base_model(run_dir)
         folder = pathlib.Path(run_dir) / "source"
         if (folder / "source.json").is_file():
             source_lib.load_source(folder)  # raises if the saved source differs
@@ -527,6 +588,7 @@ class OPTLearner(AbstractLearner):
             d,
             eos_token_ids=d.eos_token_ids or (int(mc.eos_token_id),),
             pad_token_id=mc.pad_token_id if d.pad_token_id is None else d.pad_token_id,
+            dtype=resolve_decode_dtype(d.dtype),
         )
 
     def _continue_example(self, model) -> np.ndarray:
@@ -600,6 +662,66 @@ class OPTLearner(AbstractLearner):
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         return LMParams(model, info)
 
+    def _planned_arch(self) -> tuple[opt.OPTConfig, str]:
+        """(the model's architecture, where it comes from) without loading weights or data:
+        `random_init`, the model's `config.json` when at hand without a download (a local
+        folder, or a hub id in the hub cache), else OPT-125m's (assumed); a corpus vocabulary
+        is estimated at WikiText-2's valid + test size."""
+        c = self.config
+        if c.model_path is None:
+            r = c.random_init
+            arch = opt.OPTConfig(
+                vocab_size=r.vocab_size if c.vocabulary == "full" else _CORPUS_VOCAB_ESTIMATE,
+                hidden_size=r.hidden_size,
+                num_hidden_layers=r.num_hidden_layers,
+                num_attention_heads=r.num_attention_heads,
+                ffn_dim=r.ffn_dim,
+                max_position_embeddings=r.max_position_embeddings,
+            )
+            return arch, "random_init"
+        found = _cached_model_config(c.model_path)
+        if found is None:
+            return opt.OPTConfig.opt_125m(), "assumed OPT-125m (config.json not at hand)"
+        return opt.OPTConfig.from_hf_dict(found[0]), found[1]
+
+    def programs(self, cfg: Any) -> list[tuple[str, Callable[[], Any]]]:
+        """A generation's compiled programs, lowered from abstract shapes (`lm.programs`; the
+        memory plan of `--dry-run`): the train step at `train.batch_size` and the
+        regeneration's search at `generate_batch_size`, on the experiment's mesh, with the
+        model built as `init` builds it (architecture as in `plan`)."""
+        c = self.config
+        arch, _ = self._planned_arch()
+        dtype = jnp.dtype(c.param_dtype)
+        model = programs_lib.abstract_model(arch, dtype=dtype, param_dtype=dtype)
+        mesh = self._mesh()
+        length = c.data.block_size
+        tcfg = self._train_config(model)
+        settings = self._decode_settings(model)
+        compute = tcfg.compute_dtype or dtype.name
+        train_name = f"train step ({tcfg.batch_size} x {length} tokens, {compute} compute)"
+        search_name = (
+            f"regeneration ({c.generate_batch_size} prompts x {settings.num_beams} beams, "
+            f"{settings.max_new_tokens} new tokens)"
+        )
+        return [
+            (
+                train_name,
+                lambda: programs_lib.lower_train_step(
+                    model, tcfg, mesh=mesh or default_mesh(), length=length
+                ),
+            ),
+            (
+                search_name,
+                lambda: programs_lib.lower_search(
+                    model,
+                    settings,
+                    mesh=mesh or sharding.make_mesh(),
+                    batch_size=c.generate_batch_size,
+                    length=length,
+                ),
+            ),
+        ]
+
     def plan(self, cfg: Any) -> dict[str, Any]:
         """What a run of `cfg` will do and write, for `--dry-run` (no data or weights loaded).
 
@@ -613,23 +735,8 @@ class OPTLearner(AbstractLearner):
         """
         c = self.config
         gen = cfg.generation
-        if c.model_path is None:
-            r = c.random_init
-            arch = opt.OPTConfig(
-                vocab_size=r.vocab_size if c.vocabulary == "full" else _CORPUS_VOCAB_ESTIMATE,
-                hidden_size=r.hidden_size,
-                num_hidden_layers=r.num_hidden_layers,
-                num_attention_heads=r.num_attention_heads,
-                ffn_dim=r.ffn_dim,
-                max_position_embeddings=r.max_position_embeddings,
-            )
-            n_params, source = _count_params(arch), "random_init"
-        else:
-            found = _cached_model_config(c.model_path)
-            if found is None:
-                n_params, source = _OPT125M_PARAMS, "assumed OPT-125m (config.json not at hand)"
-            else:
-                n_params, source = _count_params(opt.OPTConfig.from_hf_dict(found[0])), found[1]
+        arch, source = self._planned_arch()
+        n_params = _count_params(arch)
         bytes_per = 2 if c.param_dtype == "bfloat16" else 4
         kept = {
             "all": gen.num_generations,
@@ -658,7 +765,17 @@ class OPTLearner(AbstractLearner):
 
 # The size of a corpus vocabulary for dry-run estimates (WikiText-2 valid + test: 24.6k ids).
 _CORPUS_VOCAB_ESTIMATE = 24_600
-_OPT125M_PARAMS = 125_239_296
+
+
+def _record_decode_dtype(path: pathlib.Path, setting: str | None) -> None:
+    entry = {
+        "setting": setting,
+        "backend": jax.default_backend(),
+        "dtype": resolve_decode_dtype(setting) or "the model's own",
+    }
+    entries = fileio.load_json(path)["resolved"] if path.is_file() else []
+    if not entries or entries[-1] != entry:
+        fileio.atomic_write_json(path, {"resolved": [*entries, entry]})
 
 
 def _cached_model_config(model_path: str) -> tuple[dict, str] | None:

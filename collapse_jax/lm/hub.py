@@ -104,7 +104,7 @@ def resolve(path: str | os.PathLike, *, what: str = "model") -> pathlib.Path:
     repo_id, revision = _split_id(path)
     try:
         import huggingface_hub
-    except ImportError as e:  # pragma: no cover - transformers depends on it
+    except ImportError as e:  # pragma: no cover - a dependency of the package
         raise FileNotFoundError(
             f"{what} {path!r} is a hub id; resolving it needs `pip install huggingface_hub`"
         ) from e

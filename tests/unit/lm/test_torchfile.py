@@ -145,7 +145,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, payload):
     assert not marker.exists()
     # The loader's entry point refuses it the same way.
     with pytest.raises(ValueError, match="refused to load"):
-        convert._load_torch_file(path)
+        convert.load_torch_file(path)
     assert not marker.exists()
 
 
