@@ -688,8 +688,11 @@ class OPTLearner(AbstractLearner):
         """A generation's compiled programs, lowered from abstract shapes (`lm.programs`; the
         memory plan of `--dry-run`): the train step at `train.batch_size` and the
         regeneration's search at `generate_batch_size`, on the experiment's mesh, with the
-        model built as `init` builds it (architecture as in `plan`)."""
+        model built as `init` builds it (architecture as in `plan`). None for a table learner
+        (`learner: oracle | counts`: a table of V^k x V floats, no OPT program): []."""
         c = self.config
+        if self._table():
+            return []
         arch, _ = self._planned_arch()
         dtype = jnp.dtype(c.param_dtype)
         model = programs_lib.abstract_model(arch, dtype=dtype, param_dtype=dtype)
@@ -738,6 +741,9 @@ class OPTLearner(AbstractLearner):
         arch, source = self._planned_arch()
         n_params = _count_params(arch)
         bytes_per = 2 if c.param_dtype == "bfloat16" else 4
+        if self._table():  # a float32 table of V^k x V (the HMM oracle's arrays are smaller)
+            src = c.data.source
+            n_params, source, bytes_per = src.vocab_size ** (src.order + 1), c.learner, 4
         kept = {
             "all": gen.num_generations,
             "last": 1,
@@ -751,7 +757,8 @@ class OPTLearner(AbstractLearner):
         )  # WikiText-2 train: 36,718 64-token blocks
         data_bytes = blocks * c.data.block_size * 4 * gen.num_generations * 2  # data + regenerated
         model_bytes = n_params * bytes_per
-        checkpoints = 2 * 3 * n_params * 4  # best + latest: float32 parameters and two moments
+        # best + latest: float32 parameters and two moments (a table learner keeps none)
+        checkpoints = 0 if self._table() else 2 * 3 * n_params * 4
         return {
             "generations": gen.num_generations,
             "runs": runs,

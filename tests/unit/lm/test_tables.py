@@ -194,3 +194,24 @@ def test_data_metrics_of_the_synthetic_part_next_to_the_pool():
     for row, origin in zip(sub["data"], sub["origin"]):  # every block keeps its provenance
         (i,) = np.nonzero((pool["data"] == row).all(1))[0][:1]
         assert pool["origin"][i] == origin
+
+
+def test_sampling_configs_draw_from_the_whole_distribution():
+    """`top_k: 0` is no truncation (not transformers' default 50), and the T=1 sampling configs
+    set every knob of the paper's decode block back (beams 1, no penalty)."""
+    import pathlib
+
+    from collapse_jax.lm.processors import process_scores
+
+    configs = pathlib.Path(__file__).resolve().parents[3] / "collapse_jax" / "configs" / "lm"
+    for name in ("truth_markov_sample", "truth_oracle_sample", "truth_counts_sample"):
+        d = config_lib.load_config(configs / f"{name}.yaml").model.decode
+        assert (d.do_sample, d.num_beams, d.top_k, d.top_p) == (True, 1, 0, 1.0), name
+        assert (d.temperature, d.repetition_penalty) == (1.0, 1.0), name
+    scores = jax.random.normal(jax.random.key(0), (4, 67))
+    seen = jnp.zeros((4, 67), bool)
+    full = DecodeSettings(max_new_tokens=1, do_sample=True, top_k=0)
+    np.testing.assert_array_equal(process_scores(scores, seen, jnp.int32(0), full), scores)
+    cut = DecodeSettings(max_new_tokens=1, do_sample=True, top_k=50)
+    kept = np.isfinite(np.asarray(process_scores(scores, seen, jnp.int32(0), cut)))
+    assert kept.sum(1).tolist() == [50] * 4
