@@ -187,7 +187,7 @@ class _TensorSource:
         elif self.kind == "flax":
             handle = _load_flax_file(file)
         else:
-            handle = _load_torch_file(file)
+            handle = load_torch_file(file)
         self._open[file] = handle
         return handle
 
@@ -249,7 +249,7 @@ def _load_flax_file(file: pathlib.Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _load_torch_file(file: pathlib.Path) -> dict[str, np.ndarray]:
+def load_torch_file(file: pathlib.Path) -> dict[str, np.ndarray]:
     """Reads a `pytorch_model.bin` into NumPy arrays (bfloat16 via ml_dtypes).
 
     The zip format (torch >= 1.6) goes through `torchfile.read_state_dict`, torch or not; the
