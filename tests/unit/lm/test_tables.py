@@ -2,6 +2,7 @@
 the exact learner's estimate is the counts, and the decoders treat a table like a transformer."""
 
 import itertools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from collapse_jax import config as config_lib
 from collapse_jax.lm import source as S
 from collapse_jax.lm import tables, truth
 from collapse_jax.lm.experiment import ORIGIN_REAL, OPTExperimentConfig, OPTLearner, blocks_of
+from collapse_jax.lm.processors import process_scores
 from collapse_jax.lm.settings import DecodeSettings
 
 
@@ -199,10 +201,6 @@ def test_data_metrics_of_the_synthetic_part_next_to_the_pool():
 def test_sampling_configs_draw_from_the_whole_distribution():
     """`top_k: 0` is no truncation (not transformers' default 50), and the T=1 sampling configs
     set every knob of the paper's decode block back (beams 1, no penalty)."""
-    import pathlib
-
-    from collapse_jax.lm.processors import process_scores
-
     configs = pathlib.Path(__file__).resolve().parents[3] / "collapse_jax" / "configs" / "lm"
     for name in ("truth_markov_sample", "truth_oracle_sample", "truth_counts_sample"):
         d = config_lib.load_config(configs / f"{name}.yaml").model.decode
