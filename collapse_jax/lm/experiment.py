@@ -461,15 +461,18 @@ class OPTLearner(AbstractLearner):
     def evaluate(self, key: jax.Array, params: LMParams, reference: np.ndarray) -> dict[str, Any]:
         start = time.perf_counter()
         model = params.model
-        per_seq = self._table_perplexity(model, reference) if self._table() else perplexity(
-            model,
-            self._to_model(reference),
-            batch_size=self.config.eval_batch_size,
-            per_sequence=True,
-            mesh=self._mesh(),
-            compute_dtype=self.config.train.compute_dtype,
-            pad_token_id=model.config.pad_token_id,
-        )  # fmt: skip
+        if self._table():
+            per_seq = self._table_perplexity(model, reference)
+        else:
+            per_seq = perplexity(
+                model,
+                self._to_model(reference),
+                batch_size=self.config.eval_batch_size,
+                per_sequence=True,
+                mesh=self._mesh(),
+                compute_dtype=self.config.train.compute_dtype,
+                pad_token_id=model.config.pad_token_id,
+            )
         nll = np.log(per_seq)
         out: dict[str, Any] = {
             "ppl": float(np.exp(nll.mean())),  # exp of the mean token loss (full blocks)
@@ -688,8 +691,8 @@ class OPTLearner(AbstractLearner):
         """A generation's compiled programs, lowered from abstract shapes (`lm.programs`; the
         memory plan of `--dry-run`): the train step at `train.batch_size` and the
         regeneration's search at `generate_batch_size`, on the experiment's mesh, with the
-        model built as `init` builds it (architecture as in `plan`). None for a table learner
-        (`learner: oracle | counts`: a table of V^k x V floats, no OPT program): []."""
+        model built as `init` builds it (architecture as in `plan`). A table learner
+        (`learner: oracle | counts`, a table of V^k x V floats) has none: []."""
         c = self.config
         if self._table():
             return []
