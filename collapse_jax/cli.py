@@ -156,7 +156,7 @@ def _cmd_run(args) -> int:
 def _cmd_sweep(args) -> int:
     from collapse_jax import sweep  # noqa: PLC0415 (imports plots: matplotlib only for a sweep)
 
-    if distributed.from_env() is not None:
+    if any(os.environ.get(k, "").strip() for k in distributed.ENV_VARS):
         raise distributed.DistributedSetupError(
             f"sweep runs in one process; unset {', '.join(distributed.ENV_VARS)} (or run its "
             "points with `collapse-jax run`)"
