@@ -40,25 +40,17 @@ from collections.abc import Iterator, Sequence
 import jax
 
 from collapse_jax import config as config_lib
-from collapse_jax import loop
+from collapse_jax import loop, memplan
 from collapse_jax.jaxtools import processes
 from collapse_jax.lm import distributed
 from collapse_jax.rundir import commits, fileio, guard, reader
 
 log = logging.getLogger("collapse_jax")
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
 
 def _resolve_config_path(name: str) -> pathlib.Path:
-    """A path, or a config name looked up in the repository's `configs/` folder."""
-    p = pathlib.Path(name)
-    if p.is_file():
-        return p
-    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if cand.is_file():
-            return cand
-    raise config_lib.ConfigFileNotFound(f"config file not found: {name}")
+    """A path, or the name of a config shipped in the package (`config.find_config`)."""
+    return config_lib.find_config(name)
 
 
 def _default_out(cfg) -> pathlib.Path:
@@ -143,6 +135,7 @@ def _cmd_run(args) -> int:
         print(config_lib.dump(cfg))
         print(f"# would run in {out}")
         _print_plans(cfg)
+        print(memplan.format_table(memplan.plan(cfg)))
         return 0
     _join_cluster(args)
     experiments = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
@@ -258,10 +251,14 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "run", parents=[common], help="run or resume an experiment described by a config"
     )
-    r.add_argument("config", help="YAML config file (or a name in configs/)")
+    r.add_argument("config", help="YAML config file (or a shipped config's name: quickstart)")
     r.add_argument("overrides", nargs="*", help="a.b=value overrides")
     r.add_argument("--out", help="run directory (default runs/<name>-<config hash>)")
-    r.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, the plan and each compiled program's memory; stop",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument(
         "--repair",
@@ -290,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     sw = sub.add_parser(
         "sweep", parents=[common], help="run a grid of configs in one directory (resumable)"
     )
-    sw.add_argument("config", help="YAML config file (or a name in configs/)")
+    sw.add_argument("config", help="YAML config file (or a shipped config's name: quickstart)")
     sw.add_argument("axes", nargs="+", help="a.b=v1,v2,... grid axes (one value: an override)")
     sw.add_argument("--out", help="sweep directory (default runs/sweep-<config>-<hash>)")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -56,7 +56,7 @@ from collapse_jax.loop.driver import (
     send_failure,
     send_resume_point,
 )
-from collapse_jax.loop.jittable import batch_key
+from collapse_jax.loop.jittable import batch_key, block_programs
 from collapse_jax.loop.keys import (
     NOISE_STREAM,
     base_key,
@@ -67,6 +67,7 @@ from collapse_jax.loop.keys import (
 from collapse_jax.loop.learner import (
     AbstractLearner,
     BatchedFit,
+    HasPrograms,
     Knobbed,
     KnobbedLearner,
     Plannable,
@@ -83,6 +84,7 @@ __all__ = [
     "AbstractLearner",
     "BatchedFit",
     "Carry",
+    "HasPrograms",
     "Knobbed",
     "KnobbedLearner",
     "LeaderFailed",
@@ -94,6 +96,7 @@ __all__ = [
     "Scorable",
     "base_key",
     "batch_key",
+    "block_programs",
     "build_data",
     "chain_generation",
     "chain_keys",
