@@ -377,8 +377,8 @@ class OPTLearner(AbstractLearner):
         found = base_lib.obtain(
             folder,
             key,
-            lambda: base_lib.pretrain(
-                self._random_model(), cfg.data, cfg.pretrain, mesh=self._mesh()
+            lambda: _host_local(
+                base_lib.pretrain(self._random_model(), cfg.data, cfg.pretrain, mesh=self._mesh())
             ),
             dtype=jnp.dtype(cfg.param_dtype),
         )
@@ -410,9 +410,7 @@ class OPTLearner(AbstractLearner):
             seed=_seed(key),
             checkpoint_dir=None if workdir is None else pathlib.Path(workdir) / "checkpoints",
         )
-        if processes.is_multiprocess():  # this process's own copy (saved, decoded locally)
-            graphdef, state = nnx.split(model)
-            model = nnx.merge(graphdef, processes.to_host_local(state))
+        model, _ = _host_local((model, None))
         info = {
             "valid_loss": [float(v) for v in history["valid_loss"]],
             "selected_epoch": int(history["selected_epoch"][0]),
@@ -739,6 +737,16 @@ def _count_params(arch) -> int:
     d, f, layers = arch.hidden_size, arch.ffn_dim, arch.num_hidden_layers
     per_layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d
     return arch.vocab_size * d + (arch.max_position_embeddings + 2) * d + layers * per_layer + 2 * d
+
+
+def _host_local(found: tuple[Any, Any]) -> tuple[Any, Any]:
+    """(model, info) with the model's arrays as this process's own copy when they span several
+    processes (it is saved and decodes locally); unchanged with one process."""
+    model, info = found
+    if processes.is_multiprocess():
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, processes.to_host_local(state))
+    return model, info
 
 
 def _steps_per_epoch(history: dict) -> int:
