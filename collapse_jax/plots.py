@@ -124,6 +124,10 @@ def make_figures(run: reader.Run, learner=None) -> list[pathlib.Path]:
             os.replace(path, out / rel)
             files.append(out / rel)
         return files
+    except OSError as e:
+        if e.filename is None:  # matplotlib's writer does not say which file (e.g. a full disk)
+            e.filename = str(out)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -10,7 +10,8 @@ sweep.json            the config file, the axes and every point's overrides and 
 points/p003-dim=3-samples_per_generation=100/   one run directory per point
 sweep.csv             one row per point: its axis values and the last generation's metrics
 figures/<metric>_curves.png    one curve per value (chain mean, 5-95 % band over chains)
-figures/<metric>_heatmap.png   last-generation chain mean over the first two varying axes
+figures/<metric>_heatmap.png   last-generation chain mean over the first two varying axes (one
+                               colour norm for all panels; closed form in each cell where known)
 ```
 
 All points run in one process through the one loop. Points whose configs differ only in the seed,
@@ -37,6 +38,7 @@ import logging
 import math
 import pathlib
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -329,6 +331,8 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
         fig, axes = plt.subplots(
             nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), dpi=100, squeeze=False
         )
+        # one scale (log or linear) for every panel, so that panels compare
+        log_scale = _positive(rows, list(range(len(rows))), name)
         for ax, (fvals, idx) in zip(axes.flat, facet_items):
             for c, i in enumerate(idx):
                 r = rows[i]
@@ -339,16 +343,16 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
                 lo, hi = _series(r, f"{name}_q05"), _series(r, f"{name}_q95")
                 if np.isfinite(lo).any():
                     ax.fill_between(g, lo, hi, color=color, alpha=0.12, lw=0)
-                label = f"{last.split('.')[-1]}={value_of(i, last)}" if last else "mean"
+                label = f"{words(last)}: {value_of(i, last)}" if last else "mean"
                 ax.plot(g, m, color=color, lw=1.4, label=label)
                 want = expected[i].get(name)
                 if want is not None:  # the learner's closed form for this point, dashed
                     ax.plot(g, np.asarray(want)[: g.size], color=color, lw=1.0, ls="--")
-            title = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(facet_keys, fvals))
+            title = ", ".join(f"{words(k)}: {v}" for k, v in zip(facet_keys, fvals))
             ax.set_title(title, fontsize=8)
             ax.set_xlabel("generation", fontsize=8)
             ax.set_ylabel(name, fontsize=8)
-            if _positive(rows, idx, name):
+            if log_scale:
                 ax.set_yscale("log")
             if ax.lines:
                 ax.legend(fontsize=6, frameon=False)
@@ -357,7 +361,7 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
         what = "chain mean, 5-95 % of chains"
         if any(name in e for e in expected):
             what += "; dashed: closed form"
-        fig.suptitle(f"{sweep.out.name}: {name}\n({what})", fontsize=9)
+        fig.suptitle(f"{sweep.out.name}: {words(name)} ({name})\n({what})", fontsize=9)
         fig.tight_layout()
         path = out / f"{name}_curves.png"
         fig.savefig(path)
@@ -366,46 +370,178 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
 
     # --- heatmaps of the last generation over the first two varying axes --------------------
     if len(vary) >= 2:
-        kx, ky, rest = vary[0], vary[1], vary[2:]
-        xs = [_value_text(v) for v in dict(sweep.axes)[kx]]
-        ys = [_value_text(v) for v in dict(sweep.axes)[ky]]
-        panels: dict[tuple, np.ndarray] = {}
         for name in metrics:
-            panels = {}
-            for i, r in enumerate(rows):
-                pk = tuple(value_of(i, k) for k in rest)
-                grid = panels.setdefault(pk, np.full((len(ys), len(xs)), np.nan))
-                # only finished points: a killed point's last row is an earlier generation
-                if r and len(r) == sweep.configs[i].generation.num_generations:
-                    grid[ys.index(value_of(i, ky)), xs.index(value_of(i, kx))] = r[-1].get(
-                        name, np.nan
-                    )
-            items = list(panels.items())[:6]
-            fig, axes = plt.subplots(
-                1, len(items), figsize=(4.4 * len(items), 3.6), dpi=100, squeeze=False
-            )
-            for ax, (pk, grid) in zip(axes[0], items):
-                shown = np.log10(grid) if np.nanmin(grid) > 0 else grid
-                im = ax.imshow(shown, origin="lower", cmap="viridis", aspect="auto")
-                ax.set_xticks(range(len(xs)), xs, fontsize=7)
-                ax.set_yticks(range(len(ys)), ys, fontsize=7)
-                ax.set_xlabel(kx, fontsize=8)
-                ax.set_ylabel(ky, fontsize=8)
-                for (yy, xx), v in np.ndenumerate(grid):
-                    if np.isfinite(v):
-                        ax.text(xx, yy, f"{v:.3g}", ha="center", va="center", fontsize=6, color="w")
-                    elif np.isinf(v):  # e.g. logdet_cov of singular fits: uncoloured, labelled
-                        ax.text(xx, yy, f"{v}", ha="center", va="center", fontsize=6, color="k")
-                title = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(rest, pk))
-                ax.set_title(title or "", fontsize=8)
-                fig.colorbar(im, ax=ax, label=("log10 " if shown is not grid else "") + name)
-            fig.suptitle(f"{sweep.out.name}: {name} at the last generation", fontsize=9)
-            fig.tight_layout()
-            path = out / f"{name}_heatmap.png"
-            fig.savefig(path)
-            plt.close(fig)
-            files.append(path)
+            files.append(heatmap_figure(sweep, rows, expected, name, out / f"{name}_heatmap.png"))
     return files
+
+
+# Config keys and metrics in words, for axis labels and titles (others: the key's last part).
+AXIS_WORDS = {
+    "model.dim": "dimension d",
+    "generation.samples_per_generation": "samples per generation M",
+    "generation.policy": "data policy",
+    "generation.num_trials": "chains",
+    "generation.num_generations": "generations",
+    "generation.alpha": "synthetic share alpha",
+    "generation.beta": "previous-data share beta",
+    "generation.gamma": "real-data share gamma",
+    "model.sampling_bias": "sampling bias lambda (MAD)",
+    "model.estimator": "covariance estimator",
+    "model.num_states": "number of states K",
+    "seed": "seed",
+}
+METRIC_WORDS = {
+    "w2": "W2 distance to the original (not squared)",
+    "w2_squared": "squared W2 distance to the original",
+    "trace_cov": "trace of the fitted covariance",
+    "logdet_cov": "log-determinant of the fitted covariance",
+    "mean_dist2": "squared distance of the fitted mean to the original",
+    "gini_simpson": "Gini-Simpson diversity",
+    "support_size": "support size",
+}
+
+
+def words(key: str) -> str:
+    """A config key or metric name in words (AXIS_WORDS, METRIC_WORDS, else its last part)."""
+    return AXIS_WORDS.get(key) or METRIC_WORDS.get(key) or key.split(".")[-1].replace("_", " ")
+
+
+def heatmap_grid(
+    sweep: Sweep, rows: list[list[dict]], expected: list[dict], name: str
+) -> dict[tuple, dict[str, np.ndarray]]:
+    """The heatmap's numbers: per panel (the values of the varying axes after the first two),
+    `value` (the last generation's chain mean of `name`), `se` (its standard error) and `closed`
+    (the closed-form chain mean there, NaN where the kind has none), each [len(y), len(x)]
+    over the first varying axis (x) and the second (y); NaN for points not finished."""
+    kx, ky, rest = sweep.varying[0], sweep.varying[1], sweep.varying[2:]
+    xs = [_value_text(v) for v in dict(sweep.axes)[kx]]
+    ys = [_value_text(v) for v in dict(sweep.axes)[ky]]
+    panels: dict[tuple, dict[str, np.ndarray]] = {}
+    for i, r in enumerate(rows):
+        ov = sweep.points[i]["overrides"]
+        pk = tuple(_value_text(ov[k]) for k in rest)
+        grid = panels.setdefault(
+            pk, {k: np.full((len(ys), len(xs)), np.nan) for k in ("value", "se", "closed")}
+        )
+        # only finished points: a killed point's last row is an earlier generation
+        if not r or len(r) != sweep.configs[i].generation.num_generations:
+            continue
+        cell = ys.index(_value_text(ov[ky])), xs.index(_value_text(ov[kx]))
+        grid["value"][cell] = r[-1].get(name, np.nan)
+        grid["se"][cell] = r[-1].get(f"{name}_se", np.nan)
+        want = expected[i].get(name)
+        if want is not None and len(want) >= len(r):
+            grid["closed"][cell] = np.asarray(want, np.float64)[len(r) - 1]
+    return panels
+
+
+def _shared_norm(values: np.ndarray):
+    """One colour norm for every panel of a metric: log for positive values spanning more than
+    a decade, symmetric-log for values of one sign spanning more than two, else linear."""
+    from matplotlib import colors
+
+    v = values[np.isfinite(values)]
+    if v.size == 0:
+        return colors.Normalize(0.0, 1.0), "linear"
+    lo, hi = float(v.min()), float(v.max())
+    if lo == hi:
+        lo, hi = lo - 0.5, hi + 0.5
+    if lo > 0 and hi / lo > 10:
+        return colors.LogNorm(lo, hi), "log"
+    mag = np.abs(v[v != 0])
+    if mag.size and (lo >= 0 or hi <= 0) and mag.max() / mag.min() > 100:
+        return colors.SymLogNorm(max(float(mag.min()), 1e-12), vmin=lo, vmax=hi, base=10), "symlog"
+    return colors.Normalize(lo, hi), "linear"
+
+
+def heatmap_figure(
+    sweep: Sweep, rows: list[list[dict]], expected: list[dict], name: str, path: pathlib.Path
+) -> pathlib.Path:
+    """The last generation's chain mean of `name` over the first two varying axes, one panel per
+    combination of the others, every panel on ONE colour norm (equal colours, equal values).
+    Cells show the value and, where the kind has one, the closed form; a non-finite value is
+    grey and says whether the closed form is non-finite too (e.g. a singular fit: fewer points
+    than dimensions + 1) or not (then the value is an artefact of the computation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kx, ky, rest = sweep.varying[0], sweep.varying[1], sweep.varying[2:]
+    xs = [_value_text(v) for v in dict(sweep.axes)[kx]]
+    ys = [_value_text(v) for v in dict(sweep.axes)[ky]]
+    panels = list(heatmap_grid(sweep, rows, expected, name).items())[:6]
+    norm, scale = _shared_norm(np.concatenate([g["value"].ravel() for _, g in panels]))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.82")
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(4.6 * len(panels) + 1.2, 4.4),
+        dpi=110,
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax, (pk, grid) in zip(axes[0], panels):
+        vals = grid["value"]
+        im = ax.imshow(
+            np.ma.masked_invalid(vals), origin="lower", cmap=cmap, norm=norm, aspect="auto"
+        )
+        ax.set_xticks(range(len(xs)), xs, fontsize=7)
+        ax.set_yticks(range(len(ys)), ys, fontsize=7)
+        ax.set_xlabel(words(kx), fontsize=8)
+        ax.set_ylabel(words(ky), fontsize=8)
+        for (yy, xx), v in np.ndenumerate(vals):
+            cf = grid["closed"][yy, xx]
+            text = f"{v:.3g}" if np.isfinite(v) else ("-inf" if v < 0 else f"{v}")
+            if np.isnan(v):
+                continue
+            if np.isfinite(cf) or (np.isinf(cf) and np.isfinite(v)):
+                text += f"\n(cf {cf:.3g})"
+            elif np.isinf(v) and np.isinf(cf):
+                text = "singular\n(cf -inf)" if v < 0 else text
+            if np.isfinite(v):  # black on light colours, white on dark ones
+                r, g, b, _ = cmap(norm(v))
+                color = "k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w"
+            else:
+                color = "k" if not np.isfinite(cf) else "C3"
+            ax.text(xx, yy, text, ha="center", va="center", fontsize=6, color=color)
+        title = ", ".join(f"{words(k)}: {v}" for k, v in zip(rest, pk))
+        ax.set_title(title or "", fontsize=8)
+    label = words(name) + {"log": " (log scale)", "symlog": " (symmetric log scale)"}.get(scale, "")
+    fig.colorbar(im, ax=list(axes[0]), label=label, shrink=0.9).ax.yaxis.label.set_size(8)
+    width = int(fig.get_figwidth() * 15)  # characters of 8-pt text per line
+    notes = []
+    if any(np.isfinite(g["closed"]).any() for _, g in panels):
+        notes.append("cf = closed-form mean")
+    if any((np.isinf(g["value"])).any() for _, g in panels):
+        notes.append("grey = not finite")
+    parts = _heatmap_caption(sweep, rows, name, "; ".join(notes))
+    caption = "\n".join(textwrap.fill(p, width) for p in parts)
+    fig.suptitle(caption, fontsize=8)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _heatmap_caption(sweep: Sweep, rows: list[list[dict]], name: str, notes: str) -> list[str]:
+    """What a heatmap plots: the statistic over chains, the generation, the fixed settings."""
+    cfgs = sweep.configs
+    chains = sorted({c.generation.num_trials for c in cfgs})
+    gens = sorted({len(r) for r in rows if r})
+    fixed = []
+    for f in ("estimator", "method", "sampling_bias", "family"):
+        vals = {str(getattr(c.model, f, None)) for c in cfgs}
+        if len(vals) == 1 and "None" not in vals and f"model.{f}" not in sweep.varying:
+            fixed.append(f"{f.replace('_', ' ')} {vals.pop()}")
+    if "generation.policy" not in sweep.varying:
+        fixed.append(f"policy {cfgs[0].generation.policy}")
+    gen = (
+        f"generation {gens[-1] - 1} (the {gens[-1]}th fit)" if len(gens) == 1 else "last generation"
+    )
+    return [
+        f"{sweep.out.name}: {words(name)}, mean over {'/'.join(map(str, chains))} chains at {gen}",
+        f"{cfgs[0].kind}: {', '.join(fixed)}" + (f"; {notes}" if notes else ""),
+    ]
 
 
 def _positive(rows: list[list[dict]], idx: list[int], name: str) -> bool:

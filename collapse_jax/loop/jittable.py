@@ -36,15 +36,15 @@ def batch_key(cfg: config_lib.ExperimentConfig, learner: AbstractLearner) -> Any
     shares are > 0, is part of the compiled program and of the key)."""
     if not learner.jittable or isinstance(learner, BatchedFit) or cfg.mesh is not None:
         return None
-    # The schedule's static part (`Policy`) is compiled in; with traced sizes the sizes and the
-    # shares are values.
-    free = {"policy", "init_from", "selection", "real_data"}  # in the Policy
-    if not learner.static_sample_size:
-        free |= {"samples_per_generation", "sample_schedule", "sample_growth"}
-        free |= {"alpha", "beta", "gamma"}
+    # Which generation fields are compiled in, from the roles they declare (`config.batch_role`):
+    # the schedule's static part (`Policy`) is in the key instead of the fields it reads; with
+    # traced sizes the sizes and the shares are values.
     gcfg = cfg.generation
+    free = {"policy"} if learner.static_sample_size else {"policy", "size"}
     fields = tuple(
-        (f.name, getattr(gcfg, f.name)) for f in dataclasses.fields(gcfg) if f.name not in free
+        (name, getattr(gcfg, name))
+        for name, role in config_lib.batch_roles(type(gcfg)).items()
+        if role not in free
     )
     knob_fields = learner.knob_fields if isinstance(learner, Knobbed) else frozenset()
     model = tuple(

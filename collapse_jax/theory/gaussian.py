@@ -13,18 +13,25 @@ covariance. Two ways to draw a generation, equal in distribution:
 `GaussianLearner` is the same model for the model-agnostic loop in `collapse_jax.loop`.
 
 Singular fits and the float32 floor (d > 1). Every draw uses a factor L with L L^T = Sigma that
-exists for positive SEMI-definite Sigma (`_chol`: LAPACK's Cholesky, `psd_cholesky` where that
-fails), so the collapse runs to its end instead of stopping on NaN:
+exists for positive SEMI-definite Sigma (`robust_cholesky`: LAPACK's Cholesky, `psd_cholesky`
+where that fails), so the collapse runs to its end instead of stopping on NaN:
 - M <= d points: each fit has rank M - 1; the chain lives in the affine span of its first real
   points (the Wishart draw is singular, `samplers.wishart_bartlett_factor`), logdet_cov = -inf
   from generation 0, trace and W2 finite.
 - A collapsing chain's covariance loses directions once its spread in them falls below float32's
   resolution relative to the rest (condition number beyond ~1 / ((d + 1) eps) ~ 10^6): those
-  directions get exactly zero variance and stay so (later draws lie in L's column space), and
-  logdet_cov becomes -inf. When the scale itself underflows (float32's ~1e-38; XLA on CPU
-  flushes denormals to zero) the covariance is exactly 0: the chain is a point mass whose mean
-  stops moving, every draw equals it, trace_cov = 0, w2^2 = |mu - mu_0|^2 + tr Sigma_0, all
-  finite.
+  directions get exactly zero variance and stay so (later draws lie in L's column space). The
+  log-determinant is therefore not read off that matrix where it can be carried in log space
+  (`GaussianParams.logdet`): an exact draw's scatter L A A^T L^T has log det = log det Sigma +
+  2 sum_i log A_ii (A the Bartlett factor), so a chain trained on its predecessor's samples alone
+  (replace) adds independent log chi-square terms to the previous fit's log-det, which is then
+  exact in distribution however ill-conditioned float32's covariance has become, and -inf only
+  where the law says so (M <= d). Where the training set is a union or a subset (accumulate,
+  mix, accumulate_subsample) or raw points (method "sample"), and for d = 1, the log-det is that
+  of the float32 covariance, -inf once float32 cannot resolve it.
+- When the scale itself underflows (float32's ~1e-38; XLA on CPU flushes denormals to zero) the
+  covariance is exactly 0: the chain is a point mass whose mean stops moving, every draw equals
+  it, trace_cov = 0, w2^2 = |mu - mu_0|^2 + tr Sigma_0, all finite.
 """
 
 from __future__ import annotations
@@ -153,38 +160,44 @@ class GaussianConfig:
 
 
 class GaussianParams(NamedTuple):
-    """A fitted Gaussian: mean `[d]`, covariance `[d, d]` (batched: leading chain axes)."""
+    """A fitted Gaussian: mean `[d]`, covariance `[d, d]` (batched: leading chain axes), and
+    for d > 1 the log-determinant of the covariance carried in log space (scalar; None: not
+    carried, read off `cov`), which stays finite where float32's `cov` has lost directions."""
 
     mean: Array
     cov: Array
+    logdet: Array | None = None
 
 
 class GaussianStats(NamedTuple):
     """Sufficient statistics of a data set (the `exact` method's data).
 
     n: int32 scalar, number of points; mean: [d] sample mean; scatter: [d, d] sum of the
-    outer products of the centred points.
+    outer products of the centred points; logdet: log det scatter carried in log space (a
+    synthetic exact draw from params with a carried log-det, d > 1), or None (read off
+    `scatter` by the fit: real data, unions and subsets, d = 1).
     """
 
     n: Array
     mean: Array
     scatter: Array
+    logdet: Array | None = None
 
 
-def _chol(cov: Array) -> Array:
+def robust_cholesky(cov: Array) -> Array:
     """A factor L `[d, d]` with L L^T = cov for a positive SEMI-definite covariance (never NaN).
 
     d = 1: the square root. d > 1: LAPACK's Cholesky where it succeeds, `psd_cholesky` where it
     fails, so a singular fit (M <= d points) or a covariance collapsed below float32's resolution
     still samples correctly: any L with L L^T = Sigma gives mean + L z ~ N(mean, Sigma) and
-    L W L^T ~ Wishart(n, Sigma) (`_factor_lanes`).
+    L W L^T ~ Wishart(n, Sigma) (`robust_cholesky_lanes`).
     """
     if cov.shape[-1] == 1:
         return jnp.sqrt(jnp.maximum(cov, 0.0))
     return _factor(cov)
 
 
-def _factor_lanes(a: Array) -> Array:
+def robust_cholesky_lanes(a: Array) -> Array:
     """Lower-triangular L `[L, d, d]` with L L^T = a for PSD matrices `a [L, d, d]`, never NaN:
     each matrix takes LAPACK's factor when it is finite, else `psd_cholesky`'s. The choice is
     per matrix, so a chain's factor never depends on the other chains in its batch.
@@ -203,7 +216,7 @@ def _factor_lanes(a: Array) -> Array:
     return jax.lax.cond(jnp.all(ok), lambda _: chol, repair, None)
 
 
-_factor = lanes.whole_batch(_factor_lanes, core_ndims=(2,))
+_factor = lanes.whole_batch(robust_cholesky_lanes, core_ndims=(2,))
 
 
 def psd_cholesky(a: Array) -> Array:
@@ -220,7 +233,7 @@ def psd_cholesky(a: Array) -> Array:
     rank(L) is the numerical rank of `a` and `a == 0` gives L == 0.
 
     The columns are a `lax.scan` of rank-1 updates (one compile for any d): as fast as LAPACK
-    at small d, several times slower at d >= 31, which is why `_factor_lanes` calls it only
+    at small d, several times slower at d >= 31, which is why `robust_cholesky_lanes` calls it only
     for the matrices LAPACK fails on (benchmarks/results/sweep-cpu.json, row gaussian_factor_ab,
     measures the generation with this fallback in place against LAPACK alone).
     """
@@ -274,7 +287,7 @@ def sample_points(key: Array, params: GaussianParams, num: int) -> Array:
         sd = jnp.sqrt(jnp.maximum(params.cov[0, 0], 0.0))
         return (params.mean[0] + z * sd)[:, None]
     z = standard_normals(key, num * d).reshape(num, d)
-    return params.mean[None, :] + z @ _chol(params.cov).T
+    return params.mean[None, :] + z @ robust_cholesky(params.cov).T
 
 
 def stats_noise(
@@ -312,7 +325,7 @@ def sample_stats(
     d = params.mean.shape[-1]
     num = jnp.asarray(num, jnp.int32)
     nf = num.astype(_F)
-    chol = _chol(params.cov)
+    chol = robust_cholesky(params.cov)
     if d == 1:  # both draws from one call for random words (no key splits: the hot path)
         df = jnp.maximum(nf - 1.0, 0.0)
         noise = stats_noise(key, num, compact=compact) if noise is None else noise
@@ -329,7 +342,12 @@ def sample_stats(
     a = samplers.wishart_bartlett_factor(k_w, jnp.maximum(nf - 1.0, 0.0), d)
     la = chol @ a
     scatter = la @ la.T
-    return GaussianStats(num, mean, scatter)
+    logdet = None
+    if params.logdet is not None:
+        # det(L A A^T L^T) = det(Sigma) prod_i A_ii^2: log space, never float32's cancellation;
+        # A_ii = 0 (num - 1 <= i: a singular draw) gives -inf, as the law does.
+        logdet = params.logdet + 2.0 * jnp.sum(jnp.log(jnp.diagonal(a)))
+    return GaussianStats(num, mean, scatter, logdet)
 
 
 def gaussian_log_prob(x: Array, params: GaussianParams) -> Array:
@@ -342,13 +360,13 @@ def gaussian_log_prob(x: Array, params: GaussianParams) -> Array:
     d = params.mean.shape[-1]
     eps = jnp.finfo(_F).eps
     delta = (d + 1) * eps * jnp.max(jnp.diagonal(params.cov)) + jnp.finfo(_F).tiny ** 0.5
-    chol = _chol(params.cov + delta * jnp.eye(d, dtype=_F))
+    chol = robust_cholesky(params.cov + delta * jnp.eye(d, dtype=_F))
     z = _solve_live(chol, (x - params.mean[None, :]).T)  # [d, N]
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
     return -0.5 * (jnp.sum(z * z, axis=0) + logdet + d * np.log(2.0 * np.pi))
 
 
-def _log_det(cov: Array) -> Array:
+def robust_log_det(cov: Array) -> Array:
     """log det cov: -inf when float32 cannot resolve the covariance as full rank (LAPACK's
     Cholesky fails and `psd_cholesky` has a dead column: a singular fit, or a collapsed chain),
     rather than LU's rounding-noise value; d = 1 as `metrics.log_det`."""
@@ -407,13 +425,13 @@ def subset_stats(key: Array, stats: GaussianStats, num: int | Array) -> Gaussian
     n = stats.n.astype(_F)
     num = jnp.asarray(num, jnp.int32)
     k = num.astype(_F)
-    ell = _chol(stats.scatter)
+    ell = robust_cholesky(stats.scatter)
     live = (jnp.diagonal(ell) > 0.0).astype(_F)[:, None]  # [d, 1]: F's live coordinates
     k_a, k_b, k_z = jax.random.split(key, 3)
     a = live * samplers.wishart_bartlett_factor(k_a, jnp.maximum(k - 1.0, 0.0), d)  # G_A = a a^T
     b = live * samplers.wishart_bartlett_factor(k_b, jnp.maximum(n - k - 1.0, 0.0), d)
     z = live[:, 0] * jax.random.normal(k_z, (d,), _F)
-    c = _chol(a @ a.T + b @ b.T + jnp.outer(z, z))
+    c = robust_cholesky(a @ a.T + b @ b.T + jnp.outer(z, z))
     ca = _solve_live(c, a)  # W_A = ca ca^T
     t = _solve_live(c, z)
     la = ell @ ca
@@ -427,8 +445,9 @@ def subset_stats(key: Array, stats: GaussianStats, num: int | Array) -> Gaussian
 
 
 def pool(parts: Sequence[GaussianStats]) -> GaussianStats:
-    """Statistics of the union of data sets (Chan et al.'s parallel update; empty parts ok)."""
-    out = parts[0]
+    """Statistics of the union of data sets (Chan et al.'s parallel update; empty parts ok).
+    The union's log-det is not carried (None: the fit reads it off the pooled scatter)."""
+    out = parts[0]._replace(logdet=None)
     for s in parts[1:]:
         n1, n2 = out.n.astype(_F), s.n.astype(_F)
         n = n1 + n2
@@ -441,10 +460,17 @@ def pool(parts: Sequence[GaussianStats]) -> GaussianStats:
 
 
 def fit_stats(stats: GaussianStats, estimator: str) -> GaussianParams:
-    """Mean and covariance estimate from sufficient statistics."""
+    """Mean and covariance estimate from sufficient statistics; for d > 1 also the covariance's
+    log-determinant: the data's carried one minus d log(divisor), else read off the matrix."""
     nf = stats.n.astype(_F)
     denom = nf - 1.0 if estimator == "unbiased" else nf
-    return GaussianParams(stats.mean, stats.scatter / denom)
+    cov = stats.scatter / denom
+    d = stats.mean.shape[-1]
+    if d == 1:
+        return GaussianParams(stats.mean, cov)
+    if stats.logdet is None:
+        return GaussianParams(stats.mean, cov, robust_log_det(cov))
+    return GaussianParams(stats.mean, cov, stats.logdet - d * jnp.log(denom))
 
 
 class GaussianLearner(KnobbedLearner[GaussianParams, Any]):
@@ -470,7 +496,10 @@ class GaussianLearner(KnobbedLearner[GaussianParams, Any]):
     @property
     def truth(self) -> GaussianParams:
         """The original distribution (float32)."""
-        return GaussianParams(jnp.asarray(self._mean0, _F), jnp.asarray(self._cov0, _F))
+        logdet = None
+        if self.config.dim > 1:  # carried in log space from here on (`GaussianParams.logdet`)
+            logdet = jnp.asarray(np.linalg.slogdet(self._cov0)[1], _F)
+        return GaussianParams(jnp.asarray(self._mean0, _F), jnp.asarray(self._cov0, _F), logdet)
 
     def _draw(self, key: Array, params: GaussianParams, num: Any, noise: Any = None) -> Any:
         if self.config.method == "sample":
@@ -490,7 +519,9 @@ class GaussianLearner(KnobbedLearner[GaussianParams, Any]):
         return stats_noise(key, num, stream, compact=self._compact)
 
     def draw_real(self, key: Array, num: int | Array) -> Any:
-        return self._draw(key, self.truth, num)
+        # Real data carry no log-det (the fit reads it off their scatter): a data set kept
+        # across generations (accumulate, a fixed real set) then has one pytree structure.
+        return self._draw(key, self.truth._replace(logdet=None), num)
 
     def init(self, key: Array) -> GaussianParams:
         return self.truth
@@ -513,19 +544,23 @@ class GaussianLearner(KnobbedLearner[GaussianParams, Any]):
         it here)."""
         lam = self.knob("sampling_bias")
         if isinstance(lam, jax.Array) or lam != 1.0:
-            params = GaussianParams(params.mean, params.cov * lam)
+            logdet = params.logdet
+            if logdet is not None:
+                logdet = logdet + params.mean.shape[-1] * jnp.log(jnp.asarray(lam, _F))
+            params = GaussianParams(params.mean, params.cov * lam, logdet)
         return self._draw(key, params, num, noise)
 
     def evaluate(self, key: Array, params: GaussianParams, reference: Any) -> dict[str, Array]:
-        """W2 distance to the original, trace and log-determinant of the covariance, |mu-mu0|^2,
-        and the fitted mean and standard deviations `[d]` (for the drift figures)."""
+        """W2 distance to the original, trace and log-determinant of the covariance (the carried
+        one where the params have it), |mu-mu0|^2, and the fitted mean and standard deviations
+        `[d]` (for the drift figures)."""
         t = self.truth
         w2sq = metrics.gaussian_w2_squared(params.mean, params.cov, t.mean, t.cov)
         return {
             "w2": jnp.sqrt(w2sq),
             "w2_squared": w2sq,
             "trace_cov": jnp.trace(params.cov),
-            "logdet_cov": _log_det(params.cov),
+            "logdet_cov": robust_log_det(params.cov) if params.logdet is None else params.logdet,
             "mean_dist2": jnp.sum(jnp.square(params.mean - t.mean)),
             "fitted_mean": params.mean,
             "fitted_std": jnp.sqrt(jnp.maximum(jnp.diagonal(params.cov), 0.0)),
@@ -573,8 +608,11 @@ class GaussianSimulation:
     sample_sizes: np.ndarray
 
 
-def _record(learner: Any, key: Array, params: GaussianParams, reference: Any, data: Any) -> tuple:
-    """What `simulate` keeps per generation (a `loop.simulate_chains` measure)."""
+def measure_params(
+    learner: Any, key: Array, params: GaussianParams, reference: Any, data: Any
+) -> tuple[Array, Array]:
+    """What `simulate` keeps per generation, the fitted (mean, cov) (a `loop.simulate_chains`
+    measure)."""
     return params.mean, params.cov
 
 
@@ -669,7 +707,7 @@ def simulate(
         schedule,
         key,
         chains=chains,
-        measure=_record,
+        measure=measure_params,
         chunk_size=chunk_size,
         timings=timings,
         initial=(np.asarray(t.mean), np.asarray(t.cov)),  # index 0: the original distribution

@@ -430,3 +430,16 @@ def test_result_files_have_normal_modes_and_figures_are_atomic(tmp_path, capsys,
         plots.make_figures(reader.Run(out), learner=object())
     assert (out / "figures" / "var.png").read_bytes() == before
     assert [p.name for p in out.iterdir() if p.name.startswith(".figures")] == []
+
+    class DiskFull:  # the writer's own error names no file (matplotlib's savefig on ENOSPC)
+        def expected_curves(self, config, mode, sample_sizes, *, selection=False):
+            return {}
+
+        def figures(self, learner, run, out_dir):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(config_lib, "reporting_module", lambda kind: DiskFull())
+    with pytest.raises(OSError) as err:
+        plots.make_figures(reader.Run(out), learner=object())
+    assert err.value.filename == str(out / "figures")
+    assert (out / "figures" / "var.png").read_bytes() == before
