@@ -648,7 +648,7 @@ class OPTLearner(AbstractLearner):
         train_name = f"train step ({tcfg.batch_size} x {length} tokens, {compute} compute)"
         search_name = (
             f"regeneration ({c.generate_batch_size} prompts x {settings.num_beams} beams, "
-            f"{settings.max_new_tokens} new tokens)"
+            f"{settings.max_new_tokens} new tokens, {settings.dtype or dtype.name})"
         )
         return [
             (
