@@ -41,7 +41,7 @@ only_args=()
 if [ -n "${GPU_FIRST_CONTACT_ONLY:-}" ]; then only_args=(--only "$GPU_FIRST_CONTACT_ONLY"); fi
 t0=$(date +%s)
 timeout --kill-after=10 "$bench_s" "$py" -m collapse_jax bench --suite "$suite" \
-  --out "$bench_json" "${only_args[@]}"
+  --out "$bench_json" ${only_args[@]+"${only_args[@]}"}
 bench_rc=$?
 bench_wall=$(( $(date +%s) - t0 ))
 
