@@ -381,7 +381,7 @@ def describe_failure(e: BaseException) -> tuple[int, str] | None:
         return 1, f"{what}; finished generations are kept: run the same command to resume"
     if isinstance(e, config_lib.ConfigError):
         return 2, _one_line(e)
-    if isinstance(e, distributed.DistributedSetupError):
+    if isinstance(e, distributed.DistributedSetupError | config_lib.MissingExtra):
         return 2, _one_line(e)
     if isinstance(e, commits.RunDirError):
         return e.exit_code, _one_line(e)

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
 
+from collapse_jax.config import MissingExtra
 from collapse_jax.lm import torchfile
 from collapse_jax.rundir import fileio
 
@@ -186,7 +187,7 @@ class _TensorSource:
         elif self.kind == "flax":
             handle = _load_flax_file(file)
         else:
-            handle = _load_torch_file(file)
+            handle = load_torch_file(file)
         self._open[file] = handle
         return handle
 
@@ -248,7 +249,7 @@ def _load_flax_file(file: pathlib.Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _load_torch_file(file: pathlib.Path) -> dict[str, np.ndarray]:
+def load_torch_file(file: pathlib.Path) -> dict[str, np.ndarray]:
     """Reads a `pytorch_model.bin` into NumPy arrays (bfloat16 via ml_dtypes).
 
     The zip format (torch >= 1.6) goes through `torchfile.read_state_dict`, torch or not; the
@@ -259,7 +260,7 @@ def _load_torch_file(file: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(
+        raise MissingExtra(
             f"{file} is a legacy (pre-1.6, non-zip) PyTorch checkpoint and reading it needs "
             "torch, which is not installed; install torch or convert it to model.safetensors"
         ) from e
