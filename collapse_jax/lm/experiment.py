@@ -408,16 +408,21 @@ class OPTLearner(AbstractLearner):
             cfg.pretrain, cfg.data, self._random_arch(), cfg.random_init.seed
         )
         folder = None if run_dir is None else pathlib.Path(run_dir) / base_lib.BASE_DIR
-        found = base_lib.obtain(
-            folder,
-            key,
-            lambda: _host_local(
-                base_lib.pretrain(self._random_model(), cfg.data, cfg.pretrain, mesh=self._mesh())
-            ),
-            dtype=jnp.dtype(cfg.param_dtype),
-        )
+        found = base_lib.obtain(folder, key, self._pretrain_base, dtype=jnp.dtype(cfg.param_dtype))
         self._cache["base"] = found
         return found
+
+    def _pretrain_base(self) -> tuple[Any, dict[str, Any]]:
+        # Each process pretrains alone on its own devices (deterministic: the same base in every
+        # process), so no collective waits for a process that reads base/ instead (process 0
+        # resuming while the others, in their scratch folders, have no base/). With one process
+        # the mesh is the experiment's own.
+        cfg = self.config
+        with processes.local_devices_only():
+            mesh = (
+                None if self.mesh_config is None else sharding.make_mesh(self.mesh_config.shape())
+            )
+            return base_lib.pretrain(self._random_model(), cfg.data, cfg.pretrain, mesh=mesh)
 
     def _train_config(self, model) -> TrainConfig:
         # Regenerated blocks that stopped at EOS are padded; padding is masked from the loss.
