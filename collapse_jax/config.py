@@ -113,7 +113,9 @@ def reporting_module(kind: str) -> types.ModuleType | None:
 
     A reporting module defines `figures(learner, run, out_dir) -> list[Path]` (the kind's own
     figures of a finished run) and `expected_curves(model_config, mode, sample_sizes, *,
-    selection=False) -> {metric: [G] array}` (closed-form chain means under the policy `mode`).
+    selection=False, generation=None) -> {metric: [G] array}` (closed-form chain means under the
+    policy `mode`; `generation`: the run's `generation:` block, for the mix shares and whatever
+    else a closed form assumes; empty where the run does not match its assumptions).
     """
     if kind not in MODEL_REGISTRY:
         raise ConfigError(f"unknown model kind {kind!r}; valid kinds: {sorted(MODEL_REGISTRY)}")

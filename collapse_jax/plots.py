@@ -81,7 +81,11 @@ def expected_curves(
         return {}
     g = cfg.generation
     return reporting.expected_curves(
-        cfg.model, g.policy, np.asarray(sample_sizes), selection=g.selection is not None
+        cfg.model,
+        g.policy,
+        np.asarray(sample_sizes),
+        selection=g.selection is not None,
+        generation=g,
     )
 
 
