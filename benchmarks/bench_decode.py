@@ -43,6 +43,17 @@ from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM  # noqa: E402
 
 Array = jax.Array
 COST_KEYS = ("flops", "transcendentals", "bytes accessed")
+# The OPT activations as the old decoder had them (`OPTConfig.activation_function` names).
+_OLD_ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+}
 
 
 # The decoder before issue 9, verbatim but for the names of the modules it reaches into. Kept only
@@ -143,7 +154,7 @@ class OldOPTBeamDecoder:
             residual = x
             if layer.pre_ln:
                 x = layer.final_layer_norm(x)
-            x = layer.fc2(opt._ACTIVATIONS[layer.activation](layer.fc1(x)))
+            x = layer.fc2(_OLD_ACTIVATIONS[layer.activation](layer.fc1(x)))
             x = residual + x
             if not layer.pre_ln:
                 x = layer.final_layer_norm(x)

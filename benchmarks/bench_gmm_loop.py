@@ -1,6 +1,7 @@
 """Before/after: wall time of a GMM `collapse-jax run` with the loop's batched fit (issue 9).
 
-Runs the same shrunk `configs/gmm_cpu.yaml` with two checkouts of the package, alternating, in
+Runs the same shrunk `collapse_jax/configs/gmm_cpu.yaml` with two checkouts of the package,
+alternating, in
 fresh processes on the same machine: OLD (a tree where the CLI vmapped the per-chain EM inside
 the scan) and NEW (this tree: `GMMLearner.fit_chains`, EM compacted to unconverged chains).
 Reported: total wall time (compilation included, as a user sees it) and the steady time per
@@ -36,7 +37,13 @@ def _run(tree: pathlib.Path, overrides: list[str]) -> dict:
     """One run in a fresh process with `tree` first on the path: total wall time and the steady
     per-generation time (over the second half of the generations, long after compilation)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    cmd = [sys.executable, "-c", _SNIPPET, str(ROOT / "configs/gmm_cpu.yaml"), *overrides]
+    cmd = [
+        sys.executable,
+        "-c",
+        _SNIPPET,
+        str(ROOT / "collapse_jax/configs/gmm_cpu.yaml"),
+        *overrides,
+    ]
     out = subprocess.run(env=env, args=cmd, check=True, capture_output=True, text=True, cwd=tree)
     ts = json.loads(out.stdout.strip().splitlines()[-1])
     total = ts[-1] - ts[0]

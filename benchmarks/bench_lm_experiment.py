@@ -12,7 +12,7 @@ load: the JSON says how many CPUs the machine has and its load average when writ
 Usage:
   python benchmarks/bench_lm_experiment.py --from-run runs/opt_wikitext_cpu
       summarise an existing run directory (e.g. the full 10-generation run);
-  python benchmarks/bench_lm_experiment.py [--config configs/lm/opt_wikitext_cpu.yaml]
+  python benchmarks/bench_lm_experiment.py [--config collapse_jax/configs/lm/opt_wikitext_cpu.yaml]
       [--generations 2]
       run that many generations of the config in a temporary directory, then summarise them.
 Writes `benchmarks/results/lm_experiment-<device>.json` (or --out).
@@ -65,7 +65,7 @@ def summarise(run_dir: pathlib.Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--from-run", type=pathlib.Path)
-    p.add_argument("--config", default=str(REPO / "configs/lm/opt_wikitext_cpu.yaml"))
+    p.add_argument("--config", default=str(REPO / "collapse_jax/configs/lm/opt_wikitext_cpu.yaml"))
     p.add_argument("--generations", type=int, default=2)
     p.add_argument("--out", type=pathlib.Path)
     p.add_argument("--note", default="", help="e.g. the machine's load while the run ran")

@@ -89,16 +89,16 @@ def numpy_baseline(points: list[dict], gens: int) -> tuple[float, list[dict]]:
 
 
 def factor_ab(repeats: int = 9) -> dict:
-    """The d > 1 Gaussian's rank-robust factor (`gaussian._chol`: LAPACK's Cholesky plus the
-    semi-definite repair where it fails) and log-det against LAPACK's Cholesky and slogdet alone,
-    on well-conditioned fits (M = 1000, where both give the same numbers): median ms per
-    generation of 500 chains, the two interleaved in one process."""
+    """The d > 1 Gaussian's rank-robust factor (`gaussian.robust_cholesky`: LAPACK's Cholesky
+    plus the semi-definite repair where it fails) and log-det against LAPACK's Cholesky and
+    slogdet alone, on well-conditioned fits (M = 1000, where both give the same numbers):
+    median ms per generation of 500 chains, the two interleaved in one process."""
     import jax.numpy as jnp
     import numpy as np
 
     from collapse_jax.theory import gaussian, metrics
 
-    robust = gaussian._chol
+    robust = gaussian.robust_cholesky
     out = {}
     for d in (3, 31):
         params = gaussian.GaussianParams(jnp.zeros(d), jnp.eye(d))
@@ -106,7 +106,8 @@ def factor_ab(repeats: int = 9) -> dict:
 
         def make(chol, log_det, keys=keys, params=params):
             def one(k, p):
-                gaussian._chol = chol  # read while tracing: each program keeps its own factor
+                # The module's factor is looked up while tracing: each program keeps its own.
+                gaussian.robust_cholesky = chol
                 fit = gaussian.fit_stats(gaussian.sample_stats(k, p, 1000), "unbiased")
                 return fit.cov, log_det(fit.cov)
 
@@ -116,9 +117,9 @@ def factor_ab(repeats: int = 9) -> dict:
 
         fs = {
             "lapack": make(jnp.linalg.cholesky, metrics.log_det),
-            "robust": make(robust, gaussian._log_det),
+            "robust": make(robust, gaussian.robust_log_det),
         }
-        gaussian._chol = robust
+        gaussian.robust_cholesky = robust
         times = {n: [] for n in fs}
         for _ in range(repeats):
             for n, f in fs.items():
@@ -170,7 +171,7 @@ def main() -> None:
         "generation.record_trials=100",
         "model.mean=null",
     ]
-    config = REPO / "configs" / "theory_gaussian.yaml"
+    config = REPO / "collapse_jax" / "configs" / "theory_gaussian.yaml"
     out = pathlib.Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     from collapse_jax import loop
     from collapse_jax.rundir import commits

@@ -1,6 +1,7 @@
 """Wall time per generation of the ground-truth LM experiment, split into its three phases.
 
-Runs a config (default: the LM quick start, `configs/lm/truth_markov_beam.yaml`) through the
+Runs a config (default: the LM quick start, `collapse_jax/configs/lm/truth_markov_beam.yaml`)
+through the
 real loop (`loop.run_generations`) in a fresh run directory and records, per generation:
 - fine-tune: the learner's `fit_seconds` (training from the base weights, best-epoch selection);
 - evaluate: the learner's `eval_seconds` (test perplexity and the exact metrics against the truth);
@@ -38,7 +39,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "lm" / "truth_markov_beam.yaml"))
+    ap.add_argument(
+        "--config", default=str(ROOT / "collapse_jax" / "configs" / "lm" / "truth_markov_beam.yaml")
+    )
     ap.add_argument("--generations", type=int, default=10)
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*")

@@ -4,7 +4,7 @@ The paper's network (conv 64/128, latent 20) and optimiser (Adam 1e-3, weight de
 256, on real MNIST images. Variants, timed in this process one epoch each per round,
 interleaved (so a change of load hits all of them alike):
 
-- `cpu`: `vae.model._train_step` with jaxtools/convs.py's CPU convolutions (the default on CPU);
+- `cpu`: `vae.model.make_train_step` with jaxtools/convs.py's CPU convolutions (the default on CPU);
 - `lax`: the same step with XLA's convolutions and JAX's own gradients (`COLLAPSE_JAX_CONV=lax`);
 - `old` (with `--old DIR`): another checkout's VAE step and convolutions (before/after);
 - `torch`: the same network in PyTorch, the usual eager loop over the same batches.
@@ -56,15 +56,27 @@ def _load_old(root: pathlib.Path):
     return mods["vae"]
 
 
+def _old_step(module, cfg, params):
+    """(optimizer state, a newly jitted step) of another checkout's vae module, through the
+    names that checkout has (before `make_train_step`, its step and optimizer were private)."""
+    if hasattr(module, "make_train_step"):
+        return [params, module.init_optimizer(params, cfg)], module.make_train_step(cfg)
+    opt_state = module._optimizer(cfg.learning_rate, cfg.weight_decay).init(params)
+    kw = dict(arch=module._arch(cfg), lr=cfg.learning_rate, wd=cfg.weight_decay)
+    step = jax.jit(functools.partial(module._train_step.__wrapped__, **kw), donate_argnums=(0, 1))
+    return [params, opt_state], step
+
+
 def _jax_epoch(module, method: str | None, images, batch: int):
     """An epoch function for `module` (a vae module); `method` forces convs.IMPL while the
     step is traced (the first call), so each variant keeps its own compiled step."""
     cfg = module.VAEConfig(batch_size=batch, epochs=1)
     params = module.init_params(jax.random.key(0))
-    state = [params, module._optimizer(cfg.learning_rate, cfg.weight_decay).init(params)]
-    # A new partial per variant: jit wrappers of one function would share its traced program.
-    kw = dict(arch=module._arch(cfg), lr=cfg.learning_rate, wd=cfg.weight_decay)
-    step = jax.jit(functools.partial(module._train_step.__wrapped__, **kw), donate_argnums=(0, 1))
+    if module is vae:
+        state = [params, vae.init_optimizer(params, cfg)]
+        step = vae.make_train_step(cfg)  # a program of its own per variant
+    else:
+        state, step = _old_step(module, cfg, params)
     x = jax.device_put(images)
     mask = jax.numpy.ones(batch, np.float32)
     count = [0]

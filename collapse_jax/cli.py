@@ -2,6 +2,7 @@
 
 ```
 collapse-jax run CONFIG.yaml [a.b=value ...] [--out DIR] [--dry-run]   run or resume an experiment
+                 [--distributed]                                       (one of several processes)
 collapse-jax quickstart [--out DIR]                                    the theory experiments, fast
 collapse-jax sweep CONFIG.yaml a.b=v1,v2 [c.d=w1,w2 ...] [--out DIR]   a grid in one directory
 collapse-jax show-config CONFIG.yaml [a.b=value ...]                   print the resolved config
@@ -14,6 +15,11 @@ Running the same command again on the same `--out` resumes at the first unfinish
 (also after Ctrl-C). Exit codes: 0 success, 1 runtime failure (data, run directory, disk,
 permission, interrupt), 2 config or usage error. Expected failures print one line naming the file
 or config key; `--debug` shows the traceback as well.
+
+Several processes (multi-host): `run` joins a JAX cluster when `JAX_COORDINATOR_ADDRESS`,
+`JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` are set, or with `--distributed` (then JAX detects
+SLURM, Open MPI, Cloud TPU or Kubernetes). Every process runs the same command; process 0 alone
+writes and locks `--out` and draws the figures (`loop.driver`).
 """
 
 from __future__ import annotations
@@ -31,24 +37,20 @@ import threading
 import traceback
 from collections.abc import Iterator, Sequence
 
+import jax
+
 from collapse_jax import config as config_lib
-from collapse_jax import loop
+from collapse_jax import loop, memplan
+from collapse_jax.jaxtools import processes
+from collapse_jax.lm import distributed
 from collapse_jax.rundir import commits, fileio, guard, reader
 
 log = logging.getLogger("collapse_jax")
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
 
 def _resolve_config_path(name: str) -> pathlib.Path:
-    """A path, or a config name looked up in the repository's `configs/` folder."""
-    p = pathlib.Path(name)
-    if p.is_file():
-        return p
-    for cand in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
-        if cand.is_file():
-            return cand
-    raise config_lib.ConfigFileNotFound(f"config file not found: {name}")
+    """A path, or the name of a config shipped in the package (`config.find_config`)."""
+    return config_lib.find_config(name)
 
 
 def _default_out(cfg) -> pathlib.Path:
@@ -80,20 +82,50 @@ def _run_experiment(
     from collapse_jax import plots  # noqa: PLC0415
 
     learner = loop.make_learner(exp)  # validates the inputs before the run dir is touched
-    # The lock covers the whole run, figures and summary included (the loop re-enters it).
-    with _runtime(run_dir), guard.RunLock(run_dir):
-        if repair:
-            restart = guard.repair(run_dir)
-            if restart is not None:
-                print(f"{run_dir}: repaired; resuming at generation {restart}", file=sys.stderr)
-        log.info("%s: running in %s", exp.name, run_dir)
-        result = loop.run_generations(exp, run_dir, learner=learner, progress=progress)
-        run = reader.Run(run_dir)
-        files = plots.make_figures(run, learner)
-        table = plots.summary_table(result.rows)
-        fileio.atomic_write_text(run_dir / "summary.txt", table + "\n")
+    if not processes.is_primary():  # several processes: only process 0 touches the run dir
+        loop.follow_generations(exp, learner)
+        return
+    multi, sent = processes.is_multiprocess(), False
+    try:
+        # The lock covers the whole run, figures and summary included (the loop re-enters it).
+        with _runtime(run_dir), guard.RunLock(run_dir):
+            if repair:
+                restart = guard.repair(run_dir)
+                if restart is not None:
+                    print(f"{run_dir}: repaired; resuming at generation {restart}", file=sys.stderr)
+            if multi:  # the other processes start where this one does, from its files
+                loop.send_resume_point(run_dir, loop.prepare_run_dir(exp, run_dir))
+                sent = True
+            log.info("%s: running in %s", exp.name, run_dir)
+            result = loop.run_generations(exp, run_dir, learner=learner, progress=progress)
+            run = reader.Run(run_dir)
+            # Drawn by process 0 alone: on its own devices, not waiting for the others.
+            with processes.local_devices_only():
+                files = plots.make_figures(run, learner)
+            table = plots.summary_table(result.rows)
+            fileio.atomic_write_text(run_dir / "summary.txt", table + "\n")
+    except BaseException as e:
+        if multi and not sent:  # the others wait for the resume point: stop them too
+            failure = describe_failure(e)
+            loop.send_failure(failure[1] if failure else _one_line(e))
+        raise
     print(f"\n== {exp.name} ({run_dir})\n{table}")
     print(f"metrics: {run_dir / 'metrics.json'}  figures: {len(files)} in {run_dir / 'figures'}")
+
+
+def _join_cluster(args) -> None:
+    """`jax.distributed.initialize` when the environment or `--distributed` asks for several
+    processes (before any other JAX work); bad or partial settings raise one line."""
+    setup = distributed.from_env(requested=getattr(args, "distributed", False))
+    if setup is not None:
+        distributed.initialize(setup)
+        log.info(
+            "process %d of %d, %d of %d devices",
+            jax.process_index(),
+            jax.process_count(),
+            jax.local_device_count(),
+            jax.device_count(),
+        )
 
 
 def _cmd_run(args) -> int:
@@ -103,17 +135,25 @@ def _cmd_run(args) -> int:
         print(config_lib.dump(cfg))
         print(f"# would run in {out}")
         _print_plans(cfg)
+        print(memplan.format_table(memplan.plan(cfg)))
         return 0
+    _join_cluster(args)
     experiments = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
     for exp in experiments:
         run_dir = out / exp.name if isinstance(cfg, config_lib.SuiteConfig) else out
         _run_experiment(exp, run_dir, progress=not args.no_progress, repair=args.repair)
+    distributed.shutdown()  # waits for every process (process 0 may still be drawing)
     return 0
 
 
 def _cmd_sweep(args) -> int:
     from collapse_jax import sweep  # noqa: PLC0415 (imports plots: matplotlib only for a sweep)
 
+    if distributed.from_env() is not None:
+        raise distributed.DistributedSetupError(
+            f"sweep runs in one process; unset {', '.join(distributed.ENV_VARS)} (or run its "
+            "points with `collapse-jax run`)"
+        )
     path = _resolve_config_path(args.config)
     digest = hashlib.sha256(" ".join([path.read_text(), *args.axes]).encode()).hexdigest()[:8]
     out = (
@@ -211,15 +251,26 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "run", parents=[common], help="run or resume an experiment described by a config"
     )
-    r.add_argument("config", help="YAML config file (or a name in configs/)")
+    r.add_argument("config", help="YAML config file (or a shipped config's name: quickstart)")
     r.add_argument("overrides", nargs="*", help="a.b=value overrides")
     r.add_argument("--out", help="run directory (default runs/<name>-<config hash>)")
-    r.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, the plan and each compiled program's memory; stop",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument(
         "--repair",
         action="store_true",
         help="if the run directory is damaged, move its generations aside and recompute them",
+    )
+    r.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one of several processes: join the JAX cluster (JAX_COORDINATOR_ADDRESS, "
+        "JAX_NUM_PROCESSES, JAX_PROCESS_ID, or the cluster JAX detects); joined without the "
+        "flag when those variables are set",
     )
     r.set_defaults(fn=_cmd_run)
 
@@ -236,7 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     sw = sub.add_parser(
         "sweep", parents=[common], help="run a grid of configs in one directory (resumable)"
     )
-    sw.add_argument("config", help="YAML config file (or a name in configs/)")
+    sw.add_argument("config", help="YAML config file (or a shipped config's name: quickstart)")
     sw.add_argument("axes", nargs="+", help="a.b=v1,v2,... grid axes (one value: an override)")
     sw.add_argument("--out", help="sweep directory (default runs/sweep-<config>-<hash>)")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -329,6 +380,8 @@ def describe_failure(e: BaseException) -> tuple[int, str] | None:
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         return 1, f"{what}; finished generations are kept: run the same command to resume"
     if isinstance(e, config_lib.ConfigError):
+        return 2, _one_line(e)
+    if isinstance(e, distributed.DistributedSetupError):
         return 2, _one_line(e)
     if isinstance(e, commits.RunDirError):
         return e.exit_code, _one_line(e)

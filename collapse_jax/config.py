@@ -18,9 +18,13 @@ the field's type; a key overridden twice is an error. String values may use `${V
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
 import dataclasses
+import functools
 import importlib
+import importlib.resources
 import math
 import os
 import pathlib
@@ -163,6 +167,34 @@ class SelectionConfig:
         )
 
 
+# The parts a `GenerationConfig` field can play in the loop's compiled program (`batch_role`):
+# "compiled" is compiled in (runs differing in it cannot share a program); "policy" is read only
+# through the schedule's `Policy` (which parts exist, itself part of the program); "size" sets
+# sample sizes or mix shares, traced values for learners whose sample sizes are traced and
+# compiled in otherwise.
+BATCH_ROLES = ("compiled", "policy", "size")
+
+
+def batch_role(role: str, default: Any) -> Any:
+    """A dataclass field with `default` whose part in the compiled program is `role` (one of
+    `BATCH_ROLES`), kept in the field's metadata under "batch"."""
+    if role not in BATCH_ROLES:
+        raise ValueError(f"batch role must be one of {BATCH_ROLES}, got {role!r}")
+    return dataclasses.field(default=default, metadata={"batch": role})
+
+
+def batch_roles(cls: type) -> dict[str, str]:
+    """{field name: batch role} of the dataclass `cls`; every field must declare one."""
+    roles = {f.name: f.metadata.get("batch") for f in dataclasses.fields(cls)}
+    missing = sorted(name for name, role in roles.items() if role is None)
+    if missing:
+        raise TypeError(
+            f"{cls.__name__} fields without a batch role (declare one with "
+            f"config.batch_role): {', '.join(missing)}"
+        )
+    return roles
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class GenerationConfig:
     """How generations are chained (DESIGN.md: fit -> evaluate -> sample -> mix).
@@ -202,22 +234,26 @@ class GenerationConfig:
       selection: keep the best-scored synthetic points (None: no selection).
     """
 
-    num_generations: int = 10
-    samples_per_generation: int | None = 100
-    sample_growth: float = 0.0
-    sample_schedule: tuple[int, ...] | None = None
-    policy: Literal["replace", "mix", "accumulate", "accumulate_subsample"] = "replace"
-    real_data: Literal["fixed", "fresh"] = "fresh"
-    alpha: float = 1.0
-    beta: float = 0.0
-    gamma: float = 0.0
-    num_trials: int = 1
-    chunk_size: int = 65536
-    block_size: int = 50
-    init_from: Literal["base", "previous", "scratch"] = "base"
-    record_trials: int = 256
-    keep_params: Literal["all", "first_last", "last"] = "last"
-    selection: SelectionConfig | None = None
+    # Each field declares its part in a compiled program (`batch_role`), which the sweep's
+    # `loop.batch_key` reads: a new field must say whether runs differing in it can share one.
+    num_generations: int = batch_role("compiled", 10)
+    samples_per_generation: int | None = batch_role("size", 100)
+    sample_growth: float = batch_role("size", 0.0)
+    sample_schedule: tuple[int, ...] | None = batch_role("size", None)
+    policy: Literal["replace", "mix", "accumulate", "accumulate_subsample"] = batch_role(
+        "policy", "replace"
+    )
+    real_data: Literal["fixed", "fresh"] = batch_role("policy", "fresh")
+    alpha: float = batch_role("size", 1.0)
+    beta: float = batch_role("size", 0.0)
+    gamma: float = batch_role("size", 0.0)
+    num_trials: int = batch_role("compiled", 1)
+    chunk_size: int = batch_role("compiled", 65536)
+    block_size: int = batch_role("compiled", 50)
+    init_from: Literal["base", "previous", "scratch"] = batch_role("policy", "base")
+    record_trials: int = batch_role("compiled", 256)
+    keep_params: Literal["all", "first_last", "last"] = batch_role("compiled", "last")
+    selection: SelectionConfig | None = batch_role("policy", None)
 
     def __post_init__(self):
         require(self.num_generations >= 1, "generation.num_generations", "must be >= 1")
@@ -873,10 +909,49 @@ def from_dict(raw: dict, overrides: Sequence[str] = ()) -> ExperimentConfig | Su
     return build(ExperimentConfig, raw)
 
 
+# Holds the shipped configs' folder open for the process (a no-op for an ordinary install, where
+# the folder is a real directory; importlib.resources extracts it otherwise).
+_RESOURCES = contextlib.ExitStack()
+atexit.register(_RESOURCES.close)
+
+
+@functools.cache
+def shipped_config_dir() -> pathlib.Path:
+    """The configs shipped inside the package (`collapse_jax/configs/`), as a folder."""
+    root = importlib.resources.files("collapse_jax").joinpath("configs")
+    return pathlib.Path(_RESOURCES.enter_context(importlib.resources.as_file(root)))
+
+
+def find_config(name: str | os.PathLike) -> pathlib.Path:
+    """The config file `name` names: a file path as given, else a shipped config.
+
+    A shipped config is named relative to `collapse_jax/configs/`, with or without `.yaml`
+    (`quickstart`, `lm/truth_markov_beam`); a leading `configs/` is dropped too, so the
+    repository paths of earlier versions (`configs/lm/truth_markov_beam.yaml`) work from any
+    directory.
+
+    Raises:
+      ConfigFileNotFound: neither exists (one line naming `name`).
+    """
+    path = pathlib.Path(name)
+    if path.is_file():
+        return path
+    rel = pathlib.PurePosixPath(path.as_posix())
+    if rel.parts[:1] == ("configs",) and len(rel.parts) > 1:
+        rel = pathlib.PurePosixPath(*rel.parts[1:])
+    if rel.parts and not rel.is_absolute() and ".." not in rel.parts:
+        root = shipped_config_dir()
+        for cand in (root.joinpath(*rel.parts), root.joinpath(*rel.parts[:-1], rel.name + ".yaml")):
+            if cand.is_file():
+                return cand
+    raise ConfigFileNotFound(f"config file not found: {name}")
+
+
 def load_config(
     path: str | os.PathLike, overrides: Sequence[str] = ()
 ) -> ExperimentConfig | SuiteConfig:
-    """Loads `configs/*.yaml` plus `a.b=value` overrides into frozen, validated dataclasses."""
+    """Loads a YAML config file (see `find_config` for shipped ones) plus `a.b=value` overrides
+    into frozen, validated dataclasses."""
     raw = load_raw(path)  # its errors name the file already
     try:
         return from_dict(raw, overrides)

@@ -1,12 +1,28 @@
-"""Test-wide JAX settings (8 fake CPU devices, strict rank promotion), the tiers, a key fixture.
+"""Test-wide JAX settings (JAX pinned to the CPU with 8 fake devices, strict rank promotion), the
+tiers, a key fixture.
+
+The platform pin (tests/platform_pin.py) keeps the suite unchanged on a GPU or TPU machine: JAX
+runs on the CPU unless COLLAPSE_JAX_TEST_PLATFORM asks otherwise or the command selects the gpu
+lane (`pytest -m gpu`: tests/gpu, skipped with the reason when no GPU is visible).
 
 Tiers by folder: tests/unit (the default run), tests/integration (whole runs, resume, sweeps,
-bench, the golden record; marked `slow` here) and tests/parity (torch, scikit-learn and SciPy
-references; marked `parity` here). pyproject's addopts deselect `slow`, `parity` and
-`multiprocess`; `-m ''` runs everything (CI). A default-tier test slower than
+bench, the golden record; marked `slow` here), tests/parity (torch, scikit-learn and SciPy
+references; marked `parity` here) and tests/gpu (marked `gpu`). pyproject's addopts deselect
+`slow`, `parity`, `multiprocess` and `gpu`; `-m ''` runs everything (CI; the gpu tests then skip
+on a machine without a GPU). A default-tier test slower than
 SLOW_UNIT_SECONDS is named at the end of the run: move it to integration or shrink it."""
 
 import os
+import sys
+
+from tests import platform_pin
+
+# Must happen before JAX is imported. The decision is passed on to xdist workers (whose command
+# line is not pytest's) through the environment.
+_platforms = platform_pin.jax_platforms(os.environ, sys.argv)
+os.environ.setdefault(platform_pin.ENV, "auto" if _platforms is None else _platforms.split(",")[0])
+if _platforms is not None:
+    os.environ["JAX_PLATFORMS"] = _platforms
 
 # Must happen before the JAX backend initialises: a (2, 2, 2) data x fsdp x tensor mesh on CPU.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -39,12 +55,12 @@ if _cache != "off":
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 TESTS = REPO / "tests"
-TIER_MARKS = {"integration": "slow", "parity": "parity"}
+TIER_MARKS = {"integration": "slow", "parity": "parity", "gpu": "gpu"}
 SLOW_UNIT_SECONDS = 10.0
 
 
 def pytest_collection_modifyitems(config, items):
-    """Marks every test under tests/integration `slow` and under tests/parity `parity`."""
+    """Marks every test under tests/integration `slow`, tests/parity `parity`, tests/gpu `gpu`."""
     for item in items:
         path = pathlib.Path(str(item.path)).resolve()
         if TESTS in path.parents:

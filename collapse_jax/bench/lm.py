@@ -15,9 +15,11 @@ from flax import nnx
 from collapse_jax.bench.baselines import torch_device
 from collapse_jax.bench.harness import Suite, block, installed, row, timeit
 from collapse_jax.jaxtools import sharding
+from collapse_jax.jaxtools.jaxprs import traced_matmul_dtypes
 from collapse_jax.lm import data as data_lib
 from collapse_jax.lm import decode, train
 from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM, init_random, state_from_hf
+from collapse_jax.lm.settings import resolve_decode_dtype
 from collapse_jax.lm.train_config import TrainConfig
 
 # The paper's LM experiment (WikiText-2 with the OPT tokenizer, 64-token blocks).
@@ -68,6 +70,12 @@ def opt_pair(config: Any, with_torch: bool) -> tuple[Any, Any]:
     return nnx.merge(graphdef, state_from_hf(config, tensors)), hf
 
 
+def matmul_precision() -> str:
+    """`jax_default_matmul_precision` as set ("default": the backend's, e.g. TF32 for float32
+    matmuls on recent NVIDIA GPUs, bf16 passes on TPU)."""
+    return str(jax.config.jax_default_matmul_precision or "default")
+
+
 def random_blocks(rows: int, vocab: int, length: int = BLOCK, seed: int = 0) -> np.ndarray:
     """int32 [rows, length] random token blocks starting with OPT's BOS (2)."""
     ids = np.random.default_rng(seed).integers(3, vocab, size=(rows, length)).astype(np.int32)
@@ -101,6 +109,7 @@ def bench_train(suite: Suite, ctx: dict) -> list[dict]:
         box[0], metrics = prep.step(box[0], prep.rest, batch, key, prep.hparams)
         block(metrics)
 
+    matmuls = traced_matmul_dtypes(prep.step, prep.state, prep.rest, batch, key, prep.hparams)
     compile_s, med = timeit(step, suite.train_steps)
     tps = b * BLOCK / med
     base = None
@@ -133,6 +142,8 @@ def bench_train(suite: Suite, ctx: dict) -> list[dict]:
         length=BLOCK,
         compute_dtype="bfloat16",
         param_dtype="float32",
+        matmul_dtypes=matmuls,
+        matmul_precision=matmul_precision(),
         optimizer="AdamW lr 2e-5 wd 0.01, dropout 0.1",
         params=n_all,
         matmul_params=n_all - n_pos,
@@ -164,10 +175,11 @@ def bench_decode(suite: Suite, ctx: dict) -> list[dict]:
     model, hf = opt_pair(cfg, with_torch)
     ids = random_blocks(suite.decode_batch, cfg.vocab_size, seed=1)
     kw = dict(BEAM, max_new_tokens=suite.decode_new, min_new_tokens=suite.decode_new)
+    dtype = resolve_decode_dtype("auto")  # as the experiment's default decode.dtype
     out = {}
 
     def run():
-        out["ids"] = decode.generate(model, ids, **kw)
+        out["ids"] = decode.generate(model, ids, **kw, dtype=dtype)
 
     compile_s, med = timeit(run, suite.repeats)
     new = suite.decode_batch * suite.decode_new
@@ -189,11 +201,14 @@ def bench_decode(suite: Suite, ctx: dict) -> list[dict]:
 
         _, t_med = timeit(run_hf, 1)
         base = new / t_med
-        if dev == "cpu":  # fp32 on both sides: the tokens must agree
+        if dev == "cpu" and dtype == "float32":  # fp32 on both sides: the tokens must agree
             identical = float(np.mean(np.all(out["ids"] == out["hf"], axis=1)))
     ctx["decode_prompts_per_s"] = prompts_per_s
     config = dict(
-        model=f"OPT-{suite.opt_width} shape, {cfg.num_hidden_layers} layers, random, float32",
+        model=f"OPT-{suite.opt_width} shape, {cfg.num_hidden_layers} layers, random weights",
+        compute_dtype=dtype,
+        kv_cache_dtype=dtype,
+        matmul_precision=matmul_precision(),
         batch=suite.decode_batch,
         prompt_length=BLOCK,
         **kw,

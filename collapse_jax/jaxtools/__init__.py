@@ -8,6 +8,7 @@
   Gaussian factor).
 - `convs`: convolutions whose gradients stay on XLA:CPU's fast paths (the VAE's).
 - `sharding`: the mesh, the logical-axis rules and the helpers that place arrays on them.
+- `jaxprs`: reading a traced program (its nested equations, the dtypes its matmuls run in).
 
 Each trick says why it exists and which platforms it applies to. tests/test_xla_tricks.py reads
 the compiled CPU HLO (and programs exported for CUDA and TPU) and fails when the property a

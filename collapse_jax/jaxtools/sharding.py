@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from collapse_jax import config as config_lib
+from collapse_jax.jaxtools import processes
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
@@ -54,14 +55,16 @@ def make_mesh(
       shape: axis sizes, e.g. `{"data": 2, "fsdp": 2, "tensor": 2}` or a `MeshConfig`; missing
         axes have size 1 and one axis may be -1 (inferred from the device count). None puts every
         device on "data".
-      devices: devices to use (default: all of `jax.devices()`).
+      devices: devices to use (default: all of `jax.devices()`; this process's own inside
+        `processes.local_devices_only()`).
 
     Returns:
       A mesh with `AxisType.Auto` axes (sharding propagated by the compiler).
     """
+    given = devices
     if devices is None:
-        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    devices = list(devices)
+        devices = sorted(processes.mesh_devices(), key=lambda d: (d.process_index, d.id))
+    devices = every = list(devices)
     if isinstance(shape, MeshConfig):
         shape = shape.shape()
     shape = dict(shape or {"data": -1})
@@ -85,6 +88,13 @@ def make_mesh(
                 f"devices, only {len(devices)} available"
             )
         devices = devices[: math.prod(sizes)]
+        left_out = {d.process_index for d in every} - {d.process_index for d in devices}
+        if given is None and left_out:
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} leaves out process(es) "
+                f"{sorted(left_out)}: a multi-process run needs a mesh over every process's "
+                f"devices ({len(every)}; e.g. mesh.data=-1)"
+            )
     grid = np.asarray(devices, dtype=object).reshape(sizes)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 

@@ -17,8 +17,20 @@ are [in..., out...] with the head axis split out ([D, N, H] for q/k/v, [N, H, D]
 a kernel is `weight.T.reshape(kernel_shape)`. The reshape is valid because HF splits the N*H
 features row-major (`view(B, T, N, H)`), i.e. head-major, exactly as `reshape(N, H)` does.
 
-Checkpoints come as `model.safetensors`, sharded safetensors (`model.safetensors.index.json`), or
-`pytorch_model.bin` (+ `.index.json`), read through safetensors' NumPy API (no torch) or torch.
+Checkpoints are read in this order of preference, none of them needing torch:
+
+- `model.safetensors` or sharded safetensors (`model.safetensors.index.json`), through
+  safetensors' NumPy API;
+- `flax_model.msgpack`, Hugging Face Flax's `FlaxOPTForCausalLM` (or `FlaxOPTModel`) parameter
+  tree, a flax.serialization msgpack (it only decodes arrays; nothing is executed). Its paths are
+  our paths and its leaves `kernel` [in, out], `embedding`, `scale`, `bias`, so each becomes the
+  HF tensor of the same name with `kernel.T` as `weight` (`convert_flax_state_dict_to_pytorch`'s
+  rule) and then follows the common path below; a tied model has no `lm_head` there;
+- `pytorch_model.bin` (+ `.index.json`), through `lm.torchfile`'s restricted unpickler (tensor
+  rebuilds only; a pickle naming any other global is refused), or through torch, when installed,
+  for the pre-1.6 non-zip format.
+
+facebook/opt-125m's main branch has no safetensors, so its `flax_model.msgpack` is what loads.
 The original facebook/opt-* files name tensors `decoder.*` (saved from `OPTModel`), newer ones
 `model.decoder.*`; both are accepted.
 """
@@ -35,13 +47,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, serialization
 
+from collapse_jax.lm import torchfile
 from collapse_jax.rundir import fileio
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+FLAX_NAME = "flax_model.msgpack"
 TORCH_NAME = "pytorch_model.bin"
 TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 
@@ -124,6 +138,9 @@ class _TensorSource:
         elif (directory / SAFETENSORS_INDEX_NAME).is_file():
             self.kind = "safetensors"
             self._add_index(directory / SAFETENSORS_INDEX_NAME)
+        elif (directory / FLAX_NAME).is_file():
+            self.kind = "flax"
+            self._add_file(directory / FLAX_NAME)
         elif (directory / TORCH_NAME).is_file():
             self.kind = "torch"
             self._add_file(directory / TORCH_NAME)
@@ -133,7 +150,7 @@ class _TensorSource:
         else:
             raise FileNotFoundError(
                 f"{directory}: no OPT weights found (expected {SAFETENSORS_NAME}, "
-                f"{SAFETENSORS_INDEX_NAME}, {TORCH_NAME} or {TORCH_INDEX_NAME})"
+                f"{SAFETENSORS_INDEX_NAME}, {FLAX_NAME}, {TORCH_NAME} or {TORCH_INDEX_NAME})"
             )
 
     def _add_index(self, index_file: pathlib.Path) -> None:
@@ -166,8 +183,10 @@ class _TensorSource:
                 handle = safe_open(str(file), framework="np")
             except Exception as e:  # safetensors raises its own error types for corrupt files
                 raise ValueError(f"{file}: cannot read safetensors file ({e})") from e
+        elif self.kind == "flax":
+            handle = _load_flax_file(file)
         else:
-            handle = _load_torch_file(file)
+            handle = load_torch_file(file)
         self._open[file] = handle
         return handle
 
@@ -188,14 +207,61 @@ class _TensorSource:
         self._open.clear()
 
 
-def _load_torch_file(file: pathlib.Path) -> dict[str, np.ndarray]:
-    """Reads a `pytorch_model.bin` into NumPy arrays (bfloat16 via ml_dtypes)."""
+def _flax_leaf_to_hf(path: tuple[str, ...], value: np.ndarray) -> tuple[str, np.ndarray]:
+    """One leaf of HF Flax's OPT tree -> (HF tensor name, tensor in torch's layout)."""
+    *modules, leaf = path
+    if leaf == "kernel":
+        if value.ndim != 2:
+            raise ValueError(f"kernel {'/'.join(path)} has {value.ndim} axes, expected 2")
+        return ".".join([*modules, "weight"]), value.T
+    if leaf in ("embedding", "scale"):
+        return ".".join([*modules, "weight"]), value
+    if leaf == "bias":
+        return ".".join([*modules, "bias"]), value
+    raise ValueError(f"unknown parameter {'/'.join(path)} (not kernel/embedding/scale/bias)")
+
+
+def _load_flax_file(file: pathlib.Path) -> dict[str, np.ndarray]:
+    """Reads `flax_model.msgpack` (HF Flax OPT parameters) as HF-named tensors in torch layout."""
+    try:
+        tree = serialization.msgpack_restore(file.read_bytes())
+    except Exception as e:  # noqa: BLE001 -- msgpack raises several types for a corrupt file
+        raise ValueError(f"{file}: cannot read Flax msgpack ({type(e).__name__}: {e})") from e
+    if isinstance(tree, dict) and set(tree) == {"params"}:
+        tree = tree["params"]  # a whole variables dict rather than its params
+    if not isinstance(tree, dict):
+        raise ValueError(f"{file}: expected a parameter tree, got {type(tree).__name__}")
+    out: dict[str, np.ndarray] = {}
+
+    def visit(prefix: tuple[str, ...], node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                visit((*prefix, str(k)), v)
+            return
+        try:
+            name, value = _flax_leaf_to_hf(prefix, np.asarray(node))
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
+        out[name] = value
+
+    visit((), tree)
+    return out
+
+
+def load_torch_file(file: pathlib.Path) -> dict[str, np.ndarray]:
+    """Reads a `pytorch_model.bin` into NumPy arrays (bfloat16 via ml_dtypes).
+
+    The zip format (torch >= 1.6) goes through `torchfile.read_state_dict`, torch or not; the
+    legacy format needs torch (`torch.load(weights_only=True)`, which also refuses code).
+    """
+    if torchfile.is_zip_checkpoint(file):
+        return torchfile.read_state_dict(file)
     try:
         import torch
     except ImportError as e:
         raise ImportError(
-            f"{file} is a PyTorch checkpoint and reading it needs torch, which is not installed; "
-            "install torch or convert the checkpoint to model.safetensors"
+            f"{file} is a legacy (pre-1.6, non-zip) PyTorch checkpoint and reading it needs "
+            "torch, which is not installed; install torch or convert it to model.safetensors"
         ) from e
     try:
         state = torch.load(str(file), map_location="cpu", weights_only=True)

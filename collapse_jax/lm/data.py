@@ -122,7 +122,7 @@ def _hf_disk_lines(path: pathlib.Path, split: str) -> list[str]:
     except ImportError as e:
         raise ImportError(
             f"{path} is a Hugging Face save_to_disk directory; reading it needs the `datasets` "
-            "package (pip install datasets), or pass a directory with wiki.*.raw files"
+            "package: pip install 'collapse-jax[hf]' (or pass a directory with wiki.*.raw files)"
         ) from e
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
@@ -140,7 +140,7 @@ def _hf_hub_lines(name: str, split: str) -> list[str]:
         import datasets  # type: ignore[import-not-found]
     except ImportError as e:
         raise ImportError(
-            "data source 'hf' needs the `datasets` package (pip install collapse-jax[hf])"
+            "data source 'hf' needs the `datasets` package: pip install 'collapse-jax[hf]'"
         ) from e
     path, _, config = name.partition("/")
     ds = datasets.load_dataset(path, config or None, split=_HF_SPLIT[split])
@@ -219,6 +219,8 @@ class LMCorpus(NamedTuple):
       vocab_size: size of the token id space (ids lie in [0, vocab_size)).
       special_ids: ids a restricted vocabulary must always keep (BOS, pad, EOS, UNK).
       decode: token ids -> text, for the written examples (None: no text).
+      unk_id: the tokenizer's unknown-token id, the bucket of every id a vocabulary built from
+        the training blocks has not seen (`vocabulary: corpus`); None: the source has none.
     """
 
     train: np.ndarray
@@ -227,6 +229,7 @@ class LMCorpus(NamedTuple):
     vocab_size: int
     special_ids: tuple[int, ...]
     decode: Callable[[Sequence[int]], str] | None
+    unk_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -319,6 +322,9 @@ class WikiTextConfig:
             vocab_size=len(tokenizer),
             special_ids=tuple(sorted(set(tokenizer.all_special_ids))),
             decode=lambda ids: tokenizer.decode(list(map(int, ids)), skip_special_tokens=True),
+            # OPT's own UNK is </s> (also BOS and EOS): the bucket is `<unk>` (id 3) instead, an
+            # id of OPT's vocabulary that its byte-level BPE never emits.
+            unk_id=tokenizer.get_vocab().get("<unk>", tokenizer.unk_token_id),
         )
 
 

@@ -34,7 +34,8 @@ from collapse_jax.lm.search import (
     SlotCacheDecoder,
     search_with,
 )
-from collapse_jax.lm.settings import HF_DEFAULT_TOP_K, DecodeSettings
+from collapse_jax.lm.settings import HF_DEFAULT_TOP_K, DecodeSettings, resolve_decode_dtype
+from collapse_jax.lm.steps import cast_floating, set_compute_dtype
 from collapse_jax.lm.tokenizer import check_token_ids
 
 Array = jax.Array
@@ -57,11 +58,16 @@ def compiled_search(
     The returned function takes `(state, input_ids [B, P], attention_mask [B, P], row_keys [B])`
     where `state` comes from `nnx.split(model)`; `jax.jit` caches one executable per shape. With a
     mesh, each data-parallel shard decodes its slice of the batch independently (`shard_map`, no
-    communication inside the loop); parameters are replicated.
+    communication inside the loop); parameters are replicated. `settings.dtype` sets the compute
+    and KV-cache dtype (None: the model's own).
     """
 
+    dtype = resolve_decode_dtype(settings.dtype)
+
     def run(state, input_ids, attention_mask, row_keys):
-        model = nnx.merge(graphdef, state)
+        # `settings.dtype`: the weights are cast once, before the loop, and the model (and so
+        # its KV cache, `init_cache`'s default dtype) computes in that dtype.
+        model = set_compute_dtype(nnx.merge(graphdef, cast_floating(state, dtype)), dtype)
         keys = row_keys if settings.do_sample else None
 
         def step_fn(tokens, mask, cache):
@@ -110,6 +116,7 @@ def resolve_settings(
     top_k: int | None = None,
     top_p: float | None = None,
     num_return_sequences: int = 1,
+    dtype: str | None = None,
 ) -> DecodeSettings:
     """`generate`'s keyword arguments -> `DecodeSettings`, with transformers' defaults.
 
@@ -144,6 +151,7 @@ def resolve_settings(
         top_k=HF_DEFAULT_TOP_K if top_k is None else int(top_k),
         top_p=1.0 if top_p is None else float(top_p),
         num_return_sequences=int(num_return_sequences),
+        dtype=dtype,
     )
 
 
@@ -198,6 +206,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     num_return_sequences: int = 1,
+    dtype: str | None = None,
 ) -> np.ndarray:
     """Continues prompts like `transformers`' `model.generate(...)` with the same arguments.
 
@@ -225,6 +234,8 @@ def generate(
       seed: sampling seed; prompt b uses `fold_in(key(seed), b)`.
       temperature, top_k, top_p: sampling warpers (transformers' semantics; `top_k=None` is 50).
       num_return_sequences: sequences per prompt (<= num_beams for beam search).
+      dtype: compute and KV-cache dtype while decoding: "float32", "bfloat16", "auto"
+        (bfloat16 on accelerators, float32 on CPU) or None (the model's own dtype, default).
 
     Returns:
       [B * num_return_sequences, P + G] int64 NumPy array: prompt + new tokens, G the longest
@@ -245,6 +256,7 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         num_return_sequences=num_return_sequences,
+        dtype=dtype,
     )
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.shape[1] == 0:

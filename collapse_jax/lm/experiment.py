@@ -17,7 +17,8 @@ or `random_init`), `data:` (a data source picked by `kind`, `DATA_KINDS`), `trai
 
 Data are int32 blocks [N, T] of the data source's token ids everywhere the loop sees them (run
 directories hold OPT ids). With `vocabulary: corpus` the model's vocabulary is restricted to the
-ids that occur in the data source (plus the special ids): a much smaller output layer on a CPU.
+ids that occur in the training blocks (plus the special ids): a much smaller output layer on a
+CPU; ids of the validation and test blocks that training never saw map to the tokenizer's UNK id.
 Blocks are mapped to compact ids on the way into the model and back on the way out; the saved
 model then has `vocab_size` = the compact size and its folder holds `token_ids.npy`, the OPT id of
 every compact id (`token_ids[c]`), so transformers loads it and ids map with one lookup.
@@ -28,8 +29,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import tempfile
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import jax
@@ -38,14 +39,17 @@ import numpy as np
 from flax import nnx
 
 from collapse_jax import config as config_lib
-from collapse_jax.jaxtools import sharding
-from collapse_jax.lm import decode, hub, opt, truth
+from collapse_jax.jaxtools import processes, sharding
+from collapse_jax.lm import base as base_lib
+from collapse_jax.lm import decode, hub, opt, tables, truth
+from collapse_jax.lm import programs as programs_lib
 from collapse_jax.lm import source as source_lib
 from collapse_jax.lm import train as train_lib
 from collapse_jax.lm.data import LMCorpus, WikiTextConfig
 from collapse_jax.lm.evaluate import perplexity, unigram_perplexity
+from collapse_jax.lm.placement import default_mesh
 from collapse_jax.lm.regenerate import regenerate
-from collapse_jax.lm.settings import DecodeSettings
+from collapse_jax.lm.settings import DecodeSettings, resolve_decode_dtype
 from collapse_jax.lm.source import SourceDataConfig
 from collapse_jax.lm.train_config import TrainConfig
 from collapse_jax.lm.vocab import Vocab
@@ -67,8 +71,11 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 def paper_decode() -> DecodeSettings:
-    """The paper's regeneration: 5 beams, exactly 64 new tokens, repetition penalty 3.0."""
-    return DecodeSettings(max_new_tokens=64, min_new_tokens=64, num_beams=5, repetition_penalty=3.0)
+    """The paper's regeneration: 5 beams, exactly 64 new tokens, repetition penalty 3.0; in
+    bfloat16 on accelerators and float32 on CPU (`dtype: auto`)."""
+    return DecodeSettings(
+        max_new_tokens=64, min_new_tokens=64, num_beams=5, repetition_penalty=3.0, dtype="auto"
+    )
 
 
 def paper_train() -> TrainConfig:
@@ -123,20 +130,34 @@ class OPTExperimentConfig:
         from `random_init`.
       random_init: architecture of the random OPT used when `model_path` is None.
       vocabulary: "full" (the model's own vocabulary) or "corpus" (random_init only: the ids
-        that occur in the data source plus the special ids; see the module docstring).
+        that occur in the training blocks plus the special ids, other ids -> UNK; see the
+        module docstring).
       param_dtype: dtype of the parameters ("float32" or "bfloat16").
       data: the data source, a block with a `kind` (default `wikitext`, `lm.data.WikiTextConfig`:
         source, tokenizer_path, train/valid/eval splits, block_size, ...).
       train: the fine-tuning settings (`lm.train_config.TrainConfig`: epochs, batch_size,
         learning_rate, schedule, compute_dtype, keep_best, ...); `pad_token_id` is the model's.
       decode: the regeneration settings (`lm.settings.DecodeSettings`: max_new_tokens,
-        min_new_tokens, num_beams, repetition_penalty, do_sample, ...). Empty `eos_token_ids`
-        and null `pad_token_id` take the model's ids.
+        min_new_tokens, num_beams, repetition_penalty, do_sample, dtype, ...). Empty
+        `eos_token_ids` and null `pad_token_id` take the model's ids; `dtype` (default "auto":
+        bfloat16 on accelerators, float32 on CPU, decided when the run starts) is the compute
+        and KV-cache dtype of the regeneration and the example continuation, recorded in the
+        run directory's `decode.json`.
       generate_batch_size: prompt blocks per compiled beam-search call.
       eval_batch_size: blocks per evaluation forward pass (test split, figures).
       example_prompt: index of the training block whose continuation by every generation's
         model is written as text (the paper's Example 1); null = none.
       histogram_bins: bins of the per-sequence perplexity histograms.
+      learner: what is fitted every generation on a ground-truth source (`data: {kind:
+        source}`): "transformer" (the OPT above), "oracle" (the truth itself, never refitted:
+        the decoder's effect alone) or "counts" (the exact learner: the add-alpha count
+        estimate of a Markov source's transition table, refitted every generation; see
+        `lm.tables`). All three share the loop, the decoders and the metrics; the OPT fields
+        (`model_path`, `random_init`, `train`) are unused by the last two.
+      count_smoothing: alpha of the "counts" learner (> 0, so its KL to the truth is finite).
+      pretrain: a base pretrained once on a related language, which every generation starts
+        from (`lm.base.PretrainConfig`; `data: {kind: source}` and `random_init` only); null =
+        every generation starts from the random init.
     """
 
     kind: ClassVar[str] = "opt"
@@ -151,6 +172,9 @@ class OPTExperimentConfig:
     eval_batch_size: int = 128
     example_prompt: int | None = 0
     histogram_bins: int = 60
+    learner: Literal["transformer", "oracle", "counts"] = "transformer"
+    count_smoothing: float = 0.01
+    pretrain: base_lib.PretrainConfig | None = None
 
     def __post_init__(self):
         if isinstance(self.data, dict):  # built from YAML: the class is picked by `kind`
@@ -176,6 +200,34 @@ class OPTExperimentConfig:
             self.vocabulary == "full" or not isinstance(self.data, SourceDataConfig),
             "vocabulary",
             "a ground-truth source (data.kind: source) has its own small vocabulary: use 'full'",
+        )
+        _check(
+            self.learner in ("transformer", "oracle", "counts"),
+            "learner",
+            f"must be 'transformer', 'oracle' or 'counts' (got {self.learner!r})",
+        )
+        _check(
+            self.learner == "transformer" or isinstance(self.data, SourceDataConfig),
+            "learner",
+            f"{self.learner!r} needs a ground-truth source (data.kind: source)",
+        )
+        _check(
+            self.learner != "counts" or self.data.source.kind == "markov",
+            "learner",
+            "'counts' estimates a Markov chain's transition table: it needs a markov source",
+        )
+        _check(self.count_smoothing > 0, "count_smoothing", "must be > 0")
+        _check(
+            self.pretrain is None
+            or (self.model_path is None and isinstance(self.data, SourceDataConfig)),
+            "pretrain",
+            "pretrains a random_init model on a related known language: needs model_path: null "
+            "and data.kind: source",
+        )
+        _check(
+            self.pretrain is None or self.learner == "transformer",
+            "pretrain",
+            f"pretrains the transformer; the {self.learner!r} learner has no base to pretrain",
         )
         _check(
             self.decode.num_return_sequences == 1,
@@ -238,12 +290,16 @@ class OPTLearner(AbstractLearner):
         if self.config.vocabulary != "corpus":
             return None
         if "vocab" not in self._cache:
+            # The training blocks only (and the special ids): the held-out validation and test
+            # blocks must not shape the model, so their unseen ids fall into the UNK bucket.
             c = self.corpus()
-            parts = [c.train, c.eval, np.asarray(c.special_ids, np.int32)]
-            if c.valid is not None:
-                parts.append(c.valid)
-            ids = np.unique(np.concatenate([np.asarray(p).reshape(-1) for p in parts]))
-            self._cache["vocab"] = Vocab(ids, c.vocab_size)
+            if c.unk_id is None:
+                raise ValueError(
+                    "model.vocabulary: 'corpus' needs a data source with an unknown-token id"
+                )
+            parts = [np.asarray(c.train).reshape(-1), np.asarray(c.special_ids, np.int32)]
+            ids = np.unique(np.concatenate([*parts, [c.unk_id]]))
+            self._cache["vocab"] = Vocab(ids, c.vocab_size, unk_id=c.unk_id)
         return self._cache["vocab"]
 
     def _to_model(self, blocks: np.ndarray) -> np.ndarray:
@@ -278,13 +334,25 @@ class OPTLearner(AbstractLearner):
     # --- model -----------------------------------------------------------------------------
     def init(self, key: jax.Array) -> LMParams:
         cfg = self.config
+        if cfg.learner == "oracle":
+            return LMParams(tables.oracle_table(self.ground_truth()))
+        if cfg.learner == "counts":  # no data yet: the smoothing alone (uniform)
+            return LMParams(self._count_table(np.zeros((0, cfg.data.block_size), np.int32)))
         param_dtype = jnp.dtype(cfg.param_dtype)
         if cfg.model_path is not None:
             model = opt.load_pretrained(cfg.model_path, dtype=param_dtype, param_dtype=param_dtype)
             return LMParams(model)
-        r = cfg.random_init
+        if cfg.pretrain is not None:  # the pretrained base (`prepare` read or made it)
+            model, _ = self._cache.get("base") or self.base_model(None)
+            return LMParams(base_lib.fresh_copy(model))
+        # The "pretrained" base is fixed by random_init.seed, not by the chain key: every
+        # generation starts from the same weights, as when loading facebook/opt-125m.
+        return LMParams(self._random_model())
+
+    def _random_arch(self) -> opt.OPTConfig:
+        r = self.config.random_init
         vocab = self.vocab()
-        arch = opt.OPTConfig(
+        return opt.OPTConfig(
             vocab_size=self._model_vocab_size() if vocab is None else len(vocab),
             hidden_size=r.hidden_size,
             num_hidden_layers=r.num_hidden_layers,
@@ -292,18 +360,45 @@ class OPTLearner(AbstractLearner):
             ffn_dim=r.ffn_dim,
             max_position_embeddings=r.max_position_embeddings,
         )
-        # The "pretrained" base is fixed by random_init.seed, not by the chain key: every
-        # generation starts from the same weights, as when loading facebook/opt-125m.
-        model = opt.init_random(
-            arch, jax.random.key(r.seed), dtype=param_dtype, param_dtype=param_dtype
+
+    def _random_model(self):
+        dtype = jnp.dtype(self.config.param_dtype)
+        key = jax.random.key(self.config.random_init.seed)
+        return opt.init_random(self._random_arch(), key, dtype=dtype, param_dtype=dtype)
+
+    def base_model(self, run_dir: pathlib.Path | None) -> tuple[Any, dict[str, Any]]:
+        """The pretrained base of `pretrain:` and its record (`lm.base`): the run directory's
+        `base/` when it holds one (checked), else pretrained now and saved there."""
+        cfg = self.config
+        key = base_lib.fingerprint(
+            cfg.pretrain, cfg.data, self._random_arch(), cfg.random_init.seed
         )
-        return LMParams(model)
+        folder = None if run_dir is None else pathlib.Path(run_dir) / base_lib.BASE_DIR
+        found = base_lib.obtain(
+            folder,
+            key,
+            lambda: base_lib.pretrain(
+                self._random_model(), cfg.data, cfg.pretrain, mesh=self._mesh()
+            ),
+            dtype=jnp.dtype(cfg.param_dtype),
+        )
+        self._cache["base"] = found
+        return found
 
     def _train_config(self, model) -> TrainConfig:
         # Regenerated blocks that stopped at EOS are padded; padding is masked from the loss.
         return dataclasses.replace(self.config.train, pad_token_id=model.config.pad_token_id)
 
+    def _count_table(self, data: np.ndarray) -> tables.MarkovTable:
+        src = self.config.data.source
+        tokens = source_lib.to_source_ids(data, src.vocab_size)
+        return tables.fit_counts(tokens, src.order, src.vocab_size, self.config.count_smoothing)
+
     def fit(self, key: jax.Array, data: np.ndarray, params: LMParams, *, workdir=None, **kw):
+        if self.config.learner == "oracle":  # the truth: nothing to fit
+            return params
+        if self.config.learner == "counts":
+            return LMParams(self._count_table(data))
         start = time.perf_counter()
         valid = self.corpus().valid
         model, history = train_lib.fit(
@@ -315,6 +410,9 @@ class OPTLearner(AbstractLearner):
             seed=_seed(key),
             checkpoint_dir=None if workdir is None else pathlib.Path(workdir) / "checkpoints",
         )
+        if processes.is_multiprocess():  # this process's own copy (saved, decoded locally)
+            graphdef, state = nnx.split(model)
+            model = nnx.merge(graphdef, processes.to_host_local(state))
         info = {
             "valid_loss": [float(v) for v in history["valid_loss"]],
             "selected_epoch": int(history["selected_epoch"][0]),
@@ -328,7 +426,7 @@ class OPTLearner(AbstractLearner):
     def evaluate(self, key: jax.Array, params: LMParams, reference: np.ndarray) -> dict[str, Any]:
         start = time.perf_counter()
         model = params.model
-        per_seq = perplexity(
+        per_seq = self._table_perplexity(model, reference) if self._table() else perplexity(
             model,
             self._to_model(reference),
             batch_size=self.config.eval_batch_size,
@@ -336,7 +434,7 @@ class OPTLearner(AbstractLearner):
             mesh=self._mesh(),
             compute_dtype=self.config.train.compute_dtype,
             pad_token_id=model.config.pad_token_id,
-        )
+        )  # fmt: skip
         nll = np.log(per_seq)
         out: dict[str, Any] = {
             "ppl": float(np.exp(nll.mean())),  # exp of the mean token loss (full blocks)
@@ -354,6 +452,9 @@ class OPTLearner(AbstractLearner):
             out["valid_ppl"] = float(curve[info["selected_epoch"] - 1])
         if "fit_seconds" in info:
             out["fit_seconds"] = float(info["fit_seconds"])
+        if self.config.pretrain is not None:  # where every generation started from
+            base_info = (self._cache.get("base") or self.base_model(None))[1]
+            out["base_kl_to_truth"] = float(base_info["kl_to_truth"])
         truth_source = self.ground_truth()
         if truth_source is not None:  # exact metrics against the known language
             out.update(truth.evaluate_model(
@@ -365,6 +466,19 @@ class OPTLearner(AbstractLearner):
             out["example_continuation"] = self._continue_example(model)
         return out
 
+    def _table(self) -> bool:
+        """Whether the learner is a table model (`lm.tables`) rather than the transformer."""
+        return self.config.learner != "transformer"
+
+    def _table_perplexity(self, model: tables.TableModel, reference: np.ndarray) -> np.ndarray:
+        """Per-block perplexity of a table model (positions 1..T-1, as the transformer's)."""
+        ids = self._to_model(reference)
+        v = self.config.data.source.vocab_size
+        logq = truth.model_log_probs(model, ids, v)[:, 1:]  # [N, T-1, V]
+        x = source_lib.to_source_ids(ids, v)[:, 1:]
+        picked = np.take_along_axis(np.asarray(logq, np.float64), x[..., None], -1)[..., 0]
+        return np.exp(-picked.mean(1))
+
     def ground_truth(self):
         """The ground-truth source of `data: {kind: source}` (`lm.source`), else None."""
         if not isinstance(self.config.data, SourceDataConfig):
@@ -372,17 +486,25 @@ class OPTLearner(AbstractLearner):
         return source_lib.build_source(self.config.data.source)
 
     def data_metrics(self, data: np.ndarray) -> dict[str, Any]:
-        """Exact metrics of a generation's training data under the ground truth (if any)."""
+        """Metrics of a generation's training data: exact ones under the ground truth (if any);
+        on real text, the share of repeated 4-grams within a block (`data_repetition`,
+        seq-rep-4 of Welleck et al. 2020: what beam search does to the data)."""
         src = self.ground_truth()
         if src is None:
-            return {}
+            return {"data_repetition": truth.repetition_rate(data)}
         return truth.data_metrics(src, source_lib.to_source_ids(data, src.vocab_size))
 
     def prepare(self, run_dir: pathlib.Path) -> None:
-        """Saves the ground-truth source in the run directory (checks it when resuming)."""
+        """Records the decode dtype this process resolved (`decode.json`: the setting, the
+        backend and the dtype; one entry more when a resumed run resolves it differently), saves
+        the ground-truth source in the run directory (checks it when resuming), and with
+        `pretrain:` the pretrained base (`base/`; checked and reused when resuming)."""
+        _record_decode_dtype(pathlib.Path(run_dir) / "decode.json", self.config.decode.dtype)
         src = self.ground_truth()
         if src is None:
             return
+        if self.config.pretrain is not None:
+            self.base_model(run_dir)
         folder = pathlib.Path(run_dir) / "source"
         if (folder / "source.json").is_file():
             source_lib.load_source(folder)  # raises if the saved source differs
@@ -414,6 +536,7 @@ class OPTLearner(AbstractLearner):
             d,
             eos_token_ids=d.eos_token_ids or (int(mc.eos_token_id),),
             pad_token_id=mc.pad_token_id if d.pad_token_id is None else d.pad_token_id,
+            dtype=resolve_decode_dtype(d.dtype),
         )
 
     def _continue_example(self, model) -> np.ndarray:
@@ -421,6 +544,10 @@ class OPTLearner(AbstractLearner):
         train = self.corpus().train
         i = min(self.config.example_prompt, len(train) - 1)
         settings = self._decode_settings(model)
+        if self._table():
+            ids = self._to_model(train[i : i + 1])
+            new = tables.generate(model, ids, settings, seed=0, batch_size=1)
+            return self._to_source(new[0])
         graphdef, state = nnx.split(model)
         ids = jnp.asarray(self._to_model(train[i : i + 1]))
         out = decode.compiled_search(graphdef, settings)(
@@ -438,9 +565,17 @@ class OPTLearner(AbstractLearner):
             prompts = prompts[np.sort(_choice(key, len(prompts), num))]
         elif num > len(prompts):
             raise ValueError(f"cannot regenerate {num} blocks from {len(prompts)} prompts")
+        if self._table():
+            new = tables.generate(
+                model,
+                self._to_model(prompts),
+                self._decode_settings(model),
+                seed=_seed(key),
+                batch_size=cfg.generate_batch_size,
+            )
+            return self._to_source(_to_blocks(new, cfg.data.block_size, model.config.pad_token_id))
+        # Without a workdir (several processes: see loop.sequential) nothing is stored.
         out = pathlib.Path(workdir) / "regenerated" if workdir is not None else None
-        if out is None:
-            out = pathlib.Path(tempfile.mkdtemp(prefix="collapse-jax-regen-"))
         new = regenerate(
             model,
             self._to_model(prompts),
@@ -456,6 +591,9 @@ class OPTLearner(AbstractLearner):
 
     # --- persistence -----------------------------------------------------------------------
     def save_params(self, path: pathlib.Path, params: LMParams) -> None:
+        if self._table():
+            tables.save_table(params.model, path)
+            return
         opt.save_pretrained(params.model, path)
         fileio.atomic_write_json(path / "fit_info.json", params.info)
         vocab = self.vocab()
@@ -463,11 +601,73 @@ class OPTLearner(AbstractLearner):
             np.save(path / "token_ids.npy", vocab.ids)
 
     def load_params(self, path: pathlib.Path, template) -> LMParams:
+        if self._table():
+            return LMParams(tables.load_table(path))
         dtype = jnp.dtype(self.config.param_dtype)
         model = opt.load_pretrained(path, dtype=dtype, param_dtype=dtype)
         info_file = pathlib.Path(path) / "fit_info.json"
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         return LMParams(model, info)
+
+    def _planned_arch(self) -> tuple[opt.OPTConfig, str]:
+        """(the model's architecture, where it comes from) without loading weights or data:
+        `random_init`, the model's `config.json` when at hand without a download (a local
+        folder, or a hub id in the hub cache), else OPT-125m's (assumed); a corpus vocabulary
+        is estimated at WikiText-2's valid + test size."""
+        c = self.config
+        if c.model_path is None:
+            r = c.random_init
+            arch = opt.OPTConfig(
+                vocab_size=r.vocab_size if c.vocabulary == "full" else _CORPUS_VOCAB_ESTIMATE,
+                hidden_size=r.hidden_size,
+                num_hidden_layers=r.num_hidden_layers,
+                num_attention_heads=r.num_attention_heads,
+                ffn_dim=r.ffn_dim,
+                max_position_embeddings=r.max_position_embeddings,
+            )
+            return arch, "random_init"
+        found = _cached_model_config(c.model_path)
+        if found is None:
+            return opt.OPTConfig.opt_125m(), "assumed OPT-125m (config.json not at hand)"
+        return opt.OPTConfig.from_hf_dict(found[0]), found[1]
+
+    def programs(self, cfg: Any) -> list[tuple[str, Callable[[], Any]]]:
+        """A generation's compiled programs, lowered from abstract shapes (`lm.programs`; the
+        memory plan of `--dry-run`): the train step at `train.batch_size` and the
+        regeneration's search at `generate_batch_size`, on the experiment's mesh, with the
+        model built as `init` builds it (architecture as in `plan`)."""
+        c = self.config
+        arch, _ = self._planned_arch()
+        dtype = jnp.dtype(c.param_dtype)
+        model = programs_lib.abstract_model(arch, dtype=dtype, param_dtype=dtype)
+        mesh = self._mesh()
+        length = c.data.block_size
+        tcfg = self._train_config(model)
+        settings = self._decode_settings(model)
+        compute = tcfg.compute_dtype or dtype.name
+        train_name = f"train step ({tcfg.batch_size} x {length} tokens, {compute} compute)"
+        search_name = (
+            f"regeneration ({c.generate_batch_size} prompts x {settings.num_beams} beams, "
+            f"{settings.max_new_tokens} new tokens)"
+        )
+        return [
+            (
+                train_name,
+                lambda: programs_lib.lower_train_step(
+                    model, tcfg, mesh=mesh or default_mesh(), length=length
+                ),
+            ),
+            (
+                search_name,
+                lambda: programs_lib.lower_search(
+                    model,
+                    settings,
+                    mesh=mesh or sharding.make_mesh(),
+                    batch_size=c.generate_batch_size,
+                    length=length,
+                ),
+            ),
+        ]
 
     def plan(self, cfg: Any) -> dict[str, Any]:
         """What a run of `cfg` will do and write, for `--dry-run` (no data or weights loaded).
@@ -482,23 +682,8 @@ class OPTLearner(AbstractLearner):
         """
         c = self.config
         gen = cfg.generation
-        if c.model_path is None:
-            r = c.random_init
-            arch = opt.OPTConfig(
-                vocab_size=r.vocab_size if c.vocabulary == "full" else _CORPUS_VOCAB_ESTIMATE,
-                hidden_size=r.hidden_size,
-                num_hidden_layers=r.num_hidden_layers,
-                num_attention_heads=r.num_attention_heads,
-                ffn_dim=r.ffn_dim,
-                max_position_embeddings=r.max_position_embeddings,
-            )
-            n_params, source = _count_params(arch), "random_init"
-        else:
-            found = _cached_model_config(c.model_path)
-            if found is None:
-                n_params, source = _OPT125M_PARAMS, "assumed OPT-125m (config.json not at hand)"
-            else:
-                n_params, source = _count_params(opt.OPTConfig.from_hf_dict(found[0])), found[1]
+        arch, source = self._planned_arch()
+        n_params = _count_params(arch)
         bytes_per = 2 if c.param_dtype == "bfloat16" else 4
         kept = {
             "all": gen.num_generations,
@@ -527,7 +712,17 @@ class OPTLearner(AbstractLearner):
 
 # The size of a corpus vocabulary for dry-run estimates (WikiText-2 valid + test: 24.6k ids).
 _CORPUS_VOCAB_ESTIMATE = 24_600
-_OPT125M_PARAMS = 125_239_296
+
+
+def _record_decode_dtype(path: pathlib.Path, setting: str | None) -> None:
+    entry = {
+        "setting": setting,
+        "backend": jax.default_backend(),
+        "dtype": resolve_decode_dtype(setting) or "the model's own",
+    }
+    entries = fileio.load_json(path)["resolved"] if path.is_file() else []
+    if not entries or entries[-1] != entry:
+        fileio.atomic_write_json(path, {"resolved": [*entries, entry]})
 
 
 def _cached_model_config(model_path: str) -> tuple[dict, str] | None:

@@ -6,6 +6,11 @@ hub id (`owner/name`, optionally `owner/name@revision`), it returns the snapshot
 `models--owner--name/snapshots/<sha>/` with `refs/<revision>` naming the sha), downloading the
 files an OPT model or tokenizer needs when the machine is online. With `HF_HUB_OFFLINE=1` only
 the cache is read, and a missing snapshot is an error that says so.
+
+A model downloads one weight format only, the first the repo has of `WEIGHT_FORMATS` (the
+order `lm.convert` reads them in): safetensors, else HF Flax's `flax_model.msgpack`, else
+`pytorch_model.bin` (facebook/opt-125m's main branch has the last two only, so it fetches the
+msgpack: about 250 MB, no torch needed).
 """
 
 from __future__ import annotations
@@ -14,14 +19,13 @@ import os
 import pathlib
 import re
 
-# What the OPT loader and tokenizer read (the hub repo also holds TF/Flax weights we skip).
-MODEL_FILES = (
-    "config.json",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "model-*.safetensors",
-    "pytorch_model.bin",
-    "generation_config.json",
+# What the OPT loader reads: the config, then the first weight format the repo has (TF weights
+# are never fetched).
+MODEL_FILES = ("config.json", "generation_config.json")
+WEIGHT_FORMATS = (
+    ("model.safetensors", "model.safetensors.index.json", "model-*.safetensors"),
+    ("flax_model.msgpack",),
+    ("pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*.bin"),
 )
 TOKENIZER_FILES = (
     "vocab.json",
@@ -100,19 +104,26 @@ def resolve(path: str | os.PathLike, *, what: str = "model") -> pathlib.Path:
     repo_id, revision = _split_id(path)
     try:
         import huggingface_hub
-    except ImportError as e:  # pragma: no cover - transformers depends on it
+    except ImportError as e:  # pragma: no cover - a dependency of the package
         raise FileNotFoundError(
             f"{what} {path!r} is a hub id; resolving it needs `pip install huggingface_hub`"
         ) from e
-    patterns = list(MODEL_FILES if what == "model" else TOKENIZER_FILES)
+    groups = [TOKENIZER_FILES] if what != "model" else [MODEL_FILES + w for w in WEIGHT_FORMATS]
     try:
-        folder = huggingface_hub.snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=patterns,
-            cache_dir=cache_dir(),
-            local_files_only=offline(),
-        )
+        for patterns in groups:
+            folder = pathlib.Path(
+                huggingface_hub.snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    allow_patterns=list(patterns),
+                    cache_dir=cache_dir(),
+                    local_files_only=offline(),
+                )
+            )
+            # Offline, the snapshot holds what was cached (lm.convert picks among it); online,
+            # stop at the first format the repo has.
+            if offline() or any(any(folder.glob(p)) for p in patterns[len(MODEL_FILES) :]):
+                break
     except Exception as e:  # noqa: BLE001 -- offline/network/missing-repo errors vary by version
         mode = (
             "HF_HUB_OFFLINE=1 and it is not in the hub cache"
@@ -126,4 +137,4 @@ def resolve(path: str | os.PathLike, *, what: str = "model") -> pathlib.Path:
             f"{what} {path!r}: {mode} ({cache}); download it once online, or give a local "
             f"folder ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from e
-    return pathlib.Path(folder)
+    return folder

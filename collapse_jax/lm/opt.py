@@ -235,6 +235,38 @@ def _dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
+def _logits_matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """The LM head `einsum(spec, x, w)` with float32 logits, its gradient in the inputs' dtype.
+
+    The logits accumulate and come out in float32 (the softmax and the loss need them there). In
+    a low-precision model (bf16) the float32 cotangent of the logits would make both backward
+    matmuls of the head, about a third of the model's matmul FLOPs, mixed f32 x bf16 products,
+    which XLA runs as float32 matmuls; the custom VJP rounds the cotangent to the inputs' dtype
+    first, so they run in bf16 like every other matmul. Float32 inputs take the plain einsum.
+    """
+    if x.dtype == jnp.float32 and w.dtype == jnp.float32:
+        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+    return _low_precision_logits(spec, x, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _low_precision_logits(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+
+
+def _low_precision_logits_fwd(spec, x, w):
+    return _low_precision_logits(spec, x, w), (x, w)
+
+
+def _low_precision_logits_bwd(spec, residuals, g):
+    x, w = residuals
+    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, w)
+    return vjp(g.astype(jnp.result_type(x, w)))
+
+
+_low_precision_logits.defvjp(_low_precision_logits_fwd, _low_precision_logits_bwd)
+
+
 class Linear(nnx.Module):
     """`y = x . kernel + bias` contracting the trailing `len(in_shape)` axes of x (HF nn.Linear)."""
 
@@ -682,10 +714,10 @@ class OPTForCausalLM(nnx.Module):
             x = decoder.project_out(x)  # [B, T, E]
         if self.lm_head is None:
             table = decoder.embed_tokens.embedding[...].astype(self.dtype)  # [V, E]
-            logits = jnp.einsum("bte,ve->btv", x, table, preferred_element_type=jnp.float32)
+            logits = _logits_matmul("bte,ve->btv", x, table)
         else:
             kernel = self.lm_head.kernel[...].astype(self.dtype)  # [E, V]
-            logits = jnp.einsum("bte,ev->btv", x, kernel, preferred_element_type=jnp.float32)
+            logits = _logits_matmul("bte,ev->btv", x, kernel)
         logits = logits.astype(jnp.float32)  # [B, T, V]
         if cache is None:
             return logits
@@ -727,8 +759,8 @@ def load_pretrained(
 ) -> OPTForCausalLM:
     """Loads a Hugging Face OPT directory into the Flax port.
 
-    Reads `config.json` and `model.safetensors` (or a sharded `model.safetensors.index.json`, or
-    `pytorch_model.bin`, which needs torch).
+    Reads `config.json` and the weights, no torch needed: `model.safetensors` (or sharded), else
+    `flax_model.msgpack`, else `pytorch_model.bin` (see `lm.convert`).
 
     Args:
       path: the directory, or a Hugging Face hub id (`facebook/opt-125m`; see `lm.hub`).

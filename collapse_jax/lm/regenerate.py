@@ -7,6 +7,12 @@ last one padded with copies and cropped), data-parallel over a mesh (each shard 
 compiled decoding loop on its slice of the batch, no communication), and writes each finished
 batch to disk so that an interrupted run resumes after the last finished batch.
 
+With several processes (`jax.distributed`), each process places only its own devices' rows of a
+batch, keeps only the tokens its devices produced, and the processes exchange them once, at the
+end (one all-gather); every process returns all N rows. There is no per-batch store then (no
+process holds a whole batch), so `out_path` must be None and an interrupted regeneration
+restarts.
+
 On disk (`out_path` is a directory):
   tokens.npy     [N, L] int32, a memory-mapped array filled batch by batch;
   progress.json  what is being generated (N, prompt length, settings, a fingerprint of the blocks)
@@ -26,11 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from collapse_jax.jaxtools import sharding
+from collapse_jax.jaxtools import processes, sharding
 from collapse_jax.lm import decode
+from collapse_jax.lm.placement import to_global
 from collapse_jax.lm.settings import DecodeSettings
 from collapse_jax.lm.tokenizer import check_token_ids
 from collapse_jax.rundir import fileio
@@ -42,7 +50,7 @@ _PROGRESS = "progress.json"
 def regenerate(
     model: Any,
     blocks: np.ndarray,
-    out_path: os.PathLike | str,
+    out_path: os.PathLike | str | None,
     *,
     batch_size: int,
     mesh: Mesh | None = None,
@@ -58,6 +66,7 @@ def regenerate(
       blocks: [N, T] int prompt blocks, all T tokens valid (no padding).
       out_path: directory for the incremental results; created if missing. Calling again with the
         same directory and arguments resumes after the last finished batch (or just loads).
+        None: nothing is written (required with several processes).
       batch_size: prompts per compiled call; rounded up to a multiple of the mesh's data-parallel
         size. Results do not depend on it (up to float rounding of batched matmuls).
       mesh: a `jaxtools.sharding.make_mesh` mesh; the batch is split over its data-parallel
@@ -97,6 +106,14 @@ def regenerate(
     dp = sharding.data_parallel_size(mesh)
     batch_size = -(-batch_size // dp) * dp
 
+    if processes.is_multiprocess():
+        if out_path is not None:
+            raise ValueError(
+                "regenerate across several processes keeps no per-batch store: pass out_path=None"
+            )
+        return _regenerate_processes(model, blocks, batch_size, mesh, settings, seed)
+    if out_path is None:
+        return _regenerate_batches(model, blocks, batch_size, mesh, settings, seed, progress)
     out_dir = pathlib.Path(out_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -110,31 +127,99 @@ def regenerate(
     }
     tokens, rows_done = _open_store(out_dir, meta, (n, big_l))
 
+    def done(start: int, stop: int, new: np.ndarray) -> None:
+        tokens[start:stop] = new
+        tokens.flush()
+        fileio.atomic_write_json(out_dir / _PROGRESS, {**meta, "rows_done": stop})
+
     if rows_done < n:
-        graphdef, state = nnx.split(model)
-        state = jax.device_put(state, sharding.replicated(mesh))
-        fn = decode.compiled_search(graphdef, settings, mesh)
-        in_sharding = sharding.batch_sharding(mesh)
-        mask = jnp.ones((batch_size, t), jnp.int32)
-        mask = jax.device_put(mask, in_sharding)
-        bar = tqdm(total=n, initial=rows_done, disable=not progress, desc="regenerate", unit="blk")
-        try:
-            while rows_done < n:
-                stop = min(rows_done + batch_size, n)
-                # The last batch is padded with copies of its last block, then cropped.
-                rows = np.minimum(np.arange(rows_done, rows_done + batch_size), n - 1)
-                ids = jax.device_put(jnp.asarray(blocks[rows], jnp.int32), in_sharding)
-                keys = jax.device_put(decode.prompt_keys(seed, rows), in_sharding)
-                out = fn(state, ids, mask, keys)
-                new = np.asarray(out.tokens)[: stop - rows_done]
-                tokens[rows_done:stop] = new
-                tokens.flush()
-                rows_done = stop
-                fileio.atomic_write_json(out_dir / _PROGRESS, {**meta, "rows_done": rows_done})
-                bar.update(len(new))
-        finally:
-            bar.close()
+        _decode_batches(model, blocks, batch_size, mesh, settings, seed, progress, rows_done, done)
     return np.array(tokens)
+
+
+def _regenerate_batches(model, blocks, batch_size, mesh, settings, seed, progress) -> np.ndarray:
+    """`regenerate` without a store (one process): the same batches, kept in memory."""
+    tokens = np.zeros((len(blocks), settings.max_new_tokens), np.int32)
+
+    def done(start: int, stop: int, new: np.ndarray) -> None:
+        tokens[start:stop] = new
+
+    _decode_batches(model, blocks, batch_size, mesh, settings, seed, progress, 0, done)
+    return tokens
+
+
+def _decode_batches(
+    model, blocks, batch_size, mesh, settings, seed, progress, rows_done, done
+) -> None:
+    """Decodes rows [rows_done, N) batch by batch on one process; `done(start, stop, tokens)`
+    receives each finished batch."""
+    n, t = blocks.shape
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, sharding.replicated(mesh))
+    fn = decode.compiled_search(graphdef, settings, mesh)
+    in_sharding = sharding.batch_sharding(mesh)
+    mask = jnp.ones((batch_size, t), jnp.int32)
+    mask = jax.device_put(mask, in_sharding)
+    bar = tqdm(total=n, initial=rows_done, disable=not progress, desc="regenerate", unit="blk")
+    try:
+        while rows_done < n:
+            stop = min(rows_done + batch_size, n)
+            # The last batch is padded with copies of its last block, then cropped.
+            rows = np.minimum(np.arange(rows_done, rows_done + batch_size), n - 1)
+            ids = jax.device_put(jnp.asarray(blocks[rows], jnp.int32), in_sharding)
+            keys = jax.device_put(decode.prompt_keys(seed, rows), in_sharding)
+            out = fn(state, ids, mask, keys)
+            new = np.asarray(out.tokens)[: stop - rows_done]
+            done(rows_done, stop, new)
+            rows_done = stop
+            bar.update(len(new))
+    finally:
+        bar.close()
+
+
+def _regenerate_processes(model, blocks, batch_size, mesh, settings, seed) -> np.ndarray:
+    """`regenerate` across processes: each places and keeps only its own devices' rows of every
+    batch (the same batches and per-row keys as one process), then one all-gather."""
+    n, t = blocks.shape
+    graphdef, state = nnx.split(model)
+    rep = sharding.replicated(mesh)
+    state = to_global(state, jax.tree.map(lambda _: rep, state))
+    fn = decode.compiled_search(graphdef, settings, mesh)
+    in_sharding = sharding.batch_sharding(mesh)
+    mask = to_global(np.ones((batch_size, t), np.int32), in_sharding)
+    key_data = np.asarray(jax.random.key_data(decode.prompt_keys(seed, np.arange(n))))
+    mine_rows, mine_tokens = [], []
+    for first in range(0, n, batch_size):
+        # The last batch is padded with copies of its last block, then cropped.
+        rows = np.minimum(np.arange(first, first + batch_size), n - 1)
+        ids = to_global(blocks[rows].astype(np.int32), in_sharding)
+        keys = jax.random.wrap_key_data(to_global(key_data[rows], in_sharding))
+        out = fn(state, ids, mask, keys)
+        seen = set()
+        for shard in out.tokens.addressable_shards:
+            lo, hi, _ = shard.index[0].indices(batch_size)
+            if lo in seen:  # the same rows on another local device (a replicated axis)
+                continue
+            seen.add(lo)
+            idx = np.arange(first + lo, first + hi)
+            keep = idx < n
+            mine_rows.append(idx[keep])
+            mine_tokens.append(np.asarray(shard.data)[keep])
+    # One exchange: every process's [row, tokens...] (padded to the largest share with row -1).
+    mine = np.concatenate(
+        [np.concatenate(mine_rows)[:, None], np.concatenate(mine_tokens)], axis=1
+    ).astype(np.int32)
+    size = int(np.max(multihost_utils.process_allgather(np.int64(len(mine)))))
+    mine = np.concatenate([mine, np.full((size - len(mine), mine.shape[1]), -1, np.int32)])
+    everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, mine.shape[1])
+    everyone = everyone[everyone[:, 0] >= 0]
+    tokens = np.zeros((n, settings.max_new_tokens), np.int32)
+    tokens[everyone[:, 0]] = everyone[:, 1:]
+    covered = np.zeros(n, bool)
+    covered[everyone[:, 0]] = True
+    if not covered.all():  # every row is on some device: a mesh that drops rows is a bug
+        raise RuntimeError(f"regenerate: {int((~covered).sum())} rows came back from no process")
+    return tokens
 
 
 def _open_store(out_dir: pathlib.Path, meta: dict, shape: tuple[int, int]) -> tuple[np.memmap, int]:

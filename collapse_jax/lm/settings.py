@@ -10,8 +10,25 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
+
 # transformers' global default for `top_k` when sampling (GenerationConfig defaults).
 HF_DEFAULT_TOP_K = 50
+
+DECODE_DTYPES = ("auto", "float32", "bfloat16")
+
+
+def resolve_decode_dtype(dtype: str | None) -> str | None:
+    """The compute dtype a decode `dtype` setting stands for on the backend JAX runs on now.
+
+    "auto" is bfloat16 on an accelerator (GPU, TPU: the KV cache and the weights are read every
+    step, so halving them nearly halves a memory-bound step) and float32 on CPU (no bf16 matmul
+    units; float32 also keeps the token-exact parity with transformers). None stays None (the
+    model's own dtype); "float32" and "bfloat16" are taken as given.
+    """
+    if dtype == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return dtype
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -19,7 +36,10 @@ class DecodeSettings:
     """Static settings of one decoding program (hashable: one compiled program per value).
 
     Fields follow transformers' `GenerationConfig` after its defaults are resolved: `top_k=0`
-    disables top-k, `top_p=1.0` disables top-p, `eos_token_ids=()` means no EOS.
+    disables top-k, `top_p=1.0` disables top-p, `eos_token_ids=()` means no EOS. `dtype` is the
+    compute dtype of the model while decoding, and of its KV cache: "float32", "bfloat16",
+    "auto" (`resolve_decode_dtype`: bfloat16 on accelerators, float32 on CPU), or None (the
+    model's own dtype). Logits, softmax and beam scores stay float32 in every case.
     """
 
     max_new_tokens: int
@@ -35,8 +55,11 @@ class DecodeSettings:
     top_k: int = 0
     top_p: float = 1.0
     num_return_sequences: int = 1
+    dtype: Literal["auto", "float32", "bfloat16"] | None = None
 
     def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DECODE_DTYPES:
+            raise ValueError(f"dtype must be one of {DECODE_DTYPES} or None, got {self.dtype!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.min_new_tokens < 0:

@@ -52,6 +52,13 @@ class SourceConfig:
       order: k, the Markov chain's order (1 or 2; markov only).
       support: s, continuations per context (markov) or tokens emitted per hidden state (hmm).
       zipf_a: a, the Zipf exponent of the weights over the support (rank r gets r^-a).
+      support_min: heterogeneous supports (markov only): each context keeps a random number of
+        continuations, uniform in [support_min, support] (its least probable ranks dropped, the
+        cycle's successor always kept); None = every context has `support`.
+      weights: "zipf" (every context has the same Zipf(a) weights over its ranks) or "dirichlet"
+        (markov only: each context draws its own weights from a symmetric
+        Dirichlet(dirichlet_alpha), sorted), so the mode has a different shape in every context.
+      dirichlet_alpha: concentration of the Dirichlet weights (small = peaked rows).
       hidden_states: H, hidden states of the HMM.
       hidden_support: successors per hidden state of the HMM (sparse transitions).
       seed: seed of the random structure (supports, permutations, cycle).
@@ -64,6 +71,9 @@ class SourceConfig:
     order: int = 1
     support: int = 16
     zipf_a: float = 1.0
+    support_min: int | None = None
+    weights: Literal["zipf", "dirichlet"] = "zipf"
+    dirichlet_alpha: float = 1.0
     hidden_states: int = 16
     hidden_support: int = 4
     seed: int = 0
@@ -82,6 +92,18 @@ class SourceConfig:
             f"must lie in [2, vocab_size={self.vocab_size}] (got {self.support})",
         )
         check(self.zipf_a >= 0, "zipf_a", f"must be >= 0 (got {self.zipf_a})")
+        check(
+            self.support_min is None or 1 <= self.support_min <= self.support,
+            "support_min",
+            f"must lie in [1, support={self.support}] or be null (got {self.support_min})",
+        )
+        check(self.weights in ("zipf", "dirichlet"), "weights", "must be 'zipf' or 'dirichlet'")
+        check(self.dirichlet_alpha > 0, "dirichlet_alpha", "must be > 0")
+        check(
+            self.kind == "markov" or (self.support_min is None and self.weights == "zipf"),
+            "support_min",
+            "heterogeneous supports and Dirichlet weights are for kind: markov only",
+        )
         check(self.hidden_states >= 2, "hidden_states", "must be >= 2")
         check(
             1 <= self.hidden_support <= self.hidden_states,
@@ -126,6 +148,35 @@ def _sparse_rows(
         row = np.concatenate([[forced[r]], others])
         support[r] = row[rng.permutation(s)]  # random ranks for all s items
     return support.astype(np.int32), np.broadcast_to(w, (rows, s)).copy()
+
+
+def _heterogeneous(
+    config: SourceConfig, support: np.ndarray, weights: np.ndarray, forced: np.ndarray
+) -> np.ndarray:
+    """Per-context support sizes and weights (`SourceConfig.support_min`, `weights`), drawn from
+    their own stream so the supports are those of the homogeneous source with the same seed.
+
+    Row r keeps its first size_r ranks; the forced (cycle) item, if ranked lower, swaps places
+    with a random kept rank (`support` is modified in place), so the chain stays irreducible.
+    Returns the new weights [rows, s] float64 (zero beyond each row's size, decreasing before).
+    """
+    rng = np.random.default_rng([config.seed, 0x4E7E, config.order])
+    rows, s = support.shape
+    lo = s if config.support_min is None else config.support_min
+    sizes = rng.integers(lo, s + 1, size=rows)
+    out = np.zeros_like(weights)
+    for r in range(rows):
+        size = int(sizes[r])
+        where = int(np.nonzero(support[r] == forced[r])[0][0])
+        if where >= size:
+            j = int(rng.integers(size))
+            support[r, [j, where]] = support[r, [where, j]]
+        if config.weights == "dirichlet":
+            w = np.sort(rng.dirichlet(np.full(size, config.dirichlet_alpha)))[::-1]
+        else:
+            w = zipf_weights(size, config.zipf_a)
+        out[r, :size] = w
+    return out
 
 
 def stationary(weights: np.ndarray, next_state: np.ndarray, *, tol: float = 1e-14) -> np.ndarray:
@@ -271,6 +322,8 @@ class MarkovSource(GroundTruthSource):
         self.support, self.weights = _sparse_rows(
             rng, contexts, v, s, config.zipf_a, successor[last]
         )
+        if config.support_min is not None or config.weights != "zipf":
+            self.weights = _heterogeneous(config, self.support, self.weights, successor[last])
         next_ctx = (np.arange(contexts)[:, None] * v + self.support) % contexts
         self.pi = stationary(self.weights, next_ctx)  # [C] over contexts
         self._unigram = self.pi.reshape(-1, v).sum(0) if k == 1 else self.pi.reshape(v, v).sum(1)
@@ -541,6 +594,24 @@ def _hmm_next_probs(log_a, log_e, log_f0, tokens):
 
     _, probs = jax.lax.scan(step, log_f0, tokens.T)  # [T, B, V]
     return jnp.swapaxes(probs, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Counting.
+
+
+def ngram_codes(blocks: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
+    """Codes c * V + x of every (k-token context c, next token x) pair within blocks, with every
+    token in the vocabulary. [M] int64."""
+    blocks = np.asarray(blocks, np.int64)
+    n, t = blocks.shape
+    if t <= k:
+        return np.zeros(0, np.int64)
+    windows = np.stack([blocks[:, i : t - k + i] for i in range(k + 1)], axis=-1)  # [N, T-k, k+1]
+    windows = windows.reshape(-1, k + 1)
+    ok = np.all((windows >= 0) & (windows < vocab_size), axis=1)
+    windows = windows[ok]
+    return (windows * vocab_size ** np.arange(k, -1, -1)).sum(1)
 
 
 # ----------------------------------------------------------------------------------------------

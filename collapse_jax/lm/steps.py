@@ -64,6 +64,27 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
     )
 
 
+def set_compute_dtype(model: nnx.Module, dtype: Any) -> nnx.Module:
+    """Sets the compute dtype of `model` and of every submodule with a `dtype` attribute.
+
+    Flax's convention (and `lm.opt`'s): `dtype` is the dtype a module computes in (activations
+    and matmul inputs), `param_dtype` the dtype its parameters are stored in. The steps merge a
+    fresh model inside the traced program and call this on it, so that `compute_dtype="bfloat16"`
+    runs the matmuls in bf16 whatever dtype the caller built the model with. Modules keep their
+    float32 islands (LayerNorm statistics, softmax, logits). `dtype` None leaves `model` as is.
+
+    Returns:
+      `model` (modified in place).
+    """
+    if dtype is None:
+        return model
+    dtype = jnp.dtype(dtype)
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "dtype"):
+            module.dtype = dtype
+    return model
+
+
 def forward_sums(
     params: Any,
     rest: Any,
@@ -76,6 +97,7 @@ def forward_sums(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
     """Summed NLL over the batch, (token count, per-row NLL sums [B], per-row counts [B])."""
     model = nnx.merge(graphdef, cast_floating(params, compute_dtype), rest)
+    set_compute_dtype(model, compute_dtype)
     logits = model(
         batch["input_ids"],
         batch["attention_mask"],

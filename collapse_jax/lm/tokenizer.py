@@ -1,12 +1,18 @@
-"""The OPT tokenizer from a local Hugging Face directory, through transformers.
+"""The OPT tokenizer from a local Hugging Face directory, through `tokenizers` (no transformers).
 
 OPT uses GPT-2's byte-level BPE with fairseq ids: `</s>` = 2 is BOS, EOS and UNK, `<pad>` = 1, and
 the tokenizer prepends `</s>`. A directory may hold a serialised fast tokenizer (`tokenizer.json`)
 or only `vocab.json` + `merges.txt` (optionally with the hub's `tokenizer_config.json`, which names
-no tokenizer class for OPT, so `AutoTokenizer` cannot use it without the model's config.json).
+no tokenizer class for OPT). From vocab and merges the pipeline is transformers 5's
+`GPT2Tokenizer`, built the same way: `BPE(vocab, merges, continuing_subword_prefix="",
+end_of_word_suffix="", fuse_unk=False)`, a `ByteLevel(add_prefix_space)` pre-tokenizer and decoder,
+the special tokens as unnormalised special added tokens, and a `TemplateProcessing` post-processor
+that prepends `</s>` (add_bos_token). tests/parity/lm/test_tokenizer_parity.py checks the ids and
+decodings against transformers on WikiText-2.
 
-transformers 5 trap: `GPT2Tokenizer(vocab_file=..., merges_file=...)` (the v4 keywords) silently
-builds a 2-token vocabulary; v5 takes `vocab=` and `merges=`. We check the result's size.
+`OPTTokenizer` offers the part of transformers' tokenizer API the package uses: `tok(texts)`
+(`input_ids`, `attention_mask`; `padding=True` pads on `padding_side`), `decode`, `len`,
+`get_vocab`, the special token ids and `save_pretrained`.
 """
 
 from __future__ import annotations
@@ -14,9 +20,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, processors
 
 # OPT's special tokens (facebook/opt-* special_tokens_map.json).
 _OPT_SPECIAL = {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>"}
@@ -28,7 +37,129 @@ def _token(value: Any) -> str:
     return value["content"] if isinstance(value, dict) else str(value)
 
 
-def load_tokenizer(path: os.PathLike | str, *, padding_side: str = "right") -> Any:
+class Encoding(dict):
+    """`{"input_ids": ..., "attention_mask": ...}`, also readable as attributes (as transformers'
+    BatchEncoding)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError as e:
+            raise AttributeError(name) from e
+
+
+class OPTTokenizer:
+    """OPT's tokenizer over a `tokenizers.Tokenizer` (see the module docstring)."""
+
+    def __init__(
+        self, backend: tokenizers.Tokenizer, special: dict[str, str], padding_side: str = "right"
+    ):
+        self.backend = backend
+        self.special = dict(special)
+        self.padding_side = padding_side
+        for name, token in self.special.items():
+            if backend.token_to_id(token) is None:
+                raise ValueError(f"special token {name}={token!r} is not in the vocabulary")
+
+    def _id(self, name: str) -> int:
+        return self.backend.token_to_id(self.special[name])
+
+    @property
+    def bos_token_id(self) -> int:
+        return self._id("bos_token")
+
+    @property
+    def eos_token_id(self) -> int:
+        return self._id("eos_token")
+
+    @property
+    def unk_token_id(self) -> int:
+        return self._id("unk_token")
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._id("pad_token")
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """The special tokens' ids, each once, in bos, eos, unk, pad order."""
+        ids = [self._id(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+        return list(dict.fromkeys(ids))
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def __call__(self, text: str | Sequence[str], *, padding: bool = False) -> Encoding:
+        """Token ids (with the leading `</s>`) and attention masks of one text or a list."""
+        if isinstance(text, str):
+            ids = self.backend.encode(text).ids
+            return Encoding(input_ids=ids, attention_mask=[1] * len(ids))
+        rows = [e.ids for e in self.backend.encode_batch(list(text))]
+        masks = [[1] * len(r) for r in rows]
+        if padding and rows:
+            width = max(map(len, rows))
+            pad = self.pad_token_id
+            for k, r in enumerate(rows):
+                fill = width - len(r)
+                if self.padding_side == "left":
+                    rows[k], masks[k] = [pad] * fill + r, [0] * fill + masks[k]
+                else:
+                    rows[k], masks[k] = r + [pad] * fill, masks[k] + [0] * fill
+        return Encoding(input_ids=rows, attention_mask=masks)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(map(int, ids)), skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, path: os.PathLike | str) -> None:
+        """Writes `tokenizer.json` and `tokenizer_config.json` (which `load_tokenizer` and
+        transformers read back)."""
+        directory = pathlib.Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        config = {**self.special, "padding_side": self.padding_side}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _from_vocab_and_merges(
+    vocab: pathlib.Path, merges: pathlib.Path, tok_config: dict[str, Any], special: dict[str, str]
+) -> tokenizers.Tokenizer:
+    vocab_map, merge_list = models.BPE.read_file(str(vocab), str(merges))
+    backend = tokenizers.Tokenizer(
+        models.BPE(
+            vocab_map,
+            merge_list,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
+    )
+    prefix_space = bool(tok_config.get("add_prefix_space", False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(
+        [
+            tokenizers.AddedToken(t, special=True, normalized=False)
+            for t in dict.fromkeys(special.values())
+        ]
+    )
+    if bool(tok_config.get("add_bos_token", True)):
+        bos = special["bos_token"]
+        bos_id = backend.token_to_id(bos)
+        if bos_id is None:
+            raise ValueError(f"{vocab}: the BOS token {bos!r} is not in the vocabulary")
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0",
+            pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+            special_tokens=[(bos, bos_id)],
+        )
+    return backend
+
+
+def load_tokenizer(path: os.PathLike | str, *, padding_side: str = "right") -> OPTTokenizer:
     """Loads the OPT tokenizer from a local directory.
 
     Args:
@@ -37,18 +168,13 @@ def load_tokenizer(path: os.PathLike | str, *, padding_side: str = "right") -> A
       padding_side: "right" (transformers' default for OPT) or "left" (for batched generation).
 
     Returns:
-      A transformers tokenizer giving OPT ids, e.g. "Today is a beautiful day and I want to" ->
+      An `OPTTokenizer` giving OPT ids, e.g. "Today is a beautiful day and I want to" ->
       [2, 5625, 16, 10, 2721, 183, 8, 38, 236, 7].
 
     Raises:
       FileNotFoundError: if the directory or its tokenizer files are missing.
       ValueError: if the files give an implausible tokenizer or padding_side is invalid.
     """
-    # transformers logs "PyTorch was not found ..." at import when torch is absent: not an
-    # error for us (we only use its tokenizers), so keep it out of every LM run's output.
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import transformers
-
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     directory = pathlib.Path(path)
@@ -61,34 +187,31 @@ def load_tokenizer(path: os.PathLike | str, *, padding_side: str = "right") -> A
             tok_config = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_file}: invalid JSON ({e})") from e
+    special = {k: _token(tok_config.get(k) or v) for k, v in _OPT_SPECIAL.items()}
 
-    vocab, merges = directory / "vocab.json", directory / "merges.txt"
-    if (directory / "tokenizer.json").is_file():
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            str(directory), local_files_only=True
-        )
+    vocab, merges, serialised = (
+        directory / "vocab.json",
+        directory / "merges.txt",
+        directory / "tokenizer.json",
+    )
+    if serialised.is_file():
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(serialised))
+        except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception
+            raise ValueError(f"{serialised}: cannot read the tokenizer ({e})") from e
     elif vocab.is_file() and merges.is_file():
-        special = {k: _token(tok_config.get(k, v)) for k, v in _OPT_SPECIAL.items()}
-        tokenizer = transformers.GPT2Tokenizer(
-            vocab=str(vocab),
-            merges=str(merges),
-            add_bos_token=bool(tok_config.get("add_bos_token", True)),
-            add_prefix_space=bool(tok_config.get("add_prefix_space", False)),
-            errors=tok_config.get("errors", "replace"),
-            **special,
-        )
+        backend = _from_vocab_and_merges(vocab, merges, tok_config, special)
     else:
         raise FileNotFoundError(
             f"{directory}: no tokenizer files (expected tokenizer.json, or vocab.json and "
             "merges.txt)"
         )
-    if len(tokenizer) < _MIN_VOCAB:
+    if backend.get_vocab_size(with_added_tokens=True) < _MIN_VOCAB:
         raise ValueError(
-            f"{directory}: tokenizer has only {len(tokenizer)} tokens; the vocabulary files were "
-            "not read"
+            f"{directory}: tokenizer has only {backend.get_vocab_size()} tokens; the vocabulary "
+            "files were not read"
         )
-    tokenizer.padding_side = padding_side
-    return tokenizer
+    return OPTTokenizer(backend, special, padding_side)
 
 
 def check_token_ids(ids: Any, vocab: Any, name: str) -> None:

@@ -94,43 +94,54 @@ class PreparedTraining(NamedTuple):
     compute_dtype: Any
 
 
+def compile_train_step(
+    graphdef: Any, params: Any, rest: Any, config: TrainConfig, *, mesh: Mesh
+) -> _Compiled:
+    """The jitted AdamW init and train step of a split model on `mesh` (explicit in/out
+    shardings, the state donated), and their shardings. `params` and `rest` may be abstract
+    (`nnx.eval_shape`): only their structure, shapes and logical axes are read (the memory plan
+    of `collapse-jax run --dry-run` lowers the step without allocating a model)."""
+    tx = make_optimizer(config)
+    compute_dtype = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
+    p_shard = sharding.logical_to_sharding(params, mesh)
+    rest_shard = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
+    o_shard = opt_state_shardings(jax.eval_shape(tx.init, params), params, p_shard, mesh)
+    rep = sharding.replicated(mesh)
+    state_shard = TrainState(rep, p_shard, o_shard)
+    batch_shard = sharding.batch_sharding(mesh)
+    init = jax.jit(tx.init, in_shardings=(p_shard,), out_shardings=o_shard)
+    step = jax.jit(
+        functools.partial(
+            train_step,
+            graphdef=graphdef,
+            tx=tx,
+            schedule=functools.partial(learning_rate_at, kind=config.schedule),
+            grad_accum_steps=config.grad_accum_steps,
+            deterministic=not config.dropout,
+            compute_dtype=compute_dtype,
+        ),
+        in_shardings=(state_shard, rest_shard, batch_shard, rep, rep),
+        out_shardings=(state_shard, rep),
+        donate_argnums=(0,),
+    )
+    return _Compiled(init, step, state_shard, rest_shard, batch_shard)
+
+
 def prepare_training(
     model: nnx.Module, config: TrainConfig, *, mesh: Mesh, steps_per_epoch: int
 ) -> PreparedTraining:
     """Splits the model, places parameters and AdamW state on `mesh` and jits the train step.
 
-    The jitted step (explicit in/out shardings, state donated) is cached per model structure,
-    mesh and step-relevant settings, so later calls (e.g. the next generation) skip compilation.
-    `finetune` is built on this; benchmarks call it to time the bare step.
+    The jitted step (`compile_train_step`) is cached per model structure, mesh and step-relevant
+    settings, so later calls (e.g. the next generation) skip compilation. `finetune` is built on
+    this; benchmarks call it to time the bare step.
     """
     lr_schedule = functools.partial(learning_rate_at, kind=config.schedule)
-    tx = make_optimizer(config)
     compute_dtype = jnp.dtype(config.compute_dtype) if config.compute_dtype else None
     graphdef, params, rest = split_model(model)
 
     def build() -> _Compiled:
-        p_shard = sharding.logical_to_sharding(params, mesh)
-        rest_shard = jax.tree.map(lambda _: sharding.replicated(mesh), rest)
-        o_shard = opt_state_shardings(jax.eval_shape(tx.init, params), params, p_shard, mesh)
-        rep = sharding.replicated(mesh)
-        state_shard = TrainState(rep, p_shard, o_shard)
-        batch_shard = sharding.batch_sharding(mesh)
-        init = jax.jit(tx.init, in_shardings=(p_shard,), out_shardings=o_shard)
-        step = jax.jit(
-            functools.partial(
-                train_step,
-                graphdef=graphdef,
-                tx=tx,
-                schedule=lr_schedule,
-                grad_accum_steps=config.grad_accum_steps,
-                deterministic=not config.dropout,
-                compute_dtype=compute_dtype,
-            ),
-            in_shardings=(state_shard, rest_shard, batch_shard, rep, rep),
-            out_shardings=(state_shard, rep),
-            donate_argnums=(0,),
-        )
-        return _Compiled(init, step, state_shard, rest_shard, batch_shard)
+        return compile_train_step(graphdef, params, rest, config, mesh=mesh)
 
     # Only the fields that change the compiled step belong in the cache key.
     step_config = dataclasses.replace(

@@ -5,11 +5,18 @@ same contexts, every quantity here is computed exactly (summed over the vocabula
 from samples of the model:
 
 - `kl_to_truth`: KL(p || q) per context;
-- `tail_retention`: the model's mass on the true tail (the least probable `q` of the true
-  conditional mass) divided by `q`: 1 = tails intact, 0 = gone;
+- `tail_kept`: the share of the true tail (the least probable `q` of the true conditional mass)
+  that the model keeps, sum_tail min(q_model, p) / sum_tail p, in [0, 1]: 1 = the truth's tail
+  intact, 0 = gone;
+- `tail_retention`: the model's mass on the true tail divided by `q`, unbounded (a model that
+  spreads mass, e.g. a uniform one, scores above 1 = the truth's value): kept for continuity,
+  read `tail_kept` for collapse;
+- `off_support_mass`: the model's mass on tokens the truth deems impossible (the paper's
+  "improbable sequences"), special ids included;
 - `data_true_nll`: per-token NLL of a data set under the truth (mean and per block), the
   quantity of the paper's Fig. 1 histograms scored by the truth instead of the generation-0
-  model, next to the source's entropy rate;
+  model, next to the source's entropy rate and `min_block_nll`, the least NLL per token any block
+  can have (the mode's; the floor a mode-seeking decoder drives the data to);
 - `support_coverage`: the share of the true transitions (and of the vocabulary) that occur in a
   data set, and the true stationary mass of those that do not (`lost_mass`);
 - `data_entropy` and `repetition_rate` of a data set.
@@ -27,7 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from collapse_jax.lm.source import TOKEN_OFFSET, GroundTruthSource, to_source_ids
+from collapse_jax.lm import tables
+from collapse_jax.lm.source import (
+    TOKEN_OFFSET,
+    GroundTruthSource,
+    MarkovSource,
+    ngram_codes,
+    to_source_ids,
+)
 
 
 def _xlogy(p: jax.Array, y: jax.Array) -> jax.Array:
@@ -68,6 +82,33 @@ def tail_weights(p_true: jax.Array, q: float = 0.1) -> jax.Array:
     return jnp.take_along_axis(frac, inverse, axis=-1)
 
 
+def tail_kept(p_true: jax.Array, q_model: jax.Array, q: float = 0.1) -> jax.Array:
+    """The share of the true tail's mass that the model keeps, bounded in [0, 1].
+
+    sum_tail w min(q_model, p_true) / sum_tail w p_true, with w the tail membership of
+    `tail_weights`: 1 when the model gives every tail token at least its true probability (the
+    truth), 0 when it gives the tail nothing; mass beyond the truth's earns nothing.
+
+    Args:
+      p_true: [..., V] true conditionals; q_model: [..., V] the model's probabilities of the same
+        tokens; q: the tail's true mass (default 10%).
+    Returns:
+      [...] in [0, 1].
+    """
+    w = tail_weights(p_true, q)
+    true_mass = jnp.sum(w * p_true, axis=-1)
+    return jnp.clip(jnp.sum(w * jnp.minimum(q_model, p_true), axis=-1) / true_mass, 0.0, 1.0)
+
+
+def off_support_mass(p_true: jax.Array, log_q: jax.Array) -> jax.Array:
+    """The model's mass off the true support: 1 - sum_{p > 0} q. [..., V] -> [...] in [0, 1].
+
+    `log_q` holds the source tokens' columns of the model's full log-softmax (`kl_to_truth`), so
+    mass on a model's special ids counts as off the support."""
+    on = jnp.sum(jnp.where(p_true > 0, jnp.exp(log_q), 0.0), axis=-1)
+    return jnp.clip(1.0 - on, 0.0, 1.0)
+
+
 def tail_retention(p_true: jax.Array, q_model: jax.Array, q: float = 0.1) -> jax.Array:
     """The model's mass on the true tail of each context divided by the tail's true mass.
 
@@ -75,8 +116,9 @@ def tail_retention(p_true: jax.Array, q_model: jax.Array, q: float = 0.1) -> jax
       p_true: [..., V] true conditionals; q_model: [..., V] the model's probabilities of the same
         tokens; q: the tail's true mass (default 10%).
     Returns:
-      [...] retention: 1 when the model keeps the tail's mass, 0 when the tail is gone, > 1 when
-      the model over-weights it.
+      [...] retention in [0, 1 / q]: the truth scores 1, a model without tail mass 0, and a model
+      that spreads mass over the tail (a uniform one) more than 1. Unbounded, so not a collapse
+      score on its own: see `tail_kept`.
     """
     w = tail_weights(p_true, q)
     true_mass = jnp.sum(w * p_true, axis=-1)  # = q up to rounding, min(q, 1) in general
@@ -87,47 +129,86 @@ def tail_retention(p_true: jax.Array, q_model: jax.Array, q: float = 0.1) -> jax
 # Data-set metrics (NumPy in, plain floats and arrays out).
 
 
-def data_true_nll(source: GroundTruthSource, blocks: np.ndarray) -> dict[str, Any]:
+# The probability an impossible token is scored at by the floored NLL: -log(1e-6) = 13.8 nats.
+NLL_FLOOR = 1e-6
+
+
+def data_true_nll(
+    source: GroundTruthSource, blocks: np.ndarray, *, skip_first: bool = False
+) -> dict[str, Any]:
     """Per-token NLL of token blocks under the truth.
 
     Every block is scored as a stand-alone window of the source (its first tokens under the
     stationary distribution), as a language model trained on the block sees it. Tokens the truth
-    deems impossible (probability 0, or an id outside the vocabulary) have infinite NLL: they are
-    counted in `invalid_rate` and left out of the means, so `mean` is the NLL of the possible
-    tokens and must be read next to `invalid_rate`.
+    deems impossible (probability 0, or an id outside the vocabulary) have infinite NLL: `mean`
+    leaves them out (the NLL of the possible tokens, to be read next to `invalid_rate`), and
+    `floored_mean` scores them at -log(NLL_FLOOR) = 13.8 nats, so the improbable tail of a data
+    set shows. Positions whose Markov context holds an impossible token have no conditional and
+    are left out of both.
 
     Args:
       blocks: [N, T] int tokens of the source's vocabulary.
+      skip_first: score positions 1..T-1 only. Position 0 is scored under the stationary unigram,
+        whose entropy exceeds the entropy rate (by 1.7 nats on the README's source: +0.027
+        nats/token on a 64-token block of real data); without it the mean NLL of real blocks is
+        the entropy rate exactly.
     Returns:
-      {"mean": mean NLL over the valid tokens, "per_block": [N] the mean of each block (NaN for a
-      block without a valid token), "invalid_rate": share of impossible tokens}.
+      {"mean": mean NLL over the possible tokens, "per_block": [N] the mean of each block (NaN
+      for a block without a possible token), "invalid_rate": share of impossible tokens,
+      "floored_mean", "floored_per_block": the same with impossible tokens at -log NLL_FLOOR,
+      "invalid_per_block": [N] each block's share of impossible tokens}.
     """
     logp = np.asarray(source.log_prob(np.asarray(blocks, np.int32)), np.float64)  # [N, T]
+    if skip_first:
+        logp = logp[:, 1:]
     scored = ~np.isnan(logp)  # undefined positions (Markov context with a foreign token) left out
     valid = scored & np.isfinite(logp)
     nll = np.where(valid, -logp, 0.0)
     counts = valid.sum(1)
+    floored = np.where(scored, np.minimum(np.where(scored, -logp, 0.0), -np.log(NLL_FLOOR)), 0.0)
+    n_scored = scored.sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_block = nll.sum(1) / counts
+        floored_per_block = floored.sum(1) / n_scored
+        invalid_per_block = (scored & ~valid).sum(1) / n_scored
     return {
         "mean": float(nll.sum() / max(counts.sum(), 1)),
         "per_block": per_block,
         "invalid_rate": float((scored & ~valid).sum() / max(scored.sum(), 1)),
+        "floored_mean": float(floored.sum() / max(n_scored.sum(), 1)),
+        "floored_per_block": floored_per_block,
+        "invalid_per_block": invalid_per_block,
     }
 
 
-def _ngram_codes(blocks: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
-    """Codes c * V + x of every (k-token context c, next token x) pair within blocks, with every
-    token in the vocabulary. [M] int64."""
-    blocks = np.asarray(blocks, np.int64)
-    n, t = blocks.shape
-    if t <= k:
-        return np.zeros(0, np.int64)
-    windows = np.stack([blocks[:, i : t - k + i] for i in range(k + 1)], axis=-1)  # [N, T-k, k+1]
-    windows = windows.reshape(-1, k + 1)
-    ok = np.all((windows >= 0) & (windows < vocab_size), axis=1)
-    windows = windows[ok]
-    return (windows * vocab_size ** np.arange(k, -1, -1)).sum(1)
+def min_block_nll(source: GroundTruthSource, length: int) -> float | None:
+    """The least true NLL per token that a block of `length` tokens can have, over positions
+    1..length-1 (as `data_true_nll(..., skip_first=True)`), by dynamic programming over the
+    Markov chain's contexts: the NLL of the truth's most probable block. On a source whose every
+    context has the same weights it is -log max_x p(x | c). None for a hidden Markov model (no
+    finite-state recursion over its token sequences).
+    """
+    if not isinstance(source, MarkovSource) or length < 2:
+        return None
+    v, k = source.vocab_size, source.config.order
+    contexts = v**k
+    with np.errstate(divide="ignore"):
+        cost_edge = -np.log(source.weights)  # [C, s], inf on zero weights
+        if k == 1:
+            cost = np.where(source.unigram > 0, 0.0, np.inf)  # x0 free (any possible token)
+            steps = length - 1
+        else:  # position 1 under p(x1 | x0): the context (x0, x1)
+            joint = source.pi.reshape(v, v)
+            head1 = joint / joint.sum(1, keepdims=True)
+            cost = np.where(head1 > 0, -np.log(np.where(head1 > 0, head1, 1.0)), np.inf)
+            cost = cost.reshape(-1)
+            steps = length - 2
+    next_ctx = (np.arange(contexts)[:, None] * v + source.support) % contexts
+    for _ in range(steps):
+        new = np.full(contexts, np.inf)
+        np.minimum.at(new, next_ctx.reshape(-1), (cost[:, None] + cost_edge).reshape(-1))
+        cost = new
+    return float(cost.min() / (length - 1))
 
 
 def support_coverage(source: GroundTruthSource, blocks: np.ndarray) -> dict[str, float]:
@@ -144,7 +225,7 @@ def support_coverage(source: GroundTruthSource, blocks: np.ndarray) -> dict[str,
     """
     v = source.vocab_size
     k, ctx, tok, mass = source.transitions()
-    seen = np.unique(_ngram_codes(blocks, k, v))
+    seen = np.unique(ngram_codes(blocks, k, v))
     hit = np.isin(ctx * v + tok, seen)
     tokens = np.asarray(blocks, np.int64).reshape(-1)
     counts = np.bincount(tokens[(tokens >= 0) & (tokens < v)], minlength=v)
@@ -180,12 +261,22 @@ def repetition_rate(blocks: np.ndarray, n: int = 4) -> float:
 
 
 def data_metrics(source: GroundTruthSource, blocks: np.ndarray) -> dict[str, Any]:
-    """All data-set metrics of one generation's training data (source-vocabulary tokens)."""
+    """All data-set metrics of one generation's training data (source-vocabulary tokens).
+
+    `data_true_nll` (possible tokens, position 0 included) with its per-block values and
+    `data_invalid_rate` are the first metrics' definitions; `data_true_nll_floored` (positions
+    1..T-1, impossible tokens at -log NLL_FLOOR) with `data_true_nll_floored_per_block` and
+    `data_invalid_per_block` (each block's share of impossible tokens, positions 1..T-1) show
+    the improbable tail too."""
     nll = data_true_nll(source, blocks)
+    honest = data_true_nll(source, blocks, skip_first=True)
     return {
         "data_true_nll": nll["mean"],
         "data_true_nll_per_block": nll["per_block"].astype(np.float32),
         "data_invalid_rate": nll["invalid_rate"],
+        "data_true_nll_floored": honest["floored_mean"],
+        "data_true_nll_floored_per_block": honest["floored_per_block"].astype(np.float32),
+        "data_invalid_per_block": honest["invalid_per_block"].astype(np.float32),
         **support_coverage(source, blocks),
         "data_entropy": data_entropy(blocks, source.vocab_size),
         "data_repetition": repetition_rate(blocks),
@@ -200,8 +291,9 @@ def per_context(p_true: jax.Array, log_q: jax.Array, q: float = 0.1) -> dict[str
       p_true: [..., V] true conditionals; log_q: [..., V] the model's log-probabilities of the
         source tokens (see `kl_to_truth`); q: tail mass.
     Returns:
-      {"kl": KL(p || q), "retention": tail retention, "cross": E_p[-log q] (the model's expected
-      NLL), "entropy": E_p[-log p]}, each [...]; cross - entropy = kl.
+      {"kl": KL(p || q), "retention": tail retention (unbounded), "kept": `tail_kept`,
+      "off_support": `off_support_mass`, "cross": E_p[-log q] (the model's expected NLL),
+      "entropy": E_p[-log p]}, each [...]; cross - entropy = kl.
     """
     p_true = jnp.asarray(p_true, jnp.float32)
     log_q = jnp.asarray(log_q, jnp.float32)
@@ -209,6 +301,8 @@ def per_context(p_true: jax.Array, log_q: jax.Array, q: float = 0.1) -> dict[str
     return {
         "kl": kl_to_truth(p_true, log_q),
         "retention": tail_retention(p_true, jnp.exp(log_q), q),
+        "kept": tail_kept(p_true, jnp.exp(log_q), q),
+        "off_support": off_support_mass(p_true, log_q),
         "cross": -jnp.sum(_xlogy(p_true, log_q), axis=-1),
         "entropy": -jnp.sum(_xlogy(p_true, log_p), axis=-1),
     }
@@ -221,12 +315,13 @@ def summarize_contexts(values: dict[str, np.ndarray], mask: np.ndarray) -> dict[
       {"kl_to_truth": mean KL, "kl_to_truth_p90": its 90th percentile over contexts,
       "tail_retention": mean retention, "tail_retention_p10/p50/p90": its quantiles over contexts,
       "model_nll": mean E_p[-log q], "true_entropy": mean E_p[-log p] (their difference is
-      kl_to_truth)}.
+      kl_to_truth)}; with "kept" and "off_support" values also "tail_kept" (mean) and its
+      quantiles "tail_kept_p10/p50/p90", and "off_support_mass" (mean).
     """
     mask = np.asarray(mask, bool)
     v = {k: np.asarray(x, np.float64)[mask] for k, x in values.items()}
     p10, p50, p90 = np.quantile(v["retention"], [0.1, 0.5, 0.9])
-    return {
+    out = {
         "kl_to_truth": float(v["kl"].mean()),
         "kl_to_truth_p90": float(np.quantile(v["kl"], 0.9)),
         "tail_retention": float(v["retention"].mean()),
@@ -236,6 +331,13 @@ def summarize_contexts(values: dict[str, np.ndarray], mask: np.ndarray) -> dict[
         "model_nll": float(v["cross"].mean()),
         "true_entropy": float(v["entropy"].mean()),
     }
+    if "kept" in v:
+        k10, k50, k90 = np.quantile(v["kept"], [0.1, 0.5, 0.9])
+        out.update({"tail_kept": float(v["kept"].mean()), "tail_kept_p10": float(k10),
+                    "tail_kept_p50": float(k50), "tail_kept_p90": float(k90)})  # fmt: skip
+    if "off_support" in v:
+        out["off_support_mass"] = float(v["off_support"].mean())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +350,8 @@ def model_log_probs(model: Any, ids: np.ndarray, vocab_size: int) -> jax.Array:
     """The model's log-probabilities of the source tokens at every position.
 
     Args:
-      model: an NNX causal LM callable as `model(input_ids)` -> logits [B, T, V_model].
+      model: an NNX causal LM callable as `model(input_ids)` -> logits [B, T, V_model], or a
+        table model (`lm.tables`: the oracle or a count estimate).
       ids: [B, T] model ids (source token x is id x + TOKEN_OFFSET).
       vocab_size: V of the source.
     Returns:
@@ -256,6 +359,9 @@ def model_log_probs(model: Any, ids: np.ndarray, vocab_size: int) -> jax.Array:
       position t - 1 (row 0 is 0: a block's first token has no prediction and is never scored).
       Not renormalised over the source tokens (see `kl_to_truth`).
     """
+    if isinstance(model, tables.MarkovTable | tables.HMMTable):
+        logq = model.log_probs(to_source_ids(ids, vocab_size))
+        return logq.at[:, 0].set(0.0)
     graphdef, state = nnx.split(model)
     fn = _FORWARD_CACHE.get((graphdef, vocab_size))
     if fn is None:
@@ -280,7 +386,8 @@ def evaluate_model(
     Args:
       ids: [N, T] held-out real blocks in model ids.
     Returns:
-      `summarize_contexts`' metrics plus "entropy_rate" (the source's; "_se" when estimated) and
+      `summarize_contexts`' metrics plus "entropy_rate" (the source's; "_se" when estimated),
+      "min_block_nll" (`min_block_nll` at the blocks' length; Markov sources) and
       "per_context_kl" / "per_context_retention" [N, T-1] arrays.
     """
     ids = np.asarray(ids, np.int32)
@@ -298,6 +405,9 @@ def evaluate_model(
     out["entropy_rate"] = h
     if se > 0:
         out["entropy_rate_se"] = se
+    floor = min_block_nll(source, ids.shape[1])
+    if floor is not None:
+        out["min_block_nll"] = floor
     out["per_context_kl"] = values["kl"].astype(np.float32)
     out["per_context_retention"] = values["retention"].astype(np.float32)
     return out

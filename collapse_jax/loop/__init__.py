@@ -15,7 +15,8 @@ one chain in steps, `draw_pool`, `build_data`, the fit and `finish`, and of a ba
 `blocks` (blocks of generations of a chunk of chains: `iter_blocks`, which `simulate_chains` and
 the jittable run driver both consume), `summary` and `commit` (rows, arrays and the commit to a
 run directory), `jittable` and `sequential` (the two run drivers; a sweep batch is one stream
-per point in the jittable one) and `driver` (`run_generations`, `run_batch`).
+per point in the jittable one) and `driver` (`run_generations`, `run_batch`; with several
+processes `send_resume_point` / `follow_generations`).
 
 Every entry point goes through the core's steps (`draw_pool`, `build_data`, the fit,
 `finish`): the jittable run driver and `simulate_chains` (every `theory.*.simulate`) through
@@ -45,13 +46,17 @@ from collapse_jax.loop.core import (
     replay_data,
 )
 from collapse_jax.loop.driver import (
+    LeaderFailed,
     Result,
+    follow_generations,
     make_learner,
     prepare_run_dir,
     run_batch,
     run_generations,
+    send_failure,
+    send_resume_point,
 )
-from collapse_jax.loop.jittable import batch_key
+from collapse_jax.loop.jittable import batch_key, block_programs
 from collapse_jax.loop.keys import (
     NOISE_STREAM,
     base_key,
@@ -62,6 +67,7 @@ from collapse_jax.loop.keys import (
 from collapse_jax.loop.learner import (
     AbstractLearner,
     BatchedFit,
+    HasPrograms,
     Knobbed,
     KnobbedLearner,
     Plannable,
@@ -78,8 +84,10 @@ __all__ = [
     "AbstractLearner",
     "BatchedFit",
     "Carry",
+    "HasPrograms",
     "Knobbed",
     "KnobbedLearner",
+    "LeaderFailed",
     "Plannable",
     "Policy",
     "PresampledNoise",
@@ -88,11 +96,13 @@ __all__ = [
     "Scorable",
     "base_key",
     "batch_key",
+    "block_programs",
     "build_data",
     "chain_generation",
     "chain_keys",
     "draw_pool",
     "finish",
+    "follow_generations",
     "generation_keys",
     "make_learner",
     "one_generation",
@@ -101,6 +111,8 @@ __all__ = [
     "replay_data",
     "run_batch",
     "run_generations",
+    "send_failure",
+    "send_resume_point",
     "simulate_chains",
     "summarize",
 ]

@@ -1,6 +1,14 @@
 """Running an experiment in a run directory: `run_generations` (one run, resumable) and
 `run_batch` (a sweep's points of equal `batch_key` together), dispatching to the jittable or the
 sequential driver.
+
+Several processes (`jax.distributed`): process 0 runs `run_generations` in the run directory
+and is the only one that writes it; after preparing it (lock, checks, resume point) it sends the
+resume point and the files the run resumes from (`send_resume_point`, or `send_failure`). Every
+other process runs `follow_generations`: the same generations on the same inputs (the
+collectives of fitting and decoding need every process), committed to a private scratch folder
+of its own that is removed at the end; it never touches the run directory, so the run directory
+need not be on a shared file system.
 """
 
 from __future__ import annotations
@@ -8,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.metadata as md
+import os
 import pathlib
 import platform
 import subprocess
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,10 +28,11 @@ import jax
 from tqdm.auto import tqdm
 
 from collapse_jax import config as config_lib
+from collapse_jax.jaxtools import processes
 from collapse_jax.loop.jittable import batch_key, run_jittable, run_jittable_points
 from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.loop.sequential import run_sequential
-from collapse_jax.rundir import guard, reader
+from collapse_jax.rundir import commits, fileio, guard, reader
 
 Callback = Callable[[int, dict[str, Any]], None]
 
@@ -36,7 +47,7 @@ class Result:
 
 def _env_info() -> dict[str, Any]:
     versions = {}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "numpy"):
+    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tokenizers", "numpy"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -163,3 +174,79 @@ def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> R
     rows = run.rows()
     reader.write_tables(run_dir, rows)
     return Result(rows=rows, run_dir=run_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes: process 0 leads, the others follow.
+
+
+class LeaderFailed(commits.RunDirError):
+    """Process 0 stopped before the run started (the message is its own)."""
+
+
+def resume_files(run_dir: pathlib.Path, start: int) -> list[str]:
+    """What the other processes need of `run_dir` to run generations [start, G) as process 0
+    does: the committed state (without its manifest), each chain's generation-0 data (a fixed
+    real set), and the finished steps of the unfinished generation in work/ (the fit's and the
+    sampler's own state excepted: a multi-process run keeps none, see `loop.sequential`)."""
+    names = []
+    for top, keep in (
+        ("state", lambda rel: rel != commits.MANIFEST_REL),
+        ("data", lambda rel: rel.endswith("gen_00000.npz")),
+        (f"work/gen_{start:05d}", lambda rel: not {"fit", "sample"} & set(rel.split("/"))),
+    ):
+        root = run_dir / top
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if fileio.temporary_owner(d) is None)
+            for name in sorted(filenames):
+                if fileio.temporary_owner(name) is not None:
+                    continue
+                rel = (pathlib.Path(dirpath) / name).relative_to(run_dir).as_posix()
+                if keep(rel):
+                    names.append(rel)
+    return names
+
+
+def send_resume_point(run_dir: pathlib.Path, start: int) -> None:
+    """Process 0 (with the run directory prepared and locked): sends the first generation to run
+    and `resume_files` to the other processes (`follow_generations`)."""
+    names = resume_files(run_dir, start)
+    processes.broadcast_json({"start": start, "files": names})
+    processes.broadcast_files(run_dir, names)
+
+
+def send_failure(message: str) -> None:
+    """Process 0, failed before `send_resume_point`: the other processes stop with `message`."""
+    processes.broadcast_json({"error": message})
+
+
+def follow_generations(
+    cfg: config_lib.ExperimentConfig, learner: AbstractLearner | None = None
+) -> int:
+    """A process other than 0: receives the resume point and files from process 0 and runs the
+    same generations in a private scratch folder (removed at the end). Returns the number of
+    generations it ran.
+
+    Raises:
+      LeaderFailed: process 0 stopped before the run started (its message).
+    """
+    learner = make_learner(cfg) if learner is None else learner
+    msg = processes.broadcast_json(None)
+    if "error" in msg:
+        raise LeaderFailed(f"process 0 stopped: {msg['error']}")
+    start, names = int(msg["start"]), list(msg["files"])
+    files = processes.broadcast_files(None, names)
+    with tempfile.TemporaryDirectory(prefix=f"collapse-jax-p{os.getpid()}-") as tmp:
+        scratch = pathlib.Path(tmp)
+        for rel, data in files.items():
+            (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
+            (scratch / rel).write_bytes(data)
+        # What the commits in the scratch folder read (config.yaml), as process 0 wrote it.
+        (scratch / commits.CONFIG_NAME).write_text(config_lib.dump(cfg, expand=False))
+        learner.prepare(scratch)
+        driver = run_jittable if learner.jittable else run_sequential
+        if start < cfg.generation.num_generations:
+            driver(cfg, learner, scratch, start, lambda g, row: None, None)
+    return cfg.generation.num_generations - start

@@ -6,7 +6,9 @@ generations, chunk over chains; each finished block is committed. Also runs a sw
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -15,9 +17,9 @@ import numpy as np
 
 from collapse_jax import config as config_lib
 from collapse_jax.jaxtools import sharding as sharding_lib
-from collapse_jax.loop.blocks import iter_blocks, pad_rows
+from collapse_jax.loop.blocks import iter_blocks, pad_rows, segments, shape_invariant
 from collapse_jax.loop.commit import commit_generation, commit_state, prune_params
-from collapse_jax.loop.core import evaluate, one_generation
+from collapse_jax.loop.core import block, evaluate, one_generation
 from collapse_jax.loop.keys import base_key, reference_key
 from collapse_jax.loop.learner import AbstractLearner, BatchedFit, Knobbed
 from collapse_jax.loop.schedule import Policy, Schedule, requested_real_size
@@ -34,15 +36,15 @@ def batch_key(cfg: config_lib.ExperimentConfig, learner: AbstractLearner) -> Any
     shares are > 0, is part of the compiled program and of the key)."""
     if not learner.jittable or isinstance(learner, BatchedFit) or cfg.mesh is not None:
         return None
-    # The schedule's static part (`Policy`) is compiled in; with traced sizes the sizes and the
-    # shares are values.
-    free = {"policy", "init_from", "selection", "real_data"}  # in the Policy
-    if not learner.static_sample_size:
-        free |= {"samples_per_generation", "sample_schedule", "sample_growth"}
-        free |= {"alpha", "beta", "gamma"}
+    # Which generation fields are compiled in, from the roles they declare (`config.batch_role`):
+    # the schedule's static part (`Policy`) is in the key instead of the fields it reads; with
+    # traced sizes the sizes and the shares are values.
     gcfg = cfg.generation
+    free = {"policy"} if learner.static_sample_size else {"policy", "size"}
     fields = tuple(
-        (f.name, getattr(gcfg, f.name)) for f in dataclasses.fields(gcfg) if f.name not in free
+        (name, getattr(gcfg, name))
+        for name, role in config_lib.batch_roles(type(gcfg)).items()
+        if role not in free
     )
     knob_fields = learner.knob_fields if isinstance(learner, Knobbed) else frozenset()
     model = tuple(
@@ -173,6 +175,71 @@ def run_jittable_points(cfgs, learner, run_dirs, start, committed, stop_after) -
         done += b - a
         if stop_after is not None and done >= stop_after:
             return
+
+
+def block_programs(
+    cfg: config_lib.ExperimentConfig, learner: AbstractLearner
+) -> list[tuple[str, Callable[[], Any]]]:
+    """The compiled programs a run of `cfg` executes on one chunk of chains, each as (name, a
+    function that lowers it): generation 0's block and the scan over the next block of
+    generations (when the carry keeps its shapes; a carry that grows runs generation by
+    generation). Nothing is run: the carry is traced abstractly. Set up as `run_jittable` sets
+    up a run (the chunk placed on the config's mesh, the knobs traced); for the memory plan of
+    `collapse-jax run --dry-run`. A learner with a batched fit (`BatchedFit`) is stepped from
+    Python through several programs, not a block: none is returned for it."""
+    if isinstance(learner, BatchedFit):
+        return []
+    gcfg = cfg.generation
+    chunk = min(gcfg.chunk_size, gcfg.num_trials)
+    key = base_key(cfg.seed)
+    sharding = None
+    if cfg.mesh is not None:
+        mesh = sharding_lib.make_mesh(cfg.mesh.shape())
+        if chunk % sharding_lib.data_parallel_size(mesh) == 0:
+            sharding = sharding_lib.batch_sharding(mesh)
+    reference = learner.reference(reference_key(key))
+    schedule = Schedule.of(gcfg, learner.real_size(requested_real_size(gcfg)))
+    policy, counts_of = schedule.policy, schedule.counts
+    knobs = None
+    if isinstance(learner, Knobbed):
+        knobs = {k: jnp.float32(v) for k, v in learner.knobs().items()} or None
+        learner = learner.canonical()
+    chains = np.arange(chunk, dtype=np.uint32)
+    chains = jax.device_put(chains, sharding) if sharding is not None else jnp.asarray(chains)
+    static = learner.static_sample_size
+
+    def program(gens: list[int], carry: Any, scan: bool) -> tuple[Callable, tuple]:
+        """(block with its static arguments bound, its traced arguments) for `gens`."""
+        first = gens[0] == 0
+        cnt = None
+        if static:
+            cnt = int(counts_of(0)) if first else tuple(int(c) for c in counts_of(gens[0]))
+        rows = np.stack([np.atleast_1d(np.asarray(counts_of(g), np.int32)) for g in gens])
+        kw = dict(counts=cnt, scan=scan, first=first, knobs=knobs)
+        fn = functools.partial(block, learner, policy, evaluate, **kw)
+        return fn, (key, chains, np.asarray(gens, np.int32), carry, reference, rows)
+
+    def lowering(fn: Callable, args: tuple) -> Callable[[], Any]:
+        static = (learner, policy, evaluate)
+        return lambda: block.lower(*static, *args, **fn.keywords)
+
+    chunk_note = f"{chunk} chains"
+    fn0, args0 = program([0], None, scan=False)
+    out = [(f"block: generation 0 ({chunk_note})", lowering(fn0, args0))]
+    spans = list(segments(1, gcfg.num_generations, gcfg.block_size, counts_of, static))
+    if spans:
+        carry, _ = jax.eval_shape(fn0, *args0)
+        if sharding is not None:
+            carry = jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), carry
+            )
+        a, b = spans[0]
+        if shape_invariant(learner, policy, evaluate, key, chains, carry, reference, a,
+                           counts_of(a)):  # fmt: skip
+            fn, args = program(list(range(a, b)), carry, scan=True)
+            name = f"block: generations {a}-{b - 1} scanned ({chunk_note})"
+            out.append((name, lowering(fn, args)))
+    return out
 
 
 def _real_chains(chunks: list[Any], real: list[int], axis: int) -> Any:

@@ -20,7 +20,9 @@ capability, declared by implementing a small protocol below, which the loop test
 `isinstance`: a batched fit over chains (`BatchedFit`), used instead of vmapping `fit`;
 state-independent sampling noise (`PresampledNoise`), drawn ahead for a block of generations;
 log-likelihoods that selection scores candidates by (`Scorable`); an estimate of a run's cost
-(`Plannable`, `collapse-jax run --dry-run`); config fields passed traced so that sweep points
+(`Plannable`, `collapse-jax run --dry-run`) and its compiled programs, for the dry run's memory
+plan (`HasPrograms`, for learners the loop does not compile: jittable learners are planned from
+the loop's block programs); config fields passed traced so that sweep points
 share compiled code (`Knobbed`, implemented by `KnobbedLearner`).
 
 `Data` is any pytree the learner understands; the mixing policies only use `sample`, `subset`,
@@ -34,6 +36,7 @@ import abc
 import copy
 import dataclasses
 import pathlib
+from collections.abc import Callable
 from typing import Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import jax
@@ -238,6 +241,15 @@ class Plannable(Protocol):
 
     def plan(self, cfg: Any) -> dict[str, Any]:
         """{name: value} for the experiment config `cfg` (e.g. "disk_bytes_estimate")."""
+
+
+@runtime_checkable
+class HasPrograms(Protocol):
+    """The compiled programs of a generation, lowered without running them (the memory plan of
+    `collapse-jax run --dry-run`; a non-jittable learner's own programs)."""
+
+    def programs(self, cfg: Any) -> list[tuple[str, Callable[[], Any]]]:
+        """[(name, a function returning the program's `jax.stages.Lowered`)] for `cfg`."""
 
 
 @runtime_checkable

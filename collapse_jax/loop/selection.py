@@ -10,12 +10,12 @@ Scorers (a learner opts in by implementing `loop.learner.Scorable`):
   real distribution (known for the theory learners: the Gaussian, the GMM, the KDE data sets,
   the linear model's w*). It is the oracle verifier of Feng et al.; selecting by likelihood also
   trims the tails, so it may narrow a density even as it removes the model's errors (the KDE and
-  linear-regression configs `configs/*_selection.yaml` show both effects).
+  linear-regression configs `collapse_jax/configs/*_selection.yaml` show both effects).
 - "generation0": `learner.log_prob(data, params) -> [N]` under the chain's generation-0 fitted
   model (the loop carries it: `loop.policy.Carry.anchor`), the verifier that needs no access to
   the real distribution beyond the first fit. It anchors every later generation to that fit:
   the drift away from it stops, but its own estimation error is kept
-  (`configs/gaussian_selection.yaml` compares the two scorers).
+  (`collapse_jax/configs/gaussian_selection.yaml` compares the two scorers).
 """
 
 from __future__ import annotations

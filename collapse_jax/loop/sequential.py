@@ -23,6 +23,11 @@ single-chain run) and `folder/chain_XXXXX` for the others. Per generation g and 
 
 Once every chain is done the generation is committed (data, params, row, arrays, then state/)
 and work/gen_g is removed.
+
+With several processes (`jax.distributed`) the fit and the sampling get no resumable state
+(a training checkpoint or a regeneration store is written by every process, and some of it is
+only known after the last batch): a killed multi-process run resumes at its last committed
+generation (`loop.driver.follow_generations`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from collapse_jax.jaxtools import processes
 from collapse_jax.loop.commit import commit_generation, commit_state, prune_params
 from collapse_jax.loop.core import build_data, draw_pool, finish, nothing
 from collapse_jax.loop.keys import base_key, chain_keys, generation_keys, reference_key
@@ -88,6 +94,7 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
             real = _load_data(chain_dir(run_dir / "data", r) / "gen_00000.npz")
         return Carry(params, None, real)
 
+    resumable = not processes.is_multiprocess()  # within a generation (see the module docstring)
     done = 0
     for g in range(start, gcfg.num_generations):
         work = run_dir / "work" / f"gen_{g:05d}"
@@ -117,7 +124,8 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
             if (fitted_dir / "DONE").exists():
                 params = learner.load_params(fitted_dir, params_template(r))
             else:
-                params = learner.fit(keys["fit"], data, init, workdir=wdir / "fit")
+                fit_dir = wdir / "fit" if resumable else None
+                params = learner.fit(keys["fit"], data, init, workdir=fit_dir)
                 with fileio.staged_dir(fitted_dir) as tmp:
                     learner.save_params(tmp, params)
                     (tmp / "DONE").write_text("ok\n")
@@ -139,7 +147,7 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
                     g + 1,
                     new,
                     schedule.counts(g + 1),
-                    workdir=wdir / "sample",
+                    workdir=wdir / "sample" if resumable else None,
                 )
                 fileio.save_npz(wdir / "next.npz", _data_arrays(nxt))
             del data, pool, params, new, carry

@@ -242,8 +242,9 @@ class DiscreteSimulation:
     sample_sizes: np.ndarray
 
 
-def _record(learner: Any, key: Array, params: Array, reference: Any, data: Any) -> Array:
-    """What `simulate` keeps per generation (a `loop.simulate_chains` measure)."""
+def measure_params(learner: Any, key: Array, params: Array, reference: Any, data: Any) -> Array:
+    """What `simulate` keeps per generation, the fitted probabilities (a `loop.simulate_chains`
+    measure)."""
     return params
 
 
@@ -292,7 +293,7 @@ def simulate(
         schedule,
         key,
         chains=chains,
-        measure=_record,
+        measure=measure_params,
         chunk_size=chunk_size,
         initial=np.asarray(learner.truth),  # index 0: the original distribution
     )

@@ -13,8 +13,8 @@ covariance. Two ways to draw a generation, equal in distribution:
 `GaussianLearner` is the same model for the model-agnostic loop in `collapse_jax.loop`.
 
 Singular fits and the float32 floor (d > 1). Every draw uses a factor L with L L^T = Sigma that
-exists for positive SEMI-definite Sigma (`_chol`: LAPACK's Cholesky, `psd_cholesky` where that
-fails), so the collapse runs to its end instead of stopping on NaN:
+exists for positive SEMI-definite Sigma (`robust_cholesky`: LAPACK's Cholesky, `psd_cholesky`
+where that fails), so the collapse runs to its end instead of stopping on NaN:
 - M <= d points: each fit has rank M - 1; the chain lives in the affine span of its first real
   points (the Wishart draw is singular, `samplers.wishart_bartlett_factor`), logdet_cov = -inf
   from generation 0, trace and W2 finite.
@@ -186,20 +186,20 @@ class GaussianStats(NamedTuple):
     logdet: Array | None = None
 
 
-def _chol(cov: Array) -> Array:
+def robust_cholesky(cov: Array) -> Array:
     """A factor L `[d, d]` with L L^T = cov for a positive SEMI-definite covariance (never NaN).
 
     d = 1: the square root. d > 1: LAPACK's Cholesky where it succeeds, `psd_cholesky` where it
     fails, so a singular fit (M <= d points) or a covariance collapsed below float32's resolution
     still samples correctly: any L with L L^T = Sigma gives mean + L z ~ N(mean, Sigma) and
-    L W L^T ~ Wishart(n, Sigma) (`_factor_lanes`).
+    L W L^T ~ Wishart(n, Sigma) (`robust_cholesky_lanes`).
     """
     if cov.shape[-1] == 1:
         return jnp.sqrt(jnp.maximum(cov, 0.0))
     return _factor(cov)
 
 
-def _factor_lanes(a: Array) -> Array:
+def robust_cholesky_lanes(a: Array) -> Array:
     """Lower-triangular L `[L, d, d]` with L L^T = a for PSD matrices `a [L, d, d]`, never NaN:
     each matrix takes LAPACK's factor when it is finite, else `psd_cholesky`'s. The choice is
     per matrix, so a chain's factor never depends on the other chains in its batch.
@@ -218,7 +218,7 @@ def _factor_lanes(a: Array) -> Array:
     return jax.lax.cond(jnp.all(ok), lambda _: chol, repair, None)
 
 
-_factor = lanes.whole_batch(_factor_lanes, core_ndims=(2,))
+_factor = lanes.whole_batch(robust_cholesky_lanes, core_ndims=(2,))
 
 
 def psd_cholesky(a: Array) -> Array:
@@ -235,7 +235,7 @@ def psd_cholesky(a: Array) -> Array:
     rank(L) is the numerical rank of `a` and `a == 0` gives L == 0.
 
     The columns are a `lax.scan` of rank-1 updates (one compile for any d): as fast as LAPACK
-    at small d, several times slower at d >= 31, which is why `_factor_lanes` calls it only
+    at small d, several times slower at d >= 31, which is why `robust_cholesky_lanes` calls it only
     for the matrices LAPACK fails on (benchmarks/results/sweep-cpu.json, row gaussian_factor_ab,
     measures the generation with this fallback in place against LAPACK alone).
     """
@@ -289,7 +289,7 @@ def sample_points(key: Array, params: GaussianParams, num: int) -> Array:
         sd = jnp.sqrt(jnp.maximum(params.cov[0, 0], 0.0))
         return (params.mean[0] + z * sd)[:, None]
     z = standard_normals(key, num * d).reshape(num, d)
-    return params.mean[None, :] + z @ _chol(params.cov).T
+    return params.mean[None, :] + z @ robust_cholesky(params.cov).T
 
 
 def stats_noise(
@@ -327,7 +327,7 @@ def sample_stats(
     d = params.mean.shape[-1]
     num = jnp.asarray(num, jnp.int32)
     nf = num.astype(_F)
-    chol = _chol(params.cov)
+    chol = robust_cholesky(params.cov)
     if d == 1:  # both draws from one call for random words (no key splits: the hot path)
         df = jnp.maximum(nf - 1.0, 0.0)
         noise = stats_noise(key, num, compact=compact) if noise is None else noise
@@ -362,13 +362,13 @@ def gaussian_log_prob(x: Array, params: GaussianParams) -> Array:
     d = params.mean.shape[-1]
     eps = jnp.finfo(_F).eps
     delta = (d + 1) * eps * jnp.max(jnp.diagonal(params.cov)) + jnp.finfo(_F).tiny ** 0.5
-    chol = _chol(params.cov + delta * jnp.eye(d, dtype=_F))
+    chol = robust_cholesky(params.cov + delta * jnp.eye(d, dtype=_F))
     z = _solve_live(chol, (x - params.mean[None, :]).T)  # [d, N]
     logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
     return -0.5 * (jnp.sum(z * z, axis=0) + logdet + d * np.log(2.0 * np.pi))
 
 
-def _log_det(cov: Array) -> Array:
+def robust_log_det(cov: Array) -> Array:
     """log det cov: -inf when float32 cannot resolve the covariance as full rank (LAPACK's
     Cholesky fails and `psd_cholesky` has a dead column: a singular fit, or a collapsed chain),
     rather than LU's rounding-noise value; d = 1 as `metrics.log_det`."""
@@ -427,13 +427,13 @@ def subset_stats(key: Array, stats: GaussianStats, num: int | Array) -> Gaussian
     n = stats.n.astype(_F)
     num = jnp.asarray(num, jnp.int32)
     k = num.astype(_F)
-    ell = _chol(stats.scatter)
+    ell = robust_cholesky(stats.scatter)
     live = (jnp.diagonal(ell) > 0.0).astype(_F)[:, None]  # [d, 1]: F's live coordinates
     k_a, k_b, k_z = jax.random.split(key, 3)
     a = live * samplers.wishart_bartlett_factor(k_a, jnp.maximum(k - 1.0, 0.0), d)  # G_A = a a^T
     b = live * samplers.wishart_bartlett_factor(k_b, jnp.maximum(n - k - 1.0, 0.0), d)
     z = live[:, 0] * jax.random.normal(k_z, (d,), _F)
-    c = _chol(a @ a.T + b @ b.T + jnp.outer(z, z))
+    c = robust_cholesky(a @ a.T + b @ b.T + jnp.outer(z, z))
     ca = _solve_live(c, a)  # W_A = ca ca^T
     t = _solve_live(c, z)
     la = ell @ ca
@@ -471,7 +471,7 @@ def fit_stats(stats: GaussianStats, estimator: str) -> GaussianParams:
     if d == 1:
         return GaussianParams(stats.mean, cov)
     if stats.logdet is None:
-        return GaussianParams(stats.mean, cov, _log_det(cov))
+        return GaussianParams(stats.mean, cov, robust_log_det(cov))
     return GaussianParams(stats.mean, cov, stats.logdet - d * jnp.log(denom))
 
 
@@ -562,7 +562,7 @@ class GaussianLearner(KnobbedLearner[GaussianParams, Any]):
             "w2": jnp.sqrt(w2sq),
             "w2_squared": w2sq,
             "trace_cov": jnp.trace(params.cov),
-            "logdet_cov": _log_det(params.cov) if params.logdet is None else params.logdet,
+            "logdet_cov": robust_log_det(params.cov) if params.logdet is None else params.logdet,
             "mean_dist2": jnp.sum(jnp.square(params.mean - t.mean)),
             "fitted_mean": params.mean,
             "fitted_std": jnp.sqrt(jnp.maximum(jnp.diagonal(params.cov), 0.0)),
@@ -610,8 +610,11 @@ class GaussianSimulation:
     sample_sizes: np.ndarray
 
 
-def _record(learner: Any, key: Array, params: GaussianParams, reference: Any, data: Any) -> tuple:
-    """What `simulate` keeps per generation (a `loop.simulate_chains` measure)."""
+def measure_params(
+    learner: Any, key: Array, params: GaussianParams, reference: Any, data: Any
+) -> tuple[Array, Array]:
+    """What `simulate` keeps per generation, the fitted (mean, cov) (a `loop.simulate_chains`
+    measure)."""
     return params.mean, params.cov
 
 
@@ -703,7 +706,7 @@ def simulate(
         schedule,
         key,
         chains=chains,
-        measure=_record,
+        measure=measure_params,
         chunk_size=chunk_size,
         initial=(np.asarray(t.mean), np.asarray(t.cov)),  # index 0: the original distribution
     )

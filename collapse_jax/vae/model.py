@@ -22,6 +22,7 @@ import dataclasses
 import functools
 import math
 import pathlib
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import jax
@@ -56,16 +57,16 @@ class VAE(nnx.Module):
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x [B, 28, 28] in [0, 1] -> (mean [B, Z], log-variance [B, Z])."""
-        h = nnx.relu(_conv_down(self.conv1, x[..., None]))  # [B, 14, 14, c1]
-        h = nnx.relu(_conv_down(self.conv2, h))  # [B, 7, 7, c2]
+        h = nnx.relu(conv_down(self.conv1, x[..., None]))  # [B, 14, 14, c1]
+        h = nnx.relu(conv_down(self.conv2, h))  # [B, 7, 7, c2]
         h = h.reshape(h.shape[0], -1)  # [B, 7 * 7 * c2]
         return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z: jax.Array) -> jax.Array:
         """z [B, Z] -> pixel logits [B, 28, 28] (sigmoid of them: the Bernoulli means)."""
         h = nnx.relu(self.fc_dec(z)).reshape(z.shape[0], 7, 7, self.channels[1])
-        h = nnx.relu(_conv_up(self.deconv1, h))  # [B, 14, 14, c1]
-        return _conv_up(self.deconv2, h)[..., 0]  # [B, 28, 28]
+        h = nnx.relu(conv_up(self.deconv1, h))  # [B, 14, 14, c1]
+        return conv_up(self.deconv2, h)[..., 0]  # [B, 28, 28]
 
 
 # The layers' parameters are those of nnx.Conv / nnx.ConvTranspose (kernel [4, 4, in, out]), applied
@@ -76,12 +77,12 @@ _PAD = ((1, 1), (1, 1))  # PyTorch Conv2d(padding=1)
 _TPAD = ((2, 2), (2, 2))  # PyTorch ConvTranspose2d(k=4, s=2, padding=1) == padding k - 1 - 1
 
 
-def _conv_down(layer: nnx.Conv, x: jax.Array) -> jax.Array:
+def conv_down(layer: nnx.Conv, x: jax.Array) -> jax.Array:
     """Conv(k=4, stride 2, pad 1): [B, H, W, C] -> [B, H/2, W/2, O]."""
     return convs.conv(x, layer.kernel[...], (2, 2), _PAD) + layer.bias[...][None, None, None, :]
 
 
-def _conv_up(layer: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
+def conv_up(layer: nnx.ConvTranspose, x: jax.Array) -> jax.Array:
     """ConvTranspose(k=4, stride 2, PyTorch padding 1): [B, H, W, C] -> [B, 2H, 2W, O]."""
     return (
         convs.conv_transpose(x, layer.kernel[...], (2, 2), _TPAD)
@@ -268,6 +269,15 @@ def _train_epoch(params, opt_state, images, key, *, arch, batch_size, lr, wd):
         )
         total = total + loss
     return params, opt_state, total
+
+
+def make_train_step(cfg: VAEConfig) -> Callable[..., tuple[Params, Any, jax.Array]]:
+    """A newly jitted training step of `cfg`, `step(params, opt_state, x [B, 28, 28], mask [B],
+    key) -> (params, opt_state, summed loss)` (params and opt_state donated), the step `train`
+    takes. Each call builds its own program, traced at its first call: the convolutions chosen
+    then (`jaxtools.convs.IMPL`) stay in it, so two steps can be timed side by side."""
+    kw = dict(arch=_arch(cfg), lr=cfg.learning_rate, wd=cfg.weight_decay)
+    return jax.jit(functools.partial(_train_step.__wrapped__, **kw), donate_argnums=(0, 1))
 
 
 def init_optimizer(params: Params, cfg: VAEConfig) -> Any:

@@ -38,7 +38,7 @@ import tempfile  # noqa: E402
 import numpy as np  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs"
+CONFIGS = REPO / "collapse_jax" / "configs"
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "golden.json"
 
 # Shrinks shared by families. Two generations in blocks of one cross a block boundary (the
@@ -84,6 +84,12 @@ _TRUTH = [
 ]  # fmt: skip
 
 
+_PRETRAIN = [
+    "model.pretrain.num_blocks=48", "model.pretrain.train.epochs=1",
+    "model.pretrain.train.batch_size=12",
+]  # fmt: skip
+
+
 def _wikitext(data: pathlib.Path) -> list[str]:
     """The CPU WikiText configs' shrink (tests/lm/test_experiment.py's, smaller blocks)."""
     return [
@@ -96,7 +102,7 @@ def _wikitext(data: pathlib.Path) -> list[str]:
         "model.train.epochs=2", "model.train.batch_size=8", "model.eval_batch_size=8",
         "model.decode.num_beams=2", "model.decode.max_new_tokens=16",
         "model.decode.min_new_tokens=16", "model.generate_batch_size=12",
-        "generation.num_generations=2",
+        "generation.num_generations=2", "generation.num_trials=1",
     ]  # fmt: skip
 
 
@@ -115,7 +121,8 @@ def _opt125m(data: pathlib.Path) -> list[str]:
 
 
 def cases(data: pathlib.Path) -> dict[str, tuple[str, list[str]]]:
-    """Case name -> (config path relative to configs/, overrides). One case per shipped config."""
+    """Case name -> (config path relative to collapse_jax/configs/, overrides). One case per
+    shipped config."""
     out: dict[str, tuple[str, list[str]]] = {}
     out["quickstart"] = ("quickstart.yaml", _QUICKSTART)
     for name in ("theory_discrete", "theory_gaussian", "gaussian_selection"):
@@ -132,8 +139,9 @@ def cases(data: pathlib.Path) -> dict[str, tuple[str, list[str]]]:
     for name in ("vae", "vae_cpu", "vae_mix"):
         out[name] = (f"{name}.yaml", [*_VAE, mnist])
     for p in sorted((CONFIGS / "lm").glob("truth_*.yaml")):
-        out[f"lm/{p.stem}"] = (f"lm/{p.name}", _TRUTH)
-    for name in ("opt_wikitext_cpu", "opt_wikitext_cpu_keep10"):
+        pretrained = "\n  pretrain:" in p.read_text()  # a pretrained base: shrink it too
+        out[f"lm/{p.stem}"] = (f"lm/{p.name}", [*_TRUTH, *(_PRETRAIN if pretrained else [])])
+    for name in ("opt_wikitext_cpu", "opt_wikitext_cpu_keep10", "opt_wikitext_cpu_sample"):
         out[f"lm/{name}"] = (f"lm/{name}.yaml", _wikitext(data))
     for name in ("opt125m_wikitext2", "opt125m_wikitext2_keep10"):
         out[f"lm/{name}"] = (f"lm/{name}.yaml", _opt125m(data))

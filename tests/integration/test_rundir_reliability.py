@@ -25,7 +25,7 @@ from collapse_jax.rundir import commits, fileio, guard, reader
 from tests.helpers import TOY_KINDS
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-GAUSS = str(REPO / "configs" / "theory_gaussian.yaml")
+GAUSS = str(REPO / "collapse_jax" / "configs" / "theory_gaussian.yaml")
 BASE = ["generation.num_trials=20", "generation.block_size=1", "generation.record_trials=8"]
 G = ["generation.num_generations=3", *BASE]
 # What a run commits and derives, compared byte for byte after a resume (the manifest holds the

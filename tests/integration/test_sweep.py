@@ -12,7 +12,7 @@ from collapse_jax.loop import core
 from collapse_jax.rundir import reader
 from tests.conftest import REPO
 
-CONFIG = REPO / "configs" / "theory_gaussian.yaml"
+CONFIG = REPO / "collapse_jax" / "configs" / "theory_gaussian.yaml"
 FIXED = ["generation.num_generations=3", "generation.num_trials=16", "generation.block_size=2"]
 
 

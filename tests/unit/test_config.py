@@ -123,7 +123,10 @@ def test_missing_file():
         config_lib.load_config("/nonexistent/x.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+SHIPPED = sorted((REPO / "collapse_jax" / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     cfg = config_lib.load_config(path)
     exps = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
@@ -155,3 +158,25 @@ def test_kinds_with_a_real_data_set_default_to_its_size():
     assert explicit.generation.samples_per_generation == 100
     assert plots.expected_curves(explicit, [50, 100, 100]) == {}
     assert "param_error" in plots.expected_curves(explicit, [50, 50, 50])
+
+
+def test_shipped_configs_by_name_old_path_or_file(tmp_path, monkeypatch):
+    """`find_config`: names relative to the package's configs/ (with or without .yaml), the old
+    repository paths `configs/...` from any directory, and a file in the working directory first."""
+    root = config_lib.shipped_config_dir()
+    assert root == REPO / "collapse_jax" / "configs" and SHIPPED  # this checkout's package
+    assert not (REPO / "configs").exists(), "configs live in collapse_jax/configs/ (package data)"
+    monkeypatch.chdir(tmp_path)
+    want = root / "lm" / "truth_markov_beam.yaml"
+    for name in ("lm/truth_markov_beam", "lm/truth_markov_beam.yaml",
+                 "configs/lm/truth_markov_beam.yaml"):  # fmt: skip
+        assert config_lib.find_config(name) == want
+    assert config_lib.find_config("quickstart") == root / "quickstart.yaml"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "quickstart.yaml").write_text("name: mine\n")
+    assert config_lib.find_config("configs/quickstart.yaml") == pathlib.Path(
+        "configs/quickstart.yaml"
+    )
+    for bad in ("nope", "../configs/quickstart", "/abs/quickstart.yaml", "configs"):
+        with pytest.raises(config_lib.ConfigFileNotFound, match="config file not found"):
+            config_lib.find_config(bad)

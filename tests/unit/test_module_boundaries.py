@@ -4,7 +4,9 @@
    sits: at the top, inside a function, or under `if TYPE_CHECKING:` (a function-level import
    only hides a circle until the function runs).
 2. No module imports another module's private (`_x`) name, neither `from m import _x` nor
-   `m._x` on a module bound by an import.
+   `m._x` on a module bound by an import; nor does any file of tests/ or benchmarks/ (they use
+   the package's public names: a seam a test or benchmark needs is promoted), and no benchmark
+   script imports another script (shared code lives in `collapse_jax.bench`).
 3. Imports sit at the top of the module (ruff's PLC0415), except the optional heavy dependencies
    that pyproject.toml lists under `banned-module-level-imports` (ruff's TID253 allow-list).
 
@@ -269,6 +271,45 @@ def test_no_private_names_across_modules():
         for line, name in _private_uses(module, _parse(module))
     ]
     assert not problems, "private names of other modules:\n" + "\n".join(problems)
+
+
+# Private names tests/ or benchmarks/ may still reach: (file, "module._name") -> why.
+ALLOWED_PRIVATE = {
+    ("tests/parity/lm/test_opt.py", "collapse_jax.lm.opt._dropout"): (
+        "lm/opt.py is another engineer's this session: promote `_dropout` there, then drop this"
+    ),
+}
+
+
+def _outside_files() -> list[pathlib.Path]:
+    return sorted(p for d in ("tests", "benchmarks") for p in (REPO / d).rglob("*.py"))
+
+
+def test_tests_and_benchmarks_use_public_names():
+    problems = []
+    for path in _outside_files():
+        rel = path.relative_to(REPO)
+        module = ".".join(rel.with_suffix("").parts)
+        for line, name in _private_uses(module, ast.parse(path.read_text(), filename=str(path))):
+            if (rel.as_posix(), name) not in ALLOWED_PRIVATE:
+                problems.append(f"{rel}:{line}: uses {name}")
+    assert not problems, "private names of the package:\n" + "\n".join(problems)
+
+
+def test_benchmark_scripts_do_not_import_each_other():
+    scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")}
+    problems = []
+    for path in sorted((REPO / "benchmarks").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module.split(".")[0]]
+            for name in names:
+                if name in scripts or name == "benchmarks":
+                    problems.append(f"{path.relative_to(REPO)}:{node.lineno}: imports {name}")
+    assert not problems, "benchmark scripts importing scripts:\n" + "\n".join(problems)
 
 
 def test_imports_at_top_level():

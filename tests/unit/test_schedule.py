@@ -1,10 +1,20 @@
 """The loop's Schedule: built once from a GenerationConfig (or from keyword arguments for
 `simulate`), its static Policy the compile key, its counts the values."""
 
+import dataclasses
+
 import pytest
 
+from collapse_jax import config as config_lib
 from collapse_jax import loop
-from collapse_jax.config import ConfigError, GenerationConfig, SelectionConfig
+from collapse_jax.config import (
+    ConfigError,
+    ExperimentConfig,
+    GenerationConfig,
+    MeshConfig,
+    SelectionConfig,
+)
+from collapse_jax.theory.gaussian import GaussianConfig
 
 
 def test_schedule_of_a_config_counts_and_fitted_sizes():
@@ -56,3 +66,77 @@ def test_schedule_build_checks_the_policy_as_the_config_does():
         loop.Schedule.build([4, 5], mode="replace", gamma=0.5)
     with pytest.raises(ConfigError, match="generation.policy"):
         loop.Schedule.build([4, 5], mode="keep")
+
+
+def _gaussian_run(method: str, **generation) -> tuple[ExperimentConfig, loop.AbstractLearner]:
+    mix = {"policy": "mix", "alpha": 0.5, "beta": 0.3, "gamma": 0.2}
+    cfg = ExperimentConfig(
+        name="k",
+        model=GaussianConfig(method=method),
+        generation=GenerationConfig(**{**mix, **generation}),
+    )
+    return cfg, loop.make_learner(cfg)
+
+
+# A value per field that differs from the base run's; the shares move in pairs (they sum to 1).
+OTHER_VALUES = {
+    "num_generations": 3,
+    "samples_per_generation": 40,
+    "sample_growth": 1.0,
+    "sample_schedule": (30,) * 10,
+    "policy": {"policy": "accumulate", "alpha": 1.0, "beta": 0.0, "gamma": 0.0},
+    "real_data": "fixed",
+    "alpha": {"alpha": 0.6, "beta": 0.2},
+    "beta": {"beta": 0.2, "gamma": 0.3},
+    "gamma": {"gamma": 0.1, "alpha": 0.6},
+    "num_trials": 4,
+    "chunk_size": 2,
+    "block_size": 3,
+    "init_from": "previous",
+    "record_trials": 1,
+    "keep_params": "all",
+    "selection": SelectionConfig(rho=0.5),
+}
+
+
+def test_every_generation_field_declares_its_batch_role():
+    """`batch_key` reads the roles, so a new field without one fails here (and in batch_key)."""
+    roles = config_lib.batch_roles(GenerationConfig)
+    assert set(roles.values()) <= set(config_lib.BATCH_ROLES)
+    assert set(OTHER_VALUES) == set(roles), "give the new field a value in OTHER_VALUES"
+    planted = dataclasses.make_dataclass(
+        "Planted", [("new_field", int, dataclasses.field(default=0))]
+    )
+    with pytest.raises(TypeError, match="Planted fields without a batch role.*new_field"):
+        config_lib.batch_roles(planted)
+    with pytest.raises(ValueError, match="batch role must be one of"):
+        config_lib.batch_role("traced", 0)
+
+
+@pytest.mark.parametrize("method", ["sample", "exact"])
+def test_batch_key_follows_the_declared_roles(method):
+    """Runs differing in one generation field share a batch exactly when the field is not
+    compiled in: "policy" fields only through the `Policy` (replace -> accumulate changes it, a
+    share's value does not), "size" fields only for learners with static sample sizes (the
+    sample method); the seed and the traced knob (sampling_bias) never."""
+    base_cfg, learner = _gaussian_run(method)
+    base = loop.batch_key(base_cfg, learner)
+    roles = config_lib.batch_roles(GenerationConfig)
+    for name, value in OTHER_VALUES.items():
+        cfg = _gaussian_run(method, **(value if isinstance(value, dict) else {name: value}))[0]
+        policy_changes = loop.Policy.of(cfg.generation) != loop.Policy.of(base_cfg.generation)
+        if roles[name] != "compiled":  # the Policy reads every "policy" field, no "size" one
+            assert policy_changes == (roles[name] == "policy"), name
+        if roles[name] == "compiled":
+            same = False
+        elif roles[name] == "policy":
+            same = False  # the Policy changed
+        else:
+            same = not learner.static_sample_size
+        assert (loop.batch_key(cfg, learner) == base) == same, (name, roles[name])
+    other = dataclasses.replace(
+        base_cfg, seed=7, model=dataclasses.replace(base_cfg.model, sampling_bias=0.5)
+    )
+    assert loop.batch_key(other, learner) == base
+    mesh = dataclasses.replace(base_cfg, mesh=MeshConfig())
+    assert loop.batch_key(mesh, learner) is None

@@ -116,7 +116,7 @@ def _gaussian_chains(scorer, rho, chains=4000, gens=5, m=20):
         schedule,
         jax.random.key(7),
         chains=chains,
-        measure=gaussian._record,
+        measure=gaussian.measure_params,
         chunk_size=chains,
     )
     return mean[..., 0].astype(np.float64), cov[..., 0, 0].astype(np.float64)

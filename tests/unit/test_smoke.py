@@ -11,7 +11,7 @@ from tests.integration import golden_runs
 from tests.integration.test_golden import diff
 
 GOLDEN = json.loads(golden_runs.GOLDEN.read_text())
-# One golden case per model kind (configs/ as shipped, shrunk): the cheapest of each.
+# One golden case per model kind (collapse_jax/configs/ as shipped, shrunk): the cheapest of each.
 SMOKE = {
     "gaussian": "theory/gaussian_sample",
     "discrete": "theory/discrete_sample",

@@ -46,10 +46,10 @@ def test_strided_conv_rewrites_equal_flax_layers():
     rngs = nnx.Rngs(0)
     x = jax.random.normal(jax.random.key(1), (2, 10, 6, 3))
     down = nnx.Conv(3, 5, (4, 4), strides=(2, 2), padding=((1, 1), (1, 1)), rngs=rngs)
-    np.testing.assert_allclose(vae._conv_down(down, x), down(x), atol=1e-5)
+    np.testing.assert_allclose(vae.conv_down(down, x), down(x), atol=1e-5)
     up = nnx.ConvTranspose(3, 5, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), rngs=rngs)
     assert up(x).shape == (2, 20, 12, 5)
-    np.testing.assert_allclose(vae._conv_up(up, x), up(x), atol=1e-5)
+    np.testing.assert_allclose(vae.conv_up(up, x), up(x), atol=1e-5)
 
 
 def test_loss_falls_and_samples_are_images(images):

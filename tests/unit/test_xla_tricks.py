@@ -170,12 +170,12 @@ def test_binomial_compaction_runs_each_regime_in_its_own_blocks():
 
 
 def test_factor_keeps_its_batch_wide_cond():
-    """`gaussian._factor` (a whole-batch function): vmapped over chains, the batch-wide `cond`
-    that skips `psd_cholesky` when no matrix needs it survives compilation; a plain vmap of the
-    same per-batch function turns it into a select that computes both (the control)."""
+    """`gaussian.robust_cholesky` (a whole-batch function): vmapped over chains, the batch-wide
+    `cond` that skips `psd_cholesky` when no matrix needs it survives compilation; a plain vmap
+    of the same per-batch function turns it into a select that computes both (the control)."""
     a = jnp.broadcast_to(jnp.eye(3, dtype=jnp.float32), (10, 3, 3))
-    assert _count(r"\bconditional\(", _compiled(jax.vmap(gaussian._chol), a)) == 1
-    plain = jax.vmap(lambda m: gaussian._factor_lanes(m[None])[0])
+    assert _count(r"\bconditional\(", _compiled(jax.vmap(gaussian.robust_cholesky), a)) == 1
+    plain = jax.vmap(lambda m: gaussian.robust_cholesky_lanes(m[None])[0])
     assert _count(r"\bconditional\(", _compiled(plain, a)) == 0
 
 

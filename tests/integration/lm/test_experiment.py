@@ -14,10 +14,14 @@ from collapse_jax.rundir import fileio, reader
 
 
 def _cfg(data_dir, *overrides):
-    """configs/lm/opt_wikitext_cpu_keep10.yaml, shrunk to seconds (its own shipped blocks)."""
+    """collapse_jax/configs/lm/opt_wikitext_cpu_keep10.yaml, shrunk to seconds (its own shipped
+    blocks)."""
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[3] / "configs/lm/opt_wikitext_cpu_keep10.yaml"
+    path = (
+        pathlib.Path(__file__).resolve().parents[3]
+        / "collapse_jax/configs/lm/opt_wikitext_cpu_keep10.yaml"
+    )
     base = dict(
         o.split("=", 1)
         for o in [

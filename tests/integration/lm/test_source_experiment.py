@@ -16,7 +16,13 @@ from collapse_jax.rundir import fileio, reader
 
 pytestmark = pytest.mark.slow
 
-DEFAULT = pathlib.Path(__file__).resolve().parents[3] / "configs" / "lm" / "truth_markov_beam.yaml"
+DEFAULT = (
+    pathlib.Path(__file__).resolve().parents[3]
+    / "collapse_jax"
+    / "configs"
+    / "lm"
+    / "truth_markov_beam.yaml"
+)
 SHRINK = [
     "model.random_init.hidden_size=16", "model.random_init.num_hidden_layers=1",
     "model.random_init.num_attention_heads=2", "model.random_init.ffn_dim=32",

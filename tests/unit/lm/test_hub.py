@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pathlib
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -64,3 +66,52 @@ def test_local_paths_pass_through(tmp_path):
     assert hub.is_hub_id("facebook/opt-125m") and hub.is_hub_id("facebook/opt-125m@main")
     assert not hub.is_hub_id("./facebook/opt-125m") and not hub.is_hub_id("/abs/path")
     assert not hub.is_hub_id("a/b/c")
+
+
+def test_download_fetches_the_first_weight_format_the_repo_has(tmp_path, monkeypatch):
+    """Online, a repo with flax_model.msgpack and pytorch_model.bin (facebook/opt-125m's main)
+    fetches the msgpack only; one with safetensors fetches those only."""
+    import fnmatch
+
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    remote = {"config.json", "generation_config.json", "flax_model.msgpack", "pytorch_model.bin"}
+    requests = []
+
+    def fake_snapshot_download(repo_id, revision, allow_patterns, cache_dir, local_files_only):
+        assert not local_files_only and pathlib.Path(cache_dir) == cache
+        requests.append(sorted(allow_patterns))
+        snap = cache / "snap"
+        snap.mkdir(parents=True, exist_ok=True)
+        for name in remote:
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                (snap / name).write_text("x")
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    folder = hub.resolve("facebook/opt-125m")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",
+        "flax_model.msgpack",
+        "generation_config.json",
+    ]
+    assert len(requests) == 2  # safetensors (absent), then the msgpack
+    shutil.rmtree(cache)
+    remote.add("model.safetensors")
+    requests.clear()
+    folder = hub.resolve("facebook/opt-125m")
+    assert "model.safetensors" in {p.name for p in folder.iterdir()} and len(requests) == 1
+    assert "flax_model.msgpack" not in {p.name for p in folder.iterdir()}
+
+
+def test_missing_datasets_extra_names_the_install_line(monkeypatch):
+    from collapse_jax.lm import data
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails
+    with pytest.raises(ImportError) as info:
+        data.load_wikitext_lines("hf", "valid")
+    message = str(info.value)
+    assert "pip install 'collapse-jax[hf]'" in message and "\n" not in message

@@ -178,3 +178,22 @@ def test_build_is_deterministic_and_saved(tmp_path):
 def test_bad_config_names_the_key(kw, key):
     with pytest.raises(ConfigError, match=key):
         S.SourceConfig(**kw)
+
+
+def test_heterogeneous_supports_and_dirichlet_weights():
+    cfg = dict(vocab_size=16, support=6, seed=3)
+    base = S.build_source(S.SourceConfig(**cfg))
+    het = S.build_source(S.SourceConfig(**cfg, support_min=2))
+    diri = S.build_source(S.SourceConfig(**cfg, weights="dirichlet", dirichlet_alpha=0.5))
+    sizes = (het.weights > 0).sum(1)
+    assert sizes.min() >= 2 and sizes.max() <= 6 and len(set(sizes.tolist())) > 1
+    for s in (het, diri):
+        np.testing.assert_allclose(s.weights.sum(1), 1.0)
+        # The same supports as the homogeneous source (up to the forced item's rank).
+        assert all(set(a) == set(b) for a, b in zip(s.support, base.support))
+        x = np.asarray(s.sample(jax.random.key(0), 50, 30))
+        assert np.isfinite(np.asarray(s.log_prob(x))).all()  # zero weights are never drawn
+    # Dirichlet rows: the mode's probability differs from context to context.
+    assert np.ptp(diri.weights[:, 0]) > 0.2
+    with pytest.raises(Exception, match="source.support_min"):
+        S.SourceConfig(kind="hmm", support_min=2)

@@ -138,3 +138,54 @@ def test_hmm_data_metrics(key):
     out = truth.summarize_contexts(truth.per_context(p, jnp.log(p)), np.ones(x.shape, bool))
     assert out["kl_to_truth"] == pytest.approx(0.0, abs=1e-6)
     assert out["tail_retention"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_tail_kept_is_bounded_one_for_the_truth_zero_without_tail():
+    p = _random_conditionals(5, (50, 3), 9)
+    np.testing.assert_allclose(truth.tail_kept(p, p, 0.1), 1.0, atol=1e-5)
+    w = np.asarray(truth.tail_weights(p, 0.1))
+    no_tail = np.where(w > 0, 0.0, p)  # every (even partial) tail token gets nothing
+    np.testing.assert_array_equal(truth.tail_kept(p, no_tail, 0.1), 0.0)
+    rng = np.random.default_rng(6)
+    for a in (0.05, 1.0, 20.0):  # random models, peaked to flat
+        q = rng.dirichlet(np.full(9, a), (50, 3)).astype(np.float32)
+        kept = np.asarray(truth.tail_kept(p, q, 0.1))
+        assert np.all((kept >= 0) & (kept <= 1))
+    # A uniform model keeps all of a tail whose tokens are each below 1/V, where the old
+    # unbounded retention scores above 1.
+    p1 = np.array([0.6, 0.3, 0.06, 0.04], np.float32)
+    u = np.full(4, 0.25, np.float32)
+    assert float(truth.tail_kept(p1, u, 0.1)) == pytest.approx(1.0)
+    assert float(truth.tail_retention(p1, u, 0.1)) == pytest.approx(5.0)
+
+
+def test_off_support_mass_counts_impossible_and_special_tokens():
+    p = np.array([0.5, 0.5, 0.0], np.float32)
+    # A model over 3 source tokens + 2 specials: 0.1 on the impossible token, 0.2 on specials.
+    q = np.array([0.4, 0.3, 0.1, 0.1, 0.1], np.float32)
+    got = truth.off_support_mass(p, jnp.log(q[:3]))
+    assert float(got) == pytest.approx(0.3, abs=1e-6)
+    assert float(truth.off_support_mass(p, jnp.log(p))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_floored_nll_scores_impossible_tokens_and_skips_position_0(src):
+    x = np.asarray(src.sample(jax.random.key(4), 2, 10))
+    bad = x.copy()
+    bad[1, 9] = 99  # not a source token: its NLL floored at -log 1e-6
+    out = truth.data_true_nll(src, bad, skip_first=True)
+    lpb = np.minimum(-np.asarray(src.log_prob(bad), np.float64)[:, 1:], -np.log(truth.NLL_FLOOR))
+    np.testing.assert_allclose(out["floored_per_block"], lpb.mean(1), rtol=1e-6)
+    np.testing.assert_allclose(out["invalid_per_block"], [0.0, 1 / 9])
+    assert out["floored_mean"] > out["mean"]
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_min_block_nll_is_the_best_block_by_brute_force(order):
+    """Heterogeneous weights (Zipf over 2 to 4 continuations), every block of 5 tokens."""
+    import itertools
+
+    s = S.build_source(S.SourceConfig(vocab_size=4, order=order, support=4, support_min=2,
+                                      zipf_a=1.3, seed=1))  # fmt: skip
+    every = np.array(list(itertools.product(range(4), repeat=5)), np.int32)
+    nll = -np.asarray(s.log_prob(every), np.float64)[:, 1:].mean(1)
+    assert truth.min_block_nll(s, 5) == pytest.approx(nll.min(), rel=1e-5)

@@ -67,3 +67,11 @@ def test_errors(tok_dir, tmp_path):
         load_tokenizer(tmp_path)
     with pytest.raises(ValueError, match="padding_side"):
         load_tokenizer(tok_dir, padding_side="middle")
+
+
+def test_no_transformers_needed(tok_dir, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
+    tok = load_tokenizer(tok_dir)
+    assert tok(PROMPT).input_ids == PROMPT_IDS

@@ -246,7 +246,7 @@ def test_learner_in_generational_loop(tmp_path):
 def test_yaml_configs_build_learners():
     import pathlib
 
-    root = pathlib.Path(__file__).resolve().parents[3] / "configs"
+    root = pathlib.Path(__file__).resolve().parents[3] / "collapse_jax" / "configs"
     paths = [root / "theory_gaussian.yaml", *sorted((root / "theory").glob("gaussian*.yaml"))]
     assert len(paths) >= 2
     for p in paths:

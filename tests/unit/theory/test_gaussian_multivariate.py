@@ -47,14 +47,15 @@ def _psd(d: int, rank: int, seed: int) -> np.ndarray:
 
 def test_psd_cholesky_factors_singular_and_zero_matrices():
     """L L^T = a, L lower triangular, rank(L) = rank(a), for a full-rank, a rank-2 and the zero
-    matrix; LAPACK's result where LAPACK succeeds (`_chol` under vmap), chosen per matrix."""
+    matrix; LAPACK's result where LAPACK succeeds (`robust_cholesky` under vmap), chosen per
+    matrix."""
     full, low = _psd(5, 5, 0), _psd(5, 2, 1)
     for a, rank in ((full, 5), (low, 2), (np.zeros((5, 5), np.float32), 0)):
         ell = np.asarray(jax.jit(gaussian.psd_cholesky)(jnp.asarray(a)))
         assert np.all(np.isfinite(ell)) and np.all(np.triu(ell, 1) == 0)
         assert np.sum(np.diagonal(ell) > 0) == rank
         np.testing.assert_allclose(ell @ ell.T, a, atol=2e-5 * max(1.0, np.abs(a).max()))
-    batched = jax.jit(jax.vmap(gaussian._chol))
+    batched = jax.jit(jax.vmap(gaussian.robust_cholesky))
     both = np.asarray(batched(jnp.asarray(np.stack([full, low]))))
     alone = np.asarray(batched(jnp.asarray(np.stack([full, full]))))
     assert np.all(np.isfinite(both))

@@ -1,0 +1,80 @@
+"""The LM experiment's compiled programs, lowered from abstract shapes: no weights are loaded,
+no data read and nothing allocated on the devices. The train step at the config's batch and the
+regeneration's search at its batch, for the memory plan of `collapse-jax run --dry-run`
+(`collapse_jax.memplan`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from collapse_jax.jaxtools import sharding
+from collapse_jax.lm import decode, train
+from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM
+from collapse_jax.lm.placement import padded_batch, split_model
+from collapse_jax.lm.schedule import make_optimizer, schedule_hparams
+from collapse_jax.lm.settings import DecodeSettings
+from collapse_jax.lm.steps import TrainState
+from collapse_jax.lm.train_config import TrainConfig
+
+
+def abstract_model(arch: OPTConfig, *, dtype: Any, param_dtype: Any) -> OPTForCausalLM:
+    """An OPT model whose arrays are `jax.ShapeDtypeStruct`s (`nnx.eval_shape`)."""
+    return nnx.eval_shape(
+        lambda: OPTForCausalLM(arch, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    )
+
+
+def _placed(tree: Any, shardings: Any) -> Any:
+    """`tree`'s arrays as ShapeDtypeStructs carrying `shardings` (a matching tree)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def lower_train_step(
+    model: nnx.Module, config: TrainConfig, *, mesh: Mesh, length: int
+) -> jax.stages.Lowered:
+    """The train step `train.fit` runs (`train.compile_train_step`) at the config's batch of
+    `length`-token blocks (rounded up to the mesh as `fit` does), lowered abstractly."""
+    mesh = sharding.with_auto_axes(mesh)
+    graphdef, params, rest = split_model(model)
+    fns = train.compile_train_step(graphdef, params, rest, config, mesh=mesh)
+    opt_state = jax.eval_shape(make_optimizer(config).init, params)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state)
+    rows = padded_batch(mesh, config.batch_size, config.grad_accum_steps)
+    ids = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=fns.batch)
+    batch = {name: ids for name in ("input_ids", "attention_mask", "loss_mask")}
+    hparams = {
+        k: np.asarray(v, np.int32 if k in ("steps_per_epoch", "warmup_steps") else np.float32)
+        for k, v in schedule_hparams(config, 1).items()
+    }
+    return fns.step.lower(
+        _placed(state, fns.state_shardings),
+        _placed(rest, fns.rest_shardings),
+        batch,
+        jax.random.key(0),
+        hparams,
+    )
+
+
+def lower_search(
+    model: nnx.Module, settings: DecodeSettings, *, mesh: Mesh, batch_size: int, length: int
+) -> jax.stages.Lowered:
+    """The search program `regenerate` runs (`decode.compiled_search` on `mesh`, parameters
+    replicated) on `batch_size` prompts of `length` tokens (rounded up to the mesh as
+    `regenerate` does), lowered abstractly."""
+    graphdef, state = nnx.split(model)
+    rep, rows_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    dp = sharding.data_parallel_size(mesh)
+    rows = -(-batch_size // dp) * dp
+    ids = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=rows_sharding)
+    keys = jax.eval_shape(lambda: decode.prompt_keys(0, np.arange(rows)))
+    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rows_sharding)
+    fn = decode.compiled_search(graphdef, settings, mesh)
+    return fn.lower(_placed(state, jax.tree.map(lambda _: rep, state)), ids, ids, keys)
