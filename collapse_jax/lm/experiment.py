@@ -408,16 +408,21 @@ class OPTLearner(AbstractLearner):
             cfg.pretrain, cfg.data, self._random_arch(), cfg.random_init.seed
         )
         folder = None if run_dir is None else pathlib.Path(run_dir) / base_lib.BASE_DIR
-        found = base_lib.obtain(
-            folder,
-            key,
-            lambda: base_lib.pretrain(
-                self._random_model(), cfg.data, cfg.pretrain, mesh=self._mesh()
-            ),
-            dtype=jnp.dtype(cfg.param_dtype),
-        )
+        found = base_lib.obtain(folder, key, self._pretrain_base, dtype=jnp.dtype(cfg.param_dtype))
         self._cache["base"] = found
         return found
+
+    def _pretrain_base(self) -> tuple[Any, dict[str, Any]]:
+        # Each process pretrains alone on its own devices (deterministic: the same base in every
+        # process), so no collective waits for a process that reads base/ instead (process 0
+        # resuming while the others, in their scratch folders, have no base/). With one process
+        # the mesh is the experiment's own.
+        cfg = self.config
+        with processes.local_devices_only():
+            mesh = (
+                None if self.mesh_config is None else sharding.make_mesh(self.mesh_config.shape())
+            )
+            return base_lib.pretrain(self._random_model(), cfg.data, cfg.pretrain, mesh=mesh)
 
     def _train_config(self, model) -> TrainConfig:
         # Regenerated blocks that stopped at EOS are padded; padding is masked from the loss.
@@ -445,9 +450,7 @@ class OPTLearner(AbstractLearner):
             seed=_seed(key),
             checkpoint_dir=None if workdir is None else pathlib.Path(workdir) / "checkpoints",
         )
-        if processes.is_multiprocess():  # this process's own copy (saved, decoded locally)
-            graphdef, state = nnx.split(model)
-            model = nnx.merge(graphdef, processes.to_host_local(state))
+        model, _ = _host_local((model, None))
         info = {
             "valid_loss": [float(v) for v in history["valid_loss"]],
             "selected_epoch": int(history["selected_epoch"][0]),
@@ -707,7 +710,7 @@ class OPTLearner(AbstractLearner):
         train_name = f"train step ({tcfg.batch_size} x {length} tokens, {compute} compute)"
         search_name = (
             f"regeneration ({c.generate_batch_size} prompts x {settings.num_beams} beams, "
-            f"{settings.max_new_tokens} new tokens)"
+            f"{settings.max_new_tokens} new tokens, {settings.dtype or dtype.name})"
         )
         return [
             (
@@ -802,6 +805,16 @@ def _count_params(arch) -> int:
     d, f, layers = arch.hidden_size, arch.ffn_dim, arch.num_hidden_layers
     per_layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d
     return arch.vocab_size * d + (arch.max_position_embeddings + 2) * d + layers * per_layer + 2 * d
+
+
+def _host_local(found: tuple[Any, Any]) -> tuple[Any, Any]:
+    """(model, info) with the model's arrays as this process's own copy when they span several
+    processes (it is saved and decodes locally); unchanged with one process."""
+    model, info = found
+    if processes.is_multiprocess():
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, processes.to_host_local(state))
+    return model, info
 
 
 def _steps_per_epoch(history: dict) -> int:

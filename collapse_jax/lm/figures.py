@@ -56,7 +56,12 @@ def figures(learner: Any, run: reader.Run, out_dir: pathlib.Path) -> list[pathli
 
 
 def expected_curves(
-    config: Any, mode: str, sample_sizes: np.ndarray, *, selection: bool = False
+    config: Any,
+    mode: str,
+    sample_sizes: np.ndarray,
+    *,
+    selection: bool = False,
+    generation: Any = None,
 ) -> dict[str, np.ndarray]:
     """None is known for language models."""
     return {}

@@ -32,7 +32,8 @@ SHRINK = [
     "model.train.epochs=1", "model.train.batch_size=6", "model.eval_batch_size=8",
     "model.decode.num_beams=2", "model.decode.max_new_tokens=16",
     "model.decode.min_new_tokens=16", "model.generate_batch_size=12",
-    "generation.num_generations=2",
+    "model.pretrain.num_blocks=48", "model.pretrain.train.epochs=1",
+    "model.pretrain.train.batch_size=12", "generation.num_generations=2",
 ]  # fmt: skip
 
 
