@@ -142,7 +142,7 @@ def test_provenance_is_saved_with_the_data_and_survives_resume(tmp_path):
     the blocks of generations 0..g-1, each recorded in data/gen_g.npz and identical after a
     resume; the synthetic part's metrics sit next to the pool's."""
     config = DEFAULT.parent / "truth_counts_sample.yaml"
-    skip = ("model.random_init", "model.train", "generation.num_generations")
+    skip = ("model.random_init", "model.train", "model.pretrain", "generation.num_generations")
     shrink = [o for o in SHRINK if not o.startswith(skip)]
     cfg = config_lib.load_config(config, [*shrink, "generation.policy=accumulate",
                                           "generation.num_generations=3"])  # fmt: skip
