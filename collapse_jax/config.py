@@ -92,6 +92,11 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message names the offending key."""
 
 
+class MissingExtra(ImportError):
+    """What a config asks for needs an optional dependency that is not installed; the message
+    names it and the `pip install` line (the CLI prints it as one line, exit code 2)."""
+
+
 def require(ok: bool, key: str, message: str) -> None:
     """Raises `ConfigError("<key>: <message>")` unless `ok` (the validation of every config)."""
     if not ok:

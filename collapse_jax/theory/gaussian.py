@@ -650,6 +650,7 @@ def simulate(
     chunk_size: int = 65536,
     rng_impl: RngImpl = "threefry2x32",
     sampling_bias: float = 1.0,
+    timings: dict[str, float] | None = None,
 ) -> GaussianSimulation:
     """Simulates `chains` independent chains of recursive Gaussian fitting.
 
@@ -674,6 +675,8 @@ def simulate(
         fused and fastest; "philox4x32"; or "default", the key's own); the exact method hashes
         the loop's keys (`collapse_jax.jaxtools.prng`) whatever this is.
       sampling_bias: lambda: each generation's synthetic data come from N(mu, lambda Sigma).
+      timings: None, or a dict that receives the device time ("kernel_s") and the
+        device-to-host copy time ("copy_s"), measured apart (`loop.simulate_chains`).
     Returns:
       GaussianSimulation with `.mean [G + 1, R, d]` and `.cov [G + 1, R, d, d]`.
     """
@@ -708,6 +711,7 @@ def simulate(
         chains=chains,
         measure=measure_params,
         chunk_size=chunk_size,
+        timings=timings,
         initial=(np.asarray(t.mean), np.asarray(t.cov)),  # index 0: the original distribution
     )
     return GaussianSimulation(mean=m, cov=c, sample_sizes=np.asarray(sizes))
