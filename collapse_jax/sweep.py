@@ -406,7 +406,7 @@ def heatmap_grid(
 
 def _shared_norm(values: np.ndarray):
     """One colour norm for every panel of a metric: log for positive values spanning more than
-    a decade, symmetric-log for values of one sign spanning more than two, else linear."""
+    a decade, symmetric-log for other values whose magnitudes span more than two, else linear."""
     from matplotlib import colors
 
     v = values[np.isfinite(values)]
@@ -418,8 +418,9 @@ def _shared_norm(values: np.ndarray):
     if lo > 0 and hi / lo > 10:
         return colors.LogNorm(lo, hi), "log"
     mag = np.abs(v[v != 0])
-    if mag.size and (lo >= 0 or hi <= 0) and mag.max() / mag.min() > 100:
-        return colors.SymLogNorm(max(float(mag.min()), 1e-12), vmin=lo, vmax=hi, base=10), "symlog"
+    if mag.size and mag.max() / mag.min() > 100:  # linear within 1e-4 of the largest magnitude
+        thresh = max(float(mag.min()), 1e-4 * float(mag.max()))
+        return colors.SymLogNorm(thresh, vmin=lo, vmax=hi, base=10), "symlog"
     return colors.Normalize(lo, hi), "linear"
 
 
