@@ -44,7 +44,7 @@ import jax
 
 from collapse_jax import config as config_lib
 from collapse_jax import loop, memplan
-from collapse_jax.jaxtools import processes
+from collapse_jax.jaxtools import processes, sharding
 from collapse_jax.lm import distributed
 from collapse_jax.rundir import commits, fileio, guard, reader
 
@@ -102,6 +102,8 @@ def _run_experiment(
     from collapse_jax import plots  # noqa: PLC0415
 
     learner = loop.make_learner(exp)  # validates the inputs before the run dir is touched
+    if processes.is_multiprocess():
+        _check_mesh(exp, learner)
     if not processes.is_primary():  # several processes: only process 0 touches the run dir
         loop.follow_generations(exp, learner)
         return
@@ -131,6 +133,22 @@ def _run_experiment(
         raise
     print(f"\n== {exp.name} ({run_dir})\n{table}")
     print(f"metrics: {run_dir / 'metrics.json'}  figures: {len(files)} in {run_dir / 'figures'}")
+
+
+def _check_mesh(exp: config_lib.ExperimentConfig, learner) -> None:
+    """Several processes: the config's mesh must span every process (refused by every process
+    alike, before any of them waits for another)."""
+    if exp.mesh is None:
+        return
+    if learner.jittable:
+        raise config_lib.ConfigError(
+            "mesh: a jittable learner's chains are not sharded across processes; drop the mesh "
+            "block (every process then runs the chains on its own devices) or run one process"
+        )
+    try:
+        sharding.make_mesh(exp.mesh.shape())
+    except ValueError as e:
+        raise config_lib.ConfigError(f"mesh: {e}") from None
 
 
 def _join_cluster(args) -> None:
@@ -169,7 +187,7 @@ def _cmd_run(args) -> int:
 def _cmd_sweep(args) -> int:
     from collapse_jax import sweep  # noqa: PLC0415 (imports plots: matplotlib only for a sweep)
 
-    if distributed.from_env() is not None:
+    if any(os.environ.get(k, "").strip() for k in distributed.ENV_VARS):
         raise distributed.DistributedSetupError(
             f"sweep runs in one process; unset {', '.join(distributed.ENV_VARS)} (or run its "
             "points with `collapse-jax run`)"

@@ -83,8 +83,10 @@ class GaussianConfig:
         passed in; a threefry key takes the fused path). Each gives different numbers with the
         same distribution. The exact method hashes the loop's own key (`jaxtools.prng`, fused
         threefry) whatever this is.
-      sampling_bias: lambda > 0: synthetic data are drawn from N(mu, lambda Sigma) of the fit
-        (lambda < 1 under-disperses, as a low sampling temperature); real data never are.
+      sampling_bias: lambda_MAD > 0, the sampling bias of Alemohammad et al. (2023, "MAD"):
+        synthetic data are drawn from N(mu, lambda_MAD Sigma) of the fit (< 1 under-disperses,
+        as a low sampling temperature); real data never are. Not Bertrand et al. (2024)'s
+        lambda, the synthetic-to-real ratio (`generation.alpha / generation.gamma`).
     """
 
     kind: ClassVar[str] = "gaussian"
