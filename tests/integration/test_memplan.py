@@ -51,7 +51,7 @@ def test_the_lm_plan_has_the_train_step_and_the_search_with_positive_sizes():
 
 def test_the_block_programs_of_a_jittable_learner_are_planned():
     cfg = config_lib.load_config(
-        cli.CONFIG_DIR / "theory_gaussian.yaml",
+        config_lib.find_config("theory_gaussian"),
         ["generation.num_trials=64", "generation.num_generations=5", "generation.block_size=4"],
     )
     rows = memplan.plan(cfg)["theory_gaussian"]
