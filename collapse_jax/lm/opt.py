@@ -230,7 +230,9 @@ def _lead(x: jax.Array, ndim: int) -> jax.Array:
     return x.reshape((1,) * (ndim - x.ndim) + x.shape)
 
 
-def _dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
+def inverted_dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
+    """Zeroes each element of `x` with probability `rate` and scales the rest by 1 / (1 - rate)
+    (torch's `nn.Dropout` in training mode), in `x`'s dtype."""
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
 
@@ -421,7 +423,7 @@ class OPTAttention(nnx.Module):
                 mask = jnp.tril(jnp.ones((t, t), bool))[None, None]  # [1, 1, T, S]
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S] float32
-            probs = _dropout(dropout_key, probs, self.attention_dropout).astype(v.dtype)
+            probs = inverted_dropout(dropout_key, probs, self.attention_dropout).astype(v.dtype)
             return jnp.einsum("bnts,bsnh->btnh", probs, v)  # [B, T, N, H]
         # XLA (default) or cuDNN flash attention. Softmax runs in float32; masked logits get a
         # large finite negative, so the fully masked rows of left padding give uniform weights,
@@ -489,7 +491,7 @@ class OPTDecoderLayer(nnx.Module):
             x = self.self_attn_layer_norm(x)
         x, cache = self.self_attn(x, mask, cache, layer, keys[0])
         if keys[1] is not None and self.dropout > 0.0:
-            x = _dropout(keys[1], x, self.dropout)
+            x = inverted_dropout(keys[1], x, self.dropout)
         x = residual + x
         if not self.pre_ln:
             x = self.self_attn_layer_norm(x)
@@ -498,7 +500,7 @@ class OPTDecoderLayer(nnx.Module):
             x = self.final_layer_norm(x)
         x = self.fc2(_ACTIVATIONS[self.activation](self.fc1(x)))  # [B, T, F] -> [B, T, D]
         if keys[2] is not None and self.dropout > 0.0:
-            x = _dropout(keys[2], x, self.dropout)
+            x = inverted_dropout(keys[2], x, self.dropout)
         x = residual + x
         if not self.pre_ln:
             x = self.final_layer_norm(x)

@@ -187,11 +187,13 @@ class LeaderFailed(commits.RunDirError):
 def resume_files(run_dir: pathlib.Path, start: int) -> list[str]:
     """What the other processes need of `run_dir` to run generations [start, G) as process 0
     does: the committed state (without its manifest), each chain's generation-0 data (a fixed
-    real set), and the finished steps of the unfinished generation in work/ (the fit's and the
-    sampler's own state excepted: a multi-process run keeps none, see `loop.sequential`)."""
+    real set), the run-wide inputs a learner's `prepare` reads back (`base/`, a pretrained base),
+    and the finished steps of the unfinished generation in work/ (the fit's and the sampler's
+    own state excepted: a multi-process run keeps none, see `loop.sequential`)."""
     names = []
     for top, keep in (
         ("state", lambda rel: rel != commits.MANIFEST_REL),
+        ("base", lambda rel: True),
         ("data", lambda rel: rel.endswith("gen_00000.npz")),
         (f"work/gen_{start:05d}", lambda rel: not {"fit", "sample"} & set(rel.split("/"))),
     ):

@@ -34,6 +34,16 @@ def test_real_measurements_on_a_tiny_suite(tmp_path):
     check_rows(report)
     assert 0 < rows["train_step"]["mfu"] and rows["train_step"]["config"]["peak_flops"] > 0
     assert rows["decode_beam"]["regenerate_37k_s"] > 0
+    # What the programs computed in: the train step's matmuls, read from its program, are bf16
+    # (but the two attention-score gradients per layer); the decoder's dtype is decode.dtype's
+    # auto (float32 on this CPU).
+    train_cfg, decode_cfg = rows["train_step"]["config"], rows["decode_beam"]["config"]
+    dots = train_cfg["matmul_dtypes"]
+    assert sum(n for k, n in dots.items() if k.startswith("bfloat16 x bfloat16")) > sum(
+        n for k, n in dots.items() if not k.startswith("bfloat16 x bfloat16")
+    ), dots
+    assert train_cfg["matmul_precision"] == decode_cfg["matmul_precision"] == "default"
+    assert decode_cfg["compute_dtype"] == decode_cfg["kv_cache_dtype"] == "float32"
     gen = rows["paper_generation"]
     assert gen["value"] == pytest.approx(gen["train_s"] + gen["eval_s"] + gen["regenerate_s"])
     assert "extrapolated" in gen["note"]

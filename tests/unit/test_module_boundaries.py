@@ -274,11 +274,7 @@ def test_no_private_names_across_modules():
 
 
 # Private names tests/ or benchmarks/ may still reach: (file, "module._name") -> why.
-ALLOWED_PRIVATE = {
-    ("tests/parity/lm/test_opt.py", "collapse_jax.lm.opt._dropout"): (
-        "lm/opt.py is another engineer's this session: promote `_dropout` there, then drop this"
-    ),
-}
+ALLOWED_PRIVATE: dict[tuple[str, str], str] = {}
 
 
 def _outside_files() -> list[pathlib.Path]:

@@ -22,7 +22,7 @@ from jax import export
 from collapse_jax.config import MeshConfig
 from collapse_jax.gmm import em
 from collapse_jax.gmm.em import GMMParams
-from collapse_jax.jaxtools import prng, sharding
+from collapse_jax.jaxtools import convs, prng, sharding
 from collapse_jax.theory import discrete, gaussian, samplers
 
 _U = jnp.uint32
@@ -248,3 +248,31 @@ def test_gmm_compacts_on_one_cpu_device_only():
     assert np.abs(n_spread - n_one).max() <= 1 and same.mean() > 0.8
     for a, b in zip(spread.params, one.params):
         np.testing.assert_allclose(np.asarray(a)[same], np.asarray(b)[same], rtol=1e-4, atol=1e-4)
+
+
+def _conv_layers(x, k, kt, method=None):
+    """A strided convolution to 32 channels and a transposed one back to one (the VAE's first
+    and last layers' shapes): the thin layer takes the patch-matmul paths on CPU."""
+    h = convs.conv(x, k, (2, 2), ((1, 1), (1, 1)), method=method)
+    y = convs.conv_transpose(h, kt, (2, 2), ((2, 2), (2, 2)), method=method)
+    return jnp.sum(y * y)
+
+
+_CONV_ARGS = (
+    jax.ShapeDtypeStruct((8, 28, 28, 1), jnp.float32),
+    jax.ShapeDtypeStruct((4, 4, 1, 32), jnp.float32),
+    jax.ShapeDtypeStruct((4, 4, 32, 1), jnp.float32),
+)
+
+
+@pytest.mark.parametrize("platform", ACCELERATORS)
+def test_convs_choose_their_path_per_platform_inside_the_program(platform):
+    """`convs` decides inside the traced program: exported from this CPU, the CPU program holds
+    the custom gradients (patch and col2im matmuls of the thin layer), the CUDA/TPU program only
+    XLA's convolutions and JAX's own gradients."""
+    grads = jax.grad(_conv_layers, argnums=(0, 1, 2))
+    cpu = _exported(grads, "cpu", *_CONV_ARGS)
+    acc = _exported(grads, platform, *_CONV_ARGS)
+    assert "stablehlo.dot_general" in cpu
+    assert "stablehlo.dot_general" not in acc
+    assert _count(r"stablehlo\.convolution", acc) == 6  # 2 forward, 2 x 2 gradients

@@ -260,10 +260,10 @@ def test_dropout_statistics(key):
     With N = 200_000 draws the zero fraction has SE sqrt(p(1-p)/N); we allow 5 SE (two-sided
     false-failure probability 6e-7), and the scaled mean likewise.
     """
-    from collapse_jax.lm.opt import _dropout
+    from collapse_jax.lm.opt import inverted_dropout
 
     n, rate = 200_000, 0.3
-    out = np.asarray(_dropout(key, jnp.ones((n,), jnp.float32), rate))
+    out = np.asarray(inverted_dropout(key, jnp.ones((n,), jnp.float32), rate))
     zero = (out == 0).mean()
     assert abs(zero - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
     assert set(np.unique(out)) <= {0.0, np.float32(1 / (1 - rate))}

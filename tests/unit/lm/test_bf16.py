@@ -42,8 +42,8 @@ def _train_jaxpr(compute_dtype):
     return jax.make_jaxpr(prep.step)(*args), jax.eval_shape(prep.step, *args)[1]
 
 
-def _float_ops(jaxpr, names=("exp", "log", "reduce_max")):
-    """Dtypes of the softmax / logsumexp building blocks in the program."""
+def _float_ops(jaxpr, names=("exp", "log", "reduce_max", "rsqrt")):
+    """Dtypes of the softmax / logsumexp / LayerNorm building blocks in the program."""
     return [str(e.outvars[0].aval.dtype) for e in equations(jaxpr) if e.primitive.name in names]
 
 
@@ -59,7 +59,8 @@ def test_train_step_matmuls_run_in_bf16_and_the_softmax_and_loss_in_float32():
     # Everything else, forward and backward (the LM head's too), multiplies bf16 by bf16.
     assert dots and all(k.startswith("bfloat16 x bfloat16") for k in dots), dots
     ops = _float_ops(jaxpr)
-    assert len(ops) >= 2 * LAYERS + 3  # max, exp per softmax; max, exp, log per logsumexp
+    # max, exp per softmax; max, exp, log per logsumexp; rsqrt per LayerNorm (2 per layer + 1)
+    assert len(ops) >= 2 * LAYERS + 3 + 2 * LAYERS + 1
     assert set(ops) == {"float32"}, ops
     assert metrics["loss"].dtype == jnp.float32
 
