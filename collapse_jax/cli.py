@@ -10,6 +10,9 @@ collapse-jax plot RUN_DIR                                              redraw a 
 collapse-jax bench [--suite quick|full] [--out FILE] [--only a,b]      benchmark this backend
 ```
 
+Every command takes `--compile-cache DIR` (or $COLLAPSE_JAX_COMPILE_CACHE): JAX's persistent
+compilation cache, so that a resumed run or a new process skips recompiling its programs.
+
 Scientific settings come only from the config file and its overrides; flags are operational.
 Running the same command again on the same `--out` resumes at the first unfinished generation
 (also after Ctrl-C). Exit codes: 0 success, 1 runtime failure (data, run directory, disk,
@@ -46,6 +49,23 @@ from collapse_jax.lm import distributed
 from collapse_jax.rundir import commits, fileio, guard, reader
 
 log = logging.getLogger("collapse_jax")
+
+# A folder for JAX's persistent compilation cache when --compile-cache is not given.
+COMPILE_CACHE_ENV = "COLLAPSE_JAX_COMPILE_CACHE"
+
+
+def use_compile_cache(folder: str | os.PathLike | None) -> pathlib.Path | None:
+    """Keeps compiled XLA programs in `folder` (else $COLLAPSE_JAX_COMPILE_CACHE) across
+    processes: JAX's persistent compilation cache, so that a resumed run, the next run or a
+    rerun of the benchmarks loads the programs (train and eval steps, the beam search, the
+    theory blocks) instead of compiling them again. Programs that compile in under a second are
+    not stored (JAX's default). Returns the folder in use (None: no cache)."""
+    folder = folder or os.environ.get(COMPILE_CACHE_ENV) or None
+    if folder is None:
+        return None
+    path = pathlib.Path(folder).expanduser().absolute()
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
 
 
 def _resolve_config_path(name: str) -> pathlib.Path:
@@ -230,6 +250,8 @@ def _cmd_bench(args) -> int:
     # The benchmarks stay out of the package's import path: loaded for this command only.
     from collapse_jax.bench import harness, suites  # noqa: PLC0415
 
+    # Before JAX starts its GPU client (device_info below): room for the PyTorch baselines.
+    harness.share_gpu_with_torch(suites.SUITES[args.suite].baselines)
     only = [n for n in args.only.split(",") if n] if args.only else None
     known = {*suites.BENCHES, *suites.THEORY_ROWS}
     for n in only or ():
@@ -259,9 +281,14 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
     )
+    cache_help = f"keep compiled programs in DIR across runs (default ${COMPILE_CACHE_ENV})"
+    common.add_argument(
+        "--compile-cache", metavar="DIR", default=argparse.SUPPRESS, help=cache_help
+    )
     p = argparse.ArgumentParser(prog="collapse-jax", description=__doc__.split("\n\n")[0])
     p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     p.add_argument("--debug", action="store_true", help="show the traceback of any failure")
+    p.add_argument("--compile-cache", metavar="DIR", default=None, help=cache_help)
     sub = p.add_subparsers(dest="command", required=True)
     # A new subcommand: sub.add_parser(name, parents=[common], ...) and set_defaults(fn=...);
     # main() gives every command the same error handling.
@@ -320,7 +347,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     pl.set_defaults(fn=_cmd_plot)
 
-    b = sub.add_parser("bench", help="benchmark the backend JAX sees (table + JSON)")
+    b = sub.add_parser(
+        "bench", parents=[common], help="benchmark the backend JAX sees (table + JSON)"
+    )
     b.add_argument("--suite", default="quick", choices=("quick", "full"))
     b.add_argument(
         "--out", help="JSON file (default benchmarks/results/bench-<suite>-<device>.json)"
@@ -372,6 +401,7 @@ def _main(argv: Sequence[str] | None) -> tuple[int, bool]:
         print(f"collapse-jax: error: unknown --log-level {args.log_level}", file=sys.stderr)
         return 2, False
     log.setLevel(level)  # our own messages; absl/orbax stay at WARNING
+    use_compile_cache(args.compile_cache)
     # Hub ids download when online unless HF_HUB_OFFLINE=1 (lm/hub.py); transformers' advisory
     # "PyTorch was not found" line is noise in a JAX run.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -399,7 +429,7 @@ def describe_failure(e: BaseException) -> tuple[int, str] | None:
         return 1, f"{what}; finished generations are kept: run the same command to resume"
     if isinstance(e, config_lib.ConfigError):
         return 2, _one_line(e)
-    if isinstance(e, distributed.DistributedSetupError):
+    if isinstance(e, distributed.DistributedSetupError | config_lib.MissingExtra):
         return 2, _one_line(e)
     if isinstance(e, commits.RunDirError):
         return e.exit_code, _one_line(e)

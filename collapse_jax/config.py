@@ -80,8 +80,21 @@ MODEL_REGISTRY: dict[str, tuple[str, ...]] = {
 }
 
 
+# Kinds whose learner has a real data set of its own (a design of `num_points` rows, a data set
+# of `num_points` points, MNIST's training images, the LM's training blocks): for them a
+# `generation:` block that sets neither `samples_per_generation` nor `sample_schedule` means "the
+# size of the real data" (null), not the class default 100, which would silently relabel 100
+# rows of a 50-row design or fit 200 real points at generation 0 and 100 afterwards.
+REAL_DATA_SET_KINDS = frozenset({"linear_regression", "kde", "vae", "opt"})
+
+
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the offending key."""
+
+
+class MissingExtra(ImportError):
+    """What a config asks for needs an optional dependency that is not installed; the message
+    names it and the `pip install` line (the CLI prints it as one line, exit code 2)."""
 
 
 def require(ok: bool, key: str, message: str) -> None:
@@ -117,7 +130,9 @@ def reporting_module(kind: str) -> types.ModuleType | None:
 
     A reporting module defines `figures(learner, run, out_dir) -> list[Path]` (the kind's own
     figures of a finished run) and `expected_curves(model_config, mode, sample_sizes, *,
-    selection=False) -> {metric: [G] array}` (closed-form chain means under the policy `mode`).
+    selection=False, generation=None) -> {metric: [G] array}` (closed-form chain means under the
+    policy `mode`; `generation`: the run's `generation:` block, for the mix shares and whatever
+    else a closed form assumes; empty where the run does not match its assumptions).
     """
     if kind not in MODEL_REGISTRY:
         raise ConfigError(f"unknown model kind {kind!r}; valid kinds: {sorted(MODEL_REGISTRY)}")
@@ -192,7 +207,10 @@ class GenerationConfig:
     Attributes:
       num_generations: G, number of models fitted; generation 0 is fitted to real data.
       samples_per_generation: M_0, size of each generation's training set; None = the size of
-        the real data set (the language model regenerates its whole training set).
+        the real data set (the language model regenerates its whole training set), which is
+        also what a config of a kind with a real data set of its own gets when it sets neither
+        this nor `sample_schedule` (`REAL_DATA_SET_KINDS`: linear regression, KDE, VAE, LM);
+        100 for the others (Gaussian, discrete: no natural size; GMM: `model.real_size`).
       sample_growth: M_n = round(M_0 * (n + 1) ** sample_growth); 0 keeps M constant, > 1 is the
         super-linear growth the paper says is needed to bound the error.
       sample_schedule: explicit M_n for every generation (overrides the two fields above).
@@ -205,7 +223,9 @@ class GenerationConfig:
         chain's generation-0 real data set; Alemohammad et al. 2023's fixed real set).
       alpha: share of new synthetic data ("mix").
       beta: share of the previous generation's training data ("mix").
-      gamma: share of original real data ("mix"; the paper's LM runs keep 0.1).
+      gamma: share of original real data ("mix"; the paper's LM runs keep 0.1). With beta = 0,
+        alpha / gamma is Bertrand et al. (2024)'s synthetic-to-real ratio (their lambda; here
+        `lambda_B`), not MAD's sampling bias `model.sampling_bias` (`lambda_MAD`).
       num_trials: R independent chains (vmapped for jittable learners).
       chunk_size: chains processed at once; bounds device memory for 10^6+ chains.
       block_size: generations per jitted scan and per checkpoint of jittable learners.
@@ -627,6 +647,8 @@ def build(cls: type, raw: Mapping[str, Any] | None, where: str = "") -> Any:
             f"unknown config key {prefix}{unknown[0]}; valid keys of {where or 'the root'}: "
             f"{sorted(fields)}"
         )
+    if cls is ExperimentConfig:
+        raw = _real_size_default(raw)
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
@@ -656,6 +678,20 @@ def build(cls: type, raw: Mapping[str, Any] | None, where: str = "") -> Any:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{where or 'config'}: {e}") from e
+
+
+def _real_size_default(raw: dict) -> dict:
+    """An experiment's raw block with `generation.samples_per_generation: null` (the size of the
+    real data) where its kind has a real data set of its own (`REAL_DATA_SET_KINDS`) and the
+    block sets no size."""
+    model = raw.get("model")
+    kind = model.get("kind") if isinstance(model, Mapping) else None
+    gen = raw.get("generation", {})
+    if kind not in REAL_DATA_SET_KINDS or not isinstance(gen, Mapping):
+        return raw
+    if "samples_per_generation" in gen or "sample_schedule" in gen:
+        return raw
+    return {**raw, "generation": {**gen, "samples_per_generation": None}}
 
 
 def _over_default(field: dataclasses.Field, value: Any) -> Any:

@@ -138,7 +138,10 @@ def format_table(planned: dict[str, list[ProgramMemory]], device: jax.Device | N
     notes = set()
     for exp_name, rows in planned.items():
         if not rows:
-            lines.append(f"# {exp_name}: no compiled program to plan (stepped from Python)")
+            lines.append(
+                f"# {exp_name}: not planned (its fit runs chains in batches from Python: "
+                "no single block program)"
+            )
         for r in rows:
             share = "unknown" if limit is None else f"{100 * r.total / limit:.1f}%"
             name = f"{exp_name}: {r.name}" if len(planned) > 1 else r.name

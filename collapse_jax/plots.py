@@ -27,6 +27,37 @@ from collapse_jax.rundir import fileio, reader  # noqa: E402
 _SUFFIXES = ("_se", "_std", "_q05", "_q50", "_q95")
 
 
+# Config keys and metrics in words, for axis labels and titles (others: the key's last part).
+AXIS_WORDS = {
+    "model.dim": "dimension d",
+    "generation.samples_per_generation": "samples per generation M",
+    "generation.policy": "data policy",
+    "generation.num_trials": "chains",
+    "generation.num_generations": "generations",
+    "generation.alpha": "synthetic share alpha",
+    "generation.beta": "previous-data share beta",
+    "generation.gamma": "real-data share gamma",
+    "model.sampling_bias": "sampling bias lambda (MAD)",
+    "model.estimator": "covariance estimator",
+    "model.num_states": "number of states K",
+    "seed": "seed",
+}
+METRIC_WORDS = {
+    "w2": "W2 distance to the original (not squared)",
+    "w2_squared": "squared W2 distance to the original",
+    "trace_cov": "trace of the fitted covariance",
+    "logdet_cov": "log-determinant of the fitted covariance",
+    "mean_dist2": "squared distance of the fitted mean to the original",
+    "gini_simpson": "Gini-Simpson diversity",
+    "support_size": "support size",
+}
+
+
+def words(key: str) -> str:
+    """A config key or metric name in words (AXIS_WORDS, METRIC_WORDS, else its last part)."""
+    return AXIS_WORDS.get(key) or METRIC_WORDS.get(key) or key.split(".")[-1].replace("_", " ")
+
+
 def scalar_metrics(rows: list[dict]) -> list[str]:
     """Names of the chain-mean columns of the summary rows."""
     names: list[str] = []
@@ -59,7 +90,7 @@ def metric_figure(run: reader.Run, name: str, expected: np.ndarray | None, path:
         ax.plot(g, expected[: len(g)], color="C3", lw=1.2, ls="--", label="closed form")
     ax.set_xlabel("generation")
     ax.set_ylabel(name)
-    ax.set_title(f"{run.path.name}: {name}")
+    ax.set_title(f"{run.path.name}: {words(name)}", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
@@ -81,7 +112,11 @@ def expected_curves(
         return {}
     g = cfg.generation
     return reporting.expected_curves(
-        cfg.model, g.policy, np.asarray(sample_sizes), selection=g.selection is not None
+        cfg.model,
+        g.policy,
+        np.asarray(sample_sizes),
+        selection=g.selection is not None,
+        generation=g,
     )
 
 

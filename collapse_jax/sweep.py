@@ -329,9 +329,9 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
         ncol = min(len(facet_items), 4)
         nrow = math.ceil(len(facet_items) / ncol)
         fig, axes = plt.subplots(
-            nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), dpi=100, squeeze=False
+            nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), dpi=100, squeeze=False, sharey=True
         )
-        # one scale (log or linear) for every panel, so that panels compare
+        # one y axis (range and log or linear scale) for every panel, so that panels compare
         log_scale = _positive(rows, list(range(len(rows))), name)
         for ax, (fvals, idx) in zip(axes.flat, facet_items):
             for c, i in enumerate(idx):
@@ -343,12 +343,12 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
                 lo, hi = _series(r, f"{name}_q05"), _series(r, f"{name}_q95")
                 if np.isfinite(lo).any():
                     ax.fill_between(g, lo, hi, color=color, alpha=0.12, lw=0)
-                label = f"{words(last)}: {value_of(i, last)}" if last else "mean"
+                label = f"{plots.words(last)}: {value_of(i, last)}" if last else "mean"
                 ax.plot(g, m, color=color, lw=1.4, label=label)
                 want = expected[i].get(name)
                 if want is not None:  # the learner's closed form for this point, dashed
                     ax.plot(g, np.asarray(want)[: g.size], color=color, lw=1.0, ls="--")
-            title = ", ".join(f"{words(k)}: {v}" for k, v in zip(facet_keys, fvals))
+            title = ", ".join(f"{plots.words(k)}: {v}" for k, v in zip(facet_keys, fvals))
             ax.set_title(title, fontsize=8)
             ax.set_xlabel("generation", fontsize=8)
             ax.set_ylabel(name, fontsize=8)
@@ -361,7 +361,7 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
         what = "chain mean, 5-95 % of chains"
         if any(name in e for e in expected):
             what += "; dashed: closed form"
-        fig.suptitle(f"{sweep.out.name}: {words(name)} ({name})\n({what})", fontsize=9)
+        fig.suptitle(f"{sweep.out.name}: {plots.words(name)} ({name})\n({what})", fontsize=9)
         fig.tight_layout()
         path = out / f"{name}_curves.png"
         fig.savefig(path)
@@ -373,37 +373,6 @@ def sweep_figures(sweep: Sweep, max_metrics: int = 8) -> list[pathlib.Path]:
         for name in metrics:
             files.append(heatmap_figure(sweep, rows, expected, name, out / f"{name}_heatmap.png"))
     return files
-
-
-# Config keys and metrics in words, for axis labels and titles (others: the key's last part).
-AXIS_WORDS = {
-    "model.dim": "dimension d",
-    "generation.samples_per_generation": "samples per generation M",
-    "generation.policy": "data policy",
-    "generation.num_trials": "chains",
-    "generation.num_generations": "generations",
-    "generation.alpha": "synthetic share alpha",
-    "generation.beta": "previous-data share beta",
-    "generation.gamma": "real-data share gamma",
-    "model.sampling_bias": "sampling bias lambda (MAD)",
-    "model.estimator": "covariance estimator",
-    "model.num_states": "number of states K",
-    "seed": "seed",
-}
-METRIC_WORDS = {
-    "w2": "W2 distance to the original (not squared)",
-    "w2_squared": "squared W2 distance to the original",
-    "trace_cov": "trace of the fitted covariance",
-    "logdet_cov": "log-determinant of the fitted covariance",
-    "mean_dist2": "squared distance of the fitted mean to the original",
-    "gini_simpson": "Gini-Simpson diversity",
-    "support_size": "support size",
-}
-
-
-def words(key: str) -> str:
-    """A config key or metric name in words (AXIS_WORDS, METRIC_WORDS, else its last part)."""
-    return AXIS_WORDS.get(key) or METRIC_WORDS.get(key) or key.split(".")[-1].replace("_", " ")
 
 
 def heatmap_grid(
@@ -437,7 +406,7 @@ def heatmap_grid(
 
 def _shared_norm(values: np.ndarray):
     """One colour norm for every panel of a metric: log for positive values spanning more than
-    a decade, symmetric-log for values of one sign spanning more than two, else linear."""
+    a decade, symmetric-log for other values whose magnitudes span more than two, else linear."""
     from matplotlib import colors
 
     v = values[np.isfinite(values)]
@@ -449,8 +418,9 @@ def _shared_norm(values: np.ndarray):
     if lo > 0 and hi / lo > 10:
         return colors.LogNorm(lo, hi), "log"
     mag = np.abs(v[v != 0])
-    if mag.size and (lo >= 0 or hi <= 0) and mag.max() / mag.min() > 100:
-        return colors.SymLogNorm(max(float(mag.min()), 1e-12), vmin=lo, vmax=hi, base=10), "symlog"
+    if mag.size and mag.max() / mag.min() > 100:  # linear within 1e-4 of the largest magnitude
+        thresh = max(float(mag.min()), 1e-4 * float(mag.max()))
+        return colors.SymLogNorm(thresh, vmin=lo, vmax=hi, base=10), "symlog"
     return colors.Normalize(lo, hi), "linear"
 
 
@@ -488,8 +458,8 @@ def heatmap_figure(
         )
         ax.set_xticks(range(len(xs)), xs, fontsize=7)
         ax.set_yticks(range(len(ys)), ys, fontsize=7)
-        ax.set_xlabel(words(kx), fontsize=8)
-        ax.set_ylabel(words(ky), fontsize=8)
+        ax.set_xlabel(plots.words(kx), fontsize=8)
+        ax.set_ylabel(plots.words(ky), fontsize=8)
         for (yy, xx), v in np.ndenumerate(vals):
             cf = grid["closed"][yy, xx]
             text = f"{v:.3g}" if np.isfinite(v) else ("-inf" if v < 0 else f"{v}")
@@ -505,9 +475,10 @@ def heatmap_figure(
             else:
                 color = "k" if not np.isfinite(cf) else "C3"
             ax.text(xx, yy, text, ha="center", va="center", fontsize=6, color=color)
-        title = ", ".join(f"{words(k)}: {v}" for k, v in zip(rest, pk))
+        title = ", ".join(f"{plots.words(k)}: {v}" for k, v in zip(rest, pk))
         ax.set_title(title or "", fontsize=8)
-    label = words(name) + {"log": " (log scale)", "symlog": " (symmetric log scale)"}.get(scale, "")
+    suffix = {"log": " (log scale)", "symlog": " (symmetric log scale)"}.get(scale, "")
+    label = plots.words(name) + suffix
     fig.colorbar(im, ax=list(axes[0]), label=label, shrink=0.9).ax.yaxis.label.set_size(8)
     width = int(fig.get_figwidth() * 15)  # characters of 8-pt text per line
     notes = []
@@ -539,7 +510,8 @@ def _heatmap_caption(sweep: Sweep, rows: list[list[dict]], name: str, notes: str
         f"generation {gens[-1] - 1} (the {gens[-1]}th fit)" if len(gens) == 1 else "last generation"
     )
     return [
-        f"{sweep.out.name}: {words(name)}, mean over {'/'.join(map(str, chains))} chains at {gen}",
+        f"{sweep.out.name}: {plots.words(name)}, mean over {'/'.join(map(str, chains))} chains "
+        f"at {gen}",
         f"{cfgs[0].kind}: {', '.join(fixed)}" + (f"; {notes}" if notes else ""),
     ]
 

@@ -148,7 +148,7 @@ def bench_train(suite: Suite, ctx: dict) -> list[dict]:
         params=n_all,
         matmul_params=n_all - n_pos,
         flops_per_token=fpt,
-        flop_formula="6 N + 12 L D T (N: matmul parameters incl. tied embedding)",
+        flop_formula="6 N + 12 L D T (N: all parameters but the position table)",
         peak_flops=peak,
         peak_source=peak_src,
     )

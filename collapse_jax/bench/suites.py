@@ -11,10 +11,19 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from collapse_jax.bench import gmm, lm, theory, vae
-from collapse_jax.bench.harness import Suite, device_info, device_peak_flops, versions
+from collapse_jax.bench.harness import (
+    FLOP_CONVENTION,
+    Suite,
+    device_info,
+    device_peak_flops,
+    share_gpu_with_torch,
+    targets,
+    versions,
+)
 from collapse_jax.rundir import fileio
 
 SUITES = {
@@ -39,7 +48,9 @@ SUITES = {
         vae_batch=256,
         repeats=1,
     ),
-    # The paper's sizes, for an accelerator (under 8 minutes on one H100/H200).
+    # The paper's sizes, for an accelerator: sized to finish in about 5 minutes on one H100/H200
+    # (mostly compilation), so that with the gpu test lane it fits benchmarks/
+    # gpu_first_contact.sh's 8 minutes.
     "full": Suite(
         name="full",
         opt_layers=12,
@@ -94,7 +105,9 @@ def run(
       progress: called with a line before each measurement (the CLI prints it).
       benches: the measurements by name, in the order they run (default `BENCHES`).
     Returns:
-      {"suite", "settings", "device", "versions", "started", "seconds", "rows": [...]}.
+      {"suite", "settings", "device", "versions", "started", "seconds", "rows": [...],
+       "flop_convention", "targets", "xla_mem_fraction", "compile_cache"}: `targets` compares
+      the rows to the aims on one H100 (`harness.TARGETS`).
     """
     if isinstance(suite, str):
         if suite not in SUITES:
@@ -110,6 +123,7 @@ def run(
             )
     if theory_only:
         wanted = [n for n in wanted if n not in THEORY_ROWS] + ["theory"]
+    mem_fraction = share_gpu_with_torch(suite.baselines)
     peaks: dict[Any, tuple[float, str]] = {}
 
     def peak(device):
@@ -126,13 +140,18 @@ def run(
         device=device_info(),
         versions=versions(),
         started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        flop_convention=FLOP_CONVENTION,
+        xla_mem_fraction=mem_fraction,
+        compile_cache=jax.config.jax_compilation_cache_dir,
         rows=[],
+        targets=[],
     )
     t0 = time.perf_counter()
     for name in [n for n in benches if n in wanted]:
         if progress:
             progress(f"bench {name} ({suite.name}) ...")
         report["rows"].extend(benches[name](suite, ctx))
+        report["targets"] = targets(report["rows"], report["settings"])
         if out is not None:  # finished rows are never lost
             fileio.atomic_write_text(pathlib.Path(out), json.dumps(report, indent=1) + "\n")
     report["seconds"] = time.perf_counter() - t0

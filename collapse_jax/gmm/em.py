@@ -10,7 +10,9 @@ the original distribution grows while its variance shrinks. This module is that 
   diagonal, stop when the per-sample mean log-likelihood changes by less than `tol`) on
   `x [..., N, d]`, every leading index an independent chain. One chain is a `lax.while_loop`;
   `vmap` turns it into a single loop that runs while any chain is unconverged and freezes the
-  finished ones (`benchmarks/bench_gmm.py` compares it with an explicitly masked loop).
+  finished ones (`benchmarks/bench_gmm.py` compares it with an explicitly masked loop). On
+  one CPU device, `fit_em` instead runs a large batch in host-driven rounds on the chains still
+  unconverged (`compacts` says where; never inside `jit`, on accelerators or across devices).
 - `l2_distance(p, q)` is the closed-form squared L2 distance between two mixture densities,
   from the Gaussian product integral  int N(x; a, A) N(x; b, B) dx = N(a; b, A + B).
 
@@ -448,6 +450,7 @@ def fit_em(
     init_method: InitMethod = "kmeans",
     kmeans_max_iter: int = 300,
     trace: bool = False,
+    compact: bool | None = None,
 ) -> EMResult:
     """`fit` that also returns the lower bound, iteration count and convergence flag per chain.
 
@@ -455,6 +458,8 @@ def fit_em(
       x, n_components, init, key, tol, max_iter, reg_covar, init_method, kmeans_max_iter: as
         in `fit`.
       trace: also return every iteration's lower bound, `trace [..., max_iter]`.
+      compact: whether the chains run in compacted rounds (`compacts`): None where that pays
+        and keeps every chain on its device, True wherever possible, False never.
     Returns:
       `EMResult` with leading axes `...`.
     """
@@ -487,10 +492,10 @@ def fit_em(
         n_components, init_method, int(max_iter), int(kmeans_max_iter), bool(trace)
     )
     state = start(xs, keys, init, reg_a)
-    if isinstance(xs, jax.core.Tracer) or nb < 2 * _MIN_BUCKET:
-        state = run(xs, state, tol_a, reg_a, jnp.array(max_iter, jnp.int32))
-    else:
+    if compacts(x, compact):
         state = _run_compacted(run, xs, state, tol_a, reg_a, int(max_iter))
+    else:
+        state = run(xs, state, tol_a, reg_a, jnp.array(max_iter, jnp.int32))
     res = finish(xs, state)
     return jax.tree.map(lambda a: a.reshape(batch + a.shape[1:]), res)
 
@@ -499,11 +504,33 @@ _MIN_BUCKET = 16  # smallest batch of unfinished chains `_run_compacted` runs
 _ROUND_ITERS = 32  # EM iterations between two compactions
 
 
+def compacts(x: jax.Array, compact: bool | None = None) -> bool:
+    """Whether `fit_em` runs the chains of `x [..., N, d]` in compacted rounds
+    (`_run_compacted`) rather than as one vmapped loop at full width.
+
+    The rounds are a loop on the host between compiled programs (each round gathers the
+    unconverged chains, runs them `_ROUND_ITERS` iterations and scatters them back), so they
+    need concrete data: a traced `x` (inside `jit`) always gets the single loop. With
+    `compact=None` they run only where they pay and stay local: `x` on ONE CPU device. On
+    accelerators the masked full-width loop is cheap and a host round trip per round is not;
+    with the chains sharded over several devices (a `mesh:`), each gather would pull every
+    device's chains together. `compact=True` compacts any concrete batch, `False` never. A
+    batch of fewer than 2 * `_MIN_BUCKET` chains is never compacted."""
+    if compact is False or isinstance(x, jax.core.Tracer):
+        return False
+    if math.prod(x.shape[:-2]) < 2 * _MIN_BUCKET:
+        return False
+    if compact:
+        return True
+    devices = x.sharding.device_set if isinstance(x, jax.Array) else jax.devices()[:1]
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
+
+
 def _run_compacted(
     run, xs: jax.Array, state: _EMState, tol: jax.Array, reg: jax.Array, max_iter: int
 ) -> _EMState:
     """Runs the batched EM loop in rounds of `_ROUND_ITERS` iterations, each round only on the
-    chains still running, gathered into a batch padded to a power of four.
+    chains still running, gathered into a batch padded to a power of four (where: `compacts`).
 
     Under `vmap` one `while_loop` runs until the slowest chain finishes, computing (and
     discarding) iterations for every converged chain; EM's iteration counts are long-tailed

@@ -32,7 +32,12 @@ def replay_chain(
 
 
 def expected_curves(
-    config: GMMConfig, mode: str, sample_sizes: np.ndarray, *, selection: bool = False
+    config: GMMConfig,
+    mode: str,
+    sample_sizes: np.ndarray,
+    *,
+    selection: bool = False,
+    generation: Any = None,
 ) -> dict[str, np.ndarray]:
     """E[cov_trace] per generation under the "replace" policy without sampling bias (else empty).
 
@@ -43,6 +48,7 @@ def expected_curves(
     Args:
       config: the run's model config; mode: its policy; sample_sizes: [G] training-set sizes.
       selection: whether the run selects synthetic data (not used by this curve).
+      generation: the run's `generation:` block (unused here).
     """
     if mode != "replace" or config.sampling_bias != 1.0:
         return {}

@@ -204,10 +204,11 @@ class GMMLearner(AbstractLearner[EMResult, jax.Array]):
         )
 
     def fit_chains(self, keys: jax.Array, data: jax.Array, params: EMResult) -> EMResult:
-        """The batched fit the loop uses: `fit_em` over the chains, which runs EM in rounds on
-        the chains still unconverged only (EM's iteration counts are long-tailed, so a plain
-        vmapped loop spends most of its time on chains that have already stopped). Equals
-        `fit` chain by chain up to float rounding.
+        """The batched fit the loop uses: `fit_em` over the chains, which on one CPU device runs
+        EM in rounds on the chains still unconverged only (EM's iteration counts are
+        long-tailed, so a plain vmapped loop spends most of its time on chains that have
+        already stopped; `em.compacts` says where). Equals `fit` chain by chain up to float
+        rounding.
 
         Args:
           keys: [R] fit keys; data: [R, N, d]; params: [R]-batched starting params.

@@ -12,6 +12,13 @@ product over patches, which XLA:CPU's convolutions run slower: that is decided p
 size of the patch tensor. On GPUs and TPUs `lax` convolutions and JAX's own gradients are what
 cuDNN / the MXU are built for, so they are used there unchanged.
 
+Which platform takes which path is decided inside the traced program
+(`jax.lax.platform_dependent`), not from the Python process's default backend: a program
+lowered for CPU carries the custom gradients, one lowered (or exported, `jax.export`) for CUDA or
+TPU the plain `lax` convolutions, whatever machine traced it. tests/unit/test_xla_tricks.py
+checks both on exported programs. `COLLAPSE_JAX_CONV=cpu|lax` (or `method=`) forces one path on
+every platform (for A/B measurements).
+
 benchmarks/bench_vae.py measures the training step with these convolutions, with JAX's own
 gradients of XLA's convolutions, with the previous patch-matmul convolutions and in PyTorch,
 interleaved in one process: benchmarks/results/vae_conv_ab-cpu.json (`images_per_s`,
@@ -39,13 +46,31 @@ Pairs = tuple[tuple[int, int], tuple[int, int]]
 IMPL = os.environ.get("COLLAPSE_JAX_CONV", "auto")
 
 
-def impl() -> str:
-    """The implementation used now: "cpu" (custom gradients) or "lax" (JAX's own)."""
-    if IMPL in ("cpu", "lax"):
-        return IMPL
-    if IMPL != "auto":
-        raise ValueError(f"COLLAPSE_JAX_CONV must be auto, cpu or lax, got {IMPL!r}")
-    return "cpu" if jax.default_backend() == "cpu" else "lax"
+def _setting(method: str | None = None) -> str:
+    """`method`, else COLLAPSE_JAX_CONV: "auto", "cpu" or "lax"."""
+    m = method or IMPL
+    if m not in ("auto", "cpu", "lax"):
+        raise ValueError(f"COLLAPSE_JAX_CONV must be auto, cpu or lax, got {m!r}")
+    return m
+
+
+def impl(platform: str | None = None) -> str:
+    """The implementation a program for `platform` (default: JAX's default backend) runs: "cpu"
+    (custom gradients) or "lax" (JAX's own)."""
+    m = _setting()
+    if m != "auto":
+        return m
+    return "cpu" if (platform or jax.default_backend()) == "cpu" else "lax"
+
+
+def _per_platform(cpu_fn, lax_fn, method, *args):
+    """`cpu_fn(*args)` in programs for CPU and `lax_fn(*args)` elsewhere ("auto"; chosen when
+    the program is lowered, so an exported CUDA/TPU program holds only `lax_fn`), or the one
+    `method` / COLLAPSE_JAX_CONV forces."""
+    m = _setting(method)
+    if m == "auto":
+        return jax.lax.platform_dependent(*args, cpu=cpu_fn, default=lax_fn)
+    return (cpu_fn if m == "cpu" else lax_fn)(*args)
 
 
 def conv(
@@ -62,14 +87,18 @@ def conv(
       kernel: [kh, kw, C, O].
       strides: (sh, sw).
       padding: ((low, high), (low, high)) zero padding of H and W.
-      method: "cpu", "lax" or None (`impl()`).
+      method: "cpu", "lax", "auto" (per platform) or None (COLLAPSE_JAX_CONV, default auto).
     Returns:
       [B, Ho, Wo, O], Ho = (H + low + high - kh) // sh + 1 (and Wo alike).
     """
     strides, padding = _norm(strides, padding)
-    if (method or impl()) == "lax":
-        return _lax_conv(x, kernel, strides, padding)
-    return _conv_cpu(x, kernel, strides, padding)
+    return _per_platform(
+        lambda a, k: _conv_cpu(a, k, strides, padding),
+        lambda a, k: _lax_conv(a, k, strides, padding),
+        method,
+        x,
+        kernel,
+    )
 
 
 def conv_transpose(
@@ -88,14 +117,18 @@ def conv_transpose(
       strides: (sh, sw).
       padding: ((low, high), (low, high)) padding of the dilated input (PyTorch's
         ConvTranspose2d(k, s, p) is padding k - 1 - p on both sides).
-      method: "cpu", "lax" or None (`impl()`).
+      method: "cpu", "lax", "auto" (per platform) or None (COLLAPSE_JAX_CONV, default auto).
     Returns:
       [B, L, M, O] with L = sh * (H - 1) + 1 + low + high - kh + 1 (and M alike).
     """
     strides, padding = _norm(strides, padding)
-    if (method or impl()) == "lax":
-        return lax.conv_transpose(x, kernel, strides, padding, dimension_numbers=_DN)
-    return _conv_transpose_cpu(x, kernel, strides, padding)
+    return _per_platform(
+        lambda a, k: _conv_transpose_cpu(a, k, strides, padding),
+        lambda a, k: lax.conv_transpose(a, k, strides, padding, dimension_numbers=_DN),
+        method,
+        x,
+        kernel,
+    )
 
 
 def _norm(strides, padding) -> tuple[tuple[int, int], Pairs]:

@@ -18,6 +18,7 @@ def expected_curves(
     sample_sizes: np.ndarray,
     *,
     selection: bool = False,
+    generation: Any = None,
 ) -> dict[str, np.ndarray]:
     """Closed-form chain means of `param_error` and `test_mse` for OLS when every generation
     relabels the whole design once: replace (all sizes T) or accumulate (sizes (n + 1) T).
@@ -25,6 +26,7 @@ def expected_curves(
     Args:
       config: the run's model config; mode: its policy; sample_sizes: [G] training-set sizes.
       selection: whether the run selects synthetic data (then no curve is known).
+      generation: the run's `generation:` block (unused here).
     """
     c = config
     if c.ridge != 0 or selection:

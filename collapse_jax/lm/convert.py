@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, serialization
 
+from collapse_jax.config import MissingExtra
 from collapse_jax.lm import torchfile
 from collapse_jax.rundir import fileio
 
@@ -259,7 +260,7 @@ def load_torch_file(file: pathlib.Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(
+        raise MissingExtra(
             f"{file} is a legacy (pre-1.6, non-zip) PyTorch checkpoint and reading it needs "
             "torch, which is not installed; install torch or convert it to model.safetensors"
         ) from e

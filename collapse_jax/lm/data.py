@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from collapse_jax.config import expand_env
+from collapse_jax.config import MissingExtra, expand_env
 from collapse_jax.lm import hub
 from collapse_jax.lm.tokenizer import load_tokenizer
 from collapse_jax.rundir import fileio
@@ -87,7 +87,7 @@ def load_wikitext_lines(source: str | os.PathLike, split: str) -> list[str]:
     Raises:
       FileNotFoundError: the directory or the split's file does not exist.
       ValueError: an unknown split, or a directory that is neither layout.
-      ImportError: the source needs `datasets` / `tensorflow_datasets` and it is not installed.
+      MissingExtra: the source needs `datasets` / `tensorflow_datasets` and it is not installed.
     """
     split = _canonical_split(split)
     src = str(source)
@@ -120,7 +120,7 @@ def _hf_disk_lines(path: pathlib.Path, split: str) -> list[str]:
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError as e:
-        raise ImportError(
+        raise MissingExtra(
             f"{path} is a Hugging Face save_to_disk directory; reading it needs the `datasets` "
             "package: pip install 'collapse-jax[hf]' (or pass a directory with wiki.*.raw files)"
         ) from e
@@ -139,7 +139,7 @@ def _hf_hub_lines(name: str, split: str) -> list[str]:
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError as e:
-        raise ImportError(
+        raise MissingExtra(
             "data source 'hf' needs the `datasets` package: pip install 'collapse-jax[hf]'"
         ) from e
     path, _, config = name.partition("/")
@@ -153,7 +153,7 @@ def _tfds_lines(name: str, split: str) -> list[str]:
     try:
         import tensorflow_datasets as tfds  # type: ignore[import-not-found]
     except ImportError as e:
-        raise ImportError(
+        raise MissingExtra(
             "source 'tfds' needs the `tensorflow_datasets` package (pip install collapse-jax[tfds])"
         ) from e
     ds = tfds.load(name, split=_HF_SPLIT[split])

@@ -34,7 +34,12 @@ from collapse_jax.lm.tokenizer import check_token_ids
 
 
 class Evaluator:
-    """Per-block NLL of a split, sharded like training (compiled once per batch shape)."""
+    """Per-block NLL of a split, sharded like training (compiled once per batch shape).
+
+    `step` is the jitted `eval_step` (params, rest, batch) -> (row NLL sums, row counts), with
+    explicit shardings; building an Evaluator allocates nothing, so `step` can be exported
+    (`jax.export`) for abstract parameters.
+    """
 
     def __init__(
         self,
@@ -53,7 +58,7 @@ class Evaluator:
         self.pad_token_id = pad_token_id
         self.batch_sharding = sharding.batch_sharding(mesh)
         rep = sharding.replicated(mesh)
-        self._fn = jax.jit(
+        self.step = jax.jit(
             functools.partial(eval_step, graphdef=graphdef, compute_dtype=compute_dtype),
             in_shardings=(param_shardings, rest_shardings, self.batch_sharding),
             out_shardings=(rep, rep),
@@ -78,7 +83,7 @@ class Evaluator:
 
         with data_lib.Prefetcher(batches(), depth=2) as it:
             for real, batch in it:
-                s, c = self._fn(params, rest, batch)
+                s, c = self.step(params, rest, batch)
                 sums.append(local_value(s)[:real])
                 counts.append(local_value(c)[:real])
         if not sums:

@@ -16,12 +16,17 @@ or `random_init`), `data:` (a data source picked by `kind`, `DATA_KINDS`), `trai
 (`lm.train_config.TrainConfig`) and `decode:` (`lm.settings.DecodeSettings`).
 
 Data are int32 blocks [N, T] of the data source's token ids everywhere the loop sees them (run
-directories hold OPT ids). With `vocabulary: corpus` the model's vocabulary is restricted to the
-ids that occur in the training blocks (plus the special ids): a much smaller output layer on a
-CPU; ids of the validation and test blocks that training never saw map to the tokenizer's UNK id.
-Blocks are mapped to compact ids on the way into the model and back on the way out; the saved
-model then has `vocab_size` = the compact size and its folder holds `token_ids.npy`, the OPT id of
-every compact id (`token_ids[c]`), so transformers loads it and ids map with one lookup.
+directories hold OPT ids), with their provenance: the loop's data are {"data": blocks [N, T],
+"origin": [N] int32}, origin -1 (`ORIGIN_REAL`) for a real block and g for a block written by
+generation g's model (`stamp`, `loop.learner.Provenance`), saved with the blocks in every
+data file of the run directory (data/gen_XXXXX.npz: "data" and "origin").
+
+With `vocabulary: corpus` the model's vocabulary is restricted to the ids that occur in the training
+blocks (plus the special ids): a much smaller output layer on a CPU; ids of the validation and test
+blocks that training never saw map to the tokenizer's UNK id. Blocks are mapped to compact ids on
+the way into the model and back on the way out; the saved model then has `vocab_size` = the compact
+size and its folder holds `token_ids.npy`, the OPT id of every compact id (`token_ids[c]`), so
+transformers loads it and ids map with one lookup.
 """
 
 from __future__ import annotations
@@ -236,6 +241,28 @@ class OPTExperimentConfig:
         )
 
 
+# Provenance of a block: real, or the generation whose model wrote it (>= 0); `sample` marks its
+# blocks as new until the loop stamps them with their generation (`OPTLearner.stamp`).
+ORIGIN_REAL = -1
+_ORIGIN_NEW = -2
+
+
+def with_origin(blocks: np.ndarray, origin: int) -> dict[str, np.ndarray]:
+    """The learner's data: blocks [N, T] and their provenance, all `origin`."""
+    blocks = np.asarray(blocks, np.int32)
+    return {"data": blocks, "origin": np.full(len(blocks), origin, np.int32)}
+
+
+def blocks_of(data: Any) -> np.ndarray:
+    """The token blocks of the learner's data (a bare array: blocks without provenance)."""
+    return np.asarray(data["data"] if isinstance(data, dict) else data, np.int32)
+
+
+def origin_of(data: Any) -> np.ndarray | None:
+    """The provenance of every block of the learner's data [N], or None when not recorded."""
+    return np.asarray(data["origin"]) if isinstance(data, dict) and "origin" in data else None
+
+
 def build_data_config(raw: dict) -> Any:
     """The data-source config of a `data:` block (its class picked by `kind`)."""
     raw = dict(raw)
@@ -318,18 +345,25 @@ class OPTLearner(AbstractLearner):
         n = len(self.corpus().train)
         return n if requested is None else min(n, requested)
 
-    def real_data(self, key: jax.Array, num: int | None = None) -> np.ndarray:
+    def real_data(self, key: jax.Array, num: int | None = None) -> dict[str, np.ndarray]:
         train = self.corpus().train
-        return train if num is None or num >= len(train) else self.subset(key, train, num)
+        blocks = train if num is None or num >= len(train) else self.subset(key, train, num)
+        return with_origin(blocks, ORIGIN_REAL)
 
     def reference(self, key: jax.Array) -> np.ndarray:
         return self.corpus().eval
 
-    def draw_real(self, key: jax.Array, num: int) -> np.ndarray:
-        return self.subset(key, self.corpus().train, num)
+    def draw_real(self, key: jax.Array, num: int) -> dict[str, np.ndarray]:
+        return with_origin(self.subset(key, self.corpus().train, num), ORIGIN_REAL)
 
-    def subset(self, key: jax.Array, data: np.ndarray, num: int) -> np.ndarray:
-        return data[np.sort(_choice(key, len(data), num))]
+    def subset(self, key: jax.Array, data: Any, num: int) -> Any:
+        idx = np.sort(_choice(key, self.num_samples(data), num))
+        return jax.tree.map(lambda x: x[idx], data)
+
+    def stamp(self, data: dict[str, np.ndarray], generation: int) -> dict[str, np.ndarray]:
+        """`loop.learner.Provenance`: the blocks `sample` wrote become generation's."""
+        origin = np.where(data["origin"] == _ORIGIN_NEW, generation, data["origin"])
+        return {**data, "origin": origin.astype(np.int32)}
 
     # --- model -----------------------------------------------------------------------------
     def init(self, key: jax.Array) -> LMParams:
@@ -374,16 +408,21 @@ class OPTLearner(AbstractLearner):
             cfg.pretrain, cfg.data, self._random_arch(), cfg.random_init.seed
         )
         folder = None if run_dir is None else pathlib.Path(run_dir) / base_lib.BASE_DIR
-        found = base_lib.obtain(
-            folder,
-            key,
-            lambda: _host_local(
-                base_lib.pretrain(self._random_model(), cfg.data, cfg.pretrain, mesh=self._mesh())
-            ),
-            dtype=jnp.dtype(cfg.param_dtype),
-        )
+        found = base_lib.obtain(folder, key, self._pretrain_base, dtype=jnp.dtype(cfg.param_dtype))
         self._cache["base"] = found
         return found
+
+    def _pretrain_base(self) -> tuple[Any, dict[str, Any]]:
+        # Each process pretrains alone on its own devices (deterministic: the same base in every
+        # process), so no collective waits for a process that reads base/ instead (process 0
+        # resuming while the others, in their scratch folders, have no base/). With one process
+        # the mesh is the experiment's own.
+        cfg = self.config
+        with processes.local_devices_only():
+            mesh = (
+                None if self.mesh_config is None else sharding.make_mesh(self.mesh_config.shape())
+            )
+            return base_lib.pretrain(self._random_model(), cfg.data, cfg.pretrain, mesh=mesh)
 
     def _train_config(self, model) -> TrainConfig:
         # Regenerated blocks that stopped at EOS are padded; padding is masked from the loss.
@@ -397,6 +436,7 @@ class OPTLearner(AbstractLearner):
     def fit(self, key: jax.Array, data: np.ndarray, params: LMParams, *, workdir=None, **kw):
         if self.config.learner == "oracle":  # the truth: nothing to fit
             return params
+        data = blocks_of(data)
         if self.config.learner == "counts":
             return LMParams(self._count_table(data))
         start = time.perf_counter()
@@ -424,15 +464,18 @@ class OPTLearner(AbstractLearner):
     def evaluate(self, key: jax.Array, params: LMParams, reference: np.ndarray) -> dict[str, Any]:
         start = time.perf_counter()
         model = params.model
-        per_seq = self._table_perplexity(model, reference) if self._table() else perplexity(
-            model,
-            self._to_model(reference),
-            batch_size=self.config.eval_batch_size,
-            per_sequence=True,
-            mesh=self._mesh(),
-            compute_dtype=self.config.train.compute_dtype,
-            pad_token_id=model.config.pad_token_id,
-        )  # fmt: skip
+        if self._table():
+            per_seq = self._table_perplexity(model, reference)
+        else:
+            per_seq = perplexity(
+                model,
+                self._to_model(reference),
+                batch_size=self.config.eval_batch_size,
+                per_sequence=True,
+                mesh=self._mesh(),
+                compute_dtype=self.config.train.compute_dtype,
+                pad_token_id=model.config.pad_token_id,
+            )
         nll = np.log(per_seq)
         out: dict[str, Any] = {
             "ppl": float(np.exp(nll.mean())),  # exp of the mean token loss (full blocks)
@@ -483,14 +526,31 @@ class OPTLearner(AbstractLearner):
             return None
         return source_lib.build_source(self.config.data.source)
 
-    def data_metrics(self, data: np.ndarray) -> dict[str, Any]:
+    def data_metrics(self, data: Any) -> dict[str, Any]:
         """Metrics of a generation's training data: exact ones under the ground truth (if any);
         on real text, the share of repeated 4-grams within a block (`data_repetition`,
-        seq-rep-4 of Welleck et al. 2020: what beam search does to the data)."""
+        seq-rep-4 of Welleck et al. 2020: what beam search does to the data).
+
+        With the blocks' provenance (`origin`), `synthetic_share` (the share of blocks a model
+        wrote) and, when the data hold synthetic blocks, every scalar metric of those blocks
+        alone with the suffix `_synthetic` (e.g. `support_coverage_synthetic` next to
+        `support_coverage` of the whole pool: under mix or accumulate the pool's value mostly
+        scores the real blocks kept)."""
+        blocks, origin = blocks_of(data), origin_of(data)
+        out = self._block_metrics(blocks)
+        if origin is not None:
+            synthetic = origin != ORIGIN_REAL
+            out["synthetic_share"] = float(synthetic.mean())
+            if synthetic.any():
+                part = self._block_metrics(blocks[synthetic])
+                out.update({f"{k}_synthetic": v for k, v in part.items() if np.ndim(v) == 0})
+        return out
+
+    def _block_metrics(self, blocks: np.ndarray) -> dict[str, Any]:
         src = self.ground_truth()
         if src is None:
-            return {"data_repetition": truth.repetition_rate(data)}
-        return truth.data_metrics(src, source_lib.to_source_ids(data, src.vocab_size))
+            return {"data_repetition": truth.repetition_rate(blocks)}
+        return truth.data_metrics(src, source_lib.to_source_ids(blocks, src.vocab_size))
 
     def prepare(self, run_dir: pathlib.Path) -> None:
         """Records the decode dtype this process resolved (`decode.json`: the setting, the
@@ -571,7 +631,8 @@ class OPTLearner(AbstractLearner):
                 seed=_seed(key),
                 batch_size=cfg.generate_batch_size,
             )
-            return self._to_source(_to_blocks(new, cfg.data.block_size, model.config.pad_token_id))
+            blocks = _to_blocks(new, cfg.data.block_size, model.config.pad_token_id)
+            return with_origin(self._to_source(blocks), _ORIGIN_NEW)
         # Without a workdir (several processes: see loop.sequential) nothing is stored.
         out = pathlib.Path(workdir) / "regenerated" if workdir is not None else None
         new = regenerate(
@@ -585,7 +646,7 @@ class OPTLearner(AbstractLearner):
             progress=False,
         )
         blocks = _to_blocks(np.asarray(new), cfg.data.block_size, model.config.pad_token_id)
-        return self._to_source(blocks)
+        return with_origin(self._to_source(blocks), _ORIGIN_NEW)
 
     # --- persistence -----------------------------------------------------------------------
     def save_params(self, path: pathlib.Path, params: LMParams) -> None:
@@ -633,8 +694,11 @@ class OPTLearner(AbstractLearner):
         """A generation's compiled programs, lowered from abstract shapes (`lm.programs`; the
         memory plan of `--dry-run`): the train step at `train.batch_size` and the
         regeneration's search at `generate_batch_size`, on the experiment's mesh, with the
-        model built as `init` builds it (architecture as in `plan`)."""
+        model built as `init` builds it (architecture as in `plan`). A table learner
+        (`learner: oracle | counts`, a table of V^k x V floats) has none: []."""
         c = self.config
+        if self._table():
+            return []
         arch, _ = self._planned_arch()
         dtype = jnp.dtype(c.param_dtype)
         model = programs_lib.abstract_model(arch, dtype=dtype, param_dtype=dtype)
@@ -646,7 +710,7 @@ class OPTLearner(AbstractLearner):
         train_name = f"train step ({tcfg.batch_size} x {length} tokens, {compute} compute)"
         search_name = (
             f"regeneration ({c.generate_batch_size} prompts x {settings.num_beams} beams, "
-            f"{settings.max_new_tokens} new tokens)"
+            f"{settings.max_new_tokens} new tokens, {settings.dtype or dtype.name})"
         )
         return [
             (
@@ -683,6 +747,9 @@ class OPTLearner(AbstractLearner):
         arch, source = self._planned_arch()
         n_params = _count_params(arch)
         bytes_per = 2 if c.param_dtype == "bfloat16" else 4
+        if self._table():  # a float32 table of V^k x V (the HMM oracle's arrays are smaller)
+            src = c.data.source
+            n_params, source, bytes_per = src.vocab_size ** (src.order + 1), c.learner, 4
         kept = {
             "all": gen.num_generations,
             "last": 1,
@@ -696,7 +763,8 @@ class OPTLearner(AbstractLearner):
         )  # WikiText-2 train: 36,718 64-token blocks
         data_bytes = blocks * c.data.block_size * 4 * gen.num_generations * 2  # data + regenerated
         model_bytes = n_params * bytes_per
-        checkpoints = 2 * 3 * n_params * 4  # best + latest: float32 parameters and two moments
+        # best + latest: float32 parameters and two moments (a table learner keeps none)
+        checkpoints = 0 if self._table() else 2 * 3 * n_params * 4
         return {
             "generations": gen.num_generations,
             "runs": runs,

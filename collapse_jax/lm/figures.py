@@ -56,7 +56,12 @@ def figures(learner: Any, run: reader.Run, out_dir: pathlib.Path) -> list[pathli
 
 
 def expected_curves(
-    config: Any, mode: str, sample_sizes: np.ndarray, *, selection: bool = False
+    config: Any,
+    mode: str,
+    sample_sizes: np.ndarray,
+    *,
+    selection: bool = False,
+    generation: Any = None,
 ) -> dict[str, np.ndarray]:
     """None is known for language models."""
     return {}
@@ -309,8 +314,9 @@ def truth_figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model:
             eval_ids: np.ndarray, num_contexts: int = 4) -> list[Any]:  # fmt: skip
     """The ground-truth figures of a finished (or partial) run.
 
-    - `truth_metrics.png`: kl_to_truth, tail_retention (10-90% of contexts shaded),
-      data_true_nll (5-95% of blocks shaded, entropy rate dashed), support coverage / lost
+    - `truth_metrics.png`: kl_to_truth, tail_kept (10-90% of contexts shaded; the unbounded
+      tail_retention's mean dotted), data_true_nll (5-95% of blocks shaded, the floored NLL
+      dotted, entropy rate dashed, the least NLL of any block dotted), support coverage / lost
       mass, entropy and repetition of the data, against generation;
     - `truth_nll_histograms.png`: per-block true NLL of generations 0, 1, 2, 3, 5, 9's training
       data on a shared axis, the entropy rate marked;
@@ -333,8 +339,12 @@ def truth_figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model:
         "kl_to_truth", "tail_retention", "tail_retention_p10", "tail_retention_p50",
         "tail_retention_p90",
         "data_true_nll", "support_coverage", "lost_mass", "data_entropy", "data_repetition",
-        "data_invalid_rate",
+        "data_invalid_rate", "tail_kept", "tail_kept_p10", "tail_kept_p90",
+        "data_true_nll_floored", "min_block_nll",
     )}  # fmt: skip
+    # The truth's mode: the least NLL per token a block can have (Markov sources; NaN otherwise).
+    floor = series["min_block_nll"][np.isfinite(series["min_block_nll"])]
+    floor = float(floor[0]) if len(floor) else None
     g = run.series("generation")
     per_block = {}
     for gen in gens:
@@ -348,12 +358,20 @@ def truth_figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model:
     ax.set_ylabel("nats")
     ax.set_title("kl_to_truth (held-out contexts)")
     ax = axes[0, 1]
-    ax.fill_between(g, series["tail_retention_p10"], series["tail_retention_p90"], color="C0",
-                    alpha=0.2, lw=0, label="10-90% of contexts")  # fmt: skip
-    ax.plot(g, series["tail_retention"], "o-", color="C0", label="mean")
-    ax.plot(g, series["tail_retention_p50"], ":", color="C0", label="median")
+    if np.isfinite(series["tail_kept"]).any():  # bounded in [0, 1]: 1 = the truth's tail intact
+        ax.fill_between(g, series["tail_kept_p10"], series["tail_kept_p90"], color="C0",
+                        alpha=0.2, lw=0, label="tail_kept, 10-90% of contexts")  # fmt: skip
+        ax.plot(g, series["tail_kept"], "o-", color="C0", label="tail_kept mean")
+        ax.plot(g, series["tail_retention"], ":", color="C1",
+                label="tail_retention mean (unbounded)")  # fmt: skip
+        ax.set_title("tail kept (least probable 10%; 1 = truth)")
+    else:  # runs from before tail_kept
+        ax.fill_between(g, series["tail_retention_p10"], series["tail_retention_p90"],
+                        color="C0", alpha=0.2, lw=0, label="10-90% of contexts")  # fmt: skip
+        ax.plot(g, series["tail_retention"], "o-", color="C0", label="mean (can exceed 1)")
+        ax.plot(g, series["tail_retention_p50"], ":", color="C0", label="median")
+        ax.set_title("tail_retention (least probable 10%)")
     ax.axhline(1.0, color="k", ls="--", lw=0.8, label="truth")
-    ax.set_title("tail_retention (least probable 10%)")
     ax.legend(fontsize=7, frameon=False)
     ax = axes[0, 2]
     if per_block:
@@ -361,7 +379,12 @@ def truth_figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model:
         hi = [np.quantile(per_block[x], 0.95) if x in per_block else np.nan for x in g]
         ax.fill_between(g, lo, hi, color="C2", alpha=0.2, lw=0, label="5-95% of blocks")
     ax.plot(g, series["data_true_nll"], "o-", color="C2", label="mean (valid tokens)")
+    if np.isfinite(series["data_true_nll_floored"]).any():
+        ax.plot(g, series["data_true_nll_floored"], "s:", color="C2",
+                label="impossible tokens at 13.8 nats, positions 1..T-1")  # fmt: skip
     ax.axhline(h, color="k", ls="--", lw=0.8, label="entropy rate")
+    if floor is not None:
+        ax.axhline(floor, color="k", ls=":", lw=0.8, label="least NLL of any block (mode)")
     ax.set_title("data_true_nll of each generation's data")
     ax.set_ylabel("nats / token")
     ax.legend(fontsize=7, frameon=False)
@@ -397,13 +420,16 @@ def truth_figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model:
     shown = [x for x in HISTOGRAM_GENERATIONS if x in per_block and len(per_block[x])]
     if shown:
         allv = np.concatenate([per_block[x] for x in shown])
-        bins = np.linspace(min(allv.min(), h) - 0.05, max(allv.max(), h) + 0.05, 90)
+        lo = min(allv.min(), h, h if floor is None else floor)
+        bins = np.linspace(lo - 0.05, max(allv.max(), h) + 0.05, 90)
         fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
         cmap = plt.get_cmap("viridis")
         for i, x in enumerate(shown):
             ax.hist(per_block[x], bins=bins, histtype="step", density=True, lw=1.4,
                     color=cmap(i / max(1, len(shown) - 1)), label=f"gen {x}")  # fmt: skip
         ax.axvline(h, color="k", ls="--", lw=0.9, label="entropy rate")
+        if floor is not None:
+            ax.axvline(floor, color="k", ls=":", lw=0.9, label="least NLL of any block")
         ax.set_xlabel("true NLL per token of a training block (nats)")
         ax.set_ylabel("density")
         ax.set_title("Training data scored by the truth")

@@ -19,7 +19,8 @@ mixing policies, the sample sizes and the keys, and tells the learner how many p
 capability, declared by implementing a small protocol below, which the loop tests with
 `isinstance`: a batched fit over chains (`BatchedFit`), used instead of vmapping `fit`;
 state-independent sampling noise (`PresampledNoise`), drawn ahead for a block of generations;
-log-likelihoods that selection scores candidates by (`Scorable`); an estimate of a run's cost
+log-likelihoods that selection scores candidates by (`Scorable`); the provenance of every point
+(`Provenance`: real, or the generation that wrote it); an estimate of a run's cost
 (`Plannable`, `collapse-jax run --dry-run`) and its compiled programs, for the dry run's memory
 plan (`HasPrograms`, for learners the loop does not compile: jittable learners are planned from
 the loop's block programs); config fields passed traced so that sweep points
@@ -233,6 +234,18 @@ class Scorable(Protocol):
 
     def truth_log_prob(self, data: Any) -> jax.Array:
         """[N] log-likelihood of each point under the real distribution (the scorer "truth")."""
+
+
+@runtime_checkable
+class Provenance(Protocol):
+    """Data that record where each point came from (a non-jittable learner's): `sample` marks
+    what it draws as new, and the sequential driver stamps the new points of every pool it draws
+    with the generation whose model wrote them, so the record survives mixing, subsetting and
+    resuming (it is part of the data and saved with them)."""
+
+    def stamp(self, data: Any, generation: int) -> Any:
+        """`data` with the points `sample` drew (not yet stamped) marked as written by
+        `generation`; real points and earlier stamps unchanged."""
 
 
 @runtime_checkable

@@ -43,6 +43,7 @@ from collapse_jax.jaxtools import processes
 from collapse_jax.loop.commit import commit_generation, commit_state, prune_params
 from collapse_jax.loop.core import build_data, draw_pool, finish, nothing
 from collapse_jax.loop.keys import base_key, chain_keys, generation_keys, reference_key
+from collapse_jax.loop.learner import Provenance
 from collapse_jax.loop.policy import Carry
 from collapse_jax.loop.schedule import Schedule, requested_real_size
 from collapse_jax.loop.summary import row_and_arrays
@@ -149,6 +150,8 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
                     schedule.counts(g + 1),
                     workdir=wdir / "sample" if resumable else None,
                 )
+                if isinstance(learner, Provenance):  # its new points were written by generation g
+                    nxt = learner.stamp(nxt, g)
                 fileio.save_npz(wdir / "next.npz", _data_arrays(nxt))
             del data, pool, params, new, carry
         # Every chain has finished generation g: commit it.
@@ -183,11 +186,17 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
 
 
 def _data_arrays(data: Any) -> dict[str, np.ndarray]:
+    """A non-jittable learner's data as the arrays of one .npz: a single array is saved as
+    "data"; a dict of arrays (e.g. blocks with their provenance) under its own keys."""
+    if isinstance(data, dict):
+        return {k: np.asarray(v) for k, v in data.items()}
     leaves = jax.tree.leaves(data)
     if len(leaves) != 1:
-        raise TypeError("non-jittable learners' data must be a single array")
+        raise TypeError("non-jittable learners' data must be a single array or a dict of arrays")
     return {"data": np.asarray(leaves[0])}
 
 
-def _load_data(path: pathlib.Path) -> np.ndarray:
-    return fileio.load_npz(path)["data"]
+def _load_data(path: pathlib.Path) -> Any:
+    """What `_data_arrays` saved: the array "data" alone, or the dict of every array."""
+    arrays = fileio.load_npz(path)
+    return arrays["data"] if set(arrays) == {"data"} else arrays

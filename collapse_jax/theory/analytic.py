@@ -212,3 +212,149 @@ def discrete_expectations(probs0: np.ndarray, sample_sizes) -> dict[str, np.ndar
         out["absorbed"] = np.sum(fixed, axis=1)
         out["absorbed_at"] = fixed
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The other data policies (accumulate, accumulate_subsample, mix with fresh real data).
+#
+# Every policy builds generation n's training set T_n (size N_n) as a union of parts: the
+# synthetic share (n_s points of N(mu_{n-1}, lambda Sigma_{n-1})), a uniform subset of n_p points
+# of T_{n-1} without replacement (mix with beta > 0; accumulate: all of it, n_p = N_{n-1}) and
+# n_r fresh real points of N(mu_0, Sigma_0). The union's scatter is (Chan et al.)
+#   S(T_n) = sum_p S_p + sum_{p<q} (n_p n_q / N_n) (m_p - m_q)(m_p - m_q)^T,
+# and given the past, with u_p = m_p - mu_0 and B_{n-1} = E (mu_{n-1} - mu_0)(...)^T:
+#   E S_syn = (n_s - 1) lambda Sigma_{n-1},       u_s = (mu_{n-1} - mu_0) + e_s, Var e_s = lambda
+#                                                 Sigma_{n-1} / n_s;
+#   E S_prev = (n_p - 1) / (N_{n-1} - 1) S_{n-1},  u_p = (mu_{n-1} - mu_0) + e_p, Var e_p = V_p
+#                                                 = S_{n-1} (N_{n-1} - n_p) / (N_{n-1} n_p
+#                                                 (N_{n-1} - 1)) (a subset's mean, no replacement);
+#   E S_real = (n_r - 1) Sigma_0,                  u_r = e_r, Var e_r = Sigma_0 / n_r;
+# e_s, e_p, e_r independent with mean 0, so E u_s u_s^T = B + lambda Sigma / n_s,
+# E u_p u_p^T = B + V_p, E u_s u_p^T = B, E u_r u_r^T = Sigma_0 / n_r, E u_s u_r^T =
+# E u_p u_r^T = 0. Each expectation is linear in (E Sigma_{n-1}, E S_{n-1}, B_{n-1}), all
+# multiples of Sigma_0, so the recursion runs on scalars: E S(T_n) = s_n Sigma_0,
+# E Sigma_n = s_n / D_n Sigma_0 (D_n = N_n - 1 unbiased, N_n MLE) and
+# B_n = sum_{p,q} n_p n_q E u_p u_q^T / N_n^2 (mu_n = sum_p n_p m_p / N_n).
+# accumulate_subsample fits a uniform subset of k_n = M_n points of the pool P_n (all data so
+# far, size N_n, scatter s_n Sigma_0) and adds M_{n+1} synthetic points of that fit to the pool:
+#   E Sigma_n = (k_n - 1) / (N_n - 1) s_n / D(k_n) Sigma_0,  mu_n = m_{P_n} + f, Var f = V(N_n,
+#   k_n) as above, so B_n = B^P_n + V; the pool grows as accumulate with that fit's draws.
+# The discrete (multinomial) analogue tracks Q_n = E sum_i p_n,i^2 (Gini-Simpson = 1 - Q_n) with
+# the same parts: counts X_s ~ Mult(n_s, p_{n-1}), a hypergeometric subset X_p of T_{n-1}'s counts
+# and X_r ~ Mult(n_r, p_0); E sum X_s^2 = n_s (1 - Q) + n_s^2 Q, E sum X_p^2 = n_p (1 - Q)
+# (N - n_p) / (N - 1) + n_p^2 Q, E sum X_r^2 = n_r (1 - Q_0) + n_r^2 Q_0, E sum X_s X_p =
+# n_s n_p Q, and E sum X_s X_r = n_s n_r Q_0 (E p_{n-1} = p_0: every part is unbiased).
+# All of these are checked against Monte Carlo in tests/unit/theory/test_policy_closed_forms.py.
+
+POLICIES_WITH_CLOSED_FORMS = ("replace", "accumulate", "accumulate_subsample", "mix")
+
+
+def _check_counts(counts) -> None:
+    if len(counts) < 1 or int(counts[0]) < 2:
+        raise ValueError("counts: generation 0 needs >= 2 real points")
+
+
+def gaussian_policy_moments(
+    mode: str, counts, estimator: str = "unbiased", sampling_bias: float = 1.0
+) -> dict[str, np.ndarray]:
+    """E Sigma_n / Sigma_0 and E (mu_n - mu_0)(mu_n - mu_0)^T / Sigma_0 per generation of a
+    Gaussian chain under a data policy (the derivation above; "mix" with FRESH real data).
+
+    Args:
+      mode: "replace", "accumulate", "accumulate_subsample" or "mix".
+      counts: [G]: counts[0] the number of real points of generation 0, counts[n] (n >= 1) the
+        (synthetic, previous, real) counts of generation n (`loop.Schedule.counts`; for the
+        accumulate policies the synthetic count M_n added, and accumulate_subsample fits M_n).
+      estimator: "unbiased" or "mle"; sampling_bias: lambda, the synthetic draws' variance factor.
+    Returns:
+      {"cov": [G], "mean": [G]}.
+    """
+    _check_counts(counts)
+    lam = float(sampling_bias)
+
+    def denom(n):
+        return n - 1.0 if estimator == "unbiased" else float(n)
+
+    def sub_var(s, big, k):  # Var of a k-subset's mean from a set of `big` points, scatter s
+        return 0.0 if k >= big else s * (big - k) / (big * k * (big - 1.0))
+
+    m0 = float(counts[0])
+    big, s, b = m0, m0 - 1.0, 1.0 / m0  # N_0, s_0, B_0 (the pool's, for accumulate_subsample)
+    a = s / denom(m0)
+    v_fit = 0.0  # Var of the last fit's mean around the pool's (accumulate_subsample)
+    cov, mean = [a], [b]
+    for c in counts[1:]:
+        n_s, n_p, n_r = (int(v) for v in c)
+        if mode == "accumulate_subsample":
+            # generation n-1's fit (a, mean dev. B + V) was from a subset of the pool
+            new = big + n_s
+            s = s + (n_s - 1.0) * lam * a + (big * n_s / new) * (lam * a / n_s + v_fit)
+            b = b + (n_s / new) ** 2 * (v_fit + lam * a / n_s)
+            big = new
+            a = (n_s - 1.0) / (big - 1.0) * s / denom(n_s)  # a subset of k = n_s points
+            v_fit = sub_var(s, big, n_s)
+            cov.append(a)
+            mean.append(b + v_fit)
+            continue
+        if mode == "accumulate":
+            n_p = int(big)
+        elif mode == "replace":
+            n_p = n_r = 0
+        parts = []  # (n, E scatter, E u u^T, tag)
+        if n_s > 0:
+            parts.append((n_s, (n_s - 1.0) * lam * a, b + lam * a / n_s, "s"))
+        if n_p > 0:
+            v_p = sub_var(s, big, n_p)
+            parts.append((n_p, (n_p - 1.0) / (big - 1.0) * s, b + v_p, "p"))
+        if n_r > 0:
+            parts.append((n_r, n_r - 1.0, 1.0 / n_r, "r"))
+        new = float(sum(p[0] for p in parts))
+
+        s_new = sum(p[1] for p in parts)
+        b_new = sum(p[0] ** 2 * p[2] for p in parts)
+        for i, p in enumerate(parts):
+            for q in parts[i + 1 :]:
+                cross = b if {p[3], q[3]} == {"s", "p"} else 0.0  # E u_p u_q^T, p != q
+                s_new += p[0] * q[0] / new * (p[2] + q[2] - 2.0 * cross)
+                b_new += 2.0 * p[0] * q[0] * cross
+        big, s, b = new, s_new, b_new / new**2
+        a = s / denom(new)
+        cov.append(a)
+        mean.append(b)
+    return {"cov": np.asarray(cov), "mean": np.asarray(mean)}
+
+
+def discrete_policy_gini_simpson(probs0: np.ndarray, mode: str, counts) -> np.ndarray:
+    """E Gini-Simpson diversity per generation of a discrete (multinomial) chain under a data
+    policy (the derivation above; "mix" with fresh real data). `counts` as in
+    `gaussian_policy_moments`. Returns [G]."""
+    _check_counts(counts)
+    p0 = np.asarray(probs0, np.float64)
+    q0 = float(np.sum(p0**2))
+    m0 = float(counts[0])
+    big = m0
+    q = q0 + (1.0 - q0) / m0  # the pool's (accumulate_subsample) or the fit's E sum p^2
+    fit_q = [q]
+    for c in counts[1:]:
+        n_s, n_p, n_r = (float(v) for v in c)
+        if mode == "accumulate_subsample":
+            qf = fit_q[-1]  # the previous fit's, drawn from; the pool's q grows with its draws
+            new = big + n_s
+            q = (big**2 * q + 2.0 * big * n_s * q + n_s * (1.0 - qf) + n_s**2 * qf) / new**2
+            big = new
+            k = n_s
+            fit_q.append(q + (1.0 - q) * (big - k) / (k * (big - 1.0)))
+            continue
+        if mode == "accumulate":
+            n_p = big
+        elif mode == "replace":
+            n_p = n_r = 0.0
+        new = n_s + n_p + n_r
+        tot = n_s * (1.0 - q) + n_s**2 * q
+        if n_p > 0:
+            tot += n_p * (1.0 - q) * (big - n_p) / max(big - 1.0, 1.0) + n_p**2 * q
+        tot += n_r * (1.0 - q0) + n_r**2 * q0
+        tot += 2.0 * (n_s * n_p * q + n_s * n_r * q0 + n_p * n_r * q0)
+        big, q = new, tot / new**2
+        fit_q.append(q)
+    return 1.0 - np.asarray(fit_q)

@@ -262,6 +262,7 @@ def simulate(
     gamma: float = 0.0,
     chunk_size: int = 65536,
     rng_impl: RngImpl = "philox4x32",
+    timings: dict[str, float] | None = None,
 ) -> DiscreteSimulation:
     """Simulates `chains` independent chains of recursive discrete re-estimation.
 
@@ -273,6 +274,8 @@ def simulate(
       method: "exact" (multinomial counts directly) or "sample" (M categorical draws).
       policy, alpha, beta, gamma: mixing policy as in `gaussian.simulate`.
       chunk_size: chains per batch; rng_impl: PRNG of the draws (`DiscreteConfig.rng_impl`).
+      timings: None, or a dict that receives the device time ("kernel_s") and the
+        device-to-host copy time ("copy_s"), measured apart (`loop.simulate_chains`).
     Returns:
       DiscreteSimulation with `.probs [G + 1, R, K]`.
     """
@@ -295,6 +298,7 @@ def simulate(
         chains=chains,
         measure=measure_params,
         chunk_size=chunk_size,
+        timings=timings,
         initial=np.asarray(learner.truth),  # index 0: the original distribution
     )
     return DiscreteSimulation(probs=p, sample_sizes=np.asarray(sizes))

@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402, TID253
 import numpy as np  # noqa: E402
 
+from collapse_jax.config import split_shares  # noqa: E402
 from collapse_jax.theory import analytic  # noqa: E402
 from collapse_jax.theory.discrete import DiscreteConfig  # noqa: E402
 from collapse_jax.theory.gaussian import GaussianConfig  # noqa: E402
@@ -32,30 +33,68 @@ def expected_curves(
     sample_sizes: np.ndarray,
     *,
     selection: bool = False,
+    generation: Any = None,
 ) -> dict[str, np.ndarray]:
-    """Closed-form chain means per generation under the "replace" policy (else empty).
+    """Closed-form chain means per generation, for every policy that has one.
 
-    Gaussian: `trace_cov`, `logdet_cov`, `mean_dist2` (and `w2_squared` for d = 1). Discrete
-    (without truncation): the exactly propagated `support_size`, `lost_tail_mass`,
-    `gini_simpson`, `absorbed`, ... of `analytic.discrete_expectations`.
+    Gaussian: `trace_cov`, `mean_dist2` (and `var` for d = 1) under every policy; `logdet_cov`
+    (and `w2_squared` for d = 1) under "replace" (`analytic.gaussian_expectations`), and
+    `logdet_cov` = -inf under the accumulate policies when generation 0 has M_0 <= d points (its
+    span is never left). Discrete (without truncation): `gini_simpson` under every policy; the
+    exactly propagated `support_size`, `lost_tail_mass`, `absorbed` under "replace". Policies
+    other than "replace" need `generation` (their shares); "mix" needs fresh real data
+    (`real_data: fixed` correlates every generation with generation 0's real set: no closed form
+    here). Nothing is returned for a run that selects synthetic data (selection changes the law).
 
     Args:
       config: the run's model config.
       mode: the run's policy ("replace", "mix", "accumulate", "accumulate_subsample").
-      sample_sizes: [G] the training-set size of each generation (index 0 = real data).
-      selection: whether the run selects synthetic data (not used by these curves).
+      sample_sizes: [G] the training-set size of each generation (index 0 = real data; under
+        "accumulate" the cumulative size, as the summary rows record it).
+      selection: whether the run selects synthetic data.
+      generation: the run's `generation:` block (`config.GenerationConfig`).
     """
-    if mode != "replace":
-        return {}
     sizes = np.asarray(sample_sizes)
-    if isinstance(config, GaussianConfig):
-        return analytic.gaussian_expectations(
-            sizes, config.mean_array(), config.cov_array(), config.estimator, config.sampling_bias
-        )
-    if config.truncation is not None:
+    if selection or sizes.size == 0:
         return {}
-    out = analytic.discrete_expectations(config.probs_array(), sizes)
-    out.pop("absorbed_at", None)
+    if isinstance(config, DiscreteConfig) and config.truncation is not None:
+        return {}
+    if mode == "replace":
+        if isinstance(config, GaussianConfig):
+            return analytic.gaussian_expectations(
+                sizes,
+                config.mean_array(),
+                config.cov_array(),
+                config.estimator,
+                config.sampling_bias,
+            )
+        out = analytic.discrete_expectations(config.probs_array(), sizes)
+        out.pop("absorbed_at", None)
+        return out
+    if generation is None or mode not in analytic.POLICIES_WITH_CLOSED_FORMS:
+        return {}
+    if mode == "mix" and generation.gamma > 0 and generation.real_data != "fresh":
+        return {}
+    if mode == "accumulate":  # the rows record the pool's size: the added counts are its steps
+        sizes = np.diff(sizes, prepend=0)
+    shares = (generation.alpha, generation.beta, generation.gamma)
+    counts = [int(sizes[0])] + [split_shares(int(m), mode, shares) for m in sizes[1:]]
+    if isinstance(config, DiscreteConfig):
+        return {
+            "gini_simpson": analytic.discrete_policy_gini_simpson(
+                config.probs_array(), mode, counts
+            )
+        }
+    mom = analytic.gaussian_policy_moments(mode, counts, config.estimator, config.sampling_bias)
+    cov0 = config.cov_array()
+    out = {
+        "trace_cov": np.trace(cov0) * mom["cov"],
+        "mean_dist2": np.trace(cov0) * mom["mean"],
+    }
+    if config.dim == 1:
+        out["var"] = cov0[0, 0] * mom["cov"]
+    if mode != "mix" and sizes[0] <= config.dim:  # singular from generation 0 on
+        out["logdet_cov"] = np.full(sizes.size, -np.inf)
     return out
 
 
@@ -69,7 +108,9 @@ def figures(learner: Any, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]
 def _curves(learner: Any, run: Any) -> dict[str, np.ndarray]:
     g = run.config.generation
     sizes = np.array([r["sample_size"] for r in run.rows()])
-    return expected_curves(learner.config, g.policy, sizes, selection=g.selection is not None)
+    return expected_curves(
+        learner.config, g.policy, sizes, selection=g.selection is not None, generation=g
+    )
 
 
 def _save(fig, path: pathlib.Path) -> pathlib.Path:

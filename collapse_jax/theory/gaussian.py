@@ -83,8 +83,10 @@ class GaussianConfig:
         passed in; a threefry key takes the fused path). Each gives different numbers with the
         same distribution. The exact method hashes the loop's own key (`jaxtools.prng`, fused
         threefry) whatever this is.
-      sampling_bias: lambda > 0: synthetic data are drawn from N(mu, lambda Sigma) of the fit
-        (lambda < 1 under-disperses, as a low sampling temperature); real data never are.
+      sampling_bias: lambda_MAD > 0, the sampling bias of Alemohammad et al. (2023, "MAD"):
+        synthetic data are drawn from N(mu, lambda_MAD Sigma) of the fit (< 1 under-disperses,
+        as a low sampling temperature); real data never are. Not Bertrand et al. (2024)'s
+        lambda, the synthetic-to-real ratio (`generation.alpha / generation.gamma`).
     """
 
     kind: ClassVar[str] = "gaussian"
@@ -648,6 +650,7 @@ def simulate(
     chunk_size: int = 65536,
     rng_impl: RngImpl = "threefry2x32",
     sampling_bias: float = 1.0,
+    timings: dict[str, float] | None = None,
 ) -> GaussianSimulation:
     """Simulates `chains` independent chains of recursive Gaussian fitting.
 
@@ -672,6 +675,8 @@ def simulate(
         fused and fastest; "philox4x32"; or "default", the key's own); the exact method hashes
         the loop's keys (`collapse_jax.jaxtools.prng`) whatever this is.
       sampling_bias: lambda: each generation's synthetic data come from N(mu, lambda Sigma).
+      timings: None, or a dict that receives the device time ("kernel_s") and the
+        device-to-host copy time ("copy_s"), measured apart (`loop.simulate_chains`).
     Returns:
       GaussianSimulation with `.mean [G + 1, R, d]` and `.cov [G + 1, R, d, d]`.
     """
@@ -706,6 +711,7 @@ def simulate(
         chains=chains,
         measure=measure_params,
         chunk_size=chunk_size,
+        timings=timings,
         initial=(np.asarray(t.mean), np.asarray(t.cov)),  # index 0: the original distribution
     )
     return GaussianSimulation(mean=m, cov=c, sample_sizes=np.asarray(sizes))

@@ -95,8 +95,10 @@ _COS = (4.166664568298827e-2, -1.388731625493765e-3, 2.443315711809948e-5)
 
 def normal_pair_of_bits(a: Array, b: Array) -> tuple[Array, Array]:
     """Two independent standard normals from two uint32 words, by Box-Muller: radius
-    sqrt(-2 log U) from all 32 bits of `a` (U's relative resolution 2^-24 near 0, so the radius
-    reaches 6.8), angle from `b`: 23 bits give phi uniform on (-pi/4, pi/4), whose sin and cos
+    sqrt(-2 log U) from all 32 bits of `a` (U = (a + 1/2) 2^-32, so the radius, and every
+    normal, is capped at sqrt(66 log 2) = 6.76: a truncation of 1.3e-11 of the normal's mass;
+    below it the tail mass is the normal's to 2^-32, tests/unit/theory/test_normal_chi_square.py),
+    angle from `b`: 23 bits give phi uniform on (-pi/4, pi/4), whose sin and cos
     are short polynomials (XLA's sin/cos reduce arbitrary arguments, a longer computation
     than the whole inversion); bit 0 swaps the pair and bits 1, 2 flip their signs, which maps
     phi to an angle uniform on the whole circle. Bits 3-8 of `b` are unused (callers may take
@@ -225,9 +227,12 @@ def normal_and_chi_square(
     candidate for Gamma(df / 2); df = 1: that normal squared), the candidate's uniform, and 30
     bits that seed the lane's further candidates, drawn only where it is rejected
     (`_mt_finish`, which sees the whole vmapped batch and works on the rejected lanes alone).
-    Each lane's draws are exact in distribution (to float32 rounding of the uniforms) and do
-    not depend on the batch; two rejected lanes with equal 30-bit seeds (probability
-    ~ r^2 / 2^31 for r rejected lanes) would share their further candidates.
+    Each lane's draws are exact in distribution (to float32 rounding of the uniforms) except
+    that the normals are capped at 6.76 standard deviations (`normal_pair_of_bits`: the normal
+    has 1.3e-11 of its mass beyond), and do not depend on the batch; two rejected lanes with
+    equal 30-bit seeds (probability ~ r^2 / 2^31 for r rejected lanes: about one pair per
+    generation at 10^6 chains of shape 1) share their further candidates, so that pair's draws
+    are not independent (each one's law is still exact). docs/experiments.md states both.
 
     Args:
       key: a PRNG key (one lane's); df: its degrees of freedom; stream: the word stream.

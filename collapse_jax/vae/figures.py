@@ -16,7 +16,12 @@ from collapse_jax.vae.model import VAEConfig, encode_means, latent_spread, merge
 
 
 def expected_curves(
-    config: VAEConfig, mode: str, sample_sizes: np.ndarray, *, selection: bool = False
+    config: VAEConfig,
+    mode: str,
+    sample_sizes: np.ndarray,
+    *,
+    selection: bool = False,
+    generation: Any = None,
 ) -> dict[str, np.ndarray]:
     """None is known for the VAE."""
     return {}

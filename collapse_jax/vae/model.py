@@ -285,6 +285,23 @@ def init_optimizer(params: Params, cfg: VAEConfig) -> Any:
     return _optimizer(cfg.learning_rate, cfg.weight_decay).init(params)
 
 
+def train_step(
+    params: Params, opt_state: Any, x: jax.Array, mask: jax.Array, key: jax.Array, cfg: VAEConfig
+) -> tuple[Params, Any, jax.Array]:
+    """One optimizer step of `train` on a batch x [B, 28, 28] (mask [B]: 0 drops a padding
+    row); `params` and `opt_state` are donated. Returns (params, opt_state, summed loss)."""
+    return _train_step(
+        params,
+        opt_state,
+        x,
+        mask,
+        key,
+        arch=_arch(cfg),
+        lr=cfg.learning_rate,
+        wd=cfg.weight_decay,
+    )
+
+
 def train_epoch(
     params: Params, opt_state: Any, images: jax.Array, key: jax.Array, cfg: VAEConfig
 ) -> tuple[Params, Any, jax.Array]:

@@ -5,7 +5,8 @@
   bf16, and XLA's float32 attention on the GPU against the CPU, through the whole model's logits;
 - the paper's beam search (and greedy decoding) of a tiny model on the GPU is token-identical to
   the float32 decoder on the CPU at the highest matmul precision;
-- `collapse-jax bench --suite quick` runs and reports MFU.
+- `collapse-jax bench --suite quick` runs and reports MFU;
+- the memory plan of `--dry-run` reads the GPU's memory limit.
 
 Run with `pytest -m gpu` (docs/performance.md); tests/gpu/conftest.py skips these with the reason
 when no GPU is visible.
@@ -22,7 +23,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from collapse_jax import cli
+from collapse_jax import cli, memplan
+from collapse_jax import config as config_lib
 from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import data as data_lib
 from collapse_jax.lm import decode, train
@@ -135,3 +137,17 @@ def test_bench_quick_runs_and_reports_mfu(tmp_path):
     assert rows and all(r["value"] > 0 for r in rows.values())
     if "train_step" in rows:
         assert 0 < rows["train_step"]["mfu"] < 1
+
+
+def test_the_memory_plan_knows_the_gpu_memory(accelerator):
+    if accelerator.platform != "gpu":
+        pytest.skip("a CPU reports no memory limit (this is the lane's CPU check)")
+    limit = memplan.device_memory(accelerator)
+    assert limit is not None and limit > 2**30
+    cfg = config_lib.load_config(
+        config_lib.find_config("theory_gaussian"),
+        ["generation.num_trials=1024", "generation.num_generations=3"],
+    )
+    rows = memplan.plan(cfg)["theory_gaussian"]
+    assert rows and all(0 < r.total < limit for r in rows)
+    assert "device memory unknown" not in memplan.format_table({"g": rows}, accelerator)

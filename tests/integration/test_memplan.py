@@ -38,7 +38,7 @@ def test_the_lm_plan_has_the_train_step_and_the_search_with_positive_sizes():
     planned = memplan.plan(config_lib.from_dict(TINY_LM))
     (train, search) = planned["tiny_lm"]
     assert train.name == "train step (8 x 64 tokens, bfloat16 compute)"
-    assert search.name == "regeneration (4 prompts x 3 beams, 8 new tokens)"
+    assert search.name == "regeneration (4 prompts x 3 beams, 8 new tokens, float32)"  # CPU
     for r in (train, search):
         assert r.source == "compiled memory_analysis"
         assert r.argument > 0 and r.output > 0 and r.temp > 0 and r.total > 0
@@ -51,7 +51,7 @@ def test_the_lm_plan_has_the_train_step_and_the_search_with_positive_sizes():
 
 def test_the_block_programs_of_a_jittable_learner_are_planned():
     cfg = config_lib.load_config(
-        cli.CONFIG_DIR / "theory_gaussian.yaml",
+        config_lib.find_config("theory_gaussian"),
         ["generation.num_trials=64", "generation.num_generations=5", "generation.block_size=4"],
     )
     rows = memplan.plan(cfg)["theory_gaussian"]

@@ -47,8 +47,10 @@ def test_wheel_installs_and_runs_the_quickstart_elsewhere(tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)])
     bin_dir = venv / ("Scripts" if os.name == "nt" else "bin")
+    # --ignore-installed: this environment may hold the project itself (e.g. editable); the venv
+    # gets the wheel's copy whatever is there, and nothing outside the venv is touched.
     _run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-          str(wheel)])  # fmt: skip
+          "--ignore-installed", str(wheel)])  # fmt: skip
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

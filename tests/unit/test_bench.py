@@ -4,9 +4,12 @@ have the documented format, and every number is positive and finite (issue 12).
 
 Speeds are never asserted (benchmarks, not tests)."""
 
+import importlib.util
 import json
 import math
+import os
 
+import jax
 import pytest
 
 from collapse_jax import cli
@@ -105,6 +108,12 @@ def test_report_json_and_table_with_injected_measurements(tmp_path):
     assert "MFU 25.0%" in table and "6 N + 12 L D T" in table and "2.00x" in table
     assert "train 1 s, eval 0.5 s, regen 1.5 s" in table
     assert "paper_generation: extrapolated from slices" in table
+    assert rep["flop_convention"] == harness.FLOP_CONVENTION
+    aims = {t["name"]: t for t in rep["targets"]}
+    assert aims["train_mfu"]["measured"] == 0.25 and aims["train_mfu"]["met"] is False
+    assert aims["paper_generation_s"]["met"] is True  # 3 s < 60 s, at this tiny suite's size
+    assert not any(t["comparable"] for t in rep["targets"])  # TINY is not the aims' size
+    assert "aim train_mfu: 0.25 >= 0.3 MISSED (extrapolated" in table
 
 
 def test_only_selects_measurements_and_theory_rows():
@@ -139,3 +148,49 @@ def test_cli_bench_only(tmp_path, monkeypatch, capsys):
     assert names == ["train_step", "gaussian_exact"]
     assert cli.main(["bench", "--only", "nope"]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_targets_compare_measurements_with_the_aims_at_their_sizes():
+    full = {**vars(TINY), "opt_layers": 12, "opt_width": "125m", "train_batch": 128}
+    full.update(decode_new=64, theory_chains=10**6, theory_generations=100)
+    rows = [
+        dict(name="train_step", mfu=0.35),
+        dict(name="decode_beam", regenerate_37k_s=25.0),
+        dict(name="gaussian_exact", kernel_s=0.5, config=dict(chains=10**5, generations=10)),
+    ]
+    aims = {t["name"]: t for t in harness.targets(rows, full)}
+    assert aims["train_mfu"] | dict(measured=0.35, met=True, comparable=True) == aims["train_mfu"]
+    assert (aims["regenerate_37k_s"]["met"], aims["regenerate_37k_s"]["comparable"]) == (
+        False,
+        True,
+    )
+    assert (
+        aims["paper_generation_s"]["measured"] is None and aims["paper_generation_s"]["met"] is None
+    )
+    # 0.5 s of kernel for 10^6 chain-generations: 50 s for 10^8, linearly.
+    assert aims["theory_kernel_1e6x100_s"]["measured"] == pytest.approx(50.0)
+    assert aims["theory_kernel_1e6x100_s"]["met"] is False
+
+
+def test_jax_takes_less_of_the_gpu_when_torch_baselines_share_it(monkeypatch):
+    env = harness.MEM_FRACTION_ENV
+    monkeypatch.delenv(env, raising=False)
+    assert harness.share_gpu_with_torch(False) is None and env not in os.environ
+    torch_here = importlib.util.find_spec("torch") is not None
+    assert harness.share_gpu_with_torch(True) == ("0.5" if torch_here else None)
+    monkeypatch.setenv(env, "0.3")  # the user's own setting is kept
+    assert harness.share_gpu_with_torch(True) == "0.3"
+
+
+def test_the_compile_cache_comes_from_the_flag_or_the_environment(tmp_path, monkeypatch):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.delenv(cli.COMPILE_CACHE_ENV, raising=False)
+        assert cli.use_compile_cache(None) is None
+        assert jax.config.jax_compilation_cache_dir == before
+        monkeypatch.setenv(cli.COMPILE_CACHE_ENV, str(tmp_path / "env"))
+        assert cli.use_compile_cache(None) == tmp_path / "env"
+        assert cli.use_compile_cache(tmp_path / "flag") == tmp_path / "flag"  # the flag wins
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "flag")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

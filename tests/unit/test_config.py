@@ -5,6 +5,7 @@ import pathlib
 import pytest
 
 from collapse_jax import config as config_lib
+from collapse_jax import loop, plots
 from collapse_jax.config import ConfigError, GenerationConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -131,6 +132,32 @@ def test_every_shipped_config_loads(path):
     exps = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
     for e in exps:
         assert config_lib.learner_class(e.kind) is not None
+
+
+def test_kinds_with_a_real_data_set_default_to_its_size():
+    """Issue 23 item 8: a linear-regression or KDE config that sets no sample size trains every
+    generation on as many points as its real data set (not the class default 100, which would
+    relabel 100 rows of a 50-row design each generation, or fit 200 real points at generation 0
+    and 100 afterwards); kinds without one keep 100; an explicit size is kept, and the linear
+    model's closed form is then not drawn (it assumes the whole design relabelled once)."""
+    lin = {"kind": "linear_regression", "dim": 3, "num_points": 50, "test_points": 4}
+    kde = {"kind": "kde", "dataset": "gaussian", "num_points": 200}
+    for model, n in ((lin, 50), (kde, 200)):
+        for gen in ({}, {"num_generations": 3}):
+            raw = {"name": "x", "model": model, **({"generation": gen} if gen else {})}
+            cfg = config_lib.from_dict(raw)
+            assert cfg.generation.samples_per_generation is None
+            learner = loop.make_learner(cfg)
+            sched = loop.Schedule.of(cfg.generation, learner.real_size(None))
+            assert set(sched.sizes) == {n}
+    gauss = config_lib.from_dict({"name": "x", "model": {"kind": "gaussian"}})
+    assert gauss.generation.samples_per_generation == 100
+    explicit = config_lib.from_dict(
+        {"name": "x", "model": lin, "generation": {"samples_per_generation": 100}}
+    )
+    assert explicit.generation.samples_per_generation == 100
+    assert plots.expected_curves(explicit, [50, 100, 100]) == {}
+    assert "param_error" in plots.expected_curves(explicit, [50, 50, 50])
 
 
 def test_shipped_configs_by_name_old_path_or_file(tmp_path, monkeypatch):

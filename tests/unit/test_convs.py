@@ -59,8 +59,29 @@ def test_cpu_convs_match_lax(shape, kshape, strides, padding):
 def test_impl_choice(monkeypatch):
     monkeypatch.setattr(convs, "IMPL", "auto")
     assert convs.impl() == ("cpu" if jax.default_backend() == "cpu" else "lax")
+    assert convs.impl("cpu") == "cpu" and convs.impl("cuda") == convs.impl("tpu") == "lax"
     monkeypatch.setattr(convs, "IMPL", "lax")
     assert convs.impl() == "lax"
     monkeypatch.setattr(convs, "IMPL", "fast")
     with pytest.raises(ValueError, match="COLLAPSE_JAX_CONV"):
         convs.impl()
+    with pytest.raises(ValueError, match="COLLAPSE_JAX_CONV"):
+        convs.conv(jnp.zeros((1, 4, 4, 1)), jnp.zeros((2, 2, 1, 1)))
+
+
+def test_auto_is_the_cpu_path_bit_for_bit_on_this_backend():
+    """The per-platform choice inside the program changes nothing on the platform it runs on:
+    values and both gradients equal those of the path `impl()` names, bit for bit."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.random((4, 28, 28, 1), np.float32))
+    k = jnp.asarray(rng.normal(size=(4, 4, 1, 8)).astype(np.float32))
+    kt = jnp.asarray(rng.normal(size=(4, 4, 8, 1)).astype(np.float32))
+
+    def loss(x, k, kt, method):
+        h = convs.conv(x, k, (2, 2), ((1, 1), (1, 1)), method=method)
+        return jnp.sum(convs.conv_transpose(h, kt, (2, 2), ((2, 2), (2, 2)), method=method) ** 2)
+
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    auto, forced = f(x, k, kt, "auto"), f(x, k, kt, convs.impl())
+    for a, b in zip(jax.tree.leaves(auto), jax.tree.leaves(forced)):
+        np.testing.assert_array_equal(a, b)

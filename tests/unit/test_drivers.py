@@ -17,7 +17,10 @@ POLICIES = {
 }
 
 
-@pytest.mark.parametrize("policy", list(POLICIES))
+# "replace" in the default tier; the other policies in the integration tier (CI's -m '').
+@pytest.mark.parametrize(
+    "policy", [p if p == "replace" else pytest.param(p, marks=pytest.mark.slow) for p in POLICIES]
+)
 def test_sequential_driver_equals_jittable_driver_chain_by_chain(tmp_path, policy):
     gen = GenerationConfig(
         num_generations=5, samples_per_generation=16, num_trials=3, block_size=2, **POLICIES[policy]

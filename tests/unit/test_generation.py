@@ -24,6 +24,7 @@ def _run(cfg, path, learner_cls=ToyGaussianLearner, **kw):
     return loop.run_generations(cfg, path, learner=learner_cls(cfg.model), **kw)
 
 
+@pytest.mark.slow  # runs killed and resumed: the integration tier (CI's -m '')
 def test_resume_after_kill_is_identical(tmp_path):
     cfg = _cfg(
         num_trials=40, chunk_size=16, block_size=2, policy="mix", alpha=0.6, beta=0.2, gamma=0.2
@@ -70,6 +71,7 @@ def test_vmapped_scan_equals_python_loop_over_chains(tmp_path):
             np.testing.assert_allclose(got[g, r], m["var"], rtol=1e-5)
 
 
+@pytest.mark.slow  # whole runs: the integration tier (CI's -m '')
 def test_accumulate_grows_the_training_set(tmp_path):
     res = _run(_cfg(num_trials=3, policy="accumulate", num_generations=4), tmp_path)
     assert [r["sample_size"] for r in res.rows] == [12, 24, 36, 48]
@@ -96,6 +98,7 @@ class TagLearner(AbstractLearner):
         return jnp.ones((num,))
 
 
+@pytest.mark.slow  # whole runs: the integration tier (CI's -m '')
 def test_mix_policy_shares(tmp_path):
     cfg = _cfg(
         num_trials=20,
@@ -114,6 +117,7 @@ def test_mix_policy_shares(tmp_path):
     assert frac[2:].std() > 0  # the subset of previous data is random
 
 
+@pytest.mark.slow  # runs killed and resumed: the integration tier (CI's -m '')
 def test_python_learner_resume_and_workdirs(tmp_path):
     cfg = _cfg(policy="mix", alpha=0.5, beta=0.3, gamma=0.2)
     full = _run(cfg, tmp_path / "full", learner_cls=ToyNumpyLearner)
@@ -149,6 +153,7 @@ def test_finished_fit_is_not_redone_after_a_crash_in_sample(tmp_path):
     assert res.rows == ref.rows
 
 
+@pytest.mark.slow  # runs and a resume: the integration tier (CI's -m '')
 def test_resume_with_another_config_is_refused(tmp_path):
     _run(_cfg(num_trials=2), tmp_path)
     with pytest.raises(ValueError, match="different config"):
@@ -199,6 +204,7 @@ class KilledOnce(ToyNumpyLearner):
         return super().fit(key, data, params, workdir=workdir)
 
 
+@pytest.mark.slow  # runs killed and resumed: the integration tier (CI's -m '')
 def test_python_learner_runs_several_chains_and_resumes_mid_generation(tmp_path):
     """num_trials = 2 with a non-jittable learner: two independent chains (their own keys),
     resumable per chain and generation; a kill inside chain 1 of generation 1 resumes to the
@@ -229,6 +235,7 @@ def test_python_learner_runs_several_chains_and_resumes_mid_generation(tmp_path)
     np.testing.assert_array_equal(d, ToyNumpyLearner(cfg.model).real_data(k_real, 12))
 
 
+@pytest.mark.slow  # whole runs: the integration tier (CI's -m '')
 @pytest.mark.parametrize("real_data", ["fixed", "fresh"])
 def test_real_share_fixed_or_fresh(tmp_path, real_data):
     """generation.real_data: "fixed" takes the gamma share from the chain's generation-0 real

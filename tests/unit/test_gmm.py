@@ -31,7 +31,12 @@ DATASETS = {
 }
 
 
-@pytest.mark.parametrize("method", gmm.INIT_METHODS)
+# k-means initialisation (Lloyd's loop compiled in) in the integration tier (CI's -m '');
+# test_kmeans_init_separates_blobs keeps it in the default tier.
+@pytest.mark.parametrize(
+    "method",
+    [pytest.param(m, marks=pytest.mark.slow) if m == "kmeans" else m for m in gmm.INIT_METHODS],
+)
 def test_lower_bound_never_decreases(method):
     """EM's monotonicity over 32 chains of every kind of start. In float64 it holds to rounding
     even with 3 components on 2 blobs (near-singular components appear); float32, where a
@@ -86,6 +91,7 @@ def test_recovers_known_parameters(key):
     assert np.all(np.abs(s - t) < 5 * se_s)
 
 
+@pytest.mark.slow  # EM over many chains, three ways: the integration tier (CI's -m '')
 def test_batched_chains_are_independent_and_compaction_is_exact():
     """12 chains of different difficulty, with leading axes [2, 6]: each equals its own fit
     alone, and the compacted host loop equals one jitted while_loop over all chains (float64,

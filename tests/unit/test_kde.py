@@ -67,6 +67,7 @@ def test_variance_closed_form_and_sampler(key, bandwidth):
     assert abs(s.var() - v) < Z * se
 
 
+@pytest.mark.slow  # whole runs: the integration tier (CI's -m '')
 @pytest.mark.parametrize("bandwidth", [0.5, "silverman"])
 def test_variance_recursion_through_the_loop(tmp_path, bandwidth):
     """E Var_n of the refitted 1-D KDE (`expected_variance`), 10^4 chains of N = 16 points,

@@ -40,6 +40,7 @@ def _run(tmp_path, policy, gens, **model):
     return cfg, loop.run_generations(cfg, tmp_path / policy).rows
 
 
+@pytest.mark.slow  # whole runs: the integration tier (CI's -m '')
 @pytest.mark.parametrize("policy,gens,lam", [("replace", 4, 0.5), ("accumulate", 3, 1.0)])
 def test_param_error_matches_closed_form(tmp_path, policy, gens, lam):
     """E||w_n - w*||^2: (n+1) s^2 d/(T-d-1) (replace), s^2 d/(T-d-1) sum_{k<=n+1} 1/k^2
@@ -92,6 +93,7 @@ def test_world_survives_mixing_with_fresh_real_data(key):
     assert not bool(only_real.has_world)
 
 
+@pytest.mark.slow  # a whole run: the integration tier (CI's -m '')
 def test_mixed_policy_runs_and_stays_bounded(tmp_path):
     """alpha = gamma = 1/2 (half the rows refreshed with real labels each generation) keeps the
     error bounded well below replace's linear growth (the mean over 2000 chains is within a

@@ -79,6 +79,7 @@ def test_training_resumes_from_epoch_checkpoints(images, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), full, resumed)
 
 
+@pytest.mark.slow  # a whole run (test_smoke keeps one VAE run): the integration tier (CI's -m '')
 def test_two_generations_end_to_end(data_dir, tmp_path):
     """Mixing policy with real images (gamma), the run directory, figures and latent spread."""
     model = vae.VAEConfig(

@@ -20,7 +20,9 @@ import pytest
 from jax import export
 
 from collapse_jax.config import MeshConfig
-from collapse_jax.jaxtools import prng
+from collapse_jax.gmm import em
+from collapse_jax.gmm.em import GMMParams
+from collapse_jax.jaxtools import convs, prng, sharding
 from collapse_jax.theory import discrete, gaussian, samplers
 
 _U = jnp.uint32
@@ -199,3 +201,78 @@ def test_under_a_mesh_the_theory_samplers_do_not_compact():
         np.testing.assert_array_equal(masked(keys, num), compacted(keys, num))
         assert _count(r"\bscatter\(", compacted.as_text()) > 0
         assert _count(r"\bscatter\(", masked.as_text()) == 0
+
+
+def _em_batch(chains: int = 32) -> tuple[jax.Array, GMMParams]:
+    """`chains` two-cluster data sets [chains, 40, 2] and one shared EM start."""
+    rng = np.random.default_rng(3)
+    centres = np.array([[-2.0, 0.0], [2.0, 0.0]], np.float32)
+    x = centres[rng.integers(0, 2, (chains, 40))] + rng.normal(size=(chains, 40, 2))
+    init = GMMParams(
+        jnp.full((2,), 0.5), jnp.asarray(centres * 0.5), jnp.broadcast_to(jnp.eye(2), (2, 2, 2))
+    )
+    return jnp.asarray(x, jnp.float32), init
+
+
+@pytest.mark.parametrize("platform", ACCELERATORS)
+def test_gmm_compaction_is_not_in_the_accelerator_program(platform):
+    """`gmm.fit_em`'s compaction of converged chains is host-driven rounds, on one CPU device
+    only (`em.compacts`): the program a jitted fit exports for CUDA / TPU is the plain vmapped
+    loop, one while loop over every chain with no gather or scatter of chains."""
+    x, init = _em_batch()
+    text = _exported(lambda x: em.fit_em(x, n_components=2, init=init).params, platform, x)
+    assert _count(r"stablehlo\.while", text) == 1
+    assert "gather" not in text and "scatter" not in text
+
+
+def test_gmm_compacts_on_one_cpu_device_only():
+    """Concrete chains on one CPU device run in compacted rounds; chains sharded over a mesh's
+    devices run as one full-width loop (no gather across devices), traced chains too. The
+    sharded run gives the same fits up to float32 rounding (the batch size changes XLA's
+    reductions), and the same iteration counts but for a chain whose last change of the
+    lower bound lies within rounding of `tol` (one iteration apart: its fit then differs by
+    that iteration's small step, so only the chains of equal counts are compared)."""
+    x, init = _em_batch()
+    assert em.compacts(x) and not em.compacts(x, compact=False)
+    assert not em.compacts(x[:31])  # too few chains to pay (fewer than two smallest rounds)
+    sharded = jax.device_put(x, sharding.batch_sharding(sharding.make_mesh(MeshConfig())))
+    assert len(sharded.sharding.device_set) == 8 and not em.compacts(sharded)
+    assert em.compacts(sharded, compact=True)
+    seen = []
+    jax.jit(lambda x: seen.append(em.compacts(x)) or x).lower(x)
+    assert seen == [False]
+    one = em.fit_em(x, n_components=2, init=init, max_iter=200)
+    spread = em.fit_em(sharded, n_components=2, init=init, max_iter=200)
+    n_one, n_spread = np.asarray(one.n_iter), np.asarray(spread.n_iter)
+    same = n_one == n_spread
+    assert np.abs(n_spread - n_one).max() <= 1 and same.mean() > 0.8
+    for a, b in zip(spread.params, one.params):
+        np.testing.assert_allclose(np.asarray(a)[same], np.asarray(b)[same], rtol=1e-4, atol=1e-4)
+
+
+def _conv_layers(x, k, kt, method=None):
+    """A strided convolution to 32 channels and a transposed one back to one (the VAE's first
+    and last layers' shapes): the thin layer takes the patch-matmul paths on CPU."""
+    h = convs.conv(x, k, (2, 2), ((1, 1), (1, 1)), method=method)
+    y = convs.conv_transpose(h, kt, (2, 2), ((2, 2), (2, 2)), method=method)
+    return jnp.sum(y * y)
+
+
+_CONV_ARGS = (
+    jax.ShapeDtypeStruct((8, 28, 28, 1), jnp.float32),
+    jax.ShapeDtypeStruct((4, 4, 1, 32), jnp.float32),
+    jax.ShapeDtypeStruct((4, 4, 32, 1), jnp.float32),
+)
+
+
+@pytest.mark.parametrize("platform", ACCELERATORS)
+def test_convs_choose_their_path_per_platform_inside_the_program(platform):
+    """`convs` decides inside the traced program: exported from this CPU, the CPU program holds
+    the custom gradients (patch and col2im matmuls of the thin layer), the CUDA/TPU program only
+    XLA's convolutions and JAX's own gradients."""
+    grads = jax.grad(_conv_layers, argnums=(0, 1, 2))
+    cpu = _exported(grads, "cpu", *_CONV_ARGS)
+    acc = _exported(grads, platform, *_CONV_ARGS)
+    assert "stablehlo.dot_general" in cpu
+    assert "stablehlo.dot_general" not in acc
+    assert _count(r"stablehlo\.convolution", acc) == 6  # 2 forward, 2 x 2 gradients

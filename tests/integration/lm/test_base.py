@@ -15,22 +15,11 @@ from collapse_jax import config as config_lib
 from collapse_jax import loop
 from collapse_jax.lm import base, source, train, truth
 from collapse_jax.lm.experiment import OPTLearner
+from tests.integration.lm.test_source_experiment import SHRINK  # with the base shrunk too
 
 pytestmark = pytest.mark.slow
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[3] / "configs" / "lm"
-SHRINK = [
-    "model.random_init.hidden_size=16", "model.random_init.num_hidden_layers=1",
-    "model.random_init.num_attention_heads=2", "model.random_init.ffn_dim=32",
-    "model.random_init.max_position_embeddings=40",
-    "model.data.source.vocab_size=12", "model.data.source.support=5",
-    "model.data.num_train_blocks=12", "model.data.num_eval_blocks=8", "model.data.block_size=16",
-    "model.train.epochs=1", "model.train.batch_size=6", "model.eval_batch_size=8",
-    "model.decode.num_beams=2", "model.decode.max_new_tokens=16",
-    "model.decode.min_new_tokens=16", "model.generate_batch_size=12",
-    "model.pretrain.num_blocks=48", "model.pretrain.train.epochs=1",
-    "model.pretrain.train.batch_size=12", "generation.num_generations=2",
-]  # fmt: skip
+CONFIGS = pathlib.Path(__file__).resolve().parents[3] / "collapse_jax" / "configs" / "lm"
 
 
 def count_bigram_kl(src, train_ids: np.ndarray, eval_ids: np.ndarray, alpha: float = 0.01):

@@ -108,10 +108,12 @@ def test_download_fetches_the_first_weight_format_the_repo_has(tmp_path, monkeyp
 
 
 def test_missing_datasets_extra_names_the_install_line(monkeypatch):
+    from collapse_jax import cli
+    from collapse_jax.config import MissingExtra
     from collapse_jax.lm import data
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails
-    with pytest.raises(ImportError) as info:
+    with pytest.raises(MissingExtra) as info:
         data.load_wikitext_lines("hf", "valid")
-    message = str(info.value)
-    assert "pip install 'collapse-jax[hf]'" in message and "\n" not in message
+    code, line = cli.describe_failure(info.value)  # what the CLI prints, no traceback
+    assert code == 2 and "pip install 'collapse-jax[hf]'" in line and "\n" not in line

@@ -1,5 +1,7 @@
 """The exact collapse metrics (collapse_jax.lm.truth) on hand-computed cases and on sources."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -182,8 +184,6 @@ def test_floored_nll_scores_impossible_tokens_and_skips_position_0(src):
 @pytest.mark.parametrize("order", [1, 2])
 def test_min_block_nll_is_the_best_block_by_brute_force(order):
     """Heterogeneous weights (Zipf over 2 to 4 continuations), every block of 5 tokens."""
-    import itertools
-
     s = S.build_source(S.SourceConfig(vocab_size=4, order=order, support=4, support_min=2,
                                       zipf_a=1.3, seed=1))  # fmt: skip
     every = np.array(list(itertools.product(range(4), repeat=5)), np.int32)

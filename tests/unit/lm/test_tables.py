@@ -2,6 +2,7 @@
 the exact learner's estimate is the counts, and the decoders treat a table like a transformer."""
 
 import itertools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,8 @@ import pytest
 from collapse_jax import config as config_lib
 from collapse_jax.lm import source as S
 from collapse_jax.lm import tables, truth
-from collapse_jax.lm.experiment import OPTExperimentConfig, OPTLearner
+from collapse_jax.lm.experiment import ORIGIN_REAL, OPTExperimentConfig, OPTLearner, blocks_of
+from collapse_jax.lm.processors import process_scores
 from collapse_jax.lm.settings import DecodeSettings
 
 
@@ -87,7 +89,7 @@ def test_the_oracle_under_greedy_and_beam_reaches_the_minimum_nll(zipf_a, beams)
     )
     src = learner.ground_truth()
     params = learner.init(jax.random.key(0))
-    data = learner.sample(jax.random.key(1), params, 64)
+    data = blocks_of(learner.sample(jax.random.key(1), params, 64))
     floor = -np.log(S.zipf_weights(5, zipf_a)[0])
     nll = truth.data_true_nll(src, S.to_source_ids(data, 12))
     assert nll["invalid_rate"] == 0.0
@@ -119,8 +121,9 @@ def test_the_oracle_under_sampling_keeps_the_entropy_rate(key):
     data = learner.real_data(jax.random.key(0))
     for g in range(4):
         params = learner.fit(jax.random.key(10 + g), data, params)
-        data = learner.sample(jax.random.fold_in(key, g), params, 64)
-        nll = truth.data_true_nll(src, S.to_source_ids(data, 12), skip_first=True)
+        data = learner.stamp(learner.sample(jax.random.fold_in(key, g), params, 64), g)
+        assert np.all(data["origin"] == g)
+        nll = truth.data_true_nll(src, S.to_source_ids(data["data"], 12), skip_first=True)
         per_block = nll["per_block"]
         se = per_block.std(ddof=1) / np.sqrt(len(per_block))
         assert abs(nll["mean"] - h) < 3.5 * se, (g, nll["mean"], h, se)
@@ -131,7 +134,9 @@ def test_the_counts_learner_fits_and_persists(tmp_path):
     learner = _learner(learner="counts", count_smoothing=0.5)
     data = learner.real_data(jax.random.key(0))
     params = learner.fit(jax.random.key(1), data, learner.init(jax.random.key(0)))
-    want = tables.smoothed(tables.transition_counts(S.to_source_ids(data, 12), 1, 12), 0.5)
+    assert np.all(data["origin"] == ORIGIN_REAL)
+    blocks = S.to_source_ids(data["data"], 12)
+    want = tables.smoothed(tables.transition_counts(blocks, 1, 12), 0.5)
     np.testing.assert_allclose(np.exp(np.asarray(params.model.log_table)), want, rtol=1e-6)
     learner.save_params(tmp_path, params)
     back = learner.load_params(tmp_path, None)
@@ -162,3 +167,49 @@ def test_table_learners_need_a_source():
         config_lib.build(OPTExperimentConfig, {"learner": "oracle"}, "model")
     with pytest.raises(Exception, match="model.learner"):
         _learner(learner="counts", source={"kind": "hmm"})
+
+
+def test_data_metrics_of_the_synthetic_part_next_to_the_pool():
+    learner = _learner(
+        learner="oracle",
+        decode={
+            "max_new_tokens": 24,
+            "min_new_tokens": 24,
+            "num_beams": 3,
+            "repetition_penalty": 1.0,
+        },  # fmt: skip
+    )
+    real = learner.real_data(jax.random.key(0))
+    params = learner.init(jax.random.key(0))
+    synth = learner.stamp(learner.sample(jax.random.key(1), params, 48), 0)
+    pool = learner.concat([synth, learner.draw_real(jax.random.key(2), 16)])
+    assert pool["origin"].tolist() == [0] * 48 + [ORIGIN_REAL] * 16
+    m = learner.data_metrics(pool)
+    assert m["synthetic_share"] == 0.75
+    alone = learner.data_metrics({"data": synth["data"], "origin": synth["origin"]})
+    for k in ("support_coverage", "lost_mass", "data_true_nll", "data_repetition"):
+        assert m[f"{k}_synthetic"] == alone[k]
+    # Beam search from the oracle loses support that the kept real blocks put back.
+    assert m["support_coverage"] > m["support_coverage_synthetic"]
+    assert "support_coverage_synthetic" not in learner.data_metrics(real)
+    sub = learner.subset(jax.random.key(3), pool, 10)
+    for row, origin in zip(sub["data"], sub["origin"]):  # every block keeps its provenance
+        (i,) = np.nonzero((pool["data"] == row).all(1))[0][:1]
+        assert pool["origin"][i] == origin
+
+
+def test_sampling_configs_draw_from_the_whole_distribution():
+    """`top_k: 0` is no truncation (not transformers' default 50), and the T=1 sampling configs
+    set every knob of the paper's decode block back (beams 1, no penalty)."""
+    configs = pathlib.Path(__file__).resolve().parents[3] / "collapse_jax" / "configs" / "lm"
+    for name in ("truth_markov_sample", "truth_oracle_sample", "truth_counts_sample"):
+        d = config_lib.load_config(configs / f"{name}.yaml").model.decode
+        assert (d.do_sample, d.num_beams, d.top_k, d.top_p) == (True, 1, 0, 1.0), name
+        assert (d.temperature, d.repetition_penalty) == (1.0, 1.0), name
+    scores = jax.random.normal(jax.random.key(0), (4, 67))
+    seen = jnp.zeros((4, 67), bool)
+    full = DecodeSettings(max_new_tokens=1, do_sample=True, top_k=0)
+    np.testing.assert_array_equal(process_scores(scores, seen, jnp.int32(0), full), scores)
+    cut = DecodeSettings(max_new_tokens=1, do_sample=True, top_k=50)
+    kept = np.isfinite(np.asarray(process_scores(scores, seen, jnp.int32(0), cut)))
+    assert kept.sum(1).tolist() == [50] * 4

@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import collections
 import io
+import json
 import os
 import pickle
 import zipfile
@@ -16,7 +17,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from collapse_jax.lm import convert, torchfile
+from collapse_jax.lm import opt, torchfile
+from tests.multihost_worker import TINY
 
 
 class _Global:
@@ -143,9 +145,10 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, payload):
     assert "\n" not in message and str(path) in message and "refused to load" in message
     assert ("eval" if payload == "eval" else "system") in message
     assert not marker.exists()
-    # The loader's entry point refuses it the same way.
+    # Loading the folder as an OPT checkpoint refuses it the same way.
+    (tmp_path / "config.json").write_text(json.dumps(opt.OPTConfig(**TINY).to_hf_dict()))
     with pytest.raises(ValueError, match="refused to load"):
-        convert.load_torch_file(path)
+        opt.load_pretrained(tmp_path)
     assert not marker.exists()
 
 

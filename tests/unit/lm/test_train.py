@@ -123,7 +123,12 @@ def single_device_loss_and_grads():
 
 @pytest.mark.parametrize(
     "shape",
-    [{"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}],
+    # data parallel in the default tier; the other meshes in the integration tier (CI's -m '')
+    [
+        {"data": 8},
+        pytest.param({"fsdp": 8}, marks=pytest.mark.slow),
+        pytest.param({"data": 2, "fsdp": 2, "tensor": 2}, marks=pytest.mark.slow),
+    ],
     ids=["data", "fsdp", "data+fsdp+tensor"],
 )
 def test_meshes_give_single_device_loss_and_grads(shape, single_device_loss_and_grads):
@@ -205,6 +210,7 @@ def test_finetune_history_schedule_and_copy(reference_run):
     assert ppl == pytest.approx(hist["valid_ppl"][-1], rel=1e-5)
 
 
+@pytest.mark.slow  # a second fine-tune on a mesh: the integration tier (CI's -m '')
 def test_finetune_same_curve_on_another_mesh(reference_run):
     model, blocks, _, _, hist = reference_run
     mesh = _mesh({"data": 2, "fsdp": 2, "tensor": 2})

@@ -66,6 +66,7 @@ def test_kill_and_resume_gives_identical_losses(uninterrupted, tmp_path):
     assert h2["lr"] == hist["lr"]
 
 
+@pytest.mark.slow  # a fine-tune restored on a mesh: the integration tier (CI's -m '')
 def test_restore_onto_another_mesh(uninterrupted, tmp_path):
     model, blocks, ckdir, hist = uninterrupted
     # Continue the uninterrupted run's step-4 checkpoint on a (2, 2, 2) mesh.

@@ -255,3 +255,12 @@ def test_truncation_loses_exactly_the_truncated_states_mass(tmp_path):
     assert np.all(lost[2] >= lost[1] - 1e-7)
     with pytest.raises(ConfigError, match="truncation"):
         discrete.DiscreteConfig(num_states=4, truncation=5)
+
+
+def test_timing_the_kernel_and_the_copy_apart_changes_no_number():
+    kw = dict(probs=[0.5, 0.3, 0.2], chains=40, generations=3, sample_size=20, chunk_size=16)
+    plain = discrete.simulate(jax.random.key(7), **kw)
+    timings: dict[str, float] = {}
+    timed = discrete.simulate(jax.random.key(7), timings=timings, **kw)
+    np.testing.assert_array_equal(timed.probs, plain.probs)
+    assert set(timings) == {"kernel_s", "copy_s"} and min(timings.values()) > 0
