@@ -30,14 +30,9 @@ from tests.integration.lm.test_source_experiment import DEFAULT, SHRINK
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT_S = 420
-# The config's pretrained base (base/, made in the run's first start and sent on resume) shrunk
-# to 2 steps: its sums drift apart in float32 over many steps (6 epochs of 64: rtol 5e-4).
-TINY_BASE = [
-    "model.pretrain.num_blocks=12",
-    "model.pretrain.train.epochs=1",
-    "model.pretrain.train.batch_size=6",
-]
-OVERRIDES = [*SHRINK, *TINY_BASE, "mesh.data=-1"]
+# SHRINK keeps the config's pretrained base (base/, made at the run's first start and sent on
+# resume) to 4 steps: over the full 384 its float32 sums drift apart (rtol 5e-4, not 1e-5).
+OVERRIDES = [*SHRINK, "mesh.data=-1"]
 
 
 def _free_port() -> int:
@@ -125,7 +120,7 @@ def test_two_processes_through_the_cli_write_once_resume_and_match_one(tmp_path)
     assert list((tmp_path / "resumed-tmp1").iterdir()) == []
 
     # 3. One process with 4 devices (the same global device count and mesh).
-    cfg = config_lib.load_config(DEFAULT, [*SHRINK, *TINY_BASE, "mesh.data=4"])
+    cfg = config_lib.load_config(DEFAULT, [*SHRINK, "mesh.data=4"])
     ref = tmp_path / "ref"
     loop.run_generations(cfg, ref, learner=loop.make_learner(cfg))
     multi, single = _rows(out), _rows(ref)
