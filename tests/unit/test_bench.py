@@ -194,3 +194,20 @@ def test_the_compile_cache_comes_from_the_flag_or_the_environment(tmp_path, monk
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "flag")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_command_takes_the_compile_cache_flag_before_or_after_its_name(first, tmp_path, capsys):
+    before = jax.config.jax_compilation_cache_dir
+    flag = ["--compile-cache", str(tmp_path / "c")]
+    argv = (
+        [*flag, "show-config", "theory_gaussian"]
+        if first
+        else ["show-config", "theory_gaussian", *flag]
+    )
+    try:
+        assert cli.main(argv) == 0
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "c")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+    assert "theory_gaussian" in capsys.readouterr().out
