@@ -24,10 +24,11 @@ single-chain run) and `folder/chain_XXXXX` for the others. Per generation g and 
 Once every chain is done the generation is committed (data, params, row, arrays, then state/)
 and work/gen_g is removed.
 
-With several processes (`jax.distributed`) the fit and the sampling get no resumable state
-(a training checkpoint or a regeneration store is written by every process, and some of it is
-only known after the last batch): a killed multi-process run resumes at its last committed
-generation (`loop.driver.follow_generations`).
+With several processes (`jax.distributed`) the fit and the sampling get no workdir, so no
+resumable state of their own (a training checkpoint is written by every process, and a
+regeneration's rows are only all known after its last batch): a killed multi-process run resumes
+at its last committed generation or after the last finished step above (train.npz, fitted/,
+metrics.npz, next.npz), which process 0 sends to the others (`loop.driver.send_resume_point`).
 """
 
 from __future__ import annotations

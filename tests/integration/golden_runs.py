@@ -115,7 +115,7 @@ def _opt125m(data: pathlib.Path) -> list[str]:
         "model.random_init.num_hidden_layers=2", "model.random_init.num_attention_heads=4",
         "model.data.train_split=valid", "model.data.valid_split=null",
         "model.data.eval_split=test",
-        "model.example_prompt=0", "mesh.data=1", "generation.num_trials=1",
+        "model.example_prompt=0", "mesh.data=1",
         *_wikitext(data),
     ]  # fmt: skip
 

@@ -418,7 +418,7 @@ def test_result_files_have_normal_modes_and_figures_are_atomic(tmp_path, capsys,
         pass
 
     class DiesWhilePlotting:  # the toy kind's reporting module, killed in its own figures
-        def expected_curves(self, config, mode, sample_sizes, *, selection=False):
+        def expected_curves(self, config, mode, sample_sizes, **kw):
             return {}
 
         def figures(self, learner, run, out_dir):
@@ -432,7 +432,7 @@ def test_result_files_have_normal_modes_and_figures_are_atomic(tmp_path, capsys,
     assert [p.name for p in out.iterdir() if p.name.startswith(".figures")] == []
 
     class DiskFull:  # the writer's own error names no file (matplotlib's savefig on ENOSPC)
-        def expected_curves(self, config, mode, sample_sizes, *, selection=False):
+        def expected_curves(self, config, mode, sample_sizes, **kw):
             return {}
 
         def figures(self, learner, run, out_dir):

@@ -57,6 +57,11 @@ def test_sharded_equals_unsharded(model, blocks, tmp_path, kw):
     )
     assert single.shape == (N, 6) and single.dtype == np.int32
     np.testing.assert_array_equal(single, sharded)
+    # Without a store (out_path None: what a multi-process run uses) the same tokens, no files.
+    files = sorted(tmp_path.rglob("*"))
+    kept = regenerate.regenerate(model, blocks, None, batch_size=5, mesh=mesh, progress=False, **kw)
+    np.testing.assert_array_equal(kept, sharded)
+    assert sorted(tmp_path.rglob("*")) == files
     if not kw.get("do_sample"):
         whole = decode.generate(model, blocks, **kw)
         np.testing.assert_array_equal(single, whole[:, T:])
