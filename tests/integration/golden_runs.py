@@ -7,7 +7,10 @@ what must not change for a given seed: every `metrics.json` row (each value as i
 which carry zip timestamps); wall-clock timings are left out.
 
 The golden file `golden/golden.json` was recorded on commit 717aaa0, before the wave-three
-refactor; tests/integration/test_golden.py reruns every case and compares. Regenerate it ONLY
+refactor, and re-recorded in wave three, session 2 for intended changes only (the LM study's new
+metrics, provenance and learners, the training-split vocabulary, the pretrained base, bf16 in the
+OPT-125m configs, the multivariate Gaussian's log-space log-det; every other case bit-identical);
+tests/integration/test_golden.py reruns every case and compares. Regenerate it ONLY
 for an intended change of results (say which in the commit message), from the repository root:
 
     COLLAPSE_JAX_DATA=/path/to/shared/data python -m tests.integration.golden_runs [CASE ...]
