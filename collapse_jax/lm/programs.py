@@ -37,11 +37,12 @@ def _placed(tree: Any, shardings: Any) -> Any:
     )
 
 
-def lower_train_step(
+def train_step_program(
     model: nnx.Module, config: TrainConfig, *, mesh: Mesh, length: int
-) -> jax.stages.Lowered:
-    """The train step `train.fit` runs (`train.compile_train_step`) at the config's batch of
-    `length`-token blocks (rounded up to the mesh as `fit` does), lowered abstractly."""
+) -> tuple[Any, tuple[Any, ...]]:
+    """The train step `train.fit` runs (`train.compile_train_step`: its `.step` is the jitted
+    program) and its abstract arguments at the config's batch of `length`-token blocks (rounded
+    up to the mesh as `fit` does): (state, rest, batch, key, hparams)."""
     mesh = sharding.with_auto_axes(mesh)
     graphdef, params, rest = split_model(model)
     fns = train.compile_train_step(graphdef, params, rest, config, mesh=mesh)
@@ -54,21 +55,30 @@ def lower_train_step(
         k: np.asarray(v, np.int32 if k in ("steps_per_epoch", "warmup_steps") else np.float32)
         for k, v in schedule_hparams(config, 1).items()
     }
-    return fns.step.lower(
+    args = (
         _placed(state, fns.state_shardings),
         _placed(rest, fns.rest_shardings),
         batch,
         jax.random.key(0),
         hparams,
     )
+    return fns, args
 
 
-def lower_search(
-    model: nnx.Module, settings: DecodeSettings, *, mesh: Mesh, batch_size: int, length: int
+def lower_train_step(
+    model: nnx.Module, config: TrainConfig, *, mesh: Mesh, length: int
 ) -> jax.stages.Lowered:
+    """`train_step_program`'s step lowered at its abstract arguments."""
+    fns, args = train_step_program(model, config, mesh=mesh, length=length)
+    return fns.step.lower(*args)
+
+
+def search_program(
+    model: nnx.Module, settings: DecodeSettings, *, mesh: Mesh, batch_size: int, length: int
+) -> tuple[Any, tuple[Any, ...]]:
     """The search program `regenerate` runs (`decode.compiled_search` on `mesh`, parameters
-    replicated) on `batch_size` prompts of `length` tokens (rounded up to the mesh as
-    `regenerate` does), lowered abstractly."""
+    replicated) and its abstract arguments for `batch_size` prompts of `length` tokens (rounded
+    up to the mesh as `regenerate` does): (state, ids, mask, keys)."""
     graphdef, state = nnx.split(model)
     rep, rows_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     dp = sharding.data_parallel_size(mesh)
@@ -77,4 +87,12 @@ def lower_search(
     keys = jax.eval_shape(lambda: decode.prompt_keys(0, np.arange(rows)))
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rows_sharding)
     fn = decode.compiled_search(graphdef, settings, mesh)
-    return fn.lower(_placed(state, jax.tree.map(lambda _: rep, state)), ids, ids, keys)
+    return fn, (_placed(state, jax.tree.map(lambda _: rep, state)), ids, ids, keys)
+
+
+def lower_search(
+    model: nnx.Module, settings: DecodeSettings, *, mesh: Mesh, batch_size: int, length: int
+) -> jax.stages.Lowered:
+    """`search_program` lowered at its abstract arguments."""
+    fn, args = search_program(model, settings, mesh=mesh, batch_size=batch_size, length=length)
+    return fn.lower(*args)

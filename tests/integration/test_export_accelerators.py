@@ -30,12 +30,9 @@ from collapse_jax import config as config_lib
 from collapse_jax import gmm
 from collapse_jax.bench.baselines import zipf_probs
 from collapse_jax.jaxtools import sharding
-from collapse_jax.lm import decode, experiment, opt, train
+from collapse_jax.lm import experiment, opt, programs
 from collapse_jax.lm import source as source_lib
 from collapse_jax.lm.evaluate import Evaluator
-from collapse_jax.lm.placement import split_model
-from collapse_jax.lm.schedule import schedule_hparams
-from collapse_jax.lm.steps import TrainState
 from collapse_jax.loop import blocks, core
 from collapse_jax.loop.keys import base_key, reference_key
 from collapse_jax.loop.schedule import Schedule
@@ -99,41 +96,20 @@ def test_the_check_finds_cpu_only_calls():
 # ----------------------------------------------------------------------------------------------
 
 
-def _abstract(tree, shardings):
-    return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
-
-
 @pytest.fixture(scope="module")
 def opt125m():
-    """OPT-125m's graph definition and abstract parameters (never allocated)."""
-    model = nnx.eval_shape(lambda: opt.init_random(opt.OPTConfig.opt_125m(), jax.random.key(0)))
-    return model, split_model(model)
+    """OPT-125m with abstract parameters (never allocated)."""
+    return nnx.eval_shape(lambda: opt.init_random(opt.OPTConfig.opt_125m(), jax.random.key(0)))
 
 
 def test_opt125m_train_and_eval_steps_export_with_data_and_fsdp_shardings(opt125m):
-    _, (graphdef, params, rest) = opt125m
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
     # configs/lm/opt125m_wikitext2.yaml: the paper's training in bf16 compute.
     cfg = dataclasses.replace(experiment.paper_train(), batch_size=128, compute_dtype="bfloat16")
-    fns = train.compile_train_step(graphdef, params, rest, cfg, mesh=mesh)
-    opt_state = jax.eval_shape(fns.init, params)
-    state = _abstract(TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, opt_state),
-                      fns.state_shardings)  # fmt: skip
-    rest_a = _abstract(rest, fns.rest_shardings)
-    batch = {
-        k: jax.ShapeDtypeStruct((128, 64), jnp.int32, sharding=fns.batch)
-        for k in ("input_ids", "attention_mask", "loss_mask")
-    }
-    rep = sharding.replicated(mesh)
-    hparams = {
-        k: jax.ShapeDtypeStruct((), np.asarray(v).dtype if k.endswith("steps") else jnp.float32,
-                                sharding=rep)
-        for k, v in schedule_hparams(cfg, 287).items()
-    }  # fmt: skip
-    key = jax.ShapeDtypeStruct((), KEY.dtype, sharding=rep)
-    for platform, exp in check_accelerators(fns.step, state, rest_a, batch, key, hparams).items():
+    fns, args = programs.train_step_program(opt125m, cfg, mesh=mesh, length=64)
+    state, rest, batch = args[:3]
+    assert batch["input_ids"].shape == (128, 64)
+    for platform, exp in check_accelerators(fns.step, *args).items():
         text = exp.mlir_module()
         assert exp.nr_devices == 8
         # The parameters are sharded over fsdp (here 4 ways), the batch over data x fsdp.
@@ -142,25 +118,21 @@ def test_opt125m_train_and_eval_steps_export_with_data_and_fsdp_shardings(opt125
         # bf16 matmuls: the program multiplies bf16 matrices.
         assert re.search(r"dot_general.*tensor<128x64x768xbf16>", text), platform
 
+    graphdef = nnx.graphdef(opt125m)
     ev = Evaluator(graphdef, mesh, fns.state_shardings.params, fns.rest_shardings,
                    batch_size=128, compute_dtype=jnp.bfloat16)  # fmt: skip
-    for exp in check_accelerators(ev.step, state.params, rest_a, batch).values():
+    for exp in check_accelerators(ev.step, state.params, rest, batch).values():
         assert exp.nr_devices == 8
 
 
 def test_paper_beam_search_exports_in_bf16(opt125m):
-    model, _ = opt125m
     mesh = sharding.make_mesh({"data": 8})
     settings = dataclasses.replace(
         experiment.paper_decode(), dtype="bfloat16", eos_token_ids=(2,), pad_token_id=1
     )
-    graphdef, state = nnx.split(model)
-    rep, rows = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), state)
-    ids = jax.ShapeDtypeStruct((256, 64), jnp.int32, sharding=rows)
-    keys = jax.ShapeDtypeStruct((256,), KEY.dtype, sharding=rows)
-    fn = decode.compiled_search(graphdef, settings, mesh)
-    for exp in check_accelerators(fn, state, ids, ids, keys).values():
+    fn, args = programs.search_program(opt125m, settings, mesh=mesh, batch_size=256, length=64)
+    assert args[1].shape == (256, 64)
+    for exp in check_accelerators(fn, *args).values():
         text = exp.mlir_module()
         # The bf16 KV cache of the generated tokens: [layers, 32 x 5 rows per device, 64, N, H].
         assert "tensor<12x160x64x12x64xbf16>" in text
