@@ -450,7 +450,7 @@ class OPTLearner(AbstractLearner):
             seed=_seed(key),
             checkpoint_dir=None if workdir is None else pathlib.Path(workdir) / "checkpoints",
         )
-        model, _ = _host_local((model, None))
+        model = _host_local(model)
         info = {
             "valid_loss": [float(v) for v in history["valid_loss"]],
             "selected_epoch": int(history["selected_epoch"][0]),
@@ -807,14 +807,13 @@ def _count_params(arch) -> int:
     return arch.vocab_size * d + (arch.max_position_embeddings + 2) * d + layers * per_layer + 2 * d
 
 
-def _host_local(found: tuple[Any, Any]) -> tuple[Any, Any]:
-    """(model, info) with the model's arrays as this process's own copy when they span several
-    processes (it is saved and decodes locally); unchanged with one process."""
-    model, info = found
+def _host_local(model: Any) -> Any:
+    """The model with its arrays as this process's own copy when they span several processes
+    (it is saved and decodes locally); unchanged with one process."""
     if processes.is_multiprocess():
         graphdef, state = nnx.split(model)
         model = nnx.merge(graphdef, processes.to_host_local(state))
-    return model, info
+    return model
 
 
 def _steps_per_epoch(history: dict) -> int:
