@@ -354,7 +354,12 @@ def truth_figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model:
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), dpi=100)
     ax = axes[0, 0]
-    ax.plot(g, series["kl_to_truth"], "o-", color="C3")
+    kl = series["kl_to_truth"]
+    ax.plot(g, kl, "o-", color="C3")
+    # KL >= 0: from 0, at least 0.05 nats tall, so a float32 rounding of 0 (the oracle's -4e-8)
+    # is drawn as 0, not magnified into a trend.
+    finite = kl[np.isfinite(kl)]
+    ax.set_ylim(0, max(0.05, 1.1 * float(finite.max())) if finite.size else 0.05)
     ax.set_ylabel("nats")
     ax.set_title("kl_to_truth (held-out contexts)")
     ax = axes[0, 1]
@@ -365,6 +370,9 @@ def truth_figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model:
         ax.plot(g, series["tail_retention"], ":", color="C1",
                 label="tail_retention mean (unbounded)")  # fmt: skip
         ax.set_title("tail kept (least probable 10%; 1 = truth)")
+        # The bounded scale in full (the unbounded mean may reach above it), no offset axis.
+        retention = series["tail_retention"][np.isfinite(series["tail_retention"])]
+        ax.set_ylim(-0.02, max([1.05, *(1.05 * retention)]))
     else:  # runs from before tail_kept
         ax.fill_between(g, series["tail_retention_p10"], series["tail_retention_p90"],
                         color="C0", alpha=0.2, lw=0, label="10-90% of contexts")  # fmt: skip
