@@ -313,3 +313,51 @@ def test_logical_axes_and_sharded_forward(key):
     fwd = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))
     out = fwd(state, jax.device_put(jnp.asarray(ids), sharding.batch_sharding(mesh)), mask)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=0)
+
+
+def test_sampling_follows_model_softmax(decode_models):
+    """20000 sampled first tokens follow HF's softmax of the last logits: chi-square p-value
+    > 1e-5 (false-failure probability 1e-5); categories expecting < 5 draws are pooled."""
+    import scipy.stats
+
+    hf, jm = decode_models
+    ids = np.array([[0, 17, 5, 44, 30, 9]])
+    n = 20000
+    out = decode.generate(
+        jm, ids, max_new_tokens=1, do_sample=True, top_k=0, num_return_sequences=n, seed=3
+    )
+    counts = np.bincount(out[:, -1], minlength=TINY["vocab_size"]).astype(float)
+    p = torch.softmax(torch.as_tensor(hf_logits(hf, ids)[0, -1], dtype=torch.float64), -1).numpy()
+    big = n * p >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(n * p[big], n * p[~big].sum())
+    keep = expected > 0
+    res = scipy.stats.chisquare(observed[keep], expected[keep] * observed.sum() / expected.sum())
+    assert res.pvalue > 1e-5, (observed, expected)
+
+
+@pytest.mark.slow
+def test_pythia_160m_full_size(tmp_path):
+    """EleutherAI/pythia-160m's real dimensions, random weights at HF's init, one left-padded
+    batch; the parameter count is the published 162,322,944."""
+    hf_cfg = transformers.GPTNeoXConfig(
+        vocab_size=50304,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    assert neox.NeoXConfig.from_hf_dict(hf_cfg.to_dict()) == neox.NeoXConfig.pythia_160m()
+    torch.manual_seed(0)
+    hf = transformers.GPTNeoXForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "pythia")
+    model = neox.load_pretrained(tmp_path / "pythia")
+    assert neox.num_params(model) == 162_322_944
+    ids, mask = random_batch(3, 50304, [12, 8])
+    ref = hf_logits(hf, ids, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(forward(model, ids, mask))[valid], ref[valid], atol=ATOL)
