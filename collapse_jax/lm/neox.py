@@ -118,8 +118,8 @@ class NeoXConfig:
       initializer_range: standard deviation of the random initialisation.
       bos_token_id: beginning-of-sequence id (0, `<|endoftext|>`, for Pythia).
       eos_token_id: end-of-sequence id (0 for Pythia).
-      pad_token_id: padding id; None as in Pythia's config.json (decoders then pad with the EOS
-        id, as transformers does).
+      pad_token_id: padding id; Pythia's config.json has none, so `from_hf_dict` takes the EOS
+        id, as transformers' `generate` does.
     """
 
     vocab_size: int = 50304
@@ -142,7 +142,7 @@ class NeoXConfig:
     initializer_range: float = 0.02
     bos_token_id: int = 0
     eos_token_id: int = 0
-    pad_token_id: int | None = None
+    pad_token_id: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -200,6 +200,11 @@ class NeoXConfig:
     def head_dim(self) -> int:
         """H = D / N."""
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_key_value_heads(self) -> int:
+        """= num_attention_heads (GPT-NeoX has no grouped-query attention)."""
+        return self.num_attention_heads
 
     @property
     def rotary_dim(self) -> int:
@@ -274,7 +279,10 @@ class NeoXConfig:
         ):
             if name in kwargs:
                 kwargs[name] = float(kwargs[name])
-        return cls(**kwargs)
+        config = cls(**kwargs)
+        if d.get("pad_token_id") is None:  # pad with the EOS id, as transformers' generate does
+            config = dataclasses.replace(config, pad_token_id=config.eos_token_id)
+        return config
 
     def to_hf_dict(self) -> dict:
         """The `config.json` dictionary that `transformers.GPTNeoXConfig` (4.x and 5.x) reads."""
