@@ -1,12 +1,13 @@
 """GPT-NeoX (Black et al. 2022, arXiv:2204.06745) and Pythia (Biderman et al. 2023) in Flax NNX.
 
 Parameter names follow Hugging Face `transformers.models.gpt_neox.modeling_gpt_neox`, so that
-conversion is renames, transposes and reshapes only. Numerics follow HF too: rotary position
-embeddings on the first `rotary_dim = int(head_dim * rotary_pct)` dims of each head (the
-"rotate half" form, cos/sin computed in float32 and cast to the compute dtype), softmax in
-float32, LayerNorm with the config's eps. Positions are `cumsum(mask) * mask - 1` (what HF's
-`generate` passes; HF's plain forward uses `arange` whatever the padding, which agrees on
-unpadded rows).
+the tensor layout (`LAYOUT`, in `collapse_jax.lm.convert`'s terms) is transposes and reshapes
+only; loading and saving go through `collapse_jax.lm.families` (model_type "gpt_neox").
+Numerics follow HF too: rotary position embeddings on the first `rotary_dim = int(head_dim *
+rotary_pct)` dims of each head (the "rotate half" form, cos/sin computed in float32 and cast to
+the compute dtype), softmax in float32, LayerNorm with the config's eps. Positions are
+`cumsum(mask) * mask - 1` (what HF's `generate` passes; HF's plain forward uses `arange` whatever
+the padding, which agrees on unpadded rows).
 
 Each block is pre-LayerNorm with either the parallel residual (GPT-NeoX-20B, Pythia)
 
@@ -47,21 +48,16 @@ the new tokens' positions, the rotary embedding is applied to q and k, and the c
 rotated keys and runs the attention. `init_cache` gives the plain slot cache (`KVCache`); the
 decoder swaps in `PromptSharingCache` without a second copy of this forward pass.
 
-Attention goes through `jax.nn.dot_product_attention` (XLA by default, cuDNN on request) except in
-training mode with attention dropout. Mixed precision as in `lm.opt`: `param_dtype` is the
-storage dtype, `dtype` the compute dtype; LayerNorm statistics, rotary angles, softmax and the
-logits are float32. Rotary embeddings have no table, so positions are not limited by
-`max_position_embeddings` (as in HF); out-of-range token ids give NaN logits.
+Attention is `lm.layers.attention` (XLA by default, cuDNN on request). Mixed precision as in
+`lm.opt`: `param_dtype` is the storage dtype, `dtype` the compute dtype; LayerNorm statistics,
+rotary angles, softmax and the logits are float32. Rotary embeddings have no table, so positions
+are not limited by `max_position_embeddings` (as in HF); out-of-range token ids give NaN logits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import pathlib
-import re
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -69,22 +65,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from collapse_jax.lm import convert, hub
+from collapse_jax.lm import convert
 from collapse_jax.lm.cache import Cache, KVCache, causal_mask, mask_positions
-from collapse_jax.lm.opt import Embed, Linear, inverted_dropout
+from collapse_jax.lm.layers import (
+    ACTIVATIONS,
+    Embed,
+    LayerNorm,
+    Linear,
+    attention,
+    check_attention_implementation,
+    inverted_dropout,
+    logits_matmul,
+)
 
 MODEL_TYPE = "gpt_neox"
 
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 # Rotary variants (HF `rope_type`) whose frequencies do not depend on the sequence length.
 ROPE_TYPES = ("default", "linear")
@@ -190,10 +185,10 @@ class NeoXConfig:
             rate = getattr(self, name)
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"NeoXConfig.{name} must be in [0, 1), got {rate!r}")
-        if self.hidden_act not in _ACTIVATIONS:
+        if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"NeoXConfig.hidden_act {self.hidden_act!r} is not supported; "
-                f"choose one of {sorted(_ACTIVATIONS)}"
+                f"choose one of {sorted(ACTIVATIONS)}"
             )
 
     @property
@@ -308,66 +303,6 @@ class NeoXConfig:
         return cls()
 
 
-def _param(
-    rngs: nnx.Rngs,
-    init: Callable[..., jax.Array],
-    shape: tuple[int, ...],
-    axes: tuple[str | None, ...],
-    param_dtype: Any,
-) -> nnx.Param:
-    """A parameter annotated with logical axes; sharded eagerly only when a mesh is active."""
-    value = init(rngs.params(), shape, param_dtype)
-    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
-    return nnx.Param(value, out_sharding=axes, eager_sharding=eager)
-
-
-class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis, statistics in float32, scale and bias (HF `nn.LayerNorm`)."""
-
-    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        self.dtype = dtype
-        self.eps = eps
-        self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
-        self.bias = _param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        lead = (1,) * (y.ndim - 1)
-        y = y * self.scale[...].astype(jnp.float32).reshape(lead + (-1,))
-        y = y + self.bias[...].astype(jnp.float32).reshape(lead + (-1,))
-        return y.astype(self.dtype)
-
-
-def _logits_matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """The LM head `einsum(spec, x, w)` with float32 logits and, for low-precision inputs, a
-    cotangent rounded to the inputs' dtype (so the head's backward matmuls run in bf16; see
-    `lm.opt`'s head, whose numerics this repeats)."""
-    if x.dtype == jnp.float32 and w.dtype == jnp.float32:
-        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
-    return _low_precision_logits(spec, x, w)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _low_precision_logits(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
-
-
-def _low_precision_logits_fwd(spec, x, w):
-    return _low_precision_logits(spec, x, w), (x, w)
-
-
-def _low_precision_logits_bwd(spec, residuals, g):
-    x, w = residuals
-    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, w)
-    return vjp(g.astype(jnp.result_type(x, w)))
-
-
-_low_precision_logits.defvjp(_low_precision_logits_fwd, _low_precision_logits_bwd)
-
-
 def rope_inverse_frequencies(config: NeoXConfig) -> np.ndarray:
     """HF's `inv_freq` [R / 2] float32: 1 / base^(2i / R), divided by the linear factor."""
     r = config.rotary_dim
@@ -461,15 +396,15 @@ class NeoXAttention(nnx.Module):
     ) -> jax.Array:
         """softmax(q k^T) v: q [B, T, N, H] (scaled), k, v [B, S, N, H], mask bool [B, 1, T, S] or
         None (plain causal, T == S) -> [B, T, N, H]."""
-        if dropout_key is not None and self.attention_dropout > 0.0:
-            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-            if mask is None:
-                t = q.shape[1]
-                mask = jnp.tril(jnp.ones((t, t), bool))[None, None]  # [1, 1, T, S]
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S] float32
-            probs = inverted_dropout(dropout_key, probs, self.attention_dropout).astype(v.dtype)
-            return jnp.einsum("bnts,bsnh->btnh", probs, v)  # [B, T, N, H]
+        return attention(
+            q,
+            k,
+            v,
+            mask,
+            implementation=self.implementation,
+            dropout_rate=self.attention_dropout,
+            dropout_key=dropout_key,
+        )
         # As in lm.opt: XLA or cuDNN, float32 softmax, finite masked logits.
         with jax.numpy_dtype_promotion("standard"):
             return jax.nn.dot_product_attention(
@@ -500,7 +435,7 @@ class NeoXMLP(nnx.Module):
         self.activation = config.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.dense_4h_to_h(_ACTIVATIONS[self.activation](self.dense_h_to_4h(x)))
+        return self.dense_4h_to_h(ACTIVATIONS[self.activation](self.dense_h_to_4h(x)))
 
 
 class NeoXLayer(nnx.Module):
@@ -515,7 +450,9 @@ class NeoXLayer(nnx.Module):
         attention_implementation: str | None,
         rngs: nnx.Rngs,
     ):
-        ln = dict(eps=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        ln = dict(
+            affine=True, eps=config.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         self.input_layernorm = LayerNorm(config.hidden_size, **ln)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, **ln)
         self.attention = NeoXAttention(
@@ -582,6 +519,7 @@ class NeoXModel(nnx.Module):
         )
         self.final_layer_norm = LayerNorm(
             config.hidden_size,
+            affine=True,
             eps=config.layer_norm_eps,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -611,11 +549,7 @@ class NeoXForCausalLM(nnx.Module):
         rngs: nnx.Rngs,
         attention_implementation: str | None = None,
     ):
-        if attention_implementation not in (None, "xla", "cudnn"):
-            raise ValueError(
-                f"attention_implementation must be None, 'xla' or 'cudnn', "
-                f"got {attention_implementation!r}"
-            )
+        check_attention_implementation(attention_implementation)
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
@@ -720,7 +654,8 @@ class NeoXForCausalLM(nnx.Module):
         model = self.gpt_neox
         x = model.embed_in(input_ids)  # [B, T, D]
         if use_dropout and cfg.hidden_dropout > 0.0:
-            x = inverted_dropout(jax.random.fold_in(dropout_key, -1), x, cfg.hidden_dropout)
+            emb_key = jax.random.fold_in(dropout_key, cfg.num_hidden_layers)  # layers take 0..L-1
+            x = inverted_dropout(emb_key, x, cfg.hidden_dropout)
         rotary = rotary_cos_sin(
             rope_inverse_frequencies(cfg), position_ids, self.dtype
         )  # [B, T, 1, R] each
@@ -730,209 +665,40 @@ class NeoXForCausalLM(nnx.Module):
         x = model.final_layer_norm(x)
         if self.embed_out is None:
             table = model.embed_in.embedding[...].astype(self.dtype)  # [V, D]
-            logits = _logits_matmul("btd,vd->btv", x, table)
+            logits = logits_matmul("btd,vd->btv", x, table)
         else:
             kernel = self.embed_out.kernel[...].astype(self.dtype)  # [D, V]
-            logits = _logits_matmul("btd,dv->btv", x, kernel)
+            logits = logits_matmul("btd,dv->btv", x, kernel)
         logits = logits.astype(jnp.float32)  # [B, T, V]
         if cache is None:
             return logits
         return logits, cache
 
 
-def init_random(
-    config: NeoXConfig,
-    key: jax.Array,
-    *,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    attention_implementation: str | None = None,
-) -> NeoXForCausalLM:
-    """A randomly initialised model (weights ~ N(0, initializer_range^2), biases 0, LayerNorm 1/0).
-
-    Args:
-      config: the hyper-parameters.
-      key: a jax key.
-      dtype: compute dtype.
-      param_dtype: parameter dtype.
-      attention_implementation: see `NeoXForCausalLM`.
-    """
-    return NeoXForCausalLM(
-        config,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=nnx.Rngs(params=key),
-        attention_implementation=attention_implementation,
-    )
+def _neox_tensor(path: convert.Path) -> convert.Tensor:
+    # attention.dense contracts (N, H); query_key_value [D, N, 3, H] is HF's fused weight
+    # transposed and reshaped (its 3 N H outputs are head-major with q, k, v inside each head).
+    return convert.Tensor.mechanical(path, n_in=2 if path[-2] == "dense" else 1)
 
 
-# ---------------------------------------------------------------------------------------------
-# Hugging Face conversion. Flax paths are HF module names; kernels are HF weights transposed, with
-# the head axes split out ([D, N, 3, H] for query_key_value, [N, H, D] for attention.dense).
-
-HEAD_NAME = "embed_out.weight"
-# Buffers that older checkpoints store beside the weights (causal-mask and rotary caches).
-_IGNORED = re.compile(r"(^|\.)(attention\.(bias|masked_bias)|rotary_emb\.inv_freq)$")
-_LEAF_TO_HF = {"kernel": "weight", "bias": "bias", "embedding": "weight", "scale": "weight"}
-
-
-def _hf_name(path: tuple[Any, ...]) -> str:
-    *modules, leaf = path
-    return ".".join([str(p) for p in modules] + [_LEAF_TO_HF[leaf]])
+def _neox_name(name: str) -> str:
+    # transformers 5 calls the head `lm_head` in memory and `embed_out` in files; a checkpoint
+    # saved from `GPTNeoXModel` (no head) lacks the `gpt_neox.` prefix.
+    if name == "lm_head.weight":
+        return "embed_out.weight"
+    if name.startswith(("embed_in.", "layers.", "final_layer_norm.")):
+        return "gpt_neox." + name
+    return name
 
 
-def _num_in_axes(path: tuple[Any, ...]) -> int:
-    return 2 if path[-2] == "dense" else 1  # attention.dense contracts (N, H)
-
-
-def _to_hf(path: tuple[Any, ...], value: np.ndarray) -> np.ndarray:
-    if path[-1] == "kernel":
-        n_in = _num_in_axes(path)
-        return np.ascontiguousarray(value.reshape(math.prod(value.shape[:n_in]), -1).T)
-    if path[-1] == "bias":
-        return value.reshape(-1)
-    return value
-
-
-def _hf_shape(path: tuple[Any, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    if path[-1] == "kernel":
-        n_in = _num_in_axes(path)
-        return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
-    if path[-1] == "bias":
-        return (math.prod(shape),)
-    return tuple(shape)
-
-
-def _to_flax(path: tuple[Any, ...], tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if path[-1] == "kernel":
-        return np.ascontiguousarray(tensor.T).reshape(shape)
-    return tensor.reshape(shape)
-
-
-def _abstract_model(
-    config: NeoXConfig, dtype: Any, param_dtype: Any, attention_implementation: str | None = None
-) -> NeoXForCausalLM:
-    """The model with shapes but no values (`nnx.eval_shape`): the template weights fill."""
-    return nnx.eval_shape(
-        lambda: NeoXForCausalLM(
-            config,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=nnx.Rngs(0),
-            attention_implementation=attention_implementation,
-        )
-    )
-
-
-def state_from_hf(
-    config: NeoXConfig,
-    tensors: Mapping[str, Any],
-    *,
-    param_dtype: Any = jnp.float32,
-    source: str = "<memory>",
-) -> nnx.State:
-    """Converts an HF state dict (NumPy arrays) to the nnx parameter state.
-
-    Args:
-      config: the model's config.
-      tensors: `{hf_name: array}`; the head as `embed_out.weight` (files) or `lm_head.weight`
-        (transformers 5's in-memory name); the attention's mask and rotary buffers are ignored.
-      param_dtype: dtype of the returned parameters.
-      source: where the tensors come from, for error messages.
-
-    Returns:
-      An `nnx.State` to `nnx.merge` with the graphdef of `NeoXForCausalLM(config, ...)`.
-
-    Raises:
-      ValueError: a tensor is missing, unexpected or misshapen.
-    """
-    available = {
-        (HEAD_NAME if k == "lm_head.weight" else k): v
-        for k, v in tensors.items()
-        if not _IGNORED.search(k)
-    }
-    abstract = nnx.state(_abstract_model(config, jnp.float32, param_dtype))
-    expected = {_hf_name(p): (p, var) for p, var in nnx.to_flat_state(abstract)}
-    missing = sorted(set(expected) - set(available))
-    if missing:
-        raise ValueError(
-            f"{source}: checkpoint lacks tensors required by its config: "
-            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
-        )
-    ignorable = {HEAD_NAME} if config.tie_word_embeddings else set()
-    unexpected = sorted(set(available) - set(expected) - ignorable)
-    if unexpected:
-        raise ValueError(
-            f"{source}: checkpoint has tensors its config does not describe: "
-            f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
-        )
-    flat = []
-    for name, (path, var) in expected.items():
-        tensor = np.asarray(available[name])
-        want = _hf_shape(path, tuple(var.shape))
-        if tuple(tensor.shape) != want:
-            raise ValueError(
-                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, but the config "
-                f"implies {want}"
-            )
-        value = _to_flax(path, tensor, tuple(var.shape))
-        flat.append((path, var.replace(jnp.asarray(value, dtype=param_dtype))))
-    return nnx.from_flat_state(flat)
-
-
-def hf_state_dict(model: NeoXForCausalLM) -> dict[str, np.ndarray]:
-    """The model's parameters as an HF state dict of NumPy arrays (a tied head omitted)."""
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        out[_hf_name(path)] = _to_hf(path, np.asarray(jax.device_get(var[...])))
-    return out
-
-
-def load_pretrained(
-    path: Any,
-    dtype: Any = jnp.float32,
-    *,
-    param_dtype: Any = None,
-    attention_implementation: str | None = None,
-) -> NeoXForCausalLM:
-    """Loads a Hugging Face GPT-NeoX / Pythia directory (config.json + model.safetensors).
-
-    Args:
-      path: the directory, or a Hugging Face hub id (`EleutherAI/pythia-160m`; see `lm.hub`).
-      dtype: compute dtype.
-      param_dtype: parameter dtype (default: `dtype`).
-      attention_implementation: see `NeoXForCausalLM`.
-
-    Raises:
-      FileNotFoundError: if the directory, its config or its weights are missing.
-      ValueError: if it is not a GPT-NeoX directory, or a weight is missing or misshapen.
-    """
-    from safetensors.numpy import load_file
-
-    directory = pathlib.Path(hub.resolve(path))
-    config_dict = convert.read_config_dict(directory)
-    try:
-        config = NeoXConfig.from_hf_dict(config_dict)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{directory / convert.CONFIG_NAME}: {e}") from e
-    weights = directory / convert.SAFETENSORS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{directory}: no {convert.SAFETENSORS_NAME}")
-    param_dtype = dtype if param_dtype is None else param_dtype
-    graphdef, _ = nnx.split(_abstract_model(config, dtype, param_dtype, attention_implementation))
-    state = state_from_hf(
-        config, load_file(str(weights)), param_dtype=param_dtype, source=str(weights)
-    )
-    return nnx.merge(graphdef, state)
-
-
-def save_pretrained(model: NeoXForCausalLM, path: Any) -> None:
-    """Writes `config.json` and `model.safetensors` (HF names) that transformers loads back."""
-    config = model.config.to_hf_dict()
-    config["dtype"] = convert.dtype_name(model.param_dtype)
-    convert.write_directory(path, hf_state_dict(model), config)
-
-
-def num_params(model: NeoXForCausalLM) -> int:
-    """Number of parameters (a tied head counted once)."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+# HF names mirror our paths. Older checkpoints store the causal-mask buffers and rotary
+# frequencies beside the weights; a tied head makes a stored `embed_out.weight` redundant.
+LAYOUT = convert.Layout(
+    tensor=_neox_tensor,
+    normalise=_neox_name,
+    ignored=(
+        r"gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)",
+        r"gpt_neox\.rotary_emb\.inv_freq",
+    ),
+    tied=("embed_out.weight",),
+)

@@ -133,6 +133,68 @@ CASES: tuple[Case, ...] = (
     ),
 )
 
+# GPT-NeoX / Pythia: pythia-160m's configuration shrunk (head_dim 16, so rotary_pct 0.25 rotates
+# 4 dims); the second row flips every switch the family has.
+_NEOX_TINY = dict(
+    vocab_size=67,
+    hidden_size=48,
+    num_attention_heads=3,
+    intermediate_size=56,
+    num_hidden_layers=3,
+    max_position_embeddings=160,
+    rotary_pct=0.25,
+    rotary_emb_base=10000,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+_NEOX = dict(
+    hf_model="GPTNeoXForCausalLM",
+    hf_config="GPTNeoXConfig",
+    family="gpt_neox",
+    base_prefix="gpt_neox.",
+    buffers={
+        "layers.0.attention.bias": (1, 1, 8, 8),
+        "layers.0.attention.masked_bias": (),
+        "layers.1.attention.rotary_emb.inv_freq": (8,),
+    },
+)
+CASES += (
+    Case("pythia", config=_NEOX_TINY, **_NEOX),
+    Case(
+        "neox-sequential-tied-nobias-linear-rope",
+        config=dict(
+            _NEOX_TINY,
+            num_hidden_layers=2,
+            use_parallel_residual=False,
+            tie_word_embeddings=True,
+            attention_bias=False,
+            rotary_pct=1.0,
+            rotary_emb_base=500,
+            rope_scaling={"type": "linear", "factor": 2.0},
+            hidden_act="gelu_new",
+            layer_norm_eps=1e-3,
+        ),
+        **_NEOX,
+    ),
+    Case(
+        "pythia-160m-dims",
+        config=dict(
+            vocab_size=50304,
+            hidden_size=768,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            num_hidden_layers=2,
+            max_position_embeddings=2048,
+            rotary_pct=0.25,
+            rotary_emb_base=10000,
+            bos_token_id=0,
+            eos_token_id=0,
+        ),
+        decode=False,
+        **_NEOX,
+    ),
+)
+
 PROMPT = 24  # prompt length of the decode checks (left padding to it)
 NEW = 16  # new tokens of the decode checks
 
