@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from collapse_jax.lm import convert
+from collapse_jax.lm import convert, hub
 from collapse_jax.lm.cache import Cache, KVCache, causal_mask, mask_positions
 from collapse_jax.lm.layers import (
     ACTIVATIONS,
@@ -702,3 +702,32 @@ LAYOUT = convert.Layout(
     ),
     tied=("embed_out.weight",),
 )
+
+
+def load_pretrained(
+    path: Any,
+    dtype: Any = jnp.float32,
+    *,
+    param_dtype: Any = None,
+    attention_implementation: str | None = None,
+) -> NeoXForCausalLM:
+    """Loads a Hugging Face GPT-NeoX directory or hub id (`EleutherAI/pythia-160m`).
+
+    `collapse_jax.lm.load_pretrained` loads any supported family; this one refuses a checkpoint
+    of another family (one line naming its model_type). Arguments and errors as
+    `lm.convert.load_model`; no torch needed.
+    """
+    return convert.load_model(
+        hub.resolve(path),
+        NeoXConfig,
+        NeoXForCausalLM,
+        LAYOUT,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        attention_implementation=attention_implementation,
+    )
+
+
+def save_pretrained(model: NeoXForCausalLM, path: Any) -> None:
+    """Writes `config.json` and `model.safetensors` that transformers' GPT-NeoX loads."""
+    convert.save_model(model, path, LAYOUT)

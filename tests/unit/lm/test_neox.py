@@ -5,6 +5,7 @@ sharded forward. Parity with transformers is the harness's (tests/parity/lm/test
 from __future__ import annotations
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -211,3 +212,22 @@ def test_input_validation(model):
         model(ids, cache=model.init_cache(3, 8))
     with pytest.raises(ValueError, match="attention_implementation"):
         families.init_random(CFG, jax.random.key(0), attention_implementation="flash")
+
+
+def test_save_and_load_through_the_registry(model, tmp_path):
+    """neox.save_pretrained -> lm.load_pretrained picks the family from model_type; the OPT
+    loader refuses the folder in one line."""
+    import collapse_jax.lm as lm
+    from collapse_jax.lm import opt
+
+    neox.save_pretrained(model, tmp_path)
+    assert families.family_for(json.loads((tmp_path / "config.json").read_text())).name == (
+        "gpt_neox"
+    )
+    ids, mask = batch(6, LENGTHS)
+    want = np.asarray(forward(model, ids, mask))
+    for loaded in (lm.load_pretrained(tmp_path), neox.load_pretrained(tmp_path)):
+        assert isinstance(loaded, neox.NeoXForCausalLM) and loaded.config == model.config
+        np.testing.assert_array_equal(np.asarray(forward(loaded, ids, mask)), want)
+    with pytest.raises(ValueError, match=r"config\.json: config is not an OPT config"):
+        opt.load_pretrained(tmp_path)
