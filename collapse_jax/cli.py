@@ -128,6 +128,8 @@ def _run_experiment(
                 files = plots.make_figures(run, learner)
             table = plots.summary_table(result.rows, kind=exp.kind)
             fileio.atomic_write_text(run_dir / "summary.txt", table + "\n")
+            if exp.report.enabled:
+                write_report_or_warn(run_dir)
     except BaseException as e:
         if multi and not sent:  # the others wait for the resume point: stop them too
             failure = describe_failure(e)
@@ -135,6 +137,22 @@ def _run_experiment(
         raise
     print(f"\n== {exp.name} ({run_dir})\n{table}")
     print(f"metrics: {run_dir / 'metrics.json'}  figures: {len(files)} in {run_dir / 'figures'}")
+
+
+def write_report_or_warn(path: pathlib.Path) -> pathlib.Path | None:
+    """`<path>/report.html` (`collapse-jax report`) of a finished run or sweep; a failure to
+    write it is one line on stderr, never a failed run. Returns the file (None: not written)."""
+    from collapse_jax.report import page  # noqa: PLC0415 (matplotlib only once a run draws)
+
+    try:
+        return page.write_report(path)
+    except Exception as e:  # noqa: BLE001 (any failure: the run itself is finished and kept)
+        print(
+            f"collapse-jax: warning: {path / page.REPORT_NAME} not written ({_one_line(e)}); "
+            f"`collapse-jax report {path}` retries",
+            file=sys.stderr,
+        )
+        return None
 
 
 def _check_mesh(exp: config_lib.ExperimentConfig, learner) -> None:
@@ -200,6 +218,8 @@ def _cmd_sweep(args) -> int:
         pathlib.Path(args.out) if args.out else pathlib.Path("runs") / f"sweep-{path.stem}-{digest}"
     )
     s = sweep.run_sweep(path, args.axes, out, progress=not args.no_progress)
+    if s.configs and s.configs[0].report.enabled:
+        write_report_or_warn(out)
     print(f"sweep of {len(s.points)} points in {out}: {out / 'sweep.csv'}, {out / 'figures'}")
     return 0
 

@@ -389,6 +389,26 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ReportConfig:
+    """`report:` the page a run writes for people when it ends (`collapse-jax report`).
+
+    Operational (`OPERATIONAL_BLOCKS`): no result depends on it, so a run may resume with it
+    changed.
+
+    Attributes:
+      enabled: write `<run>/report.html` when the run finishes (a failure to write it is a
+        one-line warning, never a failed run).
+    """
+
+    enabled: bool = True
+
+
+# Top-level config blocks that change no result: resuming a run with them changed is allowed
+# (`rundir.commits.config_diff` leaves them out).
+OPERATIONAL_BLOCKS = ("report",)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class ExperimentConfig:
     """One experiment: a learner, how its generations are chained, and where it runs.
 
@@ -398,6 +418,7 @@ class ExperimentConfig:
       model: the learner's config; its class is chosen by the YAML `kind:` key.
       generation: the generational loop's settings.
       mesh: device mesh for sharded learners (None: all devices on the data axis).
+      report: the HTML page written at the end of the run (operational).
     """
 
     name: str
@@ -405,6 +426,7 @@ class ExperimentConfig:
     model: Any
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     mesh: MeshConfig | None = None
+    report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
 
     def __post_init__(self):
         require(

@@ -419,9 +419,15 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(stored: Mapping, wanted: Mapping, *, ignore=("generation.num_generations",)) -> str:
-    """ "key: stored -> wanted" for every key that differs (empty when none)."""
+    """ "key: stored -> wanted" for every key that differs (empty when none); the operational
+    blocks (`config.OPERATIONAL_BLOCKS`, e.g. `report:`) are left out."""
     a, b = _flatten(stored), _flatten(wanted)
-    keys = [k for k in dict.fromkeys([*a, *b]) if k not in ignore and a.get(k) != b.get(k)]
+    operational = tuple(f"{block}." for block in config_lib.OPERATIONAL_BLOCKS)
+    keys = [
+        k
+        for k in dict.fromkeys([*a, *b])
+        if k not in ignore and not k.startswith(operational) and a.get(k) != b.get(k)
+    ]
     parts = [
         f"{k}: {config_lib.short(a.get(k, '(absent)'))} -> {config_lib.short(b.get(k, '(absent)'))}"
         for k in keys[:6]
