@@ -52,7 +52,8 @@ th{background:#f1f3f8}td.k,th.k{text-align:left}
 pre{background:#f6f7fa;border:1px solid #e1e4ec;padding:8px;overflow-x:auto;font-size:.8em;
 white-space:pre-wrap}
 .figs{display:flex;flex-wrap:wrap;gap:10px}.fig{margin:0;border:1px solid #e6e8ef;padding:4px}
-.fig img{max-width:100%;height:auto;display:block}.fig figcaption{font-size:.75em;color:#555}
+.fig img{max-width:min(100%,560px);height:auto;display:block}
+.fig.full img{max-width:100%}.fig figcaption{font-size:.75em;color:#555}
 .ok{color:#176d2c;font-weight:600}.bad{color:#a4161a;font-weight:600}
 .muted{color:#666;font-size:.85em}details{margin:.8em 0}summary{cursor:pointer;font-weight:600}
 .wide{overflow-x:auto}
@@ -330,7 +331,7 @@ def run_page(run_dir: pathlib.Path) -> str:
         f"{len(rows)} generation(s) finished of {cfg.generation.num_generations}</p>",
     ]
     if heads:
-        parts.append("<h2>Headline metrics</h2>" + metrics_table(rows, heads))
+        parts.append("<h2>Headline metrics</h2>" + metrics_table(rows, heads, max_rows=6))
     else:
         parts.append("<h2>Metrics</h2>")
     parts.append(_figures([(figs[k], k) for k in first]))
