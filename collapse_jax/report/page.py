@@ -52,8 +52,8 @@ th{background:#f1f3f8}td.k,th.k{text-align:left}
 pre{background:#f6f7fa;border:1px solid #e1e4ec;padding:8px;overflow-x:auto;font-size:.8em;
 white-space:pre-wrap}
 .figs{display:flex;flex-wrap:wrap;gap:10px}.fig{margin:0;border:1px solid #e6e8ef;padding:4px}
-.fig img{max-width:min(100%,560px);height:auto;display:block}
-.fig.full img{max-width:100%}.fig figcaption{font-size:.75em;color:#555}
+.fig img{width:520px;max-width:100%;height:auto;display:block}
+.fig.full{flex:1 1 100%}.fig.full img{width:100%}.fig figcaption{font-size:.75em;color:#555}
 .ok{color:#176d2c;font-weight:600}.bad{color:#a4161a;font-weight:600}
 .muted{color:#666;font-size:.85em}details{margin:.8em 0}summary{cursor:pointer;font-weight:600}
 .wide{overflow-x:auto}
@@ -69,10 +69,15 @@ def _img(data: bytes, alt: str) -> str:
     return f'<img src="data:image/png;base64,{b64}" alt="{_e(alt)}">'
 
 
+def _png_width(data: bytes) -> int:
+    """A PNG's width in pixels (its IHDR chunk); 0 for anything else."""
+    return int.from_bytes(data[16:20], "big") if data[:8] == b"\x89PNG\r\n\x1a\n" else 0
+
+
 def _figure(data: bytes, caption: str) -> str:
-    return (
-        f'<figure class="fig">{_img(data, caption)}<figcaption>{_e(caption)}</figcaption></figure>'
-    )
+    cls = "fig full" if _png_width(data) > 800 else "fig"  # a wide figure gets the full width
+    cap = f"<figcaption>{_e(caption)}</figcaption>"
+    return f'<figure class="{cls}">{_img(data, caption)}{cap}</figure>'
 
 
 def _figures(items: Sequence[tuple[bytes, str]]) -> str:
