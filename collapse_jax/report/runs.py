@@ -19,7 +19,7 @@ from collapse_jax import config as config_lib
 from collapse_jax.rundir import commits, reader
 
 # Config keys that never tell runs apart in a label (operational settings).
-_NOT_LABELS = tuple(f"{block}." for block in config_lib.OPERATIONAL_BLOCKS)
+_NOT_LABELS = ("report.", "logging.")
 # Keys shown only with the policy that uses them (the mix shares), when not at their default.
 _SHARES = ("generation.alpha", "generation.beta", "generation.gamma")
 
