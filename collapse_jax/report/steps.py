@@ -2,8 +2,9 @@
 
 Each line of `metrics.jsonl` is one JSON object: `{"kind": "step", "generation", "run", "epoch",
 "step", "loss", "learning_rate", "grad_norm", "tokens_per_second" | "images_per_second", "time",
-"val_loss"?}` for a training step, `{"kind": "generation", "generation", <metric>: value ...}` for
-a finished generation. A run killed while writing leaves at most a torn last line, which is
+"val_loss"?}` for a training step, `{"kind": "eval", "generation", "run", "epoch", "step",
+"val_loss", ...}` for a validation, `{"kind": "generation", "generation", <metric>: value ...}`
+for a finished generation. A run killed while writing leaves at most a torn last line, which is
 skipped; a run without a file has no step curves.
 """
 
@@ -45,28 +46,33 @@ def read_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 def step_curves(records: list[dict[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
     """The training steps' numeric fields as curves over a running step index.
 
+    Validation records (`"kind": "eval"`, or a step record's `val_loss`) are placed at the index
+    of the step they follow.
+
     Returns:
       {field: {"x": [N] running index of the step over the whole run (generations one after the
-      other), "y": [N] values, "generation": [N]}} for every numeric field of the step records
-      (loss, learning_rate, grad_norm, throughput, val_loss where evaluated); empty without steps.
+      other), "y": [N] values, "generation": [N]}} for every numeric field of the step and eval
+      records (loss, learning_rate, grad_norm, throughput, val_loss, ...); empty without steps.
     """
-    steps = [r for r in records if r.get("kind") == "step"]
-    fields: list[str] = []
-    for r in steps:
-        fields += [
-            k
-            for k, v in r.items()
-            if k not in _NOT_CURVES
-            and isinstance(v, int | float)
-            and not isinstance(v, bool)
-            and k not in fields
-        ]
-    out = {}
-    for f in fields:
-        idx = [i for i, r in enumerate(steps) if isinstance(r.get(f), int | float)]
-        out[f] = {
-            "x": np.asarray(idx, dtype=np.int64),
-            "y": np.asarray([steps[i][f] for i in idx], dtype=np.float64),
-            "generation": np.asarray([steps[i].get("generation", 0) for i in idx], np.int64),
+    points: dict[str, list[tuple[int, float, int]]] = {}
+    index = -1
+    for r in records:
+        kind = r.get("kind")
+        if kind == "step":
+            index += 1
+        elif kind != "eval":
+            continue
+        for k, v in r.items():
+            if k in _NOT_CURVES or isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            points.setdefault(k, []).append((max(index, 0), float(v), int(r.get("generation", 0))))
+    if index < 0:
+        return {}
+    return {
+        k: {
+            "x": np.asarray([p[0] for p in pts], np.int64),
+            "y": np.asarray([p[1] for p in pts], np.float64),
+            "generation": np.asarray([p[2] for p in pts], np.int64),
         }
-    return out
+        for k, pts in points.items()
+    }

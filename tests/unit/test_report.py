@@ -101,15 +101,17 @@ def test_step_records_skip_a_torn_last_line_and_form_curves(tmp_path):
         json.dumps(_step(0, 1, 2.5, val_loss=2.7)),
         json.dumps({"kind": "generation", "generation": 0, "ppl": 12.0}),
         json.dumps(_step(1, 0, 2.9)),
+        json.dumps({"kind": "eval", "generation": 1, "run": 0, "step": 0, "val_loss": 2.8}),
         '{"kind": "step", "generation": 1, "ste',  # killed while writing
     ]
     (tmp_path / steps.FILE_NAME).write_text("\n".join(lines))
     recs = steps.read_records(tmp_path)
-    assert len(recs) == 4
+    assert len(recs) == 5
     curves = steps.step_curves(recs)
     assert set(curves) == {"loss", "learning_rate", "grad_norm", "tokens_per_second", "val_loss"}
     np.testing.assert_array_equal(curves["loss"]["x"], [0, 1, 2])
     np.testing.assert_array_equal(curves["loss"]["y"], [3.0, 2.5, 2.9])
     np.testing.assert_array_equal(curves["loss"]["generation"], [0, 0, 1])
-    np.testing.assert_array_equal(curves["val_loss"]["x"], [1])
+    np.testing.assert_array_equal(curves["val_loss"]["x"], [1, 2])  # at the step before
+    np.testing.assert_array_equal(curves["val_loss"]["y"], [2.7, 2.8])
     assert steps.step_curves([]) == {}
