@@ -339,7 +339,9 @@ def run_page(run_dir: pathlib.Path) -> str:
         parts.append("<h2>Headline metrics</h2>" + metrics_table(rows, heads, max_rows=6))
     else:
         parts.append("<h2>Metrics</h2>")
-    parts.append(_figures([(figs[k], k) for k in first]))
+    parts.append(_figures([(figs[k], k) for k in first if k not in own]))
+    if own:
+        parts.append("<h2>Figures of the experiment</h2>" + _figures([(figs[k], k) for k in own]))
     parts.append(config_section(info))
     parts.append("<h2>Metrics table</h2>" + metrics_table(rows, names) + _csv_link(run_dir))
     parts.append(steps_section(run_dir))
