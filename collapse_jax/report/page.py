@@ -393,12 +393,16 @@ def sweep_page(sweep_dir: pathlib.Path) -> str:
         parts.append("<h2>Axes</h2>" + _table(["key", "values"], rows, left=2))
     columns, table = _sweep_csv(sweep_dir)
     if columns:
-        keys = ["point", *(c for c in columns if "." in c), "generation"]
+        varying = [c for c in columns if "." in c and len({r.get(c) for r in table}) > 1]
+        keys = ["point", *varying, "generation"]
         suffixes = ("_se", "_std", "_q05", "_q50", "_q95")
-        metrics = [c for c in columns if c not in keys and not c.endswith(suffixes)]
+        metrics = [
+            c for c in columns if "." not in c and c not in keys and not c.endswith(suffixes)
+        ]
         metrics = headline.lead_with_headline(kind, metrics) if kind else metrics
         body = [
-            [_e(r.get(k, "")) for k in keys]
+            [_e(r.get("point", "").split("-")[0])]  # p003: the axes follow
+            + [_e(r.get(k, "")) for k in keys[1:]]
             + [_e(_fmt(_num(r.get(m)), _num(r.get(f"{m}_se")))) for m in metrics]
             for r in table
         ]
