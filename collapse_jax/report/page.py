@@ -208,12 +208,13 @@ def config_section(info: runs.RunInfo) -> str:
 
 
 def integrity_section(run_dir: pathlib.Path) -> str:
-    """The run directory checked against its manifest (`commits.verify`)."""
+    """The run directory checked against its manifest (`commits.verify_snapshot`, the check
+    `collapse-jax plot` makes)."""
     try:
         manifest = commits.read_manifest(run_dir)
     except commits.RunDirDamaged as e:
         return f'<h2>Integrity</h2><p class="bad">Damaged: {_e(e)}</p>'
-    problems = commits.verify(run_dir, manifest)
+    problems = commits.verify_snapshot(run_dir)  # retried if the run commits meanwhile
     if manifest is None and not problems:
         return '<h2>Integrity</h2><p class="muted">No manifest (a run of an older version).</p>'
     if problems:
@@ -434,7 +435,7 @@ def sweep_page(sweep_dir: pathlib.Path) -> str:
         rows = []
         for info, label in zip(infos, labels):
             try:
-                problems = commits.verify(info.path)
+                problems = commits.verify_snapshot(info.path)
             except commits.RunDirError as e:
                 problems = [str(e)]
             status = (
