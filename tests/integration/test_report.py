@@ -164,6 +164,10 @@ def test_report_page_holds_every_part(runs_dir, tmp_path):
     # the run wrote its page at the end (report.enabled defaults to true)
     assert (runs_dir / "mix" / "report.html").is_file()
     run_dir = _with_steps_and_examples(runs_dir / "mix", tmp_path / "mix")
+    # a metric that never moves (a flat line): its figure goes to the collapsed section, last
+    for p in (run_dir / "generations").glob("gen_*.json"):
+        fileio.atomic_write_json(p, {**fileio.load_json(p), "flat_metric": 2.0})
+    shutil.copy(run_dir / "figures" / "w2.png", run_dir / "figures" / "flat_metric.png")
     assert cli.main(["report", str(run_dir)]) == 0
     text = (run_dir / "report.html").read_text()
     figures = sorted((run_dir / "figures").glob("*.png"))
@@ -177,16 +181,21 @@ def test_report_page_holds_every_part(runs_dir, tmp_path):
         "Metrics table",
         "Training curves",
         "on the mat",
-        'class="ok">Verified',
+        'class="bad"',  # the flat metric added above is not in the manifest's files
         "jaxlib",
         'download="metrics.csv"',
     ):
         assert part in text, part
     # headline figures before the collapsed rest
     assert text.index('alt="w2"') < text.index("<details><summary>Other figures")
-    assert text.index("<details><summary>Other figures") < text.index('alt="w2_squared"')
+    assert text.index("<details><summary>Other figures: 2 (1 flat)") < text.index(
+        'alt="w2_squared"'
+    )
+    assert text.index('alt="w2_squared"') < text.index('alt="flat_metric (flat)"')
 
-    # a damaged run directory is reported as such
+    # a damaged run directory is reported as such (the edits above are damage too: a fresh copy)
+    run_dir = _with_steps_and_examples(runs_dir / "mix", tmp_path / "mix2")
+    assert 'class="ok">Verified' in page.build(run_dir)
     gen = run_dir / "generations" / "gen_00002.json"
     gen.write_text(gen.read_text().replace("0", "1", 1))
     text = page.build(run_dir)
