@@ -282,8 +282,16 @@ def _cmd_compare(args) -> int:
 def _cmd_report(args) -> int:
     from collapse_jax.report import page  # noqa: PLC0415 (matplotlib only for drawing commands)
 
-    path = page.write_report(args.run_dir, args.out)
-    print(path)
+    folder = pathlib.Path(args.run_dir)
+    if page.is_suite_dir(folder):  # a suite's folder: one page per experiment
+        if args.out:
+            raise config_lib.ConfigError(
+                f"--out: {folder} is a suite; each experiment's page goes to its own folder"
+            )
+        for sub in page.suite_runs(folder):
+            print(page.write_report(sub))
+        return 0
+    print(page.write_report(folder, args.out))
     return 0
 
 

@@ -467,6 +467,21 @@ def _document(title: str, body: str) -> str:
     )
 
 
+def suite_runs(path: pathlib.Path) -> list[pathlib.Path]:
+    """The experiments' run directories in a suite's folder (e.g. `collapse-jax quickstart`)."""
+    return sorted(d for d in path.iterdir() if d.is_dir() and (d / "config.yaml").is_file())
+
+
+def is_suite_dir(path: pathlib.Path) -> bool:
+    """A folder of run directories that is itself neither a run nor a sweep."""
+    return (
+        path.is_dir()
+        and not (path / "config.yaml").is_file()
+        and not runs.is_sweep_dir(path)
+        and bool(suite_runs(path))
+    )
+
+
 def build(path: str | os.PathLike) -> str:
     """The HTML page of a run directory or a sweep directory.
 

@@ -202,6 +202,18 @@ def test_report_page_holds_every_part(runs_dir, tmp_path):
     assert 'class="bad"' in text and "gen_00002.json" in text
 
 
+def test_report_of_a_suite_folder_writes_every_experiments_page(runs_dir, capsys):
+    for sub in ("replace", "replace_seed1", "mix"):
+        (runs_dir / sub / "report.html").unlink()
+    assert cli.main(["report", str(runs_dir)]) == 0
+    written = capsys.readouterr().out.split()
+    assert written == [
+        str(runs_dir / s / "report.html") for s in ("mix", "replace", "replace_seed1")
+    ]
+    assert all(pathlib.Path(p).is_file() for p in written)
+    assert cli.main(["report", str(runs_dir), "--out", "x.html"]) == 2
+
+
 def test_a_failed_report_warns_in_one_line(runs_dir, tmp_path, monkeypatch, capsys):
     def broken(path):
         raise ValueError("disk\nfull")
