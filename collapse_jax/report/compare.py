@@ -187,8 +187,10 @@ def figure_data(groups: Sequence[Group], name: str) -> dict[str, Any]:
 def draw(data: dict[str, Any], path: pathlib.Path) -> plt.Figure:
     """Draws one metric's figure (`figure_data`) to `path`; returns the (closed) figure, whose
     artists hold the drawn data."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    many = len(data["lines"]) > 3  # the legend goes beside the axis
+    fig, ax = plt.subplots(figsize=(9.6 if many else 6.4, 4.0), dpi=110)
     log = data["yscale"] == "log"
+    handles = []
     for ln in data["lines"]:
         color = f"C{ln['index'] % 10}"
         g, mean, lo, hi = ln["generation"], ln["mean"], ln["lo"], ln["hi"]
@@ -196,10 +198,18 @@ def draw(data: dict[str, Any], path: pathlib.Path) -> plt.Figure:
             if log:  # a band reaching 0 or below: drawn from the mean on a log axis
                 lo = np.where(lo > 0, lo, mean)
             ax.fill_between(g, lo, hi, color=color, alpha=0.2, lw=0)
-        ax.plot(g, mean, color=color, lw=1.5, label=ln["label"])
+        handles += ax.plot(g, mean, color=color, lw=1.5, label=ln["label"])
+    own = []
     for c in data["closed_form"]:
         color = "k" if c["shared"] else f"C{c['index'] % 10}"
-        ax.plot(c["generation"], c["values"], color=color, lw=1.1, ls="--", label=c["label"])
+        drawn = ax.plot(
+            c["generation"], c["values"], color=color, lw=1.1, ls="--", label=c["label"]
+        )
+        (handles if c["shared"] else own).extend(drawn)
+    if own:  # one legend entry for the runs' own closed forms
+        (proxy,) = ax.plot([], [], color="0.4", lw=1.1, ls="--")
+        proxy.set_label("closed form (dashed, in each run's colour)")
+        handles.append(proxy)
     if log:
         ax.set_yscale("log")
     ax.set_xlabel("generation")
@@ -209,7 +219,12 @@ def draw(data: dict[str, Any], path: pathlib.Path) -> plt.Figure:
         fontsize=9,
     )
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.legend(fontsize=7, frameon=False)
+    if many:
+        ax.legend(
+            handles=handles, fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1)
+        )
+    else:
+        ax.legend(handles=handles, fontsize=7, frameon=False)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.cjx{os.getpid()}.png")
     try:

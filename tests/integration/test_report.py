@@ -66,7 +66,14 @@ def test_compare_draws_both_runs_on_one_axis_with_their_data(runs_dir, tmp_path,
         "policy=mix, alpha=0.9, gamma=0.1",
         "closed form (policy=replace)",
         "closed form (policy=mix, alpha=0.9, gamma=0.1)",
+        "closed form (dashed, in each run's colour)",  # the legend's one entry for both
     }
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [
+        "policy=replace",
+        "policy=mix, alpha=0.9, gamma=0.1",
+        "closed form (dashed, in each run's colour)",
+    ]
     for label, folder in (
         ("policy=replace", "replace"),
         ("policy=mix, alpha=0.9, gamma=0.1", "mix"),
