@@ -59,14 +59,14 @@ class ToyNumpyLearner(AbstractLearner):
         # float32, as `fit` returns: a resumed run loads fitted params with this as template
         return {"mu": np.zeros((), np.float32), "var": np.ones((), np.float32)}
 
-    def fit(self, key, data, params, *, workdir=None):
+    def fit(self, key, data, params, *, workdir=None, **kw):
         ToyNumpyLearner.calls.append(("fit", workdir))
         return {"mu": np.asarray(data.mean()), "var": np.asarray(data.var())}
 
     def evaluate(self, key, params, reference):
         return {"var": params["var"], "mu": params["mu"]}
 
-    def sample(self, key, params, num, *, workdir=None):
+    def sample(self, key, params, num, *, workdir=None, **kw):
         ToyNumpyLearner.calls.append(("sample", workdir))
         z = np.asarray(jax.random.normal(key, (num,)))
         return params["mu"] + np.sqrt(params["var"]) * z
@@ -95,7 +95,7 @@ class SlowToyLearner(ToyNumpyLearner):
             mean = float(pathlib.Path(self.config.mean_file).read_text())
         return np.asarray(mean + self.config.std * jax.random.normal(key, (num,)))
 
-    def fit(self, key, data, params, *, workdir=None):
+    def fit(self, key, data, params, *, workdir=None, **kw):
         time.sleep(self.config.delay)
         generation = int(pathlib.Path(workdir).parent.name.split("_")[1])
         if self.config.gate is not None and generation >= self.config.gate_generation:
