@@ -45,7 +45,10 @@ def main() -> None:
     data_dir = pathlib.Path(os.environ.get("COLLAPSE_JAX_DATA", "../shared/data")) / "mnist"
     images = mnist.load_mnist(data_dir, "train")[0][: args.images]
     cfg = vae.VAEConfig(batch_size=args.batch, epochs=1)
-    params = vae.init_params(jax.random.key(0))
+    init = vae.init_params(jax.random.key(0))
+
+    def fresh():  # train donates its parameters
+        return jax.tree.map(jax.numpy.copy, init)
     tmp = pathlib.Path(tempfile.mkdtemp())
 
     def log(every: int) -> events.StepLog:
@@ -53,14 +56,14 @@ def main() -> None:
         return events.EventLog(tmp, settings).scope(0, 0, progress=False)
 
     variants = {
-        "off": lambda: vae.train(jax.random.key(1), images, params, cfg),
-        "every10": lambda: vae.train(jax.random.key(1), images, params, cfg, log=log(10)),
-        "every1": lambda: vae.train(jax.random.key(1), images, params, cfg, log=log(1)),
+        "off": lambda: vae.train(jax.random.key(1), images, fresh(), cfg),
+        "every10": lambda: vae.train(jax.random.key(1), images, fresh(), cfg, log=log(10)),
+        "every1": lambda: vae.train(jax.random.key(1), images, fresh(), cfg, log=log(1)),
     }
     if args.old is not None:
         old = _load_old(args.old)
         ocfg = old.VAEConfig(batch_size=args.batch, epochs=1)
-        variants["before"] = lambda: old.train(jax.random.key(1), images, params, ocfg)
+        variants["before"] = lambda: old.train(jax.random.key(1), images, fresh(), ocfg)
     first = {}
     for name, fn in variants.items():
         t = time.perf_counter()

@@ -11,7 +11,7 @@ rewrites it so that it holds each record once, in the order the work was done.
   "time": unix seconds}`: a training step of chain r's fit in generation g. `step` counts the
   optimizer steps of that one fit from 1, `epoch` its epochs from 0; a record is written every
   `logging.every_steps` steps and for the fit's last step; the throughput is over the steps since
-  the fit's previous record (its first record includes compilation).
+  the fit's previous record or validation (its first record includes compilation).
 - `{"kind": "eval", "generation", "run", "epoch", "step", "val_loss", ["val_ppl"], "time"}`:
   a validation during a fit (after optimizer step `step`).
 - `{"kind": "generation", "generation": g, <metric>: value, ..., "time"}`: the summary row of a
@@ -385,9 +385,11 @@ class StepLog:
         self._log.emit(rec)
 
     def eval(self, *, epoch: int, step: int, **values: float) -> None:
-        """Reports a validation after optimizer step `step` (e.g. val_loss=..., val_ppl=...)."""
+        """Reports a validation after optimizer step `step` (e.g. val_loss=..., val_ppl=...);
+        the next step record's throughput counts from here (it leaves the validation out)."""
         if self._log is None:
             return
+        self._last = (step, time.perf_counter())
         self._log.emit(
             {
                 "kind": "eval",

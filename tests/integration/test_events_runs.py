@@ -81,11 +81,16 @@ def test_a_kill_9_inside_a_fit_resumes_to_the_same_records(tmp_path):
     assert _by_key(events.read_metrics(out)) == _by_key(events.read_metrics(ref))
 
 
+def _shrunk(case: str, data_dir, *extra):
+    """The golden record's shrunk config of `case`, with `extra` overrides replacing its own."""
+    config, overrides = golden_runs.cases(data_dir)[case]
+    keys = {e.split("=")[0] for e in extra}
+    over = [o for o in overrides if o.split("=")[0] not in keys]
+    return config_lib.load_config(golden_runs.CONFIGS / config, [*over, *extra])
+
+
 def _vae(data_dir, *extra):
-    mnist = f"model.data_dir={data_dir / 'mnist'}"
-    config, overrides = golden_runs.cases(data_dir)["vae_cpu"]
-    over = [*overrides, mnist, "model.epochs=3", "model.batch_size=16", *extra]
-    return config_lib.load_config(golden_runs.CONFIGS / config, over)
+    return _shrunk("vae_cpu", data_dir, "model.epochs=3", "model.batch_size=16", *extra)
 
 
 def test_the_vae_killed_between_epochs_resumes_to_the_same_records(tmp_path, data_dir):
@@ -125,9 +130,9 @@ def test_the_vae_killed_between_epochs_resumes_to_the_same_records(tmp_path, dat
 
 
 def test_the_lm_trainer_reports_steps_and_validations(tmp_path, data_dir):
-    config, overrides = golden_runs.cases(data_dir)["lm/opt_wikitext_cpu"]
-    over = [*overrides, "generation.num_generations=1", "logging.every_steps=1"]
-    cfg = config_lib.load_config(golden_runs.CONFIGS / config, over)
+    cfg = _shrunk(
+        "lm/opt_wikitext_cpu", data_dir, "generation.num_generations=1", "logging.every_steps=1"
+    )
     out = tmp_path / "run"
     loop.run_generations(cfg, out)
     steps = events.read_metrics(out, "step")
