@@ -16,6 +16,7 @@ Writes `benchmarks/results/logging_overhead-<device>.json`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -31,8 +32,17 @@ from collapse_jax.rundir import events
 from collapse_jax.vae import mnist
 from collapse_jax.vae import model as vae
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from bench_vae import _load_old  # noqa: E402
+
+def _load_old(root: pathlib.Path):
+    """Another checkout's collapse_jax.vae.model, imported from that checkout (its package on
+    sys.path in a subprocess would be cleaner; this process holds only one collapse_jax)."""
+    spec = importlib.util.spec_from_file_location(
+        "old_vae_model", root / "collapse_jax/vae/model.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
@@ -49,6 +59,7 @@ def main() -> None:
 
     def fresh():  # train donates its parameters
         return jax.tree.map(jax.numpy.copy, init)
+
     tmp = pathlib.Path(tempfile.mkdtemp())
 
     def log(every: int) -> events.StepLog:
