@@ -234,3 +234,12 @@ def test_a_missing_sink_package_names_its_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails
     with pytest.raises(config_lib.MissingExtra, match=r"collapse-jax\[tensorboard\]"):
         loop.run_generations(_cfg(generations=1, tensorboard=True), tmp_path / "run")
+
+
+def test_only_process_0_writes(tmp_path, monkeypatch):
+    from collapse_jax.jaxtools import processes
+
+    monkeypatch.setattr(processes, "is_primary", lambda: False)
+    cfg = _cfg(generations=1, tensorboard=True)
+    assert events.open_log(tmp_path, cfg, 0, [], "id") is None
+    assert list(tmp_path.iterdir()) == []
