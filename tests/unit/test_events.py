@@ -243,3 +243,19 @@ def test_only_process_0_writes(tmp_path, monkeypatch):
     cfg = _cfg(generations=1, tensorboard=True)
     assert events.open_log(tmp_path, cfg, 0, [], "id") is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_batched_points_each_get_their_generation_records(tmp_path):
+    """`run_batch` (a sweep's points on one program): one record per generation per point, with
+    the point's own row."""
+    raw = {"name": "toy", "model": {"kind": "toy"}}
+    raw["generation"] = {"num_generations": 2, "num_trials": 4, "samples_per_generation": 8}
+    cfgs = [config_lib.from_dict({**raw, "seed": s}) for s in (1, 2)]
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    results = loop.run_batch(cfgs, dirs)
+    for d, res in zip(dirs, results):
+        recs = events.read_metrics(d)
+        assert [r["kind"] for r in recs] == ["generation", "generation"]
+        assert [{k: v for k, v in r.items() if k not in ("kind", "time")} for r in recs] == (
+            res.rows
+        )
