@@ -415,6 +415,60 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class WandbConfig:
+    """The Weights & Biases sink of a `logging:` block (`rundir.events.WandbSink`).
+
+    Attributes:
+      enabled: log to a wandb run in `<run>/wandb/` (needs the `wandb` extra).
+      project: the wandb project.
+      mode: "offline" (no network; `wandb sync` uploads later), "online" or "disabled".
+    """
+
+    enabled: bool = False
+    project: str = "collapse-jax"
+    mode: str = "offline"
+
+    def __post_init__(self):
+        require(
+            self.mode in ("offline", "online", "disabled"),
+            "logging.wandb.mode",
+            f"{short(self.mode)} is not 'offline', 'online' or 'disabled'",
+        )
+        require(bool(self.project), "logging.wandb.project", "must not be empty")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class LoggingConfig:
+    """What a run reports while it runs (`rundir.events`); it never changes results, and a run
+    may resume with other settings.
+
+    Attributes:
+      every_steps: write a training-step record to metrics.jsonl (and the sinks) every this many
+        optimizer steps of a fit (and at its last step).
+      progress: progress bars of generations, training steps and regeneration batches: "auto"
+        (when stderr is a terminal), true or false; `--no-progress` turns them off either way.
+      tensorboard: also write TensorBoard event files to `<run>/tensorboard/` (needs the
+        `tensorboard` extra: tensorboardX).
+      wandb: the Weights & Biases sink (off by default).
+    """
+
+    every_steps: int = 10
+    progress: Any = "auto"
+    tensorboard: bool = False
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        require(
+            self.every_steps >= 1, "logging.every_steps", f"must be >= 1 (got {self.every_steps})"
+        )
+        require(
+            isinstance(self.progress, bool) or self.progress == "auto",
+            "logging.progress",
+            f"must be auto, true or false (got {short(self.progress)})",
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class ExperimentConfig:
     """One experiment: a learner, how its generations are chained, and where it runs.
 
@@ -425,6 +479,7 @@ class ExperimentConfig:
       generation: the generational loop's settings.
       report: the HTML page written at the end of the run (changes no result).
       mesh: device mesh for sharded learners (None: all devices on the data axis).
+      logging: what the run reports while it runs (metrics.jsonl, progress bars, sinks).
     """
 
     name: str
@@ -433,6 +488,7 @@ class ExperimentConfig:
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
     mesh: MeshConfig | None = None
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def __post_init__(self):
         require(

@@ -472,6 +472,7 @@ class OPTLearner(AbstractLearner):
             mesh=self._mesh(),
             seed=_seed(key),
             checkpoint_dir=None if workdir is None else pathlib.Path(workdir) / "checkpoints",
+            log=kw.get("log"),
         )
         model = _host_local(model)
         info = {
@@ -666,7 +667,7 @@ class OPTLearner(AbstractLearner):
             mesh=self._mesh(),
             settings=self._decode_settings(model),
             seed=_seed(key),
-            progress=False,
+            progress=getattr(kw.get("log"), "progress", False),
         )
         blocks = _to_blocks(np.asarray(new), cfg.data.block_size, model.config.pad_token_id)
         return with_origin(self._to_source(blocks), _ORIGIN_NEW)

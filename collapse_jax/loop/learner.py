@@ -132,7 +132,9 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         """Fits the model to `data`, starting from `params` (ignored by closed-form learners).
 
         Non-jittable learners receive `workdir=pathlib.Path` in kwargs: a folder of their own for
-        this generation's resumable state."""
+        this generation's resumable state (None in a multi-process run), and `log=` a
+        `rundir.events.StepLog` that learners training by steps report their steps to (its
+        `progress` says whether to show progress bars)."""
 
     @abc.abstractmethod
     def evaluate(self, key: jax.Array, params: Params, reference: Any) -> Metrics:
@@ -140,7 +142,8 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
 
     @abc.abstractmethod
     def sample(self, key: jax.Array, params: Params, num: int | jax.Array, **kwargs: Any) -> Data:
-        """`num` synthetic points drawn from the fitted model (non-jittable: `workdir` kwarg)."""
+        """`num` synthetic points drawn from the fitted model (non-jittable: `workdir` and `log`
+        kwargs, as `fit`'s)."""
 
     # --- data algebra used by the mixing policies -------------------------------------------
     def subset(self, key: jax.Array, data: Data, num: int | jax.Array) -> Data:
