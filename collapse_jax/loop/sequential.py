@@ -69,7 +69,7 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
     policy = schedule.policy
     if policy.keeps_anchor:  # refused before any fit, not at the end of generation 0
         raise ValueError(
-            f"generation.selection.scorer: 'generation0' needs a jittable learner "
+            f"generation.likelihood_filter.scorer: 'generation0' needs a jittable learner "
             f"({type(learner).__name__} is not)"
         )
     key, R = base_key(cfg.seed), gcfg.num_trials

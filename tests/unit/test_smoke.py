@@ -16,7 +16,7 @@ SMOKE = {
     "gaussian": "theory/gaussian_sample",
     "discrete": "theory/discrete_sample",
     "gmm": "gmm_cpu",
-    "kde": "kde_selection",
+    "kde": "kde_likelihood_filter",
     "linear_regression": "linreg_policies",
     "vae": "vae_cpu",
     "opt (WikiText)": "lm/opt_wikitext_cpu_keep10",
