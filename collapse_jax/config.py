@@ -67,6 +67,11 @@ MODEL_REGISTRY: dict[str, tuple[str, ...]] = {
         "collapse_jax.kde.learner:KDELearner",
         "collapse_jax.kde.figures",
     ),
+    "verification": (
+        "collapse_jax.verification.learner:VerificationConfig",
+        "collapse_jax.verification.learner:VerificationLearner",
+        "collapse_jax.verification.figures",
+    ),
     "vae": (
         "collapse_jax.vae.model:VAEConfig",
         "collapse_jax.vae.learner:VAELearner",

@@ -128,7 +128,12 @@ def cases(data: pathlib.Path) -> dict[str, tuple[str, list[str]]]:
     shipped config."""
     out: dict[str, tuple[str, list[str]]] = {}
     out["quickstart"] = ("quickstart.yaml", _QUICKSTART)
-    for name in ("theory_discrete", "theory_gaussian", "gaussian_likelihood_filter"):
+    for name in (
+        "theory_discrete",
+        "theory_gaussian",
+        "gaussian_likelihood_filter",
+        "verification",
+    ):
         out[name] = (f"{name}.yaml", _THEORY)
     for p in sorted((CONFIGS / "theory").glob("*.yaml")):
         out[f"theory/{p.stem}"] = (f"theory/{p.name}", _THEORY)

@@ -18,6 +18,7 @@ SMOKE = {
     "gmm": "gmm_cpu",
     "kde": "kde_likelihood_filter",
     "linear_regression": "linreg_policies",
+    "verification": "verification",
     "vae": "vae_cpu",
     "opt (WikiText)": "lm/opt_wikitext_cpu_keep10",
     "opt (known source)": "lm/truth_markov_beam",
