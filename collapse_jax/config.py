@@ -449,6 +449,15 @@ class ExperimentConfig:
                 f"least {need} to fit",
             )
 
+        # A warm start (Bertrand et al.'s setting) must reach the fit: `previous_fit_ignored` is
+        # an optional property of model configs, the reason a fit would not start from it.
+        ignored = getattr(self.model, "previous_fit_ignored", None)
+        require(
+            self.generation.init_from != "previous" or not ignored,
+            "generation.init_from",
+            f"'previous' would be ignored: {ignored}",
+        )
+
     @property
     def kind(self) -> str:
         return self.model.kind

@@ -47,3 +47,16 @@ def test_the_fully_synthetic_loop_collapses():
     e = stability.expected_errors(math.inf, 10, 200)
     np.testing.assert_allclose(e["var"], 0.9 * 0.9 ** np.arange(200), rtol=1e-12)
     assert e["mean_dist2"][-1] == pytest.approx(1.0, abs=1e-8)
+
+
+def test_a_warm_start_that_would_be_ignored_is_refused():
+    from collapse_jax import config as config_lib
+
+    path = config_lib.find_config("gmm_cpu")
+    with pytest.raises(config_lib.ConfigError, match="'previous' would be ignored"):
+        config_lib.load_config(path, ["generation.init_from=previous"])
+    cfg = config_lib.load_config(path, ["generation.init_from=previous", "model.warm_start=true"])
+    assert cfg.generation.init_from == "previous"
+    stab = config_lib.load_config(config_lib.find_config("theory/gaussian_stability"))
+    assert stab.generation.init_from == "previous"
+    assert stab.generation.alpha / stab.generation.gamma == 1.0  # lambda_B, the ratio
