@@ -75,7 +75,7 @@ def run_sequential(
     policy = schedule.policy
     if policy.keeps_anchor:  # refused before any fit, not at the end of generation 0
         raise ValueError(
-            f"generation.selection.scorer: 'generation0' needs a jittable learner "
+            f"generation.likelihood_filter.scorer: 'generation0' needs a jittable learner "
             f"({type(learner).__name__} is not)"
         )
     key, R = base_key(cfg.seed), gcfg.num_trials

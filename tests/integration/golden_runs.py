@@ -128,15 +128,20 @@ def cases(data: pathlib.Path) -> dict[str, tuple[str, list[str]]]:
     shipped config."""
     out: dict[str, tuple[str, list[str]]] = {}
     out["quickstart"] = ("quickstart.yaml", _QUICKSTART)
-    for name in ("theory_discrete", "theory_gaussian", "gaussian_selection"):
+    for name in (
+        "theory_discrete",
+        "theory_gaussian",
+        "gaussian_likelihood_filter",
+        "verification",
+    ):
         out[name] = (f"{name}.yaml", _THEORY)
     for p in sorted((CONFIGS / "theory").glob("*.yaml")):
         out[f"theory/{p.stem}"] = (f"theory/{p.name}", _THEORY)
     for name in ("gmm", "gmm_cpu", "gmm_tails", "gmm_tails_cpu"):
         out[name] = (f"{name}.yaml", _GMM)
-    for name in ("kde_gaussian", "kde_moons", "kde_selection"):
+    for name in ("kde_gaussian", "kde_moons", "kde_likelihood_filter"):
         out[name] = (f"{name}.yaml", _KDE)
-    for name in ("linreg", "linreg_policies", "linreg_selection"):
+    for name in ("linreg", "linreg_policies", "linreg_likelihood_filter"):
         out[name] = (f"{name}.yaml", _LINREG)
     mnist = f"model.data_dir={data / 'mnist'}"
     for name in ("vae", "vae_cpu", "vae_mix"):
