@@ -41,6 +41,7 @@ from collapse_jax.lm.source import (
     MarkovSource,
     ngram_codes,
     to_source_ids,
+    token_counts,
 )
 
 
@@ -227,8 +228,7 @@ def support_coverage(source: GroundTruthSource, blocks: np.ndarray) -> dict[str,
     k, ctx, tok, mass = source.transitions()
     seen = np.unique(ngram_codes(blocks, k, v))
     hit = np.isin(ctx * v + tok, seen)
-    tokens = np.asarray(blocks, np.int64).reshape(-1)
-    counts = np.bincount(tokens[(tokens >= 0) & (tokens < v)], minlength=v)
+    counts = token_counts(blocks, v)
     live = source.unigram > 0
     present = counts > 0
     return {
