@@ -1,0 +1,342 @@
+"""The known-language study in one command: `collapse-jax study lm [--quick] --out DIR`.
+
+One sweep (`collapse_jax.sweep`) over the grid of issue 22, all on the known language of
+`lm/truth_markov_beam.yaml` (a Zipfian Markov chain over 64 tokens, 16 continuations per
+context, Zipf(1) weights):
+
+- learner: `oracle` (the truth itself, never refitted), `counts` (the exact learner: add-0.01
+  bigram counts refitted every generation), `base` (the small OPT fine-tuned every generation
+  from a base pretrained on a related language, `lm.base`), `scratch` (the same OPT trained from
+  its random init every generation, lr 5e-3);
+- decoder: `beam_paper` (5 beams, repetition penalty 3.0: the paper's), `beam` (5 beams, no
+  penalty), `sample` (ancestral sampling at temperature 1, no top-k: the model's own
+  distribution);
+- policy: `replace` (Shumailov et al.), `mix10` (90 % new synthetic, 10 % real: the paper's
+  keep-10 %), `accumulate` (Gerstgrasser et al.: every generation's data kept, the fit sees the
+  whole pool), `accumulate_subsample` (Kazdan et al.: the pool kept, each fit on a subsample of
+  replace's size, hence replace's compute);
+- seed: 0, 1, 2 (the chain's seed and the real data's; the language is the same).
+
+The axes are named (`sweep.Choice`): a learner point carries its own model block (the table
+learners take no `pretrain:`; the scratch transformer drops it and trains at its own learning
+rate), so the grid is one product without refused points. `SIZES` shrinks the quick-start config
+for the study (`full`: designed for <= 2 h on a 2-core CPU; `quick`: <= 10 min); the sizes are
+overrides, listed in `sweep.json` with every point's.
+
+The study's own figures and table (`study_figures`, `figures/study_*.png`, `metrics.csv`) average
+every (learner, decoder, policy) over the seeds (mean +- standard error) and decompose each
+collapse metric m of a learner L under decoder D and policy P at generation g into parts that
+sum exactly to it (seed by seed, so each part has its own standard error):
+
+    m(L, D)  =  m(oracle, sample)                          floor: the truth sampled
+             +  m(counts, sample) - m(oracle, sample)      recursion: finite-sample refitting
+             +  m(L, sample)      - m(counts, sample)      approximation: the learner's excess
+             +  m(L, D)           - m(L, sample)           decoder: what D adds to sampling
+
+(every term at the same policy P, generation g and seed; for L = oracle, never refitted, the
+recursion and approximation parts are 0 and the decoder part is m(oracle, D) - m(oracle,
+sample); for L = counts the approximation part is 0). The floor is 0 for the KL (the oracle is
+the truth) and the lost mass of a finite exact sample for the data. The recursion part of
+generation 0 is the exact learner's estimation error on the real data. A part may be negative
+(a decoder that keeps the data closer to the truth than sampling would); the figure draws it
+below zero.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from collapse_jax import config as config_lib
+from collapse_jax import sweep as sweep_lib
+from collapse_jax.rundir import fileio
+
+log = logging.getLogger(__name__)
+
+CONFIG = "lm/truth_markov_beam.yaml"
+SEEDS = (0, 1, 2)
+ORIGIN_REAL = -1  # lm.experiment.ORIGIN_REAL (importing lm.experiment pulls in the OPT stack)
+
+_TABLE = {"model.pretrain": None}
+LEARNERS = {
+    "oracle": {"model.learner": "oracle", **_TABLE},
+    "counts": {"model.learner": "counts", **_TABLE},
+    "base": {},
+    "scratch": {"model.pretrain": None, "model.train.learning_rate": 5.0e-3},
+}
+POLICIES = {
+    "replace": {"generation.policy": "replace"},
+    "mix10": {
+        "generation.policy": "mix",
+        "generation.alpha": 0.9,
+        "generation.beta": 0.0,
+        "generation.gamma": 0.1,
+    },
+    "accumulate": {"generation.policy": "accumulate"},
+    "accumulate_subsample": {"generation.policy": "accumulate_subsample"},
+}
+DECODERS = ("beam_paper", "beam", "sample")
+
+
+def decode(name: str, new_tokens: int) -> dict[str, Any]:
+    """The `model.decode` block of decoder `name`, writing `new_tokens` tokens per block."""
+    size = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    if name == "beam_paper":
+        return {**size, "num_beams": 5, "repetition_penalty": 3.0}
+    if name == "beam":
+        return {**size, "num_beams": 5, "repetition_penalty": 1.0}
+    if name == "sample":
+        return {
+            **size,
+            "num_beams": 1,
+            "do_sample": True,
+            "temperature": 1.0,
+            "top_k": 0,
+            "repetition_penalty": 1.0,
+        }
+    raise config_lib.ConfigError(f"study decoder {name!r} is not one of {', '.join(DECODERS)}")
+
+
+# The sizes of each version of the study: overrides of the quick-start config, every point.
+# full: 128 blocks of 32 tokens (the quick start: 256 of 64), the same model and pretrained base;
+# quick: 6 generations, 128 blocks of 16 tokens, a 1-layer width-32 OPT fine-tuned for 2 epochs,
+# a base pretrained on 1,024 blocks.
+SIZES = {
+    "full": {
+        "model.data.num_train_blocks": 128,
+        "model.data.num_eval_blocks": 64,
+        "model.data.block_size": 32,
+        "model.train.batch_size": 16,
+        "model.random_init.max_position_embeddings": 64,
+        "model.pretrain.num_blocks": 2048,
+        "model.generate_batch_size": 128,
+        "model.eval_batch_size": 64,
+    },
+    "quick": {
+        "generation.num_generations": 6,
+        "model.data.num_train_blocks": 128,
+        "model.data.num_eval_blocks": 32,
+        "model.data.block_size": 16,
+        "model.train.epochs": 2,
+        "model.train.batch_size": 32,
+        "model.random_init.hidden_size": 32,
+        "model.random_init.num_hidden_layers": 1,
+        "model.random_init.num_attention_heads": 2,
+        "model.random_init.ffn_dim": 64,
+        "model.random_init.max_position_embeddings": 32,
+        "model.pretrain.num_blocks": 1024,
+        "model.pretrain.train.epochs": 4,
+        "model.pretrain.train.batch_size": 32,
+        "model.generate_batch_size": 128,
+        "model.eval_batch_size": 32,
+    },
+}
+
+
+def grid(
+    version: str = "full",
+    *,
+    learners: tuple[str, ...] = tuple(LEARNERS),
+    decoders: tuple[str, ...] = DECODERS,
+    policies: tuple[str, ...] = tuple(POLICIES),
+    seeds: tuple[int, ...] = SEEDS,
+    extra: dict[str, Any] | None = None,
+) -> list[sweep_lib.Axis]:
+    """The study's axes (learner x decoder x policy x seed) with `SIZES[version]` (and `extra`,
+    e.g. a test's further shrink) as fixed overrides of every point."""
+    if version not in SIZES:
+        raise config_lib.ConfigError(f"study version {version!r} is not one of {sorted(SIZES)}")
+    fixed = {**SIZES[version], **(extra or {})}
+    block = fixed.get("model.data.block_size", 64)
+    for name, values in (("learner", learners), ("policy", policies), ("decoder", decoders)):
+        known = {"learner": LEARNERS, "policy": POLICIES, "decoder": DECODERS}[name]
+        bad = [v for v in values if v not in known]
+        if bad or not values:
+            raise config_lib.ConfigError(f"study {name}s must be among {', '.join(known)}: {bad}")
+
+    def learner(name: str) -> sweep_lib.Choice:
+        # fixed sizes of the pretrained base only where there is one
+        sizes = {k: v for k, v in fixed.items() if not k.startswith("model.pretrain.")}
+        if name == "base":
+            sizes = fixed
+        return sweep_lib.Choice(name, {**sizes, **LEARNERS[name]})
+
+    return [
+        ("learner", [learner(n) for n in learners]),
+        ("decoder", [sweep_lib.Choice(d, {"model.decode": decode(d, block)}) for d in decoders]),
+        ("policy", [sweep_lib.Choice(p, POLICIES[p]) for p in policies]),
+        ("seed", [sweep_lib.Choice(str(s), {"seed": s, "model.data.seed": s}) for s in seeds]),
+    ]
+
+
+def make(out: str | pathlib.Path, version: str = "full", **kwargs: Any) -> sweep_lib.Sweep:
+    """The study's sweep in `out` (`grid`'s arguments)."""
+    return sweep_lib.Sweep(config_lib.find_config(CONFIG), grid(version, **kwargs), out)
+
+
+def run_study(
+    out: str | pathlib.Path, version: str = "full", *, progress: bool = False, **kwargs: Any
+) -> sweep_lib.Sweep:
+    """Runs (or resumes) the study in `out`, then writes `metrics.csv` and the study figures."""
+    sw = make(out, version, **kwargs)
+    sweep_lib.run_grid(sw, progress=progress, figures=False)
+    write_metrics(sw)
+    study_figures(sw)
+    return sw
+
+
+# ----------------------------------------------------------------------------------------------
+# Seed means and the decomposition.
+
+# The metrics of metrics.csv and the figures: the model's (kl_to_truth, tail_kept,
+# off_support_mass) and the data's, of the pool and of its synthetic part.
+HEADLINE = (
+    "kl_to_truth",
+    "tail_kept",
+    "off_support_mass",
+    "data_true_nll",
+    "data_true_nll_floored",
+    "data_invalid_rate",
+    "support_coverage",
+    "lost_mass",
+    "data_repetition",
+)
+DATA_METRICS = HEADLINE[3:]
+DECOMPOSED = ("kl_to_truth", "lost_mass_synthetic")
+PARTS = ("floor", "recursion", "approximation", "decoder")
+
+
+def synthetic(row: dict[str, Any], name: str) -> float:
+    """The synthetic part's value of data metric `name` in `row`; at generation 0 (no synthetic
+    block yet) the real data's, so that every curve starts from the same data."""
+    v = row.get(f"{name}_synthetic")
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return float(row.get(name, math.nan)) if row.get("synthetic_share", 0.0) == 0 else math.nan
+    return float(v)
+
+
+def value(row: dict[str, Any], name: str) -> float:
+    """`row`'s `name`, where `<data metric>_synthetic` is `synthetic`'s reading."""
+    if name.endswith("_synthetic"):
+        return synthetic(row, name.removesuffix("_synthetic"))
+    return float(row.get(name, math.nan))
+
+
+def cells(sw: sweep_lib.Sweep) -> dict[tuple[str, str, str], dict[str, np.ndarray]]:
+    """(learner, decoder, policy) -> {metric: [seeds, generations]} (NaN where a point has not
+    run or a metric is missing); also "seeds": the seed labels in row order."""
+    rows = sweep_lib.point_rows(sw)
+    gens = max(c.generation.num_generations for c in sw.configs)
+    names = [*HEADLINE, *(f"{m}_synthetic" for m in DATA_METRICS), "entropy_rate", "min_block_nll"]
+    seed_labels = [v.label for v in dict(sw.axes)["seed"]]
+    out: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}
+    for p, r in zip(sw.points, rows):
+        ov = p["overrides"]
+        key = (ov["learner"], ov["decoder"], ov["policy"])
+        cell = out.setdefault(key, {n: np.full((len(seed_labels), gens), np.nan) for n in names})
+        s = seed_labels.index(ov["seed"])
+        for row in r:
+            for n in names:
+                cell[n][s, row["generation"]] = value(row, n)
+    return out
+
+
+def mean_se(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, standard error (std / sqrt(n), ddof 1; NaN for n < 2) and n over axis 0, NaN-aware."""
+    n = np.sum(np.isfinite(x), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.nansum(x, axis=0) / np.where(n > 0, n, np.nan)
+        dev = np.where(np.isfinite(x), x - mean, 0.0)
+        sd = np.sqrt(np.sum(dev**2, axis=0) / np.where(n > 1, n - 1, np.nan))
+    return mean, sd / np.sqrt(n), n
+
+
+def decomposition(
+    table: dict[tuple[str, str, str], dict[str, np.ndarray]], name: str
+) -> dict[tuple[str, str, str], dict[str, np.ndarray]]:
+    """The parts of metric `name` (module docstring) for every (learner, decoder, policy) whose
+    reference rows ran: {part or "total": [seeds, generations]}; parts sum to the total."""
+    out = {}
+    for (learner, dec, pol), cell in table.items():
+        refs = [("oracle", "sample", pol), ("counts", "sample", pol), (learner, "sample", pol)]
+        if learner == "oracle":  # never refitted: no recursion, no approximation
+            refs[1] = refs[0]
+        if any(r not in table for r in refs):
+            continue
+        floor, exact, own = (table[r][name] for r in refs)
+        total = cell[name]
+        out[(learner, dec, pol)] = {
+            "floor": floor,
+            "recursion": exact - floor,
+            "approximation": own - exact,
+            "decoder": total - own,
+            "total": total,
+        }
+    return out
+
+
+def write_metrics(sw: sweep_lib.Sweep) -> pathlib.Path:
+    """`metrics.csv`: one row per (learner, decoder, policy, generation) with each headline
+    metric's seed mean, standard error and seed count (`_synthetic`: the synthetic blocks)."""
+    table = cells(sw)
+    names = [*HEADLINE, *(f"{m}_synthetic" for m in DATA_METRICS)]
+    buf = io.StringIO()
+    cols = ["learner", "decoder", "policy", "generation"]
+    for n in names:
+        cols += [n, f"{n}_se", f"{n}_n"]
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for (learner, dec, pol), cell in table.items():
+        stats = {n: mean_se(cell[n]) for n in names}
+        for g in range(cell[names[0]].shape[1]):
+            if not np.isfinite(cell["kl_to_truth"][:, g]).any():
+                continue
+            row: list[Any] = [learner, dec, pol, g]
+            for n in names:
+                m, se, k = (a[g] for a in stats[n])
+                row += [_num(m), _num(se), int(k)]
+            w.writerow(row)
+    path = sw.out / "metrics.csv"
+    fileio.atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def _num(x: float) -> str:
+    return "" if not np.isfinite(x) else f"{x:.6g}"
+
+
+def histogram_data(
+    sw: sweep_lib.Sweep, generation: int, policy: str
+) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+    """(learner, decoder) -> {"real", "synthetic": every block's floored true NLL (nats/token) at
+    `generation` under `policy`, pooled over the seeds, split by provenance}."""
+    out: dict[tuple[str, str], dict[str, list]] = {}
+    name = f"gen_{generation:05d}.npz"
+    for i, p in enumerate(sw.points):
+        ov = p["overrides"]
+        if ov["policy"] != policy:
+            continue
+        d = sw.point_dir(i)
+        if not (d / "arrays" / name).exists() or not (d / "data" / name).exists():
+            continue
+        with np.load(d / "arrays" / name) as z:
+            nll = z["trials/data_true_nll_floored_per_block"][0]
+        with np.load(d / "data" / name) as z:
+            origin = z["origin"]
+        cell = out.setdefault((ov["learner"], ov["decoder"]), {"real": [], "synthetic": []})
+        cell["real"].append(nll[origin == ORIGIN_REAL])
+        cell["synthetic"].append(nll[origin != ORIGIN_REAL])
+    return {k: {s: np.concatenate(v[s]) for s in v} for k, v in out.items()}
+
+
+def study_figures(sw: sweep_lib.Sweep) -> list[pathlib.Path]:
+    """The study's figures in `out/figures` (`lm.study_figures`)."""
+    from collapse_jax.lm import study_figures as figures  # noqa: PLC0415 (matplotlib, cycle)
+
+    return figures.study_figures(sw)
