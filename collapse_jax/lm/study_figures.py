@@ -1,4 +1,5 @@
-"""The LM study's figures (`collapse_jax.lm.study`), in the study directory's `figures/`.
+"""The LM study's figures (`collapse_jax.lm.study`; numbers from `lm.study_data`), in the study
+directory's `figures/`.
 
 - `study_<metric>.png`: the metric against generation, one column per decoder and one row per
   policy (shared axes), one line per learner: the seed mean with a +- 1 standard-error band.
@@ -22,7 +23,7 @@ import numpy as np
 
 from collapse_jax import plots
 from collapse_jax import sweep as sweep_lib
-from collapse_jax.lm import study
+from collapse_jax.lm import study_data as study
 
 LEARNER_COLORS = {"oracle": "C2", "counts": "C0", "base": "C1", "scratch": "C3"}
 PART_COLORS = {"floor": "0.7", "recursion": "C0", "approximation": "C1", "decoder": "C3"}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from collapse_jax import config as config_lib
-from collapse_jax.lm import study
+from collapse_jax.lm import study, study_data
 
 pytestmark = pytest.mark.slow
 
@@ -53,18 +53,21 @@ def test_the_grid_is_one_product_with_per_learner_blocks(done):
 
 
 def test_the_oracle_under_sampling_writes_data_at_the_entropy_rate(done):
-    table = study.cells(done)
+    table = study_data.cells(done)
     h = float(np.nanmean(table[("oracle", "sample", "mix10")]["entropy_rate"]))
     # every synthetic block of generations 1-2 (3 seeds), each block's mean true NLL over
     # positions 1.. (independent blocks): the mean is the entropy rate; 4 s.e. (false failure
     # about 6e-5 for a normal mean)
     blocks = np.concatenate(
-        [study.histogram_data(done, g, "mix10")[("oracle", "sample")]["synthetic"] for g in (1, 2)]
+        [
+            study_data.histogram_data(done, g, "mix10")[("oracle", "sample")]["synthetic"]
+            for g in (1, 2)
+        ]
     )
     se = blocks.std(ddof=1) / np.sqrt(blocks.size)
     assert abs(blocks.mean() - h) < 4 * se, (blocks.mean(), h, se)
     # the seed means the figure draws are the same data
-    mean, se_seeds, n = study.mean_se(
+    mean, se_seeds, n = study_data.mean_se(
         table[("oracle", "sample", "mix10")]["data_true_nll_floored_synthetic"]
     )
     assert (n[1:] == 3).all() and np.isfinite(se_seeds[1:]).all()
@@ -76,12 +79,12 @@ def test_the_oracle_under_sampling_writes_data_at_the_entropy_rate(done):
 
 
 def test_the_decomposition_parts_sum_to_the_total(done):
-    table = study.cells(done)
-    for name in study.DECOMPOSED:
-        parts = study.decomposition(table, name)
+    table = study_data.cells(done)
+    for name in study_data.DECOMPOSED:
+        parts = study_data.decomposition(table, name)
         assert set(parts) == set(table)
         for (learner, dec, _), d in parts.items():
-            total = sum(d[p] for p in study.PARTS)
+            total = sum(d[p] for p in study_data.PARTS)
             np.testing.assert_allclose(total[:, 1:], d["total"][:, 1:], rtol=1e-9, atol=1e-12)
             if learner != "base":  # the exact learner and the oracle: no approximation part
                 np.testing.assert_array_equal(d["approximation"], 0.0)
@@ -96,7 +99,7 @@ def test_the_decomposition_parts_sum_to_the_total(done):
 
 
 def test_metrics_csv_and_provenance_histograms(done):
-    table = study.cells(done)
+    table = study_data.cells(done)
     rows = list(csv.DictReader((done.out / "metrics.csv").open()))
     assert len(rows) == 3 * 2 * 3  # (learner, decoder) x generations 0-2
     row = next(
@@ -104,11 +107,11 @@ def test_metrics_csv_and_provenance_histograms(done):
         for r in rows
         if (r["learner"], r["decoder"], r["generation"]) == ("counts", "sample", "2")
     )
-    mean, se, n = study.mean_se(table[("counts", "sample", "mix10")]["kl_to_truth"])
+    mean, se, n = study_data.mean_se(table[("counts", "sample", "mix10")]["kl_to_truth"])
     assert float(row["kl_to_truth"]) == pytest.approx(mean[2], rel=1e-5)
     assert float(row["kl_to_truth_se"]) == pytest.approx(se[2], rel=1e-5)
     assert row["kl_to_truth_n"] == "3"
-    hist = study.histogram_data(done, 2, "mix10")
+    hist = study_data.histogram_data(done, 2, "mix10")
     for d in hist.values():  # 10 % of 32 blocks are real, in each of the 3 seeds
         assert d["real"].size == 3 * 3 and d["synthetic"].size == 3 * 29
     files = {p.name for p in (done.out / "figures").iterdir()}
