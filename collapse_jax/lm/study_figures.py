@@ -156,7 +156,7 @@ def decomposition_figure(sw, table, name: str, path: pathlib.Path) -> pathlib.Pa
     fig, axes = plt.subplots(
         len(gens),
         len(policies),
-        figsize=(3.9 * len(policies), 3.3 * len(gens) + 0.9),
+        figsize=(max(3.9 * len(policies), 9.0), 3.3 * len(gens) + 1.4),
         dpi=90,
         squeeze=False,
         sharey=True,
@@ -200,10 +200,11 @@ def decomposition_figure(sw, table, name: str, path: pathlib.Path) -> pathlib.Pa
             "decoder: learner, decoder - learner, sampling",
             "total (mean +- s.e.)",
         ],
-        loc="upper right",
+        loc="upper left",
+        bbox_to_anchor=(0.01, 0.955),
         fontsize=7,
         frameon=False,
-        ncol=3,
+        ncol=3 if len(policies) > 2 else 2,
     )
     seeds = len(_labels(sw, "seed"))
     fig.suptitle(
@@ -211,9 +212,10 @@ def decomposition_figure(sw, table, name: str, path: pathlib.Path) -> pathlib.Pa
         "the total;\nnegative parts drawn below zero)",
         fontsize=9,
         x=0.01,
+        y=0.995,
         ha="left",
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
     fig.savefig(path)
     plt.close(fig)
     return path
