@@ -4,10 +4,10 @@ One sweep (`collapse_jax.sweep`) over the grid of issue 22, all on the known lan
 `lm/truth_markov_beam.yaml` (a Zipfian Markov chain over 64 tokens, 16 continuations per
 context, Zipf(1) weights):
 
-- learner: `oracle` (the truth itself, never refitted), `counts` (the exact learner: add-0.01
-  bigram counts refitted every generation), `base` (the small OPT fine-tuned every generation
-  from a base pretrained on a related language, `lm.base`), `scratch` (the same OPT trained from
-  its random init every generation, lr 5e-3);
+- learner: `oracle` (the truth itself, never refitted: `model.kind: oracle`), `counts` (the
+  exact learner, `model.kind: ngram`: add-0.01 bigram counts refitted every generation), `base`
+  (the small OPT fine-tuned every generation from a base pretrained on a related language,
+  `lm.base`), `scratch` (the same OPT trained from its random init every generation, lr 5e-3);
 - decoder: `beam_paper` (5 beams, repetition penalty 3.0: the paper's), `beam` (5 beams, no
   penalty), `sample` (ancestral sampling at temperature 1, no top-k: the model's own
   distribution);
@@ -59,8 +59,8 @@ SEEDS = (0, 1, 2)
 
 _TABLE = {"model.pretrain": None}
 LEARNERS = {
-    "oracle": {"model.learner": "oracle", **_TABLE},
-    "counts": {"model.learner": "counts", **_TABLE},
+    "oracle": {"model.kind": "oracle", **_TABLE},
+    "counts": {"model.kind": "ngram", **_TABLE},
     "base": {},
     "scratch": {"model.pretrain": None, "model.train.learning_rate": 5.0e-3},
 }

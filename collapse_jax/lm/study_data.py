@@ -18,11 +18,11 @@ from collapse_jax.rundir import fileio
 
 ORIGIN_REAL = -1  # lm.experiment.ORIGIN_REAL (importing lm.experiment pulls in the OPT stack)
 
-# The metrics of metrics.csv and the figures: the model's (kl_to_truth, tail_kept,
+# The metrics of metrics.csv and the figures: the model's (kl_to_truth, tail_retention,
 # off_support_mass) and the data's, of the pool and of its synthetic part.
 HEADLINE = (
     "kl_to_truth",
-    "tail_kept",
+    "tail_retention",
     "off_support_mass",
     "data_true_nll",
     "data_true_nll_floored",
@@ -32,23 +32,23 @@ HEADLINE = (
     "data_repetition",
 )
 DATA_METRICS = HEADLINE[3:]
-DECOMPOSED = ("kl_to_truth", "lost_mass_synthetic")
+DECOMPOSED = ("kl_to_truth", "synthetic_lost_mass")
 PARTS = ("floor", "recursion", "approximation", "decoder")
 
 
 def synthetic(row: dict[str, Any], name: str) -> float:
     """The synthetic part's value of data metric `name` in `row`; at generation 0 (no synthetic
     block yet) the real data's, so that every curve starts from the same data."""
-    v = row.get(f"{name}_synthetic")
+    v = row.get(f"synthetic_{name}")
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return float(row.get(name, math.nan)) if row.get("synthetic_share", 0.0) == 0 else math.nan
     return float(v)
 
 
 def value(row: dict[str, Any], name: str) -> float:
-    """`row`'s `name`, where `<data metric>_synthetic` is `synthetic`'s reading."""
-    if name.endswith("_synthetic"):
-        return synthetic(row, name.removesuffix("_synthetic"))
+    """`row`'s `name`, where `synthetic_<data metric>` is `synthetic`'s reading."""
+    if name.startswith("synthetic_"):
+        return synthetic(row, name.removeprefix("synthetic_"))
     return float(row.get(name, math.nan))
 
 
@@ -57,7 +57,7 @@ def cells(sw: sweep_lib.Sweep) -> dict[tuple[str, str, str], dict[str, np.ndarra
     run or a metric is missing); also "seeds": the seed labels in row order."""
     rows = sweep_lib.point_rows(sw)
     gens = max(c.generation.num_generations for c in sw.configs)
-    names = [*HEADLINE, *(f"{m}_synthetic" for m in DATA_METRICS), "entropy_rate", "min_block_nll"]
+    names = [*HEADLINE, *(f"synthetic_{m}" for m in DATA_METRICS), "entropy_rate", "min_block_nll"]
     seed_labels = [v.label for v in dict(sw.axes)["seed"]]
     out: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}
     for p, r in zip(sw.points, rows):
@@ -107,9 +107,9 @@ def decomposition(
 
 def write_metrics(sw: sweep_lib.Sweep) -> pathlib.Path:
     """`metrics.csv`: one row per (learner, decoder, policy, generation) with each headline
-    metric's seed mean, standard error and seed count (`_synthetic`: the synthetic blocks)."""
+    metric's seed mean, standard error and seed count (`synthetic_`: the synthetic blocks)."""
     table = cells(sw)
-    names = [*HEADLINE, *(f"{m}_synthetic" for m in DATA_METRICS)]
+    names = [*HEADLINE, *(f"synthetic_{m}" for m in DATA_METRICS)]
     buf = io.StringIO()
     cols = ["learner", "decoder", "policy", "generation"]
     for n in names:

@@ -29,29 +29,29 @@ LEARNER_COLORS = {"oracle": "C2", "counts": "C0", "base": "C1", "scratch": "C3"}
 PART_COLORS = {"floor": "0.7", "recursion": "C0", "approximation": "C1", "decoder": "C3"}
 CURVES = (
     "kl_to_truth",
-    "tail_kept",
+    "tail_retention",
     "off_support_mass",
-    "data_true_nll_floored_synthetic",
-    "data_true_nll_synthetic",
-    "lost_mass_synthetic",
-    "support_coverage_synthetic",
-    "data_repetition_synthetic",
+    "synthetic_data_true_nll_floored",
+    "synthetic_data_true_nll",
+    "synthetic_lost_mass",
+    "synthetic_support_coverage",
+    "synthetic_data_repetition",
 )
 NONNEGATIVE = (
     "kl_to_truth",
     "off_support_mass",
-    "lost_mass_synthetic",
-    "data_repetition_synthetic",
+    "synthetic_lost_mass",
+    "synthetic_data_repetition",
 )
 WHAT = {
     "kl_to_truth": "KL(truth || model), nats/token",
-    "tail_kept": "tail kept (bounded, 0-1)",
+    "tail_retention": "tail kept (bounded, 0-1)",
     "off_support_mass": "model mass on impossible tokens",
-    "data_true_nll_floored_synthetic": "synthetic data's true NLL, impossible tokens floored",
-    "data_true_nll_synthetic": "synthetic data's true NLL, possible tokens only",
-    "lost_mass_synthetic": "synthetic data's lost transition mass",
-    "support_coverage_synthetic": "synthetic data's transition coverage",
-    "data_repetition_synthetic": "synthetic data's repeated 4-grams",
+    "synthetic_data_true_nll_floored": "synthetic data's true NLL, impossible tokens floored",
+    "synthetic_data_true_nll": "synthetic data's true NLL, possible tokens only",
+    "synthetic_lost_mass": "synthetic data's lost transition mass",
+    "synthetic_support_coverage": "synthetic data's transition coverage",
+    "synthetic_data_repetition": "synthetic data's repeated 4-grams",
 }
 
 
@@ -96,7 +96,7 @@ def curves_figure(sw, table, name: str, path: pathlib.Path) -> pathlib.Path:
         sharey=True,
     )
     any_cell = next(iter(table.values()))
-    nll = name.startswith("data_true_nll")
+    nll = name.startswith("synthetic_data_true_nll")
     for r, pol in enumerate(policies):
         for c, dec in enumerate(decoders):
             ax = axes[r, c]
@@ -118,7 +118,7 @@ def curves_figure(sw, table, name: str, path: pathlib.Path) -> pathlib.Path:
                 floor = np.nanmean(any_cell["min_block_nll"])
                 ax.axhline(h, color="k", ls="--", lw=0.8, label=f"entropy rate {h:.3f}")
                 ax.axhline(floor, color="0.4", ls=":", lw=0.8, label=f"min block NLL {floor:.3f}")
-            if name in ("tail_kept", "support_coverage_synthetic"):
+            if name in ("tail_retention", "synthetic_support_coverage"):
                 ax.set_ylim(-0.02, 1.02)
             elif name in NONNEGATIVE:  # from 0, at least 0.05 tall: float32 noise is not a value
                 ax.set_ylim(bottom=-0.002)

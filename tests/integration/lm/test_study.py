@@ -40,13 +40,11 @@ def test_the_grid_is_one_product_with_per_learner_blocks(done):
     assert len(done.points) == 3 * 2 * 1 * 3
     by = {(p["overrides"]["learner"], p["overrides"]["seed"]): c
           for p, c in zip(done.points, done.configs)}  # fmt: skip
-    assert (
-        by[("oracle", "0")].model.pretrain is None and by[("oracle", "0")].model.learner == "oracle"
-    )
+    assert by[("oracle", "0")].model.pretrain is None and by[("oracle", "0")].model.kind == "oracle"
     assert by[("base", "1")].model.pretrain.num_blocks == 128 and by[("base", "1")].seed == 1
     assert by[("base", "1")].model.data.seed == 1
     spec = json.loads((done.out / "sweep.json").read_text())
-    assert spec["choices"]["learner"]["counts"]["model.learner"] == "counts"
+    assert spec["choices"]["learner"]["counts"]["model.kind"] == "ngram"
     assert (done.out / "points" / "p000-learner=oracle-decoder=beam-seed=0").is_dir()
     with pytest.raises(config_lib.ConfigError, match="study learners"):
         study.grid("quick", learners=("oracle", "nope"))
@@ -68,11 +66,11 @@ def test_the_oracle_under_sampling_writes_data_at_the_entropy_rate(done):
     assert abs(blocks.mean() - h) < 4 * se, (blocks.mean(), h, se)
     # the seed means the figure draws are the same data
     mean, se_seeds, n = study_data.mean_se(
-        table[("oracle", "sample", "mix10")]["data_true_nll_floored_synthetic"]
+        table[("oracle", "sample", "mix10")]["synthetic_data_true_nll_floored"]
     )
     assert (n[1:] == 3).all() and np.isfinite(se_seeds[1:]).all()
     # beam search on the truth writes far more probable blocks than the language (the decoder)
-    beam = table[("oracle", "beam", "mix10")]["data_true_nll_floored_synthetic"][:, 1:]
+    beam = table[("oracle", "beam", "mix10")]["synthetic_data_true_nll_floored"][:, 1:]
     assert np.all(beam < h - 0.5)
     kl = table[("oracle", "sample", "mix10")]["kl_to_truth"]
     assert np.all(np.abs(kl) < 1e-5)
@@ -94,7 +92,7 @@ def test_the_decomposition_parts_sum_to_the_total(done):
                 np.testing.assert_array_equal(d["decoder"], 0.0)
         # the oracle's decoder part of the lost mass under beam search is what beam does to
         # the truth's own samples: positive at every generation and seed
-        if name == "lost_mass_synthetic":
+        if name == "synthetic_lost_mass":
             assert np.all(parts[("oracle", "beam", "mix10")]["decoder"][:, 1:] > 0)
 
 
@@ -116,5 +114,5 @@ def test_metrics_csv_and_provenance_histograms(done):
         assert d["real"].size == 3 * 3 and d["synthetic"].size == 3 * 29
     files = {p.name for p in (done.out / "figures").iterdir()}
     want = {"study_kl_to_truth.png", "study_nll_mix10.png", "study_decomposition_kl_to_truth.png",
-            "study_decomposition_lost_mass_synthetic.png"}  # fmt: skip
+            "study_decomposition_synthetic_lost_mass.png"}  # fmt: skip
     assert want <= files
