@@ -88,3 +88,12 @@ def test_unknown_random_init_family_is_one_clear_line():
         config_lib.load_config(
             CONFIGS / "truth_markov_beam.yaml", ["model.random_init.family=bert"]
         )
+
+
+def test_dry_run_programs_lower_for_a_gpt2(tmp_path):
+    """The memory plan's programs (train step, regeneration search) lower for a GPT-2."""
+    cfg = config_lib.load_config(CONFIGS / "truth_markov_beam_gpt2.yaml", SHRINK)
+    programs = OPTLearner(cfg.model).programs(cfg)
+    assert len(programs) == 2
+    for name, lower in programs:
+        assert lower() is not None, name
