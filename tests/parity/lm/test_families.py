@@ -176,7 +176,15 @@ CASES += (
     ),
     Case(
         "gpt2-124m-dims",
-        config=dict(n_layer=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+        config=dict(
+            vocab_size=50257,
+            n_layer=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=50256,
+            eos_token_id=50256,
+        ),
         decode=False,
         **_GPT2,
     ),
