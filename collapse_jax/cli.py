@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -313,6 +314,7 @@ def _cmd_report(args) -> int:
 def _cmd_bench(args) -> int:
     # The benchmarks stay out of the package's import path: loaded for this command only.
     from collapse_jax.bench import harness, suites  # noqa: PLC0415
+    from collapse_jax.lm import families  # noqa: PLC0415
 
     # Before JAX starts its GPU client (device_info below): room for the PyTorch baselines.
     harness.share_gpu_with_torch(suites.SUITES[args.suite].baselines)
@@ -327,8 +329,16 @@ def _cmd_bench(args) -> int:
         out = pathlib.Path(args.out)
     else:
         out = harness.default_out(harness.device_info(), args.suite)
+    suite = suites.SUITES[args.suite]
+    if args.model != "opt":
+        known_families = [f.name for f in families.FAMILIES]
+        if args.model not in known_families:
+            raise config_lib.ConfigError(
+                f"--model: unknown model family {args.model!r}; choose from {known_families}"
+            )
+        suite = dataclasses.replace(suite, model=args.model)
     report = suites.run(
-        args.suite,
+        suite,
         only=only,
         out=out,
         peak_tflops=args.peak_tflops,
@@ -452,6 +462,11 @@ def _parser() -> argparse.ArgumentParser:
         "--out", help="JSON file (default benchmarks/results/bench-<suite>-<device>.json)"
     )
     b.add_argument("--only", default="", help="comma-separated benchmarks (default: all)")
+    b.add_argument(
+        "--model",
+        default="opt",
+        help="model family of the LM rows (lm.families: opt, gpt2, ...; default opt)",
+    )
     b.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     b.set_defaults(fn=_cmd_bench)
     return p

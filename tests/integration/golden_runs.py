@@ -151,7 +151,13 @@ def cases(data: pathlib.Path) -> dict[str, tuple[str, list[str]]]:
         out[f"lm/{p.stem}"] = (f"lm/{p.name}", [*_TRUTH, *(_PRETRAIN if pretrained else [])])
     for name in ("opt_wikitext_cpu", "opt_wikitext_cpu_keep10", "opt_wikitext_cpu_sample"):
         out[f"lm/{name}"] = (f"lm/{name}.yaml", _wikitext(data))
-    for name in ("opt125m_wikitext2", "opt125m_wikitext2_keep10"):
+    for name in (
+        "opt125m_wikitext2",
+        "opt125m_wikitext2_keep10",
+        "gpt2_wikitext2",
+        "pythia160m_wikitext2",
+        "smollm2_135m_wikitext2",
+    ):
         out[f"lm/{name}"] = (f"lm/{name}.yaml", _opt125m(data))
     return out
 

@@ -133,6 +133,63 @@ CASES: tuple[Case, ...] = (
     ),
 )
 
+_GPT2_TINY = dict(
+    vocab_size=61,
+    n_embd=30,
+    n_head=5,
+    n_layer=3,
+    n_positions=90,
+    n_inner=44,
+    resid_pdrop=0.0,
+    embd_pdrop=0.0,
+    attn_pdrop=0.0,
+    bos_token_id=60,
+    eos_token_id=60,
+)
+_GPT2 = dict(
+    hf_model="GPT2LMHeadModel",
+    hf_config="GPT2Config",
+    family="gpt2",
+    base_prefix="transformer.",
+    flax_embeddings=("wte", "wpe"),
+)
+
+CASES += (
+    Case(
+        "gpt2",
+        config=_GPT2_TINY,
+        buffers={"h.0.attn.bias": (1, 1, 90, 90), "h.1.attn.masked_bias": ()},
+        **_GPT2,
+    ),
+    Case(
+        "gpt2-untied-layer-scaled-gelu",
+        config=dict(
+            _GPT2_TINY,
+            n_layer=2,
+            n_inner=None,
+            tie_word_embeddings=False,
+            scale_attn_by_inverse_layer_idx=True,
+            activation_function="gelu",
+            layer_norm_epsilon=1e-4,
+        ),
+        **_GPT2,
+    ),
+    Case(
+        "gpt2-124m-dims",
+        config=dict(
+            vocab_size=50257,
+            n_layer=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=50256,
+            eos_token_id=50256,
+        ),
+        decode=False,
+        **_GPT2,
+    ),
+)
+
 PROMPT = 24  # prompt length of the decode checks (left padding to it)
 NEW = 16  # new tokens of the decode checks
 
@@ -216,26 +273,33 @@ def reference(request, tmp_path_factory):
 
 
 def test_family_is_picked_from_model_type(reference):
-    case, _, path = reference
+    case, hf, path = reference
     config = json.loads((path / "config.json").read_text())
     assert families.family_for(config).name == case.family
     ours = families.config_from_hf_dict(config)
-    # The common properties every family's config has (the module docstring's contract).
-    assert ours.vocab_size == case.vocab
-    assert ours.num_hidden_layers == case.config["num_hidden_layers"]
-    assert ours.head_dim * ours.num_attention_heads >= ours.num_attention_heads
-    for name in ("hidden_size", "num_key_value_heads", "max_position_embeddings"):
-        assert isinstance(getattr(ours, name), int), name
+    # The common properties every family's config has (the module docstring's contract), as
+    # transformers' config names them.
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    ):
+        assert getattr(ours, name) == getattr(hf.config, name), name
+    heads = getattr(hf.config, "num_key_value_heads", None) or hf.config.num_attention_heads
+    assert ours.num_key_value_heads == heads
+    head_dim = getattr(hf.config, "head_dim", None)
+    assert ours.head_dim == (head_dim or hf.config.hidden_size // hf.config.num_attention_heads)
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         assert isinstance(getattr(ours, name), int), name
-    assert isinstance(ours.tie_word_embeddings, bool)
-    again = families.config_from_hf_dict(ours.to_hf_dict())
-    assert again == ours
+    assert families.config_from_hf_dict(ours.to_hf_dict()) == ours
 
 
 def test_logits_match_transformers(reference):
     case, hf, path = reference
-    ids, mask = _prompts(case, 6, seed=1, total=min(20, case.config["max_position_embeddings"]))
+    ids, mask = _prompts(case, 6, seed=1, total=20)
     ours = families.load_pretrained(path)
     assert families.family_of(ours).name == case.family
     _assert_logits_close(_ours_logits(ours, ids, mask), _hf_logits(hf, ids, mask), mask, case.id)
