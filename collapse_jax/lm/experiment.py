@@ -46,7 +46,7 @@ from flax import nnx
 from collapse_jax import config as config_lib
 from collapse_jax.jaxtools import processes, sharding
 from collapse_jax.lm import base as base_lib
-from collapse_jax.lm import decode, hub, opt, tables, truth
+from collapse_jax.lm import decode, families, hub, opt, tables, truth
 from collapse_jax.lm import programs as programs_lib
 from collapse_jax.lm import source as source_lib
 from collapse_jax.lm import train as train_lib
@@ -374,7 +374,9 @@ class OPTLearner(AbstractLearner):
             return LMParams(self._count_table(np.zeros((0, cfg.data.block_size), np.int32)))
         param_dtype = jnp.dtype(cfg.param_dtype)
         if cfg.model_path is not None:
-            model = opt.load_pretrained(cfg.model_path, dtype=param_dtype, param_dtype=param_dtype)
+            model = families.load_pretrained(
+                cfg.model_path, dtype=param_dtype, param_dtype=param_dtype
+            )
             return LMParams(model)
         if cfg.pretrain is not None:  # the pretrained base (`prepare` read or made it)
             model, _ = self._cache.get("base") or self.base_model(None)
@@ -398,7 +400,7 @@ class OPTLearner(AbstractLearner):
     def _random_model(self):
         dtype = jnp.dtype(self.config.param_dtype)
         key = jax.random.key(self.config.random_init.seed)
-        return opt.init_random(self._random_arch(), key, dtype=dtype, param_dtype=dtype)
+        return families.init_random(self._random_arch(), key, dtype=dtype, param_dtype=dtype)
 
     def base_model(self, run_dir: pathlib.Path | None) -> tuple[Any, dict[str, Any]]:
         """The pretrained base of `pretrain:` and its record (`lm.base`): the run directory's
@@ -653,7 +655,7 @@ class OPTLearner(AbstractLearner):
         if self._table():
             tables.save_table(params.model, path)
             return
-        opt.save_pretrained(params.model, path)
+        families.save_pretrained(params.model, path)
         fileio.atomic_write_json(path / "fit_info.json", params.info)
         vocab = self.vocab()
         if vocab is not None:
@@ -663,7 +665,7 @@ class OPTLearner(AbstractLearner):
         if self._table():
             return LMParams(tables.load_table(path))
         dtype = jnp.dtype(self.config.param_dtype)
-        model = opt.load_pretrained(path, dtype=dtype, param_dtype=dtype)
+        model = families.load_pretrained(path, dtype=dtype, param_dtype=dtype)
         info_file = pathlib.Path(path) / "fit_info.json"
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         return LMParams(model, info)
@@ -701,7 +703,7 @@ class OPTLearner(AbstractLearner):
             return []
         arch, _ = self._planned_arch()
         dtype = jnp.dtype(c.param_dtype)
-        model = programs_lib.abstract_model(arch, dtype=dtype, param_dtype=dtype)
+        model = families.abstract_model(arch, dtype=dtype, param_dtype=dtype)
         mesh = self._mesh()
         length = c.data.block_size
         tcfg = self._train_config(model)
