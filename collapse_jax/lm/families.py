@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from collapse_jax.lm import convert, hub, opt
+from collapse_jax.lm import convert, hub, llama, opt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,13 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("opt", ("opt",), opt.OPTConfig, opt.OPTForCausalLM, opt.LAYOUT),
+    Family(
+        "llama",
+        llama.MODEL_TYPES,
+        llama.LlamaConfig,
+        llama.LlamaForCausalLM,
+        llama.LAYOUT,
+    ),
 )
 
 

@@ -6,10 +6,12 @@ the `rope_parameters` scaling variants default, linear, dynamic and llama3), a S
 `down(silu(gate(x)) * up(x))`, grouped-query attention (`num_key_value_heads` K dividing the N
 query heads), `head_dim` possibly != hidden_size / N, optional q/k/v biases (Qwen2: q/k/v but
 not o; Llama's `attention_bias`: all four), optional MLP biases (Llama's `mlp_bias`) and an
-optional tied head. Parameter names follow HF's module names, so conversion is renames and
-transposes only; numerics follow HF too: RMSNorm in float32 then cast back and scaled in the
-compute dtype, rotary cos/sin computed in float32 from `position * inv_freq`, queries scaled
-after the rotation, softmax in float32, logits in float32.
+optional tied head. Parameter names follow HF's module names, so the tensor layout (`LAYOUT`,
+in `lm.convert`'s terms) is renames and transposes only; loading and saving go through
+`lm.families` (family "llama", model_types llama, mistral, qwen2). Numerics follow HF too:
+RMSNorm in float32 then cast back and scaled in the compute dtype, rotary cos/sin computed in
+float32 from `position * inv_freq`, queries scaled after the rotation, softmax in float32,
+logits in float32.
 
 Shape legend: B batch, T query length, S key/cache length, D hidden_size, N query heads, K
 key/value heads, H head_dim, F intermediate_size, V vocab, L layers.
@@ -48,10 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import pathlib
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -59,9 +58,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from collapse_jax.lm import convert, hub
+from collapse_jax.lm import convert
 from collapse_jax.lm.cache import Cache, KVCache, PromptSharingCache, causal_mask, mask_positions
-from collapse_jax.lm.opt import Embed, Linear, inverted_dropout
+from collapse_jax.lm.layers import (
+    ACTIVATIONS,
+    Embed,
+    Linear,
+    attention,
+    check_attention_implementation,
+    logits_matmul,
+    param,
+)
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "dynamic", "linear", "llama3")
@@ -69,14 +76,6 @@ _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
-}
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
 }
 
 
@@ -113,8 +112,10 @@ class LlamaConfig:
         everywhere); see the module docstring.
       max_window_layers: Qwen2's first sliding layer (kept for writing config.json back).
       attention_dropout: dropout rate on the attention probabilities (training mode only).
-      pad_token_id, bos_token_id: special ids (pad may be None, as in most Llama checkpoints).
-      eos_token_id: one id or a tuple of ids (Llama 3 lists several).
+      pad_token_id, bos_token_id: special ids; None (most Llama checkpoints have no pad id,
+        Qwen2 no bos id) means `eos_token_id`, as transformers' `generate` pads with it.
+      eos_token_id: the end-of-sequence id (of a list in config.json, the first: decoding stops
+        at that one only; pass `eos_token_id=[...]` to `decode.generate` for several).
       initializer_range: standard deviation of the random initialisation.
     """
 
@@ -143,7 +144,7 @@ class LlamaConfig:
     attention_dropout: float = 0.0
     pad_token_id: int | None = None
     bos_token_id: int | None = 1
-    eos_token_id: int | tuple[int, ...] | None = 2
+    eos_token_id: int = 2
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:
@@ -184,10 +185,10 @@ class LlamaConfig:
                 f"LlamaConfig.head_dim must be a positive even integer (rotary pairs), "
                 f"got {self.head_dim!r}"
             )
-        if self.hidden_act not in _ACTIVATIONS:
+        if self.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"LlamaConfig.hidden_act {self.hidden_act!r} is not supported; choose one of "
-                f"{sorted(_ACTIVATIONS)}"
+                f"{sorted(ACTIVATIONS)}"
             )
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(
@@ -227,8 +228,13 @@ class LlamaConfig:
             raise ValueError(
                 f"LlamaConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}"
             )
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        for name in ("pad_token_id", "bos_token_id"):
+            if getattr(self, name) is None:  # as transformers' generate: the eos id stands in
+                object.__setattr__(self, name, self.eos_token_id)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"LlamaConfig.{name} must be a token id, got {value!r}")
 
     @property
     def qkv_bias(self) -> bool:
@@ -306,12 +312,12 @@ class LlamaConfig:
             if name in kwargs:
                 kwargs[name] = float(kwargs[name])
         for name in ("pad_token_id", "bos_token_id"):
-            if name not in kwargs and name in d:  # an explicit null
+            if name not in kwargs and name in d:  # an explicit null: the eos id
                 kwargs[name] = None
-        if "eos_token_id" in d and d["eos_token_id"] is None:
-            kwargs["eos_token_id"] = None
-        elif isinstance(kwargs.get("eos_token_id"), list):
-            kwargs["eos_token_id"] = tuple(int(e) for e in kwargs["eos_token_id"])
+        if "eos_token_id" in d and d["eos_token_id"] in (None, []):
+            raise ValueError("eos_token_id is null: a Llama-family model needs an EOS id")
+        if isinstance(kwargs.get("eos_token_id"), list):
+            kwargs["eos_token_id"] = int(kwargs["eos_token_id"][0])
         kwargs.update(_rope_from_hf(d))
         kwargs.update(_window_from_hf(d, model_type, kwargs.get("num_hidden_layers", 32)))
         return cls(**kwargs)
@@ -325,7 +331,6 @@ class LlamaConfig:
             rope["low_freq_factor"] = self.rope_low_freq_factor
             rope["high_freq_factor"] = self.rope_high_freq_factor
             rope["original_max_position_embeddings"] = self.original_max_position_embeddings
-        eos = self.eos_token_id
         d = {
             "model_type": self.model_type,
             "architectures": [_ARCHITECTURES[self.model_type]],
@@ -344,7 +349,7 @@ class LlamaConfig:
             "attention_dropout": self.attention_dropout,
             "pad_token_id": self.pad_token_id,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
+            "eos_token_id": self.eos_token_id,
             "initializer_range": self.initializer_range,
             "use_cache": True,
         }
@@ -443,37 +448,6 @@ def _window_from_hf(d: dict, model_type: str, num_layers: int) -> dict[str, Any]
     return {"sliding_window": window, "max_window_layers": max_window_layers}
 
 
-def _param(rngs, init, shape, axes, param_dtype) -> nnx.Param:
-    value = init(rngs.params(), shape, param_dtype)
-    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
-    return nnx.Param(value, out_sharding=axes, eager_sharding=eager)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _low_precision_logits(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
-
-
-def _low_precision_logits_fwd(spec, x, w):
-    return _low_precision_logits(spec, x, w), (x, w)
-
-
-def _low_precision_logits_bwd(spec, residuals, g):
-    x, w = residuals
-    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, w)
-    return vjp(g.astype(jnp.result_type(x, w)))
-
-
-_low_precision_logits.defvjp(_low_precision_logits_fwd, _low_precision_logits_bwd)
-
-
-def _logits_matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """The LM head with float32 logits; in bf16 its backward matmuls stay bf16 (as OPT's)."""
-    if x.dtype == jnp.float32 and w.dtype == jnp.float32:
-        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
-    return _low_precision_logits(spec, x, w)
-
-
 class RMSNorm(nnx.Module):
     """HF `LlamaRMSNorm`: `scale * (x / rms(x))`, the statistics in float32, the product in the
     compute dtype (the normalised x is cast back before the scale, as HF does)."""
@@ -481,7 +455,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
         self.eps = eps
         self.dtype = dtype
-        self.scale = _param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -593,27 +567,15 @@ class LlamaAttention(nnx.Module):
     def attention(self, q, k, v, mask, dropout_key=None):
         """softmax(q k^T) v: q [B, T, N, H] (scaled), k, v [B, S, K, H] (query head n reads key
         head n // (N / K)), mask bool [B, 1, T, S] or None (plain causal) -> [B, T, N, H]."""
-        if dropout_key is not None and self.attention_dropout > 0.0:
-            groups = q.shape[2] // k.shape[2]
-            k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-            if mask is None:
-                t = q.shape[1]
-                mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(logits, axis=-1)
-            probs = inverted_dropout(dropout_key, probs, self.attention_dropout).astype(v.dtype)
-            return jnp.einsum("bnts,bsnh->btnh", probs, v)
-        with jax.numpy_dtype_promotion("standard"):  # see OPTAttention.attention
-            return jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                mask=mask,
-                is_causal=mask is None,
-                scale=1.0,
-                implementation=self.implementation,
-            )
+        return attention(
+            q,
+            k,
+            v,
+            mask,
+            implementation=self.implementation,
+            dropout_rate=self.attention_dropout,
+            dropout_key=dropout_key,
+        )
 
 
 class LlamaMLP(nnx.Module):
@@ -634,7 +596,7 @@ class LlamaMLP(nnx.Module):
         self.activation = config.hidden_act
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(_ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ACTIVATIONS[self.activation](self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -719,11 +681,7 @@ class LlamaForCausalLM(nnx.Module):
         rngs: nnx.Rngs,
         attention_implementation: str | None = None,
     ):
-        if attention_implementation not in (None, "xla", "cudnn"):
-            raise ValueError(
-                f"attention_implementation must be None, 'xla' or 'cudnn', "
-                f"got {attention_implementation!r}"
-            )
+        check_attention_implementation(attention_implementation)
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
@@ -850,228 +808,27 @@ class LlamaForCausalLM(nnx.Module):
         x = self.model.norm(x)
         if self.lm_head is None:
             table = self.model.embed_tokens.embedding[...].astype(self.dtype)  # [V, D]
-            logits = _logits_matmul("btd,vd->btv", x, table)
+            logits = logits_matmul("btd,vd->btv", x, table)
         else:
             kernel = self.lm_head.kernel[...].astype(self.dtype)  # [D, V]
-            logits = _logits_matmul("btd,dv->btv", x, kernel)
+            logits = logits_matmul("btd,dv->btv", x, kernel)
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits
         return logits, cache
 
 
-def init_random(
-    config: LlamaConfig,
-    key: jax.Array,
-    *,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    attention_implementation: str | None = None,
-) -> LlamaForCausalLM:
-    """A randomly initialised model (weights ~ N(0, initializer_range^2), biases 0, norms 1)."""
-    return LlamaForCausalLM(
-        config,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=nnx.Rngs(params=key),
-        attention_implementation=attention_implementation,
-    )
+def _llama_tensor(path: convert.Path) -> convert.Tensor:
+    # o_proj contracts (N, H); every other kernel contracts one axis.
+    return convert.Tensor.mechanical(path, n_in=2 if "o_proj" in path else 1)
 
 
-# --- Hugging Face checkpoints --------------------------------------------------------------
-# Flax paths mirror HF names (`convert.hf_name`); kernels are `weight.T` with the head axes
-# split out: q/k/v [D, N|K, H] contract one axis, o_proj [N, H, D] contracts two.
-
-# Buffers some older checkpoints saved; they are recomputed from the config.
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+def _llama_name(name: str) -> str:
+    # A base-model checkpoint (saved from LlamaModel) lacks the "model." prefix.
+    return name if name.startswith(("model.", "lm_head.")) else "model." + name
 
 
-def _num_in_axes(path: tuple[Any, ...]) -> int:
-    return 2 if "o_proj" in path else 1
-
-
-def _to_flax(path, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if path[-1] == "kernel":
-        return np.ascontiguousarray(tensor.T).reshape(shape)
-    return tensor.reshape(shape)
-
-
-def _hf_shape(path, shape: tuple[int, ...]) -> tuple[int, ...]:
-    if path[-1] == "kernel":
-        n_in = _num_in_axes(path)
-        return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
-    if path[-1] == "bias":
-        return (math.prod(shape),)
-    return tuple(shape)
-
-
-def _to_hf(path, value: np.ndarray) -> np.ndarray:
-    if path[-1] == "kernel":
-        in_size = math.prod(value.shape[: _num_in_axes(path)])
-        return np.ascontiguousarray(value.reshape(in_size, -1).T)
-    if path[-1] == "bias":
-        return value.reshape(-1)
-    return value
-
-
-def hf_state_dict(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
-    """The parameters as an HF state dict of NumPy arrays (tied head omitted)."""
-    return {
-        convert.hf_name(path): _to_hf(path, np.asarray(jax.device_get(var[...])))
-        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
-
-
-def _state_from_tensors(
-    abstract_state: nnx.State,
-    tensors: Mapping[str, np.ndarray],
-    *,
-    tied_head: bool,
-    param_dtype: Any,
-    where: str,
-) -> nnx.State:
-    expected = {
-        convert.hf_name(path): (path, var) for path, var in nnx.to_flat_state(abstract_state)
-    }
-    available = {n for n in tensors if not n.endswith(_IGNORED_SUFFIXES)}
-    missing = sorted(set(expected) - available)
-    if missing:
-        raise ValueError(
-            f"{where}: checkpoint lacks tensors required by its config: "
-            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
-        )
-    ignorable = {"lm_head.weight"} if tied_head else set()
-    unexpected = sorted(available - set(expected) - ignorable)
-    if unexpected:
-        raise ValueError(
-            f"{where}: checkpoint has tensors its config does not describe: "
-            f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
-        )
-    flat = []
-    for name, (path, var) in expected.items():
-        tensor = np.asarray(tensors[name])
-        want = _hf_shape(path, tuple(var.shape))
-        if tuple(tensor.shape) != want:
-            raise ValueError(
-                f"{where}: tensor {name!r} has shape {tuple(tensor.shape)}, but the config "
-                f"implies {want}"
-            )
-        value = _to_flax(path, tensor, tuple(var.shape))
-        flat.append((path, var.replace(jnp.asarray(value, dtype=param_dtype))))
-    return nnx.from_flat_state(flat)
-
-
-def _read_tensors(directory: pathlib.Path) -> dict[str, np.ndarray]:
-    """Every tensor of an HF directory: safetensors (single or sharded), else pytorch_model.bin."""
-    from safetensors.numpy import load_file
-
-    single = directory / convert.SAFETENSORS_NAME
-    index = directory / convert.SAFETENSORS_INDEX_NAME
-    if single.is_file():
-        files = [single]
-    elif index.is_file() or (directory / convert.TORCH_INDEX_NAME).is_file():
-        index = index if index.is_file() else directory / convert.TORCH_INDEX_NAME
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a valid checkpoint index ({e!r})") from e
-        files = [directory / f for f in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise FileNotFoundError(f"{index} names shard {file}, which does not exist")
-    elif (directory / convert.TORCH_NAME).is_file():
-        files = [directory / convert.TORCH_NAME]
-    else:
-        raise FileNotFoundError(
-            f"{directory}: no weights found (expected {convert.SAFETENSORS_NAME}, "
-            f"{convert.SAFETENSORS_INDEX_NAME}, {convert.TORCH_NAME} or {convert.TORCH_INDEX_NAME})"
-        )
-    tensors: dict[str, np.ndarray] = {}
-    for file in files:
-        if file.suffix == ".safetensors":
-            try:
-                tensors.update(load_file(str(file)))
-            except Exception as e:  # safetensors raises its own error types for corrupt files
-                raise ValueError(f"{file}: cannot read safetensors file ({e})") from e
-        else:
-            tensors.update(convert.load_torch_file(file))
-    return tensors
-
-
-def _abstract_model(
-    config: LlamaConfig, dtype: Any, param_dtype: Any, attention_implementation: str | None = None
-) -> LlamaForCausalLM:
-    return nnx.eval_shape(
-        lambda: LlamaForCausalLM(
-            config,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=nnx.Rngs(0),
-            attention_implementation=attention_implementation,
-        )
-    )
-
-
-def load_pretrained(
-    path: Any,
-    dtype: Any = jnp.float32,
-    *,
-    param_dtype: Any = None,
-    attention_implementation: str | None = None,
-) -> LlamaForCausalLM:
-    """Loads a Hugging Face Llama / Qwen2 / Mistral directory (or hub id) into the Flax port.
-
-    Args:
-      path: the directory, or a Hugging Face hub id (see `lm.hub`).
-      dtype: compute dtype.
-      param_dtype: parameter dtype (default: `dtype`).
-      attention_implementation: see `LlamaForCausalLM`.
-
-    Raises:
-      FileNotFoundError: if the directory, its config or its weights are missing.
-      ValueError: if it is not a Llama-family directory, or a weight is missing or misshapen.
-    """
-    directory = hub.resolve(path)
-    config_dict = convert.read_config_dict(directory)
-    try:
-        config = LlamaConfig.from_hf_dict(config_dict)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{directory / convert.CONFIG_NAME}: {e}") from e
-    param_dtype = dtype if param_dtype is None else param_dtype
-    graphdef, abstract_state = nnx.split(
-        _abstract_model(config, dtype, param_dtype, attention_implementation)
-    )
-    state = _state_from_tensors(
-        abstract_state,
-        _read_tensors(directory),
-        tied_head=config.tie_word_embeddings,
-        param_dtype=param_dtype,
-        where=str(directory),
-    )
-    return nnx.merge(graphdef, state)
-
-
-def state_from_hf(
-    config: LlamaConfig, tensors: Mapping[str, Any], *, param_dtype: Any = jnp.float32
-) -> nnx.State:
-    """Converts an in-memory HF state dict `{name: array}` to the nnx parameter state."""
-    abstract = _abstract_model(config, jnp.float32, param_dtype)
-    return _state_from_tensors(
-        nnx.state(abstract),
-        tensors,
-        tied_head=config.tie_word_embeddings,
-        param_dtype=param_dtype,
-        where="<memory>",
-    )
-
-
-def save_pretrained(model: LlamaForCausalLM, path: Any) -> None:
-    """Writes `config.json` and `model.safetensors` (HF names) that transformers loads back."""
-    config = model.config.to_hf_dict()
-    config["dtype"] = convert.dtype_name(model.param_dtype)
-    convert.write_directory(path, hf_state_dict(model), config)
-
-
-def num_params(model: LlamaForCausalLM) -> int:
-    """Number of parameters (the tied head counted once)."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+# HF names mirror our paths; older checkpoints also stored the rotary `inv_freq` buffers.
+LAYOUT = convert.Layout(
+    tensor=_llama_tensor, normalise=_llama_name, ignored=(r".*rotary_emb\.inv_freq",)
+)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from collapse_jax.lm import decode, llama
+from collapse_jax.lm import decode, families, llama
 
 IDS = np.array([[2, 4, 1, 3, 7], [0, 0, 3, 2, 9]])
 MASK = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
@@ -31,15 +31,15 @@ def model():
         head_dim=6,
         max_position_embeddings=32,
         initializer_range=0.5,  # well-separated scores: no near ties between the paths
-        eos_token_id=None,
+        eos_token_id=10,
     )
-    return llama.init_random(cfg, jax.random.key(0))
+    return families.init_random(cfg, jax.random.key(0))
 
 
 def both_paths(model, **kw):
     seed = kw.pop("seed", 0)
     graphdef, state = nnx.split(model)
-    settings = decode.resolve_settings(model, **kw)
+    settings = decode.resolve_settings(model, eos_token_id=(), **kw)  # run to the end
     args = (
         state,
         jnp.asarray(IDS, jnp.int32),
@@ -71,7 +71,9 @@ def test_greedy_equals_uncached_rerun(model):
         logits = np.asarray(model(jnp.asarray(seqs), jnp.asarray(mask)))
         seqs = np.concatenate([seqs, logits[:, -1].argmax(-1)[:, None]], axis=1)
         mask = np.concatenate([mask, np.ones((2, 1), int)], axis=1)
-    np.testing.assert_array_equal(decode.generate(model, IDS, MASK, max_new_tokens=5), seqs)
+    np.testing.assert_array_equal(
+        decode.generate(model, IDS, MASK, max_new_tokens=5, eos_token_id=()), seqs
+    )
 
 
 def test_cache_stores_key_value_heads(model):
@@ -82,4 +84,4 @@ def test_cache_stores_key_value_heads(model):
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model(jnp.ones((2, 4), jnp.int32), jnp.ones((2, 5), jnp.int32))
     with pytest.raises(ValueError, match="attention_implementation"):
-        llama.init_random(model.config, jax.random.key(0), attention_implementation="flash")
+        families.init_random(model.config, jax.random.key(0), attention_implementation="flash")
