@@ -77,6 +77,18 @@ MODEL_REGISTRY: dict[str, tuple[str, ...]] = {
         "collapse_jax.lm.experiment:OPTLearner",
         "collapse_jax.lm.figures",
     ),
+    # The known-language baselines: the truth itself and the exact count learner, in the LM
+    # experiment's loop with its data, decoders and metrics.
+    "oracle": (
+        "collapse_jax.lm.experiment:OracleExperimentConfig",
+        "collapse_jax.lm.experiment:OPTLearner",
+        "collapse_jax.lm.figures",
+    ),
+    "ngram": (
+        "collapse_jax.lm.experiment:NgramExperimentConfig",
+        "collapse_jax.lm.experiment:OPTLearner",
+        "collapse_jax.lm.figures",
+    ),
 }
 
 
@@ -85,7 +97,7 @@ MODEL_REGISTRY: dict[str, tuple[str, ...]] = {
 # `generation:` block that sets neither `samples_per_generation` nor `sample_schedule` means "the
 # size of the real data" (null), not the class default 100, which would silently relabel 100
 # rows of a 50-row design or fit 200 real points at generation 0 and 100 afterwards.
-REAL_DATA_SET_KINDS = frozenset({"linear_regression", "kde", "vae", "opt"})
+REAL_DATA_SET_KINDS = frozenset({"linear_regression", "kde", "vae", "opt", "oracle", "ngram"})
 
 
 class ConfigError(ValueError):

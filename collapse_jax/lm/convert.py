@@ -462,6 +462,61 @@ def load_state(
         source.close()
 
 
+def load_model(
+    path: os.PathLike | str,
+    config_class: type,
+    model_class: type,
+    layout: Layout,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = None,
+    attention_implementation: str | None = None,
+) -> nnx.Module:
+    """Reads an HF model directory into `model_class` (the loader under `lm.families` and
+    `lm.opt`'s `load_pretrained`).
+
+    Args:
+      path: the directory (`config.json` and weights in any format of the module docstring).
+      config_class: the family's config class (`from_hf_dict`).
+      model_class: the family's model class, built as `model_class(config, dtype=...,
+        param_dtype=..., rngs=..., attention_implementation=...)`.
+      layout: the family's layout.
+      dtype: compute dtype.
+      param_dtype: parameter dtype (default: `dtype`).
+      attention_implementation: None / "xla" or "cudnn" (see `lm.layers.attention`).
+
+    Raises:
+      FileNotFoundError: the directory, its config or its weights are missing.
+      ValueError: (naming config.json) a config of another family or with unsupported options,
+        or a weight missing, truncated or misshapen.
+    """
+    directory = pathlib.Path(path)
+    try:
+        config = config_class.from_hf_dict(read_config_dict(directory))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{directory / CONFIG_NAME}: {e}") from e
+    param_dtype = dtype if param_dtype is None else param_dtype
+    graphdef, abstract_state = nnx.split(
+        nnx.eval_shape(
+            lambda: model_class(
+                config,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=nnx.Rngs(0),
+                attention_implementation=attention_implementation,
+            )
+        )
+    )
+    state = load_state(
+        directory,
+        abstract_state,
+        layout,
+        tied_head=config.tie_word_embeddings,
+        param_dtype=param_dtype,
+    )
+    return nnx.merge(graphdef, state)
+
+
 def state_from_tensors(
     abstract_state: nnx.State,
     tensors: Mapping[str, np.ndarray],
@@ -557,3 +612,17 @@ def write_directory(
     fileio.atomic_write_text(
         directory / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n"
     )
+
+
+def save_model(
+    model: nnx.Module,
+    path: os.PathLike | str,
+    layout: Layout,
+    *,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+) -> None:
+    """Writes a model's `config.json` (`model.config.to_hf_dict()` with its parameter dtype) and
+    safetensors weights in HF names and layouts (`write_directory`)."""
+    config = model.config.to_hf_dict()
+    config["dtype"] = dtype_name(model.param_dtype)
+    write_directory(path, hf_state_dict(model, layout), config, max_shard_size=max_shard_size)

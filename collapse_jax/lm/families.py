@@ -199,29 +199,19 @@ def load_pretrained(
       ValueError: an unsupported model_type, or a weight missing, truncated or misshapen.
     """
     directory = hub.resolve(path)  # a local folder, or a hub id through the hub's cache
-    config_dict = convert.read_config_dict(directory)
     try:
-        family = family_for(config_dict)
-        config = family.config_class.from_hf_dict(config_dict)
-    except (ValueError, TypeError) as e:
+        family = family_for(convert.read_config_dict(directory))
+    except ValueError as e:
         raise ValueError(f"{directory / convert.CONFIG_NAME}: {e}") from e
-    param_dtype = dtype if param_dtype is None else param_dtype
-    graphdef, abstract_state = nnx.split(
-        abstract_model(
-            config,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            attention_implementation=attention_implementation,
-        )
-    )
-    state = convert.load_state(
+    return convert.load_model(
         directory,
-        abstract_state,
+        family.config_class,
+        family.model_class,
         family.layout,
-        tied_head=config.tie_word_embeddings,
+        dtype=dtype,
         param_dtype=param_dtype,
+        attention_implementation=attention_implementation,
     )
-    return nnx.merge(graphdef, state)
 
 
 def state_from_hf(
@@ -261,9 +251,7 @@ def save_pretrained(
       path: the directory (created if needed).
       max_shard_size: the most bytes of tensors per safetensors file.
     """
-    config = model.config.to_hf_dict()
-    config["dtype"] = convert.dtype_name(model.param_dtype)
-    convert.write_directory(path, hf_state_dict(model), config, max_shard_size=max_shard_size)
+    convert.save_model(model, path, family_of(model).layout, max_shard_size=max_shard_size)
 
 
 def num_params(model_or_config: Any) -> int:

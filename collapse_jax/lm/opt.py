@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from collapse_jax.lm import convert
+from collapse_jax.lm import convert, hub
 from collapse_jax.lm.cache import Cache, KVCache, causal_mask, mask_positions
 from collapse_jax.lm.layers import (
     ACTIVATIONS,
@@ -580,3 +580,32 @@ class OPTForCausalLM(nnx.Module):
         if cache is None:
             return logits
         return logits, cache
+
+
+def load_pretrained(
+    path: Any,
+    dtype: Any = jnp.float32,
+    *,
+    param_dtype: Any = None,
+    attention_implementation: str | None = None,
+) -> OPTForCausalLM:
+    """Loads a Hugging Face OPT directory or hub id (`facebook/opt-125m`) into the Flax port.
+
+    `collapse_jax.lm.load_pretrained` loads any supported family; this one refuses a checkpoint
+    of another family (one line naming its model_type). Arguments and errors as
+    `lm.convert.load_model`; no torch needed.
+    """
+    return convert.load_model(
+        hub.resolve(path),
+        OPTConfig,
+        OPTForCausalLM,
+        LAYOUT,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        attention_implementation=attention_implementation,
+    )
+
+
+def save_pretrained(model: OPTForCausalLM, path: Any) -> None:
+    """Writes `config.json` and `model.safetensors` (HF names) that transformers' OPT loads."""
+    convert.save_model(model, path, LAYOUT)

@@ -157,11 +157,11 @@ def test_provenance_is_saved_with_the_data_and_survives_resume(tmp_path):
         np.testing.assert_array_equal(a["origin"], b["origin"])
         np.testing.assert_array_equal(a["data"], b["data"])
     rows = full.rows
-    assert "support_coverage_synthetic" not in rows[0] and rows[0]["synthetic_share"] == 0.0
+    assert "synthetic_support_coverage" not in rows[0] and rows[0]["synthetic_share"] == 0.0
     for r in rows[1:]:
         assert r["synthetic_share"] > 0
-        assert r["support_coverage_synthetic"] <= r["support_coverage"]
+        assert r["synthetic_support_coverage"] <= r["support_coverage"]
     resumed = json.loads((tmp_path / "part" / "metrics.json").read_text())
-    assert [r["support_coverage_synthetic"] for r in resumed[1:]] == [
-        r["support_coverage_synthetic"] for r in rows[1:]
+    assert [r["synthetic_support_coverage"] for r in resumed[1:]] == [
+        r["synthetic_support_coverage"] for r in rows[1:]
     ]
