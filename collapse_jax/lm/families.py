@@ -71,13 +71,7 @@ class Family:
 
 FAMILIES: tuple[Family, ...] = (
     Family("opt", ("opt",), opt.OPTConfig, opt.OPTForCausalLM, opt.LAYOUT),
-    Family(
-        "llama",
-        llama.MODEL_TYPES,
-        llama.LlamaConfig,
-        llama.LlamaForCausalLM,
-        llama.LAYOUT,
-    ),
+    Family("llama", llama.MODEL_TYPES, llama.LlamaConfig, llama.LlamaForCausalLM, llama.LAYOUT),
 )
 
 
