@@ -247,21 +247,6 @@ class LlamaConfig:
         return self.attention_bias
 
     @property
-    def embed_dim(self) -> int:
-        """The token-embedding width (= hidden_size)."""
-        return self.hidden_size
-
-    @property
-    def num_groups(self) -> int:
-        """N / K, query heads per key/value head."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
-    def dropout(self) -> float:
-        """Residual dropout: none in this family (only `attention_dropout`)."""
-        return 0.0
-
-    @property
     def init_std(self) -> float:
         """The random initialisation's standard deviation (HF `initializer_range`)."""
         return self.initializer_range
