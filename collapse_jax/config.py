@@ -377,6 +377,20 @@ def split_shares(num: int, policy: str, fracs: tuple[float, float, float]) -> tu
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ReportConfig:
+    """`report:` the page a run writes for people when it ends (`collapse-jax report`).
+
+    No result depends on it: a run may resume with it changed (`rundir.commits.FREE_KEYS`).
+
+    Attributes:
+      enabled: write `<run>/report.html` when the run finishes (a failure to write it is a
+        one-line warning, never a failed run).
+    """
+
+    enabled: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class MeshConfig:
     """Mesh axis sizes as they appear in a config's `mesh:` block (`sharding.make_mesh` takes it).
 
@@ -409,6 +423,7 @@ class ExperimentConfig:
       seed: the one seed every random number of the run derives from.
       model: the learner's config; its class is chosen by the YAML `kind:` key.
       generation: the generational loop's settings.
+      report: the HTML page written at the end of the run (changes no result).
       mesh: device mesh for sharded learners (None: all devices on the data axis).
     """
 
@@ -416,6 +431,7 @@ class ExperimentConfig:
     seed: int = 0
     model: Any
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
     mesh: MeshConfig | None = None
 
     def __post_init__(self):
