@@ -190,6 +190,139 @@ CASES += (
     ),
 )
 
+_LLAMA = dict(
+    hf_model="LlamaForCausalLM",
+    hf_config="LlamaConfig",
+    family="llama",
+    base_prefix="model.",
+    flax_embeddings=("embed_tokens",),  # transformers 4 had FlaxLlamaForCausalLM
+)
+_QWEN2 = dict(
+    hf_model="Qwen2ForCausalLM", hf_config="Qwen2Config", family="llama", base_prefix="model."
+)
+_MISTRAL = dict(
+    hf_model="MistralForCausalLM",
+    hf_config="MistralConfig",
+    family="llama",
+    base_prefix="model.",
+    flax_embeddings=("embed_tokens",),
+)
+# HuggingFaceTB/SmolLM2-135M: GQA 9/3, tied head, rope theta 1e5, bos = eos = 0, no pad id.
+_SMOLLM2 = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=None,
+)
+_ROTARY_BUFFER = {"layers.0.self_attn.rotary_emb.inv_freq": (32,)}  # older checkpoints' buffer
+
+CASES += (
+    Case(
+        "smollm2-135m-2-layers",
+        config=dict(_SMOLLM2, vocab_size=211, num_hidden_layers=2),
+        buffers=_ROTARY_BUFFER,
+        **_LLAMA,
+    ),
+    Case(
+        "smollm2-135m-dims",
+        config=dict(_SMOLLM2, vocab_size=49152, num_hidden_layers=30),
+        decode=False,
+        **_LLAMA,
+    ),
+    # Qwen/Qwen2.5-0.5B's width (GQA 14/2, q/k/v biases, tied head, theta 1e6), 2 layers.
+    Case(
+        "qwen2.5-0.5b-2-layers",
+        config=dict(
+            vocab_size=151,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=2,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            sliding_window=32768,
+            max_window_layers=21,
+            bos_token_id=150,
+            eos_token_id=150,
+        ),
+        decode=False,
+        **_QWEN2,
+    ),
+    Case(
+        "qwen2-tiny-untied",
+        config=dict(
+            vocab_size=59,
+            hidden_size=36,
+            intermediate_size=52,
+            num_hidden_layers=2,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            bos_token_id=57,
+            eos_token_id=58,
+        ),
+        **_QWEN2,
+    ),
+    # Mistral-7B's proportions: GQA 4:1, head_dim 12 != 40 / 8, a window longer than every
+    # sequence here.
+    Case(
+        "mistral-tiny",
+        config=dict(
+            vocab_size=61,
+            hidden_size=40,
+            intermediate_size=56,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=12,
+            max_position_embeddings=4096,
+            sliding_window=4096,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        **_MISTRAL,
+    ),
+    # Llama 3.1's rope scaling, attention and MLP biases, untied head.
+    Case(
+        "llama3-rope-biases",
+        config=dict(
+            vocab_size=67,
+            hidden_size=48,
+            intermediate_size=72,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            attention_bias=True,
+            mlp_bias=True,
+            max_position_embeddings=64,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        decode=False,
+        **_LLAMA,
+    ),
+)
+
 PROMPT = 24  # prompt length of the decode checks (left padding to it)
 NEW = 16  # new tokens of the decode checks
 
