@@ -22,6 +22,8 @@ SMOKE = {
     "vae": "vae_cpu",
     "opt (WikiText)": "lm/opt_wikitext_cpu_keep10",
     "opt (known source)": "lm/truth_markov_beam",
+    "oracle": "lm/truth_oracle_beam",
+    "ngram": "lm/truth_counts_sample",
 }
 
 
