@@ -2,11 +2,12 @@
 run (`expected_curves`) and the paper-style scaling-law figures of a sweep (Dohmatob et al. 2024,
 Fig. 1-like), drawn from a `collapse-jax sweep` directory of `theory/tails_topk.yaml`:
 
-    python -m collapse_jax.theory.tails_figures SWEEP_DIR --out DIR
+    python -m collapse_jax.theory.tails_figures SWEEP_DIR [SWEEP_DIR ...] --out DIR
 
 writes DIR/tails_scaling.png (test error vs T, one panel per beta, one line per k, closed forms
 dashed, the clean law and its asymptote T^-(1-1/beta) as references) and DIR/tails_grokking.png
-(one k, one line per real fraction pi) from the points it finds.
+(one k, one line per real fraction pi) from the points it finds; with `--iterated RUN_DIR ...`
+(runs of `theory/tails_iterated.yaml`) also DIR/tails_iterated.png, the error vs generation.
 """
 
 from __future__ import annotations
@@ -73,11 +74,11 @@ def figures(learner: Any, run: Any, out_dir: pathlib.Path) -> list[pathlib.Path]
     return []
 
 
-def _points(sweep_dir: pathlib.Path) -> list[dict[str, Any]]:
-    """One record per finished point of a sweep of a `tails` config with generator truth:
+def _points(sweep_dirs: list[pathlib.Path]) -> list[dict[str, Any]]:
+    """One record per finished point of sweeps of a `tails` config with generator truth:
     beta, k, pi, T, the clean (generation 0) and the cut (generation 1) errors and s.e."""
     out = []
-    for d in sorted((sweep_dir / "points").iterdir()):
+    for d in sorted(d for s in sweep_dirs for d in (s / "points").iterdir()):
         if not (d / "metrics.json").exists():
             continue
         run = reader.Run(d)
@@ -113,13 +114,16 @@ def _closed(point: dict[str, Any], sizes: np.ndarray) -> np.ndarray:
     )
 
 
-def scaling_figures(sweep_dir: str | pathlib.Path, out: str | pathlib.Path) -> list[pathlib.Path]:
-    """Writes tails_scaling.png and tails_grokking.png from a sweep over T (and k, beta, pi)."""
-    sweep_dir, out = pathlib.Path(sweep_dir), pathlib.Path(out)
+def scaling_figures(
+    sweep_dirs: list[str | pathlib.Path], out: str | pathlib.Path
+) -> list[pathlib.Path]:
+    """Writes tails_scaling.png and tails_grokking.png from sweeps over T (and k, beta, pi:
+    one sweep per real fraction, whose alpha and gamma are set together)."""
+    dirs, out = [pathlib.Path(d) for d in sweep_dirs], pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pts = _points(sweep_dir)
+    pts = _points(dirs)
     if not pts:
-        raise ValueError(f"{sweep_dir}: no finished point of a tails sweep with generator truth")
+        raise ValueError(f"{dirs}: no finished point of a tails sweep with generator truth")
     files = []
     betas = sorted({x["beta"] for x in pts})
     ks = sorted({x["k"] for x in pts if x["k"] is not None})
@@ -238,6 +242,37 @@ def scaling_figures(sweep_dir: str | pathlib.Path, out: str | pathlib.Path) -> l
     return files
 
 
+def iterated_figure(run_dirs: list[str | pathlib.Path], out: str | pathlib.Path) -> pathlib.Path:
+    """Writes tails_iterated.png: test error vs generation of runs of `generator: fit` (one line
+    per run: chain mean +- 2 s.e., the exact Wright-Fisher closed form dashed where it holds)."""
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    for i, d in enumerate(run_dirs):
+        run = reader.Run(pathlib.Path(d))
+        cfg, rows = run.config, run.rows()
+        gens = np.array([r["generation"] for r in rows])
+        mean = np.array([r["test_error"] for r in rows])
+        se = np.array([r["test_error_se"] for r in rows])
+        col = plt.cm.tab10(i)
+        cut = "no cut" if cfg.model.top_k is None else f"each fit cut to its top {cfg.model.top_k}"
+        label = f"T = {rows[0]['sample_size']}, {cut} ({cfg.generation.num_trials} chains)"
+        ax.fill_between(gens, mean - 2 * se, mean + 2 * se, color=col, alpha=0.25, lw=0)
+        ax.plot(gens, mean, "o-", color=col, ms=3, lw=1, label=label)
+        g = cfg.generation
+        sizes = np.array([r["sample_size"] for r in rows])
+        closed = expected_curves(cfg.model, g.policy, sizes, generation=g).get("test_error")
+        if closed is not None:
+            ax.plot(gens, closed, "k--", lw=1)
+    ax.set(
+        xlabel="generation (0: trained on real tokens)",
+        ylabel="test error (mean over chains)",
+        title="Iterated fits: each learner is the next one's generator",
+    )
+    ax.legend(fontsize=7, title="dashed: exact closed form (Wright-Fisher)", title_fontsize=7)
+    return _save(fig, out / "tails_iterated.png")
+
+
 def _save(fig, path: pathlib.Path) -> pathlib.Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -247,12 +282,14 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir")
-    parser.add_argument("--out", default=None, help="folder (default: SWEEP_DIR/figures)")
+    parser.add_argument("sweep_dirs", nargs="+", help="sweep directories of a tails config")
+    parser.add_argument("--out", required=True, help="folder of the figures")
+    parser.add_argument("--iterated", nargs="*", default=[], help="run dirs of generator: fit")
     args = parser.parse_args(argv)
-    out = args.out or pathlib.Path(args.sweep_dir) / "figures"
-    for f in scaling_figures(args.sweep_dir, out):
+    for f in scaling_figures(args.sweep_dirs, args.out):
         print(f)
+    if args.iterated:
+        print(iterated_figure(args.iterated, args.out))
 
 
 if __name__ == "__main__":
