@@ -128,7 +128,9 @@ def scaling_figures(
     betas = sorted({x["beta"] for x in pts})
     ks = sorted({x["k"] for x in pts if x["k"] is not None})
     colors = {k: plt.cm.viridis(i / max(len(ks) - 1, 1) * 0.85) for i, k in enumerate(ks)}
-    fig, axes = plt.subplots(1, len(betas), figsize=(5.2 * len(betas), 4.4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(betas), figsize=(max(5.6 * len(betas), 7.5), 4.6), squeeze=False
+    )
     for ax, beta in zip(axes[0], betas):
         sel = [x for x in pts if x["beta"] == beta and x["pi"] == 0]
         if not sel:
@@ -177,13 +179,13 @@ def scaling_figures(
             yscale="log",
             xlabel="training tokens T",
             ylabel="test error (mean over chains)",
-            title=f"beta = {beta:g}, N = {n_tok:,}: cut data plateau at sum_(i>k) p_i",
+            title=f"Zipf beta = {beta:g}, N = {n_tok:,} tokens",
         )
         ax.legend(fontsize=7, loc="lower left")
     fig.suptitle(
-        "Hutter learner on Zipf data: tail cutting stops the scaling law "
-        "(dashed: closed forms; thin lines: plateaus)",
-        fontsize=10,
+        "Memorising learner on T tokens of Zipf data cut to its top k: the error stops at the "
+        "cut mass (thin lines)\nmarkers: Monte Carlo mean +- s.e.; dashed: exact closed forms",
+        fontsize=9,
     )
     files.append(_save(fig, out / "tails_scaling.png"))
 
