@@ -156,8 +156,10 @@ def _fine_uniform(hi: Array, lo: Array) -> Array:
 def _descending_search(table: Array, base: Array | int, size: int, u: Array) -> Array:
     """max{j < size : table[base + j] >= u} for a non-increasing row with table[base] = 1 >= u
     (a fixed number of bisection steps; the token j is drawn with probability row[j] - row[j+1])."""
-    lo = jnp.zeros(u.shape, jnp.int32)
-    hi = jnp.full(u.shape, size, jnp.int32)  # row[size] is taken as 0 < u
+    # Scalars until the first comparison: a first probe at a constant index of a constant table
+    # would otherwise be folded by XLA into a [num] constant at compile time.
+    lo = jnp.zeros((), jnp.int32)
+    hi = jnp.full((), size, jnp.int32)  # row[size] is taken as 0 < u
     for _ in range(int(np.ceil(np.log2(max(size, 2)))) + 1):
         mid = (lo + hi) // 2
         ok = (table[base + jnp.minimum(mid, size - 1)] >= u) & (mid < size)
