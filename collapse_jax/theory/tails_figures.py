@@ -271,7 +271,11 @@ def iterated_figure(run_dirs: list[str | pathlib.Path], out: str | pathlib.Path)
         ylabel="test error (mean over chains)",
         title="Iterated fits: each learner is the next one's generator",
     )
-    ax.legend(fontsize=7, title="dashed: exact closed form (Wright-Fisher)", title_fontsize=7)
+    ax.legend(
+        fontsize=7,
+        title="bands: mean +- 2 s.e.; dashed: exact closed form (Wright-Fisher)",
+        title_fontsize=7,
+    )
     return _save(fig, out / "tails_iterated.png")
 
 
