@@ -38,7 +38,12 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from collapse_jax.lm import decode, opt, search  # noqa: E402
+from collapse_jax.lm import (  # noqa: E402
+    decode,
+    families,  # noqa: E402
+    opt,
+    search,
+)
 from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM  # noqa: E402
 
 Array = jax.Array
@@ -287,7 +292,7 @@ def main() -> None:
     hf = transformers.OPTForCausalLM(transformers.OPTConfig(**cfg.to_hf_dict())).eval()
     tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: OPTForCausalLM(cfg, rngs=nnx.Rngs(0))))
-    model = nnx.merge(graphdef, opt.state_from_hf(cfg, tensors))
+    model = nnx.merge(graphdef, families.state_from_hf(cfg, tensors))
 
     rng = np.random.default_rng(0)
     ids = rng.integers(3, cfg.vocab_size, size=(args.batch, 64)).astype(np.int32)

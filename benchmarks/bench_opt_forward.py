@@ -27,7 +27,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from collapse_jax.lm import opt  # noqa: E402
+from collapse_jax.lm import (
+    families,  # noqa: E402
+)
 from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM  # noqa: E402
 
 
@@ -65,7 +67,7 @@ def main() -> None:
     hf = transformers.OPTForCausalLM(transformers.OPTConfig(**cfg.to_hf_dict())).eval()
     tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: OPTForCausalLM(cfg, rngs=nnx.Rngs(0))))
-    state = opt.state_from_hf(cfg, tensors)
+    state = families.state_from_hf(cfg, tensors)
 
     rng = np.random.default_rng(0)
     ids_np = rng.integers(3, cfg.vocab_size, size=(args.batch, args.length)).astype(np.int32)

@@ -1,7 +1,7 @@
 """Training throughput and MFU of collapse-jax's train step vs a transformers PyTorch step.
 
-Both sides train the same OPT (same random weights, converted with `lm.opt.state_from_hf`) on
-the same batch of token blocks with AdamW (lr 2e-5, weight decay 0.01, the paper's settings),
+Both sides train the same OPT (same random weights, converted with `lm.families.state_from_hf`)
+on the same batch of token blocks with AdamW (lr 2e-5, weight decay 0.01, the paper's settings),
 dropout 0.1 in training mode, fp32, in one process on whatever CPU (or accelerator, for JAX) is
 present. The JAX side is exactly what `finetune` runs (`train.prepare_training`: jitted step with
 explicit shardings, donated state); the torch side is `loss = model(ids, labels=ids).loss;
@@ -44,8 +44,11 @@ from collapse_jax.bench import harness  # noqa: E402
 from collapse_jax.bench import lm as bench_lm  # noqa: E402
 from collapse_jax.jaxtools import sharding  # noqa: E402
 from collapse_jax.lm import data as data_lib  # noqa: E402
-from collapse_jax.lm import train  # noqa: E402
-from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM, state_from_hf  # noqa: E402
+from collapse_jax.lm import (
+    train,  # noqa: E402
+)
+from collapse_jax.lm.families import state_from_hf  # noqa: E402
+from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM  # noqa: E402
 from collapse_jax.lm.train_config import TrainConfig  # noqa: E402
 
 measured_peak_flops = harness.measured_matmul_flops  # fp32 2048^3, best of 5

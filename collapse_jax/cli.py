@@ -7,6 +7,8 @@ collapse-jax quickstart [--out DIR]                                    the theor
 collapse-jax sweep CONFIG.yaml a.b=v1,v2 [c.d=w1,w2 ...] [--out DIR]   a grid in one directory
 collapse-jax show-config CONFIG.yaml [a.b=value ...]                   print the resolved config
 collapse-jax plot RUN_DIR                                              redraw a run's figures
+collapse-jax compare RUN_DIR RUN_DIR ... [--metric NAME ...] [--out FILE.png]  runs on one figure
+collapse-jax report RUN_DIR|SWEEP_DIR [--out report.html]             one self-contained page
 collapse-jax bench [--suite quick|full] [--out FILE] [--only a,b]      benchmark this backend
 ```
 
@@ -124,8 +126,10 @@ def _run_experiment(
             # Drawn by process 0 alone: on its own devices, not waiting for the others.
             with processes.local_devices_only():
                 files = plots.make_figures(run, learner)
-            table = plots.summary_table(result.rows)
+            table = plots.summary_table(result.rows, kind=exp.kind)
             fileio.atomic_write_text(run_dir / "summary.txt", table + "\n")
+            if exp.report.enabled:
+                write_report_or_warn(run_dir)
     except BaseException as e:
         if multi and not sent:  # the others wait for the resume point: stop them too
             failure = describe_failure(e)
@@ -133,6 +137,22 @@ def _run_experiment(
         raise
     print(f"\n== {exp.name} ({run_dir})\n{table}")
     print(f"metrics: {run_dir / 'metrics.json'}  figures: {len(files)} in {run_dir / 'figures'}")
+
+
+def write_report_or_warn(path: pathlib.Path) -> pathlib.Path | None:
+    """`<path>/report.html` (`collapse-jax report`) of a finished run or sweep; a failure to
+    write it is one line on stderr, never a failed run. Returns the file (None: not written)."""
+    from collapse_jax.report import page  # noqa: PLC0415 (matplotlib only once a run draws)
+
+    try:
+        return page.write_report(path)
+    except Exception as e:  # noqa: BLE001 (any failure: the run itself is finished and kept)
+        print(
+            f"collapse-jax: warning: {path / page.REPORT_NAME} not written ({_one_line(e)}); "
+            f"`collapse-jax report {path}` retries",
+            file=sys.stderr,
+        )
+        return None
 
 
 def _check_mesh(exp: config_lib.ExperimentConfig, learner) -> None:
@@ -198,6 +218,8 @@ def _cmd_sweep(args) -> int:
         pathlib.Path(args.out) if args.out else pathlib.Path("runs") / f"sweep-{path.stem}-{digest}"
     )
     s = sweep.run_sweep(path, args.axes, out, progress=not args.no_progress)
+    if s.configs and s.configs[0].report.enabled:
+        write_report_or_warn(out)
     print(f"sweep of {len(s.points)} points in {out}: {out / 'sweep.csv'}, {out / 'figures'}")
     return 0
 
@@ -243,6 +265,33 @@ def _cmd_plot(args) -> int:
     with _runtime(run.path):
         files = plots.make_figures(run, learner)
     print("\n".join(str(f) for f in files))
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    # matplotlib only for the commands that draw
+    from collapse_jax.report import compare  # noqa: PLC0415
+
+    result = compare.compare(args.run_dirs, args.metric or None, args.out)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print("\n".join(str(f) for f in result.files))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from collapse_jax.report import page  # noqa: PLC0415 (matplotlib only for drawing commands)
+
+    folder = pathlib.Path(args.run_dir)
+    if page.is_suite_dir(folder):  # a suite's folder: one page per experiment
+        if args.out:
+            raise config_lib.ConfigError(
+                f"--out: {folder} is a suite; each experiment's page goes to its own folder"
+            )
+        for sub in page.suite_runs(folder):
+            print(page.write_report(sub))
+        return 0
+    print(page.write_report(folder, args.out))
     return 0
 
 
@@ -346,6 +395,30 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", parents=[common], help="redraw the figures of a run directory")
     pl.add_argument("run_dir")
     pl.set_defaults(fn=_cmd_plot)
+
+    c = sub.add_parser(
+        "compare", parents=[common], help="draw several runs (or a sweep's points) on one figure"
+    )
+    c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run, sweep or suite folders")
+    c.add_argument(
+        "--metric",
+        action="append",
+        metavar="NAME",
+        help="a metric to draw (repeatable; default: the runs' headline metrics)",
+    )
+    c.add_argument(
+        "--out",
+        default="compare.png",
+        help="figure file; several metrics: <stem>-<metric>.png (default compare.png)",
+    )
+    c.set_defaults(fn=_cmd_compare)
+
+    rp = sub.add_parser(
+        "report", parents=[common], help="write one self-contained HTML page of a run or sweep"
+    )
+    rp.add_argument("run_dir", metavar="RUN_DIR", help="run directory or sweep directory")
+    rp.add_argument("--out", help="HTML file (default RUN_DIR/report.html)")
+    rp.set_defaults(fn=_cmd_report)
 
     b = sub.add_parser(
         "bench", parents=[common], help="benchmark the backend JAX sees (table + JSON)"

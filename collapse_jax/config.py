@@ -82,6 +82,18 @@ MODEL_REGISTRY: dict[str, tuple[str, ...]] = {
         "collapse_jax.lm.experiment:OPTLearner",
         "collapse_jax.lm.figures",
     ),
+    # The known-language baselines: the truth itself and the exact count learner, in the LM
+    # experiment's loop with its data, decoders and metrics.
+    "oracle": (
+        "collapse_jax.lm.experiment:OracleExperimentConfig",
+        "collapse_jax.lm.experiment:OPTLearner",
+        "collapse_jax.lm.figures",
+    ),
+    "ngram": (
+        "collapse_jax.lm.experiment:NgramExperimentConfig",
+        "collapse_jax.lm.experiment:OPTLearner",
+        "collapse_jax.lm.figures",
+    ),
 }
 
 
@@ -90,7 +102,7 @@ MODEL_REGISTRY: dict[str, tuple[str, ...]] = {
 # `generation:` block that sets neither `samples_per_generation` nor `sample_schedule` means "the
 # size of the real data" (null), not the class default 100, which would silently relabel 100
 # rows of a 50-row design or fit 200 real points at generation 0 and 100 afterwards.
-REAL_DATA_SET_KINDS = frozenset({"linear_regression", "kde", "vae", "opt"})
+REAL_DATA_SET_KINDS = frozenset({"linear_regression", "kde", "vae", "opt", "oracle", "ngram"})
 
 
 class ConfigError(ValueError):
@@ -370,6 +382,20 @@ def split_shares(num: int, policy: str, fracs: tuple[float, float, float]) -> tu
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ReportConfig:
+    """`report:` the page a run writes for people when it ends (`collapse-jax report`).
+
+    No result depends on it: a run may resume with it changed (`rundir.commits.FREE_KEYS`).
+
+    Attributes:
+      enabled: write `<run>/report.html` when the run finishes (a failure to write it is a
+        one-line warning, never a failed run).
+    """
+
+    enabled: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class MeshConfig:
     """Mesh axis sizes as they appear in a config's `mesh:` block (`sharding.make_mesh` takes it).
 
@@ -402,6 +428,7 @@ class ExperimentConfig:
       seed: the one seed every random number of the run derives from.
       model: the learner's config; its class is chosen by the YAML `kind:` key.
       generation: the generational loop's settings.
+      report: the HTML page written at the end of the run (changes no result).
       mesh: device mesh for sharded learners (None: all devices on the data axis).
     """
 
@@ -409,6 +436,7 @@ class ExperimentConfig:
     seed: int = 0
     model: Any
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
+    report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
     mesh: MeshConfig | None = None
 
     def __post_init__(self):

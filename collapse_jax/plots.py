@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402, TID253
 import numpy as np  # noqa: E402
 
 from collapse_jax import config as config_lib  # noqa: E402
+from collapse_jax.report import headline  # noqa: E402
 from collapse_jax.rundir import fileio, reader  # noqa: E402
 
 _SUFFIXES = ("_se", "_std", "_q05", "_q50", "_q95")
@@ -167,11 +168,18 @@ def make_figures(run: reader.Run, learner=None) -> list[pathlib.Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def summary_table(rows: list[dict], max_rows: int = 12, max_cols: int = 6) -> str:
-    """A fixed-width table of chain means (with SE) at a few generations, first and last kept."""
+def summary_table(
+    rows: list[dict], max_rows: int = 12, max_cols: int = 6, kind: str | None = None
+) -> str:
+    """A fixed-width table of chain means (with SE) at a few generations, first and last kept.
+
+    With the run's model `kind`, its headline metrics (`report.headline`) come first."""
     if not rows:
         return "(no generations)"
-    names = scalar_metrics(rows)[:max_cols]
+    names = scalar_metrics(rows)
+    if kind is not None:
+        names = headline.lead_with_headline(kind, names)
+    names = names[:max_cols]
     idx = np.unique(np.linspace(0, len(rows) - 1, min(max_rows, len(rows))).round().astype(int))
     header = ["gen", "M"] + names
     lines = []

@@ -34,10 +34,10 @@ def tiny_model(seed: int = 0, **overrides):
     import jax
     from flax import nnx
 
-    from collapse_jax.lm import opt
+    from collapse_jax.lm import families, opt
 
     cfg = opt.OPTConfig(**{**TINY, "dropout": 0.1, **overrides})
-    model = nnx.eval_shape(lambda: opt.init_random(cfg, jax.random.key(0)))
+    model = nnx.eval_shape(lambda: families.init_random(cfg, jax.random.key(0)))
     rng = np.random.default_rng(seed)
 
     def fill(path, v):

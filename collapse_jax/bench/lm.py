@@ -17,8 +17,8 @@ from collapse_jax.bench.harness import Suite, block, installed, row, timeit
 from collapse_jax.jaxtools import sharding
 from collapse_jax.jaxtools.jaxprs import traced_matmul_dtypes
 from collapse_jax.lm import data as data_lib
-from collapse_jax.lm import decode, train
-from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM, init_random, state_from_hf
+from collapse_jax.lm import decode, families, train
+from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM
 from collapse_jax.lm.settings import resolve_decode_dtype
 from collapse_jax.lm.train_config import TrainConfig
 
@@ -59,7 +59,7 @@ def opt_config(layers: int, dropout: float = 0.1, width: str = "125m") -> Any:
 def opt_pair(config: Any, with_torch: bool) -> tuple[Any, Any]:
     """(our model, transformers' OPTForCausalLM or None) with the same random weights."""
     if not with_torch:
-        return init_random(config, jax.random.key(0)), None
+        return families.init_random(config, jax.random.key(0)), None
     import torch
     import transformers
 
@@ -67,7 +67,7 @@ def opt_pair(config: Any, with_torch: bool) -> tuple[Any, Any]:
     hf = transformers.OPTForCausalLM(transformers.OPTConfig(**config.to_hf_dict()))
     tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: OPTForCausalLM(config, rngs=nnx.Rngs(0))))
-    return nnx.merge(graphdef, state_from_hf(config, tensors)), hf
+    return nnx.merge(graphdef, families.state_from_hf(config, tensors)), hf
 
 
 def matmul_precision() -> str:

@@ -1,6 +1,7 @@
 """Device meshes and logical-axis rules: the only module that names mesh axes.
 
-Model code annotates parameters with logical names ("vocab", "embed", "heads", "head_dim", "mlp")
+Model code annotates parameters with logical names ("vocab", "embed", "heads", "kv_heads",
+"head_dim", "mlp"; every model family of `lm.families` uses these)
 and activations with "batch"/"seq"; `DEFAULT_RULES` maps them onto the mesh axes
 `("data", "fsdp", "tensor")` as in Flax lm1b / MaxText.
 """
@@ -28,6 +29,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # grouped-query attention's key/value heads (Llama family)
     ("mlp", "tensor"),
     ("head_dim", None),
     ("seq", None),

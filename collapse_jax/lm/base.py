@@ -38,7 +38,7 @@ import jax
 from flax import nnx
 
 from collapse_jax import config as config_lib
-from collapse_jax.lm import opt, truth
+from collapse_jax.lm import families, truth
 from collapse_jax.lm import source as source_lib
 from collapse_jax.lm import train as train_lib
 from collapse_jax.lm.train_config import TrainConfig
@@ -132,7 +132,7 @@ def _digests(folder: pathlib.Path) -> dict[str, str]:
 def save(folder: pathlib.Path, model: Any, key: str, info: dict[str, Any]) -> None:
     """Writes the base into `folder` (atomically: a folder renamed into place when complete)."""
     with fileio.staged_dir(pathlib.Path(folder)) as tmp:
-        opt.save_pretrained(model, tmp)
+        families.save_pretrained(model, tmp)
         record = {"fingerprint": key, "files": _digests(tmp), **info}
         fileio.atomic_write_json(tmp / BASE_JSON, record)
 
@@ -157,7 +157,7 @@ def load(folder: pathlib.Path, key: str, *, dtype: Any) -> tuple[Any, dict[str, 
             raise ValueError(
                 f"{folder / name}: missing or corrupt (SHA-256 differs from base.json)"
             )
-    model = opt.load_pretrained(folder, dtype=dtype, param_dtype=dtype)
+    model = families.load_pretrained(folder, dtype=dtype, param_dtype=dtype)
     return model, {k: v for k, v in record.items() if k not in ("files", "fingerprint")}
 
 

@@ -219,7 +219,7 @@ def generate(
     Args:
       model: an NNX causal LM with `config`, `init_cache(batch, length) -> KVCache` and
         `model(ids, attention_mask=mask, cache=cache) -> (logits, cache)` whose attention
-        follows `collapse_jax.lm.cache`'s protocol, e.g. `collapse_jax.lm.opt.load_pretrained`.
+        follows `collapse_jax.lm.cache`'s protocol, e.g. `collapse_jax.lm.families.load_pretrained`.
       input_ids: [B, P] int prompts, left-padded.
       attention_mask: [B, P] (1 = token, 0 = padding); None infers it as transformers does.
       max_new_tokens: tokens to generate (L).

@@ -46,7 +46,7 @@ from flax import nnx
 from collapse_jax import config as config_lib
 from collapse_jax.jaxtools import processes, sharding
 from collapse_jax.lm import base as base_lib
-from collapse_jax.lm import decode, hub, opt, tables, truth
+from collapse_jax.lm import decode, families, hub, opt, tables, truth
 from collapse_jax.lm import programs as programs_lib
 from collapse_jax.lm import source as source_lib
 from collapse_jax.lm import train as train_lib
@@ -129,6 +129,14 @@ class RandomOPTConfig:
 class OPTExperimentConfig:
     """The language-model experiment (`model: {kind: opt, ...}`); defaults are the paper's.
 
+    On a ground-truth source (`data: {kind: source}`) two more learners share this block, the
+    loop, the decoders and the metrics (`OracleExperimentConfig`, `NgramExperimentConfig`):
+    `kind: oracle` (the truth itself, never refitted: the decoder's effect alone) and
+    `kind: ngram` (the exact learner: the add-alpha count estimate of a Markov source's
+    transition table, refitted every generation; see `lm.tables`). The OPT fields
+    (`model_path`, `random_init`, `train`, `pretrain`) are unused by those two; `learner` names
+    which of the three a config is ("transformer", "oracle", "counts").
+
     Attributes:
       model_path: a Hugging Face OPT folder (config.json + weights) or a hub id
         (`facebook/opt-125m`, through the hub cache; see `lm.hub`); None = a random OPT built
@@ -153,13 +161,7 @@ class OPTExperimentConfig:
       example_prompt: index of the training block whose continuation by every generation's
         model is written as text (the paper's Example 1); null = none.
       histogram_bins: bins of the per-sequence perplexity histograms.
-      learner: what is fitted every generation on a ground-truth source (`data: {kind:
-        source}`): "transformer" (the OPT above), "oracle" (the truth itself, never refitted:
-        the decoder's effect alone) or "counts" (the exact learner: the add-alpha count
-        estimate of a Markov source's transition table, refitted every generation; see
-        `lm.tables`). All three share the loop, the decoders and the metrics; the OPT fields
-        (`model_path`, `random_init`, `train`) are unused by the last two.
-      count_smoothing: alpha of the "counts" learner (> 0, so its KL to the truth is finite).
+      count_smoothing: alpha of the `ngram` learner (> 0, so its KL to the truth is finite).
       pretrain: a base pretrained once on a related language, which every generation starts
         from (`lm.base.PretrainConfig`; `data: {kind: source}` and `random_init` only); null =
         every generation starts from the random init.
@@ -177,7 +179,6 @@ class OPTExperimentConfig:
     eval_batch_size: int = 128
     example_prompt: int | None = 0
     histogram_bins: int = 60
-    learner: Literal["transformer", "oracle", "counts"] = "transformer"
     count_smoothing: float = 0.01
     pretrain: base_lib.PretrainConfig | None = None
 
@@ -207,19 +208,14 @@ class OPTExperimentConfig:
             "a ground-truth source (data.kind: source) has its own small vocabulary: use 'full'",
         )
         _check(
-            self.learner in ("transformer", "oracle", "counts"),
-            "learner",
-            f"must be 'transformer', 'oracle' or 'counts' (got {self.learner!r})",
-        )
-        _check(
             self.learner == "transformer" or isinstance(self.data, SourceDataConfig),
-            "learner",
-            f"{self.learner!r} needs a ground-truth source (data.kind: source)",
+            "kind",
+            f"{self.kind!r} needs a ground-truth source (data.kind: source)",
         )
         _check(
             self.learner != "counts" or self.data.source.kind == "markov",
-            "learner",
-            "'counts' estimates a Markov chain's transition table: it needs a markov source",
+            "kind",
+            "'ngram' estimates a Markov chain's transition table: it needs a markov source",
         )
         _check(self.count_smoothing > 0, "count_smoothing", "must be > 0")
         _check(
@@ -232,13 +228,38 @@ class OPTExperimentConfig:
         _check(
             self.pretrain is None or self.learner == "transformer",
             "pretrain",
-            f"pretrains the transformer; the {self.learner!r} learner has no base to pretrain",
+            f"pretrains the transformer; the {self.kind!r} learner has no base to pretrain",
         )
         _check(
             self.decode.num_return_sequences == 1,
             "decode.num_return_sequences",
             "must be 1 (one new block per prompt block)",
         )
+
+    @property
+    def learner(self) -> str:
+        """What is fitted every generation: "transformer", "oracle" or "counts" (by `kind`)."""
+        return LEARNER_OF_KIND[self.kind]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class OracleExperimentConfig(OPTExperimentConfig):
+    """`model: {kind: oracle, ...}`: the ground-truth source itself as the model, decoded by the
+    `decode:` block every generation (never refitted), on the `data:` block of the OPT learner."""
+
+    kind: ClassVar[str] = "oracle"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class NgramExperimentConfig(OPTExperimentConfig):
+    """`model: {kind: ngram, ...}`: the exact learner, the add-`count_smoothing` count estimate
+    of a Markov source's transition table refitted on every generation's data (`lm.tables`)."""
+
+    kind: ClassVar[str] = "ngram"
+
+
+# `model.kind` -> the learner it fits (`OPTExperimentConfig.learner`).
+LEARNER_OF_KIND = {"opt": "transformer", "oracle": "oracle", "ngram": "counts"}
 
 
 # Provenance of a block: real, or the generation whose model wrote it (>= 0); `sample` marks its
@@ -374,7 +395,9 @@ class OPTLearner(AbstractLearner):
             return LMParams(self._count_table(np.zeros((0, cfg.data.block_size), np.int32)))
         param_dtype = jnp.dtype(cfg.param_dtype)
         if cfg.model_path is not None:
-            model = opt.load_pretrained(cfg.model_path, dtype=param_dtype, param_dtype=param_dtype)
+            model = families.load_pretrained(
+                cfg.model_path, dtype=param_dtype, param_dtype=param_dtype
+            )
             return LMParams(model)
         if cfg.pretrain is not None:  # the pretrained base (`prepare` read or made it)
             model, _ = self._cache.get("base") or self.base_model(None)
@@ -398,7 +421,7 @@ class OPTLearner(AbstractLearner):
     def _random_model(self):
         dtype = jnp.dtype(self.config.param_dtype)
         key = jax.random.key(self.config.random_init.seed)
-        return opt.init_random(self._random_arch(), key, dtype=dtype, param_dtype=dtype)
+        return families.init_random(self._random_arch(), key, dtype=dtype, param_dtype=dtype)
 
     def base_model(self, run_dir: pathlib.Path | None) -> tuple[Any, dict[str, Any]]:
         """The pretrained base of `pretrain:` and its record (`lm.base`): the run directory's
@@ -533,7 +556,7 @@ class OPTLearner(AbstractLearner):
 
         With the blocks' provenance (`origin`), `synthetic_share` (the share of blocks a model
         wrote) and, when the data hold synthetic blocks, every scalar metric of those blocks
-        alone with the suffix `_synthetic` (e.g. `support_coverage_synthetic` next to
+        alone with the prefix `synthetic_` (e.g. `synthetic_support_coverage` next to
         `support_coverage` of the whole pool: under mix or accumulate the pool's value mostly
         scores the real blocks kept)."""
         blocks, origin = blocks_of(data), origin_of(data)
@@ -543,7 +566,7 @@ class OPTLearner(AbstractLearner):
             out["synthetic_share"] = float(synthetic.mean())
             if synthetic.any():
                 part = self._block_metrics(blocks[synthetic])
-                out.update({f"{k}_synthetic": v for k, v in part.items() if np.ndim(v) == 0})
+                out.update({f"synthetic_{k}": v for k, v in part.items() if np.ndim(v) == 0})
         return out
 
     def _block_metrics(self, blocks: np.ndarray) -> dict[str, Any]:
@@ -653,7 +676,7 @@ class OPTLearner(AbstractLearner):
         if self._table():
             tables.save_table(params.model, path)
             return
-        opt.save_pretrained(params.model, path)
+        families.save_pretrained(params.model, path)
         fileio.atomic_write_json(path / "fit_info.json", params.info)
         vocab = self.vocab()
         if vocab is not None:
@@ -663,7 +686,7 @@ class OPTLearner(AbstractLearner):
         if self._table():
             return LMParams(tables.load_table(path))
         dtype = jnp.dtype(self.config.param_dtype)
-        model = opt.load_pretrained(path, dtype=dtype, param_dtype=dtype)
+        model = families.load_pretrained(path, dtype=dtype, param_dtype=dtype)
         info_file = pathlib.Path(path) / "fit_info.json"
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         return LMParams(model, info)
@@ -695,13 +718,13 @@ class OPTLearner(AbstractLearner):
         memory plan of `--dry-run`): the train step at `train.batch_size` and the
         regeneration's search at `generate_batch_size`, on the experiment's mesh, with the
         model built as `init` builds it (architecture as in `plan`). A table learner
-        (`learner: oracle | counts`, a table of V^k x V floats) has none: []."""
+        (`kind: oracle | ngram`, a table of V^k x V floats) has none: []."""
         c = self.config
         if self._table():
             return []
         arch, _ = self._planned_arch()
         dtype = jnp.dtype(c.param_dtype)
-        model = programs_lib.abstract_model(arch, dtype=dtype, param_dtype=dtype)
+        model = families.abstract_model(arch, dtype=dtype, param_dtype=dtype)
         mesh = self._mesh()
         length = c.data.block_size
         tcfg = self._train_config(model)

@@ -314,8 +314,8 @@ def truth_figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model:
             eval_ids: np.ndarray, num_contexts: int = 4) -> list[Any]:  # fmt: skip
     """The ground-truth figures of a finished (or partial) run.
 
-    - `truth_metrics.png`: kl_to_truth, tail_kept (10-90% of contexts shaded; the unbounded
-      tail_retention's mean dotted), data_true_nll (5-95% of blocks shaded, the floored NLL
+    - `truth_metrics.png`: kl_to_truth, tail_retention (10-90% of contexts shaded; the unbounded
+      tail_mass_ratio's mean dotted), data_true_nll (5-95% of blocks shaded, the floored NLL
       dotted, entropy rate dashed, the least NLL of any block dotted), support coverage / lost
       mass, entropy and repetition of the data, against generation;
     - `truth_nll_histograms.png`: per-block true NLL of generations 0, 1, 2, 3, 5, 9's training
@@ -339,8 +339,7 @@ def truth_figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model:
         "kl_to_truth", "tail_retention", "tail_retention_p10", "tail_retention_p50",
         "tail_retention_p90",
         "data_true_nll", "support_coverage", "lost_mass", "data_entropy", "data_repetition",
-        "data_invalid_rate", "tail_kept", "tail_kept_p10", "tail_kept_p90",
-        "data_true_nll_floored", "min_block_nll",
+        "data_invalid_rate", "tail_mass_ratio", "data_true_nll_floored", "min_block_nll",
     )}  # fmt: skip
     # The truth's mode: the least NLL per token a block can have (Markov sources; NaN otherwise).
     floor = series["min_block_nll"][np.isfinite(series["min_block_nll"])]
@@ -363,22 +362,17 @@ def truth_figures(run: Any, out_dir: Any, source: GroundTruthSource, load_model:
     ax.set_ylabel("nats")
     ax.set_title("kl_to_truth (held-out contexts)")
     ax = axes[0, 1]
-    if np.isfinite(series["tail_kept"]).any():  # bounded in [0, 1]: 1 = the truth's tail intact
-        ax.fill_between(g, series["tail_kept_p10"], series["tail_kept_p90"], color="C0",
-                        alpha=0.2, lw=0, label="tail_kept, 10-90% of contexts")  # fmt: skip
-        ax.plot(g, series["tail_kept"], "o-", color="C0", label="tail_kept mean")
-        ax.plot(g, series["tail_retention"], ":", color="C1",
-                label="tail_retention mean (unbounded)")  # fmt: skip
-        ax.set_title("tail kept (least probable 10%; 1 = truth)")
-        # The bounded scale in full (the unbounded mean may reach above it), no offset axis.
-        retention = series["tail_retention"][np.isfinite(series["tail_retention"])]
-        ax.set_ylim(-0.02, max([1.05, *(1.05 * retention)]))
-    else:  # runs from before tail_kept
-        ax.fill_between(g, series["tail_retention_p10"], series["tail_retention_p90"],
-                        color="C0", alpha=0.2, lw=0, label="10-90% of contexts")  # fmt: skip
-        ax.plot(g, series["tail_retention"], "o-", color="C0", label="mean (can exceed 1)")
-        ax.plot(g, series["tail_retention_p50"], ":", color="C0", label="median")
-        ax.set_title("tail_retention (least probable 10%)")
+    # tail_retention is bounded in [0, 1] (1 = the truth's tail intact); the unbounded
+    # tail_mass_ratio (a uniform model scores above 1) is dotted for reference.
+    ax.fill_between(g, series["tail_retention_p10"], series["tail_retention_p90"], color="C0",
+                    alpha=0.2, lw=0, label="10-90% of contexts")  # fmt: skip
+    ax.plot(g, series["tail_retention"], "o-", color="C0", label="tail_retention mean")
+    ratio = series["tail_mass_ratio"]
+    if np.isfinite(ratio).any():
+        ax.plot(g, ratio, ":", color="C1", label="tail_mass_ratio mean (unbounded)")
+    ax.set_title("tail_retention (least probable 10%; 1 = truth)")
+    # The bounded scale in full (the unbounded ratio may reach above it), no offset axis.
+    ax.set_ylim(-0.02, max([1.05, *(1.05 * ratio[np.isfinite(ratio)])]))
     ax.axhline(1.0, color="k", ls="--", lw=0.8, label="truth")
     ax.legend(fontsize=7, frameon=False)
     ax = axes[0, 2]

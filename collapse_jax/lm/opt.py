@@ -1,7 +1,8 @@
 """OPT decoder (Zhang et al. 2022, arXiv:2205.01068) in Flax NNX, for every OPT size.
 
-Parameter names follow Hugging Face `transformers.models.opt.modeling_opt`, so that
-`collapse_jax.lm.convert` is renames and transposes only. Numerics follow HF too: queries are scaled
+Parameter names follow Hugging Face `transformers.models.opt.modeling_opt`, so that the tensor
+layout (`LAYOUT`, in `collapse_jax.lm.convert`'s terms) is renames and transposes only; loading
+and saving go through `collapse_jax.lm.families`. Numerics follow HF too: queries are scaled
 before the dot product, softmax runs in float32, LayerNorm eps is 1e-5, positions are
 `cumsum(mask) * mask - 1` plus the learned-embedding offset of 2.
 
@@ -45,8 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -55,21 +54,33 @@ from flax import nnx
 
 from collapse_jax.lm import convert, hub
 from collapse_jax.lm.cache import Cache, KVCache, causal_mask, mask_positions
+from collapse_jax.lm.layers import (
+    ACTIVATIONS,
+    Embed,
+    LayerNorm,
+    Linear,
+    attention,
+    check_attention_implementation,
+    inverted_dropout,
+    logits_matmul,
+)
 
 # Offset of OPT's learned positions: HF `OPTLearnedPositionalEmbedding.offset` (fairseq legacy).
 POSITION_OFFSET = 2
-LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm default, used by every OPT LayerNorm
 
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-    "sigmoid": jax.nn.sigmoid,
-}
+
+def _opt_tensor(path: convert.Path) -> convert.Tensor:
+    # out_proj contracts (N, H); every other kernel contracts one axis.
+    return convert.Tensor.mechanical(path, n_in=2 if "out_proj" in path else 1)
+
+
+def _opt_name(name: str) -> str:
+    # Checkpoints saved from OPTModel (the original facebook/opt-* files) lack the "model." prefix.
+    return "model." + name if name.startswith("decoder.") else name
+
+
+# HF names mirror our paths; a tied head's stored `lm_head.weight` is skipped.
+LAYOUT = convert.Layout(tensor=_opt_tensor, normalise=_opt_name)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -145,16 +156,21 @@ class OPTConfig:
             rate = getattr(self, name)
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"OPTConfig.{name} must be in [0, 1), got {rate!r}")
-        if self.activation_function not in _ACTIVATIONS:
+        if self.activation_function not in ACTIVATIONS:
             raise ValueError(
                 f"OPTConfig.activation_function {self.activation_function!r} is not supported; "
-                f"choose one of {sorted(_ACTIVATIONS)}"
+                f"choose one of {sorted(ACTIVATIONS)}"
             )
 
     @property
     def head_dim(self) -> int:
         """H = D / N."""
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_key_value_heads(self) -> int:
+        """OPT has no grouped-query attention: as many key/value heads as query heads."""
+        return self.num_attention_heads
 
     @property
     def embed_dim(self) -> int:
@@ -210,146 +226,6 @@ class OPTConfig:
     def opt_125m(cls) -> OPTConfig:
         """The configuration of facebook/opt-125m (the paper's model)."""
         return cls(word_embed_proj_dim=768)
-
-
-def _param(
-    rngs: nnx.Rngs,
-    init: Callable[..., jax.Array],
-    shape: tuple[int, ...],
-    axes: tuple[str | None, ...],
-    param_dtype: Any,
-) -> nnx.Param:
-    """A parameter annotated with logical axes; sharded eagerly only when a mesh is active."""
-    value = init(rngs.params(), shape, param_dtype)
-    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
-    return nnx.Param(value, out_sharding=axes, eager_sharding=eager)
-
-
-def _lead(x: jax.Array, ndim: int) -> jax.Array:
-    """Adds leading unit axes so that `x` broadcasts explicitly (rank promotion is strict)."""
-    return x.reshape((1,) * (ndim - x.ndim) + x.shape)
-
-
-def inverted_dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
-    """Zeroes each element of `x` with probability `rate` and scales the rest by 1 / (1 - rate)
-    (torch's `nn.Dropout` in training mode), in `x`'s dtype."""
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
-
-
-def _logits_matmul(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """The LM head `einsum(spec, x, w)` with float32 logits, its gradient in the inputs' dtype.
-
-    The logits accumulate and come out in float32 (the softmax and the loss need them there). In
-    a low-precision model (bf16) the float32 cotangent of the logits would make both backward
-    matmuls of the head, about a third of the model's matmul FLOPs, mixed f32 x bf16 products,
-    which XLA runs as float32 matmuls; the custom VJP rounds the cotangent to the inputs' dtype
-    first, so they run in bf16 like every other matmul. Float32 inputs take the plain einsum.
-    """
-    if x.dtype == jnp.float32 and w.dtype == jnp.float32:
-        return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
-    return _low_precision_logits(spec, x, w)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _low_precision_logits(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
-
-
-def _low_precision_logits_fwd(spec, x, w):
-    return _low_precision_logits(spec, x, w), (x, w)
-
-
-def _low_precision_logits_bwd(spec, residuals, g):
-    x, w = residuals
-    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, w)
-    return vjp(g.astype(jnp.result_type(x, w)))
-
-
-_low_precision_logits.defvjp(_low_precision_logits_fwd, _low_precision_logits_bwd)
-
-
-class Linear(nnx.Module):
-    """`y = x . kernel + bias` contracting the trailing `len(in_shape)` axes of x (HF nn.Linear)."""
-
-    def __init__(
-        self,
-        in_shape: tuple[int, ...],
-        out_shape: tuple[int, ...],
-        axes: tuple[str | None, ...],
-        *,
-        use_bias: bool,
-        init_std: float,
-        dtype: Any,
-        param_dtype: Any,
-        rngs: nnx.Rngs,
-    ):
-        self.num_in = len(in_shape)
-        self.dtype = dtype
-        self.kernel = _param(
-            rngs, nnx.initializers.normal(init_std), in_shape + out_shape, axes, param_dtype
-        )
-        self.bias = (
-            _param(rngs, nnx.initializers.zeros, out_shape, axes[self.num_in :], param_dtype)
-            if use_bias
-            else None
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.tensordot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.num_in)
-        if self.bias is not None:
-            y = y + _lead(self.bias[...].astype(self.dtype), y.ndim)
-        return y
-
-
-class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis with statistics in float32 (HF `nn.LayerNorm`, eps 1e-5)."""
-
-    def __init__(self, dim: int, *, affine: bool, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-        self.dtype = dtype
-        self.scale = (
-            _param(rngs, nnx.initializers.ones, (dim,), ("embed",), param_dtype)
-            if (affine)
-            else None
-        )
-        self.bias = (
-            _param(rngs, nnx.initializers.zeros, (dim,), ("embed",), param_dtype)
-            if (affine)
-            else None
-        )
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)
-        if self.scale is not None:
-            scale = _lead(self.scale[...].astype(jnp.float32), y.ndim)
-            y = y * scale + _lead(self.bias[...].astype(jnp.float32), y.ndim)
-        return y.astype(self.dtype)
-
-
-class Embed(nnx.Module):
-    """Lookup table `embedding[ids]` (HF nn.Embedding)."""
-
-    def __init__(
-        self,
-        num: int,
-        dim: int,
-        axes: tuple[str | None, ...],
-        *,
-        init_std: float,
-        dtype: Any,
-        param_dtype: Any,
-        rngs: nnx.Rngs,
-    ):
-        self.dtype = dtype
-        self.embedding = _param(
-            rngs, nnx.initializers.normal(init_std), (num, dim), axes, param_dtype
-        )
-
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
 
 class OPTAttention(nnx.Module):
@@ -415,31 +291,15 @@ class OPTAttention(nnx.Module):
     ) -> jax.Array:
         """softmax(q k^T) v: q [B, T, N, H] (scaled), k, v [B, S, N, H], mask bool [B, 1, T, S] or
         None (plain causal, T == S) -> [B, T, N, H]."""
-        if dropout_key is not None and self.attention_dropout > 0.0:
-            # jax.nn.dot_product_attention has no dropout: spell attention out in training mode.
-            logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-            if mask is None:
-                t = q.shape[1]
-                mask = jnp.tril(jnp.ones((t, t), bool))[None, None]  # [1, 1, T, S]
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S] float32
-            probs = inverted_dropout(dropout_key, probs, self.attention_dropout).astype(v.dtype)
-            return jnp.einsum("bnts,bsnh->btnh", probs, v)  # [B, T, N, H]
-        # XLA (default) or cuDNN flash attention. Softmax runs in float32; masked logits get a
-        # large finite negative, so the fully masked rows of left padding give uniform weights,
-        # never NaN. Without padding the mask is implicit (is_causal), the case cuDNN's fused
-        # kernels handle best. jax's XLA attention promotes bf16 with float32 internally, which
-        # strict dtype promotion (our tests' setting for model code) rejects: allow it here only.
-        with jax.numpy_dtype_promotion("standard"):
-            return jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                mask=mask,
-                is_causal=mask is None,
-                scale=1.0,
-                implementation=self.implementation,
-            )  # [B, T, N, H]
+        return attention(
+            q,
+            k,
+            v,
+            mask,
+            implementation=self.implementation,
+            dropout_rate=self.attention_dropout,
+            dropout_key=dropout_key,
+        )
 
 
 class OPTDecoderLayer(nnx.Module):
@@ -498,7 +358,7 @@ class OPTDecoderLayer(nnx.Module):
         residual = x
         if self.pre_ln:
             x = self.final_layer_norm(x)
-        x = self.fc2(_ACTIVATIONS[self.activation](self.fc1(x)))  # [B, T, F] -> [B, T, D]
+        x = self.fc2(ACTIVATIONS[self.activation](self.fc1(x)))  # [B, T, F] -> [B, T, D]
         if keys[2] is not None and self.dropout > 0.0:
             x = inverted_dropout(keys[2], x, self.dropout)
         x = residual + x
@@ -589,11 +449,7 @@ class OPTForCausalLM(nnx.Module):
         rngs: nnx.Rngs,
         attention_implementation: str | None = None,
     ):
-        if attention_implementation not in (None, "xla", "cudnn"):
-            raise ValueError(
-                f"attention_implementation must be None, 'xla' or 'cudnn', "
-                f"got {attention_implementation!r}"
-            )
+        check_attention_implementation(attention_implementation)
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
@@ -716,40 +572,14 @@ class OPTForCausalLM(nnx.Module):
             x = decoder.project_out(x)  # [B, T, E]
         if self.lm_head is None:
             table = decoder.embed_tokens.embedding[...].astype(self.dtype)  # [V, E]
-            logits = _logits_matmul("bte,ve->btv", x, table)
+            logits = logits_matmul("bte,ve->btv", x, table)
         else:
             kernel = self.lm_head.kernel[...].astype(self.dtype)  # [E, V]
-            logits = _logits_matmul("bte,ev->btv", x, kernel)
+            logits = logits_matmul("bte,ev->btv", x, kernel)
         logits = logits.astype(jnp.float32)  # [B, T, V]
         if cache is None:
             return logits
         return logits, cache
-
-
-def init_random(
-    config: OPTConfig,
-    key: jax.Array,
-    *,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    attention_implementation: str | None = None,
-) -> OPTForCausalLM:
-    """A randomly initialised model (weights ~ N(0, init_std^2), biases 0, LayerNorm 1/0).
-
-    Args:
-      config: the hyper-parameters.
-      key: a jax key.
-      dtype: compute dtype.
-      param_dtype: parameter dtype.
-      attention_implementation: see `OPTForCausalLM`.
-    """
-    return OPTForCausalLM(
-        config,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        rngs=nnx.Rngs(params=key),
-        attention_implementation=attention_implementation,
-    )
 
 
 def load_pretrained(
@@ -759,89 +589,23 @@ def load_pretrained(
     param_dtype: Any = None,
     attention_implementation: str | None = None,
 ) -> OPTForCausalLM:
-    """Loads a Hugging Face OPT directory into the Flax port.
+    """Loads a Hugging Face OPT directory or hub id (`facebook/opt-125m`) into the Flax port.
 
-    Reads `config.json` and the weights, no torch needed: `model.safetensors` (or sharded), else
-    `flax_model.msgpack`, else `pytorch_model.bin` (see `lm.convert`).
-
-    Args:
-      path: the directory, or a Hugging Face hub id (`facebook/opt-125m`; see `lm.hub`).
-      dtype: compute dtype.
-      param_dtype: parameter dtype (default: `dtype`).
-      attention_implementation: see `OPTForCausalLM`.
-
-    Returns:
-      The model, with logits matching `transformers.OPTForCausalLM`.
-
-    Raises:
-      FileNotFoundError: if the directory, its config or its weights are missing.
-      ValueError: if it is not an OPT directory, or a weight is missing, truncated or misshapen.
+    `collapse_jax.lm.load_pretrained` loads any supported family; this one refuses a checkpoint
+    of another family (one line naming its model_type). Arguments and errors as
+    `lm.convert.load_model`; no torch needed.
     """
-    directory = hub.resolve(path)  # a local folder, or a hub id through the hub's cache
-    config_dict = convert.read_config_dict(directory)
-    try:
-        config = OPTConfig.from_hf_dict(config_dict)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{directory / convert.CONFIG_NAME}: {e}") from e
-    param_dtype = dtype if param_dtype is None else param_dtype
-    graphdef, abstract_state = nnx.split(
-        _abstract_model(config, dtype, param_dtype, attention_implementation)
-    )
-    state = convert.load_state(
-        directory, abstract_state, tied_head=config.tie_word_embeddings, param_dtype=param_dtype
-    )
-    return nnx.merge(graphdef, state)
-
-
-def _abstract_model(
-    config: OPTConfig, dtype: Any, param_dtype: Any, attention_implementation: str | None = None
-) -> OPTForCausalLM:
-    """The model with shapes but no values (`nnx.eval_shape`): the template weights fill."""
-    return nnx.eval_shape(
-        lambda: OPTForCausalLM(
-            config,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            rngs=nnx.Rngs(0),
-            attention_implementation=attention_implementation,
-        )
-    )
-
-
-def state_from_hf(
-    config: OPTConfig, tensors: Mapping[str, Any], *, param_dtype: Any = jnp.float32
-) -> nnx.State:
-    """Converts an in-memory HF state dict (NumPy arrays) to the nnx parameter state.
-
-    Args:
-      config: the model's config.
-      tensors: `{hf_name: array}`; names with or without the `model.` prefix.
-      param_dtype: dtype of the returned parameters.
-
-    Returns:
-      An `nnx.State` to `nnx.merge` with the graphdef of `OPTForCausalLM(config, ...)`.
-    """
-    abstract = _abstract_model(config, jnp.float32, param_dtype)
-    return convert.state_from_tensors(
-        nnx.state(abstract),
-        tensors,
-        tied_head=config.tie_word_embeddings,
+    return convert.load_model(
+        hub.resolve(path),
+        OPTConfig,
+        OPTForCausalLM,
+        LAYOUT,
+        dtype=dtype,
         param_dtype=param_dtype,
+        attention_implementation=attention_implementation,
     )
 
 
 def save_pretrained(model: OPTForCausalLM, path: Any) -> None:
-    """Writes `config.json` and `model.safetensors` (HF names) that transformers loads back.
-
-    Args:
-      model: the model to save; parameters are written in their own dtype.
-      path: the directory (created if needed).
-    """
-    config = model.config.to_hf_dict()
-    config["dtype"] = convert.dtype_name(model.param_dtype)
-    convert.write_directory(path, convert.hf_state_dict(model), config)
-
-
-def num_params(model: OPTForCausalLM) -> int:
-    """Number of parameters (the tied head counted once)."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    """Writes `config.json` and `model.safetensors` (HF names) that transformers' OPT loads."""
+    convert.save_model(model, path, LAYOUT)

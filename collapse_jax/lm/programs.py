@@ -15,19 +15,11 @@ from jax.sharding import Mesh
 
 from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import decode, train
-from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM
 from collapse_jax.lm.placement import padded_batch, split_model
 from collapse_jax.lm.schedule import make_optimizer, schedule_hparams
 from collapse_jax.lm.settings import DecodeSettings
 from collapse_jax.lm.steps import TrainState
 from collapse_jax.lm.train_config import TrainConfig
-
-
-def abstract_model(arch: OPTConfig, *, dtype: Any, param_dtype: Any) -> OPTForCausalLM:
-    """An OPT model whose arrays are `jax.ShapeDtypeStruct`s (`nnx.eval_shape`)."""
-    return nnx.eval_shape(
-        lambda: OPTForCausalLM(arch, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    )
 
 
 def _placed(tree: Any, shardings: Any) -> Any:

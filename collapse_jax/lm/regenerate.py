@@ -62,7 +62,7 @@ def regenerate(
     """Continues every block with `decode.generate`'s semantics and returns the new tokens.
 
     Args:
-      model: the NNX causal LM (e.g. `collapse_jax.lm.opt.load_pretrained(path)`).
+      model: the NNX causal LM (e.g. `collapse_jax.lm.families.load_pretrained(path)`).
       blocks: [N, T] int prompt blocks, all T tokens valid (no padding).
       out_path: directory for the incremental results; created if missing. Calling again with the
         same directory and arguments resumes after the last finished batch (or just loads).

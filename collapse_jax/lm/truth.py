@@ -5,12 +5,12 @@ same contexts, every quantity here is computed exactly (summed over the vocabula
 from samples of the model:
 
 - `kl_to_truth`: KL(p || q) per context;
-- `tail_kept`: the share of the true tail (the least probable `q` of the true conditional mass)
-  that the model keeps, sum_tail min(q_model, p) / sum_tail p, in [0, 1]: 1 = the truth's tail
-  intact, 0 = gone;
-- `tail_retention`: the model's mass on the true tail divided by `q`, unbounded (a model that
-  spreads mass, e.g. a uniform one, scores above 1 = the truth's value): kept for continuity,
-  read `tail_kept` for collapse;
+- `tail_retention`: the share of the true tail (the least probable `q` of the true conditional
+  mass) that the model keeps, sum_tail min(q_model, p) / sum_tail p, in [0, 1]: 1 = the truth's
+  tail intact, 0 = gone;
+- `tail_mass_ratio`: the model's mass on the true tail divided by `q`, unbounded (a model that
+  spreads mass, e.g. a uniform one, scores above 1 = the truth's value): a diagnostic, not a
+  collapse score;
 - `off_support_mass`: the model's mass on tokens the truth deems impossible (the paper's
   "improbable sequences"), special ids included;
 - `data_true_nll`: per-token NLL of a data set under the truth (mean and per block), the
@@ -82,7 +82,7 @@ def tail_weights(p_true: jax.Array, q: float = 0.1) -> jax.Array:
     return jnp.take_along_axis(frac, inverse, axis=-1)
 
 
-def tail_kept(p_true: jax.Array, q_model: jax.Array, q: float = 0.1) -> jax.Array:
+def tail_retention(p_true: jax.Array, q_model: jax.Array, q: float = 0.1) -> jax.Array:
     """The share of the true tail's mass that the model keeps, bounded in [0, 1].
 
     sum_tail w min(q_model, p_true) / sum_tail w p_true, with w the tail membership of
@@ -109,7 +109,7 @@ def off_support_mass(p_true: jax.Array, log_q: jax.Array) -> jax.Array:
     return jnp.clip(1.0 - on, 0.0, 1.0)
 
 
-def tail_retention(p_true: jax.Array, q_model: jax.Array, q: float = 0.1) -> jax.Array:
+def tail_mass_ratio(p_true: jax.Array, q_model: jax.Array, q: float = 0.1) -> jax.Array:
     """The model's mass on the true tail of each context divided by the tail's true mass.
 
     Args:
@@ -118,7 +118,7 @@ def tail_retention(p_true: jax.Array, q_model: jax.Array, q: float = 0.1) -> jax
     Returns:
       [...] retention in [0, 1 / q]: the truth scores 1, a model without tail mass 0, and a model
       that spreads mass over the tail (a uniform one) more than 1. Unbounded, so not a collapse
-      score on its own: see `tail_kept`.
+      score on its own: see `tail_retention`.
     """
     w = tail_weights(p_true, q)
     true_mass = jnp.sum(w * p_true, axis=-1)  # = q up to rounding, min(q, 1) in general
@@ -291,7 +291,8 @@ def per_context(p_true: jax.Array, log_q: jax.Array, q: float = 0.1) -> dict[str
       p_true: [..., V] true conditionals; log_q: [..., V] the model's log-probabilities of the
         source tokens (see `kl_to_truth`); q: tail mass.
     Returns:
-      {"kl": KL(p || q), "retention": tail retention (unbounded), "kept": `tail_kept`,
+      {"kl": KL(p || q), "retention": `tail_retention` (bounded), "mass_ratio":
+      `tail_mass_ratio` (unbounded),
       "off_support": `off_support_mass`, "cross": E_p[-log q] (the model's expected NLL),
       "entropy": E_p[-log p]}, each [...]; cross - entropy = kl.
     """
@@ -301,7 +302,7 @@ def per_context(p_true: jax.Array, log_q: jax.Array, q: float = 0.1) -> dict[str
     return {
         "kl": kl_to_truth(p_true, log_q),
         "retention": tail_retention(p_true, jnp.exp(log_q), q),
-        "kept": tail_kept(p_true, jnp.exp(log_q), q),
+        "mass_ratio": tail_mass_ratio(p_true, jnp.exp(log_q), q),
         "off_support": off_support_mass(p_true, log_q),
         "cross": -jnp.sum(_xlogy(p_true, log_q), axis=-1),
         "entropy": -jnp.sum(_xlogy(p_true, log_p), axis=-1),
@@ -313,10 +314,10 @@ def summarize_contexts(values: dict[str, np.ndarray], mask: np.ndarray) -> dict[
 
     Returns:
       {"kl_to_truth": mean KL, "kl_to_truth_p90": its 90th percentile over contexts,
-      "tail_retention": mean retention, "tail_retention_p10/p50/p90": its quantiles over contexts,
-      "model_nll": mean E_p[-log q], "true_entropy": mean E_p[-log p] (their difference is
-      kl_to_truth)}; with "kept" and "off_support" values also "tail_kept" (mean) and its
-      quantiles "tail_kept_p10/p50/p90", and "off_support_mass" (mean).
+      "tail_retention": mean bounded retention, "tail_retention_p10/p50/p90": its quantiles over
+      contexts, "model_nll": mean E_p[-log q], "true_entropy": mean E_p[-log p] (their
+      difference is kl_to_truth)}; with "mass_ratio" and "off_support" values also
+      "tail_mass_ratio" (mean) and "off_support_mass" (mean).
     """
     mask = np.asarray(mask, bool)
     v = {k: np.asarray(x, np.float64)[mask] for k, x in values.items()}
@@ -331,10 +332,8 @@ def summarize_contexts(values: dict[str, np.ndarray], mask: np.ndarray) -> dict[
         "model_nll": float(v["cross"].mean()),
         "true_entropy": float(v["entropy"].mean()),
     }
-    if "kept" in v:
-        k10, k50, k90 = np.quantile(v["kept"], [0.1, 0.5, 0.9])
-        out.update({"tail_kept": float(v["kept"].mean()), "tail_kept_p10": float(k10),
-                    "tail_kept_p50": float(k50), "tail_kept_p90": float(k90)})  # fmt: skip
+    if "mass_ratio" in v:
+        out["tail_mass_ratio"] = float(v["mass_ratio"].mean())
     if "off_support" in v:
         out["off_support_mass"] = float(v["off_support"].mean())
     return out

@@ -418,10 +418,20 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-def config_diff(stored: Mapping, wanted: Mapping, *, ignore=("generation.num_generations",)) -> str:
-    """ "key: stored -> wanted" for every key that differs (empty when none)."""
+# Config keys a resumed run may change: the generations to reach, and what it writes for people
+# when it ends (the `report:` block never changes results).
+FREE_KEYS = ("generation.num_generations", "report.")
+
+
+def config_diff(stored: Mapping, wanted: Mapping, *, ignore=FREE_KEYS) -> str:
+    """ "key: stored -> wanted" for every key that differs (empty when none); `ignore` holds keys
+    and key prefixes (ending in ".") left out."""
     a, b = _flatten(stored), _flatten(wanted)
-    keys = [k for k in dict.fromkeys([*a, *b]) if k not in ignore and a.get(k) != b.get(k)]
+
+    def free(k: str) -> bool:
+        return any(k == i or (i.endswith(".") and k.startswith(i)) for i in ignore)
+
+    keys = [k for k in dict.fromkeys([*a, *b]) if not free(k) and a.get(k) != b.get(k)]
     parts = [
         f"{k}: {config_lib.short(a.get(k, '(absent)'))} -> {config_lib.short(b.get(k, '(absent)'))}"
         for k in keys[:6]

@@ -28,7 +28,8 @@ from collapse_jax import config as config_lib
 from collapse_jax.jaxtools import sharding
 from collapse_jax.lm import data as data_lib
 from collapse_jax.lm import decode, train
-from collapse_jax.lm.opt import OPTConfig, init_random
+from collapse_jax.lm.families import init_random
+from collapse_jax.lm.opt import OPTConfig
 from collapse_jax.lm.train_config import TrainConfig
 
 # A tiny OPT whose head width (16) cuDNN's fused attention accepts (a multiple of 8).

@@ -30,7 +30,7 @@ from collapse_jax import config as config_lib
 from collapse_jax import gmm
 from collapse_jax.bench.baselines import zipf_probs
 from collapse_jax.jaxtools import sharding
-from collapse_jax.lm import experiment, opt, programs
+from collapse_jax.lm import experiment, families, opt, programs
 from collapse_jax.lm import source as source_lib
 from collapse_jax.lm.evaluate import Evaluator
 from collapse_jax.loop import blocks, core
@@ -99,7 +99,7 @@ def test_the_check_finds_cpu_only_calls():
 @pytest.fixture(scope="module")
 def opt125m():
     """OPT-125m with abstract parameters (never allocated)."""
-    return nnx.eval_shape(lambda: opt.init_random(opt.OPTConfig.opt_125m(), jax.random.key(0)))
+    return nnx.eval_shape(lambda: families.init_random(opt.OPTConfig.opt_125m(), jax.random.key(0)))
 
 
 def test_opt125m_train_and_eval_steps_export_with_data_and_fsdp_shardings(opt125m):

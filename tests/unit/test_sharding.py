@@ -66,7 +66,7 @@ def test_logical_to_spec_rules():
 
 
 def _tiny_opt():
-    from collapse_jax.lm import opt
+    from collapse_jax.lm import families, opt
 
     cfg = opt.OPTConfig(
         vocab_size=64,
@@ -79,7 +79,7 @@ def _tiny_opt():
         tie_word_embeddings=False,
     )
     # Abstract (no initializer runs): only shapes and annotations matter here.
-    return nnx.eval_shape(lambda: opt.init_random(cfg, jax.random.key(0)))
+    return nnx.eval_shape(lambda: families.init_random(cfg, jax.random.key(0)))
 
 
 def test_every_opt_parameter_matches_a_rule_and_gets_its_spec():

@@ -8,7 +8,7 @@ import pytest
 
 from collapse_jax import config as config_lib
 from collapse_jax import loop, plots
-from collapse_jax.lm import evaluate
+from collapse_jax.lm import evaluate, families
 from collapse_jax.lm.vocab import Vocab
 from collapse_jax.rundir import fileio, reader
 
@@ -227,7 +227,7 @@ def test_plan_reads_the_model_size_from_a_local_folder_or_the_hub_cache(tmp_path
         ffn_dim=24,
         max_position_embeddings=40,
     )
-    want = opt.num_params(opt.init_random(arch, jax.random.key(0)))
+    want = families.num_params(families.init_random(arch, jax.random.key(0)))
     snap = tmp_path / "hub/models--someone--opt-mini/snapshots/0123456789abcdef"
     snap.mkdir(parents=True)
     (tmp_path / "hub/models--someone--opt-mini/refs").mkdir()

@@ -11,7 +11,7 @@ import pytest
 
 from collapse_jax import config as config_lib
 from collapse_jax import loop
-from collapse_jax.lm import figures, opt, source, train, truth
+from collapse_jax.lm import families, figures, opt, source, train, truth
 from collapse_jax.rundir import fileio, reader
 
 pytestmark = pytest.mark.slow
@@ -125,7 +125,7 @@ def test_opt_trained_on_plenty_of_source_data_approaches_the_entropy_rate():
     arch = opt.OPTConfig(vocab_size=cfg.model_vocab_size, hidden_size=32, num_hidden_layers=1,
                          num_attention_heads=2, ffn_dim=64, max_position_embeddings=32,
                          dropout=0.0)  # fmt: skip
-    model = opt.init_random(arch, jax.random.key(0))
+    model = families.init_random(arch, jax.random.key(0))
     model, _ = train.finetune(
         model, cfg.blocks("train"), epochs=8, batch_size=64,
         learning_rate=1e-2, schedule="constant", seed=0,
@@ -157,11 +157,11 @@ def test_provenance_is_saved_with_the_data_and_survives_resume(tmp_path):
         np.testing.assert_array_equal(a["origin"], b["origin"])
         np.testing.assert_array_equal(a["data"], b["data"])
     rows = full.rows
-    assert "support_coverage_synthetic" not in rows[0] and rows[0]["synthetic_share"] == 0.0
+    assert "synthetic_support_coverage" not in rows[0] and rows[0]["synthetic_share"] == 0.0
     for r in rows[1:]:
         assert r["synthetic_share"] > 0
-        assert r["support_coverage_synthetic"] <= r["support_coverage"]
+        assert r["synthetic_support_coverage"] <= r["support_coverage"]
     resumed = json.loads((tmp_path / "part" / "metrics.json").read_text())
-    assert [r["support_coverage_synthetic"] for r in resumed[1:]] == [
-        r["support_coverage_synthetic"] for r in rows[1:]
+    assert [r["synthetic_support_coverage"] for r in resumed[1:]] == [
+        r["synthetic_support_coverage"] for r in rows[1:]
     ]

@@ -15,8 +15,11 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from collapse_jax.lm import convert, opt  # noqa: E402
-from collapse_jax.lm.opt import OPTConfig, init_random, load_pretrained, save_pretrained  # noqa: E402
+from collapse_jax.lm import (  # noqa: E402
+    families,  # noqa: E402
+)
+from collapse_jax.lm.families import init_random, load_pretrained, save_pretrained  # noqa: E402
+from collapse_jax.lm.opt import OPTConfig  # noqa: E402
 from tests.helpers_opt import (  # noqa: E402
     TINY_OPT,
     hf_forward,
@@ -43,7 +46,7 @@ def hf_dir(tmp_path_factory):
 
 
 def _params(model) -> dict[str, np.ndarray]:
-    return convert.hf_state_dict(model)
+    return families.hf_state_dict(model)
 
 
 def _assert_same_params(a, b):
@@ -58,12 +61,12 @@ def test_state_dict_round_trip_is_exact(hf_dir):
     """HF tensors -> ours -> HF tensors reproduces every tensor bit for bit."""
     original = load_file(str(hf_dir / "model.safetensors"))
     model = load_pretrained(hf_dir)
-    back = convert.hf_state_dict(model)
+    back = families.hf_state_dict(model)
     assert back.keys() == original.keys()
     for name, tensor in original.items():
         np.testing.assert_array_equal(back[name], tensor, err_msg=name)
     # The in-memory conversion gives the same state.
-    state = opt.state_from_hf(model.config, original)
+    state = families.state_from_hf(model.config, original)
     for (p, a), (q, b) in zip(
         nnx.to_flat_state(state), nnx.to_flat_state(nnx.state(model)), strict=True
     ):
@@ -199,17 +202,17 @@ def test_errors_name_the_problem(hf_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_pretrained(empty)
 
-    # Not an OPT directory.
-    gpt2 = _copy(hf_dir, tmp_path / "gpt2")
-    cfg = json.loads((gpt2 / "config.json").read_text())
-    (gpt2 / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="not an OPT config"):
-        load_pretrained(gpt2)
+    # A model type no family serves: one line naming the supported ones.
+    bert = _copy(hf_dir, tmp_path / "bert")
+    cfg = json.loads((bert / "config.json").read_text())
+    (bert / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+    with pytest.raises(ValueError, match="model_type 'bert' is not supported; supported model"):
+        load_pretrained(bert)
 
     # Weights missing.
     no_weights = _copy(hf_dir, tmp_path / "no_weights")
     (no_weights / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no OPT weights"):
+    with pytest.raises(FileNotFoundError, match="no model weights"):
         load_pretrained(no_weights)
 
     # Truncated weight file.

@@ -19,7 +19,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from collapse_jax.lm import decode, opt, processors  # noqa: E402
+from collapse_jax.lm import (  # noqa: E402
+    decode,
+    families,  # noqa: E402
+    processors,
+)
 from collapse_jax.lm.settings import DecodeSettings  # noqa: E402
 from tests.helpers_opt import load_hf_model, make_hf_opt_dir, random_batch  # noqa: E402
 
@@ -37,7 +41,7 @@ def models(tmp_path_factory):
         tmp_path_factory.mktemp("decode_hf"), seed=0, init_std=0.5, max_position_embeddings=140
     )
     torch.set_num_threads(1)  # tiny model: threads only add noise on a shared CPU
-    return load_hf_model(path), opt.load_pretrained(path)
+    return load_hf_model(path), families.load_pretrained(path)
 
 
 def prompts(n: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,9 @@ pytest.importorskip("transformers")
 
 from flax import serialization  # noqa: E402
 
-from collapse_jax.lm import convert, opt  # noqa: E402
+from collapse_jax.lm import (  # noqa: E402
+    families,  # noqa: E402
+)
 from tests.helpers_opt import load_hf_model, make_hf_opt_dir  # noqa: E402
 
 SHA = "fedcba9876543210fedcba9876543210fedcba98"
@@ -115,8 +117,8 @@ def test_every_format_gives_the_reference_parameters(reference, fmt, tmp_path, m
     snap = _hub_cache(tmp_path / "hf", files)
     if fmt == "bin_no_torch":
         monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    loaded = opt.load_pretrained(REPO)
-    got = convert.hf_state_dict(loaded)
+    loaded = families.load_pretrained(REPO)
+    got = families.hf_state_dict(loaded)
     want = {k: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
     assert got.keys() == want.keys()
     for name in want:
@@ -150,11 +152,11 @@ def test_legacy_non_zip_bin(reference, tmp_path, monkeypatch):
     d.mkdir()
     (d / "config.json").write_text(json.dumps(json.loads((hf_dir / "config.json").read_text())))
     torch.save(model.state_dict(), d / "pytorch_model.bin", _use_new_zipfile_serialization=False)
-    got = convert.hf_state_dict(opt.load_pretrained(d))
+    got = families.hf_state_dict(families.load_pretrained(d))
     np.testing.assert_array_equal(
         got["model.decoder.layers.0.fc1.weight"], state["model.decoder.layers.0.fc1.weight"]
     )
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(ImportError, match=r"legacy .*needs torch") as info:
-        opt.load_pretrained(d)
+        families.load_pretrained(d)
     assert "\n" not in str(info.value)

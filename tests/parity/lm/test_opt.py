@@ -18,14 +18,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from collapse_jax.lm.opt import (  # noqa: E402
-    KVCache,
-    OPTConfig,
-    OPTForCausalLM,
-    init_random,
-    load_pretrained,
-    num_params,
-)
+from collapse_jax.lm.cache import KVCache  # noqa: E402
+from collapse_jax.lm.families import init_random, load_pretrained, num_params  # noqa: E402
+from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM  # noqa: E402
 from tests.helpers_opt import (  # noqa: E402
     TINY_OPT,
     hf_forward,
@@ -260,7 +255,7 @@ def test_dropout_statistics(key):
     With N = 200_000 draws the zero fraction has SE sqrt(p(1-p)/N); we allow 5 SE (two-sided
     false-failure probability 6e-7), and the scaled mean likewise.
     """
-    from collapse_jax.lm.opt import inverted_dropout
+    from collapse_jax.lm.layers import inverted_dropout
 
     n, rate = 200_000, 0.3
     out = np.asarray(inverted_dropout(key, jnp.ones((n,), jnp.float32), rate))
@@ -297,12 +292,16 @@ def test_gradients_match_torch(hf_dirs):
         return -(picked * m).sum() / m.sum()
 
     grads = jax.jit(jax.grad(loss_fn))(state)
-    from collapse_jax.lm.convert import hf_name, to_hf
+    from collapse_jax.lm.opt import LAYOUT
 
     for p, g in nnx.to_flat_state(grads):
-        name = hf_name(p)
+        tensor = LAYOUT.tensor(p)
         np.testing.assert_allclose(
-            to_hf(p, np.asarray(g[...])), ref[name], atol=1e-5, rtol=0, err_msg=name
+            tensor.to_hf([np.asarray(g[...])]),
+            ref[tensor.name],
+            atol=1e-5,
+            rtol=0,
+            err_msg=tensor.name,
         )
 
 

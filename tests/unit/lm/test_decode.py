@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from collapse_jax.lm import decode, opt, processors, search
+from collapse_jax.lm import decode, families, opt, processors, search
 from collapse_jax.lm.settings import DecodeSettings
 
 
@@ -286,7 +286,7 @@ def tiny_opt(vocab=29, **kw):
         init_std=0.5,
         **kw,
     )
-    return opt.init_random(cfg, jax.random.key(0))
+    return families.init_random(cfg, jax.random.key(0))
 
 
 @pytest.mark.slow  # compiles the decoder for many shapes: CI's full run (-m '')

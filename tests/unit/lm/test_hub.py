@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from collapse_jax.lm import hub, opt
+from collapse_jax.lm import families, hub
 from tests.multihost_worker import tiny_model
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -39,13 +39,13 @@ def offline_cache(tmp_path, monkeypatch):
 def test_hub_id_loads_from_the_cache_offline(offline_cache, tmp_path):
     model = tiny_model()
     local = tmp_path / "local"
-    opt.save_pretrained(model, local)
+    families.save_pretrained(model, local)
     snap = _fake_cache(offline_cache, files={f.name: f for f in local.iterdir()})
     assert hub.resolve("facebook/opt-125m") == snap
-    loaded = opt.load_pretrained("facebook/opt-125m")
+    loaded = families.load_pretrained("facebook/opt-125m")
     ids = np.array([[2, 5, 9, 11, 3]], np.int32)
     np.testing.assert_array_equal(
-        np.asarray(loaded(ids)), np.asarray(opt.load_pretrained(local)(ids))
+        np.asarray(loaded(ids)), np.asarray(families.load_pretrained(local)(ids))
     )
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from collapse_jax.jaxtools import sharding
-from collapse_jax.lm import decode, opt, regenerate
+from collapse_jax.lm import decode, families, opt, regenerate
 
 T = 8
 N = 13  # not a multiple of any batch size used: the last batch is padded and cropped
@@ -30,7 +30,7 @@ def model():
         dropout=0.0,
         init_std=0.5,
     )
-    return opt.init_random(cfg, jax.random.key(0))
+    return families.init_random(cfg, jax.random.key(0))
 
 
 @pytest.fixture(scope="module")

@@ -48,11 +48,11 @@ def test_tail_weights_by_hand():
     np.testing.assert_allclose(w, [0.0, 0.0, 1 / 3, 1.0, 0.0], atol=1e-6)
     q_model = jnp.array([0.25, 0.25, 0.25, 0.15, 0.10])
     np.testing.assert_allclose(
-        truth.tail_retention(p, q_model, 0.1), (0.15 + 0.25 / 3) / 0.1, rtol=1e-5
+        truth.tail_mass_ratio(p, q_model, 0.1), (0.15 + 0.25 / 3) / 0.1, rtol=1e-5
     )
     # A model that dropped the tail tokens retains nothing; q >= 1 takes the whole distribution.
     cut = jnp.array([0.6, 0.4, 0.0, 0.0, 0.0])
-    assert float(truth.tail_retention(p, cut, 0.1)) == 0.0
+    assert float(truth.tail_mass_ratio(p, cut, 0.1)) == 0.0
     np.testing.assert_allclose(truth.tail_weights(p, 1.0), [1, 1, 1, 1, 0])
 
 
@@ -142,23 +142,23 @@ def test_hmm_data_metrics(key):
     assert out["tail_retention"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_tail_kept_is_bounded_one_for_the_truth_zero_without_tail():
+def test_tail_retention_is_bounded_one_for_the_truth_zero_without_tail():
     p = _random_conditionals(5, (50, 3), 9)
-    np.testing.assert_allclose(truth.tail_kept(p, p, 0.1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(truth.tail_retention(p, p, 0.1), 1.0, atol=1e-5)
     w = np.asarray(truth.tail_weights(p, 0.1))
     no_tail = np.where(w > 0, 0.0, p)  # every (even partial) tail token gets nothing
-    np.testing.assert_array_equal(truth.tail_kept(p, no_tail, 0.1), 0.0)
+    np.testing.assert_array_equal(truth.tail_retention(p, no_tail, 0.1), 0.0)
     rng = np.random.default_rng(6)
     for a in (0.05, 1.0, 20.0):  # random models, peaked to flat
         q = rng.dirichlet(np.full(9, a), (50, 3)).astype(np.float32)
-        kept = np.asarray(truth.tail_kept(p, q, 0.1))
+        kept = np.asarray(truth.tail_retention(p, q, 0.1))
         assert np.all((kept >= 0) & (kept <= 1))
     # A uniform model keeps all of a tail whose tokens are each below 1/V, where the old
     # unbounded retention scores above 1.
     p1 = np.array([0.6, 0.3, 0.06, 0.04], np.float32)
     u = np.full(4, 0.25, np.float32)
-    assert float(truth.tail_kept(p1, u, 0.1)) == pytest.approx(1.0)
-    assert float(truth.tail_retention(p1, u, 0.1)) == pytest.approx(5.0)
+    assert float(truth.tail_retention(p1, u, 0.1)) == pytest.approx(1.0)
+    assert float(truth.tail_mass_ratio(p1, u, 0.1)) == pytest.approx(5.0)
 
 
 def test_off_support_mass_counts_impossible_and_special_tokens():

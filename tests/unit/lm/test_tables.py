@@ -12,7 +12,7 @@ import pytest
 from collapse_jax import config as config_lib
 from collapse_jax.lm import source as S
 from collapse_jax.lm import tables, truth
-from collapse_jax.lm.experiment import ORIGIN_REAL, OPTExperimentConfig, OPTLearner, blocks_of
+from collapse_jax.lm.experiment import ORIGIN_REAL, OPTLearner, blocks_of
 from collapse_jax.lm.processors import process_scores
 from collapse_jax.lm.settings import DecodeSettings
 
@@ -63,12 +63,13 @@ def test_the_exact_learner_is_the_counts(order):
     np.testing.assert_allclose(mle[~seen], 1.0 / v)
 
 
-def _learner(**model):
+def _learner(kind="opt", **model):
     data = {"kind": "source", "source": {"vocab_size": 12, "support": 5, "seed": 2,
             **model.pop("source", {})}, "num_train_blocks": 64, "num_eval_blocks": 8,
             "block_size": 24}  # fmt: skip
     raw = dict(data=data, example_prompt=None, generate_batch_size=32, eval_batch_size=8, **model)
-    return OPTLearner(config_lib.build(OPTExperimentConfig, raw, "model"))
+    cls = config_lib.model_config_class(kind)
+    return OPTLearner(config_lib.build(cls, raw, "model"))
 
 
 @pytest.mark.parametrize("zipf_a", [0.0, 1.0])
@@ -78,7 +79,7 @@ def test_the_oracle_under_greedy_and_beam_reaches_the_minimum_nll(zipf_a, beams)
     -log max_x p(x | c) = -log w_1 everywhere (log s for uniform weights): greedy attains it at
     every step, and so does beam search (the greedy path is always a top candidate)."""
     learner = _learner(
-        learner="oracle",
+        kind="oracle",
         source={"zipf_a": zipf_a},
         decode={
             "max_new_tokens": 24,
@@ -105,7 +106,7 @@ def test_the_oracle_under_sampling_keeps_the_entropy_rate(key):
     Each generation's mean is within 3.5 standard errors of H (per-block means are independent
     across blocks): false-failure probability <= 4 x 4.7e-4 < 0.2% over the 4 generations."""
     learner = _learner(
-        learner="oracle",
+        kind="oracle",
         decode={
             "max_new_tokens": 24,
             "min_new_tokens": 24,
@@ -131,7 +132,7 @@ def test_the_oracle_under_sampling_keeps_the_entropy_rate(key):
 
 
 def test_the_counts_learner_fits_and_persists(tmp_path):
-    learner = _learner(learner="counts", count_smoothing=0.5)
+    learner = _learner(kind="ngram", count_smoothing=0.5)
     data = learner.real_data(jax.random.key(0))
     params = learner.fit(jax.random.key(1), data, learner.init(jax.random.key(0)))
     assert np.all(data["origin"] == ORIGIN_REAL)
@@ -163,15 +164,15 @@ def test_table_logits_forbid_special_ids():
 
 
 def test_table_learners_need_a_source():
-    with pytest.raises(Exception, match="model.learner"):
-        config_lib.build(OPTExperimentConfig, {"learner": "oracle"}, "model")
-    with pytest.raises(Exception, match="model.learner"):
-        _learner(learner="counts", source={"kind": "hmm"})
+    with pytest.raises(Exception, match="model.kind: 'oracle' needs a ground-truth source"):
+        config_lib.build(config_lib.model_config_class("oracle"), {}, "model")
+    with pytest.raises(Exception, match="model.kind: 'ngram' estimates a Markov chain"):
+        _learner(kind="ngram", source={"kind": "hmm"})
 
 
 def test_data_metrics_of_the_synthetic_part_next_to_the_pool():
     learner = _learner(
-        learner="oracle",
+        kind="oracle",
         decode={
             "max_new_tokens": 24,
             "min_new_tokens": 24,
@@ -188,10 +189,10 @@ def test_data_metrics_of_the_synthetic_part_next_to_the_pool():
     assert m["synthetic_share"] == 0.75
     alone = learner.data_metrics({"data": synth["data"], "origin": synth["origin"]})
     for k in ("support_coverage", "lost_mass", "data_true_nll", "data_repetition"):
-        assert m[f"{k}_synthetic"] == alone[k]
+        assert m[f"synthetic_{k}"] == alone[k]
     # Beam search from the oracle loses support that the kept real blocks put back.
-    assert m["support_coverage"] > m["support_coverage_synthetic"]
-    assert "support_coverage_synthetic" not in learner.data_metrics(real)
+    assert m["support_coverage"] > m["synthetic_support_coverage"]
+    assert "synthetic_support_coverage" not in learner.data_metrics(real)
     sub = learner.subset(jax.random.key(3), pool, 10)
     for row, origin in zip(sub["data"], sub["origin"]):  # every block keeps its provenance
         (i,) = np.nonzero((pool["data"] == row).all(1))[0][:1]

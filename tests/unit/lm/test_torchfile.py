@@ -17,7 +17,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from collapse_jax.lm import opt, torchfile
+from collapse_jax.lm import families, opt, torchfile
 from tests.multihost_worker import TINY
 
 
@@ -148,7 +148,7 @@ def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path, payload):
     # Loading the folder as an OPT checkpoint refuses it the same way.
     (tmp_path / "config.json").write_text(json.dumps(opt.OPTConfig(**TINY).to_hf_dict()))
     with pytest.raises(ValueError, match="refused to load"):
-        opt.load_pretrained(tmp_path)
+        families.load_pretrained(tmp_path)
     assert not marker.exists()
 
 
