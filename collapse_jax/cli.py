@@ -5,6 +5,7 @@ collapse-jax run CONFIG.yaml [a.b=value ...] [--out DIR] [--dry-run]   run or re
                  [--distributed]                                       (one of several processes)
 collapse-jax quickstart [--out DIR]                                    the theory experiments, fast
 collapse-jax sweep CONFIG.yaml a.b=v1,v2 [c.d=w1,w2 ...] [--out DIR]   a grid in one directory
+collapse-jax study lm [--quick] [--out DIR]                            the LM decomposition study
 collapse-jax show-config CONFIG.yaml [a.b=value ...]                   print the resolved config
 collapse-jax plot RUN_DIR                                              redraw a run's figures
 collapse-jax compare RUN_DIR RUN_DIR ... [--metric NAME ...] [--out FILE.png]  runs on one figure
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -224,6 +226,20 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
+def _cmd_study(args) -> int:
+    from collapse_jax.lm import study  # noqa: PLC0415 (a sweep: matplotlib only for a study)
+
+    if any(os.environ.get(k, "").strip() for k in distributed.ENV_VARS):
+        raise distributed.DistributedSetupError(
+            f"study runs in one process; unset {', '.join(distributed.ENV_VARS)}"
+        )
+    version = "quick" if args.quick else "full"
+    out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / f"study-lm-{version}"
+    s = study.run_study(out, version, progress=not args.no_progress)
+    print(f"study of {len(s.points)} points in {out}: {out / 'metrics.csv'}, {out / 'figures'}")
+    return 0
+
+
 def _print_plans(cfg) -> None:
     """`--dry-run`: each learner's own estimate of what the run will do (`learner.plan(cfg)`)."""
     experiments = cfg.experiments if isinstance(cfg, config_lib.SuiteConfig) else (cfg,)
@@ -298,6 +314,7 @@ def _cmd_report(args) -> int:
 def _cmd_bench(args) -> int:
     # The benchmarks stay out of the package's import path: loaded for this command only.
     from collapse_jax.bench import harness, suites  # noqa: PLC0415
+    from collapse_jax.lm import families  # noqa: PLC0415
 
     # Before JAX starts its GPU client (device_info below): room for the PyTorch baselines.
     harness.share_gpu_with_torch(suites.SUITES[args.suite].baselines)
@@ -312,8 +329,16 @@ def _cmd_bench(args) -> int:
         out = pathlib.Path(args.out)
     else:
         out = harness.default_out(harness.device_info(), args.suite)
+    suite = suites.SUITES[args.suite]
+    if args.model != "opt":
+        known_families = [f.name for f in families.FAMILIES]
+        if args.model not in known_families:
+            raise config_lib.ConfigError(
+                f"--model: unknown model family {args.model!r}; choose from {known_families}"
+            )
+        suite = dataclasses.replace(suite, model=args.model)
     report = suites.run(
-        args.suite,
+        suite,
         only=only,
         out=out,
         peak_tflops=args.peak_tflops,
@@ -387,6 +412,15 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-progress", action="store_true", help="no progress bar")
     sw.set_defaults(fn=_cmd_sweep)
 
+    st = sub.add_parser(
+        "study", parents=[common], help="the LM decomposition study: one resumable sweep"
+    )
+    st.add_argument("family", choices=["lm"], help="which study (lm: collapse_jax.lm.study)")
+    st.add_argument("--quick", action="store_true", help="the quick version (shrunk sizes)")
+    st.add_argument("--out", help="study directory (default runs/study-lm-<full|quick>)")
+    st.add_argument("--no-progress", action="store_true", help="no progress bar")
+    st.set_defaults(fn=_cmd_study)
+
     s = sub.add_parser("show-config", parents=[common], help="print the resolved config")
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
@@ -428,6 +462,11 @@ def _parser() -> argparse.ArgumentParser:
         "--out", help="JSON file (default benchmarks/results/bench-<suite>-<device>.json)"
     )
     b.add_argument("--only", default="", help="comma-separated benchmarks (default: all)")
+    b.add_argument(
+        "--model",
+        default="opt",
+        help="model family of the LM rows (lm.families: opt, gpt2, ...; default opt)",
+    )
     b.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU")
     b.set_defaults(fn=_cmd_bench)
     return p

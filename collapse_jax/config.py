@@ -72,6 +72,11 @@ MODEL_REGISTRY: dict[str, tuple[str, ...]] = {
         "collapse_jax.kde.learner:KDELearner",
         "collapse_jax.kde.figures",
     ),
+    "verification": (
+        "collapse_jax.verification.learner:VerificationConfig",
+        "collapse_jax.verification.learner:VerificationLearner",
+        "collapse_jax.verification.figures",
+    ),
     "vae": (
         "collapse_jax.vae.model:VAEConfig",
         "collapse_jax.vae.learner:VAELearner",
@@ -147,7 +152,7 @@ def reporting_module(kind: str) -> types.ModuleType | None:
 
     A reporting module defines `figures(learner, run, out_dir) -> list[Path]` (the kind's own
     figures of a finished run) and `expected_curves(model_config, mode, sample_sizes, *,
-    selection=False, generation=None) -> {metric: [G] array}` (closed-form chain means under the
+    filtered=False, generation=None) -> {metric: [G] array}` (closed-form chain means under the
     policy `mode`; `generation`: the run's `generation:` block, for the mix shares and whatever
     else a closed form assumes; empty where the run does not match its assumptions).
     """
@@ -162,12 +167,14 @@ def reporting_module(kind: str) -> types.ModuleType | None:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class SelectionConfig:
-    """Selection of synthetic data (Feng et al. 2024), applied by `collapse_jax.loop.selection`.
+class LikelihoodFilterConfig:
+    """Likelihood filtering of synthetic data, applied by `collapse_jax.loop.filtering`: keeps
+    the likeliest samples, which trims the tails (a sampling-bias effect); not the label
+    verification of Feng et al. 2024 (`model.kind: verification`).
 
     Attributes:
       rho: keep ratio in (0, 1]: each generation draws ceil(M / rho) candidates and keeps the M
-        that the scorer ranks best (1 = no selection).
+        that the scorer ranks best (1 = no filtering).
       scorer: "truth": log-likelihood under the real distribution (learners with
         `truth_log_prob`); "generation0": log-likelihood under the chain's generation-0 fitted
         model (learners with `log_prob`; jittable learners).
@@ -179,12 +186,12 @@ class SelectionConfig:
     def __post_init__(self):
         require(
             0.0 < self.rho <= 1.0,
-            "generation.selection.rho",
+            "generation.likelihood_filter.rho",
             f"must lie in (0, 1] (got {self.rho})",
         )
         require(
             self.scorer in ("truth", "generation0"),
-            "generation.selection.scorer",
+            "generation.likelihood_filter.scorer",
             f"{short(self.scorer)} is not 'truth' or 'generation0'",
         )
 
@@ -253,7 +260,8 @@ class GenerationConfig:
       keep_params: "all" keeps every generation's fitted parameters in `params/`, "first_last"
         generation 0's and the newest (what the figures need: the paper's histograms score every
         generation's data under the generation-0 model), "last" only the newest (in `state/`).
-      selection: keep the best-scored synthetic points (None: no selection).
+      likelihood_filter: keep the synthetic points most likely under a scorer (None: keep
+        every point). Likelihood filtering, not verification: it trims the tails.
     """
 
     # Each field declares its part in a compiled program (`batch_role`), which the sweep's
@@ -275,7 +283,7 @@ class GenerationConfig:
     init_from: Literal["base", "previous", "scratch"] = batch_role("policy", "base")
     record_trials: int = batch_role("compiled", 256)
     keep_params: Literal["all", "first_last", "last"] = batch_role("compiled", "last")
-    selection: SelectionConfig | None = batch_role("policy", None)
+    likelihood_filter: LikelihoodFilterConfig | None = batch_role("policy", None)
 
     def __post_init__(self):
         require(self.num_generations >= 1, "generation.num_generations", "must be >= 1")
@@ -420,6 +428,60 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class WandbConfig:
+    """The Weights & Biases sink of a `logging:` block (`rundir.events.WandbSink`).
+
+    Attributes:
+      enabled: log to a wandb run in `<run>/wandb/` (needs the `wandb` extra).
+      project: the wandb project.
+      mode: "offline" (no network; `wandb sync` uploads later), "online" or "disabled".
+    """
+
+    enabled: bool = False
+    project: str = "collapse-jax"
+    mode: str = "offline"
+
+    def __post_init__(self):
+        require(
+            self.mode in ("offline", "online", "disabled"),
+            "logging.wandb.mode",
+            f"{short(self.mode)} is not 'offline', 'online' or 'disabled'",
+        )
+        require(bool(self.project), "logging.wandb.project", "must not be empty")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class LoggingConfig:
+    """What a run reports while it runs (`rundir.events`); it never changes results, and a run
+    may resume with other settings.
+
+    Attributes:
+      every_steps: write a training-step record to metrics.jsonl (and the sinks) every this many
+        optimizer steps of a fit (and at its last step).
+      progress: progress bars of generations, training steps and regeneration batches: "auto"
+        (when stderr is a terminal), true or false; `--no-progress` turns them off either way.
+      tensorboard: also write TensorBoard event files to `<run>/tensorboard/` (needs the
+        `tensorboard` extra: tensorboardX).
+      wandb: the Weights & Biases sink (off by default).
+    """
+
+    every_steps: int = 10
+    progress: Any = "auto"
+    tensorboard: bool = False
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        require(
+            self.every_steps >= 1, "logging.every_steps", f"must be >= 1 (got {self.every_steps})"
+        )
+        require(
+            isinstance(self.progress, bool) or self.progress == "auto",
+            "logging.progress",
+            f"must be auto, true or false (got {short(self.progress)})",
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class ExperimentConfig:
     """One experiment: a learner, how its generations are chained, and where it runs.
 
@@ -430,6 +492,7 @@ class ExperimentConfig:
       generation: the generational loop's settings.
       report: the HTML page written at the end of the run (changes no result).
       mesh: device mesh for sharded learners (None: all devices on the data axis).
+      logging: what the run reports while it runs (metrics.jsonl, progress bars, sinks).
     """
 
     name: str
@@ -438,6 +501,7 @@ class ExperimentConfig:
     generation: GenerationConfig = dataclasses.field(default_factory=GenerationConfig)
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
     mesh: MeshConfig | None = None
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def __post_init__(self):
         require(
@@ -461,6 +525,15 @@ class ExperimentConfig:
                 f"a generation would be fitted to {smallest} points, but this model needs at "
                 f"least {need} to fit",
             )
+
+        # A warm start (Bertrand et al.'s setting) must reach the fit: `previous_fit_ignored` is
+        # an optional property of model configs, the reason a fit would not start from it.
+        ignored = getattr(self.model, "previous_fit_ignored", None)
+        require(
+            self.generation.init_from != "previous" or not ignored,
+            "generation.init_from",
+            f"'previous' would be ignored: {ignored}",
+        )
 
     @property
     def kind(self) -> str:
@@ -664,6 +737,15 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {tp}")
 
 
+# Keys that were renamed: {class name: {old key: new key}}. The old key is refused with one
+# line naming the new one (no silent alias: what it did was not what its old name said).
+RENAMED_KEYS: dict[str, dict[str, str]] = {
+    # It keeps the likeliest synthetic samples: likelihood filtering, not Feng et al.'s
+    # verification (`model.kind: verification`).
+    "GenerationConfig": {"selection": "likelihood_filter"},
+}
+
+
 def build(cls: type, raw: Mapping[str, Any] | None, where: str = "") -> Any:
     """Builds the frozen dataclass `cls` from a plain mapping, rejecting unknown keys."""
     if raw is None:
@@ -674,6 +756,8 @@ def build(cls: type, raw: Mapping[str, Any] | None, where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     prefix = f"{where}." if where else ""
+    for old_key, new_key in RENAMED_KEYS.get(cls.__name__, {}).items():
+        require(old_key not in raw, f"{prefix}{old_key}", f"renamed {prefix}{new_key}")
     unknown = [k for k in raw if k not in fields]
     if unknown:
         raise ConfigError(

@@ -116,7 +116,7 @@ def expected_curves(
         cfg.model,
         g.policy,
         np.asarray(sample_sizes),
-        selection=g.selection is not None,
+        filtered=g.likelihood_filter is not None,
         generation=g,
     )
 

@@ -14,6 +14,12 @@ figures/<metric>_heatmap.png   last-generation chain mean over the first two var
                                colour norm for all panels; closed form in each cell where known)
 ```
 
+An axis may also be *named*: its values are `Choice`s, each a label and a set of overrides
+applied together (a point of the LM study's `learner` axis sets `model.learner` and removes
+`model.pretrain` at once; such grids are built in Python, e.g. `collapse_jax.lm.study`). The
+point's folder, `sweep.json` and `sweep.csv` show the label; `sweep.json` also keeps every
+label's overrides.
+
 All points run in one process through the one loop. Points whose configs differ only in the seed,
 the learner's knobs (`model.sampling_bias`, lambda) and, for learners with traced sizes (e.g. the
 exact Gaussian), the sample sizes and the mix shares alpha / beta / gamma (with the same shares
@@ -40,7 +46,7 @@ import pathlib
 import re
 import textwrap
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
@@ -52,6 +58,14 @@ from collapse_jax.rundir import fileio, reader
 log = logging.getLogger(__name__)
 
 Axis = tuple[str, list[Any]]
+
+
+class Choice(NamedTuple):
+    """A value of a named axis: `label` names it (folders, tables, figures); `overrides`
+    ({dotted key: value}) are applied together to the point's config."""
+
+    label: str
+    overrides: dict[str, Any]
 
 
 def split_values(text: str) -> list[str]:
@@ -101,7 +115,10 @@ def parse_axes(args: Sequence[str]) -> list[Axis]:
 
 
 def _value_text(v: Any) -> str:
-    """A value as an override writes it (YAML flow style, no trailing newline)."""
+    """A value as an override writes it (YAML flow style, no trailing newline); a `Choice`'s
+    label."""
+    if isinstance(v, Choice):
+        return v.label
     if isinstance(v, str):
         return v
     return yaml.safe_dump(v, default_flow_style=True, width=10**6).strip().removesuffix("\n...")
@@ -119,9 +136,9 @@ class Sweep:
     Attributes:
       config_path: the experiment config file.
       axes: [(dotted key, [values])] in command-line order; the grid is their product, the last
-        axis varying fastest.
+        axis varying fastest. A named axis has any key and `Choice` values.
       varying: keys of the axes with more than one value.
-      points: [{"index", "overrides": {key: value}, "dir"}] in grid order.
+      points: [{"index", "overrides": {key: value (a Choice's label)}, "dir"}] in grid order.
       configs: the resolved `ExperimentConfig` of every point (validated).
     """
 
@@ -140,7 +157,12 @@ class Sweep:
         keys = [k for k, _ in axes]
         for i, combo in enumerate(itertools.product(*(vs for _, vs in axes))):
             assignment = dict(zip(keys, combo))
-            overrides = [f"{k}={_value_text(v)}" for k, v in assignment.items()]
+            overrides = []
+            for k, v in assignment.items():
+                if isinstance(v, Choice):
+                    overrides += [f"{a}={_value_text(b)}" for a, b in v.overrides.items()]
+                else:
+                    overrides.append(f"{k}={_value_text(v)}")
             label = _label(i, assignment, self.varying)
             try:
                 cfg = config_lib.from_dict(raw, overrides)
@@ -148,13 +170,25 @@ class Sweep:
                 raise config_lib.ConfigError(
                     f"{self.config_path} (sweep point {label}): {e}"
                 ) from None
-            self.points.append({"index": i, "overrides": assignment, "dir": f"points/{label}"})
+            shown = {
+                k: _value_text(v) if isinstance(v, Choice) else v for k, v in assignment.items()
+            }
+            self.points.append({"index": i, "overrides": shown, "dir": f"points/{label}"})
             self.configs.append(cfg)
 
     def spec(self) -> dict[str, Any]:
+        choices = {
+            k: {v.label: v.overrides for v in vs}
+            for k, vs in self.axes
+            if any(isinstance(v, Choice) for v in vs)
+        }
         return {
             "config": str(self.config_path),
-            "axes": [[k, vs] for k, vs in self.axes],
+            "axes": [
+                [k, [_value_text(v) if isinstance(v, Choice) else v for v in vs]]
+                for k, vs in self.axes
+            ],
+            **({"choices": choices} if choices else {}),
             "points": self.points,
         }
 
@@ -168,9 +202,12 @@ class Sweep:
         spec = self.spec()
         if path.exists():
             stored = fileio.load_json(path)  # a corrupt file is named
-            same = stored.get("axes") == json.loads(json.dumps(spec["axes"])) and [
-                p["dir"] for p in stored.get("points", [])
-            ] == [p["dir"] for p in spec["points"]]
+            same = (
+                stored.get("axes") == json.loads(json.dumps(spec["axes"]))
+                and stored.get("choices") == json.loads(json.dumps(spec.get("choices")))
+                and [p["dir"] for p in stored.get("points", [])]
+                == [p["dir"] for p in spec["points"]]
+            )
             if not same:
                 raise ValueError(
                     f"{self.out} holds a sweep of a different grid ({path}); use another --out"
@@ -200,6 +237,19 @@ def run_sweep(
         OUT/points/<point>`; drawing them for every point of a large grid would dominate).
     """
     sweep = Sweep(config_path, parse_axes(axis_args), out)
+    run_grid(sweep, progress=progress, on_point=on_point, figures=figures)
+    return sweep
+
+
+def run_grid(
+    sweep: Sweep,
+    *,
+    progress: bool = False,
+    on_point: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    figures: bool = True,
+) -> None:
+    """Runs (or resumes) every point of `sweep` (arguments as `run_sweep`'s), then writes
+    `sweep.csv` and, with `figures`, the combined figures."""
     sweep.prepare()
     for batch in batches(sweep):
         cfgs = [sweep.configs[i] for i in batch]
@@ -221,7 +271,6 @@ def run_sweep(
     write_table(sweep)
     if figures:
         sweep_figures(sweep)
-    return sweep
 
 
 def batches(sweep: Sweep) -> list[list[int]]:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from collapse_jax.loop.learner import AbstractLearner
+from collapse_jax.rundir import fileio
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -59,14 +60,14 @@ class ToyNumpyLearner(AbstractLearner):
         # float32, as `fit` returns: a resumed run loads fitted params with this as template
         return {"mu": np.zeros((), np.float32), "var": np.ones((), np.float32)}
 
-    def fit(self, key, data, params, *, workdir=None):
+    def fit(self, key, data, params, *, workdir=None, **kw):
         ToyNumpyLearner.calls.append(("fit", workdir))
         return {"mu": np.asarray(data.mean()), "var": np.asarray(data.var())}
 
     def evaluate(self, key, params, reference):
         return {"var": params["var"], "mu": params["mu"]}
 
-    def sample(self, key, params, num, *, workdir=None):
+    def sample(self, key, params, num, *, workdir=None, **kw):
         ToyNumpyLearner.calls.append(("sample", workdir))
         z = np.asarray(jax.random.normal(key, (num,)))
         return params["mu"] + np.sqrt(params["var"]) * z
@@ -95,7 +96,7 @@ class SlowToyLearner(ToyNumpyLearner):
             mean = float(pathlib.Path(self.config.mean_file).read_text())
         return np.asarray(mean + self.config.std * jax.random.normal(key, (num,)))
 
-    def fit(self, key, data, params, *, workdir=None):
+    def fit(self, key, data, params, *, workdir=None, **kw):
         time.sleep(self.config.delay)
         generation = int(pathlib.Path(workdir).parent.name.split("_")[1])
         if self.config.gate is not None and generation >= self.config.gate_generation:
@@ -104,8 +105,49 @@ class SlowToyLearner(ToyNumpyLearner):
         return super().fit(key, data, params, workdir=workdir)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class StepToyConfig:
+    """ToyNumpyLearner's model fitted by `steps` pretend optimizer steps (2 per epoch), with a
+    checkpoint in the workdir after every epoch: a trainer by steps, without JAX, for the tests
+    of metrics.jsonl (`rundir.events`)."""
+
+    kind: ClassVar[str] = "steptoy"
+    mean: float = 0.0
+    std: float = 1.0
+    steps: int = 6
+
+
+class StepToyLearner(ToyNumpyLearner):
+    def fit(self, key, data, params, *, workdir=None, log=None, **kw):
+        total, start = self.config.steps, 0
+        ckpt = None if workdir is None else pathlib.Path(workdir) / "step.json"
+        if ckpt is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            if ckpt.exists():
+                start = fileio.load_json(ckpt)["step"]
+        log.begin(start, total)
+        for s in range(start, total):
+            log.advance(1)
+            if log.due(s + 1):
+                loss = float(np.mean(data)) + 1.0 / (s + 1)  # a function of the data and step
+                log.step(
+                    epoch=s // 2,
+                    step=s + 1,
+                    loss=loss,
+                    learning_rate=0.5 / (s + 1),
+                    grad_norm=float(np.std(data)) * (s + 1),
+                    units=("images", len(data)),
+                )
+            if ckpt is not None and (s + 1) % 2 == 0:
+                log.eval(epoch=s // 2, step=s + 1, val_loss=float(np.var(data)) + s)
+                fileio.atomic_write_json(ckpt, {"step": s + 1})
+        log.end()
+        return super().fit(key, data, params, workdir=workdir)
+
+
 # The toy model kinds the run-directory tests register ("kind": ("config", "learner")).
 TOY_KINDS = {
     "toy": ("tests.helpers:ToyConfig", "tests.helpers:ToyGaussianLearner"),
     "slowtoy": ("tests.helpers:SlowToyConfig", "tests.helpers:SlowToyLearner"),
+    "steptoy": ("tests.helpers:StepToyConfig", "tests.helpers:StepToyLearner"),
 }

@@ -9,8 +9,9 @@ import sys
 
 from collapse_jax import cli
 from collapse_jax import config as config_lib
+from tests.helpers import TOY_KINDS
 
-config_lib.MODEL_REGISTRY["toy"] = ("tests.helpers:ToyConfig", "tests.helpers:ToyGaussianLearner")
+config_lib.MODEL_REGISTRY.update(TOY_KINDS)
 
 
 def _install(n: int, when: str) -> None:

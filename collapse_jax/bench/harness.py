@@ -100,6 +100,9 @@ class Suite:
       baselines: run the baselines (PyTorch, NumPy, scikit-learn) where installed.
       opt_width: "125m" (OPT-125m's width and vocabulary) or "tiny" (a 64-wide model with 512
         tokens, for the test suite: numbers then say nothing about OPT-125m).
+      model: the model family of the LM rows (`lm.families`: "opt", "gpt2", ...); other families
+        than OPT take their own defaults (their small released model, e.g. GPT-2 124M) with
+        `opt_layers` layers (`opt_width="tiny"`: the same tiny sizes).
     """
 
     name: str
@@ -120,6 +123,7 @@ class Suite:
     repeats: int
     baselines: bool = True
     opt_width: str = "125m"
+    model: str = "opt"
 
 
 def share_gpu_with_torch(baselines: bool) -> str | None:
@@ -138,7 +142,11 @@ def targets(rows: list[dict], settings: dict[str, Any]) -> list[dict[str, Any]]:
     suite: the measured values are then extrapolations from smaller programs); `met` is None
     when the row did not run."""
     by_name = {r["name"]: r for r in rows}
-    paper_lm = settings["opt_layers"] == 12 and settings["opt_width"] == "125m"
+    paper_lm = (
+        settings["opt_layers"] == 12
+        and settings["opt_width"] == "125m"
+        and settings.get("model", "opt") == "opt"
+    )
     comparable = {
         "train_mfu": paper_lm and settings["train_batch"] == 128,
         "regenerate_37k_s": paper_lm and settings["decode_new"] == 64,

@@ -18,7 +18,7 @@ from collapse_jax.jaxtools import sharding
 from collapse_jax.jaxtools.jaxprs import traced_matmul_dtypes
 from collapse_jax.lm import data as data_lib
 from collapse_jax.lm import decode, families, train
-from collapse_jax.lm.opt import OPTConfig, OPTForCausalLM
+from collapse_jax.lm.opt import OPTConfig
 from collapse_jax.lm.settings import resolve_decode_dtype
 from collapse_jax.lm.train_config import TrainConfig
 
@@ -56,17 +56,49 @@ def opt_config(layers: int, dropout: float = 0.1, width: str = "125m") -> Any:
     return OPTConfig(**fields)
 
 
+def model_config(family: str, layers: int, dropout: float = 0.1, width: str = "125m") -> Any:
+    """The benchmarked model's config: OPT as `opt_config`; another family's defaults (its small
+    released model) with `layers` layers, or the tiny sizes of `opt_config` (`width="tiny"`)."""
+    if family == "opt":
+        return opt_config(layers, dropout, width)
+    fam = families.family_named(family)
+    d: dict[str, Any] = {"model_type": fam.model_types[0], "num_hidden_layers": layers}
+    for rate in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "dropout"):
+        d[rate] = dropout
+    if width == "tiny":
+        d.update(
+            vocab_size=512,
+            hidden_size=64,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=256,
+        )
+    elif width != "125m":
+        raise ValueError(f"opt_width must be '125m' or 'tiny', got {width!r}")
+    return fam.config_class.from_hf_dict(d)
+
+
+def model_name(config: Any, width: str) -> str:
+    """The rows' label of the benchmarked model."""
+    family = families.family_of(config).name
+    label = f"OPT-{width}" if family == "opt" else f"{family} ({width} defaults)"
+    return f"{label} shape, {config.num_hidden_layers} layers, random weights"
+
+
 def opt_pair(config: Any, with_torch: bool) -> tuple[Any, Any]:
-    """(our model, transformers' OPTForCausalLM or None) with the same random weights."""
+    """(our model, transformers' model of the same family or None) with the same random
+    weights (any family's config, despite the name)."""
     if not with_torch:
         return families.init_random(config, jax.random.key(0)), None
     import torch
     import transformers
 
     torch.manual_seed(0)
-    hf = transformers.OPTForCausalLM(transformers.OPTConfig(**config.to_hf_dict()))
+    d = config.to_hf_dict()
+    hf_config = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config)
     tensors = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: OPTForCausalLM(config, rngs=nnx.Rngs(0))))
+    graphdef, _ = nnx.split(families.abstract_model(config))
     return nnx.merge(graphdef, families.state_from_hf(config, tensors)), hf
 
 
@@ -85,12 +117,16 @@ def random_blocks(rows: int, vocab: int, length: int = BLOCK, seed: int = 0) -> 
 
 def bench_train(suite: Suite, ctx: dict) -> list[dict]:
     """The train step as `finetune` runs it (`prepare_training`), bf16 compute."""
-    cfg = opt_config(suite.opt_layers, dropout=0.1, width=suite.opt_width)
+    cfg = model_config(suite.model, suite.opt_layers, dropout=0.1, width=suite.opt_width)
     with_torch = suite.baselines and installed("torch") and installed("transformers")
     model, hf = opt_pair(cfg, with_torch)
     params = nnx.state(model, nnx.Param)
     n_all = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    n_pos = int(np.prod(params["model"]["decoder"]["embed_positions"]["embedding"].shape))
+    n_pos = sum(  # learned position tables (OPT's embed_positions, GPT-2's wpe): no matmul
+        int(np.prod(v.shape))
+        for path, v in nnx.to_flat_state(params)
+        if "embed_positions" in path or "wpe" in path
+    )
     fpt = opt_flops_per_token(cfg, n_all - n_pos, BLOCK)
     device = jax.devices()[0]
     peak, peak_src = ctx["peak"](device)
@@ -137,7 +173,7 @@ def bench_train(suite: Suite, ctx: dict) -> list[dict]:
         base = b * BLOCK / t_med
         ctx["torch_train_dtype"] = "bf16 autocast" if dev == "cuda" else "fp32 (CPU)"
     config = dict(
-        model=f"OPT-{suite.opt_width} shape, {cfg.num_hidden_layers} layers, random weights",
+        model=model_name(cfg, suite.opt_width),
         batch=b,
         length=BLOCK,
         compute_dtype="bfloat16",
@@ -170,7 +206,7 @@ def bench_train(suite: Suite, ctx: dict) -> list[dict]:
 
 def bench_decode(suite: Suite, ctx: dict) -> list[dict]:
     """The paper's beam search on full 64-token prompts (`decode.generate`)."""
-    cfg = opt_config(suite.opt_layers, dropout=0.0, width=suite.opt_width)
+    cfg = model_config(suite.model, suite.opt_layers, dropout=0.0, width=suite.opt_width)
     with_torch = suite.baselines and installed("torch") and installed("transformers")
     model, hf = opt_pair(cfg, with_torch)
     ids = random_blocks(suite.decode_batch, cfg.vocab_size, seed=1)
@@ -205,7 +241,7 @@ def bench_decode(suite: Suite, ctx: dict) -> list[dict]:
             identical = float(np.mean(np.all(out["ids"] == out["hf"], axis=1)))
     ctx["decode_prompts_per_s"] = prompts_per_s
     config = dict(
-        model=f"OPT-{suite.opt_width} shape, {cfg.num_hidden_layers} layers, random weights",
+        model=model_name(cfg, suite.opt_width),
         compute_dtype=dtype,
         kv_cache_dtype=dtype,
         matmul_precision=matmul_precision(),
@@ -239,7 +275,7 @@ def bench_paper_generation(suite: Suite, ctx: dict) -> list[dict]:
         bench_train(dataclasses.replace(suite, baselines=False), ctx)
     if "decode_prompts_per_s" not in ctx:
         bench_decode(dataclasses.replace(suite, baselines=False), ctx)
-    cfg = opt_config(suite.opt_layers, dropout=0.0, width=suite.opt_width)
+    cfg = model_config(suite.model, suite.opt_layers, dropout=0.0, width=suite.opt_width)
     model, _ = opt_pair(cfg, with_torch=False)
     blocks = random_blocks(suite.eval_batch * 2, cfg.vocab_size, seed=2)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
@@ -271,7 +307,7 @@ def bench_paper_generation(suite: Suite, ctx: dict) -> list[dict]:
             compile_s=compile_s,
             median_s=med,
             config=dict(
-                model=f"OPT-{suite.opt_width} shape, {cfg.num_hidden_layers} layers, random",
+                model=model_name(cfg, suite.opt_width),
                 train_blocks=TRAIN_BLOCKS,
                 eval_blocks=EVAL_BLOCKS,
                 epochs=PAPER_EPOCHS,

@@ -36,7 +36,7 @@ def expected_curves(
     mode: str,
     sample_sizes: np.ndarray,
     *,
-    selection: bool = False,
+    filtered: bool = False,
     generation: Any = None,
 ) -> dict[str, np.ndarray]:
     """E[cov_trace] per generation under the "replace" policy without sampling bias (else empty).
@@ -47,7 +47,7 @@ def expected_curves(
 
     Args:
       config: the run's model config; mode: its policy; sample_sizes: [G] training-set sizes.
-      selection: whether the run selects synthetic data (not used by this curve).
+      filtered: whether the run filters synthetic data by likelihood (not used by this curve).
       generation: the run's `generation:` block (unused here).
     """
     if mode != "replace" or config.sampling_bias != 1.0:
@@ -108,7 +108,7 @@ def figures(learner: GMMLearner, run: Any, out_dir: pathlib.Path) -> list[pathli
         axes[1].plot(run.series("cov_trace"), label="chain mean")
         sizes = np.array([r["sample_size"] for r in run.rows()])
         expected = expected_curves(
-            cfg, gcfg.policy, sizes, selection=gcfg.selection is not None
+            cfg, gcfg.policy, sizes, filtered=gcfg.likelihood_filter is not None
         ).get("cov_trace")
         if expected is not None:
             axes[1].plot(expected, "--", label="expected (Gaussian MLE chain)")

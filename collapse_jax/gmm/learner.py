@@ -75,6 +75,13 @@ class GMMConfig:
     scatter_generations: tuple[int, ...] = (0, 50, 100, 150, 200, 350, 2000)
     scatter_points: int = 1000
 
+    @property
+    def previous_fit_ignored(self) -> str | None:
+        """Why a fit would not start from the previous generation's (None: it does)."""
+        if self.warm_start:
+            return None
+        return "EM starts from a fresh initialisation unless model.warm_start is true"
+
     def __post_init__(self):
         def check(ok: bool, field: str, problem: str) -> None:
             if not ok:

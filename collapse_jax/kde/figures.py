@@ -25,19 +25,19 @@ def expected_curves(
     mode: str,
     sample_sizes: np.ndarray,
     *,
-    selection: bool = False,
+    filtered: bool = False,
     generation: Any = None,
 ) -> dict[str, np.ndarray]:
     """E `variance` for 1-D Gaussian data, a fixed bandwidth and replace (constant sizes).
 
     Args:
       config: the run's model config; mode: its policy; sample_sizes: [G] training-set sizes.
-      selection: whether the run selects synthetic data (then no curve is known).
+      filtered: whether the run filters synthetic data by likelihood (then no curve is known).
       generation: the run's `generation:` block (unused here).
     """
     c = config
     sizes = np.asarray(sample_sizes)
-    if selection:
+    if filtered:
         return {}
     if (
         c.dataset != "gaussian"

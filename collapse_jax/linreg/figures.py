@@ -17,7 +17,7 @@ def expected_curves(
     mode: str,
     sample_sizes: np.ndarray,
     *,
-    selection: bool = False,
+    filtered: bool = False,
     generation: Any = None,
 ) -> dict[str, np.ndarray]:
     """Closed-form chain means of `param_error` and `test_mse` for OLS when every generation
@@ -25,11 +25,11 @@ def expected_curves(
 
     Args:
       config: the run's model config; mode: its policy; sample_sizes: [G] training-set sizes.
-      selection: whether the run selects synthetic data (then no curve is known).
+      filtered: whether the run filters synthetic data by likelihood (then no curve is known).
       generation: the run's `generation:` block (unused here).
     """
     c = config
-    if c.ridge != 0 or selection:
+    if c.ridge != 0 or filtered:
         return {}
     sizes = np.asarray(sample_sizes)
     g = np.arange(1, len(sizes) + 1)

@@ -26,6 +26,11 @@ The protocol, as a model's forward uses it on `input_ids [B, T]`:
   keys contiguously call it, so cached and uncached forwards share their numerics exactly.
 - `reorder(rows)` (beam search): row r of the result continues row `rows[r]`.
 
+Grouped-query attention (the Llama family): k and v may have K heads where q has N = K * G;
+caches store the K heads as given (N / K times less memory than repeating them), the model's
+`attention` kernel must accept [B, S, K, H] keys, and query head n reads key/value head n // G
+(HF's `repeat_kv` order) in both caches.
+
 Two implementations:
 
 - `KVCache`, one slot per position per row: `key`/`value` [L, B, S, N, H] stacked over layers
@@ -43,7 +48,7 @@ Two implementations:
   transformers is tested through `generate` (tests/parity/lm/test_decode_hf.py).
 
 Shape legend: L layers, B batch (prompts), n rows per prompt, R = B * n rows, S slots, P prompt
-length, T new tokens in one call, N heads, H head_dim.
+length, T new tokens in one call, N heads (K key/value heads where they differ), H head_dim.
 """
 
 from __future__ import annotations
@@ -326,6 +331,8 @@ def _split_attention(q, prompt_k, prompt_v, gen_k, gen_v, prompt_mask, src, i):
     """
     b, p = prompt_k.shape[:2]
     r, heads, head_dim = q.shape
+    if prompt_k.shape[2] != heads:
+        return _grouped_split_attention(q, prompt_k, prompt_v, gen_k, gen_v, prompt_mask, src, i)
     n, big_l = r // b, gen_k.shape[1]
     qb = q.reshape(b, n, heads, head_dim)  # [B, n, N, H]
     s_prompt = jnp.einsum("bknh,bpnh->bknp", qb, prompt_k, preferred_element_type=jnp.float32)
@@ -358,6 +365,45 @@ def _split_attention(q, prompt_k, prompt_v, gen_k, gen_v, prompt_mask, src, i):
     else:
         weights = jnp.where(onehot[:, :, None], probs[..., None, p:], 0.0)  # [B, n, N, m, L]
         out_gen = jnp.einsum("bknmj,bmjnh->bknh", weights, gv)
+    return (out_prompt + out_gen).reshape(r, heads, head_dim)
+
+
+def _grouped_split_attention(q, prompt_k, prompt_v, gen_k, gen_v, prompt_mask, src, i):
+    """`_split_attention` for grouped-query attention: K key/value heads, N = K * G queries.
+
+    Query head c * G + g reads key/value head c (HF's `repeat_kv` order); the keys are read
+    grouped, never repeated. Shapes as `_split_attention` with K heads in prompt_k, gen_k, ...
+    """
+    b, p, kv_heads, head_dim = prompt_k.shape
+    r, heads = q.shape[:2]
+    n, big_l, g = r // b, gen_k.shape[1], heads // kv_heads
+    qb = q.reshape(b, n, kv_heads, g, head_dim)  # [B, n, K, G, H]
+    s_prompt = jnp.einsum("brcgh,bpch->brcgp", qb, prompt_k, preferred_element_type=jnp.float32)
+    gk = gen_k.reshape(b, n, big_l, kv_heads, head_dim)  # [B, m, L_new, K, H]
+    gv = gen_v.reshape(b, n, big_l, kv_heads, head_dim)
+    if src is None:
+        s_gen = jnp.einsum("brcgh,brjch->brcgj", qb, gk, preferred_element_type=jnp.float32)
+    else:
+        s_all = jnp.einsum("brcgh,bmjch->brcgmj", qb, gk, preferred_element_type=jnp.float32)
+        local = (src - (jnp.arange(r) // n * n)[:, None]).reshape(b, n, big_l)  # [B, n, L]
+        onehot = local[:, :, None, :] == jnp.arange(n)[None, None, :, None]  # [B, n, m, L]
+        s_gen = jnp.sum(jnp.where(onehot[:, :, None, None], s_all, 0.0), axis=4)  # [B,n,K,G,L]
+    low = jnp.finfo(jnp.float32).min
+    valid = (jnp.arange(big_l) <= i)[None, None, None, None, :]
+    scores = jnp.concatenate(
+        [
+            jnp.where(prompt_mask[:, None, None, None, :], s_prompt, low),
+            jnp.where(valid, s_gen, low),
+        ],
+        axis=-1,
+    )  # [B, n, K, G, P + L_new]
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out_prompt = jnp.einsum("brcgp,bpch->brcgh", probs[..., :p], prompt_v)
+    if src is None:
+        out_gen = jnp.einsum("brcgj,brjch->brcgh", probs[..., p:], gv)
+    else:
+        weights = jnp.where(onehot[:, :, None, None], probs[..., None, p:], 0.0)  # [B,n,K,G,m,L]
+        out_gen = jnp.einsum("brcgmj,bmjch->brcgh", weights, gv)
     return (out_prompt + out_gen).reshape(r, heads, head_dim)
 
 

@@ -90,16 +90,21 @@ def paper_train() -> TrainConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class RandomOPTConfig:
-    """Architecture of a randomly initialised OPT (when no pretrained model is given).
+    """Architecture of a randomly initialised model (when no pretrained model is given).
 
     Attributes:
+      family: the model family (`lm.families`: "opt", "gpt2", ...); the other fields are
+        common to every family, the rest of its config keeps the family's defaults, and its
+        special ids are the data's (pad 1, bos = eos 2: OPT's tokenizer and the known language).
       hidden_size, num_hidden_layers, num_attention_heads, ffn_dim, max_position_embeddings:
-        as transformers' `OPTConfig` (the defaults are opt-125m's).
+        as transformers' `OPTConfig` (the defaults are opt-125m's; `ffn_dim` is the MLP width,
+        the family's `intermediate_size` / `n_inner`).
       vocab_size: OPT's padded vocabulary (50272 for the real tokenizer); ignored with
         `vocabulary: corpus` (the corpus decides).
       seed: seed of the random initialisation (the "pretrained" base of every generation).
     """
 
+    family: str = "opt"
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
@@ -123,6 +128,27 @@ class RandomOPTConfig:
             "random_init.hidden_size",
             "must be divisible by num_attention_heads",
         )
+        known = [f.name for f in families.FAMILIES]
+        _check(self.family in known, "random_init.family", f"must be one of {known}")
+
+    def architecture(self, vocab_size: int) -> Any:
+        """The family's config with these fields and `vocab_size` (validated by the family)."""
+        family = families.family_named(self.family)
+        return family.config_class.from_hf_dict(
+            {
+                "model_type": family.model_types[0],
+                "vocab_size": vocab_size,
+                "hidden_size": self.hidden_size,
+                "num_hidden_layers": self.num_hidden_layers,
+                "num_attention_heads": self.num_attention_heads,
+                "ffn_dim": self.ffn_dim,
+                "intermediate_size": self.ffn_dim,
+                "max_position_embeddings": self.max_position_embeddings,
+                "pad_token_id": 1,
+                "bos_token_id": 2,
+                "eos_token_id": 2,
+            }
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -138,10 +164,11 @@ class OPTExperimentConfig:
     which of the three a config is ("transformer", "oracle", "counts").
 
     Attributes:
-      model_path: a Hugging Face OPT folder (config.json + weights) or a hub id
-        (`facebook/opt-125m`, through the hub cache; see `lm.hub`); None = a random OPT built
-        from `random_init`.
-      random_init: architecture of the random OPT used when `model_path` is None.
+      model_path: a Hugging Face model folder (config.json + weights) or a hub id
+        (`facebook/opt-125m`, `gpt2`, through the hub cache; see `lm.hub`) of any family of
+        `lm.families` (config.json's `model_type` picks it); None = a random model built from
+        `random_init`.
+      random_init: family and architecture of the random model used when `model_path` is None.
       vocabulary: "full" (the model's own vocabulary) or "corpus" (random_init only: the ids
         that occur in the training blocks plus the special ids, other ids -> UNK; see the
         module docstring).
@@ -406,16 +433,10 @@ class OPTLearner(AbstractLearner):
         # generation starts from the same weights, as when loading facebook/opt-125m.
         return LMParams(self._random_model())
 
-    def _random_arch(self) -> opt.OPTConfig:
-        r = self.config.random_init
+    def _random_arch(self) -> Any:
         vocab = self.vocab()
-        return opt.OPTConfig(
-            vocab_size=self._model_vocab_size() if vocab is None else len(vocab),
-            hidden_size=r.hidden_size,
-            num_hidden_layers=r.num_hidden_layers,
-            num_attention_heads=r.num_attention_heads,
-            ffn_dim=r.ffn_dim,
-            max_position_embeddings=r.max_position_embeddings,
+        return self.config.random_init.architecture(
+            self._model_vocab_size() if vocab is None else len(vocab)
         )
 
     def _random_model(self):
@@ -472,6 +493,7 @@ class OPTLearner(AbstractLearner):
             mesh=self._mesh(),
             seed=_seed(key),
             checkpoint_dir=None if workdir is None else pathlib.Path(workdir) / "checkpoints",
+            log=kw.get("log"),
         )
         model = _host_local(model)
         info = {
@@ -666,7 +688,7 @@ class OPTLearner(AbstractLearner):
             mesh=self._mesh(),
             settings=self._decode_settings(model),
             seed=_seed(key),
-            progress=False,
+            progress=getattr(kw.get("log"), "progress", False),
         )
         blocks = _to_blocks(np.asarray(new), cfg.data.block_size, model.config.pad_token_id)
         return with_origin(self._to_source(blocks), _ORIGIN_NEW)
@@ -691,7 +713,7 @@ class OPTLearner(AbstractLearner):
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         return LMParams(model, info)
 
-    def _planned_arch(self) -> tuple[opt.OPTConfig, str]:
+    def _planned_arch(self) -> tuple[Any, str]:
         """(the model's architecture, where it comes from) without loading weights or data:
         `random_init`, the model's `config.json` when at hand without a download (a local
         folder, or a hub id in the hub cache), else OPT-125m's (assumed); a corpus vocabulary
@@ -699,19 +721,12 @@ class OPTLearner(AbstractLearner):
         c = self.config
         if c.model_path is None:
             r = c.random_init
-            arch = opt.OPTConfig(
-                vocab_size=r.vocab_size if c.vocabulary == "full" else _CORPUS_VOCAB_ESTIMATE,
-                hidden_size=r.hidden_size,
-                num_hidden_layers=r.num_hidden_layers,
-                num_attention_heads=r.num_attention_heads,
-                ffn_dim=r.ffn_dim,
-                max_position_embeddings=r.max_position_embeddings,
-            )
-            return arch, "random_init"
+            vocab = r.vocab_size if c.vocabulary == "full" else _CORPUS_VOCAB_ESTIMATE
+            return r.architecture(vocab), "random_init"
         found = _cached_model_config(c.model_path)
         if found is None:
             return opt.OPTConfig.opt_125m(), "assumed OPT-125m (config.json not at hand)"
-        return opt.OPTConfig.from_hf_dict(found[0]), found[1]
+        return families.config_from_hf_dict(found[0]), found[1]
 
     def programs(self, cfg: Any) -> list[tuple[str, Callable[[], Any]]]:
         """A generation's compiled programs, lowered from abstract shapes (`lm.programs`; the
@@ -768,7 +783,7 @@ class OPTLearner(AbstractLearner):
         c = self.config
         gen = cfg.generation
         arch, source = self._planned_arch()
-        n_params = _count_params(arch)
+        n_params = families.num_params(arch)
         bytes_per = 2 if c.param_dtype == "bfloat16" else 4
         if self._table():  # a float32 table of V^k x V (the HMM oracle's arrays are smaller)
             src = c.data.source
@@ -822,12 +837,6 @@ def _cached_model_config(model_path: str) -> tuple[dict, str] | None:
     local = found == pathlib.Path(model_path).expanduser() / "config.json"
     where = str(found) if local else f"hub cache ({model_path})"
     return json.loads(found.read_text()), where
-
-
-def _count_params(arch) -> int:
-    d, f, layers = arch.hidden_size, arch.ffn_dim, arch.num_hidden_layers
-    per_layer = 4 * (d * d + d) + 2 * d * f + f + d + 4 * d
-    return arch.vocab_size * d + (arch.max_position_embeddings + 2) * d + layers * per_layer + 2 * d
 
 
 def _host_local(model: Any) -> Any:

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from collapse_jax.lm import convert, hub, opt
+from collapse_jax.lm import convert, gpt2, hub, llama, opt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +69,11 @@ class Family:
     layout: convert.Layout
 
 
+# One row per family (keep one line each: several engineers add rows).
 FAMILIES: tuple[Family, ...] = (
     Family("opt", ("opt",), opt.OPTConfig, opt.OPTForCausalLM, opt.LAYOUT),
+    Family("gpt2", ("gpt2",), gpt2.GPT2Config, gpt2.GPT2LMHeadModel, gpt2.LAYOUT),
+    Family("llama", llama.MODEL_TYPES, llama.LlamaConfig, llama.LlamaForCausalLM, llama.LAYOUT),
 )
 
 

@@ -60,7 +60,7 @@ def expected_curves(
     mode: str,
     sample_sizes: np.ndarray,
     *,
-    selection: bool = False,
+    filtered: bool = False,
     generation: Any = None,
 ) -> dict[str, np.ndarray]:
     """None is known for language models."""

@@ -614,6 +614,13 @@ def ngram_codes(blocks: np.ndarray, k: int, vocab_size: int) -> np.ndarray:
     return (windows * vocab_size ** np.arange(k, -1, -1)).sum(1)
 
 
+def token_counts(blocks: np.ndarray, vocab_size: int) -> np.ndarray:
+    """How often every token of the vocabulary occurs in `blocks` (ids outside it are skipped).
+    [V] int64."""
+    tokens = np.asarray(blocks, np.int64).reshape(-1)
+    return np.bincount(tokens[(tokens >= 0) & (tokens < vocab_size)], minlength=vocab_size)
+
+
 # ----------------------------------------------------------------------------------------------
 # Building, saving and loading.
 

@@ -42,6 +42,7 @@ from collapse_jax.lm.source import (
     HMMSource,
     MarkovSource,
     ngram_codes,
+    token_counts,
 )
 from collapse_jax.rundir import fileio
 
@@ -205,8 +206,7 @@ def fit_counts(blocks: np.ndarray, order: int, vocab_size: int, alpha: float) ->
     """
     v = vocab_size
     table = smoothed(transition_counts(blocks, order, v), alpha)
-    tokens = np.asarray(blocks, np.int64).reshape(-1)
-    head0 = smoothed(np.bincount(tokens[(tokens >= 0) & (tokens < v)], minlength=v), alpha)
+    head0 = smoothed(token_counts(blocks, v), alpha)
     head1 = table if order == 1 else smoothed(transition_counts(blocks, 1, v), alpha)
     return _markov_table(table, head0, head1, order, v)
 

@@ -58,6 +58,7 @@ from collapse_jax.lm.schedule import learning_rate_at, make_optimizer, schedule_
 from collapse_jax.lm.steps import TrainState, train_step
 from collapse_jax.lm.tokenizer import check_token_ids
 from collapse_jax.lm.train_config import TrainConfig
+from collapse_jax.rundir import events
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -197,6 +198,7 @@ def finetune(
     seed: int = 0,
     checkpoint_dir: str | pathlib.Path | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    log: events.StepLog | None = None,
     **options: Any,
 ) -> tuple[nnx.Module, dict[str, list[float]]]:
     """Fine-tunes an OPT model on token blocks (keyword form of `fit`).
@@ -223,6 +225,7 @@ def finetune(
         seed=seed,
         checkpoint_dir=checkpoint_dir,
         on_step=on_step,
+        log=log,
     )
 
 
@@ -236,6 +239,7 @@ def fit(
     seed: int = 0,
     checkpoint_dir: str | pathlib.Path | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    log: events.StepLog | None = None,
 ) -> tuple[nnx.Module, dict[str, list[float]]]:
     """Fine-tunes an OPT model on token blocks (the paper's per-generation training).
 
@@ -254,6 +258,9 @@ def fit(
         epoch end, and the best epoch by validation loss under `best/`); a run finding a
         checkpoint there resumes from it exactly (same data order, RNG and history).
       on_step: called on the host after every optimizer step with (step, metrics).
+      log: where the steps are reported (`rundir.events.StepLog`: metrics.jsonl records of the
+        steps it names due, from the scalars the step returns anyway, one step late; the
+        per-epoch validation; a progress bar); None reports nothing.
 
     Returns:
       (new model, history): history has "train_loss", "lr" and "grad_norm" (one entry per
@@ -386,12 +393,25 @@ def fit(
         history["train_loss"].append(m["loss"])
         history["lr"].append(m["lr"])
         history["grad_norm"].append(m["grad_norm"])
+        if log is not None:
+            log.advance(1)
+            if log.due(step + 1):
+                log.step(
+                    epoch=step // spe,
+                    step=step + 1,
+                    loss=m["loss"],
+                    learning_rate=m["lr"],
+                    grad_norm=m["grad_norm"],
+                    units=("tokens", config.batch_size * train_blocks.shape[1]),
+                )
         if on_step is not None:
             on_step(step + 1, m)
 
     def meta() -> dict[str, Any]:
         return {**run_meta, "history": history, "best_valid_loss": best}
 
+    if log is not None:
+        log.begin(start, total_steps)
     try:
         with data_lib.Prefetcher(batches(start), depth=config.prefetch) as it:
             pending: tuple[int, dict[str, jax.Array]] | None = None
@@ -419,6 +439,13 @@ def fit(
                         vloss = float(sums.sum() / max(counts.sum(), 1.0))
                         history["valid_loss"].append(vloss)
                         history["valid_ppl"].append(math.exp(min(vloss, 700.0)))
+                        if log is not None:
+                            log.eval(
+                                epoch=done // spe - 1,
+                                step=done,
+                                val_loss=vloss,
+                                val_ppl=history["valid_ppl"][-1],
+                            )
                         if vloss < best:
                             best = vloss
                             if config.keep_best:
@@ -433,6 +460,8 @@ def fit(
     finally:
         if ckpt is not None:
             ckpt.close()
+        if log is not None:
+            log.end()
 
     final = state.params
     history["selected_epoch"] = [config.epochs]

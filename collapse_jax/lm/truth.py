@@ -41,6 +41,7 @@ from collapse_jax.lm.source import (
     MarkovSource,
     ngram_codes,
     to_source_ids,
+    token_counts,
 )
 
 
@@ -153,10 +154,12 @@ def data_true_nll(
         nats/token on a 64-token block of real data); without it the mean NLL of real blocks is
         the entropy rate exactly.
     Returns:
-      {"mean": mean NLL over the possible tokens, "per_block": [N] the mean of each block (NaN
-      for a block without a possible token), "invalid_rate": share of impossible tokens,
-      "floored_mean", "floored_per_block": the same with impossible tokens at -log NLL_FLOOR,
-      "invalid_per_block": [N] each block's share of impossible tokens}.
+      {"mean": mean NLL over the possible tokens, "per_block": [N] the mean of each block
+      (-log NLL_FLOOR for a block without a possible token), "invalid_rate": share of
+      impossible tokens, "floored_mean", "floored_per_block": the same with impossible tokens at
+      -log NLL_FLOOR (a block without a scored position: -log NLL_FLOOR),
+      "invalid_per_block": [N] each block's share of impossible tokens (1 without a scored
+      position)}.
     """
     logp = np.asarray(source.log_prob(np.asarray(blocks, np.int32)), np.float64)  # [N, T]
     if skip_first:
@@ -167,10 +170,14 @@ def data_true_nll(
     counts = valid.sum(1)
     floored = np.where(scored, np.minimum(np.where(scored, -logp, 0.0), -np.log(NLL_FLOOR)), 0.0)
     n_scored = scored.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_block = nll.sum(1) / counts
-        floored_per_block = floored.sum(1) / n_scored
-        invalid_per_block = (scored & ~valid).sum(1) / n_scored
+    # a block without a possible (or without a scored) token: the floor, not NaN (a metric must
+    # stay finite for the run to commit; a model from scratch can write such a block)
+    floor = -np.log(NLL_FLOOR)
+    per_block = np.where(counts > 0, nll.sum(1) / np.maximum(counts, 1), floor)
+    floored_per_block = np.where(n_scored > 0, floored.sum(1) / np.maximum(n_scored, 1), floor)
+    invalid_per_block = np.where(
+        n_scored > 0, (scored & ~valid).sum(1) / np.maximum(n_scored, 1), 1.0
+    )
     return {
         "mean": float(nll.sum() / max(counts.sum(), 1)),
         "per_block": per_block,
@@ -227,8 +234,7 @@ def support_coverage(source: GroundTruthSource, blocks: np.ndarray) -> dict[str,
     k, ctx, tok, mass = source.transitions()
     seen = np.unique(ngram_codes(blocks, k, v))
     hit = np.isin(ctx * v + tok, seen)
-    tokens = np.asarray(blocks, np.int64).reshape(-1)
-    counts = np.bincount(tokens[(tokens >= 0) & (tokens < v)], minlength=v)
+    counts = token_counts(blocks, v)
     live = source.unigram > 0
     present = counts > 0
     return {

@@ -10,7 +10,7 @@ for n in 0..G-1:
 
 Modules, in import order: `learner` (what the loop needs from a model family), `keys` (one key
 derivation everywhere), `schedule` (the `Schedule` of a run: its static `Policy` and its sizes),
-`selection` and `policy` (how a generation's training set is built), `core` (one generation of
+`filtering` and `policy` (how a generation's training set is built), `core` (one generation of
 one chain in steps, `draw_pool`, `build_data`, the fit and `finish`, and of a batch of chains),
 `blocks` (blocks of generations of a chunk of chains: `iter_blocks`, which `simulate_chains` and
 the jittable run driver both consume), `summary` and `commit` (rows, arrays and the commit to a

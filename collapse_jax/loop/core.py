@@ -246,7 +246,7 @@ def _block_noise(learner, policy, k_gens, gens, counts_arr, cnt_of) -> Any:
     Why: inside the scanned loop XLA recomputed each generation's key hashes in every fusion
     that consumed them (single-threaded, once per carry and output), whereas drawn for the whole
     block at once the draws vectorise over generations and chains and are computed once. Only
-    without selection: selection draws extra candidates from the same key.
+    without likelihood filtering: it draws extra candidates from the same key.
     """
     if synthetic_noise(learner, policy, k_gens[0], 0, cnt_of(counts_arr[0])[0]) is None:
         return None  # (this call's values are unused: XLA drops them)

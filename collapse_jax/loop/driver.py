@@ -32,7 +32,7 @@ from collapse_jax.jaxtools import processes
 from collapse_jax.loop.jittable import batch_key, run_jittable, run_jittable_points
 from collapse_jax.loop.learner import AbstractLearner
 from collapse_jax.loop.sequential import run_sequential
-from collapse_jax.rundir import commits, fileio, guard, reader
+from collapse_jax.rundir import commits, events, fileio, guard, reader
 
 Callback = Callable[[int, dict[str, Any]], None]
 
@@ -100,7 +100,9 @@ def run_generations(
       run_dir: the experiment's run directory; resumed when it already holds generations.
       learner: the learner to use (default: the one `cfg.model.kind` names).
       on_generation: called as `on_generation(g, row)` after every committed generation.
-      progress: show a progress bar over generations.
+      progress: show progress bars (over generations, and a non-jittable learner's training
+        steps and sampling batches) where `cfg.logging.progress` allows (`events.show_progress`:
+        "auto" shows them when stderr is a terminal).
       stop_after: stop once this many generations are committed (simulates a killed run).
 
     Returns:
@@ -136,8 +138,12 @@ def run_batch(
                 for d in run_dirs:
                     learner.prepare(d)
                 if starts[0] < cfgs[0].generation.num_generations:
-                    noop = [lambda g, row: None] * len(cfgs)
-                    run_jittable_points(cfgs, learner, run_dirs, starts[0], noop, None)
+                    logs = [
+                        locks.enter_context(_event_log(c, d, starts[0]))
+                        for c, d in zip(cfgs, run_dirs)
+                    ]
+                    emit = [_committed(log, None, None) for log in logs]
+                    run_jittable_points(cfgs, learner, run_dirs, starts[0], emit, None)
                 out = []
                 for d in run_dirs:
                     rows = reader.Run(d).rows()
@@ -147,16 +153,27 @@ def run_batch(
     return [run_generations(c, d, learner=learner) for c, d in zip(cfgs, run_dirs)]
 
 
-def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> Result:
-    gcfg = cfg.generation
-    start = prepare_run_dir(cfg, run_dir)
-    learner.prepare(run_dir)
-    driver = run_jittable if learner.jittable else run_sequential
-    bar = None
-    if progress:
-        bar = tqdm(total=gcfg.num_generations, initial=start, desc=cfg.name, unit="gen")
+@contextlib.contextmanager
+def _event_log(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path, start: int):
+    """The run directory's event log (`rundir.events`), made to agree with a run resuming at
+    `start`; None on processes other than 0."""
+    marker = commits.read_marker(run_dir) or {}
+    log = events.open_log(
+        run_dir, cfg, start, reader.Run(run_dir).rows(), str(marker.get("run_id", cfg.name))
+    )
+    try:
+        yield log
+    finally:
+        if log is not None:
+            log.close()
+
+
+def _committed(log: events.EventLog | None, bar: Any, on_generation: Callback | None) -> Callback:
+    """The callback of a committed generation: its event record, the bar, `on_generation`."""
 
     def committed(g: int, row: dict[str, Any]) -> None:
+        if log is not None:
+            log.generation(g, row)
         if bar is not None:
             bar.update(1)
             shown = {k: v for k, v in row.items() if "_" not in k and isinstance(v, float)}
@@ -164,12 +181,30 @@ def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> R
         if on_generation is not None:
             on_generation(g, row)
 
-    try:
-        if start < gcfg.num_generations:
-            driver(cfg, learner, run_dir, start, committed, stop_after)
-    finally:
-        if bar is not None:
-            bar.close()
+    return committed
+
+
+def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> Result:
+    gcfg = cfg.generation
+    start = prepare_run_dir(cfg, run_dir)
+    learner.prepare(run_dir)
+    show = events.show_progress(cfg.logging.progress, progress)
+    bar = None
+    with _event_log(cfg, run_dir, start) as log:
+        if show:
+            bar = tqdm(total=gcfg.num_generations, initial=start, desc=cfg.name, unit="gen")
+        committed = _committed(log, bar, on_generation)
+        try:
+            if start < gcfg.num_generations:
+                if learner.jittable:
+                    run_jittable(cfg, learner, run_dir, start, committed, stop_after)
+                else:
+                    run_sequential(
+                        cfg, learner, run_dir, start, committed, stop_after, log=log, progress=show
+                    )
+        finally:
+            if bar is not None:
+                bar.close()
     run = reader.Run(run_dir)
     rows = run.rows()
     reader.write_tables(run_dir, rows)

@@ -19,8 +19,8 @@ mixing policies, the sample sizes and the keys, and tells the learner how many p
 capability, declared by implementing a small protocol below, which the loop tests with
 `isinstance`: a batched fit over chains (`BatchedFit`), used instead of vmapping `fit`;
 state-independent sampling noise (`PresampledNoise`), drawn ahead for a block of generations;
-log-likelihoods that selection scores candidates by (`Scorable`); the provenance of every point
-(`Provenance`: real, or the generation that wrote it); an estimate of a run's cost
+log-likelihoods that likelihood filtering scores candidates by (`Scorable`); the provenance of
+every point (`Provenance`: real, or the generation that wrote it); an estimate of a run's cost
 (`Plannable`, `collapse-jax run --dry-run`) and its compiled programs, for the dry run's memory
 plan (`HasPrograms`, for learners the loop does not compile: jittable learners are planned from
 the loop's block programs); config fields passed traced so that sweep points
@@ -132,7 +132,9 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         """Fits the model to `data`, starting from `params` (ignored by closed-form learners).
 
         Non-jittable learners receive `workdir=pathlib.Path` in kwargs: a folder of their own for
-        this generation's resumable state."""
+        this generation's resumable state (None in a multi-process run), and `log=` a
+        `rundir.events.StepLog` that learners training by steps report their steps to (its
+        `progress` says whether to show progress bars)."""
 
     @abc.abstractmethod
     def evaluate(self, key: jax.Array, params: Params, reference: Any) -> Metrics:
@@ -140,7 +142,8 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
 
     @abc.abstractmethod
     def sample(self, key: jax.Array, params: Params, num: int | jax.Array, **kwargs: Any) -> Data:
-        """`num` synthetic points drawn from the fitted model (non-jittable: `workdir` kwarg)."""
+        """`num` synthetic points drawn from the fitted model (non-jittable: `workdir` and `log`
+        kwargs, as `fit`'s)."""
 
     # --- data algebra used by the mixing policies -------------------------------------------
     def subset(self, key: jax.Array, data: Data, num: int | jax.Array) -> Data:
@@ -154,7 +157,7 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         return jax.tree.map(lambda x: x[idx], data)
 
     def take(self, data: Data, idx: jax.Array) -> Data:
-        """The points `idx` of `data` (selection keeps its best-scored candidates with it).
+        """The points `idx` of `data` (likelihood filtering keeps its likeliest candidates with it).
 
         The default treats every leaf of `data` as an array of points along axis 0."""
         return jax.tree.map(lambda x: x[idx], data)
@@ -225,8 +228,8 @@ class PresampledNoise(Protocol):
 
 @runtime_checkable
 class Scorable(Protocol):
-    """Log-likelihoods of data points, which selection (`generation.selection`) ranks synthetic
-    candidates by."""
+    """Log-likelihoods of data points, which likelihood filtering (`generation.likelihood_filter`)
+    ranks synthetic candidates by."""
 
     def log_prob(self, data: Any, params: Any) -> jax.Array:
         """[N] log-likelihood of each point under the fitted model `params` (the scorer

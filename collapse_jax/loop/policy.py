@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from collapse_jax.loop import selection
+from collapse_jax.loop import filtering
 from collapse_jax.loop.keys import NOISE_STREAM
 from collapse_jax.loop.learner import AbstractLearner, PresampledNoise
 from collapse_jax.loop.schedule import Policy
@@ -19,8 +19,9 @@ class Carry(NamedTuple):
     """What one generation hands to the next, per chain: the fitted params; when the policy
     keeps data (`Policy.keeps_data`) the data set the next one is built from (the training set,
     or for accumulate_subsample the pool of all data so far), else None; with a fixed real set
-    (`Policy.keeps_real`) the chain's generation-0 real data, else None; with the selection
-    scorer "generation0" (`Policy.keeps_anchor`) the chain's generation-0 params, else None."""
+    (`Policy.keeps_real`) the chain's generation-0 real data, else None; with the likelihood
+    filter's scorer "generation0" (`Policy.keeps_anchor`) the chain's generation-0 params, else
+    None."""
 
     params: Any
     data: Any
@@ -58,12 +59,12 @@ def next_data(
       counts: (synthetic, previous, real) numbers of points; ints, or traced int32 scalars for
         learners with `static_sample_size = False`.
       real: the chain's generation-0 real data (needed with `real_data: fixed`).
-      anchor: the chain's generation-0 params (the selection scorer "generation0").
+      anchor: the chain's generation-0 params (the likelihood filter's scorer "generation0").
       kw: passed to `learner.sample` (non-jittable learners: `workdir`).
     """
     n_syn, n_prev, n_real = counts
-    synth = selection.sample(
-        learner, policy.selection, keys["sample"], params, n_syn, anchor=anchor, **kw
+    synth = filtering.sample(
+        learner, policy.likelihood_filter, keys["sample"], params, n_syn, anchor=anchor, **kw
     )
     if policy.mode == "replace":
         return synth
@@ -92,9 +93,9 @@ def training_set(learner: AbstractLearner, policy: Policy, keys, pool, num) -> A
 def synthetic_noise(learner: AbstractLearner, policy: Policy, k_gens, g, num) -> Any:
     """The noise of generation g's synthetic draw of `num` points of one chain (`k_gens`: the
     chain's generation key; `learner.sample_noise` from stream NOISE_STREAM + g), or None where
-    the learner draws it itself (no `sample_noise`, or selection, which draws extra candidates
-    from the sample key)."""
-    if not isinstance(learner, PresampledNoise) or policy.selects:
+    the learner draws it itself (no `sample_noise`, or likelihood filtering, which draws extra
+    candidates from the sample key)."""
+    if not isinstance(learner, PresampledNoise) or policy.filters:
         return None
     stream = jnp.asarray(g, jnp.uint32) + jnp.uint32(NOISE_STREAM)
     return learner.sample_noise(k_gens, num, stream)

@@ -24,7 +24,7 @@ class Policy:
       previous: "mix" only: the training set has a share of the previous one (beta > 0).
       real: "mix" only: the training set has a share of real data (gamma > 0).
       init_from: where each fit starts: "base", "previous" or "scratch".
-      selection: `generation.selection` (None: every synthetic point is kept).
+      likelihood_filter: `generation.likelihood_filter` (None: every synthetic point is kept).
       real_data: the real share is drawn "fresh" from the real distribution, or from the
         chain's "fixed" generation-0 real data.
     """
@@ -33,7 +33,9 @@ class Policy:
     previous: bool = False
     real: bool = False
     init_from: str = "base"
-    selection: Any = None  # config.SelectionConfig: keep the best-scored synthetic points
+    likelihood_filter: Any = (
+        None  # config.LikelihoodFilterConfig: keep the best-scored synthetic points
+    )
     real_data: str = "fresh"
 
     @classmethod
@@ -45,7 +47,7 @@ class Policy:
             gcfg.beta,
             gcfg.gamma,
             init_from=gcfg.init_from,
-            selection=gcfg.selection,
+            likelihood_filter=gcfg.likelihood_filter,
             real_data=gcfg.real_data,
         )
 
@@ -58,17 +60,19 @@ class Policy:
         gamma: float,
         *,
         init_from: str = "base",
-        selection: Any = None,
+        likelihood_filter: Any = None,
         real_data: str = "fresh",
     ) -> Policy:
         """The policy of mode `mode` whose "mix" shares are (alpha, beta, gamma)."""
         mix = mode == "mix"
-        return cls(mode, mix and beta > 0, mix and gamma > 0, init_from, selection, real_data)
+        return cls(
+            mode, mix and beta > 0, mix and gamma > 0, init_from, likelihood_filter, real_data
+        )
 
     @property
-    def selects(self) -> bool:
-        """Whether synthetic data are selected (drawn as extra candidates, the best kept)."""
-        return self.selection is not None and self.selection.rho < 1.0
+    def filters(self) -> bool:
+        """Whether synthetic data are filtered (drawn as extra candidates, the likeliest kept)."""
+        return self.likelihood_filter is not None and self.likelihood_filter.rho < 1.0
 
     @property
     def keeps_real(self) -> bool:
@@ -77,9 +81,9 @@ class Policy:
 
     @property
     def keeps_anchor(self) -> bool:
-        """Whether the chain's generation-0 fit is carried (the selection scorer
+        """Whether the chain's generation-0 fit is carried (the likelihood filter's scorer
         "generation0" scores every later generation's candidates under it)."""
-        return self.selects and self.selection.scorer == "generation0"
+        return self.filters and self.likelihood_filter.scorer == "generation0"
 
     @property
     def keeps_data(self) -> bool:
@@ -129,14 +133,20 @@ class Schedule:
         beta: float = 0.0,
         gamma: float = 0.0,
         init_from: str = "base",
-        selection: Any = None,
+        likelihood_filter: Any = None,
         real_data: str = "fresh",
     ) -> Schedule:
         """A schedule from its parts (the `simulate` functions); checks the policy as
         `GenerationConfig` does (`config.ConfigError` naming the field)."""
         config_lib.check_policy(mode, alpha, beta, gamma, real_data)
         policy = Policy.build(
-            mode, alpha, beta, gamma, init_from=init_from, selection=selection, real_data=real_data
+            mode,
+            alpha,
+            beta,
+            gamma,
+            init_from=init_from,
+            likelihood_filter=likelihood_filter,
+            real_data=real_data,
         )
         return cls(policy, (alpha, beta, gamma), tuple(int(m) for m in sizes))
 

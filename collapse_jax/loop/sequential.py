@@ -48,18 +48,24 @@ from collapse_jax.loop.learner import Provenance
 from collapse_jax.loop.policy import Carry
 from collapse_jax.loop.schedule import Schedule, requested_real_size
 from collapse_jax.loop.summary import row_and_arrays
-from collapse_jax.rundir import fileio, guard
+from collapse_jax.rundir import events, fileio, guard
 
 
 def chain_dir(folder: pathlib.Path, r: int) -> pathlib.Path:
     return folder if r == 0 else folder / f"chain_{r:05d}"
 
 
-def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
+def run_sequential(
+    cfg, learner, run_dir, start, committed, stop_after, *, log=None, progress=False
+) -> None:
     """Runs (or resumes) generations [start, G) of a non-jittable learner in `run_dir` (locked
     and prepared by the caller): the core's steps (`draw_pool`, `build_data`, fit, `finish`)
     for every chain, each step's result persisted in work/ so that a killed run resumes within
-    a generation, then the generation's commit."""
+    a generation, then the generation's commit.
+
+    `log` (a `rundir.events.EventLog`, or None) receives what the fits report: the learner's
+    `fit` and `sample` get `log=` a `StepLog` of the chain's generation (with `progress`: whether
+    they show progress bars)."""
     gcfg = cfg.generation
     real_size = learner.real_size(requested_real_size(gcfg))
     # Generation g's pool is drawn at the end of generation g - 1 (state/data.npz), so the
@@ -69,7 +75,7 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
     policy = schedule.policy
     if policy.keeps_anchor:  # refused before any fit, not at the end of generation 0
         raise ValueError(
-            f"generation.selection.scorer: 'generation0' needs a jittable learner "
+            f"generation.likelihood_filter.scorer: 'generation0' needs a jittable learner "
             f"({type(learner).__name__} is not)"
         )
     key, R = base_key(cfg.seed), gcfg.num_trials
@@ -107,6 +113,11 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
             wdir = chain_dir(work, r)
             wdir.mkdir(parents=True, exist_ok=True)
             keys = generation_keys(ks[r][2], g)
+            steps = (
+                log.scope(g, r, progress=progress)
+                if log is not None
+                else events.StepLog(None, g, r, 1, progress)
+            )
             carry = previous_carry(r, g)
             # The training set passes through work/ (generation 0's real data too), so a resumed
             # run trains on exactly the bytes the committed data/gen_XXXXX holds.
@@ -127,7 +138,7 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
                 params = learner.load_params(fitted_dir, params_template(r))
             else:
                 fit_dir = wdir / "fit" if resumable else None
-                params = learner.fit(keys["fit"], data, init, workdir=fit_dir)
+                params = learner.fit(keys["fit"], data, init, workdir=fit_dir, log=steps)
                 with fileio.staged_dir(fitted_dir) as tmp:
                     learner.save_params(tmp, params)
                     (tmp / "DONE").write_text("ok\n")
@@ -150,6 +161,7 @@ def run_sequential(cfg, learner, run_dir, start, committed, stop_after) -> None:
                     new,
                     schedule.counts(g + 1),
                     workdir=wdir / "sample" if resumable else None,
+                    log=steps,
                 )
                 if isinstance(learner, Provenance):  # its new points were written by generation g
                     nxt = learner.stamp(nxt, g)

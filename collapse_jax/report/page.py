@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from collapse_jax import config as config_lib  # noqa: E402
 from collapse_jax import plots  # noqa: E402
 from collapse_jax.report import headline, runs, steps  # noqa: E402
-from collapse_jax.rundir import commits, fileio, reader  # noqa: E402
+from collapse_jax.rundir import commits, events, fileio, reader  # noqa: E402
 
 REPORT_NAME = "report.html"
 
@@ -280,11 +280,15 @@ def step_figure(curves: dict[str, dict[str, np.ndarray]]) -> bytes:
 
 
 def steps_section(run_dir: pathlib.Path) -> str:
-    curves = steps.step_curves(steps.read_records(run_dir))
+    try:
+        records = events.read_metrics(run_dir)
+    except fileio.CorruptFileError as e:  # the page still shows everything else
+        return f"<h2>Training curves</h2><p>not drawn: {_e(str(e))}</p>"
+    curves = steps.step_curves(records)
     if not curves:
         return ""
     return "<h2>Training curves</h2>" + _figures(
-        [(step_figure(curves), f"per-step training records of {steps.FILE_NAME}")]
+        [(step_figure(curves), f"per-step training records of {events.METRICS_NAME}")]
     )
 
 

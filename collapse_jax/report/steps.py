@@ -4,43 +4,18 @@ Each line of `metrics.jsonl` is one JSON object: `{"kind": "step", "generation",
 "step", "loss", "learning_rate", "grad_norm", "tokens_per_second" | "images_per_second", "time",
 "val_loss"?}` for a training step, `{"kind": "eval", "generation", "run", "epoch", "step",
 "val_loss", ...}` for a validation, `{"kind": "generation", "generation", <metric>: value ...}`
-for a finished generation. A run killed while writing leaves at most a torn last line, which is
-skipped; a run without a file has no step curves.
+for a finished generation (read with `rundir.events.read_metrics`, which drops the torn last line
+a killed writer leaves); a run without a file has no step curves.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
 from typing import Any
 
 import numpy as np
 
-FILE_NAME = "metrics.jsonl"
-
 # Step fields that are coordinates or bookkeeping, not curves.
 _NOT_CURVES = frozenset({"kind", "generation", "run", "epoch", "step", "time"})
-
-
-def read_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every complete record of `metrics.jsonl` in file order (empty when there is no file).
-
-    A line that is not a JSON object (the torn last line of a killed writer) is skipped."""
-    path = pathlib.Path(run_dir) / FILE_NAME
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def step_curves(records: list[dict[str, Any]]) -> dict[str, dict[str, np.ndarray]]:

@@ -308,8 +308,9 @@ def verify(run_dir: pathlib.Path, manifest: Mapping[str, Any] | None = None) -> 
 
     Checks the manifest itself (structure, identity, agreement with state/meta.json and with the
     generations it lists), every file it lists (existence, size, SHA-256), that config.yaml holds
-    the manifest's config (only generation.num_generations may differ, and not below the
-    committed generations), and that a directory with committed generations has a manifest.
+    the manifest's config (only generation.num_generations, not below the committed generations,
+    and the logging block may differ), and that a directory with committed generations has a
+    manifest.
     """
     problems: list[str] = []
     if manifest is None:
@@ -418,9 +419,10 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
-# Config keys a resumed run may change: the generations to reach, and what it writes for people
-# when it ends (the `report:` block never changes results).
-FREE_KEYS = ("generation.num_generations", "report.")
+# Config keys a resumed run may change: the generations to reach, what it reports while it runs
+# and what it writes for people when it ends (the `logging:` and `report:` blocks never change
+# results).
+FREE_KEYS = ("generation.num_generations", "logging.", "report.")
 
 
 def config_diff(stored: Mapping, wanted: Mapping, *, ignore=FREE_KEYS) -> str:

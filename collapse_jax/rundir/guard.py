@@ -384,7 +384,8 @@ def prepare(cfg: config_lib.ExperimentConfig, run_dir: pathlib.Path, env_info) -
         if diff:
             raise RunDirConflict(
                 f"{run_dir} holds a run of a different config ({diff}); use another --out, or "
-                "the same config (only generation.num_generations may change when resuming)"
+                "the same config (only generation.num_generations and logging may change when "
+                "resuming)"
             )
         if cfg.generation.num_generations < start:
             raise RunDirConflict(

@@ -32,7 +32,7 @@ def expected_curves(
     mode: str,
     sample_sizes: np.ndarray,
     *,
-    selection: bool = False,
+    filtered: bool = False,
     generation: Any = None,
 ) -> dict[str, np.ndarray]:
     """Closed-form chain means per generation, for every policy that has one.
@@ -44,18 +44,19 @@ def expected_curves(
     exactly propagated `support_size`, `lost_tail_mass`, `absorbed` under "replace". Policies
     other than "replace" need `generation` (their shares); "mix" needs fresh real data
     (`real_data: fixed` correlates every generation with generation 0's real set: no closed form
-    here). Nothing is returned for a run that selects synthetic data (selection changes the law).
+    here). Nothing is returned for a run that filters synthetic data by likelihood (it changes
+    the law).
 
     Args:
       config: the run's model config.
       mode: the run's policy ("replace", "mix", "accumulate", "accumulate_subsample").
       sample_sizes: [G] the training-set size of each generation (index 0 = real data; under
         "accumulate" the cumulative size, as the summary rows record it).
-      selection: whether the run selects synthetic data.
+      filtered: whether the run filters synthetic data by likelihood.
       generation: the run's `generation:` block (`config.GenerationConfig`).
     """
     sizes = np.asarray(sample_sizes)
-    if selection or sizes.size == 0:
+    if filtered or sizes.size == 0:
         return {}
     if isinstance(config, DiscreteConfig) and config.truncation is not None:
         return {}
@@ -109,7 +110,7 @@ def _curves(learner: Any, run: Any) -> dict[str, np.ndarray]:
     g = run.config.generation
     sizes = np.array([r["sample_size"] for r in run.rows()])
     return expected_curves(
-        learner.config, g.policy, sizes, selection=g.selection is not None, generation=g
+        learner.config, g.policy, sizes, filtered=g.likelihood_filter is not None, generation=g
     )
 
 

@@ -75,7 +75,7 @@ class VAELearner(AbstractLearner[Params, np.ndarray]):
         workdir = kwargs.get("workdir")
         if workdir is not None:
             pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-        params, _ = train(key, data, params, self.config, workdir=workdir)
+        params, _ = train(key, data, params, self.config, workdir=workdir, log=kwargs.get("log"))
         return params
 
     def sample(

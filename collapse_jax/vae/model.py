@@ -33,7 +33,7 @@ from flax import nnx
 
 from collapse_jax.config import ConfigError
 from collapse_jax.jaxtools import convs
-from collapse_jax.rundir import fileio
+from collapse_jax.rundir import events, fileio
 
 Params = dict[str, Any]  # a pure dict of arrays (`nnx.split` state as plain dicts)
 
@@ -231,7 +231,7 @@ def _optimizer(learning_rate: float, weight_decay: float) -> optax.GradientTrans
 @functools.partial(jax.jit, static_argnames=("arch", "lr", "wd"), donate_argnums=(0, 1))
 def _train_step(params, opt_state, x, mask, key, *, arch, lr, wd):
     """One optimizer step on a batch x [B, 28, 28] (mask [B] drops padding); returns
-    (params, opt_state, summed loss)."""
+    (params, opt_state, summed loss, gradient norm)."""
 
     def loss_fn(p):
         bce, kl = loss_terms(merge(arch, p), to_unit(x), key)
@@ -239,25 +239,41 @@ def _train_step(params, opt_state, x, mask, key, *, arch, lr, wd):
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = _optimizer(lr, wd).update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 
 
-def _train_epoch(params, opt_state, images, key, *, arch, batch_size, lr, wd):
+def _train_epoch(params, opt_state, images, key, *, arch, batch_size, lr, wd, log=None, first=0):
     """One epoch: shuffle, then one jitted step per batch; the last batch is padded and masked,
     so every image counts once and the step compiles once. (A `lax.scan` over the batches was
     much slower on XLA's CPU backend: convolutions inside a loop body miss the fast path.)
+    Steps `log.due` names are reported one step late (`events.StepLog`; `first`: the optimizer
+    steps before this epoch), so the loop never waits for a step it just dispatched.
     Returns (params, opt_state, loss summed over the epoch)."""
     n, b = images.shape[0], batch_size
     k_perm, k_steps = jax.random.split(key)
     perm = np.asarray(jax.random.permutation(k_perm, n))
     total = 0.0
+    steps = -(-n // b)
+    pending = None
+
+    def report(i, loss, gnorm, count):
+        log.step(
+            epoch=first // steps,
+            step=first + i + 1,
+            loss=float(loss) / count,
+            learning_rate=lr,
+            grad_norm=float(gnorm),
+            units=("images", b),
+        )
+
     for i, lo in enumerate(range(0, n, b)):
         idx = perm[lo : lo + b]
         mask = np.ones(b, np.float32)
+        count = idx.size
         if idx.size < b:
             mask[idx.size :] = 0
             idx = np.concatenate([idx, np.zeros(b - idx.size, idx.dtype)])
-        params, opt_state, loss = _train_step(
+        params, opt_state, loss, gnorm = _train_step(
             params,
             opt_state,
             images[idx],
@@ -268,6 +284,15 @@ def _train_epoch(params, opt_state, images, key, *, arch, batch_size, lr, wd):
             wd=wd,
         )
         total = total + loss
+        if pending is not None:
+            report(*pending)
+            pending = None
+        if log is not None:
+            if log.due(first + i + 1):
+                pending = (i, loss, gnorm, count)
+            log.advance(1)
+    if pending is not None:
+        report(*pending)
     return params, opt_state, total
 
 
@@ -277,7 +302,8 @@ def make_train_step(cfg: VAEConfig) -> Callable[..., tuple[Params, Any, jax.Arra
     takes. Each call builds its own program, traced at its first call: the convolutions chosen
     then (`jaxtools.convs.IMPL`) stay in it, so two steps can be timed side by side."""
     kw = dict(arch=_arch(cfg), lr=cfg.learning_rate, wd=cfg.weight_decay)
-    return jax.jit(functools.partial(_train_step.__wrapped__, **kw), donate_argnums=(0, 1))
+    step = jax.jit(functools.partial(_train_step.__wrapped__, **kw), donate_argnums=(0, 1))
+    return lambda *args: step(*args)[:3]
 
 
 def init_optimizer(params: Params, cfg: VAEConfig) -> Any:
@@ -299,7 +325,7 @@ def train_step(
         arch=_arch(cfg),
         lr=cfg.learning_rate,
         wd=cfg.weight_decay,
-    )
+    )[:3]
 
 
 def train_epoch(
@@ -326,6 +352,7 @@ def train(
     cfg: VAEConfig,
     *,
     workdir: pathlib.Path | None = None,
+    log: events.StepLog | None = None,
 ) -> tuple[Params, list[float]]:
     """Trains the VAE for `cfg.epochs` epochs.
 
@@ -336,6 +363,9 @@ def train(
       cfg: the VAE config (epochs, batch size, optimizer).
       workdir: if given, the state is saved there after every epoch and training resumes
         from the last saved epoch.
+      log: where the optimizer steps are reported (`rundir.events.StepLog`: metrics.jsonl
+        records every `every_steps` steps, with the batch's mean per-image loss, and a progress
+        bar); None reports nothing.
     Returns:
       (params, history): history[e] is epoch e's mean per-image loss (negative ELBO estimate).
     """
@@ -352,16 +382,32 @@ def train(
         params, opt_state = fileio.load_tree(ckpt, (params, opt_state))
         params, opt_state = jax.tree.map(jnp.asarray, (params, opt_state))
         start, history = meta["epoch"] + 1, meta["history"]
-    for epoch in range(start, cfg.epochs):
-        params, opt_state, total = train_epoch(
-            params, opt_state, images, jax.random.fold_in(key, epoch), cfg
-        )
-        history.append(float(total) / n)
-        if ckpt is not None:
-            fileio.save_tree(ckpt, (params, opt_state))
-            fileio.atomic_write_json(
-                ckpt.parent / "train_state.json", {"epoch": epoch, "history": history}
+    spe = -(-n // cfg.batch_size)
+    if log is not None:
+        log.begin(start * spe, cfg.epochs * spe, desc="train")
+    try:
+        for epoch in range(start, cfg.epochs):
+            params, opt_state, total = _train_epoch(
+                params,
+                opt_state,
+                images,
+                jax.random.fold_in(key, epoch),
+                arch=_arch(cfg),
+                batch_size=cfg.batch_size,
+                lr=cfg.learning_rate,
+                wd=cfg.weight_decay,
+                log=log,
+                first=epoch * spe,
             )
+            history.append(float(total) / n)
+            if ckpt is not None:
+                fileio.save_tree(ckpt, (params, opt_state))
+                fileio.atomic_write_json(
+                    ckpt.parent / "train_state.json", {"epoch": epoch, "history": history}
+                )
+    finally:
+        if log is not None:
+            log.end()
     return params, history
 
 

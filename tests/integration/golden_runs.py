@@ -128,15 +128,20 @@ def cases(data: pathlib.Path) -> dict[str, tuple[str, list[str]]]:
     shipped config."""
     out: dict[str, tuple[str, list[str]]] = {}
     out["quickstart"] = ("quickstart.yaml", _QUICKSTART)
-    for name in ("theory_discrete", "theory_gaussian", "gaussian_selection"):
+    for name in (
+        "theory_discrete",
+        "theory_gaussian",
+        "gaussian_likelihood_filter",
+        "verification",
+    ):
         out[name] = (f"{name}.yaml", _THEORY)
     for p in sorted((CONFIGS / "theory").glob("*.yaml")):
         out[f"theory/{p.stem}"] = (f"theory/{p.name}", _THEORY)
     for name in ("gmm", "gmm_cpu", "gmm_tails", "gmm_tails_cpu"):
         out[name] = (f"{name}.yaml", _GMM)
-    for name in ("kde_gaussian", "kde_moons", "kde_selection"):
+    for name in ("kde_gaussian", "kde_moons", "kde_likelihood_filter"):
         out[name] = (f"{name}.yaml", _KDE)
-    for name in ("linreg", "linreg_policies", "linreg_selection"):
+    for name in ("linreg", "linreg_policies", "linreg_likelihood_filter"):
         out[name] = (f"{name}.yaml", _LINREG)
     mnist = f"model.data_dir={data / 'mnist'}"
     for name in ("vae", "vae_cpu", "vae_mix"):
@@ -146,7 +151,13 @@ def cases(data: pathlib.Path) -> dict[str, tuple[str, list[str]]]:
         out[f"lm/{p.stem}"] = (f"lm/{p.name}", [*_TRUTH, *(_PRETRAIN if pretrained else [])])
     for name in ("opt_wikitext_cpu", "opt_wikitext_cpu_keep10", "opt_wikitext_cpu_sample"):
         out[f"lm/{name}"] = (f"lm/{name}.yaml", _wikitext(data))
-    for name in ("opt125m_wikitext2", "opt125m_wikitext2_keep10"):
+    for name in (
+        "opt125m_wikitext2",
+        "opt125m_wikitext2_keep10",
+        "gpt2_wikitext2",
+        "pythia160m_wikitext2",
+        "smollm2_135m_wikitext2",
+    ):
         out[f"lm/{name}"] = (f"lm/{name}.yaml", _opt125m(data))
     return out
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from collapse_jax import cli, plots
-from collapse_jax.report import compare, page, steps
-from collapse_jax.rundir import fileio, reader
+from collapse_jax.report import compare, page
+from collapse_jax.rundir import events, fileio, reader
 
 SMALL = [
     "generation.num_generations=6",
@@ -162,7 +162,7 @@ def _with_steps_and_examples(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Pa
             if s == 19:
                 rec["val_loss"] = 0.4 + g * 0.1
             recs.append(json.dumps(rec))
-    (dst / steps.FILE_NAME).write_text("\n".join(recs) + '\n{"kind": "st')
+    (dst / events.METRICS_NAME).write_text("\n".join(recs) + '\n{"kind": "st')
     (dst / "example_continuations.txt").write_text("prompt: the cat <sat>\ngen 0: on the mat\n")
     return dst
 

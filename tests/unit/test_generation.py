@@ -135,7 +135,7 @@ def test_python_learner_resume_and_workdirs(tmp_path):
 class FlakySampler(ToyNumpyLearner):
     fail: ClassVar[bool] = True
 
-    def sample(self, key, params, num, *, workdir=None):
+    def sample(self, key, params, num, *, workdir=None, **kw):
         if FlakySampler.fail:
             FlakySampler.fail = False
             raise RuntimeError("killed while sampling")
@@ -197,7 +197,7 @@ class KilledOnce(ToyNumpyLearner):
 
     armed: ClassVar[bool] = True
 
-    def fit(self, key, data, params, *, workdir=None):
+    def fit(self, key, data, params, *, workdir=None, **kw):
         if KilledOnce.armed and "gen_00001/chain_00001" in str(workdir):
             KilledOnce.armed = False
             raise KeyboardInterrupt("killed")

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import pytest
 
 from collapse_jax import gmm, loop
-from collapse_jax.config import SelectionConfig
+from collapse_jax.config import LikelihoodFilterConfig
 from collapse_jax.kde.learner import KDEConfig, KDELearner
 from collapse_jax.linreg.learner import LinearRegressionConfig, LinearRegressionLearner
 from collapse_jax.lm.experiment import OPTExperimentConfig, OPTLearner
-from collapse_jax.loop import selection
+from collapse_jax.loop import filtering
 from collapse_jax.theory.discrete import DiscreteConfig, DiscreteLearner
 from collapse_jax.theory.gaussian import GaussianConfig, GaussianLearner
 from tests.helpers import ToyConfig, ToyGaussianLearner, ToyNumpyLearner
@@ -42,10 +42,15 @@ def test_selection_refuses_a_learner_without_scores():
     learner = ToyGaussianLearner(ToyConfig())
     params = learner.init(None)
     with pytest.raises(ValueError, match="no known real distribution"):
-        selection.sample(learner, SelectionConfig(rho=0.5), None, params, 4)
+        filtering.sample(learner, LikelihoodFilterConfig(rho=0.5), None, params, 4)
     with pytest.raises(ValueError, match="no 'log_prob'"):
-        selection.sample(
-            learner, SelectionConfig(rho=0.5, scorer="generation0"), None, params, 4, anchor=params
+        filtering.sample(
+            learner,
+            LikelihoodFilterConfig(rho=0.5, scorer="generation0"),
+            None,
+            params,
+            4,
+            anchor=params,
         )
 
 

@@ -10,7 +10,7 @@ import pytest
 from collapse_jax import config as config_lib
 from collapse_jax import plots
 from collapse_jax.report import compare, headline, runs, steps
-from collapse_jax.rundir import commits
+from collapse_jax.rundir import commits, events
 
 
 def test_label_keys_are_the_fewest_differing_keys_policy_first():
@@ -97,7 +97,7 @@ def _step(gen, step, loss, **kw):
 
 
 def test_step_records_skip_a_torn_last_line_and_form_curves(tmp_path):
-    assert steps.read_records(tmp_path) == []  # no file: no curves
+    assert events.read_metrics(tmp_path) == []  # no file: no curves
     lines = [
         json.dumps(_step(0, 0, 3.0)),
         json.dumps(_step(0, 1, 2.5, val_loss=2.7)),
@@ -106,8 +106,8 @@ def test_step_records_skip_a_torn_last_line_and_form_curves(tmp_path):
         json.dumps({"kind": "eval", "generation": 1, "run": 0, "step": 0, "val_loss": 2.8}),
         '{"kind": "step", "generation": 1, "ste',  # killed while writing
     ]
-    (tmp_path / steps.FILE_NAME).write_text("\n".join(lines))
-    recs = steps.read_records(tmp_path)
+    (tmp_path / events.METRICS_NAME).write_text("\n".join(lines))
+    recs = events.read_metrics(tmp_path)
     assert len(recs) == 5
     curves = steps.step_curves(recs)
     assert set(curves) == {"loss", "learning_rate", "grad_norm", "tokens_per_second", "val_loss"}

@@ -52,7 +52,7 @@ def test_learners_import_no_matplotlib():
 def _kde(policy: str, selection: dict | None = None) -> config_lib.ExperimentConfig:
     generation = {"num_generations": 3, "samples_per_generation": None, "policy": policy}
     if selection is not None:
-        generation["selection"] = selection
+        generation["likelihood_filter"] = selection
     return config_lib.from_dict(
         {
             "name": "k",

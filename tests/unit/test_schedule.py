@@ -11,8 +11,8 @@ from collapse_jax.config import (
     ConfigError,
     ExperimentConfig,
     GenerationConfig,
+    LikelihoodFilterConfig,
     MeshConfig,
-    SelectionConfig,
 )
 from collapse_jax.theory.gaussian import GaussianConfig
 
@@ -52,9 +52,9 @@ def test_policy_keeps_only_what_shapes_the_program():
     acc = loop.Policy.of(GenerationConfig(policy="accumulate", beta=0.5))
     assert not acc.previous and acc.keeps_data
     anchored = loop.Policy.of(
-        GenerationConfig(selection=SelectionConfig(rho=0.5, scorer="generation0"))
+        GenerationConfig(likelihood_filter=LikelihoodFilterConfig(rho=0.5, scorer="generation0"))
     )
-    assert anchored.selects and anchored.keeps_anchor
+    assert anchored.filters and anchored.keeps_anchor
 
 
 def test_schedule_build_checks_the_policy_as_the_config_does():
@@ -95,7 +95,7 @@ OTHER_VALUES = {
     "init_from": "previous",
     "record_trials": 1,
     "keep_params": "all",
-    "selection": SelectionConfig(rho=0.5),
+    "likelihood_filter": LikelihoodFilterConfig(rho=0.5),
 }
 
 

@@ -10,6 +10,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from collapse_jax.jaxtools import sharding
+from collapse_jax.lm import families
 
 
 def test_make_mesh_shapes():
@@ -138,3 +139,33 @@ def test_explicit_axes_are_normalised_to_auto():
     assert auto.axis_names == explicit.axis_names and auto.devices.shape == (2, 4)
     full = sharding.make_mesh()
     assert sharding.with_auto_axes(full) is full
+
+
+@pytest.mark.parametrize("family", [f.name for f in families.FAMILIES])
+def test_every_family_annotates_its_parameters_with_the_rules_names(family):
+    """Each family's parameters carry logical names of the ONE rules table, and a tensor- and
+    fsdp-sharded mesh places them (whole heads on "tensor")."""
+    fam = families.family_named(family)
+    config = fam.config_class.from_hf_dict(
+        {
+            "model_type": fam.model_types[0],
+            "vocab_size": 64,
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "intermediate_size": 32,
+            "ffn_dim": 32,
+            "max_position_embeddings": 32,
+            "tie_word_embeddings": False,
+        }
+    )
+    params = nnx.state(families.abstract_model(config), nnx.Param)
+    assert sharding.unmatched_logical_names(params) == {}
+    for path, var in nnx.to_flat_state(params):
+        axes = var.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == len(var.shape), path
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    shardings = sharding.logical_to_sharding(params, mesh)
+    zeros = jax.tree.map(lambda v: np.zeros(v.shape, v.dtype), params)
+    jax.device_put(zeros, shardings)  # every shape divides by its mesh axes

@@ -17,11 +17,14 @@ SMOKE = {
     "discrete": "theory/discrete_sample",
     "tails": "theory/tails_topk",
     "gmm": "gmm_cpu",
-    "kde": "kde_selection",
+    "kde": "kde_likelihood_filter",
     "linear_regression": "linreg_policies",
+    "verification": "verification",
     "vae": "vae_cpu",
     "opt (WikiText)": "lm/opt_wikitext_cpu_keep10",
     "opt (known source)": "lm/truth_markov_beam",
+    "oracle": "lm/truth_oracle_beam",
+    "ngram": "lm/truth_counts_sample",
 }
 
 

@@ -181,6 +181,20 @@ def test_floored_nll_scores_impossible_tokens_and_skips_position_0(src):
     assert out["floored_mean"] > out["mean"]
 
 
+@pytest.mark.parametrize("skip_first", [False, True])
+def test_a_block_without_a_possible_token_scores_the_floor_not_nan(src, skip_first):
+    # a from-scratch model can write such a block; a NaN metric would stop the run
+    x = np.array(src.sample(jax.random.key(4), 2, 10))
+    x[1] = 99  # no source token at all: nothing possible, nothing scored after position 0
+    out = truth.data_true_nll(src, x, skip_first=skip_first)
+    floor = -np.log(truth.NLL_FLOOR)
+    for k in ("per_block", "floored_per_block"):
+        assert np.isfinite(out[k]).all() and out[k][1] == pytest.approx(floor)
+    assert out["invalid_per_block"][1] == 1.0
+    clean = truth.data_true_nll(src, x[:1], skip_first=skip_first)
+    assert out["per_block"][0] == clean["per_block"][0] and out["mean"] == clean["mean"]
+
+
 @pytest.mark.parametrize("order", [1, 2])
 def test_min_block_nll_is_the_best_block_by_brute_force(order):
     """Heterogeneous weights (Zipf over 2 to 4 continuations), every block of 5 tokens."""

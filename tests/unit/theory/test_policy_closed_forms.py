@@ -96,7 +96,7 @@ def test_discrete_gini_simpson_closed_forms_match_monte_carlo(mode, shares):
 def test_replace_is_the_special_case_and_figures_read_the_rows():
     """The general recursion reduces to the replace closed forms; `expected_curves` turns the
     summary rows' sizes (cumulative under accumulate) into the schedule's counts, and draws no
-    curve where the run breaks an assumption (selection, a fixed real set)."""
+    curve where the run breaks an assumption (likelihood filtering, a fixed real set)."""
     cnt = _counts("replace")
     for est in ("unbiased", "mle"):
         mom = analytic.gaussian_policy_moments("replace", cnt, est, 0.9)
@@ -120,7 +120,7 @@ def test_replace_is_the_special_case_and_figures_read_the_rows():
     got = figures.expected_curves(cfg, "accumulate", rows_sizes, generation=gen)
     want = analytic.gaussian_policy_moments("accumulate", _counts("accumulate"), "unbiased")
     np.testing.assert_allclose(got["var"], want["cov"])
-    assert figures.expected_curves(cfg, "replace", [M] * GENS, selection=True) == {}
+    assert figures.expected_curves(cfg, "replace", [M] * GENS, filtered=True) == {}
     fixed = config_lib.GenerationConfig(
         policy="mix", alpha=0.8, gamma=0.2, real_data="fixed", samples_per_generation=M
     )

@@ -1,5 +1,6 @@
-"""Selection of synthetic data (generation.selection): keeps the best-scored candidates, goes
-through the one loop for every policy, and changes the collapse."""
+"""Likelihood filtering of synthetic data (generation.likelihood_filter): keeps the likeliest
+candidates, goes through the one loop for every policy, and changes the collapse; the old key
+`generation.selection` is refused with one line naming the new one."""
 
 import jax
 import jax.numpy as jnp
@@ -8,26 +9,26 @@ import pytest
 
 from collapse_jax import config as config_lib
 from collapse_jax import loop
-from collapse_jax.config import SelectionConfig
+from collapse_jax.config import LikelihoodFilterConfig
 from collapse_jax.kde.learner import KDEConfig, KDELearner
-from collapse_jax.loop import selection
+from collapse_jax.loop import filtering
 
 
 def test_keeps_the_best_scored_candidates(key):
     learner = KDELearner(KDEConfig(bandwidth=0.3, num_points=40))
     params = learner.fit(key, learner.real_data(key, 40), learner.init(key))
     k = jax.random.key(3)
-    got = selection.sample(learner, SelectionConfig(rho=0.4), k, params, 20)
-    cand = learner.sample(k, params, selection.num_candidates(20, 0.4))
+    got = filtering.sample(learner, LikelihoodFilterConfig(rho=0.4), k, params, 20)
+    cand = learner.sample(k, params, filtering.num_candidates(20, 0.4))
     assert cand.shape[0] == 50
     best = np.sort(np.asarray(learner.truth_log_prob(cand)))[::-1][:20]
     np.testing.assert_allclose(np.sort(np.asarray(learner.truth_log_prob(got)))[::-1], best)
     # rho = 1 (or no block) is exactly the learner's sampler
     plain = learner.sample(k, params, 20)
     np.testing.assert_array_equal(
-        selection.sample(learner, SelectionConfig(), k, params, 20), plain
+        filtering.sample(learner, LikelihoodFilterConfig(), k, params, 20), plain
     )
-    np.testing.assert_array_equal(selection.sample(learner, None, k, params, 20), plain)
+    np.testing.assert_array_equal(filtering.sample(learner, None, k, params, 20), plain)
 
 
 def _linreg(rho, policy="replace"):
@@ -40,7 +41,7 @@ def _linreg(rho, policy="replace"):
                 "samples_per_generation": None,
                 "policy": policy,
                 "num_trials": 2000,
-                "selection": {"rho": rho},
+                "likelihood_filter": {"rho": rho},
             },
         }
     )
@@ -58,19 +59,19 @@ def test_selection_by_the_truth_slows_linear_regression_collapse(tmp_path):
 
 
 def test_config_and_learner_errors():
-    with pytest.raises(config_lib.ConfigError, match="generation.selection.rho"):
+    with pytest.raises(config_lib.ConfigError, match="generation.likelihood_filter.rho"):
         _linreg(0.0)
     cfg = config_lib.from_dict(
         {
             "name": "g",
             "model": {"kind": "discrete", "method": "sample"},
-            "generation": {"selection": {"rho": 0.5}},
+            "generation": {"likelihood_filter": {"rho": 0.5}},
         }
     )
     learner = loop.make_learner(cfg)  # no likelihood of labels to score by
     params = learner.init(jax.random.key(0))
     with pytest.raises(ValueError, match="scorer"):
-        selection.sample(learner, cfg.generation.selection, jax.random.key(0), params, 10)
+        filtering.sample(learner, cfg.generation.likelihood_filter, jax.random.key(0), params, 10)
     assert jnp.isfinite(params).all()
 
 
@@ -111,7 +112,9 @@ def _gaussian_chains(scorer, rho, chains=4000, gens=5, m=20):
     from collapse_jax.theory import gaussian
 
     learner = gaussian.GaussianLearner(gaussian.GaussianConfig(method="sample"))
-    schedule = loop.Schedule.build([m] * gens, selection=SelectionConfig(rho=rho, scorer=scorer))
+    schedule = loop.Schedule.build(
+        [m] * gens, likelihood_filter=LikelihoodFilterConfig(rho=rho, scorer=scorer)
+    )
     mean, cov = loop.simulate_chains(
         learner,
         schedule,
@@ -158,15 +161,28 @@ def test_generation0_scorer_uses_the_anchor(key):
     learner = KDELearner(KDEConfig(bandwidth=0.3, num_points=40))
     anchor = learner.fit(key, learner.real_data(key, 40), learner.init(key))
     params = learner.fit(key, learner.real_data(jax.random.key(9), 40), learner.init(key))
-    sel = SelectionConfig(rho=0.5, scorer="generation0")
+    sel = LikelihoodFilterConfig(rho=0.5, scorer="generation0")
     k = jax.random.key(3)
-    got = selection.sample(learner, sel, k, params, 20, anchor=anchor)
+    got = filtering.sample(learner, sel, k, params, 20, anchor=anchor)
     cand = learner.sample(k, params, 40)
     best = np.sort(np.asarray(learner.log_prob(cand, anchor)))[::-1][:20]
     np.testing.assert_allclose(np.sort(np.asarray(learner.log_prob(got, anchor)))[::-1], best)
     with pytest.raises(ValueError, match="generation0"):
-        selection.sample(learner, sel, k, params, 20)
-    with pytest.raises(config_lib.ConfigError, match="generation.selection.scorer"):
+        filtering.sample(learner, sel, k, params, 20)
+    with pytest.raises(config_lib.ConfigError, match="generation.likelihood_filter.scorer"):
         config_lib.from_dict(
-            {"name": "x", "model": {"kind": "kde"}, "generation": {"selection": {"scorer": "x"}}}
+            {
+                "name": "x",
+                "model": {"kind": "kde"},
+                "generation": {"likelihood_filter": {"scorer": "x"}},
+            }
+        )
+
+
+def test_the_old_selection_key_is_refused_naming_the_new_one():
+    with pytest.raises(
+        config_lib.ConfigError, match="generation.selection: renamed generation.likelihood_filter"
+    ):
+        config_lib.from_dict(
+            {"name": "x", "model": {"kind": "kde"}, "generation": {"selection": {"rho": 0.5}}}
         )
