@@ -35,16 +35,16 @@ def expected_curves(
     mode: str,
     sample_sizes: np.ndarray,
     *,
-    selection: bool = False,
+    filtered: bool = False,
     generation: Any = None,
 ) -> dict[str, np.ndarray]:
     """`test_error` chain means per generation where a closed form holds (`tails_laws`):
     generation 0 is the clean law; later generations under `generator: truth` ("replace", or
     "mix" with beta = 0 and fresh real data) by (1); under `generator: fit` without a cut,
     "replace", sizes <= 5000, by the Wright-Fisher absorption. Empty otherwise (a fit cut to its
-    top k, mixing with a fitted generator, selection: no closed form here)."""
+    top k, mixing with a fitted generator, likelihood filtering: no closed form here)."""
     sizes = [int(x) for x in np.asarray(sample_sizes)]
-    if selection or not sizes:
+    if filtered or not sizes:
         return {}
     p = config.probs_array()
     if config.generator == "fit":
