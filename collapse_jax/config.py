@@ -52,6 +52,11 @@ MODEL_REGISTRY: dict[str, tuple[str, ...]] = {
         "collapse_jax.theory.gaussian:GaussianLearner",
         "collapse_jax.theory.figures",
     ),
+    "tails": (
+        "collapse_jax.theory.tails:TailsConfig",
+        "collapse_jax.theory.tails:TailsLearner",
+        "collapse_jax.theory.tails_figures",
+    ),
     "gmm": (
         "collapse_jax.gmm:GMMConfig",
         "collapse_jax.gmm:GMMLearner",
