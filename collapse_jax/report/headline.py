@@ -36,6 +36,10 @@ HEADLINE_METRICS: dict[str, tuple[str, ...]] = {
     "kde": ("heldout_nll", "variance", "total_variance", "bandwidth"),
     "linear_regression": ("test_mse", "param_error"),
     "vae": ("test_loss", "test_recon_bce", "test_kl"),
+    # Dohmatob et al.'s memorising learner: the missing mass is its test error.
+    "tails": ("test_error", "seen_tokens"),
+    # Feng et al.'s verified self-training: the classifier's error and what the verifier kept.
+    "verification": ("test_error", "label_error", "kept_fraction", "cosine"),
     # The LM: against the known language (truth metrics), else the paper's perplexities.
     "opt": _LM,
     # The known-language baselines (the true model, n-gram counts) report the same metrics.
