@@ -159,8 +159,41 @@ def _from_vocab_and_merges(
     return backend
 
 
+def special_tokens(directory: pathlib.Path, tok_config: dict[str, Any]) -> dict[str, str]:
+    """The bos/eos/unk/pad tokens of a tokenizer directory.
+
+    Each is read from `tokenizer_config.json`, else `special_tokens_map.json`. A directory that
+    names none of them (the OPT files: vocab and merges only) gets OPT's. Otherwise a token the
+    files leave out takes a named one's place, as transformers' `generate` does for a model
+    without a pad token: pad and unk fall back to eos, bos and eos to each other (GPT-2, Pythia
+    and SmolLM2 name `<|endoftext|>` and no pad token).
+    """
+    map_file = directory / "special_tokens_map.json"
+    token_map: dict[str, Any] = {}
+    if map_file.is_file():
+        try:
+            token_map = json.loads(map_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{map_file}: invalid JSON ({e})") from e
+    named = {k: tok_config.get(k) or token_map.get(k) for k in _OPT_SPECIAL}
+    named = {k: _token(v) for k, v in named.items() if v}
+    if not named:
+        return dict(_OPT_SPECIAL)
+    bos = named.get("bos_token") or named.get("eos_token")
+    eos = named.get("eos_token") or bos
+    if eos is None:
+        raise ValueError(f"{directory}: the tokenizer files name no bos or eos token")
+    return {
+        "bos_token": bos,
+        "eos_token": eos,
+        "unk_token": named.get("unk_token") or eos,
+        "pad_token": named.get("pad_token") or eos,
+    }
+
+
 def load_tokenizer(path: os.PathLike | str, *, padding_side: str = "right") -> OPTTokenizer:
-    """Loads the OPT tokenizer from a local directory.
+    """Loads a byte-level BPE tokenizer (OPT's, or GPT-2's, Pythia's, SmolLM2's) from a local
+    directory; the special tokens as `special_tokens` finds them.
 
     Args:
       path: directory with `tokenizer.json`, or with `vocab.json` + `merges.txt` (and optionally
@@ -187,7 +220,7 @@ def load_tokenizer(path: os.PathLike | str, *, padding_side: str = "right") -> O
             tok_config = json.loads(config_file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_file}: invalid JSON ({e})") from e
-    special = {k: _token(tok_config.get(k) or v) for k, v in _OPT_SPECIAL.items()}
+    special = special_tokens(directory, tok_config)
 
     vocab, merges, serialised = (
         directory / "vocab.json",

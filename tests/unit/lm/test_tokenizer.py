@@ -75,3 +75,25 @@ def test_no_transformers_needed(tok_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now fails
     tok = load_tokenizer(tok_dir)
     assert tok(PROMPT).input_ids == PROMPT_IDS
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "special_tokens_map.json"])
+def test_gpt2_style_folder_without_pad_token(tok_dir, tmp_path, where):
+    """GPT-2, Pythia and SmolLM2 folders: a `tokenizer.json` without a BOS template and special
+    tokens naming `<|endoftext|>` only (no pad): pad and unk take the eos token, nothing is
+    prepended, and OPT's `<pad>` is not assumed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    backend = Tokenizer(
+        models.BPE.from_file(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"))
+    )
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    eot = "<|endoftext|>"  # id 50260 in OPT's vocabulary
+    (tmp_path / where).write_text(json.dumps({"bos_token": eot, "eos_token": eot}))
+    tok = load_tokenizer(tmp_path)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (
+        (50260,) * 4
+    )
+    assert tok(PROMPT).input_ids == PROMPT_IDS[1:]  # no `</s>` prepended
