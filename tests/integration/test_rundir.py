@@ -68,6 +68,14 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
+def _as_from_a_terminal() -> None:
+    # The child starts with SIGINT at its default (Python then turns it into KeyboardInterrupt)
+    # and unblocked, as a program started from a shell is: a test harness's worker may ignore or
+    # block SIGINT, and both are inherited across exec, so Ctrl-C would never reach the run.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _worker(*argv, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(
@@ -77,6 +85,7 @@ def _worker(*argv, **kw) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_as_from_a_terminal,
         **kw,
     )
 

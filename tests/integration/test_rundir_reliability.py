@@ -70,6 +70,14 @@ def _results(out: pathlib.Path) -> dict[str, bytes]:
     return files
 
 
+def _as_from_a_terminal() -> None:
+    # The child starts with SIGINT at its default (Python then turns it into KeyboardInterrupt)
+    # and unblocked, as a program started from a shell is: a test harness's worker may ignore or
+    # block SIGINT, and both are inherited across exec, so Ctrl-C would never reach the run.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _worker(module: str, *argv) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(
@@ -79,6 +87,7 @@ def _worker(module: str, *argv) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_as_from_a_terminal,
     )
 
 
