@@ -26,6 +26,9 @@ The contract a family provides:
   cache, exactly as `lm.opt.OPTForCausalLM` documents: the cache protocol of `lm.cache` (the
   model's attention calls `cache.prepare` / `cache.attend`), positions from the cache or
   `cumsum(mask) * mask - 1` (left padding), dropout only with `deterministic=False`.
+  The shared scaffolding of these is in `lm.layers`: `init_lm` (the attributes), `lm_head`,
+  `init_kv_cache`, `prepare_call` (input checks, default positions and masks, `cache.prepare`),
+  `check_dropout` and `lm_logits` (the float32 logits of the tied or untied head).
   Parameters are built with `lm.layers` (leaf names `kernel`, `bias`, `embedding`, `scale`)
   and carry logical axis names from `jaxtools.sharding.DEFAULT_RULES` ("vocab", "embed",
   "heads", "kv_heads", "head_dim", "mlp"; None = replicated).

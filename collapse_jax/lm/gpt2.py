@@ -40,16 +40,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from collapse_jax.lm import convert
-from collapse_jax.lm.cache import Cache, KVCache, causal_mask, mask_positions
+from collapse_jax.lm.cache import Cache, KVCache
 from collapse_jax.lm.layers import (
     ACTIVATIONS,
     Embed,
     LayerNorm,
     Linear,
     attention,
-    check_attention_implementation,
+    check_dropout,
+    init_kv_cache,
+    init_lm,
     inverted_dropout,
-    logits_matmul,
+    lm_head,
+    lm_logits,
+    prepare_call,
 )
 
 # transformers' `GPT2Config.attribute_map`: the common names it also accepts.
@@ -354,38 +358,23 @@ class GPT2LMHeadModel(nnx.Module):
         rngs: nnx.Rngs,
         attention_implementation: str | None = None,
     ):
-        check_attention_implementation(attention_implementation)
-        self.config = config
-        self.dtype = jnp.dtype(dtype)
-        self.param_dtype = jnp.dtype(param_dtype)
+        init_lm(self, config, dtype, param_dtype, attention_implementation)
         self.transformer = GPT2Model(
             config, dtype=dtype, param_dtype=param_dtype, impl=attention_implementation, rngs=rngs
         )
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else Linear(
-                (config.n_embd,),
-                (config.vocab_size,),
-                ("embed", "vocab"),
-                use_bias=False,
-                init_std=config.initializer_range,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
+        self.lm_head = lm_head(
+            config,
+            config.n_embd,
+            config.initializer_range,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
         """An empty `KVCache` with `max_length` slots per sequence (see `OPTForCausalLM`)."""
-        cfg = self.config
-        return KVCache.zeros(
-            cfg.n_layer,
-            batch_size,
-            max_length,
-            cfg.n_head,
-            cfg.head_dim,
-            self.dtype if dtype is None else dtype,
+        return init_kv_cache(
+            self.config, batch_size, max_length, self.dtype if dtype is None else dtype
         )
 
     def __call__(
@@ -402,36 +391,17 @@ class GPT2LMHeadModel(nnx.Module):
         (position_ids are 0-based, no offset; padding slots take position 1, as in HF)."""
         cfg = self.config
         tr = self.transformer
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        b, t = input_ids.shape
-        if cache is None:
-            if t > cfg.n_positions:
-                raise ValueError(f"sequence length {t} exceeds n_positions {cfg.n_positions}")
-            if attention_mask is None:
-                mask = None  # implicit causal mask
-                default_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            else:
-                if attention_mask.shape != (b, t):
-                    raise ValueError(
-                        f"attention_mask has shape {attention_mask.shape}, expected {(b, t)} "
-                        "([batch, input_ids])"
-                    )
-                attention_mask = attention_mask.astype(jnp.int32)
-                default_positions = mask_positions(attention_mask, 0, t)  # [B, T]
-                mask = causal_mask(attention_mask, 0, t)  # [B, 1, T, T]
-        else:
-            cache, default_positions, mask = cache.prepare((b, t), attention_mask)
-        if position_ids is None:
-            # Padding slots have position -1: give them HF's 1 (a learned table has no row -1).
-            position_ids = jnp.where(default_positions < 0, 1, default_positions)
-        elif position_ids.shape != (b, t):
-            raise ValueError(f"position_ids has shape {position_ids.shape}, expected {(b, t)}")
-
+        # Padding slots have position -1: they take HF's 1 (a learned table has no row -1).
+        cache, position_ids, mask = prepare_call(
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            max_positions=("n_positions", cfg.n_positions),
+            pad_position=1,
+        )
         rates = (cfg.resid_pdrop, cfg.embd_pdrop, cfg.attn_pdrop)
-        use_dropout = not deterministic and max(rates) > 0.0
-        if use_dropout and dropout_key is None:
-            raise ValueError("deterministic=False with positive dropout needs a dropout_key")
+        use_dropout = check_dropout(deterministic, rates, dropout_key)
 
         x = tr.wte(input_ids) + tr.wpe(position_ids)  # [B, T, D]
         if use_dropout and cfg.embd_pdrop > 0.0:
@@ -440,12 +410,7 @@ class GPT2LMHeadModel(nnx.Module):
             layer_key = jax.random.fold_in(dropout_key, i) if use_dropout else None
             x, cache = block(x, mask, cache, i, layer_key)
         x = tr.ln_f(x)
-        if self.lm_head is None:
-            table = tr.wte.embedding[...].astype(self.dtype)  # [V, D]
-            logits = logits_matmul("btd,vd->btv", x, table)
-        else:
-            logits = logits_matmul("btd,dv->btv", x, self.lm_head.kernel[...].astype(self.dtype))
-        logits = logits.astype(jnp.float32)  # [B, T, V]
+        logits = lm_logits(x, self.lm_head, tr.wte, self.dtype)  # [B, T, V]
         if cache is None:
             return logits
         return logits, cache

@@ -6,6 +6,11 @@ and keeps HF's numerics: LayerNorm statistics, softmax and logits in float32.
 
 Parameter leaf names are fixed, because `lm.convert` maps them onto HF tensors: `kernel`
 (`Linear`, [in..., out...]), `bias`, `embedding` (`Embed`, [num, dim]) and `scale` (norms).
+
+Also the scaffolding every family's `ForCausalLM` shares (the contract of `lm.families`):
+`init_lm` (constructor attributes), `lm_head` (the untied head), `init_kv_cache`, `prepare_call`
+(the input checks, positions and masks of `__call__`), `check_dropout`, `lm_logits`, and the
+rotary helpers of NeoX and Llama (`rotary_cos_sin`, `apply_rotary`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from collapse_jax.lm.cache import Cache, KVCache, causal_mask, mask_positions
 
 # HF `ACT2FN` names -> jax functions (the exact erf GELU for "gelu", the tanh one for "gelu_new").
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -234,3 +241,153 @@ def attention(
             scale=1.0,
             implementation=implementation,
         )  # [B, T, N, H]
+
+
+def init_lm(
+    model: nnx.Module,
+    config: Any,
+    dtype: Any,
+    param_dtype: Any,
+    attention_implementation: str | None,
+) -> None:
+    """Checks `attention_implementation` and sets a causal LM's `config`, `dtype`, `param_dtype`."""
+    check_attention_implementation(attention_implementation)
+    model.config = config
+    model.dtype = jnp.dtype(dtype)
+    model.param_dtype = jnp.dtype(param_dtype)
+
+
+def lm_head(
+    config: Any, dim: int, init_std: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
+) -> Linear | None:
+    """The untied LM head [dim, V] ("embed", "vocab"), or None when `config.tie_word_embeddings`."""
+    if config.tie_word_embeddings:
+        return None
+    return Linear(
+        (dim,),
+        (config.vocab_size,),
+        ("embed", "vocab"),
+        use_bias=False,
+        init_std=init_std,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+def init_kv_cache(config: Any, batch_size: int, max_length: int, dtype: Any) -> KVCache:
+    """An empty `KVCache` of `config`'s layers and key/value heads, `max_length` slots each."""
+    return KVCache.zeros(
+        config.num_hidden_layers,
+        batch_size,
+        max_length,
+        config.num_key_value_heads,
+        config.head_dim,
+        dtype,
+    )
+
+
+def prepare_call(
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None,
+    position_ids: jax.Array | None,
+    cache: Cache | None,
+    *,
+    max_positions: tuple[str, int] | None = None,
+    check: Callable[[int, Cache | None], None] | None = None,
+    pad_position: int | None = None,
+) -> tuple[Cache | None, jax.Array, jax.Array | None]:
+    """The preamble of a causal LM's `__call__`: checks the inputs, returns (cache, positions,
+    mask).
+
+    Without a cache: `mask` is None (implicit causal mask, which lets cuDNN pick its fused causal
+    kernel) when `attention_mask` is None, else bool [B, 1, T, T] from the [B, T] mask, and the
+    default positions are `cumsum(mask) * mask - 1`. With a cache, `cache.prepare` supplies the
+    advanced cache, the positions and its mask view. Given `position_ids` [B, T] replace the
+    default positions.
+
+    Args:
+      max_positions: (name, limit): without a cache, a length T over `limit` raises, naming it.
+      check: `check(T, cache)` runs after the rank check (a family's own length limits).
+      pad_position: the position that default positions of padding slots (-1) take.
+    """
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    b, t = input_ids.shape
+    if check is not None:
+        check(t, cache)
+    if cache is None:
+        if max_positions is not None and t > max_positions[1]:
+            name, limit = max_positions
+            raise ValueError(f"sequence length {t} exceeds {name} {limit}")
+        if attention_mask is None:
+            mask = None
+            default_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        else:
+            if attention_mask.shape != (b, t):
+                raise ValueError(
+                    f"attention_mask has shape {attention_mask.shape}, expected {(b, t)} "
+                    "([batch, input_ids])"
+                )
+            attention_mask = attention_mask.astype(jnp.int32)
+            default_positions = mask_positions(attention_mask, 0, t)  # [B, T]
+            mask = causal_mask(attention_mask, 0, t)  # [B, 1, T, T]
+    else:
+        # The cache owns masking and positions; `mask` is its view for `cache.attend`.
+        cache, default_positions, mask = cache.prepare((b, t), attention_mask)
+    if position_ids is None:
+        position_ids = default_positions
+        if pad_position is not None:
+            position_ids = jnp.where(position_ids < 0, pad_position, position_ids)
+    elif position_ids.shape != (b, t):
+        raise ValueError(f"position_ids has shape {position_ids.shape}, expected {(b, t)}")
+    return cache, position_ids, mask
+
+
+def check_dropout(
+    deterministic: bool, rates: tuple[float, ...], dropout_key: jax.Array | None
+) -> bool:
+    """Whether dropout runs (not deterministic and a rate is positive); raises ValueError when it
+    does without a `dropout_key`."""
+    use_dropout = not deterministic and any(rate > 0.0 for rate in rates)
+    if use_dropout and dropout_key is None:
+        raise ValueError("deterministic=False with positive dropout needs a dropout_key")
+    return use_dropout
+
+
+def lm_logits(x: jax.Array, head: Linear | None, embed: Embed, dtype: Any) -> jax.Array:
+    """Float32 logits [B, T, V] of x [B, T, D]: the untied `head`, or the tied `embed` table
+    when `head` is None, cast to the compute `dtype` (`logits_matmul`)."""
+    if head is None:
+        table = embed.embedding[...].astype(dtype)  # [V, D]
+        logits = logits_matmul("btd,vd->btv", x, table)
+    else:
+        kernel = head.kernel[...].astype(dtype)  # [D, V]
+        logits = logits_matmul("btd,dv->btv", x, kernel)
+    return logits.astype(jnp.float32)
+
+
+def rotary_cos_sin(positions: jax.Array, inv_freq: Any, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, 1, R] of positions [B, T] for inverse frequencies [R / 2] (HF's rotary
+    embedding: angles in float32, cast to `dtype`)."""
+    inv_freq = jnp.asarray(inv_freq).astype(jnp.float32)[None, None, :]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, R]
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """`x * cos + rotate_half(x) * sin` on the first R dims of each head of x [B, T, N, H]
+    (HF's half-split pairing), cos, sin [B, T, 1, R]; the other H - R dims pass unchanged."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        half = r // 2
+        rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+    if r == 0:
+        return x
+    rot, rest = x[..., :r], x[..., r:]
+    x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = jnp.broadcast_to(cos, rot.shape), jnp.broadcast_to(sin, rot.shape)
+    return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)

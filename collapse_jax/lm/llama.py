@@ -59,15 +59,21 @@ import numpy as np
 from flax import nnx
 
 from collapse_jax.lm import convert
-from collapse_jax.lm.cache import Cache, KVCache, PromptSharingCache, causal_mask, mask_positions
+from collapse_jax.lm.cache import Cache, KVCache, PromptSharingCache
 from collapse_jax.lm.layers import (
     ACTIVATIONS,
     Embed,
     Linear,
+    apply_rotary,
     attention,
-    check_attention_implementation,
-    logits_matmul,
+    check_dropout,
+    init_kv_cache,
+    init_lm,
+    lm_head,
+    lm_logits,
     param,
+    prepare_call,
+    rotary_cos_sin,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -486,21 +492,6 @@ def _dynamic_inv_freq(config: LlamaConfig, seq_len: jax.Array) -> jax.Array:
     return jnp.where(seq_len > mpe, dynamic, jnp.asarray(rope_inv_freq(config)))
 
 
-def rotary(positions: jax.Array, inv_freq: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, 1, H] in `dtype` for positions [B, T] (HF's `LlamaRotaryEmbedding`)."""
-    inv_freq = inv_freq.astype(jnp.float32)[None, None, :]
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """`x * cos + rotate_half(x) * sin` on x [B, T, N, H] (HF's half-split pairing)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin
-
-
 class LlamaAttention(nnx.Module):
     """Grouped-query causal self-attention with rotary positions (HF `LlamaAttention`)."""
 
@@ -666,10 +657,7 @@ class LlamaForCausalLM(nnx.Module):
         rngs: nnx.Rngs,
         attention_implementation: str | None = None,
     ):
-        check_attention_implementation(attention_implementation)
-        self.config = config
-        self.dtype = jnp.dtype(dtype)
-        self.param_dtype = jnp.dtype(param_dtype)
+        init_lm(self, config, dtype, param_dtype, attention_implementation)
         self.model = LlamaModel(
             config,
             dtype=dtype,
@@ -677,19 +665,13 @@ class LlamaForCausalLM(nnx.Module):
             attention_implementation=attention_implementation,
             rngs=rngs,
         )
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else Linear(
-                (config.hidden_size,),
-                (config.vocab_size,),
-                ("embed", "vocab"),
-                use_bias=False,
-                init_std=config.init_std,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
+        self.lm_head = lm_head(
+            config,
+            config.hidden_size,
+            config.init_std,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
 
     def _check_window(self, length: int) -> None:
@@ -700,6 +682,20 @@ class LlamaForCausalLM(nnx.Module):
                 "windowed attention is not implemented (it is exact only up to the window)"
             )
 
+    def _check_call(self, length: int, cache: Cache | None) -> None:
+        """`prepare_call`'s check: the call's length (without a cache) or the cache's slots fit
+        the sliding window."""
+        if cache is None:
+            self._check_window(length)
+        elif self.config.sliding_window is not None:
+            slots = _cache_slots(cache)
+            if slots is None:
+                raise ValueError(
+                    f"cannot check a {type(cache).__name__} against the model's "
+                    f"sliding_window {self.config.sliding_window}"
+                )
+            self._check_window(slots)
+
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
         """An empty `KVCache` of the K key/value heads with `max_length` slots per sequence.
 
@@ -709,14 +705,8 @@ class LlamaForCausalLM(nnx.Module):
           dtype: storage dtype of keys/values (default: the compute dtype).
         """
         self._check_window(max_length)
-        cfg = self.config
-        return KVCache.zeros(
-            cfg.num_hidden_layers,
-            batch_size,
-            max_length,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            self.dtype if dtype is None else dtype,
+        return init_kv_cache(
+            self.config, batch_size, max_length, self.dtype if dtype is None else dtype
         )
 
     def __call__(
@@ -744,60 +734,23 @@ class LlamaForCausalLM(nnx.Module):
           Logits [B, T, V] float32, and with a cache the pair (logits, advanced cache).
         """
         cfg = self.config
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        b, t = input_ids.shape
-        if cache is None:
-            self._check_window(t)
-            if attention_mask is None:
-                mask = None  # implicit causal mask
-                default_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            else:
-                if attention_mask.shape != (b, t):
-                    raise ValueError(
-                        f"attention_mask has shape {attention_mask.shape}, expected {(b, t)} "
-                        "([batch, input_ids])"
-                    )
-                attention_mask = attention_mask.astype(jnp.int32)
-                default_positions = mask_positions(attention_mask, 0, t)
-                mask = causal_mask(attention_mask, 0, t)
-        else:
-            if cfg.sliding_window is not None:
-                slots = _cache_slots(cache)
-                if slots is None:
-                    raise ValueError(
-                        f"cannot check a {type(cache).__name__} against the model's "
-                        f"sliding_window {cfg.sliding_window}"
-                    )
-                self._check_window(slots)
-            cache, default_positions, mask = cache.prepare((b, t), attention_mask)
-        if position_ids is None:
-            position_ids = default_positions
-        elif position_ids.shape != (b, t):
-            raise ValueError(f"position_ids has shape {position_ids.shape}, expected {(b, t)}")
-
-        use_dropout = not deterministic and cfg.attention_dropout > 0.0
-        if use_dropout and dropout_key is None:
-            raise ValueError("deterministic=False with positive dropout needs a dropout_key")
+        cache, position_ids, mask = prepare_call(
+            input_ids, attention_mask, position_ids, cache, check=self._check_call
+        )
+        use_dropout = check_dropout(deterministic, (cfg.attention_dropout,), dropout_key)
 
         if cfg.rope_type == "dynamic":
             inv_freq = _dynamic_inv_freq(cfg, jnp.max(position_ids) + 1)
         else:
             inv_freq = jnp.asarray(rope_inv_freq(cfg))
-        rope = rotary(position_ids, inv_freq, self.dtype)
+        rope = rotary_cos_sin(position_ids, inv_freq, self.dtype)
 
         x = self.model.embed_tokens(input_ids)  # [B, T, D]
         for i, layer in enumerate(self.model.layers):
             layer_key = jax.random.fold_in(dropout_key, i) if use_dropout else None
             x, cache = layer(x, rope, mask, cache, i, layer_key)
         x = self.model.norm(x)
-        if self.lm_head is None:
-            table = self.model.embed_tokens.embedding[...].astype(self.dtype)  # [V, D]
-            logits = logits_matmul("btd,vd->btv", x, table)
-        else:
-            kernel = self.lm_head.kernel[...].astype(self.dtype)  # [D, V]
-            logits = logits_matmul("btd,dv->btv", x, kernel)
-        logits = logits.astype(jnp.float32)
+        logits = lm_logits(x, self.lm_head, self.model.embed_tokens, self.dtype)
         if cache is None:
             return logits
         return logits, cache

@@ -66,16 +66,22 @@ import numpy as np
 from flax import nnx
 
 from collapse_jax.lm import convert, hub
-from collapse_jax.lm.cache import Cache, KVCache, causal_mask, mask_positions
+from collapse_jax.lm.cache import Cache, KVCache
 from collapse_jax.lm.layers import (
     ACTIVATIONS,
     Embed,
     LayerNorm,
     Linear,
+    apply_rotary,
     attention,
-    check_attention_implementation,
+    check_dropout,
+    init_kv_cache,
+    init_lm,
     inverted_dropout,
-    logits_matmul,
+    lm_head,
+    lm_logits,
+    prepare_call,
+    rotary_cos_sin,
 )
 
 MODEL_TYPE = "gpt_neox"
@@ -311,29 +317,6 @@ def rope_inverse_frequencies(config: NeoXConfig) -> np.ndarray:
     return inv_freq / np.float32(config.rope_factor)
 
 
-def rotary_cos_sin(
-    inv_freq: np.ndarray, positions: jax.Array, dtype: Any
-) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, 1, R] of `positions` [B, T] (angles in float32, cast to `dtype`)."""
-    freqs = (
-        positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
-    )  # [B, T, R/2]
-    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, R]
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
-
-
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates the first R dims of each head of x [B, T, N, H] ("rotate half"); the rest pass."""
-    r = cos.shape[-1]
-    if r == 0:
-        return x
-    rot, rest = x[..., :r], x[..., r:]
-    x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos, sin = jnp.broadcast_to(cos, rot.shape), jnp.broadcast_to(sin, rot.shape)
-    return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
-
-
 class NeoXAttention(nnx.Module):
     """Causal self-attention with the fused `query_key_value` and partial rotary embeddings."""
 
@@ -405,17 +388,6 @@ class NeoXAttention(nnx.Module):
             dropout_rate=self.attention_dropout,
             dropout_key=dropout_key,
         )
-        # As in lm.opt: XLA or cuDNN, float32 softmax, finite masked logits.
-        with jax.numpy_dtype_promotion("standard"):
-            return jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                mask=mask,
-                is_causal=mask is None,
-                scale=1.0,
-                implementation=self.implementation,
-            )  # [B, T, N, H]
 
 
 class NeoXMLP(nnx.Module):
@@ -549,10 +521,7 @@ class NeoXForCausalLM(nnx.Module):
         rngs: nnx.Rngs,
         attention_implementation: str | None = None,
     ):
-        check_attention_implementation(attention_implementation)
-        self.config = config
-        self.dtype = jnp.dtype(dtype)
-        self.param_dtype = jnp.dtype(param_dtype)
+        init_lm(self, config, dtype, param_dtype, attention_implementation)
         self.gpt_neox = NeoXModel(
             config,
             dtype=dtype,
@@ -560,19 +529,13 @@ class NeoXForCausalLM(nnx.Module):
             attention_implementation=attention_implementation,
             rngs=rngs,
         )
-        self.embed_out = (
-            None
-            if config.tie_word_embeddings
-            else Linear(
-                (config.hidden_size,),
-                (config.vocab_size,),
-                ("embed", "vocab"),
-                use_bias=False,
-                init_std=config.initializer_range,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
+        self.embed_out = lm_head(
+            config,
+            config.hidden_size,
+            config.initializer_range,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
@@ -583,14 +546,8 @@ class NeoXForCausalLM(nnx.Module):
           max_length: S (prompt plus every token to be generated).
           dtype: storage dtype of keys/values (default: the compute dtype).
         """
-        cfg = self.config
-        return KVCache.zeros(
-            cfg.num_hidden_layers,
-            batch_size,
-            max_length,
-            cfg.num_attention_heads,
-            cfg.head_dim,
-            self.dtype if dtype is None else dtype,
+        return init_kv_cache(
+            self.config, batch_size, max_length, self.dtype if dtype is None else dtype
         )
 
     def __call__(
@@ -622,34 +579,10 @@ class NeoXForCausalLM(nnx.Module):
           Logits [B, T, V] float32, and with a cache the pair (logits, cache with index += T).
         """
         cfg = self.config
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        b, t = input_ids.shape
-        if cache is None:
-            if attention_mask is None:
-                mask = None  # implicit causal mask: lets cuDNN pick its fused causal kernel
-                default_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            else:
-                if attention_mask.shape != (b, t):
-                    raise ValueError(
-                        f"attention_mask has shape {attention_mask.shape}, expected {(b, t)} "
-                        "([batch, input_ids])"
-                    )
-                attention_mask = attention_mask.astype(jnp.int32)
-                default_positions = mask_positions(attention_mask, 0, t)  # [B, T]
-                mask = causal_mask(attention_mask, 0, t)  # [B, 1, T, T]
-        else:
-            cache, default_positions, mask = cache.prepare((b, t), attention_mask)
-        if position_ids is None:
-            position_ids = default_positions
-        elif position_ids.shape != (b, t):
-            raise ValueError(f"position_ids has shape {position_ids.shape}, expected {(b, t)}")
-
-        use_dropout = not deterministic and (
-            cfg.hidden_dropout > 0.0 or cfg.attention_dropout > 0.0
+        cache, position_ids, mask = prepare_call(input_ids, attention_mask, position_ids, cache)
+        use_dropout = check_dropout(
+            deterministic, (cfg.hidden_dropout, cfg.attention_dropout), dropout_key
         )
-        if use_dropout and dropout_key is None:
-            raise ValueError("deterministic=False with positive dropout needs a dropout_key")
 
         model = self.gpt_neox
         x = model.embed_in(input_ids)  # [B, T, D]
@@ -657,19 +590,13 @@ class NeoXForCausalLM(nnx.Module):
             emb_key = jax.random.fold_in(dropout_key, cfg.num_hidden_layers)  # layers take 0..L-1
             x = inverted_dropout(emb_key, x, cfg.hidden_dropout)
         rotary = rotary_cos_sin(
-            rope_inverse_frequencies(cfg), position_ids, self.dtype
+            position_ids, rope_inverse_frequencies(cfg), self.dtype
         )  # [B, T, 1, R] each
         for i, layer in enumerate(model.layers):
             layer_key = jax.random.fold_in(dropout_key, i) if use_dropout else None
             x, cache = layer(x, rotary, mask, cache, i, layer_key)
         x = model.final_layer_norm(x)
-        if self.embed_out is None:
-            table = model.embed_in.embedding[...].astype(self.dtype)  # [V, D]
-            logits = logits_matmul("btd,vd->btv", x, table)
-        else:
-            kernel = self.embed_out.kernel[...].astype(self.dtype)  # [D, V]
-            logits = logits_matmul("btd,dv->btv", x, kernel)
-        logits = logits.astype(jnp.float32)  # [B, T, V]
+        logits = lm_logits(x, self.embed_out, model.embed_in, self.dtype)  # [B, T, V]
         if cache is None:
             return logits
         return logits, cache

@@ -53,16 +53,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from collapse_jax.lm import convert, hub
-from collapse_jax.lm.cache import Cache, KVCache, causal_mask, mask_positions
+from collapse_jax.lm.cache import Cache, KVCache
 from collapse_jax.lm.layers import (
     ACTIVATIONS,
     Embed,
     LayerNorm,
     Linear,
     attention,
-    check_attention_implementation,
+    check_dropout,
+    init_kv_cache,
+    init_lm,
     inverted_dropout,
-    logits_matmul,
+    lm_head,
+    lm_logits,
+    prepare_call,
 )
 
 # Offset of OPT's learned positions: HF `OPTLearnedPositionalEmbedding.offset` (fairseq legacy).
@@ -449,10 +453,7 @@ class OPTForCausalLM(nnx.Module):
         rngs: nnx.Rngs,
         attention_implementation: str | None = None,
     ):
-        check_attention_implementation(attention_implementation)
-        self.config = config
-        self.dtype = jnp.dtype(dtype)
-        self.param_dtype = jnp.dtype(param_dtype)
+        init_lm(self, config, dtype, param_dtype, attention_implementation)
         self.model = OPTModel(
             config,
             dtype=dtype,
@@ -460,19 +461,13 @@ class OPTForCausalLM(nnx.Module):
             attention_implementation=attention_implementation,
             rngs=rngs,
         )
-        self.lm_head = (
-            None
-            if config.tie_word_embeddings
-            else Linear(
-                (config.embed_dim,),
-                (config.vocab_size,),
-                ("embed", "vocab"),
-                use_bias=False,
-                init_std=config.init_std,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                rngs=rngs,
-            )
+        self.lm_head = lm_head(
+            config,
+            config.embed_dim,
+            config.init_std,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
         )
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
@@ -483,14 +478,8 @@ class OPTForCausalLM(nnx.Module):
           max_length: S (prompt plus every token to be generated).
           dtype: storage dtype of keys/values (default: the compute dtype).
         """
-        cfg = self.config
-        return KVCache.zeros(
-            cfg.num_hidden_layers,
-            batch_size,
-            max_length,
-            cfg.num_attention_heads,
-            cfg.head_dim,
-            self.dtype if dtype is None else dtype,
+        return init_kv_cache(
+            self.config, batch_size, max_length, self.dtype if dtype is None else dtype
         )
 
     def __call__(
@@ -524,38 +513,16 @@ class OPTForCausalLM(nnx.Module):
         """
         cfg = self.config
         decoder = self.model.decoder
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
-        b, t = input_ids.shape
-        if cache is None:
-            if t > cfg.max_position_embeddings:
-                raise ValueError(
-                    f"sequence length {t} exceeds max_position_embeddings "
-                    f"{cfg.max_position_embeddings}"
-                )
-            if attention_mask is None:
-                mask = None  # implicit causal mask: lets cuDNN pick its fused causal kernel
-                default_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-            else:
-                if attention_mask.shape != (b, t):
-                    raise ValueError(
-                        f"attention_mask has shape {attention_mask.shape}, expected {(b, t)} "
-                        "([batch, input_ids])"
-                    )
-                attention_mask = attention_mask.astype(jnp.int32)
-                default_positions = mask_positions(attention_mask, 0, t)  # [B, T]
-                mask = causal_mask(attention_mask, 0, t)  # [B, 1, T, T]
-        else:
-            # The cache owns masking and positions; `mask` is its view for `cache.attend`.
-            cache, default_positions, mask = cache.prepare((b, t), attention_mask)
-        if position_ids is None:
-            position_ids = default_positions
-        elif position_ids.shape != (b, t):
-            raise ValueError(f"position_ids has shape {position_ids.shape}, expected {(b, t)}")
-
-        use_dropout = not deterministic and (cfg.dropout > 0.0 or cfg.attention_dropout > 0.0)
-        if use_dropout and dropout_key is None:
-            raise ValueError("deterministic=False with positive dropout needs a dropout_key")
+        cache, position_ids, mask = prepare_call(
+            input_ids,
+            attention_mask,
+            position_ids,
+            cache,
+            max_positions=("max_position_embeddings", cfg.max_position_embeddings),
+        )
+        use_dropout = check_dropout(
+            deterministic, (cfg.dropout, cfg.attention_dropout), dropout_key
+        )
 
         x = decoder.embed_tokens(input_ids)  # [B, T, E]
         if decoder.project_in is not None:
@@ -570,13 +537,7 @@ class OPTForCausalLM(nnx.Module):
             x = decoder.final_layer_norm(x)
         if decoder.project_out is not None:
             x = decoder.project_out(x)  # [B, T, E]
-        if self.lm_head is None:
-            table = decoder.embed_tokens.embedding[...].astype(self.dtype)  # [V, E]
-            logits = logits_matmul("bte,ve->btv", x, table)
-        else:
-            kernel = self.lm_head.kernel[...].astype(self.dtype)  # [E, V]
-            logits = logits_matmul("bte,ev->btv", x, kernel)
-        logits = logits.astype(jnp.float32)  # [B, T, V]
+        logits = lm_logits(x, self.lm_head, decoder.embed_tokens, self.dtype)  # [B, T, V]
         if cache is None:
             return logits
         return logits, cache
