@@ -41,3 +41,29 @@ def test_sequential_driver_equals_jittable_driver_chain_by_chain(tmp_path, polic
         np.testing.assert_allclose(seq, jit, rtol=2e-5, atol=1e-6, err_msg=metric)
     # and the chains are not all alike (the comparison has teeth)
     assert np.ptp(run_s.trial_series("var")[-1]) > 1e-3
+
+
+class _NanOnceLearner(ToyNumpyLearner):
+    """ToyNumpyLearner whose measure of generation >= 1 is NaN while `broken` is set."""
+
+    broken = True
+
+    def evaluate(self, key, params, reference):
+        m = super().evaluate(key, params, reference)
+        if _NanOnceLearner.broken and float(params["var"]) != 1.0:
+            m["var"] = np.float32(np.nan)
+        return m
+
+
+def test_a_nan_metric_is_not_cached_so_a_resume_measures_again(tmp_path):
+    from collapse_jax.rundir import guard
+
+    gen = GenerationConfig(num_generations=3, samples_per_generation=16, num_trials=1)
+    cfg = ExperimentConfig(name="toy", seed=3, model=ToyConfig(), generation=gen)
+    _NanOnceLearner.broken = True
+    with pytest.raises(guard.NonFiniteMetric, match="generation 0: metric var is NaN"):
+        loop.run_generations(cfg, tmp_path / "run", learner=_NanOnceLearner(cfg.model))
+    _NanOnceLearner.broken = False  # the cause fixed, the run resumed
+    res = loop.run_generations(cfg, tmp_path / "run", learner=_NanOnceLearner(cfg.model))
+    assert len(res.rows) == 3
+    assert np.isfinite(reader.Run(res.run_dir).trial_series("var")).all()
