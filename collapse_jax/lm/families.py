@@ -23,12 +23,13 @@ The contract a family provides:
   `init_cache(batch_size, max_length, dtype=None)` -> a `lm.cache.KVCache`; and
   `__call__(input_ids, attention_mask=None, *, position_ids=None, cache=None,
   deterministic=True, dropout_key=None)` -> float32 logits [B, T, V], or (logits, cache) with a
-  cache, exactly as `lm.opt.OPTForCausalLM` documents: the cache protocol of `lm.cache` (the
+  cache, exactly as `lm.layers.CausalLM` documents: the cache protocol of `lm.cache` (the
   model's attention calls `cache.prepare` / `cache.attend`), positions from the cache or
   `cumsum(mask) * mask - 1` (left padding), dropout only with `deterministic=False`.
-  The shared scaffolding of these is in `lm.layers`: `init_lm` (the attributes), `lm_head`,
-  `init_kv_cache`, `prepare_call` (input checks, default positions and masks, `cache.prepare`),
-  `check_dropout` and `lm_logits` (the float32 logits of the tied or untied head).
+  `lm.layers.CausalLM` is this model class less the family's modules: a family subclasses it
+  and defines `build`, `dropout_rates`, `forward` (and `call_limits` for its length limits),
+  with the helpers of `lm.layers`: `lm_head`, `run_layers`, `lm_logits` (the float32 logits of
+  the tied or untied head); `prepare_call` and `check_dropout` run in `CausalLM.__call__`.
   Parameters are built with `lm.layers` (leaf names `kernel`, `bias`, `embedding`, `scale`)
   and carry logical axis names from `jaxtools.sharding.DEFAULT_RULES` ("vocab", "embed",
   "heads", "kv_heads", "head_dim", "mlp"; None = replicated).

@@ -40,20 +40,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from collapse_jax.lm import convert
-from collapse_jax.lm.cache import Cache, KVCache
 from collapse_jax.lm.layers import (
     ACTIVATIONS,
+    CausalLM,
     Embed,
     LayerNorm,
     Linear,
     attention,
-    check_dropout,
-    init_kv_cache,
-    init_lm,
     inverted_dropout,
     lm_head,
     lm_logits,
-    prepare_call,
+    run_layers,
 )
 
 # transformers' `GPT2Config.attribute_map`: the common names it also accepts.
@@ -338,29 +335,14 @@ class GPT2Model(nnx.Module):
         )
 
 
-class GPT2LMHeadModel(nnx.Module):
-    """GPT-2 language model: `transformer` plus the (tied) LM head.
+class GPT2LMHeadModel(CausalLM):
+    """GPT-2 language model: `transformer` plus the (tied) LM head. The constructor,
+    `init_cache` and `__call__` are `lm.layers.CausalLM`'s; default positions of padding slots
+    take HF's 1 (a learned table has no row -1)."""
 
-    Args:
-      config: the hyper-parameters.
-      dtype: compute dtype (activations, matmul inputs); logits are always float32.
-      param_dtype: storage dtype of the parameters.
-      rngs: random streams; parameters draw from `rngs.params()`.
-      attention_implementation: None / "xla" or "cudnn" (see `lm.layers.attention`).
-    """
-
-    def __init__(
-        self,
-        config: GPT2Config,
-        *,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-        attention_implementation: str | None = None,
-    ):
-        init_lm(self, config, dtype, param_dtype, attention_implementation)
+    def build(self, config: GPT2Config, *, dtype, param_dtype, impl, rngs) -> None:
         self.transformer = GPT2Model(
-            config, dtype=dtype, param_dtype=param_dtype, impl=attention_implementation, rngs=rngs
+            config, dtype=dtype, param_dtype=param_dtype, impl=impl, rngs=rngs
         )
         self.lm_head = lm_head(
             config,
@@ -371,46 +353,18 @@ class GPT2LMHeadModel(nnx.Module):
             rngs=rngs,
         )
 
-    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-        """An empty `KVCache` with `max_length` slots per sequence (see `OPTForCausalLM`)."""
-        return init_kv_cache(
-            self.config, batch_size, max_length, self.dtype if dtype is None else dtype
-        )
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        *,
-        position_ids: jax.Array | None = None,
-        cache: Cache | None = None,
-        deterministic: bool = True,
-        dropout_key: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, Cache]:
-        """Runs the model; arguments and results exactly as `lm.opt.OPTForCausalLM.__call__`
-        (position_ids are 0-based, no offset; padding slots take position 1, as in HF)."""
+    def dropout_rates(self) -> tuple[float, ...]:
         cfg = self.config
-        tr = self.transformer
-        # Padding slots have position -1: they take HF's 1 (a learned table has no row -1).
-        cache, position_ids, mask = prepare_call(
-            input_ids,
-            attention_mask,
-            position_ids,
-            cache,
-            max_positions=("n_positions", cfg.n_positions),
-            pad_position=1,
-        )
-        rates = (cfg.resid_pdrop, cfg.embd_pdrop, cfg.attn_pdrop)
-        use_dropout = check_dropout(deterministic, rates, dropout_key)
+        return (cfg.resid_pdrop, cfg.embd_pdrop, cfg.attn_pdrop)
 
+    def call_limits(self) -> dict[str, Any]:
+        return {"max_positions": ("n_positions", self.config.n_positions), "pad_position": 1}
+
+    def forward(self, input_ids, position_ids, mask, cache, dropout_key):
+        cfg, tr = self.config, self.transformer
         x = tr.wte(input_ids) + tr.wpe(position_ids)  # [B, T, D]
-        if use_dropout and cfg.embd_pdrop > 0.0:
+        if dropout_key is not None and cfg.embd_pdrop > 0.0:
             x = inverted_dropout(jax.random.fold_in(dropout_key, cfg.n_layer), x, cfg.embd_pdrop)
-        for i, block in enumerate(tr.h):
-            layer_key = jax.random.fold_in(dropout_key, i) if use_dropout else None
-            x, cache = block(x, mask, cache, i, layer_key)
+        x, cache = run_layers(tr.h, x, mask, cache, dropout_key)
         x = tr.ln_f(x)
-        logits = lm_logits(x, self.lm_head, tr.wte, self.dtype)  # [B, T, V]
-        if cache is None:
-            return logits
-        return logits, cache
+        return lm_logits(x, self.lm_head, tr.wte, self.dtype), cache  # [B, T, V]

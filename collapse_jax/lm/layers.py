@@ -7,10 +7,11 @@ and keeps HF's numerics: LayerNorm statistics, softmax and logits in float32.
 Parameter leaf names are fixed, because `lm.convert` maps them onto HF tensors: `kernel`
 (`Linear`, [in..., out...]), `bias`, `embedding` (`Embed`, [num, dim]) and `scale` (norms).
 
-Also the scaffolding every family's `ForCausalLM` shares (the contract of `lm.families`):
-`init_lm` (constructor attributes), `lm_head` (the untied head), `init_kv_cache`, `prepare_call`
-(the input checks, positions and masks of `__call__`), `check_dropout`, `lm_logits`, and the
-rotary helpers of NeoX and Llama (`rotary_cos_sin`, `apply_rotary`).
+Also what every family's `ForCausalLM` shares (the contract of `lm.families`): the base class
+`CausalLM` (constructor, `init_cache` and `__call__`, with their documentation, once), and the
+helpers it and the families use: `lm_head` (the untied head), `init_kv_cache`, `prepare_call`
+(the input checks, positions and masks of `__call__`), `check_dropout`, `run_layers`,
+`lm_logits`, and the rotary helpers of NeoX and Llama (`rotary_cos_sin`, `apply_rotary`).
 """
 
 from __future__ import annotations
@@ -243,20 +244,6 @@ def attention(
         )  # [B, T, N, H]
 
 
-def init_lm(
-    model: nnx.Module,
-    config: Any,
-    dtype: Any,
-    param_dtype: Any,
-    attention_implementation: str | None,
-) -> None:
-    """Checks `attention_implementation` and sets a causal LM's `config`, `dtype`, `param_dtype`."""
-    check_attention_implementation(attention_implementation)
-    model.config = config
-    model.dtype = jnp.dtype(dtype)
-    model.param_dtype = jnp.dtype(param_dtype)
-
-
 def lm_head(
     config: Any, dim: int, init_std: float, *, dtype: Any, param_dtype: Any, rngs: nnx.Rngs
 ) -> Linear | None:
@@ -391,3 +378,126 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     cos, sin = jnp.broadcast_to(cos, rot.shape), jnp.broadcast_to(sin, rot.shape)
     return jnp.concatenate([rot * cos + rotated * sin, rest], axis=-1)
+
+
+def run_layers(
+    layers: Any, x: jax.Array, mask: Any, cache: Cache | None, dropout_key: Any, *extra: Any
+) -> tuple[jax.Array, Cache | None]:
+    """x through the decoder `layers` in order, `layer(x, *extra, mask, cache, i, key)` (extra:
+    e.g. the rotary tables), layer i's dropout key `fold_in(dropout_key, i)` (None without
+    dropout)."""
+    for i, layer in enumerate(layers):
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+        x, cache = layer(x, *extra, mask, cache, i, key)
+    return x, cache
+
+
+class CausalLM(nnx.Module):
+    """A causal language model of `lm.families`: the constructor, `init_cache` and `__call__`
+    that every family shares. A family's `ForCausalLM` subclasses it and defines `build` (its
+    modules, under HF's names), `dropout_rates` and `forward` (embeddings, decoder layers,
+    final norm and head), and may set `call_limits` (its length limits and the position of
+    padding slots) or extend `init_cache`.
+
+    Args:
+      config: the hyper-parameters (the family's config class).
+      dtype: compute dtype (activations, matmul inputs); logits are always float32.
+      param_dtype: storage dtype of the parameters.
+      rngs: random streams; parameters draw from `rngs.params()`.
+      attention_implementation: `implementation` of `jax.nn.dot_product_attention`: None or
+        "xla" (XLA, any device), or "cudnn" (cuDNN flash attention: GPU, bfloat16/float16 compute
+        only; it raises where it does not apply).
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+        attention_implementation: str | None = None,
+    ):
+        check_attention_implementation(attention_implementation)
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.build(
+            config, dtype=dtype, param_dtype=param_dtype, impl=attention_implementation, rngs=rngs
+        )
+
+    def build(self, config: Any, *, dtype: Any, param_dtype: Any, impl: Any, rngs: nnx.Rngs):
+        """Creates the family's modules (HF's attribute names: they are the checkpoint's)."""
+        raise NotImplementedError
+
+    def dropout_rates(self) -> tuple[float, ...]:
+        """The config's dropout rates: dropout runs when one is positive."""
+        raise NotImplementedError
+
+    def call_limits(self) -> dict[str, Any]:
+        """`prepare_call`'s family keywords: `max_positions`, `check`, `pad_position`."""
+        return {}
+
+    def forward(
+        self,
+        input_ids: jax.Array,
+        position_ids: jax.Array,
+        mask: jax.Array | None,
+        cache: Cache | None,
+        dropout_key: jax.Array | None,
+    ) -> tuple[jax.Array, Cache | None]:
+        """Float32 logits [B, T, V] and the cache, from `prepare_call`'s positions and mask;
+        `dropout_key` is None when dropout does not run."""
+        raise NotImplementedError
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+        """An empty `KVCache` of the model's key/value heads, `max_length` slots per sequence.
+
+        Args:
+          batch_size: B (number of sequences, beams included).
+          max_length: S (prompt plus every token to be generated).
+          dtype: storage dtype of keys/values (default: the compute dtype).
+        """
+        return init_kv_cache(
+            self.config, batch_size, max_length, self.dtype if dtype is None else dtype
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        position_ids: jax.Array | None = None,
+        cache: Cache | None = None,
+        deterministic: bool = True,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, Cache]:
+        """Runs the model on a batch of token ids.
+
+        Args:
+          input_ids: [B, T] int token ids.
+          attention_mask: without cache, [B, T] (1 = token, 0 = padding; default all ones). With a
+            cache, what the cache takes: for a `KVCache`, [B, S] over all cache slots (prompt and
+            generated tokens 1, padding and not yet written slots 0); a `PromptSharingCache`
+            tracks validity itself (None). Left padding gives HF `generate`'s positions and
+            masking.
+          position_ids: [B, T] 0-based positions (a family's own offset, e.g. OPT's 2, is added
+            inside); default HF's `cumsum(mask) * mask - 1` at the new tokens' slots.
+          cache: a cache following `collapse_jax.lm.cache.Cache`, e.g. `init_cache(B, S)`; with
+            a `KVCache` the T new tokens are written at slots `[cache.index, cache.index + T)`
+            and query slot i attends to slots j <= i with mask 1.
+          deterministic: False enables dropout (the config's rates, `dropout_rates`).
+          dropout_key: a jax key, required when `deterministic` is False and a rate is positive.
+
+        Returns:
+          Logits [B, T, V] float32, and with a cache the pair (logits, cache with index += T).
+        """
+        cache, position_ids, mask = prepare_call(
+            input_ids, attention_mask, position_ids, cache, **self.call_limits()
+        )
+        use_dropout = check_dropout(deterministic, self.dropout_rates(), dropout_key)
+        key = dropout_key if use_dropout else None
+        logits, cache = self.forward(input_ids, position_ids, mask, cache, key)
+        if cache is None:
+            return logits
+        return logits, cache

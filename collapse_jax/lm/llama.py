@@ -62,18 +62,16 @@ from collapse_jax.lm import convert
 from collapse_jax.lm.cache import Cache, KVCache, PromptSharingCache
 from collapse_jax.lm.layers import (
     ACTIVATIONS,
+    CausalLM,
     Embed,
     Linear,
     apply_rotary,
     attention,
-    check_dropout,
-    init_kv_cache,
-    init_lm,
     lm_head,
     lm_logits,
     param,
-    prepare_call,
     rotary_cos_sin,
+    run_layers,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -636,33 +634,17 @@ def _cache_slots(cache: Cache) -> int | None:
     return None
 
 
-class LlamaForCausalLM(nnx.Module):
-    """Llama-family language model: `model` plus the (optionally tied) LM head.
+class LlamaForCausalLM(CausalLM):
+    """Llama-family language model: `model` plus the (optionally tied) LM head. The
+    constructor, `init_cache` and `__call__` are `lm.layers.CausalLM`'s (positions are rotary;
+    the cache holds the K key/value heads); a length beyond `sliding_window` is refused."""
 
-    Args:
-      config: the hyper-parameters.
-      dtype: compute dtype (activations, matmul inputs); logits are always float32.
-      param_dtype: storage dtype of the parameters.
-      rngs: random streams; parameters draw from `rngs.params()`.
-      attention_implementation: `implementation` of `jax.nn.dot_product_attention`: None or
-        "xla", or "cudnn" (GPU, bfloat16/float16 compute only).
-    """
-
-    def __init__(
-        self,
-        config: LlamaConfig,
-        *,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-        attention_implementation: str | None = None,
-    ):
-        init_lm(self, config, dtype, param_dtype, attention_implementation)
+    def build(self, config: LlamaConfig, *, dtype, param_dtype, impl, rngs) -> None:
         self.model = LlamaModel(
             config,
             dtype=dtype,
             param_dtype=param_dtype,
-            attention_implementation=attention_implementation,
+            attention_implementation=impl,
             rngs=rngs,
         )
         self.lm_head = lm_head(
@@ -697,63 +679,26 @@ class LlamaForCausalLM(nnx.Module):
             self._check_window(slots)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-        """An empty `KVCache` of the K key/value heads with `max_length` slots per sequence.
-
-        Args:
-          batch_size: B (number of sequences, beams included).
-          max_length: S (prompt plus every token to be generated).
-          dtype: storage dtype of keys/values (default: the compute dtype).
-        """
         self._check_window(max_length)
-        return init_kv_cache(
-            self.config, batch_size, max_length, self.dtype if dtype is None else dtype
-        )
+        return super().init_cache(batch_size, max_length, dtype)
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        *,
-        position_ids: jax.Array | None = None,
-        cache: Cache | None = None,
-        deterministic: bool = True,
-        dropout_key: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, Cache]:
-        """Runs the model on a batch of token ids; arguments and returns as `OPTForCausalLM`.
+    def dropout_rates(self) -> tuple[float, ...]:
+        return (self.config.attention_dropout,)
 
-        Args:
-          input_ids: [B, T] int token ids.
-          attention_mask: without cache [B, T] (1 = token, 0 = padding; default all ones); with
-            a `KVCache` [B, S] over its slots; with a `PromptSharingCache` None.
-          position_ids: [B, T] rotary positions; default HF's `cumsum(mask) * mask - 1`.
-          cache: a cache following `collapse_jax.lm.cache.Cache`, e.g. `init_cache(B, S)`.
-          deterministic: False enables attention dropout (config.attention_dropout).
-          dropout_key: a jax key, required when `deterministic` is False and the rate is positive.
+    def call_limits(self) -> dict[str, Any]:
+        return {"check": self._check_call}
 
-        Returns:
-          Logits [B, T, V] float32, and with a cache the pair (logits, advanced cache).
-        """
+    def forward(self, input_ids, position_ids, mask, cache, dropout_key):
         cfg = self.config
-        cache, position_ids, mask = prepare_call(
-            input_ids, attention_mask, position_ids, cache, check=self._check_call
-        )
-        use_dropout = check_dropout(deterministic, (cfg.attention_dropout,), dropout_key)
-
         if cfg.rope_type == "dynamic":
             inv_freq = _dynamic_inv_freq(cfg, jnp.max(position_ids) + 1)
         else:
             inv_freq = jnp.asarray(rope_inv_freq(cfg))
         rope = rotary_cos_sin(position_ids, inv_freq, self.dtype)
-
         x = self.model.embed_tokens(input_ids)  # [B, T, D]
-        for i, layer in enumerate(self.model.layers):
-            layer_key = jax.random.fold_in(dropout_key, i) if use_dropout else None
-            x, cache = layer(x, rope, mask, cache, i, layer_key)
+        x, cache = run_layers(self.model.layers, x, mask, cache, dropout_key, rope)
         x = self.model.norm(x)
-        logits = lm_logits(x, self.lm_head, self.model.embed_tokens, self.dtype)
-        if cache is None:
-            return logits
-        return logits, cache
+        return lm_logits(x, self.lm_head, self.model.embed_tokens, self.dtype), cache
 
 
 def _llama_tensor(path: convert.Path) -> convert.Tensor:

@@ -66,22 +66,20 @@ import numpy as np
 from flax import nnx
 
 from collapse_jax.lm import convert, hub
-from collapse_jax.lm.cache import Cache, KVCache
+from collapse_jax.lm.cache import Cache
 from collapse_jax.lm.layers import (
     ACTIVATIONS,
+    CausalLM,
     Embed,
     LayerNorm,
     Linear,
     apply_rotary,
     attention,
-    check_dropout,
-    init_kv_cache,
-    init_lm,
     inverted_dropout,
     lm_head,
     lm_logits,
-    prepare_call,
     rotary_cos_sin,
+    run_layers,
 )
 
 MODEL_TYPE = "gpt_neox"
@@ -499,34 +497,17 @@ class NeoXModel(nnx.Module):
         )
 
 
-class NeoXForCausalLM(nnx.Module):
+class NeoXForCausalLM(CausalLM):
     """GPT-NeoX language model: `gpt_neox` plus the LM head `embed_out` (or the tied embedding).
+    The constructor, `init_cache` and `__call__` are `lm.layers.CausalLM`'s (positions are
+    rotary)."""
 
-    Args:
-      config: the hyper-parameters.
-      dtype: compute dtype (activations, matmul inputs); logits are always float32.
-      param_dtype: storage dtype of the parameters.
-      rngs: random streams; parameters draw from `rngs.params()`.
-      attention_implementation: `implementation` of `jax.nn.dot_product_attention`: None or
-        "xla" (XLA, any device), or "cudnn" (cuDNN flash attention: GPU, bfloat16/float16 compute
-        only; it raises where it does not apply).
-    """
-
-    def __init__(
-        self,
-        config: NeoXConfig,
-        *,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-        attention_implementation: str | None = None,
-    ):
-        init_lm(self, config, dtype, param_dtype, attention_implementation)
+    def build(self, config: NeoXConfig, *, dtype, param_dtype, impl, rngs) -> None:
         self.gpt_neox = NeoXModel(
             config,
             dtype=dtype,
             param_dtype=param_dtype,
-            attention_implementation=attention_implementation,
+            attention_implementation=impl,
             rngs=rngs,
         )
         self.embed_out = lm_head(
@@ -538,68 +519,21 @@ class NeoXForCausalLM(nnx.Module):
             rngs=rngs,
         )
 
-    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-        """An empty `KVCache` with `max_length` slots per sequence.
+    def dropout_rates(self) -> tuple[float, ...]:
+        return (self.config.hidden_dropout, self.config.attention_dropout)
 
-        Args:
-          batch_size: B (number of sequences, beams included).
-          max_length: S (prompt plus every token to be generated).
-          dtype: storage dtype of keys/values (default: the compute dtype).
-        """
-        return init_kv_cache(
-            self.config, batch_size, max_length, self.dtype if dtype is None else dtype
-        )
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        *,
-        position_ids: jax.Array | None = None,
-        cache: Cache | None = None,
-        deterministic: bool = True,
-        dropout_key: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, Cache]:
-        """Runs the model on a batch of token ids.
-
-        Args:
-          input_ids: [B, T] int token ids.
-          attention_mask: without cache, [B, T] (1 = token, 0 = padding; default all ones). With a
-            cache, what the cache takes: for a `KVCache`, [B, S] over all cache slots (prompt and
-            generated tokens 1, padding and not yet written slots 0); a `PromptSharingCache`
-            tracks validity itself (None). Left padding gives HF `generate`'s positions and
-            masking.
-          position_ids: [B, T] rotary positions; default `cumsum(mask) * mask - 1` at the new
-            tokens' slots.
-          cache: a cache following `collapse_jax.lm.cache.Cache`, e.g. `init_cache(B, S)`.
-          deterministic: False enables dropout (config.hidden_dropout, attention_dropout).
-          dropout_key: a jax key, required when `deterministic` is False and a rate is positive.
-
-        Returns:
-          Logits [B, T, V] float32, and with a cache the pair (logits, cache with index += T).
-        """
-        cfg = self.config
-        cache, position_ids, mask = prepare_call(input_ids, attention_mask, position_ids, cache)
-        use_dropout = check_dropout(
-            deterministic, (cfg.hidden_dropout, cfg.attention_dropout), dropout_key
-        )
-
-        model = self.gpt_neox
+    def forward(self, input_ids, position_ids, mask, cache, dropout_key):
+        cfg, model = self.config, self.gpt_neox
         x = model.embed_in(input_ids)  # [B, T, D]
-        if use_dropout and cfg.hidden_dropout > 0.0:
+        if dropout_key is not None and cfg.hidden_dropout > 0.0:
             emb_key = jax.random.fold_in(dropout_key, cfg.num_hidden_layers)  # layers take 0..L-1
             x = inverted_dropout(emb_key, x, cfg.hidden_dropout)
         rotary = rotary_cos_sin(
             position_ids, rope_inverse_frequencies(cfg), self.dtype
         )  # [B, T, 1, R] each
-        for i, layer in enumerate(model.layers):
-            layer_key = jax.random.fold_in(dropout_key, i) if use_dropout else None
-            x, cache = layer(x, rotary, mask, cache, i, layer_key)
+        x, cache = run_layers(model.layers, x, mask, cache, dropout_key, rotary)
         x = model.final_layer_norm(x)
-        logits = lm_logits(x, self.embed_out, model.embed_in, self.dtype)  # [B, T, V]
-        if cache is None:
-            return logits
-        return logits, cache
+        return lm_logits(x, self.embed_out, model.embed_in, self.dtype), cache  # [B, T, V]
 
 
 def _neox_tensor(path: convert.Path) -> convert.Tensor:

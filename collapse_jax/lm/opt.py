@@ -53,20 +53,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from collapse_jax.lm import convert, hub
-from collapse_jax.lm.cache import Cache, KVCache
+from collapse_jax.lm.cache import Cache
 from collapse_jax.lm.layers import (
     ACTIVATIONS,
+    CausalLM,
     Embed,
     LayerNorm,
     Linear,
     attention,
-    check_dropout,
-    init_kv_cache,
-    init_lm,
     inverted_dropout,
     lm_head,
     lm_logits,
-    prepare_call,
+    run_layers,
 )
 
 # Offset of OPT's learned positions: HF `OPTLearnedPositionalEmbedding.offset` (fairseq legacy).
@@ -431,34 +429,16 @@ class OPTModel(nnx.Module):
         self.decoder = OPTDecoder(config, rngs=rngs, **kwargs)
 
 
-class OPTForCausalLM(nnx.Module):
-    """OPT language model: `model.decoder` plus the (tied) LM head.
+class OPTForCausalLM(CausalLM):
+    """OPT language model: `model.decoder` plus the (tied) LM head. The constructor, `init_cache`
+    and `__call__` are `lm.layers.CausalLM`'s; positions get OPT's offset of 2 inside."""
 
-    Args:
-      config: the hyper-parameters.
-      dtype: compute dtype (activations, matmul inputs); logits are always float32.
-      param_dtype: storage dtype of the parameters.
-      rngs: random streams; parameters draw from `rngs.params()`.
-      attention_implementation: `implementation` of `jax.nn.dot_product_attention`: None or
-        "xla" (XLA, any device), or "cudnn" (cuDNN flash attention: GPU, bfloat16/float16 compute
-        only; it raises where it does not apply).
-    """
-
-    def __init__(
-        self,
-        config: OPTConfig,
-        *,
-        dtype: Any = jnp.float32,
-        param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
-        attention_implementation: str | None = None,
-    ):
-        init_lm(self, config, dtype, param_dtype, attention_implementation)
+    def build(self, config: OPTConfig, *, dtype, param_dtype, impl, rngs) -> None:
         self.model = OPTModel(
             config,
             dtype=dtype,
             param_dtype=param_dtype,
-            attention_implementation=attention_implementation,
+            attention_implementation=impl,
             rngs=rngs,
         )
         self.lm_head = lm_head(
@@ -470,77 +450,24 @@ class OPTForCausalLM(nnx.Module):
             rngs=rngs,
         )
 
-    def init_cache(self, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-        """An empty `KVCache` with `max_length` slots per sequence.
+    def dropout_rates(self) -> tuple[float, ...]:
+        return (self.config.dropout, self.config.attention_dropout)
 
-        Args:
-          batch_size: B (number of sequences, beams included).
-          max_length: S (prompt plus every token to be generated).
-          dtype: storage dtype of keys/values (default: the compute dtype).
-        """
-        return init_kv_cache(
-            self.config, batch_size, max_length, self.dtype if dtype is None else dtype
-        )
+    def call_limits(self) -> dict[str, Any]:
+        return {"max_positions": ("max_position_embeddings", self.config.max_position_embeddings)}
 
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        *,
-        position_ids: jax.Array | None = None,
-        cache: Cache | None = None,
-        deterministic: bool = True,
-        dropout_key: jax.Array | None = None,
-    ) -> jax.Array | tuple[jax.Array, Cache]:
-        """Runs the model on a batch of token ids.
-
-        Args:
-          input_ids: [B, T] int token ids.
-          attention_mask: without cache, [B, T] (1 = token, 0 = padding; default all ones). With a
-            cache, what the cache takes: for a `KVCache`, [B, S] over all cache slots (prompt and
-            generated tokens 1, padding and not yet written slots 0); a `PromptSharingCache`
-            tracks validity itself (None). Left padding gives HF's positions and masking.
-          position_ids: [B, T] positions (before the offset of 2); default HF's
-            `cumsum(mask) * mask - 1` at the new tokens' slots.
-          cache: a cache following `collapse_jax.lm.cache.Cache`, e.g. `init_cache(B, S)`; with
-            a `KVCache` the T new tokens are written at slots `[cache.index, cache.index + T)`
-            and query slot i attends to slots j <= i with mask 1.
-          deterministic: False enables dropout (config.dropout, config.attention_dropout).
-          dropout_key: a jax key, required when `deterministic` is False and a rate is positive.
-
-        Returns:
-          Logits [B, T, V] float32, and with a cache the pair (logits, cache with index += T).
-        """
-        cfg = self.config
+    def forward(self, input_ids, position_ids, mask, cache, dropout_key):
         decoder = self.model.decoder
-        cache, position_ids, mask = prepare_call(
-            input_ids,
-            attention_mask,
-            position_ids,
-            cache,
-            max_positions=("max_position_embeddings", cfg.max_position_embeddings),
-        )
-        use_dropout = check_dropout(
-            deterministic, (cfg.dropout, cfg.attention_dropout), dropout_key
-        )
-
         x = decoder.embed_tokens(input_ids)  # [B, T, E]
         if decoder.project_in is not None:
             x = decoder.project_in(x)  # [B, T, D]
         x = x + decoder.embed_positions(position_ids + POSITION_OFFSET)  # [B, T, D]
-
-        for i, layer in enumerate(decoder.layers):
-            layer_key = jax.random.fold_in(dropout_key, i) if use_dropout else None
-            x, cache = layer(x, mask, cache, i, layer_key)
-
+        x, cache = run_layers(decoder.layers, x, mask, cache, dropout_key)
         if decoder.final_layer_norm is not None:
             x = decoder.final_layer_norm(x)
         if decoder.project_out is not None:
             x = decoder.project_out(x)  # [B, T, E]
-        logits = lm_logits(x, self.lm_head, decoder.embed_tokens, self.dtype)  # [B, T, V]
-        if cache is None:
-            return logits
-        return logits, cache
+        return lm_logits(x, self.lm_head, decoder.embed_tokens, self.dtype), cache  # [B, T, V]
 
 
 def load_pretrained(
