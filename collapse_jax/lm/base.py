@@ -101,9 +101,15 @@ def fingerprint(
 
 
 def pretrain(
-    model: Any, data: source_lib.SourceDataConfig, pretrain: PretrainConfig, *, mesh: Any = None
+    model: Any,
+    data: source_lib.SourceDataConfig,
+    pretrain: PretrainConfig,
+    *,
+    mesh: Any = None,
+    log: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Trains `model` (a fresh random OPT) on the related language; returns (base, info).
+    """Trains `model` (a fresh random OPT) on the related language, reporting its steps to `log`
+    (a `rundir.events.StepLog`, or None); returns (base, info).
 
     `info` holds `kl_to_truth` and `kl_to_related` of the base, measured exactly on the truth's
     held-out evaluation blocks, and `pretrain_seconds`."""
@@ -111,7 +117,7 @@ def pretrain(
     related = related_data(data, pretrain)
     blocks = related.blocks("train")
     settings = dataclasses.replace(pretrain.train, pad_token_id=model.config.pad_token_id)
-    base, _ = train_lib.fit(model, blocks, settings, mesh=mesh, seed=pretrain.seed)
+    base, _ = train_lib.fit(model, blocks, settings, mesh=mesh, seed=pretrain.seed, log=log)
     seconds = time.perf_counter() - start
     eval_ids = data.blocks("eval")
     kl = {}

@@ -444,19 +444,24 @@ class OPTLearner(AbstractLearner):
         key = jax.random.key(self.config.random_init.seed)
         return families.init_random(self._random_arch(), key, dtype=dtype, param_dtype=dtype)
 
-    def base_model(self, run_dir: pathlib.Path | None) -> tuple[Any, dict[str, Any]]:
+    def base_model(
+        self, run_dir: pathlib.Path | None, *, log: Any = None
+    ) -> tuple[Any, dict[str, Any]]:
         """The pretrained base of `pretrain:` and its record (`lm.base`): the run directory's
-        `base/` when it holds one (checked), else pretrained now and saved there."""
+        `base/` when it holds one (checked), else pretrained now (its steps reported to `log`)
+        and saved there."""
         cfg = self.config
         key = base_lib.fingerprint(
             cfg.pretrain, cfg.data, self._random_arch(), cfg.random_init.seed
         )
         folder = None if run_dir is None else pathlib.Path(run_dir) / base_lib.BASE_DIR
-        found = base_lib.obtain(folder, key, self._pretrain_base, dtype=jnp.dtype(cfg.param_dtype))
+        found = base_lib.obtain(
+            folder, key, lambda: self._pretrain_base(log), dtype=jnp.dtype(cfg.param_dtype)
+        )
         self._cache["base"] = found
         return found
 
-    def _pretrain_base(self) -> tuple[Any, dict[str, Any]]:
+    def _pretrain_base(self, log: Any = None) -> tuple[Any, dict[str, Any]]:
         # Each process pretrains alone on its own devices (deterministic: the same base in every
         # process), so no collective waits for a process that reads base/ instead (process 0
         # resuming while the others, in their scratch folders, have no base/). With one process
@@ -466,7 +471,9 @@ class OPTLearner(AbstractLearner):
             mesh = (
                 None if self.mesh_config is None else sharding.make_mesh(self.mesh_config.shape())
             )
-            return base_lib.pretrain(self._random_model(), cfg.data, cfg.pretrain, mesh=mesh)
+            return base_lib.pretrain(
+                self._random_model(), cfg.data, cfg.pretrain, mesh=mesh, log=log
+            )
 
     def _train_config(self, model) -> TrainConfig:
         # Regenerated blocks that stopped at EOS are padded; padding is masked from the loss.
@@ -597,17 +604,18 @@ class OPTLearner(AbstractLearner):
             return {"data_repetition": truth.repetition_rate(blocks)}
         return truth.data_metrics(src, source_lib.to_source_ids(blocks, src.vocab_size))
 
-    def prepare(self, run_dir: pathlib.Path) -> None:
+    def prepare(self, run_dir: pathlib.Path, *, log: Any = None) -> None:
         """Records the decode dtype this process resolved (`decode.json`: the setting, the
         backend and the dtype; one entry more when a resumed run resolves it differently), saves
         the ground-truth source in the run directory (checks it when resuming), and with
-        `pretrain:` the pretrained base (`base/`; checked and reused when resuming)."""
+        `pretrain:` the pretrained base (`base/`; checked and reused when resuming; its
+        pretraining steps go to `log`, generation -1 of metrics.jsonl)."""
         _record_decode_dtype(pathlib.Path(run_dir) / "decode.json", self.config.decode.dtype)
         src = self.ground_truth()
         if src is None:
             return
         if self.config.pretrain is not None:
-            self.base_model(run_dir)
+            self.base_model(run_dir, log=log)
         folder = pathlib.Path(run_dir) / "source"
         if (folder / "source.json").is_file():
             source_lib.load_source(folder)  # raises if the saved source differs

@@ -187,10 +187,12 @@ def _committed(log: events.EventLog | None, bar: Any, on_generation: Callback | 
 def _run_locked(cfg, run_dir, learner, on_generation, progress, stop_after) -> Result:
     gcfg = cfg.generation
     start = prepare_run_dir(cfg, run_dir)
-    learner.prepare(run_dir)
     show = events.show_progress(cfg.logging.progress, progress)
     bar = None
     with _event_log(cfg, run_dir, start) as log:
+        # A learner's preparatory fit (the LM's pretrained base) reports as generation -1.
+        base_log = None if log is None else log.scope(events.BASE_GENERATION, 0, progress=show)
+        learner.prepare(run_dir, log=base_log)
         if show:
             bar = tqdm(total=gcfg.num_generations, initial=start, desc=cfg.name, unit="gen")
         committed = _committed(log, bar, on_generation)

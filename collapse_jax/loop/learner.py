@@ -179,9 +179,11 @@ class AbstractLearner(abc.ABC, Generic[Params, Data]):
         return int(jax.tree.leaves(data)[0].shape[0])
 
     # --- hooks (optional) ----------------------------------------------------------------------
-    def prepare(self, run_dir: pathlib.Path) -> None:
+    def prepare(self, run_dir: pathlib.Path, *, log: Any = None) -> None:
         """Called once when a run starts or resumes in `run_dir` (e.g. to save or check what
-        the learner's data were built from). Default: nothing."""
+        the learner's data were built from, or to pretrain a base every generation starts
+        from). `log`: where such a preparatory fit reports its steps (a `rundir.events.StepLog`
+        of generation `events.BASE_GENERATION`), or None. Default: nothing."""
 
     def data_metrics(self, data: Data) -> Metrics:
         """Metrics of a generation's training data itself (merged into that generation's

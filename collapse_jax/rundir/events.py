@@ -134,6 +134,8 @@ class TensorBoardSink:
 
     @staticmethod
     def fit_name(generation: int, run: int) -> str:
+        if generation == BASE_GENERATION:
+            return "base"
         return f"gen_{generation:05d}" + (f"_chain_{run:05d}" if run else "")
 
     def begin_fit(self, generation: int, run: int, resume_step: int) -> None:
@@ -290,6 +292,11 @@ def _complete(path: pathlib.Path) -> bool:
         return True
 
 
+# The `generation` of the step records of a learner's preparatory fit (`AbstractLearner.prepare`:
+# the LM's pretrained base), which runs once before generation 0.
+BASE_GENERATION = -1
+
+
 class StepLog:
     """What one fit of chain `run` in generation `generation` reports through: `begin` once it
     knows the optimizer step it starts from and its number of steps, `due(step)` to ask whether
@@ -312,10 +319,13 @@ class StepLog:
         self.total_steps = total_steps
         self._last = (resume_step, time.perf_counter())
         if self.progress:
+            label = f"{desc} gen {self.generation}" + (f" chain {self.run}" if self.run else "")
+            if self.generation == BASE_GENERATION:
+                label = "pretrain base"
             self._bar = tqdm(
                 total=total_steps,
                 initial=resume_step,
-                desc=f"{desc} gen {self.generation}" + (f" chain {self.run}" if self.run else ""),
+                desc=label,
                 unit="step",
                 leave=False,
             )

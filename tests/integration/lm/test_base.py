@@ -70,6 +70,27 @@ def test_the_base_is_made_once_and_reused(tmp_path):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_the_pretraining_reports_its_steps_as_generation_minus_1(tmp_path):
+    """metrics.jsonl holds the base's pretraining steps (generation -1, before generation 0's
+    fit); a resume that reads base/ back keeps them and adds none."""
+    from collapse_jax.rundir import events
+
+    # A pretraining seed of its own: no other test of this process made this base (`_MEMORY`).
+    over = [*SHRINK, "model.pretrain.seed=17", "logging.every_steps=1"]
+    cfg = config_lib.load_config(CONFIGS / "truth_markov_beam.yaml", over)
+    out = tmp_path / "run"
+    loop.run_generations(cfg, out, stop_after=1)
+    steps = events.read_metrics(out, "step")
+    base_steps = [r["step"] for r in steps if r["generation"] == events.BASE_GENERATION]
+    assert base_steps == [1, 2, 3, 4]  # 48 blocks, batch 12, 1 epoch
+    assert steps[: len(base_steps)] == [r for r in steps if r["generation"] == -1]
+    assert all(np.isfinite(r["loss"]) for r in steps)
+    base._MEMORY.clear()  # the resume reads base/, as a new process would
+    loop.run_generations(cfg, out)
+    again = [r["step"] for r in events.read_metrics(out, "step") if r["generation"] == -1]
+    assert again == base_steps
+
+
 def test_a_corrupt_or_foreign_base_is_refused(tmp_path):
     cfg = config_lib.load_config(CONFIGS / "truth_markov_beam.yaml", SHRINK)
     out = tmp_path / "run"
