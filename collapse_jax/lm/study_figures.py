@@ -97,6 +97,7 @@ def curves_figure(sw, table, name: str, path: pathlib.Path) -> pathlib.Path:
     )
     any_cell = next(iter(table.values()))
     nll = name.startswith("synthetic_data_true_nll")
+    top = 0.0  # the highest mean + s.e. of any panel (the panels share their y-axis)
     for r, pol in enumerate(policies):
         for c, dec in enumerate(decoders):
             ax = axes[r, c]
@@ -110,6 +111,7 @@ def curves_figure(sw, table, name: str, path: pathlib.Path) -> pathlib.Path:
                 color = LEARNER_COLORS.get(learner, None)
                 ax.plot(g[ok], mean[ok], color=color, lw=1.4, marker=".", ms=3, label=learner)
                 band = ok & np.isfinite(se)
+                top = max(top, float(np.nanmax(np.where(band, mean + se, mean), initial=0.0)))
                 ax.fill_between(
                     g[band], (mean - se)[band], (mean + se)[band], color=color, alpha=0.2, lw=0
                 )
@@ -118,11 +120,6 @@ def curves_figure(sw, table, name: str, path: pathlib.Path) -> pathlib.Path:
                 floor = np.nanmean(any_cell["min_block_nll"])
                 ax.axhline(h, color="k", ls="--", lw=0.8, label=f"entropy rate {h:.3f}")
                 ax.axhline(floor, color="0.4", ls=":", lw=0.8, label=f"min block NLL {floor:.3f}")
-            if name in ("tail_retention", "synthetic_support_coverage"):
-                ax.set_ylim(-0.02, 1.02)
-            elif name in NONNEGATIVE:  # from 0, at least 0.05 tall: float32 noise is not a value
-                ax.set_ylim(bottom=-0.002)
-                ax.set_ylim(top=max(ax.get_ylim()[1], 0.05))
             if r == 0:
                 ax.set_title(f"decoder: {dec}", fontsize=9)
             if c == 0:
@@ -130,6 +127,12 @@ def curves_figure(sw, table, name: str, path: pathlib.Path) -> pathlib.Path:
             if r == len(policies) - 1:
                 ax.set_xlabel("generation", fontsize=8)
             ax.tick_params(labelsize=7)
+    # The shared y-limits, set once every panel is drawn (set inside the loop, they would clip
+    # the panels drawn after the first).
+    if name in ("tail_retention", "synthetic_support_coverage"):
+        axes[0, 0].set_ylim(-0.02, 1.02)
+    elif name in NONNEGATIVE:  # from 0, at least 0.05 tall: float32 noise is not a value
+        axes[0, 0].set_ylim(-0.002, max(1.05 * top, 0.05))
     axes[0, 0].legend(fontsize=6, frameon=False)
     seeds = len(_labels(sw, "seed"))
     fig.suptitle(
