@@ -258,6 +258,15 @@ class OPTExperimentConfig:
             f"pretrains the transformer; the {self.kind!r} learner has no base to pretrain",
         )
         _check(
+            self.pretrain is None
+            or not isinstance(self.data, SourceDataConfig)
+            or self.data.source.weights == "zipf",
+            "pretrain",
+            "the related language is the truth's source with Zipf exponent pretrain.zipf_a; a "
+            "source with weights: dirichlet has none (it would pretrain on the truth itself): "
+            "set model.pretrain: null",
+        )
+        _check(
             self.decode.num_return_sequences == 1,
             "decode.num_return_sequences",
             "must be 1 (one new block per prompt block)",

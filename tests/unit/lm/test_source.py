@@ -197,3 +197,19 @@ def test_heterogeneous_supports_and_dirichlet_weights():
     assert np.ptp(diri.weights[:, 0]) > 0.2
     with pytest.raises(Exception, match="source.support_min"):
         S.SourceConfig(kind="hmm", support_min=2)
+
+
+def test_a_pretrained_base_is_refused_where_the_related_language_is_undefined():
+    """The base's related language changes the Zipf exponent; a Dirichlet-weights source has
+    none to change, so `pretrain:` would pretrain on the truth itself: refused in one line."""
+    from collapse_jax import config as config_lib
+
+    path = config_lib.find_config("lm/truth_markov_beam")
+    with pytest.raises(config_lib.ConfigError, match="weights: dirichlet has none"):
+        config_lib.load_config(path, ["model.data.source.weights=dirichlet"])
+    with pytest.raises(config_lib.ConfigError, match="no base to pretrain"):
+        config_lib.load_config(path, ["model.kind=ngram"])
+    cfg = config_lib.load_config(
+        path, ["model.data.source.weights=dirichlet", "model.pretrain=null"]
+    )
+    assert cfg.model.pretrain is None
