@@ -5,7 +5,7 @@ collapse-jax run CONFIG.yaml [a.b=value ...] [--out DIR] [--dry-run]   run or re
                  [--distributed]                                       (one of several processes)
 collapse-jax quickstart [--out DIR]                                    the theory experiments, fast
 collapse-jax sweep CONFIG.yaml a.b=v1,v2 [c.d=w1,w2 ...] [--out DIR]   a grid in one directory
-collapse-jax study lm [--quick] [--out DIR]                            the LM decomposition study
+collapse-jax study lm [--quick] [--source S] [--out DIR]               the LM decomposition study
 collapse-jax show-config CONFIG.yaml [a.b=value ...]                   print the resolved config
 collapse-jax plot RUN_DIR                                              redraw a run's figures
 collapse-jax compare RUN_DIR RUN_DIR ... [--metric NAME ...] [--out FILE.png]  runs on one figure
@@ -234,8 +234,14 @@ def _cmd_study(args) -> int:
             f"study runs in one process; unset {', '.join(distributed.ENV_VARS)}"
         )
     version = "quick" if args.quick else "full"
-    out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / f"study-lm-{version}"
-    s = study.run_study(out, version, progress=not args.no_progress)
+    name = f"study-lm-{version}" + ("" if args.source == "zipf" else f"-{args.source}")
+    out = pathlib.Path(args.out) if args.out else pathlib.Path("runs") / name
+    learners = None
+    if args.learners:
+        learners = tuple(x.strip() for x in args.learners.split(",") if x.strip())
+    s = study.run_study(
+        out, version, source=args.source, learners=learners, progress=not args.no_progress
+    )
     print(f"study of {len(s.points)} points in {out}: {out / 'metrics.csv'}, {out / 'figures'}")
     return 0
 
@@ -417,7 +423,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("family", choices=["lm"], help="which study (lm: collapse_jax.lm.study)")
     st.add_argument("--quick", action="store_true", help="the quick version (shrunk sizes)")
-    st.add_argument("--out", help="study directory (default runs/study-lm-<full|quick>)")
+    st.add_argument(
+        "--source",
+        choices=["zipf", "heterogeneous"],
+        default="zipf",
+        help="the language: zipf (every context Zipf(1); default) or heterogeneous (4-16 "
+        "continuations per context, Dirichlet weights; no base learner)",
+    )
+    st.add_argument(
+        "--learners", help="comma-separated subset of oracle,counts,base,scratch (default: all)"
+    )
+    st.add_argument("--out", help="study directory (default runs/study-lm-<full|quick>[-<source>])")
     st.add_argument("--no-progress", action="store_true", help="no progress bar")
     st.set_defaults(fn=_cmd_study)
 

@@ -77,6 +77,20 @@ POLICIES = {
 }
 DECODERS = ("beam_paper", "beam", "sample")
 
+# The language: `zipf`, the quick start's (every context Zipf(1) over its 16 continuations, so
+# the mode has the same shape everywhere), or `heterogeneous` (each context 4-16 continuations
+# with Dirichlet(1) weights: the mode has a different shape in every context). The base
+# transformer's related language changes the Zipf exponent (`lm.base`), which a Dirichlet source
+# does not have, so `heterogeneous` runs without the `base` learner.
+SOURCES = {
+    "zipf": {},
+    "heterogeneous": {
+        "model.data.source.support_min": 4,
+        "model.data.source.weights": "dirichlet",
+        "model.data.source.dirichlet_alpha": 1.0,
+    },
+}
+
 
 def decode(name: str, new_tokens: int) -> dict[str, Any]:
     """The `model.decode` block of decoder `name`, writing `new_tokens` tokens per block."""
@@ -136,17 +150,28 @@ SIZES = {
 def grid(
     version: str = "full",
     *,
-    learners: tuple[str, ...] = tuple(LEARNERS),
+    source: str = "zipf",
+    learners: tuple[str, ...] | None = None,
     decoders: tuple[str, ...] = DECODERS,
     policies: tuple[str, ...] = tuple(POLICIES),
     seeds: tuple[int, ...] = SEEDS,
     extra: dict[str, Any] | None = None,
 ) -> list[sweep_lib.Axis]:
-    """The study's axes (learner x decoder x policy x seed) with `SIZES[version]` (and `extra`,
-    e.g. a test's further shrink) as fixed overrides of every point."""
+    """The study's axes (learner x decoder x policy x seed) with `SIZES[version]`,
+    `SOURCES[source]` (and `extra`, e.g. a test's further shrink) as fixed overrides of every
+    point. `learners` defaults to every learner the source allows."""
     if version not in SIZES:
         raise config_lib.ConfigError(f"study version {version!r} is not one of {sorted(SIZES)}")
-    fixed = {**SIZES[version], **(extra or {})}
+    if source not in SOURCES:
+        raise config_lib.ConfigError(f"study source {source!r} is not one of {', '.join(SOURCES)}")
+    if learners is None:
+        learners = tuple(n for n in LEARNERS if source == "zipf" or n != "base")
+    elif source != "zipf" and "base" in learners:
+        raise config_lib.ConfigError(
+            f"study learner 'base' needs source zipf (its related language changes the Zipf "
+            f"exponent; source {source!r} has Dirichlet weights)"
+        )
+    fixed = {**SIZES[version], **SOURCES[source], **(extra or {})}
     block = fixed.get("model.data.block_size", 64)
     for name, values in (("learner", learners), ("policy", policies), ("decoder", decoders)):
         known = {"learner": LEARNERS, "policy": POLICIES, "decoder": DECODERS}[name]

@@ -50,6 +50,23 @@ def test_the_grid_is_one_product_with_per_learner_blocks(done):
         study.grid("quick", learners=("oracle", "nope"))
 
 
+def test_the_heterogeneous_source_runs_without_the_base():
+    """`source: heterogeneous` sets Dirichlet weights and 4-16 continuations in every point and
+    leaves out the base learner, whose related language it does not define (refused if named)."""
+    axes = dict(study.grid("full", source="heterogeneous"))
+    assert [c.label for c in axes["learner"]] == ["oracle", "counts", "scratch"]
+    for choice in axes["learner"]:
+        assert choice.overrides["model.data.source.weights"] == "dirichlet"
+        assert choice.overrides["model.data.source.support_min"] == 4
+    with pytest.raises(config_lib.ConfigError, match="'base' needs source zipf"):
+        study.grid("full", source="heterogeneous", learners=("oracle", "base"))
+    with pytest.raises(config_lib.ConfigError, match="study source"):
+        study.grid("full", source="nope")
+    zipf = dict(study.grid("full"))
+    assert [c.label for c in zipf["learner"]] == list(study.LEARNERS)
+    assert "model.data.source.weights" not in zipf["learner"][0].overrides
+
+
 def test_the_oracle_under_sampling_writes_data_at_the_entropy_rate(done):
     table = study_data.cells(done)
     h = float(np.nanmean(table[("oracle", "sample", "mix10")]["entropy_rate"]))
