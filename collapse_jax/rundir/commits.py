@@ -266,8 +266,11 @@ def write_manifest(
     fileio.atomic_write_json(state_tmp / MANIFEST, manifest)
 
 
-def _consistency(run_dir: pathlib.Path, manifest: Mapping[str, Any]) -> list[str]:
-    """The manifest against the directory's identity, `state/meta.json` and itself."""
+def _consistency(
+    run_dir: pathlib.Path, manifest: Mapping[str, Any], *, state: bool = True
+) -> list[str]:
+    """The manifest against the directory's identity, `state/meta.json` (unless not `state`)
+    and itself."""
     problems = []
     n = manifest["next_generation"]
     marker = read_marker(run_dir)
@@ -282,7 +285,7 @@ def _consistency(run_dir: pathlib.Path, manifest: Mapping[str, Any]) -> list[str
         meta_n = meta.get("next_generation") if isinstance(meta, dict) else None
     except (OSError, ValueError):
         meta_n = "unreadable"
-    if "state/meta.json" in manifest["files"] and meta_n != n:
+    if state and "state/meta.json" in manifest["files"] and meta_n != n:
         problems.append(
             f"{MANIFEST_REL} says {n} generations are committed but state/meta.json says "
             f"{str(meta_n)[:20]}"
@@ -303,14 +306,20 @@ def _consistency(run_dir: pathlib.Path, manifest: Mapping[str, Any]) -> list[str
     return problems
 
 
-def verify(run_dir: pathlib.Path, manifest: Mapping[str, Any] | None = None) -> list[str]:
+def verify(
+    run_dir: pathlib.Path,
+    manifest: Mapping[str, Any] | None = None,
+    *,
+    committed_only: bool = False,
+) -> list[str]:
     """Problems of a run directory against its manifest: one "<file> <what is wrong>" each.
 
     Checks the manifest itself (structure, identity, agreement with state/meta.json and with the
     generations it lists), every file it lists (existence, size, SHA-256), that config.yaml holds
     the manifest's config (only generation.num_generations, not below the committed generations,
     and the logging block may differ), and that a directory with committed generations has a
-    manifest.
+    manifest. `committed_only`: leave out `state/` (the resumable state, replaced by every
+    commit) and check the committed results alone, which are never rewritten.
     """
     problems: list[str] = []
     if manifest is None:
@@ -331,17 +340,21 @@ def verify(run_dir: pathlib.Path, manifest: Mapping[str, Any] | None = None) -> 
         if any(True for _ in committed_files(run_dir, None)):
             problems.append("state/ (the record of committed generations) is missing")
         return problems
-    problems += _consistency(run_dir, manifest)
+    problems += _consistency(run_dir, manifest, state=not committed_only)
     for rel, want in manifest["files"].items():
+        if committed_only and rel.startswith("state/"):
+            continue
         p = _path(run_dir, rel)
-        if not p.is_file():
+        try:
+            found = file_digest(p) if p.is_file() else None
+        except FileNotFoundError:  # removed while it was read (a commit replacing state/)
+            found = None
+        if found is None:
             if not pruned_by_policy(rel, manifest["config"]):
                 problems.append(f"{rel} is missing")
-        elif p.stat().st_size != want["size"]:
-            problems.append(
-                f"{rel} has changed (size {p.stat().st_size}, committed {want['size']})"
-            )
-        elif file_digest(p)["sha256"] != want["sha256"]:
+        elif found["size"] != want["size"]:
+            problems.append(f"{rel} has changed (size {found['size']}, committed {want['size']})")
+        elif found["sha256"] != want["sha256"]:
             problems.append(f"{rel} has changed (checksum differs from the committed one)")
     cfg_path = run_dir / CONFIG_NAME
     if not cfg_path.is_file():
@@ -379,7 +392,9 @@ def _commit_token(run_dir: pathlib.Path) -> tuple | None:
 def verify_snapshot(run_dir: pathlib.Path, tries: int = 8) -> list[str]:
     """`verify` for a reader that does not hold the lock (plot, report): a running experiment
     may commit while the files are being hashed (`state/` is replaced, briefly absent), so
-    problems count only when the commit record was the same before and after."""
+    problems count only when the commit record was the same before and after. A run that
+    commits during every try (generations of milliseconds) is checked without its `state/`:
+    the committed results, which a reader reads and no commit rewrites."""
     problems: list[str] = []
     for i in range(tries):
         before = _commit_token(run_dir)
@@ -387,7 +402,16 @@ def verify_snapshot(run_dir: pathlib.Path, tries: int = 8) -> list[str]:
         if not problems or (before is not None and before == _commit_token(run_dir)):
             return problems
         time.sleep(0.02 * (i + 1))
-    return problems
+    manifest = None
+    for i in range(tries):
+        try:
+            manifest = read_manifest(run_dir)  # None while state/ is being replaced
+        except RunDirDamaged:
+            manifest = None  # unreadable, or removed as it was read: again (`verify` reports)
+        if manifest is not None:
+            break
+        time.sleep(0.005 * (i + 1))
+    return verify(run_dir, manifest, committed_only=True)
 
 
 def committed_generations(run_dir: pathlib.Path) -> int | None:

@@ -409,6 +409,34 @@ def test_plot_of_a_running_experiment_succeeds_and_keeps_its_temporaries(tmp_pat
     assert theirs.is_dir()
 
 
+def test_a_file_replaced_while_it_is_hashed_is_retried_not_an_error(tmp_path, monkeypatch):
+    """The race of the test above, made certain: a commit swaps state/ between `verify`'s
+    existence check of a file and its hashing. `verify` reports the file missing (no
+    exception), and `verify_snapshot`, seeing the commit record change, checks again; a file
+    that vanishes with no commit meanwhile is reported."""
+    out = tmp_path / "run"
+    loop.run_generations(_gauss(), out)
+    real, calls, swap = commits.file_digest, [], [True]
+
+    def racing(path):
+        calls.append(path)
+        if len(calls) == 1:  # the first file hashed vanishes meanwhile
+            if swap[0]:  # ... because a commit replaced state/ (a new inode)
+                os.replace(out / "state", out / "state.old")
+                shutil.copytree(out / "state.old", out / "state")
+                shutil.rmtree(out / "state.old")
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path)
+
+    monkeypatch.setattr(commits, "file_digest", racing)
+    assert commits.verify_snapshot(out) == []
+    assert len(calls) > len(commits.read_manifest(out)["files"])  # checked a second time
+    calls.clear()
+    swap[0] = False
+    problems = commits.verify_snapshot(out)
+    assert len(problems) == 1 and problems[0].endswith("is missing"), problems
+
+
 def test_a_run_reader_is_a_snapshot(tmp_path):
     out = tmp_path / "run"
     loop.run_generations(_gauss(), out)
@@ -612,3 +640,26 @@ def test_ctrl_c_of_the_program_exits_1_with_one_line(tmp_path):
     assert proc.returncode == 1 and "interrupted" in _one_error_line(err)
     assert commits.verify(out) == []
     assert [p.name for p in out.glob(".*.cjx*")] == []  # its temporaries removed
+
+
+def test_a_run_that_commits_during_every_check_is_checked_by_its_committed_results(
+    finished, monkeypatch
+):
+    """Generations of milliseconds: every `verify` of a reader overlaps a commit, so the state
+    it hashes is never the one its manifest lists. The reader then checks the committed
+    results alone (never rewritten): intact ones pass, a damaged one is still named."""
+    real = commits.verify
+
+    def always_mid_commit(run_dir, manifest=None, *, committed_only=False):
+        problems = real(run_dir, manifest, committed_only=committed_only)
+        if not committed_only:  # what a reader sees while state/ is replaced under it
+            record = finished / "state" / "manifest.json"
+            record.write_text(record.read_text() + " ")  # a new commit record meanwhile
+            problems.append("state/carry.npz has changed (checksum differs from the committed one)")
+        return problems
+
+    monkeypatch.setattr(commits, "verify", always_mid_commit)
+    assert commits.verify_snapshot(finished, tries=3) == []
+    gen = finished / "generations" / "gen_00001.json"
+    gen.write_text(gen.read_text() + " ")
+    assert any("gen_00001.json" in p for p in commits.verify_snapshot(finished, tries=3))

@@ -75,7 +75,8 @@ def test_the_pretraining_reports_its_steps_as_generation_minus_1(tmp_path):
     fit); a resume that reads base/ back keeps them and adds none."""
     from collapse_jax.rundir import events
 
-    # A pretraining seed of its own: no other test of this process made this base (`_MEMORY`).
+    # A pretraining seed of its own: no other test of this process made this base (a sweep's
+    # runs share bases in memory, `base.obtain`).
     over = [*SHRINK, "model.pretrain.seed=17", "logging.every_steps=1"]
     cfg = config_lib.load_config(CONFIGS / "truth_markov_beam.yaml", over)
     out = tmp_path / "run"
@@ -85,8 +86,7 @@ def test_the_pretraining_reports_its_steps_as_generation_minus_1(tmp_path):
     assert base_steps == [1, 2, 3, 4]  # 48 blocks, batch 12, 1 epoch
     assert steps[: len(base_steps)] == [r for r in steps if r["generation"] == -1]
     assert all(np.isfinite(r["loss"]) for r in steps)
-    base._MEMORY.clear()  # the resume reads base/, as a new process would
-    loop.run_generations(cfg, out)
+    loop.run_generations(cfg, out)  # resumed: reads base/ (`base.obtain`), pretrains nothing
     again = [r["step"] for r in events.read_metrics(out, "step") if r["generation"] == -1]
     assert again == base_steps
 
