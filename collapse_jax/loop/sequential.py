@@ -152,7 +152,7 @@ def run_sequential(
                 m = {k: np.asarray(v) for k, v in m.items()}
                 # A non-finite metric stops the run below (`guard.check_finite`) and is never
                 # cached: a resume after the cause is fixed measures again.
-                if _finite(m, learner.infinite_metrics):
+                if not guard.nonfinite_metrics(m, learner.infinite_metrics):
                     fileio.save_npz(metrics_path, m)
             per_chain.append(m)
             if g + 1 < schedule.num_generations and not (wdir / "next.npz").exists():
@@ -199,15 +199,6 @@ def run_sequential(
         done += 1
         if stop_after is not None and done >= stop_after:
             return
-
-
-def _finite(metrics: dict[str, np.ndarray], allowed: frozenset) -> bool:
-    """Whether `guard.check_finite` passes these metrics (+-inf allowed in `allowed`)."""
-    try:
-        guard.check_finite(0, {k: v[None] for k, v in metrics.items()}, allowed)
-    except guard.NonFiniteMetric:
-        return False
-    return True
 
 
 def _data_arrays(data: Any) -> dict[str, np.ndarray]:

@@ -497,11 +497,10 @@ def repair(run_dir: pathlib.Path) -> int | None:
 # Checks at the per-generation commit and before allocation.
 
 
-def check_finite(generation: int, per_chain: Mapping[str, Any], allowed=frozenset()) -> None:
-    """Stops the run when a metric is NaN or infinite in any chain (metrics in `allowed` may be
-    +-inf, e.g. the log-determinant of a collapsed covariance, but never NaN). Called before the
-    generation is committed, so the run stays resumable at that generation."""
-    bad_names, first = [], None
+def nonfinite_metrics(per_chain: Mapping[str, Any], allowed=frozenset()) -> list[str]:
+    """The names of the floating metrics that are NaN or infinite in any chain, in order (those
+    in `allowed` may be +-inf, never NaN)."""
+    bad_names = []
     for name, v in per_chain.items():
         v = np.asarray(v)
         if not np.issubdtype(v.dtype, np.floating):
@@ -509,17 +508,25 @@ def check_finite(generation: int, per_chain: Mapping[str, Any], allowed=frozense
         bad = np.isnan(v) if name in allowed else ~np.isfinite(v)
         if bad.any():
             bad_names.append(name)
-            if first is None:
-                chains = int(bad.reshape(bad.shape[0], -1).any(axis=1).sum())
-                kind = "NaN" if np.isnan(v).any() else "infinite"
-                first = (name, kind, chains, v.shape[0])
-    if first is not None:
-        name, kind, chains, total = first
+    return bad_names
+
+
+def check_finite(generation: int, per_chain: Mapping[str, Any], allowed=frozenset()) -> None:
+    """Stops the run when a metric is NaN or infinite in any chain (metrics in `allowed` may be
+    +-inf, e.g. the log-determinant of a collapsed covariance, but never NaN). Called before the
+    generation is committed, so the run stays resumable at that generation."""
+    bad_names = nonfinite_metrics(per_chain, allowed)
+    if bad_names:
+        name = bad_names[0]
+        v = np.asarray(per_chain[name])
+        bad = np.isnan(v) if name in allowed else ~np.isfinite(v)
+        chains = int(bad.reshape(bad.shape[0], -1).any(axis=1).sum())
+        kind = "NaN" if np.isnan(v).any() else "infinite"
         also = f" (also: {', '.join(bad_names[1:])})" if len(bad_names) > 1 else ""
         raise NonFiniteMetric(
-            f"generation {generation}: metric {name} is {kind} in {chains} of {total} chain(s)"
-            f"{also}; a value overflowed or the fit is ill-conditioned in the compute dtype "
-            "(the generations before it are committed)"
+            f"generation {generation}: metric {name} is {kind} in {chains} of {v.shape[0]} "
+            f"chain(s){also}; a value overflowed or the fit is ill-conditioned in the compute "
+            "dtype (the generations before it are committed)"
         )
 
 
